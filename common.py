@@ -1,0 +1,510 @@
+"""What the three scripts must agree on: image reading, cohort listing, checkpoints, device and
+precision, model creation and the zero-shot classifier. Nothing else belongs here.
+"""
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+DICOM_EXTENSIONS = {".dcm", ".dicom"}
+SIDECAR_EXTENSIONS = {".txt", ".json", ".xml"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+SPLIT_NAMES = ("train", "val", "test")
+# Pillow's own bomb limit (~179 MP) is a warning until 2x; we refuse at the limit itself.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
+CHECKPOINT_FORMAT = "orbital-clip/1"
+
+
+class ImageReadError(Exception):
+    """An image that cannot be used; str(err) is the reason written to rejected/predictions."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Image reading
+
+
+def is_junk_file(path):
+    """OS metadata files that are never images (.DS_Store, Thumbs.db, AppleDouble ._*)."""
+    name = Path(path).name
+    return name.lower() in JUNK_NAMES or name.startswith("._")
+
+
+def is_candidate_image(path):
+    """A file worth trying to read: a known image/DICOM extension or none at all."""
+    suffix = Path(path).suffix.lower()
+    if is_junk_file(path):
+        return False
+    return suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS or suffix == ""
+
+
+def _to_rgb(image):
+    """Any Pillow mode to 8-bit RGB, rescaling wide ranges instead of clipping them."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(_rescale_to_uint8(array)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Composite on a fixed white background so transparent pixels have a defined colour.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _rescale_to_uint8(array):
+    """Min-max rescale of a 2-D array to uint8 (a constant image maps to 0)."""
+    array = np.nan_to_num(array.astype(np.float64))
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _read_dicom(path):
+    """A DICOM file to RGB: modality LUT, then VOI LUT/window, MONOCHROME1 inverted."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as err:  # pragma: no cover - pydicom is in requirements.txt
+        raise ImageReadError(f"DICOM support needs pydicom ({err})") from None
+    try:
+        dataset = pydicom.dcmread(str(path))
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise ImageReadError(f"not a readable DICOM file ({type(err).__name__})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError("DICOM file has no pixel data")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as err:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise ImageReadError(f"cannot decode DICOM pixel data (transfer syntax {name}: "
+                             f"{type(err).__name__}; install the matching pydicom pixel handler)") from None
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
+    if frames > 1:
+        pixels = pixels[frames // 2]  # multi-frame: the middle frame represents the volume
+    if photometric.startswith("MONOCHROME"):
+        values = apply_modality_lut(pixels, dataset)
+        values = apply_voi_lut(values, dataset)
+        grey = _rescale_to_uint8(np.asarray(values))
+        if photometric == "MONOCHROME1":
+            grey = 255 - grey
+        return Image.fromarray(grey).convert("RGB")
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        if pixels.dtype != np.uint8:
+            pixels = _rescale_to_uint8(pixels)
+        return Image.fromarray(pixels, mode="RGB")
+    raise ImageReadError(f"unsupported DICOM photometric interpretation {photometric}")
+
+
+def _looks_like_dicom(path):
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_image(path, min_side_px=None):
+    """Read any supported image as an 8-bit RGB PIL image, or raise ImageReadError(reason).
+
+    EXIF orientation is applied. With `min_side_px`, JPEGs are decoded in draft mode at the
+    smallest DCT scale whose shorter side is still >= min_side_px (several times faster on camera
+    photographs; the model resizes afterwards anyway).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageReadError(f"cannot open file ({err.strerror})") from None
+    if size == 0:
+        raise ImageReadError("empty file (0 bytes)")
+    if is_junk_file(path):
+        raise ImageReadError("operating-system metadata file, not an image")
+    try:
+        if path.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(path):
+            return _read_dicom(path)
+        return _read_pillow(path, min_side_px)
+    except ImageReadError:
+        raise
+    except OSError as err:
+        raise ImageReadError(f"cannot read file ({err})") from None
+
+
+def _read_pillow(path, min_side_px):
+    # Pillow keeps these as globals; make sure no other code relaxed them for us.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ImageReadError(
+                        f"decompression bomb: {image.width}x{image.height} pixels exceeds "
+                        f"the {MAX_IMAGE_PIXELS} pixel limit")
+                if min_side_px and image.format == "JPEG":
+                    scale = min(image.width, image.height) / float(min_side_px)
+                    if scale >= 2:
+                        image.draft("RGB", (image.width / scale, image.height / scale))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+        except ImageReadError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageReadError("not an image (unrecognised content)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageReadError(f"decompression bomb: {err}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            message = str(err) or type(err).__name__
+            if "truncated" in message.lower() or isinstance(err, EOFError):
+                raise ImageReadError(f"truncated image ({message})") from None
+            raise ImageReadError(f"corrupt image ({message})") from None
+
+
+def file_sha256(path, chunk_bytes=1 << 20):
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cohorts: a folder per class, or a manifest.csv written by data_preprocess.py
+
+
+class CohortError(ValueError):
+    """A cohort folder or manifest that cannot be used; the message names the path."""
+
+
+def list_class_folder_images(root, folders):
+    """Files under root/<folder>/ for each known class folder, in sorted order.
+
+    Returns:
+        items: list of (path, class_index), every candidate file (unreadable ones included, so
+            callers can account for them);
+        unknown: names of sub-folders of root that are not classes (split folders excluded).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CohortError(f"{root}: no such folder")
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [name for name in present if name not in folders and name not in SPLIT_NAMES]
+    items = []
+    for index, folder in enumerate(folders):
+        class_dir = root / folder
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and is_candidate_image(path):
+                items.append((path, index))
+    return items, unknown
+
+
+def read_manifest(manifest_path, split, folders):
+    """(path, class_index) rows of one split of a manifest.csv; paths resolved next to it."""
+    manifest_path = Path(manifest_path)
+    base = manifest_path.parent
+    items = []
+    with open(manifest_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise CohortError(f"{manifest_path}: missing column(s) {', '.join(sorted(missing))}")
+        for row in reader:
+            if row["split"] != split:
+                continue
+            if row["label"] not in folders:
+                raise CohortError(f"{manifest_path}: label {row['label']!r} is not one of the "
+                                  f"classes {folders}")
+            items.append((base / row["path"], folders.index(row["label"])))
+    return items
+
+
+def load_labelled_items(spec, folders, split):
+    """Labelled images from a class-folder directory or a manifest.csv (rows of `split`)."""
+    spec = Path(spec)
+    if spec.is_file() and spec.suffix.lower() == ".csv":
+        items = read_manifest(spec, split, folders)
+        where = f"{spec} (split {split!r})"
+    else:
+        items, unknown = list_class_folder_images(spec, folders)
+        if unknown:
+            raise CohortError(f"{spec}: folder(s) {', '.join(repr(u) for u in unknown)} are not "
+                              f"classes; expected {folders} (use --prompts to define other classes)")
+        where = str(spec)
+    if not items:
+        raise CohortError(f"{where}: no images found in the class folders {folders}")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """(path, label) items -> (image tensor, label, index, ok). A failed read yields a zero
+    image and ok=False, so batches never shift rows; `failures` maps index -> reason in the
+    main process only when workers=0, so callers re-check failed rows (see `read_failures`)."""
+
+    def __init__(self, items, transform, min_side_px=None, image_shape=None):
+        self.items = list(items)
+        self.transform = transform
+        self.min_side_px = min_side_px
+        self.image_shape = image_shape
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        try:
+            tensor = self.transform(read_image(path, self.min_side_px))
+            return tensor, label, index, True
+        except ImageReadError:
+            return torch.zeros(self.image_shape), label, index, False
+
+
+def read_failures(items, indices):
+    """Reason for each failed index (re-reads only the failures, so it works with workers)."""
+    reasons = {}
+    for index in indices:
+        try:
+            read_image(items[index][0])
+            reasons[index] = "unreadable image"
+        except ImageReadError as err:
+            reasons[index] = str(err)
+    return reasons
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: derive numpy/random seeds from torch's per-worker seed."""
+    import random
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_workers():
+    """DataLoader workers: one per core beyond the main process, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, precision, model
+
+
+def resolve_device(name=None):
+    """torch.device from a flag value; default cuda when available, else cpu."""
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_context(device, precision):
+    """One autocast context per (device, precision); a null context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def register_model_config(config_path):
+    """Register a custom open_clip architecture JSON under its file stem; returns (name, dict)."""
+    import open_clip
+    config_path = Path(config_path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: not a readable model config ({err})") from None
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in config:
+            raise ValueError(f"{config_path}: model config lacks '{key}'")
+    register_model_config_dict(config_path.stem, config)
+    return config_path.stem, config
+
+
+def register_model_config_dict(name, config):
+    """Register an architecture dict (e.g. from a checkpoint) with open_clip under `name`."""
+    import open_clip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(config), encoding="utf-8")
+        open_clip.add_model_config(path)
+
+
+def create_model(model_name, pretrained=None, device="cpu"):
+    """open_clip model, train/val transforms and tokenizer.
+
+    `pretrained` is an open_clip tag, a local weights file (ours or a plain state_dict), or None.
+    """
+    import open_clip
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture "
+                         "(see open_clip.list_models(), or pass --model-config)")
+    if pretrained and Path(pretrained).is_file():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, device=device)
+        state_dict = load_state_dict_file(pretrained)
+        model.load_state_dict(state_dict)
+    else:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, preprocess_train, preprocess_val, tokenizer
+
+
+def model_image_size(model):
+    """Input side in pixels of the model's image tower."""
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely; the message names the file."""
+
+
+def clean_state_dict(state_dict):
+    """Strip DDP `module.` and torch.compile `_orig_mod.` prefixes; tensors detached to CPU."""
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value.detach().cpu() if torch.is_tensor(value) else value
+    return clean
+
+
+def load_checkpoint_file(path):
+    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(f"{path}: refused, it needs unpickling of objects other than "
+                                  "tensors and plain data (possible code execution)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+
+
+def load_state_dict_file(path):
+    """The model weights in a checkpoint: ours ({'state_dict': ...}) or a plain state_dict."""
+    checkpoint = load_checkpoint_file(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise CheckpointError(f"{path}: holds no model state_dict")
+    return clean_state_dict(checkpoint)
+
+
+def save_checkpoint(path, model, metadata):
+    """Write {'state_dict', **metadata} atomically; metadata must be plain data."""
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": clean_state_dict(model.state_dict())}
+    payload.update(metadata)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic outputs
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(handle) on a temp file beside `path`, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write_fn(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(path, frame):
+    """A pandas DataFrame to CSV, atomically, without the index."""
+    atomic_write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def atomic_save_figure(fig, path, **kwargs):
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."), **kwargs)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot classifier
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(model, tokenizer, prompt_lists, device):
+    """(D, C) matrix of class embeddings: the mean of each class's normalised prompt embeddings.
+
+    Written here rather than with open_clip's helper because classes carry prompt lists of
+    different lengths, not one shared template list.
+    """
+    all_prompts = [p for prompts in prompt_lists for p in prompts]
+    tokens = tokenizer(all_prompts).to(device)
+    features = model.encode_text(tokens).float()
+    features = features / features.norm(dim=-1, keepdim=True)  # (P, D)
+    columns, start = [], 0
+    for prompts in prompt_lists:
+        mean = features[start:start + len(prompts)].mean(dim=0)
+        columns.append(mean / mean.norm())
+        start += len(prompts)
+    return torch.stack(columns, dim=1)  # (D, C)
+
+
+def zero_shot_logits(image_features, classifier, logit_scale):
+    """Scaled cosine logits (N, C) from raw image features (N, D) and a (D, C) classifier."""
+    image_features = image_features.float()
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    return logit_scale * image_features @ classifier

@@ -1,0 +1,159 @@
+"""Class registry and clinical prompt sets shared by training and inference.
+
+Folder names are the labels. Class order is fixed and index 0 is the rare, clinically critical
+class (`orbital disease`). Each class carries training prompts (one is sampled at random per image
+per step) and evaluation prompts (their normalised text embeddings are averaged into one class
+embedding: a prompt ensemble).
+
+A JSON file with the same schema replaces the published sets (and may define other classes):
+
+    {"classes": [{"folder": "orbital disease", "train": ["..."], "eval": ["..."]}, ...]}
+
+    $ python clip_train.py ... --prompts my_prompts.json
+    $ python inference.py  ... --prompts my_prompts.json
+"""
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Published protocol: training prompts "v4" and the single evaluation prompt per class used for
+# zero-shot validation (Communications Medicine, 2026). Order matters: index 0 is the rare class.
+PAPER_PROMPT_SET = {
+    "source": "published Orbital-CLIP protocol (training prompts v4; zero-shot evaluation prompts)",
+    "classes": [
+        {
+            "folder": "orbital disease",
+            "train": [
+                "This medical image shows a single eye exhibiting clear signs of orbital disease, "
+                "such as inflammation, asymmetry, or unusual bulging.",
+                "In this image, the visible eye displays characteristics of orbital disease, "
+                "including puffiness, discoloration, or abnormal protrusion.",
+                "The single eye in this diagnostic image is marked by signs of orbital disease, "
+                "noticeable through abnormalities like swelling or structural changes around the "
+                "socket.",
+                "This is an image of an individual with orbital disease in the eye region.",
+                "This image shows an eye diagnosed with an orbital disorder.",
+                "orbital eye disease",
+            ],
+            "eval": ["orbital disease"],
+        },
+        {
+            "folder": "healthy eyes",
+            "train": [
+                "no eye disease",
+                "free from eye disease",
+                "This is an image showing healthy eye.",
+            ],
+            "eval": ["no eye disease"],
+        },
+        {
+            "folder": "non-orbital disease",
+            "train": [
+                "This image depicts a single eye from an individual suffering from a non-orbital "
+                "disease, showing symptoms unrelated to the eye or orbital area.",
+                "The single eye in this photograph belongs to a person affected by a non-orbital "
+                "disease, with evident health issues that do not involve the eye region.",
+                "In this diagnostic image, the depicted symptoms are of a non-orbital disease, "
+                "impacting areas of the body other than the orbital region, with the single eye "
+                "shown being unrelated.",
+                "non-orbital eye disease",
+            ],
+            "eval": ["non-orbital disease"],
+        },
+    ],
+}
+
+
+@dataclass(frozen=True)
+class ClassPrompts:
+    """One class: its folder name (the label) and its training and evaluation prompts."""
+
+    folder: str
+    train: tuple
+    eval: tuple
+
+
+class PromptSetError(ValueError):
+    """A prompt file that does not follow the schema; the message names the file and the fault."""
+
+
+def parse_prompt_set(data, source="prompt set"):
+    """Validate a prompt-set dict and return a list of ClassPrompts in file order."""
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+        raise PromptSetError(f"{source}: expected an object with a 'classes' list")
+    classes, seen = [], set()
+    for i, entry in enumerate(data["classes"]):
+        where = f"{source}: classes[{i}]"
+        if not isinstance(entry, dict):
+            raise PromptSetError(f"{where}: expected an object with folder, train, eval")
+        folder = entry.get("folder")
+        if not isinstance(folder, str) or not folder.strip() or "/" in folder:
+            raise PromptSetError(f"{where}: 'folder' must be a non-empty folder name")
+        if folder in seen:
+            raise PromptSetError(f"{where}: folder {folder!r} is listed twice")
+        seen.add(folder)
+        lists = {}
+        for key in ("train", "eval"):
+            value = entry.get(key)
+            if not isinstance(value, list) or not value or not all(
+                isinstance(p, str) and p.strip() for p in value
+            ):
+                raise PromptSetError(f"{where} ({folder}): '{key}' must be a non-empty list of strings")
+            lists[key] = tuple(value)
+        classes.append(ClassPrompts(folder, lists["train"], lists["eval"]))
+    if len(classes) < 2:
+        raise PromptSetError(f"{source}: at least two classes are needed, found {len(classes)}")
+    return classes
+
+
+def load_prompt_set(path=None):
+    """The published prompt set, or the one in the JSON file at `path`."""
+    if path is None:
+        return parse_prompt_set(PAPER_PROMPT_SET, "published prompt set")
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptSetError(f"{path}: no such prompt file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PromptSetError(f"{path}: not a readable JSON file ({err})") from None
+    return parse_prompt_set(data, str(path))
+
+
+def prompt_set_to_dict(classes):
+    """Plain-data form (for checkpoints and args.json); `parse_prompt_set` reads it back."""
+    return {"classes": [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
+                        for c in classes]}
+
+
+def class_folders(classes):
+    """Folder names in class-index order."""
+    return [c.folder for c in classes]
+
+
+def sample_train_captions(labels, classes, rng):
+    """One training prompt drawn at random for each label.
+
+    Args:
+        labels: class indices, one per image in the batch.
+        classes: list of ClassPrompts.
+        rng: a `random.Random`, so the draw is reproducible from the seed.
+    """
+    return [rng.choice(classes[int(y)].train) for y in labels]
+
+
+def unique_captions(captions):
+    """Distinct captions in first-seen order and, per caption, its index in that list."""
+    index, uniques = {}, []
+    for caption in captions:
+        if caption not in index:
+            index[caption] = len(uniques)
+            uniques.append(caption)
+    return uniques, [index[c] for c in captions]
+
+
+def new_rng(seed):
+    """A private random generator (the global `random` state is left alone)."""
+    return random.Random(seed)

@@ -1,0 +1,45 @@
+"""Shared fixtures: CPU only, a tiny registered model (no downloads), small real image files."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # force CPU, even on a GPU machine
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "demo"))
+
+import common  # noqa: E402
+import make_demo_cohort  # noqa: E402
+
+TINY_CONFIG = REPO_ROOT / "demo" / "tiny_clip.json"
+TINY_MODEL = TINY_CONFIG.stem
+common.register_model_config(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_config():
+    """Path of the tiny open_clip architecture JSON (registered as 'tiny_clip')."""
+    return TINY_CONFIG
+
+
+@pytest.fixture
+def make_cohort(tmp_path):
+    """Factory: write a synthetic class-folder cohort and return its root."""
+
+    def _make(name="cohort", counts=(6, 12, 9), seed=0):
+        root = tmp_path / name
+        make_demo_cohort.write_cohort(root, counts, seed)
+        return root
+
+    return _make
+
+
+@pytest.fixture
+def cohort(make_cohort):
+    """A small imbalanced synthetic cohort: 6 / 12 / 9 images."""
+    return make_cohort()
