@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -310,6 +311,13 @@ def default_workers():
 # Device, precision, model
 
 
+def configure_logging(level=logging.INFO):
+    """Our loggers at `level`; open_clip's chatty root-logger INFO lines only as warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for name in ("clip_train", "inference", "data_preprocess"):
+        logging.getLogger(name).setLevel(level)
+
+
 def resolve_device(name=None):
     """torch.device from a flag value; default cuda when available, else cpu."""
     if name in (None, "", "auto"):
@@ -447,7 +455,10 @@ def atomic_write(path, write_fn, mode="wb"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         with os.fdopen(fd, mode) as handle:
             write_fn(handle)
             handle.flush()
@@ -506,5 +517,28 @@ def build_zero_shot_classifier(model, tokenizer, prompt_lists, device):
 def zero_shot_logits(image_features, classifier, logit_scale):
     """Scaled cosine logits (N, C) from raw image features (N, D) and a (D, C) classifier."""
     image_features = image_features.float()
-    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return logit_scale * image_features @ classifier
+
+
+@torch.no_grad()
+def encode_image_batches(model, loader, device, precision="fp32", progress=None):
+    """Normalised image features for every row of an ImageListDataset loader.
+
+    Returns:
+        features: (N, D) float32 CPU tensor, zero rows where the image failed to read;
+        ok: (N,) bool tensor, False where the image failed to read.
+    Rows come back in dataset order whatever the loader's batching.
+    """
+    n_rows = len(loader.dataset)
+    features, ok = None, torch.zeros(n_rows, dtype=torch.bool)
+    for images, _labels, indices, good in (progress(loader) if progress else loader):
+        good = good.bool()
+        with autocast_context(device, precision):
+            batch = model.encode_image(images.to(device, non_blocking=True)).float()
+        batch = batch / batch.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if features is None:
+            features = torch.zeros(n_rows, batch.shape[1])
+        features[indices] = torch.where(good[:, None], batch.cpu(), torch.zeros_like(batch.cpu()))
+        ok[indices] = good
+    return features, ok

@@ -1,0 +1,568 @@
+"""Fine-tune an OpenCLIP model on a folder-per-class cohort with clinical prompts.
+
+Each training image is paired with a caption drawn at random, every step, from its class's
+training prompts; the image and text towers are trained with a contrastive loss. After every
+epoch the model classifies the validation set zero-shot (the class embedding is the mean of its
+evaluation prompts) and the best epoch is kept. The defaults reproduce the published protocol.
+
+    $ python clip_train.py --train-dir "dataset_root/train" --val-dir "dataset_root/val" \\
+          --save-dir "clip_model_checkpoints" --model-name "ViT-B-32-256" --batch-size 200 \\
+          --epochs 100 --lr 1e-8
+    $ python clip_train.py --train-dir dataset_root/manifest.csv --val-dir dataset_root/manifest.csv \\
+          --save-dir runs/demo --model-config demo/tiny_clip.json --pretrained none --lr 1e-3
+    $ python clip_train.py ... --save-dir runs/demo --resume auto
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+import prompts as prompt_sets
+
+LOG = logging.getLogger("clip_train")
+BEST_NAME = "clip_model_epoch_best.pt"  # published file names
+FINAL_NAME = "clip_model_final.pt"
+LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + history
+DEFAULT_PRETRAINED = "datacomp_s34b_b86k"  # the only tag of ViT-B-32-256
+SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity",
+                  "val_loss")
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def lr_at_step(step, base_lr, warmup_steps, total_steps, schedule):
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then const or cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "const":
+        return base_lr
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay on weight matrices only; none on biases, norms, embeddings' gains
+    and the logit scale (decaying the temperature towards 1 would fight the loss)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "logit_scale" in name or "bias" in name or ".ln" in name or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_scale(model, mode):
+    """Scale fed to the loss and softmax: exp(logit_scale) (correct), or the raw log value the
+    published code used (`--logit-scale-mode published-log`, for exact reproduction only)."""
+    return model.logit_scale if mode == "published-log" else model.logit_scale.exp()
+
+
+def validation_metrics(y_true, probs, rare_index=0):
+    """Selection metrics from labels (N,) and class probabilities (N, C) as numpy arrays."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    n_classes = probs.shape[1]
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(n_classes))
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_auroc": float("nan"),
+        "rare_sensitivity": float("nan"),
+    }
+    present = np.unique(y_true)
+    if len(present) == n_classes:
+        metrics["macro_auroc"] = float(roc_auc_score(y_true, probs, multi_class="ovr",
+                                                     labels=labels, average="macro"))
+    rare = y_true == rare_index
+    if rare.any():
+        metrics["rare_sensitivity"] = float((y_pred[rare] == rare_index).mean())
+    return metrics
+
+
+def is_improvement(value, best, metric):
+    """Strictly better (the published rule); lower is better only for val_loss. NaN never wins."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+def plain(value):
+    """args and metrics as JSON/weights_only-safe primitives."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and validation
+
+
+def make_loader(items, transform, image_size_px, args, shuffle, generator=None):
+    """DataLoader over an ImageListDataset with seeded workers."""
+    dataset = common.ImageListDataset(items, transform, min_side_px=image_size_px,
+                                      image_shape=(3, image_size_px, image_size_px))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
+        pin_memory=args.device.type == "cuda", drop_last=False, generator=generator,
+        worker_init_fn=common.seed_worker, persistent_workers=args.workers > 0)
+
+
+def encode_captions(model, tokenizer, captions, device, dedup=True):
+    """Normalised text features (B, D) for a list of captions; with `dedup` each distinct caption
+    goes through the text tower once and is gathered back (exact: the tower has no dropout)."""
+    if not dedup:
+        return model.encode_text(tokenizer(captions).to(device), normalize=True)
+    uniques, inverse = prompt_sets.unique_captions(captions)
+    features = model.encode_text(tokenizer(uniques).to(device), normalize=True)  # (U, D)
+    return features[torch.as_tensor(inverse, device=device)]
+
+
+def train_one_epoch(model, loader, state, ctx):
+    """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
+    from tqdm import tqdm
+    args, optimizer = ctx["args"], ctx["optimizer"]
+    model.train()
+    total_loss, seen, skipped = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
+               disable=not ctx["progress"])
+    for images, labels, _indices, ok in bar:
+        skipped += int((~ok).sum())
+        images, labels = images[ok], labels[ok]
+        if len(labels) < 2:  # a contrastive batch needs at least one negative
+            continue
+        lr = lr_at_step(state["step"], args.lr, ctx["warmup_steps"], ctx["total_steps"], args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
+        with common.autocast_context(args.device, args.precision):
+            image_features = model.encode_image(images.to(args.device, non_blocking=True), normalize=True)
+            text_features = encode_captions(model, ctx["tokenizer"], captions, args.device,
+                                            dedup=not args.no_text_dedup)
+            loss = ctx["loss_fn"](image_features.float(), text_features.float(),
+                                  loss_scale(model, args.logit_scale_mode))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
+                                     f"{state['epoch'] + 1}, step {state['step']}")
+        optimizer.zero_grad(set_to_none=True)
+        ctx["scaler"].scale(loss).backward()
+        ctx["scaler"].step(optimizer)
+        ctx["scaler"].update()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        state["step"] += 1
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+    return total_loss / max(seen, 1), seen, skipped
+
+
+@torch.no_grad()
+def validate(model, loader, ctx):
+    """Zero-shot classification of the validation set with the evaluation-prompt ensemble."""
+    args = ctx["args"]
+    model.eval()
+    classifier = common.build_zero_shot_classifier(
+        model, ctx["tokenizer"], [c.eval for c in ctx["classes"]], args.device)
+    features, ok = common.encode_image_batches(model, loader, args.device, args.precision)
+    labels = torch.as_tensor([label for _path, label in loader.dataset.items])[ok]
+    scale = loss_scale(model, args.logit_scale_mode).float().cpu()
+    logits = common.zero_shot_logits(features[ok], classifier.float().cpu(), scale)
+    metrics = validation_metrics(labels.numpy(), logits.softmax(dim=1).numpy())
+    metrics["val_loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    metrics["val_images"] = int(ok.sum())
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+
+
+def checkpoint_metadata(model, ctx, state, metrics):
+    """Plain-data description of the run stored in every checkpoint."""
+    args = ctx["args"]
+    return {
+        "model_name": args.model_name,
+        "model_config": ctx["model_config"],
+        "pretrained": None if args.pretrained == "none" else str(args.pretrained),
+        "class_folders": prompt_sets.class_folders(ctx["classes"]),
+        "prompts": prompt_sets.prompt_set_to_dict(ctx["classes"]),
+        "preprocess": {"image_size": ctx["image_size_px"]},
+        "logit_scale_mode": args.logit_scale_mode,
+        "epoch": state["epoch"],
+        "metrics": plain(metrics),
+        "select_metric": args.select_metric,
+        "args": ctx["args_dict"],
+    }
+
+
+def rng_snapshot(ctx):
+    """RNG states as tensors and primitives (weights_only-loadable)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "caption_rng": plain(ctx["caption_rng"].getstate()),
+        "loader_generator": ctx["generator"].get_state(),
+        "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+    }
+
+
+def restore_rng(snapshot, ctx):
+    torch.set_rng_state(snapshot["torch"])
+    ctx["generator"].set_state(snapshot["loader_generator"])
+    version, internal, gauss = snapshot["caption_rng"]
+    ctx["caption_rng"].setstate((version, tuple(internal), gauss))
+    keys = snapshot["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, snapshot["numpy_pos"], 0, 0.0))
+
+
+def save_last(model, ctx, state, metrics):
+    """Resumable checkpoint: weights, optimizer, scaler, RNG states, history, best so far."""
+    meta = checkpoint_metadata(model, ctx, state, metrics)
+    meta.update({
+        "optimizer": ctx["optimizer"].state_dict(),
+        "scaler": ctx["scaler"].state_dict(),
+        "rng": rng_snapshot(ctx),
+        "step": state["step"],
+        "best_value": state["best_value"],
+        "best_epoch": state["best_epoch"],
+        "history": plain(state["history"]),
+    })
+    common.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
+
+
+def write_history(save_dir, history, select_metric):
+    """metrics.csv (one row per epoch) and training_curves.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    frame = pd.DataFrame(history)
+    common.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train (contrastive)")
+    ax_loss.plot(frame["epoch"], frame["val_loss"], marker="o", label="validation (zero-shot CE)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity"):
+        ax_metric.plot(frame["epoch"], frame[name], marker=".", label=name.replace("_", " "))
+    best = frame[frame["is_best"]]
+    if len(best):
+        ax_metric.axvline(best["epoch"].iloc[-1], color="grey", linestyle="--",
+                          label=f"best ({select_metric})")
+    ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(-0.02, 1.02), title="Validation")
+    ax_metric.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    common.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
+    plt.close(fig)
+
+
+def environment_info():
+    """Package versions, device and git commit recorded next to the run."""
+    import open_clip
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "platform": platform.platform(),
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5)
+        info["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-dir", required=True,
+                      help="folder with one sub-folder per class, or a manifest.csv (rows of split 'train')")
+    data.add_argument("--val-dir", required=True,
+                      help="folder with one sub-folder per class, or a manifest.csv (rows of split 'val')")
+    data.add_argument("--save-dir", required=True, help="where checkpoints, metrics and figures go")
+    data.add_argument("--prompts", default=None,
+                      help="JSON prompt set replacing the published one (schema in prompts.py)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-name", default=None,
+                       help="open_clip architecture (default ViT-B-32-256, or the --model-config stem)")
+    model.add_argument("--model-config", default=None,
+                       help="JSON of a custom open_clip architecture; registered under the file's stem")
+    model.add_argument("--pretrained", default=None,
+                       help="open_clip tag, local weights file, or 'none' for random init "
+                            f"(default: {DEFAULT_PRETRAINED} for ViT-B-32-256; none with --model-config)")
+    optim = parser.add_argument_group("optimisation (defaults = published protocol)")
+    optim.add_argument("--batch-size", type=int, default=200,
+                       help="images per step (published 200); contrastive loss needs >= 2")
+    optim.add_argument("--epochs", type=int, default=100, help="passes over the training set (published 100)")
+    optim.add_argument("--lr", type=float, default=1e-8,
+                       help="AdamW learning rate (published 1e-8, which barely moves pretrained "
+                            "weights; 1e-6..1e-5 is typical for full CLIP fine-tuning)")
+    optim.add_argument("--weight-decay", type=float, default=1e-8,
+                       help="AdamW weight decay on weight matrices (published 1e-8; 0.1 is CLIP's usual)")
+    optim.add_argument("--warmup", type=int, default=0, help="linear warmup steps (published 0)")
+    optim.add_argument("--schedule", choices=("const", "cosine"), default="const",
+                       help="learning-rate schedule after warmup (published const)")
+    optim.add_argument("--select-metric", choices=SELECT_METRICS, default="accuracy",
+                       help="validation metric that picks the best epoch (published: accuracy; "
+                            "balanced_accuracy is fairer with a rare class)")
+    optim.add_argument("--logit-scale-mode", choices=("exp", "published-log"), default="exp",
+                       help="'exp' feeds exp(logit_scale) (~14..100) to the loss as CLIP intends; "
+                            "'published-log' reproduces the published code's use of the raw log value")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=2024, help="seed for weights, batches and captions")
+    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--workers", type=int, default=None,
+                     help=f"DataLoader worker processes (default {common.default_workers()} here: cores - 1, max 8)")
+    run.add_argument("--resume", default=None,
+                     help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
+    run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
+    run.add_argument("--no-text-dedup", action="store_true",
+                     help="encode every caption of the batch, duplicates included (slower, same result)")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def validate_args(parser, args):
+    """Flag combinations and values, checked before any work; parser.error exits with status 2."""
+    if args.batch_size < 2:
+        parser.error("--batch-size must be >= 2 (a contrastive batch needs a negative)")
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error("--lr must be a positive number")
+    if args.weight_decay < 0:
+        parser.error("--weight-decay must be >= 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0")
+    for flag in ("train_dir", "val_dir"):
+        if not Path(getattr(args, flag)).exists():
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such folder or file")
+    if args.model_config and not Path(args.model_config).is_file():
+        parser.error(f"--model-config {args.model_config}: no such file")
+    if args.prompts and not Path(args.prompts).is_file():
+        parser.error(f"--prompts {args.prompts}: no such file")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such checkpoint")
+    save_dir = Path(args.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        parser.error(f"--save-dir {save_dir}: exists and is not a folder")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (args.resume or args.overwrite):
+        parser.error(f"--save-dir {save_dir}: folder is not empty; pass --resume auto to continue "
+                     "that run or --overwrite to start a new one there")
+    if args.model_name is None:
+        args.model_name = Path(args.model_config).stem if args.model_config else "ViT-B-32-256"
+    if args.pretrained is None:
+        args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
+                                                 and not args.model_config) else "none"
+    if args.workers is None:
+        args.workers = common.default_workers()
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def setup_model(args):
+    """Register a custom config, build the model; returns (model, train tf, val tf, tokenizer, config)."""
+    model_config = None
+    if args.model_config:
+        name, model_config = common.register_model_config(args.model_config)
+        if name != args.model_name:
+            raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
+                             f"architecture {name}")
+    pretrained = None if args.pretrained == "none" else args.pretrained
+    try:
+        model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
+    except (RuntimeError, OSError) as err:
+        if pretrained and not Path(pretrained).is_file():
+            raise ValueError(f"--pretrained {pretrained}: could not load these weights for "
+                             f"{args.model_name} ({str(err).splitlines()[0][:200]}); offline, pass "
+                             "--pretrained none or a local weights file") from None
+        raise ValueError(f"--pretrained {pretrained}: {str(err).splitlines()[0][:300]}") from None
+    return model, train_tf, val_tf, tokenizer, model_config
+
+
+def prepare_save_dir(args):
+    """Create --save-dir; with --overwrite (and no resume) clear our own outputs from a prior run."""
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and not args.resume:
+        for name in (BEST_NAME, FINAL_NAME, LAST_NAME, "metrics.csv", "training_curves.png",
+                     "args.json", "train_log.jsonl"):
+            (save_dir / name).unlink(missing_ok=True)
+    return save_dir
+
+
+def resume_path(args):
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = Path(args.save_dir) / LAST_NAME
+        return path if path.is_file() else None
+    return Path(args.resume)
+
+
+def run_training(args, ctx, model, train_loader, val_loader, state):
+    """Epoch loop: train, validate, keep best/last; returns the final metrics."""
+    save_dir = Path(args.save_dir)
+    metrics = {}
+    while state["epoch"] < args.epochs:
+        epoch_start = time.perf_counter()
+        train_loss, seen, skipped = train_one_epoch(model, train_loader, state, ctx)
+        metrics = validate(model, val_loader, ctx)
+        state["epoch"] += 1
+        value = metrics[args.select_metric]
+        best = is_improvement(value, state["best_value"], args.select_metric)
+        if best:
+            state["best_value"], state["best_epoch"] = value, state["epoch"]
+            common.save_checkpoint(save_dir / BEST_NAME, model,
+                                   checkpoint_metadata(model, ctx, state, metrics))
+        seconds = time.perf_counter() - epoch_start
+        row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
+               "lr": ctx["optimizer"].param_groups[0]["lr"], "logit_scale": float(model.logit_scale.detach().exp()),
+               "skipped_images": skipped, "seconds": seconds, "samples_per_s": seen / seconds,
+               "is_best": best}
+        state["history"].append(plain(row))
+        save_last(model, ctx, state, metrics)
+        write_history(save_dir, state["history"], args.select_metric)
+        with open(save_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps(plain(row)) + "\n")
+        LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
+                 state["epoch"], args.epochs, train_loss, args.select_metric, value,
+                 metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds,
+                 "  * best" if best else "")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.configure_logging()
+    try:
+        args.device = common.resolve_device(args.device)
+        if args.precision == "auto":
+            args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+        common.autocast_context(args.device, args.precision)
+        classes = prompt_sets.load_prompt_set(args.prompts)
+        folders = prompt_sets.class_folders(classes)
+        train_items = common.load_labelled_items(args.train_dir, folders, "train")
+        val_items = common.load_labelled_items(args.val_dir, folders, "val")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    LOG.info("== setup ==")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    save_dir = prepare_save_dir(args)
+    args_dict = plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
+    for key, value in args_dict.items():
+        LOG.info("  %s = %s", key, value)
+    try:
+        model, train_tf, val_tf, tokenizer, model_config = setup_model(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    image_size_px = common.model_image_size(model)
+    common.atomic_write_json(save_dir / "args.json", {"args": args_dict, "environment": environment_info(),
+                                                      "train_images": len(train_items),
+                                                      "val_images": len(val_items)})
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = make_loader(train_items, train_tf, image_size_px, args, shuffle=True, generator=generator)
+    val_loader = make_loader(val_items, val_tf, image_size_px, args, shuffle=False)
+    steps_per_epoch = math.ceil(len(train_items) / args.batch_size)
+    import open_clip
+    ctx = {
+        "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
+        "model_config": model_config, "image_size_px": image_size_px, "generator": generator,
+        "caption_rng": prompt_sets.new_rng(args.seed), "progress": not args.no_progress,
+        "optimizer": torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr),
+        "scaler": torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16"),
+        "loss_fn": open_clip.ClipLoss(), "warmup_steps": args.warmup,
+        "total_steps": steps_per_epoch * args.epochs,
+    }
+    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
+    if (path := resume_path(args)) is not None:
+        try:
+            resume_from(path, model, ctx, state)
+        except (ValueError, KeyError) as err:
+            print(f"error: --resume {path}: {err}", file=sys.stderr)
+            return 2
+    LOG.info("== training: %d train / %d val images, %d classes %s, %d steps/epoch, device %s (%s) ==",
+             len(train_items), len(val_items), len(folders), folders, steps_per_epoch,
+             args.device, args.precision)
+    try:
+        metrics = run_training(args, ctx, model, train_loader, val_loader, state)
+    except FloatingPointError as err:
+        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
+              "--lr or --precision fp32.", file=sys.stderr)
+        return 1
+    common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+    LOG.info("== done: best %s %.4f at epoch %s; checkpoints and curves in %s ==",
+             args.select_metric, state["best_value"] if state["best_value"] is not None else float("nan"),
+             state["best_epoch"], save_dir)
+    return 0
+
+
+def resume_from(path, model, ctx, state):
+    """Load weights, optimizer, scaler, RNG and history from a last checkpoint."""
+    checkpoint = common.load_checkpoint_file(path)
+    if "optimizer" not in checkpoint:
+        raise ValueError("not a resumable checkpoint (no optimizer state); "
+                         f"resume from {LAST_NAME}")
+    if checkpoint.get("model_name") != ctx["args"].model_name:
+        raise ValueError(f"checkpoint architecture {checkpoint.get('model_name')} differs from "
+                         f"--model-name {ctx['args'].model_name}")
+    model.load_state_dict(checkpoint["state_dict"])
+    ctx["optimizer"].load_state_dict(checkpoint["optimizer"])
+    ctx["scaler"].load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["rng"], ctx)
+    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
+                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]))
+    LOG.info("resumed from %s at epoch %d", path, state["epoch"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""clip_train.py: known-answer tests of its pure parts, argument checks, and short real runs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+
+import clip_train
+import common
+import prompts
+from conftest import REPO_ROOT, TINY_CONFIG
+
+
+def train_argv(train_dir, val_dir, save_dir, *extra):
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
+            "--epochs", "2", "--workers", "0", "--no-progress", *extra]
+
+
+@pytest.fixture
+def splits(make_cohort):
+    return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
+
+
+# -- pure functions ------------------------------------------------------------------------------
+
+def test_lr_schedule_known_values():
+    assert clip_train.lr_at_step(0, 1.0, 0, 10, "const") == 1.0
+    assert clip_train.lr_at_step(9, 1.0, 0, 10, "const") == 1.0
+    assert clip_train.lr_at_step(0, 1.0, 4, 14, "cosine") == pytest.approx(0.25)
+    assert clip_train.lr_at_step(3, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
+    assert clip_train.lr_at_step(4, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
+    assert clip_train.lr_at_step(9, 1.0, 4, 14, "cosine") == pytest.approx(0.5)
+    assert clip_train.lr_at_step(14, 1.0, 4, 14, "cosine") == pytest.approx(0.0)
+
+
+def test_param_groups_exclude_biases_norms_and_logit_scale():
+    model, *_ = common.create_model("tiny_clip", None)
+    decay, no_decay = clip_train.param_groups(model, 0.1)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay_ids}
+    assert "logit_scale" in names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(n.endswith("bias") for n in names) and any("ln" in n for n in names)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_clip_loss_on_3x3_case_by_hand():
+    # Identity features: each image matches its own caption with cosine 1, the others 0.
+    features = torch.eye(3)
+    scale = torch.tensor(math.log(4.0))
+    loss = open_clip.ClipLoss()(features, features, scale.exp())
+    expected = -math.log(math.exp(4) / (math.exp(4) + 2))  # same for both directions
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # The published code fed the log value (1.386) instead: a much softer, wrong loss.
+    published = open_clip.ClipLoss()(features, features, scale)
+    log4 = math.log(4.0)
+    assert published.item() == pytest.approx(-math.log(math.exp(log4) / (math.exp(log4) + 2)), rel=1e-5)
+
+
+def test_loss_scale_modes():
+    model, *_ = common.create_model("tiny_clip", None)
+    assert clip_train.loss_scale(model, "exp").item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert clip_train.loss_scale(model, "published-log").item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
+
+
+def test_validation_metrics_known_answer():
+    y_true = np.array([0, 0, 1, 1, 1, 2])
+    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .7, .2], [.6, .3, .1], [.1, .1, .8]])
+    metrics = clip_train.validation_metrics(y_true, probs)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert metrics["rare_sensitivity"] == pytest.approx(0.5)
+    missing = clip_train.validation_metrics(np.array([1, 2]), probs[:2])
+    assert math.isnan(missing["macro_auroc"]) and math.isnan(missing["rare_sensitivity"])
+
+
+def test_is_improvement_is_strict():
+    assert clip_train.is_improvement(0.5, None, "accuracy")
+    assert not clip_train.is_improvement(0.5, 0.5, "accuracy")
+    assert clip_train.is_improvement(0.4, 0.5, "val_loss")
+    assert not clip_train.is_improvement(float("nan"), 0.1, "accuracy")
+
+
+def test_unique_caption_encoding_is_exact():
+    torch.manual_seed(0)
+    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    captions = ["orbital eye disease", "no eye disease", "orbital eye disease", "no eye disease",
+                "free from eye disease", "orbital eye disease"]
+    images = torch.randn(len(captions), 3, 64, 64)
+    results = []
+    for dedup in (False, True):
+        model.zero_grad()
+        text = clip_train.encode_captions(model, tokenizer, captions, torch.device("cpu"), dedup=dedup)
+        image = model.encode_image(images, normalize=True)
+        loss = open_clip.ClipLoss()(image, text, model.logit_scale.exp())
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.detach(), grads.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "1"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-5"], "--lr"),
+    (["--workers", "-1"], "--workers"),
+    (["--resume", "missing.pt"], "--resume"),
+])
+def test_parse_args_rejects(splits, tmp_path, capsys, extra, message):
+    train_dir, val_dir = splits
+    with pytest.raises(SystemExit) as exc:
+        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_parse_args_defaults_follow_published_protocol(splits, tmp_path):
+    train_dir, val_dir = splits
+    args = clip_train.parse_args(["--train-dir", str(train_dir), "--val-dir", str(val_dir),
+                                  "--save-dir", str(tmp_path / "run")])
+    assert (args.model_name, args.pretrained) == ("ViT-B-32-256", "datacomp_s34b_b86k")
+    assert (args.batch_size, args.epochs, args.lr, args.weight_decay) == (200, 100, 1e-8, 1e-8)
+    assert (args.schedule, args.warmup, args.select_metric) == ("const", 0, "accuracy")
+    custom = clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run"))
+    assert (custom.model_name, custom.pretrained) == ("tiny_clip", "none")
+
+
+def test_non_empty_save_dir_is_refused(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        clip_train.main(train_argv(train_dir, val_dir, save_dir))
+    assert "--save-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in save_dir.iterdir()) == ["notes.txt"]
+
+
+def test_unknown_class_folder_is_a_clear_error(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    (train_dir / "cataract").mkdir()
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run")) == 2
+    assert "cataract" in capsys.readouterr().err
+
+
+# -- real runs -----------------------------------------------------------------------------------
+
+def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 0
+    for name in ("clip_model_epoch_best.pt", "clip_model_final.pt", "clip_model_last.pt",
+                 "args.json", "metrics.csv", "training_curves.png", "train_log.jsonl"):
+        assert (save_dir / name).is_file(), name
+    history = pd.read_csv(save_dir / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert (history["val_images"] == 13).all()
+    # Best = first epoch reaching the maximum accuracy (kept only when strictly better).
+    best_epoch = int(history.loc[history["accuracy"].idxmax(), "epoch"])
+    best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch
+    assert best["metrics"]["accuracy"] == pytest.approx(history["accuracy"].max())
+    assert best["class_folders"] == ["orbital disease", "healthy eyes", "non-orbital disease"]
+    assert best["model_name"] == "tiny_clip" and best["model_config"]["embed_dim"] == 64
+    assert prompts.parse_prompt_set(best["prompts"])[0].train == prompts.load_prompt_set()[0].train
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["state_dict"])
+    # Stock open_clip loads it as pretrained weights.
+    model, _, _ = open_clip.create_model_and_transforms("tiny_clip", pretrained=str(save_dir / "clip_model_epoch_best.pt"))
+    assert torch.equal(model.state_dict()["logit_scale"], best["state_dict"]["logit_scale"])
+    saved_args = json.loads((save_dir / "args.json").read_text())
+    assert saved_args["args"]["lr"] == 1e-3 and saved_args["environment"]["torch"] == torch.__version__
+
+
+def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
+    train_dir, val_dir = splits
+    runs = []
+    for name in ("a", "b"):
+        assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / name, "--epochs", "1")) == 0
+        runs.append(torch.load(tmp_path / name / "clip_model_final.pt", weights_only=True)["state_dict"])
+    torch.manual_seed(2024)
+    initial, *_ = common.create_model("tiny_clip", None)
+    assert not torch.equal(initial.state_dict()["text_projection"], runs[0]["text_projection"])
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
+    train_dir, val_dir = splits
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "4")) == 0
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "2")) == 0
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "4",
+                                      "--resume", "auto")) == 0
+    straight = torch.load(tmp_path / "straight" / "clip_model_final.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "split" / "clip_model_final.pt", weights_only=True)["state_dict"]
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-5), key
+    history = pd.read_csv(tmp_path / "split" / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypatch, capsys):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    before = {n: (save_dir / n).read_bytes() for n in ("clip_model_epoch_best.pt", "clip_model_last.pt")}
+    monkeypatch.setattr(clip_train, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
+    code = clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
+    assert code == 1
+    assert "non-finite" in capsys.readouterr().err
+    for name, data in before.items():
+        assert (save_dir / name).read_bytes() == data
+
+
+def test_manifest_input_and_subprocess_entry_point(splits, tmp_path):
+    train_dir, val_dir = splits
+    rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "split": split}
+            for split, root in (("train", train_dir), ("val", val_dir)) for p in sorted(root.rglob("*.jpg"))]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    help_run = subprocess.run([sys.executable, str(REPO_ROOT / "clip_train.py"), "--help"],
+                              capture_output=True, text=True, timeout=60)
+    assert help_run.returncode == 0 and "--select-metric" in help_run.stdout
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "clip_train.py"),
+                          *train_argv(manifest, manifest, tmp_path / "run", "--epochs", "1")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert int(history["val_images"].iloc[0]) == 13
