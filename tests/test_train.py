@@ -238,3 +238,60 @@ def test_manifest_input_and_subprocess_entry_point(splits, tmp_path):
     assert run.returncode == 0, run.stderr
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert int(history["val_images"].iloc[0]) == 13
+
+
+# -- label-aware loss, balanced sampling, recipes --------------------------------------------------
+
+def test_label_aware_loss_on_3x3_case_by_hand():
+    features = torch.eye(3)
+    labels = torch.tensor([0, 0, 1])
+    loss = clip_train.LabelAwareClipLoss()(features, features, torch.tensor(1.0), labels)
+    # Rows 0 and 1 share a class: targets (1/2, 1/2, 0); row 2 is alone. L = log(e + 2).
+    big_l = math.log(math.e + 2)
+    expected = ((big_l - 0.5) * 2 + (big_l - 1)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_aware_loss_equals_clip_loss_with_distinct_labels():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    scale = torch.tensor(14.0)
+    aware = clip_train.make_loss("label-aware")(image, text, scale, torch.arange(5))
+    plain_clip = clip_train.make_loss("clip")(image, text, scale, torch.arange(5))
+    assert aware.item() == pytest.approx(plain_clip.item(), rel=1e-6)
+
+
+def test_class_balanced_weights_draw_classes_equally():
+    labels = [0] * 2 + [1] * 10 + [2] * 8
+    weights = clip_train.class_balanced_weights(labels, 3)
+    per_class = [float(weights[np.array(labels) == k].sum()) for k in range(3)]
+    assert per_class == pytest.approx([1.0, 1.0, 1.0])
+    sampler = torch.utils.data.WeightedRandomSampler(weights, 3000, generator=torch.Generator().manual_seed(0))
+    drawn = np.bincount(np.array(labels)[list(sampler)], minlength=3) / 3000
+    assert drawn == pytest.approx([1 / 3] * 3, abs=0.04)
+
+
+def test_recipe_recommended_and_explicit_override(splits, tmp_path):
+    train_dir, val_dir = splits
+    base = ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(tmp_path / "r")]
+    args = clip_train.parse_args(base + ["--recipe", "recommended"])
+    assert (args.loss, args.balanced_sampling, args.schedule, args.select_metric) == (
+        "label-aware", True, "cosine", "balanced_accuracy")
+    assert (args.lr, args.patience, args.warmup) == (1e-5, 10, "5%")
+    args = clip_train.parse_args(base + ["--recipe", "recommended", "--lr", "3e-6", "--no-balanced-sampling",
+                                         "--loss", "clip"])
+    assert (args.lr, args.balanced_sampling, args.loss) == (3e-6, False, "clip")
+    assert clip_train.warmup_steps("5%", 200) == 10 and clip_train.warmup_steps("7", 200) == 7
+
+
+def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--recipe", "recommended", "--epochs", "30",
+                      "--patience", "2", "--lr", "1e-3")
+    assert clip_train.main(argv) == 0
+    history = pd.read_csv(save_dir / "metrics.csv")
+    best_epoch = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["epoch"]
+    assert len(history) < 30  # stopped early
+    assert len(history) == best_epoch + 2
