@@ -231,6 +231,63 @@ def encode_captions(model, tokenizer, captions, device, dedup=True):
     return features[torch.as_tensor(inverse, device=device)]
 
 
+def batch_features(model, images, captions, ctx):
+    """Normalised (image, text) features of one (micro-)batch, in fp32 for the loss."""
+    args = ctx["args"]
+    image_features = model.encode_image(images.to(args.device, non_blocking=True), normalize=True)
+    text_features = encode_captions(model, ctx["tokenizer"], captions, args.device,
+                                    dedup=not args.no_text_dedup)
+    return image_features.float(), text_features.float()
+
+
+def accumulate_gradients(model, images, labels, captions, ctx):
+    """Backward the contrastive loss of the whole batch; returns the (detached) loss.
+
+    With --accum-steps N the batch runs as N micro-batches, the contrastive way (as open_clip's
+    --accum-freq): features of all micro-batches are first computed without gradients; then each
+    micro-batch is re-run with gradients and its features swapped into the cached full batch, so
+    every pass backpropagates the full-batch loss through that micro-batch only. The sum of the
+    passes is the full-batch gradient; the logit scale is kept in the graph of one pass only.
+    """
+    args, scaler = ctx["args"], ctx["scaler"]
+    labels = labels.to(args.device)
+    chunks = torch.arange(len(labels)).chunk(args.accum_steps)
+    chunk_captions = [[captions[i] for i in chunk.tolist()] for chunk in chunks]
+    if len(chunks) == 1:
+        with common.autocast_context(args.device, args.precision):
+            image, text = batch_features(model, images, captions, ctx)
+            loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels)
+        if torch.isfinite(loss):
+            scaler.scale(loss).backward()
+        return loss.detach()
+    with torch.no_grad(), common.autocast_context(args.device, args.precision):
+        cached = [batch_features(model, images[c], caps, ctx) for c, caps in zip(chunks, chunk_captions)]
+    for j, (chunk, caps) in enumerate(zip(chunks, chunk_captions)):
+        with common.autocast_context(args.device, args.precision):
+            image_j, text_j = batch_features(model, images[chunk], caps, ctx)
+            image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
+            text = torch.cat([text_j if k == j else f[1] for k, f in enumerate(cached)])
+            scale = loss_scale(model, args.logit_scale_mode)
+            loss = ctx["loss_fn"](image, text, scale if j == 0 else scale.detach(), labels)
+        if not torch.isfinite(loss):
+            return loss.detach()
+        scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def configure_trainable(model, args):
+    """--lock-image / --lock-text (LiT-style, last N blocks left trainable) and checkpointing."""
+    if args.lock_image is not None:
+        model.lock_image_tower(unlocked_groups=args.lock_image)
+    if args.lock_text is not None:
+        model.lock_text_tower(unlocked_layers=args.lock_text)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    LOG.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100.0 * trainable / total)
+
+
 def train_one_epoch(model, loader, state, ctx):
     """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
     from tqdm import tqdm
@@ -249,17 +306,11 @@ def train_one_epoch(model, loader, state, ctx):
         for group in optimizer.param_groups:
             group["lr"] = lr
         captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
-        with common.autocast_context(args.device, args.precision):
-            image_features = model.encode_image(images.to(args.device, non_blocking=True), normalize=True)
-            text_features = encode_captions(model, ctx["tokenizer"], captions, args.device,
-                                            dedup=not args.no_text_dedup)
-            loss = ctx["loss_fn"](image_features.float(), text_features.float(),
-                                  loss_scale(model, args.logit_scale_mode), labels.to(args.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, images, labels, captions, ctx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
                                      f"{state['epoch'] + 1}, step {state['step']}")
-        optimizer.zero_grad(set_to_none=True)
-        ctx["scaler"].scale(loss).backward()
         ctx["scaler"].step(optimizer)
         ctx["scaler"].update()
         with torch.no_grad():
@@ -444,6 +495,17 @@ def parse_args(argv=None):
     optim.add_argument("--logit-scale-mode", choices=("exp", "published-log"), default="exp",
                        help="'exp' feeds exp(logit_scale) (~14..100) to the loss as CLIP intends; "
                             "'published-log' reproduces the published code's use of the raw log value")
+    optim.add_argument("--lock-image", type=int, nargs="?", const=0, default=None, metavar="N",
+                       help="freeze the image tower, leaving its last N layer groups trainable "
+                            "(default N=0: fully frozen, LiT-style; guards against forgetting)")
+    optim.add_argument("--lock-text", type=int, nargs="?", const=0, default=None, metavar="N",
+                       help="freeze the text tower, leaving its last N groups trainable (default 0; "
+                            "1 = projection, 2 = + last block and final norm, ...)")
+    optim.add_argument("--accum-steps", type=int, default=1,
+                       help="split each --batch-size batch into N micro-batches with the exact "
+                            "full-batch contrastive gradient (less memory, ~1/N more compute)")
+    optim.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute activations in backward: much less memory, ~30%% slower")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=2024, help="seed for weights, batches and captions")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -473,6 +535,11 @@ def validate_args(parser, args):
         parser.error("--lr must be a positive number")
     if args.weight_decay < 0:
         parser.error("--weight-decay must be >= 0")
+    if args.accum_steps < 1 or args.accum_steps > args.batch_size // 2:
+        parser.error("--accum-steps must be between 1 and --batch-size / 2 (micro-batches of >= 2)")
+    for flag in ("lock_image", "lock_text"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} N must be >= 0")
     if args.patience < 0:
         parser.error("--patience must be >= 0 (0 turns early stopping off)")
     if args.workers is not None and args.workers < 0:
@@ -610,6 +677,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     image_size_px = common.model_image_size(model)
+    configure_trainable(model, args)
     common.atomic_write_json(save_dir / "args.json", {"args": args_dict, "environment": environment_info(),
                                                       "train_images": len(train_items),
                                                       "val_images": len(val_items)})

@@ -295,3 +295,40 @@ def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
     best_epoch = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["epoch"]
     assert len(history) < 30  # stopped early
     assert len(history) == best_epoch + 2
+
+
+@pytest.mark.parametrize("loss_kind", ["clip", "label-aware"])
+def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    images = torch.randn(8, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
+    captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
+    grads, losses = [], []
+    for accum_steps in (1, 4):
+        args = SimpleNamespace(device=torch.device("cpu"), precision="fp32", accum_steps=accum_steps,
+                               no_text_dedup=False, logit_scale_mode="exp")
+        ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False),
+               "tokenizer": tokenizer, "loss_fn": clip_train.make_loss(loss_kind)}
+        model.zero_grad()
+        losses.append(clip_train.accumulate_gradients(model, images, labels, captions, ctx).item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "logit_scale" in grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_locked_towers_do_not_move(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--lock-image",
+                                      "--lock-text", "2", "--accum-steps", "2", "--grad-checkpointing")) == 0
+    torch.manual_seed(2024)
+    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    final = torch.load(save_dir / "clip_model_final.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(initial[k], final[k]) for k in initial if k.startswith("visual."))
+    assert torch.equal(initial["token_embedding.weight"], final["token_embedding.weight"])
+    assert not torch.equal(initial["transformer.resblocks.1.mlp.c_fc.weight"],
+                           final["transformer.resblocks.1.mlp.c_fc.weight"])  # last block trainable
