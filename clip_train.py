@@ -39,6 +39,8 @@ LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + histo
 DEFAULT_PRETRAINED = "datacomp_s34b_b86k"  # the only tag of ViT-B-32-256
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity",
                   "val_loss")
+SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
+                 "--select-metric", "--overwrite", "--help"}
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
 # `--recipe recommended`: what works better than the published protocol on small, imbalanced
 # cohorts. Each entry applies only where the flag was not given explicitly.
@@ -519,6 +521,12 @@ def parse_args(argv=None):
     run.add_argument("--no-text-dedup", action="store_true",
                      help="encode every caption of the batch, duplicates included (slower, same result)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    ssa = parser.add_argument_group("sequential sensitivity analysis (SSA)")
+    ssa.add_argument("--ssa", action="append", default=[], metavar="FLAG=V1,V2,...",
+                     help="a factor to sweep, e.g. --ssa lr=1e-8,1e-6,1e-4 --ssa batch-size=64,200; "
+                          "factors run one after another, each at the best values found so far")
+    ssa.add_argument("--ssa-keep-all", action="store_true",
+                     help="keep every trial's checkpoints (default: only the winner's)")
     args = parser.parse_args(argv)
     validate_args(parser, args)
     return args
@@ -540,6 +548,10 @@ def validate_args(parser, args):
     for flag in ("lock_image", "lock_text"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} N must be >= 0")
+    try:
+        args.ssa = [parse_ssa_factor(spec, parser) for spec in args.ssa]
+    except ValueError as err:
+        parser.error(f"--ssa: {err}")
     if args.patience < 0:
         parser.error("--patience must be >= 0 (0 turns early stopping off)")
     if args.workers is not None and args.workers < 0:
@@ -566,6 +578,126 @@ def validate_args(parser, args):
                                                  and not args.model_config) else "none"
     if args.workers is None:
         args.workers = common.default_workers()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential sensitivity analysis
+
+
+def parse_ssa_factor(spec, parser):
+    """'lr=1e-8,1e-6' -> ('lr', ['1e-8', '1e-6']), checked against the parser's flags."""
+    name, sep, values = spec.partition("=")
+    name = name.strip().lstrip("-")
+    flag = f"--{name}"
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not values:
+        raise ValueError(f"{spec!r}: expected FLAG=V1,V2,... (e.g. lr=1e-8,1e-6)")
+    if flag not in parser._option_string_actions or flag in SSA_FORBIDDEN:
+        raise ValueError(f"{spec!r}: {flag} is not a training flag that SSA can sweep")
+    action = parser._option_string_actions[flag]
+    for value in values:
+        if action.type is not None:
+            try:
+                action.type(value)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ValueError(f"{spec!r}: {value!r} is not a valid {flag} value") from None
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{spec!r}: {flag} takes one of {list(action.choices)}")
+    return name, values
+
+
+def strip_ssa_flags(argv):
+    """argv without --ssa/--ssa-keep-all and without --save-dir (each trial gets its own)."""
+    kept, skip = [], 0
+    for i, token in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        name = token.split("=", 1)[0]
+        if name in ("--ssa", "--save-dir"):
+            skip = 0 if "=" in token else 1
+            continue
+        if name == "--ssa-keep-all":
+            continue
+        kept.append(token)
+    return kept
+
+
+def trial_best(save_dir, metric):
+    """Best validation value of a finished trial, from its metrics.csv."""
+    import pandas as pd
+    values = pd.read_csv(Path(save_dir) / "metrics.csv")[metric]
+    return float(values.min() if metric == "val_loss" else values.max())
+
+
+def run_ssa(argv, args):
+    """Sweep each --ssa factor in turn, keeping the best value before moving to the next one."""
+    import shutil
+    import pandas as pd
+    ssa_dir = Path(args.save_dir) / "ssa"
+    base_argv = strip_ssa_flags(argv)
+    best_values, rows, winner_dir = {}, [], None
+    for stage, (name, values) in enumerate(args.ssa, start=1):
+        LOG.info("== SSA stage %d: %s over %s (fixed: %s) ==", stage, name, values, best_values or "defaults")
+        stage_results = []
+        for value in values:
+            trial_dir = ssa_dir / "trials" / f"stage{stage}_{name}={value}"
+            fixed = [tok for k, v in best_values.items() if k != name for tok in (f"--{k}", v)]
+            start = time.perf_counter()
+            code = main(base_argv + fixed + [f"--{name}", value, "--save-dir", str(trial_dir), "--overwrite"])
+            metric = trial_best(trial_dir, args.select_metric) if code == 0 else float("nan")
+            stage_results.append((metric, value, trial_dir))
+            rows.append({"stage": stage, "factor": name, "value": value, "metric": args.select_metric,
+                         "value_of_metric": metric, "best": False, "exit_code": code,
+                         "seconds": round(time.perf_counter() - start, 2)})
+        finite = [r for r in stage_results if not math.isnan(r[0])]
+        if not finite:
+            raise FloatingPointError(f"SSA stage {stage} ({name}): every trial failed")
+        pick = min if args.select_metric == "val_loss" else max
+        metric, value, winner_dir = pick(finite, key=lambda r: r[0])  # ties: the first value listed
+        best_values[name] = value
+        for row in rows:
+            if row["stage"] == stage and row["value"] == value:
+                row["best"] = True
+        common.atomic_write_csv(ssa_dir / "summary.csv", pd.DataFrame(rows))
+    plot_sensitivity(pd.DataFrame(rows), ssa_dir / "sensitivity.png")
+    common.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
+                                                          "argv": base_argv + [t for k, v in best_values.items() for t in (f"--{k}", v)]})
+    for name in (BEST_NAME, FINAL_NAME, LAST_NAME, "metrics.csv", "training_curves.png", "args.json"):
+        if (winner_dir / name).exists():
+            shutil.copy2(winner_dir / name, Path(args.save_dir) / name)
+    if not args.ssa_keep_all:
+        for checkpoint in (ssa_dir / "trials").rglob("*.pt"):
+            checkpoint.unlink()
+    LOG.info("== SSA done: %s; winner's checkpoints copied to %s ==", best_values, args.save_dir)
+    return 0
+
+
+def plot_sensitivity(frame, path):
+    """Metric vs. value, one panel per factor (log axis for learning rates)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    factors = list(dict.fromkeys(frame["factor"]))
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.4), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        part = frame[frame["factor"] == factor]
+        try:
+            x = part["value"].astype(float)
+            numeric = True
+        except ValueError:
+            x, numeric = part["value"], False
+        ax.plot(x, part["value_of_metric"], marker="o")
+        best = part[part["best"]]
+        ax.plot(x[best.index], best["value_of_metric"], marker="*", markersize=14, linestyle="", label="kept")
+        if numeric and factor in ("lr", "weight-decay") and (x > 0).all():
+            ax.set_xscale("log")
+        ax.set(title=f"stage {int(part['stage'].iloc[0])}: {factor}", xlabel=factor,
+               ylabel=f"best validation {part['metric'].iloc[0]}")
+        ax.legend()
+    fig.tight_layout()
+    common.atomic_save_figure(fig, path, dpi=150)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,8 +780,16 @@ def run_training(args, ctx, model, train_loader, val_loader, state):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.configure_logging()
+    if args.ssa:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            return run_ssa(argv, args)
+        except FloatingPointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     try:
         args.device = common.resolve_device(args.device)
         if args.precision == "auto":

@@ -332,3 +332,39 @@ def test_locked_towers_do_not_move(splits, tmp_path):
     assert torch.equal(initial["token_embedding.weight"], final["token_embedding.weight"])
     assert not torch.equal(initial["transformer.resblocks.1.mlp.c_fc.weight"],
                            final["transformer.resblocks.1.mlp.c_fc.weight"])  # last block trainable
+
+
+# -- sequential sensitivity analysis ----------------------------------------------------------------
+
+def test_ssa_factor_parsing(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    base = train_argv(train_dir, val_dir, tmp_path / "run")
+    args = clip_train.parse_args(base + ["--ssa", "lr=1e-8,1e-6", "--ssa", "batch-size=4,8"])
+    assert args.ssa == [("lr", ["1e-8", "1e-6"]), ("batch-size", ["4", "8"])]
+    for bad in ("lr", "lr=", "colour=1,2", "lr=fast", "schedule=linear", "save-dir=a,b"):
+        with pytest.raises(SystemExit):
+            clip_train.parse_args(base + ["--ssa", bad])
+        assert "--ssa" in capsys.readouterr().err
+    assert clip_train.strip_ssa_flags(["--lr", "1", "--ssa", "lr=1,2", "--save-dir", "x", "--ssa=a=1",
+                                       "--ssa-keep-all"]) == ["--lr", "1"]
+
+
+def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "2",
+                      "--ssa", "lr=1e-9,1e-3", "--ssa", "batch-size=8,16")
+    assert clip_train.main(argv) == 0
+    summary = pd.read_csv(save_dir / "ssa" / "summary.csv")
+    assert list(summary["factor"]) == ["lr", "lr", "batch-size", "batch-size"]
+    assert summary.groupby("stage")["best"].sum().tolist() == [1, 1]
+    lr_rows = summary[summary["factor"] == "lr"]
+    winner = lr_rows.loc[lr_rows["value_of_metric"].idxmax(), "value"]
+    assert lr_rows[lr_rows["best"]]["value"].item() == winner
+    # Stage 2 ran at the stage-1 winner.
+    trial_args = json.loads(next((save_dir / "ssa" / "trials").glob("stage2_*")).joinpath("args.json").read_text())
+    assert trial_args["args"]["lr"] == float(winner)
+    best = json.loads((save_dir / "ssa" / "best_args.json").read_text())["best_values"]
+    assert set(best) == {"lr", "batch-size"}
+    assert (save_dir / "clip_model_epoch_best.pt").is_file() and (save_dir / "ssa" / "sensitivity.png").is_file()
+    assert not list((save_dir / "ssa" / "trials").rglob("*.pt"))
