@@ -180,6 +180,42 @@ def validation_metrics(y_true, probs, rare_index=0):
     return metrics
 
 
+def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
+    """The rare-class rule 'positive if p >= threshold' tuned on validation data: the highest
+    threshold (the most specific rule) whose sensitivity still reaches the target.
+
+    Returns a dict with operating_threshold and the validation sensitivity/specificity it gives
+    (NaN threshold when the validation set has no rare-class image).
+    """
+    positive = np.asarray(y_true) == rare_index
+    if not positive.any():
+        return {"operating_threshold": float("nan"), "operating_val_sensitivity": float("nan"),
+                "operating_val_specificity": float("nan")}
+    scores = np.sort(np.asarray(p_rare, dtype=np.float64)[positive])[::-1]
+    needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
+    threshold = float(scores[needed - 1])
+    predicted = np.asarray(p_rare) >= threshold
+    specificity = float((~predicted[~positive]).mean()) if (~positive).any() else float("nan")
+    return {"operating_threshold": threshold,
+            "operating_val_sensitivity": float(predicted[positive].mean()),
+            "operating_val_specificity": specificity}
+
+
+def fit_temperature(logits, y_true):
+    """Temperature T > 0 minimising the validation NLL of softmax(logits / T) (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    if len(y_true) == 0:
+        return 1.0
+
+    def nll(log_t):
+        return -log_softmax(logits / math.exp(log_t), axis=1)[np.arange(len(y_true)), y_true].mean()
+
+    result = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded")
+    return float(math.exp(result.x))
+
+
 def is_improvement(value, best, metric):
     """Strictly better (the published rule); lower is better only for val_loss. NaN never wins."""
     if value is None or math.isnan(value):
@@ -335,9 +371,12 @@ def validate(model, loader, ctx):
     labels = torch.as_tensor([label for _path, label in loader.dataset.items])[ok]
     scale = loss_scale(model, args.logit_scale_mode).float().cpu()
     logits = common.zero_shot_logits(features[ok], classifier.float().cpu(), scale)
-    metrics = validation_metrics(labels.numpy(), logits.softmax(dim=1).numpy())
+    probs = logits.softmax(dim=1).numpy()
+    metrics = validation_metrics(labels.numpy(), probs)
     metrics["val_loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
     metrics["val_images"] = int(ok.sum())
+    metrics.update(operating_point(labels.numpy(), probs[:, 0], args.target_sensitivity))
+    metrics["temperature"] = fit_temperature(logits.numpy(), labels.numpy())
     return metrics
 
 
@@ -359,6 +398,13 @@ def checkpoint_metadata(model, ctx, state, metrics):
         "epoch": state["epoch"],
         "metrics": plain(metrics),
         "select_metric": args.select_metric,
+        # Tuned on validation only; inference never re-tunes them on the external cohort.
+        "operating_point": {"class": ctx["classes"][0].folder,
+                            "target_sensitivity": args.target_sensitivity,
+                            "threshold": metrics.get("operating_threshold"),
+                            "val_sensitivity": metrics.get("operating_val_sensitivity"),
+                            "val_specificity": metrics.get("operating_val_specificity")},
+        "temperature": metrics.get("temperature"),
         "args": ctx["args_dict"],
     }
 
@@ -491,6 +537,9 @@ def parse_args(argv=None):
     optim.add_argument("--select-metric", choices=SELECT_METRICS, default=None,
                        help="validation metric that picks the best epoch (paper: accuracy; "
                             "balanced_accuracy is fairer with a rare class)")
+    optim.add_argument("--target-sensitivity", type=float, default=0.9,
+                       help="rare-class sensitivity the stored operating threshold must reach on "
+                            "validation (0 < x <= 1; default 0.9)")
     optim.add_argument("--patience", type=int, default=None,
                        help="stop after this many epochs without a better --select-metric "
                             "(0 = never; paper 0, recommended 10)")
@@ -552,6 +601,8 @@ def validate_args(parser, args):
         args.ssa = [parse_ssa_factor(spec, parser) for spec in args.ssa]
     except ValueError as err:
         parser.error(f"--ssa: {err}")
+    if not 0 < args.target_sensitivity <= 1:
+        parser.error("--target-sensitivity must be in (0, 1]")
     if args.patience < 0:
         parser.error("--patience must be >= 0 (0 turns early stopping off)")
     if args.workers is not None and args.workers < 0:

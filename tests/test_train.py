@@ -368,3 +368,36 @@ def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
     assert set(best) == {"lr", "batch-size"}
     assert (save_dir / "clip_model_epoch_best.pt").is_file() and (save_dir / "ssa" / "sensitivity.png").is_file()
     assert not list((save_dir / "ssa" / "trials").rglob("*.pt"))
+
+
+# -- operating point and temperature ----------------------------------------------------------------
+
+def test_operating_point_known_answer():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p_rare = np.array([0.9, 0.6, 0.4, 0.2, 0.5, 0.1, 0.3, 0.05])
+    point = clip_train.operating_point(y_true, p_rare, 0.75)  # needs 3 of 4 positives -> t = 0.4
+    assert point["operating_threshold"] == pytest.approx(0.4)
+    assert point["operating_val_sensitivity"] == pytest.approx(0.75)
+    assert point["operating_val_specificity"] == pytest.approx(3 / 4)  # 0.5 is a false positive
+    assert clip_train.operating_point(y_true, p_rare, 1.0)["operating_threshold"] == pytest.approx(0.2)
+    assert math.isnan(clip_train.operating_point(np.array([1, 2]), np.array([.2, .3]), .9)["operating_threshold"])
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 3)) * 2
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y_true = np.array([rng.choice(3, p=p) for p in probs])
+    assert clip_train.fit_temperature(true_logits * 3.0, y_true) == pytest.approx(3.0, rel=0.1)
+
+
+def test_checkpoint_stores_operating_point_and_temperature(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1",
+                                      "--target-sensitivity", "0.5")) == 0
+    best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
+    point = best["operating_point"]
+    assert point["class"] == "orbital disease" and point["target_sensitivity"] == 0.5
+    assert 0 <= point["threshold"] <= 1 and point["val_sensitivity"] >= 0.5
+    assert best["temperature"] > 0
