@@ -1,0 +1,473 @@
+"""data_preprocess.py: split counts, group-aware splitting, manifests, modes, refusals, CLI."""
+
+import errno
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import common
+import data_preprocess as dp
+import make_demo_cohort
+
+SCRIPT = Path(dp.__file__).resolve()
+FOLDERS = list(make_demo_cohort.CLASS_FOLDERS)
+
+
+def tree_snapshot(root):
+    """{relative path: sha256 (or 'link -> target')} of every file under root."""
+    snapshot = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            snapshot[rel] = f"link -> {os.readlink(path)}"
+        elif path.is_file():
+            snapshot[rel] = common.file_sha256(path)
+    return snapshot
+
+
+def run(*argv):
+    return dp.main([*map(str, argv), "--no-progress"])
+
+
+def read_manifest(out_dir):
+    return pd.read_csv(Path(out_dir) / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def write_named_images(root, names_by_class, seed=0):
+    """Real JPEGs with chosen names: {class index: [file names]}."""
+    rng = random.Random(seed)
+    for index, names in names_by_class.items():
+        folder = Path(root) / FOLDERS[index]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            make_demo_cohort.draw_eye(index, rng, (48, 36)).save(folder / name)
+    return Path(root)
+
+
+# -- pure functions: known answers ------------------------------------------------------------
+
+@pytest.mark.parametrize("n, val, test, expected", [
+    (0, 0.2, 0.0, (0, 0, 0)),
+    (1, 0.2, 0.0, (1, 0, 0)),      # a lone image trains
+    (2, 0.2, 0.0, (1, 1, 0)),      # quota 0.4 -> 0, raised to 1 by the minimum rule
+    (4, 0.2, 0.0, (3, 1, 0)),      # 3.2 / 0.8: the leftover image goes to the larger remainder
+    (10, 0.2, 0.0, (8, 2, 0)),     # exact: 10 x 0.2 is 2, not 2.0000000000000004
+    (24, 0.2, 0.0, (19, 5, 0)),    # 19.2 / 4.8
+    (72, 0.2, 0.0, (58, 14, 0)),   # 57.6 / 14.4
+    (5, 0.5, 0.0, (3, 2, 0)),      # tie 2.5 / 2.5 -> train
+    (7, 0.2, 0.1, (5, 1, 1)),      # 4.9 / 1.4 / 0.7 -> floors 4,1,0; leftovers to train, test
+    (3, 0.2, 0.1, (1, 1, 1)),      # 2.1 / 0.6 / 0.3 -> 2,1,0, then one test image from train
+    (12, 0.2, 0.2, (7, 3, 2)),     # 7.2 / 2.4 / 2.4 -> tie val/test -> val
+    (2, 0.2, 0.5, (1, 1, 0)),      # 0.6 / 0.4 / 1.0 -> 1,0,1; val's minimum beats test's share
+    (3, 0.5, 0.4, (1, 1, 1)),      # 0.3 / 1.5 / 1.2 -> 0,2,1; train keeps an image
+    (10, 0.0, 0.0, (10, 0, 0)),
+])
+def test_allocate_split_counts_known_answers(n, val, test, expected):
+    assert dp.allocate_split_counts(n, val, test) == expected
+
+
+@pytest.mark.parametrize("val, test", [(0.2, 0.0), (0.1, 0.1), (0.15, 0.15), (0.3, 0.2), (0.05, 0.0)])
+def test_allocate_split_counts_properties(val, test):
+    for n in range(0, 80):
+        counts = dp.allocate_split_counts(n, val, test)
+        quotas = (n * (1 - val - test), n * val, n * test)
+        assert sum(counts) == n and min(counts) >= 0
+        assert counts[0] >= min(n, 1)
+        assert counts[1] >= (1 if n >= 2 else 0)
+        assert counts[2] >= (1 if n >= 3 and test > 0 else 0)
+        if test == 0:
+            assert counts[2] == 0
+        if all(q >= 1 or r == 0 for q, r in zip(quotas, (1, val, test))):  # no minimum binds
+            assert all(abs(c - q) < 1 + 1e-9 for c, q in zip(counts, quotas)), (n, counts, quotas)
+
+
+def test_units_of_one_image_fill_the_quotas_exactly():
+    sizes = {f"u{i:02d}": 1 for i in range(17)}
+    quotas = dp.allocate_split_counts(17, 0.2, 0.1)
+    assignment = dp.assign_units_to_splits(sizes, quotas, random.Random(0))
+    assert [list(assignment.values()).count(s) for s in range(3)] == list(quotas)
+
+
+def test_group_allocation_known_answers():
+    # quotas (3, 1, 0): the first 2-image group trains, the second must validate
+    assignment = dp.assign_units_to_splits({"a": 2, "b": 2}, (3, 1, 0), random.Random(1))
+    assert sorted(assignment.values()) == [0, 1]
+    # two groups of five, quotas (8, 2, 0): val would stay empty; the minimum rule moves one
+    assignment = dp.assign_units_to_splits({"a": 5, "b": 5}, (8, 2, 0), random.Random(1))
+    assert sorted(assignment.values()) == [0, 1]
+    # a single group always trains
+    assert dp.assign_units_to_splits({"a": 4}, (3, 1, 0), random.Random(1)) == {"a": 0}
+
+
+def test_stratified_group_split_keeps_groups_whole_and_is_deterministic():
+    rng = random.Random(3)
+    labels, units = [], []
+    for patient in range(40):
+        label = 0 if patient < 8 else 1 + patient % 2
+        for _ in range(rng.randint(1, 4)):
+            labels.append(label)
+            units.append(f"P{patient:03d}")
+    splits = dp.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
+    assert splits == dp.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
+    assert splits != dp.stratified_group_split(labels, units, 0.2, 0.1, seed=8)
+    for unit in set(units):
+        assert len({s for s, u in zip(splits, units) if u == unit}) == 1
+    for label in range(3):
+        assert {s for s, y in zip(splits, labels) if y == label} == {0, 1, 2}
+
+
+def test_mixed_class_group_follows_its_majority():
+    labels = [0, 0, 1, 1, 1, 1, 1, 1]
+    units = ["mix", "mix", "mix", "b", "c", "d", "e", "f"]
+    splits = dp.stratified_group_split(labels, units, 0.2, 0.0, seed=0)
+    assert len(set(splits[:3])) == 1  # the group straddling classes 0 and 1 stays whole
+    assert dp.majority_label([0, 1, 1]) == 1 and dp.majority_label([2, 0]) == 0
+
+
+def test_merge_duplicate_units():
+    assert dp.merge_duplicate_units(["a", "b", "c", "d"], ["h1", "h2", "h1", "h2"]) == ["a", "b", "a", "b"]
+    assert dp.merge_duplicate_units(["x", "y"], ["h1", "h2"]) == ["x", "y"]
+
+
+def test_group_from_name():
+    pattern = re.compile(r"^(P\d+)_")
+    assert dp.group_from_name("P001_left.jpg", pattern) == "P001"
+    assert dp.group_from_name("left_P001.jpg", pattern) is None
+
+
+# -- parse_args ------------------------------------------------------------------------------
+
+def test_parse_args_defaults(tmp_path):
+    args = dp.parse_args(["--data-root", str(tmp_path)])
+    assert (args.out_dir, args.val_ratio, args.test_ratio, args.seed, args.mode) == (None, 0.2, 0.0, 2024, "copy")
+    assert not args.overwrite and not args.dry_run
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--val-ratio", "1.5"], "--val-ratio"),
+    (["--val-ratio", "-0.1"], "--val-ratio"),
+    (["--test-ratio", "1"], "--test-ratio"),
+    (["--val-ratio", "0.5", "--test-ratio", "0.5"], "--test-ratio"),
+    (["--group-regex", "(P.+)_", "--groups", "g.csv"], "not allowed with"),
+    (["--group-regex", r"^P\d+_"], "capture group"),
+    (["--group-regex", "(P"], "not a valid regular expression"),
+    (["--groups", "missing.csv"], "--groups"),
+    (["--mode", "rename"], "--mode"),
+])
+def test_parse_args_rejects(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        dp.parse_args(["--data-root", str(tmp_path), *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_args_rejects_missing_data_root(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dp.parse_args(["--data-root", str(tmp_path / "nope")])
+    assert exc.value.code == 2 and "--data-root" in capsys.readouterr().err
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+def test_split_counts_manifest_and_hashes(make_cohort, tmp_path):
+    root = make_cohort("cohort", (6, 12, 9))
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out) == 0
+    manifest = read_manifest(out)
+    assert list(manifest.columns) == ["path", "source", "label", "split", "group", "sha256"]
+    counts = manifest.groupby(["label", "split"]).size().to_dict()
+    expected = {("orbital disease", "train"): 5, ("orbital disease", "val"): 1,
+                ("healthy eyes", "train"): 10, ("healthy eyes", "val"): 2,
+                ("non-orbital disease", "train"): 7, ("non-orbital disease", "val"): 2}
+    assert counts == expected
+    for row in manifest.itertuples():
+        assert row.path == f"{row.split}/{row.source}" and row.source.startswith(row.label + "/")
+        assert common.file_sha256(out / row.path) == row.sha256 == common.file_sha256(root / row.source)
+        assert row.group == Path(row.source).stem
+    for split in ("train", "val"):  # the folders hold exactly the manifest's files
+        on_disk = sorted(p.relative_to(out).as_posix() for p in (out / split).rglob("*") if p.is_file())
+        assert on_disk == sorted(manifest.loc[manifest.split == split, "path"])
+    summary = pd.read_csv(out / "split_summary.csv")
+    assert summary.set_index("class").loc["total images"].tolist() == [22, 5, 27]
+    assert summary.set_index("class").loc["orbital disease"].tolist() == [5, 1, 6]
+    assert (out / "rejected.csv").read_text() == "path,reason\n"
+    assert not (out / "test").exists()
+
+
+def test_test_split_and_every_class_validates(make_cohort, tmp_path):
+    root = make_cohort("cohort", (2, 12, 3))
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--test-ratio", "0.2") == 0
+    manifest = read_manifest(out)
+    counts = manifest.groupby(["label", "split"]).size().unstack(fill_value=0)
+    assert counts.loc["orbital disease"].tolist() == [0, 1, 1]          # test, train, val
+    assert counts.loc["healthy eyes"].tolist() == [2, 7, 3]
+    assert counts.loc["non-orbital disease"].tolist() == [1, 1, 1]
+    assert sorted(p.name for p in (out / "test").iterdir()) == sorted(FOLDERS)
+
+
+@pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
+def test_source_tree_unchanged(make_cohort, tmp_path, mode):
+    root = make_cohort("cohort", (3, 5, 4))
+    (root / "healthy eyes" / "healthy_eyes_0_000.txt").write_text("note")
+    before = tree_snapshot(root)
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--mode", mode) == 0
+    assert tree_snapshot(root) == before
+    manifest = read_manifest(out)
+    assert len(manifest) == 12
+    for row in manifest.itertuples():
+        target, source = out / row.path, root / row.source
+        assert common.file_sha256(target) == row.sha256
+        if mode == "hardlink":
+            assert os.path.samefile(target, source) and not target.is_symlink()
+        elif mode == "symlink":
+            assert target.is_symlink() and Path(os.readlink(target)).is_absolute()
+            assert Path(os.readlink(target)) == source.resolve()
+        else:
+            assert not target.is_symlink() and not os.path.samefile(target, source)
+
+
+def test_move_mode_moves_every_file_exactly_once(make_cohort, tmp_path):
+    root = make_cohort("cohort", (3, 5, 4))
+    before = sorted(tree_snapshot(root).values())
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--mode", "move") == 0
+    assert all(p.is_dir() for p in root.rglob("*"))  # class folders kept, emptied
+    assert sorted(p.name for p in root.iterdir()) == sorted(FOLDERS)
+    moved = {k: v for k, v in tree_snapshot(out).items() if k.split("/")[0] in ("train", "val")}
+    assert sorted(moved.values()) == before
+    assert sorted(moved) == sorted(read_manifest(out)["path"])
+
+
+def test_same_seed_same_bytes_other_seed_other_split(make_cohort, tmp_path):
+    root = make_cohort("cohort", (6, 12, 9))
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert run("--data-root", root, "--out-dir", tmp_path / name, "--seed", seed) == 0
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+    a, c = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
+    assert set(zip(a.source, a.split)) != set(zip(c.source, c.split))
+    assert a.groupby("label").split.value_counts().equals(c.groupby("label").split.value_counts())
+
+
+def test_out_defaults_to_data_root_refuses_then_overwrites(make_cohort, capsys):
+    root = make_cohort("cohort", (4, 6, 5))
+    assert run("--data-root", root) == 0
+    first = (root / "manifest.csv").read_bytes()
+    (root / "val" / "healthy eyes" / "stale.jpg").write_bytes(b"left over")
+    snapshot = tree_snapshot(root)
+    capsys.readouterr()
+    assert run("--data-root", root) == 2  # no --overwrite: refused, nothing changed
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {root / 'train'} ")
+    assert "--overwrite" in errors[0] and "Traceback" not in err
+    assert tree_snapshot(root) == snapshot
+    assert run("--data-root", root, "--overwrite") == 0  # train/val are not read as classes
+    assert (root / "manifest.csv").read_bytes() == first
+    assert not (root / "val" / "healthy eyes" / "stale.jpg").exists()
+    assert len(list((root / "healthy eyes").iterdir())) == 6  # class folders untouched
+
+
+def test_refuses_an_existing_manifest_alone(make_cohort, tmp_path):
+    root = make_cohort("cohort", (3, 3, 3))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.csv").write_text("mine\n")
+    (out / "train").mkdir()  # an empty split folder alone would not be refused
+    assert run("--data-root", root, "--out-dir", out) == 2
+    assert (out / "manifest.csv").read_text() == "mine\n" and not any((out / "train").iterdir())
+
+
+def test_overwrite_refuses_to_delete_moved_images(make_cohort):
+    root = make_cohort("cohort", (3, 3, 3))
+    assert run("--data-root", root, "--mode", "move") == 0
+    write_named_images(root, {1: ["new.jpg"]})
+    snapshot = tree_snapshot(root)
+    assert run("--data-root", root, "--overwrite") == 2
+    assert tree_snapshot(root) == snapshot
+
+
+def test_dry_run_writes_nothing(make_cohort, tmp_path, capsys):
+    root = make_cohort("cohort", (6, 12, 9))
+    before = tree_snapshot(tmp_path)
+    assert run("--data-root", root, "--dry-run") == 0
+    assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run", "--mode", "move") == 0
+    assert tree_snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+    out = capsys.readouterr().out
+    assert "orbital disease" in out and "dry run: would move 27 files" in out
+
+
+def test_bad_files_are_rejected_and_junk_ignored(make_cohort, tmp_path):
+    root = make_cohort("cohort", (3, 4, 3))
+    healthy = root / "healthy eyes"
+    (healthy / "corrupt.jpg").write_bytes(random.Random(0).randbytes(300))
+    (healthy / "empty.png").write_bytes(b"")
+    (healthy / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (healthy / "notes.pdf").write_bytes(b"%PDF-1.4")
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out) == 0
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert rejected.path.tolist() == ["healthy eyes/corrupt.jpg", "healthy eyes/empty.png"]
+    assert "not an image" in rejected.reason[0] and "empty file" in rejected.reason[1]
+    manifest = read_manifest(out)
+    assert len(manifest) == 10 and not manifest.source.str.contains("corrupt|empty|DS_Store|notes").any()
+    copied = [p.name for p in out.rglob("*") if p.is_file()]
+    assert not {"corrupt.jpg", "empty.png", ".DS_Store", "notes.pdf"} & set(copied)
+
+
+def test_sidecars_travel_with_their_image(make_cohort, tmp_path):
+    root = make_cohort("cohort", (3, 4, 3))
+    for folder in FOLDERS:  # one sidecar per image
+        for image in (root / folder).glob("*.jpg"):
+            image.with_suffix(".txt").write_text(image.name)
+    (root / "healthy eyes" / "healthy_eyes_0_001.json").write_text("{}")
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out) == 0
+    manifest = read_manifest(out)
+    assert len(manifest) == 10 and (out / "rejected.csv").read_text() == "path,reason\n"
+    for row in manifest.itertuples():
+        sidecar = (out / row.path).with_suffix(".txt")
+        assert sidecar.read_text() == Path(row.path).name
+    json_row = manifest[manifest.source == "healthy eyes/healthy_eyes_0_001.jpg"].iloc[0]
+    assert (out / json_row.path).with_suffix(".json").is_file()
+    assert len([p for p in out.rglob("*.txt")]) == 10
+
+
+def test_group_regex_keeps_patients_together(tmp_path):
+    names = {0: [f"P{p:03d}_{eye}.jpg" for p in range(0, 4) for eye in ("left", "right")],
+             1: [f"P{p:03d}_{eye}.jpg" for p in range(10, 20) for eye in ("left", "right")],
+             2: [f"P{p:03d}_{eye}.jpg" for p in range(30, 36) for eye in ("left", "right")]
+             + ["unnamed.jpg"]}
+    root = write_named_images(tmp_path / "cohort", names)
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--group-regex", r"^(P\d+)_") == 0
+    manifest = read_manifest(out)
+    assert manifest.groupby("group").split.nunique().max() == 1
+    assert set(manifest.group) == {f"P{p:03d}" for p in [*range(4), *range(10, 20), *range(30, 36)]} | {"unnamed"}
+    for label in FOLDERS:
+        assert (manifest[manifest.label == label].split == "val").any()
+    summary = pd.read_csv(out / "split_summary.csv").set_index("class")
+    assert summary.loc["groups", "total"] == 21
+    assert summary.loc["groups", "val"] == manifest[manifest.split == "val"].group.nunique()
+
+
+def test_groups_csv_with_a_group_spanning_classes(tmp_path):
+    names = {0: ["a1.jpg", "a2.jpg", "mix1.jpg"], 1: [f"h{i}.jpg" for i in range(8)] + ["mix2.jpg"]}
+    root = write_named_images(tmp_path / "cohort", names)
+    rows = ["path,group", "orbital disease/mix1.jpg,PX", "healthy eyes/mix2.jpg,PX",
+            "orbital disease/a1.jpg,PA", "./orbital disease/a2.jpg,PA"]
+    rows += [f"healthy eyes/h{i}.jpg,H{i // 2}" for i in range(8)]
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--groups", tmp_path / "groups.csv") == 0
+    manifest = read_manifest(out)
+    assert manifest.groupby("group").split.nunique().max() == 1
+    assert set(manifest.group) == {"PX", "PA", "H0", "H1", "H2", "H3"}
+
+
+def test_duplicate_files_stay_in_one_split(make_cohort, tmp_path):
+    root = make_cohort("cohort", (3, 10, 3))
+    original = root / "healthy eyes" / "healthy_eyes_0_000.jpg"
+    for i in range(3):
+        (root / "healthy eyes" / f"copy_{i}.jpg").write_bytes(original.read_bytes())
+    out = tmp_path / "out"
+    for seed in range(4):
+        assert run("--data-root", root, "--out-dir", out / str(seed), "--seed", seed) == 0
+        manifest = read_manifest(out / str(seed))
+        assert manifest.groupby("sha256").split.nunique().max() == 1
+
+
+def test_unknown_class_folder_is_refused(make_cohort, capsys):
+    root = make_cohort("cohort", (3, 3, 3))
+    (root / "glaucoma").mkdir()
+    assert run("--data-root", root) == 2
+    err = capsys.readouterr().err
+    assert "error: --data-root" in err and "'glaucoma'" in err and "Traceback" not in err
+    assert sorted(p.name for p in root.iterdir()) == sorted(FOLDERS + ["glaucoma"])
+
+
+def test_missing_and_empty_classes_warn_no_images_fails(tmp_path, capsys):
+    root = write_named_images(tmp_path / "cohort", {0: ["a.jpg", "b.jpg"], 1: ["c.jpg", "d.jpg"]})
+    (root / "healthy eyes" / "ignored.txt").write_text("x")
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out) == 0  # non-orbital disease is missing
+    assert "non-orbital disease is missing" in capsys.readouterr().err  # logged, not fatal
+    assert len(read_manifest(out)) == 4
+    empty = tmp_path / "empty"
+    for folder in FOLDERS:
+        (empty / folder).mkdir(parents=True)
+    assert run("--data-root", empty) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert sorted(p.name for p in empty.iterdir()) == sorted(FOLDERS)
+
+
+def test_layouts_that_would_rescan_or_delete_inputs_are_refused(make_cohort, tmp_path):
+    root = make_cohort("cohort", (2, 2, 2))
+    inside_class = root / "healthy eyes" / "split"  # its files would be read as images next time
+    assert run("--data-root", root, "--out-dir", inside_class) == 2
+    assert not inside_class.exists()
+    nested = make_cohort("out/train/cohort2", (2, 2, 2))  # --overwrite would delete the data
+    before = tree_snapshot(tmp_path)
+    assert run("--data-root", nested, "--out-dir", tmp_path / "out", "--overwrite") == 2
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_all_unreadable_is_an_error(tmp_path, capsys):
+    folder = tmp_path / "cohort" / "healthy eyes"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    assert run("--data-root", tmp_path / "cohort") == 2
+    assert "none of the 1 image files could be read" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["healthy eyes"]
+
+
+def test_hardlink_failure_is_a_clear_error(make_cohort, tmp_path, monkeypatch, capsys):
+    root = make_cohort("cohort", (2, 2, 2))
+
+    def no_link(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    assert run("--data-root", root, "--out-dir", tmp_path / "out", "--mode", "hardlink") == 1
+    err = capsys.readouterr().err
+    assert "--mode hardlink" in err and "--mode copy" in err and "Traceback" not in err
+
+
+def test_custom_prompt_classes(tmp_path):
+    root = write_named_images(tmp_path / "cohort", {0: ["a.jpg", "b.jpg"], 1: ["c.jpg", "d.jpg", "e.jpg"]})
+    prompts_json = tmp_path / "two.json"
+    prompts_json.write_text('{"classes": ['
+                            '{"folder": "orbital disease", "train": ["x"], "eval": ["x"]},'
+                            '{"folder": "healthy eyes", "train": ["y"], "eval": ["y"]}]}')
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--prompts", prompts_json) == 0
+    assert sorted(p.name for p in (out / "val").iterdir()) == ["healthy eyes", "orbital disease"]
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def test_help_subprocess():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    assert "--data-root" in result.stdout and "$ python data_preprocess.py" in result.stdout
+
+
+def test_real_run_subprocess(make_cohort, tmp_path):
+    make_cohort("cohort", (3, 5, 4))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--out-dir", "splits",
+                             "--seed", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "total images" in result.stdout and "Traceback" not in result.stderr
+    manifest = read_manifest(tmp_path / "splits")
+    assert len(manifest) == 12 and set(manifest.split) == {"train", "val"}
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--val-ratio", "1.5"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--val-ratio" in bad.stderr and "Traceback" not in bad.stderr
