@@ -1,0 +1,523 @@
+"""inference.py: known-answer tests of the metric functions, argument checks, and real runs of the
+tiny model on synthetic cohorts (checkpoint kinds, failed images, unlabelled folders, outputs)."""
+
+import argparse
+import contextlib
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+import common
+import inference
+import prompts
+from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL
+
+FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
+# Rows true, columns predicted; 27 images. Class 0: tp 3, fn 2, fp 2, tn 20.
+HAND_CM = np.array([[3, 1, 1],
+                    [2, 10, 0],
+                    [0, 4, 6]])
+
+
+class NotWeights:
+    """An arbitrary object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+def tiny_metadata(**overrides):
+    classes = prompts.load_prompt_set(None)
+    metadata = {
+        "model_name": TINY_MODEL,
+        "model_config": json.loads(TINY_CONFIG.read_text()),
+        "pretrained": None,
+        "class_folders": prompts.class_folders(classes),
+        "prompts": prompts.prompt_set_to_dict(classes),
+        "preprocess": {"image_size": 64},
+        "epoch": 3,
+        "metrics": {"accuracy": 0.5},
+        "args": {"lr": 1e-3, "batch_size": 16},
+        "logit_scale_mode": "exp",
+    }
+    metadata.update(overrides)
+    return metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model, _train_tf, _val_tf, _tokenizer = common.create_model(TINY_MODEL, None)
+    return model
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model):
+    """Our checkpoint format, written by common.save_checkpoint as clip_train.py does."""
+    path = tmp_path / "clip_model_epoch_best.pt"
+    common.save_checkpoint(path, tiny_model, tiny_metadata())
+    return path
+
+
+def run_inference(test_dir, checkpoint, output_dir, *extra):
+    argv = ["--test-dir", str(test_dir), "--checkpoint", str(checkpoint), "--output-dir",
+            str(output_dir), "--workers", "0", "--bootstrap", "50", "--no-progress", *extra]
+    return inference.main(argv)
+
+
+def error_lines(stderr):
+    """The `error: ...` lines of stderr (the log lines of the run go there too)."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def read_predictions(output_dir):
+    return pd.read_csv(output_dir / "predictions.csv", keep_default_na=False, na_values=[""])
+
+
+def prob_columns(folders=FOLDERS):
+    return [f"prob_{folder}" for folder in folders]
+
+
+# -- pure metric functions ------------------------------------------------------------------------
+
+def test_one_vs_rest_counts_on_a_hand_made_matrix():
+    assert inference.one_vs_rest_counts(HAND_CM, 0) == (3, 2, 2, 20)
+    assert inference.one_vs_rest_counts(HAND_CM, 1) == (10, 5, 2, 10)
+    assert inference.one_vs_rest_counts(HAND_CM, 2) == (6, 1, 4, 16)
+
+
+def test_per_class_proportions_by_hand():
+    rare = inference.per_class_metrics(HAND_CM, 0)
+    assert rare["support"] == 5
+    assert rare["sensitivity"] == pytest.approx(3 / 5)
+    assert rare["specificity"] == pytest.approx(20 / 22)
+    assert rare["ppv"] == pytest.approx(3 / 5)
+    assert rare["npv"] == pytest.approx(20 / 22)
+    healthy = inference.per_class_metrics(HAND_CM, 1)
+    assert (healthy["sensitivity"], healthy["specificity"]) == pytest.approx((10 / 12, 10 / 15))
+    assert (healthy["ppv"], healthy["npv"]) == pytest.approx((10 / 15, 10 / 12))
+    assert rare["sensitivity_ci"] == pytest.approx(inference.wilson_interval(3, 5))
+    assert rare["npv_ci"] == pytest.approx(inference.wilson_interval(20, 22))
+
+
+def test_wilson_interval_known_answer_and_scipy():
+    z = 1.959963984540054  # two-sided 95% normal quantile
+    k, n = 3, 5
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    assert inference.wilson_interval(k, n) == pytest.approx([centre - half, centre + half])
+    assert inference.wilson_interval(3, 5) == pytest.approx([0.2307, 0.8824], abs=1e-4)
+    for k, n in ((0, 7), (7, 7), (20, 22), (1, 1)):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert inference.wilson_interval(k, n) == pytest.approx([ci.low, ci.high])
+    assert inference.wilson_interval(0, 0) is None
+    assert inference.proportion(0, 0) is None
+
+
+def test_undefined_proportions_are_none_not_zero():
+    cm = np.array([[0, 0], [0, 4]])  # class 0 never true and never predicted
+    stats = inference.per_class_metrics(cm, 0)
+    assert stats["support"] == 0
+    assert stats["sensitivity"] is None and stats["sensitivity_ci"] is None
+    assert stats["ppv"] is None and stats["ppv_ci"] is None
+    assert stats["specificity"] == 1.0 and stats["npv"] == 1.0
+
+
+@pytest.mark.parametrize("seed, absent", [(0, None), (1, 2), (2, 0)])
+def test_vectorised_metrics_equal_sklearn(seed, absent):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 3, 40)
+    y_pred = rng.integers(0, 3, 40)
+    if absent is not None:  # a class missing from y_true (still predicted) must not break anything
+        y_true[y_true == absent] = (absent + 1) % 3
+    cm = inference.confusion_matrices(y_true, y_pred, 3)
+    values = inference.metrics_from_confusion(cm[None])
+    assert values["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred))
+    with pytest.warns(UserWarning) if absent is not None else contextlib.nullcontext():
+        expected_balanced = balanced_accuracy_score(y_true, y_pred)
+    assert values["balanced_accuracy"][0] == pytest.approx(expected_balanced)
+    assert values["macro_f1"][0] == pytest.approx(
+        f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
+
+
+def test_resampled_confusion_matrices_match_one_at_a_time():
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 3, 25), rng.integers(0, 3, 25)
+    resamples = rng.integers(0, 25, size=(4, 25))
+    stacked = inference.confusion_matrices(y_true, y_pred, 3, resamples)
+    for b in range(4):
+        single = inference.confusion_matrices(y_true[resamples[b]], y_pred[resamples[b]], 3)
+        assert np.array_equal(stacked[b], single)
+
+
+def test_rank_auroc_equals_sklearn_with_ties_and_nan_when_one_class():
+    rng = np.random.default_rng(4)
+    scores = np.round(rng.random((5, 30)), 1)  # rounding makes ties
+    positive = rng.random((5, 30)) < 0.3
+    positive[:, 0], positive[:, 1] = True, False
+    aucs = inference.rank_auroc(scores, positive)
+    for b in range(5):
+        assert aucs[b] == pytest.approx(roc_auc_score(positive[b], scores[b]))
+    assert np.isnan(inference.rank_auroc(np.array([0.1, 0.5]), np.array([True, True]))[0])
+
+
+def test_compute_metrics_with_an_absent_class_gives_none_not_a_crash():
+    y_true = np.array([1, 1, 1, 2, 2, 2, 2])  # no rare-class image at all
+    probs = np.array([[.1, .8, .1], [.2, .5, .3], [.6, .3, .1], [.1, .2, .7],
+                      [.3, .3, .4], [.1, .6, .3], [.2, .1, .7]])
+    metrics = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=100, seed=0)
+    rare = metrics["per_class"]["orbital disease"]
+    assert rare["support"] == 0 and rare["sensitivity"] is None and rare["auroc"] is None
+    assert rare["auroc_ci"] is None and rare["specificity"] == pytest.approx(6 / 7)
+    assert metrics["macro_auroc"] is None and metrics["macro_auroc_ci"] is None
+    assert metrics["per_class"]["healthy eyes"]["auroc"] == pytest.approx(
+        roc_auc_score(y_true == 1, probs[:, 1]))
+    assert metrics["accuracy"] == pytest.approx(5 / 7)  # argmax 1,1,0,2,2,1,2
+    json.dumps(metrics, allow_nan=False)  # strict JSON: no NaN anywhere
+
+
+def test_compute_metrics_bootstrap_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 3, 60)
+    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y_true]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    first = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
+    assert first == inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
+    assert first != inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=8)
+    for name in inference.OVERALL_METRICS:
+        low, high = first[f"{name}_ci"]
+        assert low <= first[name] <= high
+    none = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0, seed=7)
+    assert none["accuracy_ci"] is None and none["per_class"]["healthy eyes"]["auroc_ci"] is None
+    assert none["per_class"]["healthy eyes"]["sensitivity_ci"] is not None  # Wilson needs no bootstrap
+    assert none["accuracy"] == first["accuracy"]
+
+
+def test_percentile_interval_ignores_undefined_replicates():
+    assert inference.percentile_interval([np.nan, np.nan]) is None
+    low, high = inference.percentile_interval(np.r_[np.arange(101.0), [np.nan] * 5])
+    assert (low, high) == pytest.approx((2.5, 97.5))
+
+
+def test_format_value():
+    assert inference.format_value(None) == "n/a"
+    assert inference.format_value(0.83333, [0.5, 0.95]) == "0.833 (0.500–0.950)"
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--bootstrap", "-1"], "--bootstrap"),
+    (["--workers", "-2"], "--workers"),
+    (["--precision", "fp8"], "--precision"),
+])
+def test_parse_args_rejects(cohort, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.parse_args(["--test-dir", str(cohort), "--checkpoint", "x.pt", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_args_missing_test_dir_names_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--test-dir", str(tmp_path / "nowhere"), "--checkpoint", "x.pt"])
+    assert "--test-dir" in capsys.readouterr().err
+
+
+def test_parse_args_defaults(cohort):
+    args = inference.parse_args(["--test-dir", str(cohort), "--checkpoint", "x.pt"])
+    assert (args.output_dir, args.batch_size, args.bootstrap, args.seed) == (
+        "inference_results", 64, 2000, 2024)
+    assert args.workers == common.default_workers() and args.model_name is None
+
+
+# -- real runs ------------------------------------------------------------------------------------
+
+def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 12, 7), seed=1)
+    out = tmp_path / "results"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    frame = read_predictions(out)
+    assert len(frame) == 22 and (frame["status"] == "ok").all()
+    y_true = frame["true_label"].map(FOLDERS.index).to_numpy()
+    y_pred = frame["pred_label"].map(FOLDERS.index).to_numpy()
+    probs = frame[prob_columns()].to_numpy()
+    assert np.array_equal(probs.argmax(axis=1), y_pred)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n"], metrics["n_failed"], metrics["n_received"]) == (22, 0, 22)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
+    aurocs = [roc_auc_score(y_true == k, probs[:, k]) for k in range(3)]
+    assert metrics["macro_auroc"] == pytest.approx(np.mean(aurocs))
+    for k, folder in enumerate(FOLDERS):
+        stats = metrics["per_class"][folder]
+        assert stats["support"] == [3, 12, 7][k]
+        assert stats["auroc"] == pytest.approx(aurocs[k])
+        positives = y_true == k
+        sensitivity = (y_pred[positives] == k).mean()
+        assert stats["sensitivity"] == pytest.approx(sensitivity)
+        assert stats["sensitivity_ci"] == pytest.approx(
+            inference.wilson_interval(int((y_pred[positives] == k).sum()), int(positives.sum())))
+        assert stats["specificity"] == pytest.approx((y_pred[~positives] != k).mean())
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
+        assert len(metrics[f"{name}_ci"]) == 2 and metrics[f"{name}_ci"][0] <= metrics[f"{name}_ci"][1]
+    assert metrics["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    assert metrics["checkpoint"] == str(checkpoint)
+    assert (metrics["model_name"], metrics["class_folders"]) == (TINY_MODEL, FOLDERS)
+    assert (metrics["bootstrap"], metrics["seed"]) == (50, 2024)
+    assert metrics["prompts"]["classes"][0]["eval"] == ["orbital disease"]
+    for name in ("classification_report.txt", "confusion_matrix.csv", "confusion_matrix.png",
+                 "roc_curves.png", "report.md", "args.json"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert common.file_sha256(checkpoint) in report and "](confusion_matrix.png)" in report
+    assert "| orbital disease | 3 | 0 | 3 |" in report
+
+
+def test_rare_class_is_row_0_of_confusion_matrix_and_report(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 12, 7), seed=1)
+    out = tmp_path / "results"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    frame = read_predictions(out)
+    cm = pd.read_csv(out / "confusion_matrix.csv")
+    assert list(cm.columns) == ["true_label", *FOLDERS]  # class order, not alphabetical
+    assert list(cm["true_label"]) == FOLDERS
+    expected = pd.crosstab(frame["true_label"], frame["pred_label"]).reindex(
+        index=FOLDERS, columns=FOLDERS, fill_value=0)
+    assert np.array_equal(cm[FOLDERS].to_numpy(), expected.to_numpy())
+    assert cm[FOLDERS].to_numpy().sum(axis=1).tolist() == [3, 12, 7]
+    rows = [line.split() for line in (out / "classification_report.txt").read_text().splitlines()
+            if line.strip()]
+    assert rows[1][:2] == ["orbital", "disease"] and rows[1][-1] == "3"  # row 0: the rare class
+    assert rows[2][:2] == ["healthy", "eyes"] and rows[2][-1] == "12"
+
+
+def test_unreadable_image_is_a_failed_row_and_shifts_nothing(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)
+    clean_out, dirty_out = tmp_path / "clean", tmp_path / "dirty"
+    assert run_inference(test_dir, checkpoint, clean_out, "--batch-size", "4") == 0
+    (test_dir / "healthy eyes" / "x.jpg").write_bytes(np.random.default_rng(0).bytes(2048))
+    assert run_inference(test_dir, checkpoint, dirty_out, "--batch-size", "4") == 0
+    clean, dirty = read_predictions(clean_out), read_predictions(dirty_out)
+    failed = dirty[dirty["status"] != "ok"]
+    assert list(failed["path"]) == ["healthy eyes/x.jpg"]
+    assert failed["status"].iloc[0].startswith("failed: ")
+    assert failed[prob_columns()].isna().all(axis=None) and failed["pred_label"].isna().all()
+    assert failed["true_label"].iloc[0] == "healthy eyes"
+    merged = clean.merge(dirty, on="path", suffixes=("_clean", "_dirty"))
+    assert len(merged) == len(clean) == len(dirty) - 1
+    for column in prob_columns():
+        assert np.allclose(merged[f"{column}_clean"], merged[f"{column}_dirty"], rtol=0, atol=1e-6)
+    assert (merged["pred_label_clean"] == merged["pred_label_dirty"]).all()
+    metrics = json.loads((dirty_out / "metrics.json").read_text())
+    assert (metrics["n_failed"], metrics["n"], metrics["n_received"]) == (1, 12, 13)
+    assert metrics["per_class"]["healthy eyes"]["support"] == 5
+    assert "| healthy eyes | 6 | 1 | 5 |" in (dirty_out / "report.md").read_text()
+
+
+def test_no_readable_image_writes_the_reasons_and_exits_1(checkpoint, tmp_path, capsys):
+    test_dir = tmp_path / "external"
+    (test_dir / "healthy eyes").mkdir(parents=True)
+    (test_dir / "healthy eyes" / "a.jpg").write_bytes(b"not a jpeg at all")
+    (test_dir / "healthy eyes" / "b.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 1
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "none of the 2 images" in err
+    frame = read_predictions(out)
+    assert frame["status"].tolist() == ["failed: not an image (unrecognised content)",
+                                        "failed: empty file (0 bytes)"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n"], metrics["n_failed"], metrics["accuracy"]) == (0, 2, None)
+
+
+def test_plain_state_dict_gives_identical_predictions(make_cohort, checkpoint, tiny_model, tmp_path,
+                                                      capsys):
+    test_dir = make_cohort("external", (2, 4, 3), seed=1)
+    plain = tmp_path / "published_model.pt"
+    torch.save(tiny_model.state_dict(), plain)
+    assert run_inference(test_dir, checkpoint, tmp_path / "ours") == 0
+    assert run_inference(test_dir, plain, tmp_path / "plain", "--model-name", TINY_MODEL) == 0
+    # --model-config alone names the architecture (its stem)
+    assert run_inference(test_dir, plain, tmp_path / "config", "--model-config", str(TINY_CONFIG)) == 0
+    ours = read_predictions(tmp_path / "ours")
+    for other in ("plain", "config"):
+        frame = read_predictions(tmp_path / other)
+        assert list(frame["path"]) == list(ours["path"])
+        assert np.array_equal(frame[prob_columns()].to_numpy(), ours[prob_columns()].to_numpy())
+    metrics = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert metrics["checkpoint_kind"] == "plain state_dict"
+    capsys.readouterr()
+    assert run_inference(test_dir, plain, tmp_path / "no_name") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert err.startswith("error: --model-name is required")
+
+
+def test_stock_open_clip_loads_our_checkpoint(checkpoint, tiny_model):
+    model, _train_tf, _val_tf = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(checkpoint))
+    loaded = model.state_dict()
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("mode", ["exp", "published-log"])
+def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_model, tmp_path, mode):
+    test_dir = make_cohort("external", (1, 1, 1), seed=2)
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint(path, tiny_model, tiny_metadata(logit_scale_mode=mode))
+    assert run_inference(test_dir, path, tmp_path / "out") == 0
+    frame = read_predictions(tmp_path / "out")
+    _model, _train_tf, preprocess, tokenizer = common.create_model(TINY_MODEL, None)
+    tiny_model.eval()
+    with torch.no_grad():
+        text = tiny_model.encode_text(tokenizer(["orbital disease", "no eye disease",
+                                                 "non-orbital disease"]), normalize=True)
+        scale = tiny_model.logit_scale if mode == "published-log" else tiny_model.logit_scale.exp()
+        for _index, row in frame.iterrows():
+            image = preprocess(common.read_image(test_dir / row["path"]))[None]
+            image_features = tiny_model.encode_image(image, normalize=True)
+            expected = (scale * image_features @ text.T).softmax(dim=-1)[0].numpy()
+            assert row[prob_columns()].to_numpy(dtype=float) == pytest.approx(expected, abs=1e-5)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["logit_scale_mode"] == mode
+
+
+def test_classes_are_matched_by_folder_name_not_order(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (2, 4, 3), seed=1)
+    reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
+    prompt_file = tmp_path / "reversed.json"
+    prompt_file.write_text(json.dumps(reversed_set))
+    assert run_inference(test_dir, checkpoint, tmp_path / "ours") == 0
+    assert run_inference(test_dir, checkpoint, tmp_path / "rev", "--prompts", str(prompt_file)) == 0
+    ours = read_predictions(tmp_path / "ours").sort_values("path").reset_index(drop=True)
+    rev = read_predictions(tmp_path / "rev").sort_values("path").reset_index(drop=True)
+    assert list(rev.columns[3:6]) == prob_columns(FOLDERS[::-1])
+    assert (ours["true_label"] == rev["true_label"]).all()
+    assert (ours["pred_label"] == rev["pred_label"]).all()
+    assert np.allclose(ours[prob_columns()].to_numpy(), rev[prob_columns()].to_numpy(), atol=1e-6)
+    cm = pd.read_csv(tmp_path / "rev" / "confusion_matrix.csv")
+    assert list(cm["true_label"]) == FOLDERS[::-1]
+
+
+def test_unlabelled_folder_is_predicted_not_scored(make_cohort, checkpoint, tmp_path):
+    source = make_cohort("source", (1, 2, 1), seed=3)
+    test_dir = tmp_path / "unlabelled"
+    (test_dir / "batch_7").mkdir(parents=True)
+    images = sorted(source.rglob("*.jpg"))
+    for i, image in enumerate(images):
+        target = test_dir / f"img_{i}.jpg" if i % 2 else test_dir / "batch_7" / f"img_{i}.jpg"
+        target.write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    frame = read_predictions(out)
+    assert len(frame) == len(images) and frame["true_label"].isna().all()
+    assert set(frame["pred_label"]) <= set(FOLDERS) and (frame["status"] == "ok").all()
+    assert not (out / "metrics.json").exists() and not (out / "confusion_matrix.csv").exists()
+    assert "predicted, not scored" in (out / "report.md").read_text()
+
+
+def test_unknown_folder_beside_class_folders_is_an_error(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 2, 1), seed=1)
+    (test_dir / "glaucoma").mkdir()
+    assert run_inference(test_dir, checkpoint, tmp_path / "out") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "glaucoma" in err
+
+
+def test_model_name_mismatch_is_an_error_naming_both(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 2, 1), seed=1)
+    assert run_inference(test_dir, checkpoint, tmp_path / "out", "--model-name", "ViT-B-32-256") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "ViT-B-32-256" in err and TINY_MODEL in err
+    assert run_inference(test_dir, checkpoint, tmp_path / "out", "--model-name", TINY_MODEL) == 0
+
+
+def test_existing_output_dir_needs_overwrite(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 2, 1), seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("an earlier run")
+    capsys.readouterr()
+    assert run_inference(test_dir, checkpoint, out) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert err.startswith("error: --output-dir")
+    assert not (out / "predictions.csv").exists()
+    assert run_inference(test_dir, checkpoint, out, "--overwrite") == 0
+    assert (out / "metrics.json").exists() and (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("payload", [
+    lambda: NotWeights(),
+    lambda: {"state_dict": {}, "args": argparse.Namespace(lr=1e-3)},
+])
+def test_checkpoint_needing_arbitrary_unpickling_is_refused(make_cohort, tmp_path, capsys, payload):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    path = tmp_path / "suspicious.pt"
+    torch.save(payload(), path)
+    assert run_inference(test_dir, path, tmp_path / "out", "--model-name", TINY_MODEL) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert str(path) in err and "refused" in err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing_model.pt", "no such checkpoint file"),
+    ("laion400m_e32", "nor a pretrained tag of tiny_clip"),
+])
+def test_bad_checkpoint_spec_is_a_clear_error(make_cohort, tmp_path, capsys, spec, message):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    assert run_inference(test_dir, spec, tmp_path / "out", "--model-name", TINY_MODEL) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert message in err
+
+
+def test_weights_of_another_architecture_are_a_clear_error(make_cohort, tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    path = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    assert run_inference(test_dir, path, tmp_path / "out", "--model-name", TINY_MODEL) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "do not fit architecture tiny_clip" in err
+
+
+def test_help_and_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
+    script = str(REPO_ROOT / "inference.py")
+    help_run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                              timeout=120)
+    assert help_run.returncode == 0 and "$ python inference.py" in help_run.stdout
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, script, "--test-dir", str(test_dir), "--checkpoint",
+                          str(checkpoint), "--output-dir", str(out), "--workers", "0",
+                          "--bootstrap", "20"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "metrics.json").read_text())["n"] == 7
+
+
+def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
+    import clip_train
+    train_dir, val_dir = make_cohort("train", (4, 8, 6), seed=0), make_cohort("val", (2, 4, 3), seed=1)
+    save_dir = tmp_path / "run"
+    assert clip_train.main(["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir",
+                            str(save_dir), "--model-config", str(TINY_CONFIG), "--pretrained", "none",
+                            "--lr", "1e-3", "--batch-size", "16", "--epochs", "1", "--workers", "0",
+                            "--no-progress"]) == 0
+    test_dir = make_cohort("external", (2, 5, 3), seed=2)
+    best = save_dir / "clip_model_epoch_best.pt"
+    assert run_inference(test_dir, best, tmp_path / "out") == 0  # no --model-name, no --prompts
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["model_name"], metrics["class_folders"], metrics["n"]) == (TINY_MODEL, FOLDERS, 10)
+    assert metrics["checkpoint_kind"] == "Orbital-CLIP checkpoint"
