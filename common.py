@@ -398,12 +398,13 @@ class CheckpointError(ValueError):
 
 
 def clean_state_dict(state_dict):
-    """Strip DDP `module.` and torch.compile `_orig_mod.` prefixes; tensors detached to CPU."""
+    """Strip DDP `module.` prefixes and torch.compile `_orig_mod.` segments (a compiled tower
+    puts it mid-key); tensors detached to CPU."""
     clean = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith("module."):
+            key = key[len("module."):]
+        key = key.replace("_orig_mod.", "")
         clean[key] = value.detach().cpu() if torch.is_tensor(value) else value
     return clean
 
@@ -414,11 +415,20 @@ def load_checkpoint_file(path):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
         try:
-            return {"state_dict": load_file(str(path))}
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            checkpoint = {"state_dict": load_file(str(path))}
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        for key, text in header.items():  # our metadata is JSON text; other writers' is kept as is
+            try:
+                checkpoint.setdefault(key, json.loads(text))
+            except (TypeError, ValueError):
+                checkpoint.setdefault(key, text)
+        return checkpoint
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -444,6 +454,16 @@ def save_checkpoint(path, model, metadata):
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": clean_state_dict(model.state_dict())}
     payload.update(metadata)
     atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def save_safetensors(path, model, metadata):
+    """The weights alone as .safetensors (no pickle at all), with string metadata; open_clip
+    loads it as `pretrained=path`."""
+    from safetensors.torch import save
+    tensors = {k: v.contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    header = {k: json.dumps(v) for k, v in metadata.items()}
+    data = save(tensors, metadata=header)
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,3 +187,12 @@ def test_caption_sampling_is_seeded_and_label_true():
 
 def test_unique_captions_known_answer():
     assert prompts.unique_captions(["x", "y", "x", "z", "y"]) == (["x", "y", "z"], [0, 1, 0, 2, 1])
+
+
+def test_safetensors_round_trip_keeps_metadata(tmp_path):
+    model, *_ = common.create_model("tiny_clip", None)
+    common.save_safetensors(tmp_path / "w.safetensors", model,
+                            {"model_name": "tiny_clip", "class_folders": ["a", "b"], "epoch": 2})
+    loaded = common.load_checkpoint_file(tmp_path / "w.safetensors")
+    assert loaded["model_name"] == "tiny_clip" and loaded["class_folders"] == ["a", "b"] and loaded["epoch"] == 2
+    assert torch.equal(loaded["state_dict"]["logit_scale"], model.state_dict()["logit_scale"])

@@ -401,3 +401,23 @@ def test_checkpoint_stores_operating_point_and_temperature(splits, tmp_path):
     assert point["class"] == "orbital disease" and point["target_sensitivity"] == 0.5
     assert 0 <= point["threshold"] <= 1 and point["val_sensitivity"] >= 0.5
     assert best["temperature"] > 0
+
+
+def test_best_weights_also_as_safetensors(splits, tmp_path):
+    from safetensors.torch import load_file
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["state_dict"]
+    tensors = load_file(save_dir / "clip_model_epoch_best.safetensors")
+    assert tensors.keys() == best.keys() and all(torch.equal(tensors[k], best[k]) for k in best)
+    model, _, _ = open_clip.create_model_and_transforms(
+        "tiny_clip", pretrained=str(save_dir / "clip_model_epoch_best.safetensors"))
+    assert torch.equal(model.state_dict()["text_projection"], best["text_projection"])
+
+
+def test_compiled_model_saves_clean_keys():
+    model, *_ = common.create_model("tiny_clip", None)
+    model.visual = torch.compile(model.visual)
+    keys = common.clean_state_dict(model.state_dict()).keys()
+    assert "visual.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
