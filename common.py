@@ -449,6 +449,24 @@ def load_state_dict_file(path):
     return clean_state_dict(checkpoint)
 
 
+def interpolate_state_dicts(base, tuned, alpha):
+    """WiSE-FT weights (1 - alpha) * base + alpha * tuned (Wortsman et al. 2022); non-float
+    entries are taken from `tuned`. Both dicts must hold the same keys and shapes."""
+    if base.keys() != tuned.keys():
+        missing = sorted(set(base) ^ set(tuned))[:3]
+        raise CheckpointError(f"WiSE-FT: base and fine-tuned weights differ in keys (e.g. {missing})")
+    mixed = {}
+    for key, value in tuned.items():
+        if base[key].shape != value.shape:
+            raise CheckpointError(f"WiSE-FT: {key} has shape {tuple(base[key].shape)} in the base "
+                                  f"and {tuple(value.shape)} in the fine-tuned weights")
+        if value.is_floating_point():
+            mixed[key] = (1.0 - alpha) * base[key].to(value.dtype) + alpha * value
+        else:
+            mixed[key] = value
+    return mixed
+
+
 def save_checkpoint(path, model, metadata):
     """Write {'state_dict', **metadata} atomically; metadata must be plain data."""
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": clean_state_dict(model.state_dict())}

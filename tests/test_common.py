@@ -196,3 +196,14 @@ def test_safetensors_round_trip_keeps_metadata(tmp_path):
     loaded = common.load_checkpoint_file(tmp_path / "w.safetensors")
     assert loaded["model_name"] == "tiny_clip" and loaded["class_folders"] == ["a", "b"] and loaded["epoch"] == 2
     assert torch.equal(loaded["state_dict"]["logit_scale"], model.state_dict()["logit_scale"])
+
+
+def test_wise_ft_interpolation_known_answer_and_end_points():
+    base = {"w": torch.tensor([0.0, 2.0]), "step": torch.tensor(3)}
+    tuned = {"w": torch.tensor([4.0, 6.0]), "step": torch.tensor(7)}
+    assert torch.equal(common.interpolate_state_dicts(base, tuned, 0.25)["w"], torch.tensor([1.0, 3.0]))
+    assert torch.equal(common.interpolate_state_dicts(base, tuned, 0.0)["w"], base["w"])
+    assert torch.equal(common.interpolate_state_dicts(base, tuned, 1.0)["w"], tuned["w"])
+    assert common.interpolate_state_dicts(base, tuned, 0.5)["step"].item() == 7
+    with pytest.raises(common.CheckpointError, match="shape"):
+        common.interpolate_state_dicts({"w": torch.zeros(3), "step": base["step"]}, tuned, 0.5)
