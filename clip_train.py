@@ -84,10 +84,16 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def unwrap(model):
+    """The open_clip model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def loss_scale(model, mode):
     """Scale fed to the loss and softmax: exp(logit_scale) (correct), or the raw log value the
     published code used (`--logit-scale-mode published-log`, for exact reproduction only)."""
-    return model.logit_scale if mode == "published-log" else model.logit_scale.exp()
+    logit_scale = unwrap(model).logit_scale
+    return logit_scale if mode == "published-log" else logit_scale.exp()
 
 
 class LabelAwareClipLoss(open_clip.ClipLoss):
@@ -243,19 +249,71 @@ def plain(value):
 # Training and validation
 
 
+class DistributedBalancedSampler(torch.utils.data.Sampler):
+    """Class-balanced draws (with replacement) for one rank of a torchrun job: every rank draws
+    the same global sequence from (seed, epoch) and takes every world_size-th index."""
+
+    def __init__(self, weights, num_samples, rank, world_size, seed):
+        self.weights, self.rank, self.world_size, self.seed = weights, rank, world_size, seed
+        self.per_rank = math.ceil(num_samples / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True,
+                                  generator=generator)
+        return iter(draws[self.rank::self.world_size].tolist())
+
+    def __len__(self):
+        return self.per_rank
+
+
+def train_sampler(items, args, generator, n_classes):
+    """None (plain shuffling by the loader), or the class-balanced / distributed sampler."""
+    labels = [label for _path, label in items]
+    if args.world_size > 1:
+        if args.balanced_sampling:
+            return DistributedBalancedSampler(class_balanced_weights(labels, n_classes), len(items),
+                                              args.rank, args.world_size, args.seed)
+        return torch.utils.data.distributed.DistributedSampler(
+            items, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
+    if args.balanced_sampling:
+        return torch.utils.data.WeightedRandomSampler(class_balanced_weights(labels, n_classes),
+                                                      len(items), replacement=True, generator=generator)
+    return None
+
+
+def init_distributed(args):
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE; start NCCL (GPU) or gloo (CPU) when > 1 process."""
+    import datetime
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size <= 1:
+        return
+    if args.batch_size % args.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch and must be divisible "
+                         f"by the {args.world_size} processes")
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", args.local_rank)
+        torch.cuda.set_device(args.device)
+    backend = "nccl" if args.device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=args.dist_timeout))
+
+
 def make_loader(items, transform, image_size_px, args, shuffle, generator=None, n_classes=None):
     """DataLoader over an ImageListDataset with seeded workers; class-balanced draws when
     shuffling with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
     dataset = common.ImageListDataset(items, transform, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
-    sampler = None
-    if shuffle and args.balanced_sampling:
-        weights = class_balanced_weights([label for _path, label in items], n_classes)
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(items), replacement=True,
-                                                         generator=generator)
-        shuffle = False
+    sampler = train_sampler(items, args, generator, n_classes) if shuffle else None
+    batch_size = args.batch_size // args.world_size if shuffle else args.batch_size  # per process
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=shuffle, sampler=sampler, num_workers=args.workers,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=args.workers,
         pin_memory=args.device.type == "cuda", drop_last=False, generator=generator,
         worker_init_fn=common.seed_worker, persistent_workers=args.workers > 0)
 
@@ -271,11 +329,18 @@ def encode_captions(model, tokenizer, captions, device, dedup=True):
 
 
 def batch_features(model, images, captions, ctx):
-    """Normalised (image, text) features of one (micro-)batch, in fp32 for the loss."""
+    """Normalised (image, text) features of one (micro-)batch, in fp32 for the loss.
+
+    Goes through model.forward (so DistributedDataParallel sees the step); with text dedup the
+    text tower runs on the distinct captions only and their features are gathered back."""
     args = ctx["args"]
-    image_features = model.encode_image(images.to(args.device, non_blocking=True), normalize=True)
-    text_features = encode_captions(model, ctx["tokenizer"], captions, args.device,
-                                    dedup=not args.no_text_dedup)
+    if args.no_text_dedup:
+        uniques, inverse = captions, list(range(len(captions)))
+    else:
+        uniques, inverse = prompt_sets.unique_captions(captions)
+    out = model(images.to(args.device, non_blocking=True), ctx["tokenizer"](uniques).to(args.device))
+    image_features, text_features = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+    text_features = text_features[torch.as_tensor(inverse, device=text_features.device)]
     return image_features.float(), text_features.float()
 
 
@@ -331,6 +396,8 @@ def train_one_epoch(model, loader, state, ctx):
     """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
     from tqdm import tqdm
     args, optimizer = ctx["args"], ctx["optimizer"]
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(state["epoch"])  # distributed samplers reshuffle per epoch
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
@@ -353,7 +420,7 @@ def train_one_epoch(model, loader, state, ctx):
         ctx["scaler"].step(optimizer)
         ctx["scaler"].update()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         state["step"] += 1
         total_loss += loss.item() * len(labels)
         seen += len(labels)
@@ -568,6 +635,12 @@ def parse_args(argv=None):
     run.add_argument("--resume", default=None,
                      help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
     run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
+    run.add_argument("--dist-timeout", type=float, default=30.0,
+                     help="torchrun: minutes a process waits for the others before the job fails "
+                          "with an error instead of hanging")
+    run.add_argument("--fold", type=int, default=None,
+                     help="with a manifest.csv written by data_preprocess.py --folds K: validate on "
+                          "fold k, train on the other folds")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the image and text towers (GPU: faster after a minute or "
                           "two of compiling; rarely worth it on CPU)")
@@ -605,6 +678,11 @@ def validate_args(parser, args):
         args.ssa = [parse_ssa_factor(spec, parser) for spec in args.ssa]
     except ValueError as err:
         parser.error(f"--ssa: {err}")
+    if args.fold is not None and (args.fold < 0 or not str(args.train_dir).endswith(".csv")):
+        parser.error("--fold k needs k >= 0 and --train-dir/--val-dir pointing at a manifest.csv "
+                     "written with data_preprocess.py --folds K")
+    if args.dist_timeout <= 0:
+        parser.error("--dist-timeout must be > 0 minutes")
     if not 0 < args.target_sensitivity <= 1:
         parser.error("--target-sensitivity must be in (0, 1]")
     if args.patience < 0:
@@ -623,7 +701,9 @@ def validate_args(parser, args):
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         parser.error(f"--save-dir {save_dir}: exists and is not a folder")
-    if save_dir.is_dir() and any(save_dir.iterdir()) and not (args.resume or args.overwrite):
+    other_rank = os.environ.get("RANK", "0") not in ("", "0")  # rank 0 may already be writing
+    if (save_dir.is_dir() and any(save_dir.iterdir()) and not (args.resume or args.overwrite)
+            and not other_rank):
         parser.error(f"--save-dir {save_dir}: folder is not empty; pass --resume auto to continue "
                      "that run or --overwrite to start a new one there")
     if args.model_name is None:
@@ -801,48 +881,113 @@ def resume_path(args):
     return Path(args.resume)
 
 
-def run_training(args, ctx, model, train_loader, val_loader, state):
-    """Epoch loop: train, validate, keep best/last; returns the final metrics."""
-    save_dir = Path(args.save_dir)
+def end_of_epoch(model, ctx, state, val_loader, train_stats):
+    """Rank 0: validate, keep best and last, write the history; returns (metrics, stop?)."""
+    args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
+    train_loss, seen, skipped, seconds_train = train_stats
+    metrics = validate(model, val_loader, ctx)
+    value = metrics[args.select_metric]
+    best = is_improvement(value, state["best_value"], args.select_metric)
+    if best:
+        state["best_value"], state["best_epoch"] = value, state["epoch"]
+        meta = checkpoint_metadata(model, ctx, state, metrics)
+        common.save_checkpoint(save_dir / BEST_NAME, model, meta)
+        common.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
+            k: meta[k] for k in ("model_name", "model_config", "pretrained", "class_folders",
+                                 "prompts", "epoch", "logit_scale_mode")})
+    row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
+           "lr": ctx["optimizer"].param_groups[0]["lr"],
+           "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
+           "seconds": seconds_train, "samples_per_s": seen * args.world_size / seconds_train,
+           "is_best": best}
+    state["history"].append(plain(row))
+    save_last(model, ctx, state, metrics)
+    write_history(save_dir, state["history"], args.select_metric)
+    with open(save_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(plain(row)) + "\n")
+    LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
+             state["epoch"], args.epochs, train_loss, args.select_metric, value,
+             metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds_train,
+             "  * best" if best else "")
+    stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
+    if stop:
+        LOG.info("early stop: no better %s for %d epochs", args.select_metric, args.patience)
+    return metrics, stop
+
+
+def run_training(args, ctx, model, train_model, train_loader, val_loader, state):
+    """Epoch loop: train (through the DDP wrapper when distributed), then rank 0 validates and
+    saves while the other ranks wait for its early-stopping decision; returns the last metrics."""
     metrics = {}
     while state["epoch"] < args.epochs:
         epoch_start = time.perf_counter()
-        train_loss, seen, skipped = train_one_epoch(model, train_loader, state, ctx)
-        metrics = validate(model, val_loader, ctx)
+        train_loss, seen, skipped = train_one_epoch(train_model, train_loader, state, ctx)
         state["epoch"] += 1
-        value = metrics[args.select_metric]
-        best = is_improvement(value, state["best_value"], args.select_metric)
-        if best:
-            state["best_value"], state["best_epoch"] = value, state["epoch"]
-            meta = checkpoint_metadata(model, ctx, state, metrics)
-            common.save_checkpoint(save_dir / BEST_NAME, model, meta)
-            common.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
-                k: meta[k] for k in ("model_name", "model_config", "pretrained", "class_folders",
-                                     "prompts", "epoch", "logit_scale_mode")})
-        seconds = time.perf_counter() - epoch_start
-        row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
-               "lr": ctx["optimizer"].param_groups[0]["lr"], "logit_scale": float(model.logit_scale.detach().exp()),
-               "skipped_images": skipped, "seconds": seconds, "samples_per_s": seen / seconds,
-               "is_best": best}
-        state["history"].append(plain(row))
-        save_last(model, ctx, state, metrics)
-        write_history(save_dir, state["history"], args.select_metric)
-        with open(save_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps(plain(row)) + "\n")
-        LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
-                 state["epoch"], args.epochs, train_loss, args.select_metric, value,
-                 metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds,
-                 "  * best" if best else "")
-        if args.patience and state["epoch"] - (state["best_epoch"] or 0) >= args.patience:
-            LOG.info("early stop: no better %s for %d epochs", args.select_metric, args.patience)
+        stop = False
+        if args.rank == 0:
+            train_stats = (train_loss, seen, skipped, time.perf_counter() - epoch_start)
+            metrics, stop = end_of_epoch(model, ctx, state, val_loader, train_stats)
+        if args.world_size > 1:
+            decision = [stop]
+            torch.distributed.broadcast_object_list(decision, src=0)
+            stop = decision[0]
+        if stop:
             break
     return metrics
+
+
+def prepare_run(args):
+    """Device, precision, torchrun process group, prompts and the two cohorts."""
+    args.device = common.resolve_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    if args.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for what stays in fp32
+    common.autocast_context(args.device, args.precision)
+    init_distributed(args)
+    classes = prompt_sets.load_prompt_set(args.prompts)
+    folders = prompt_sets.class_folders(classes)
+    fold = {} if args.fold is None else {"fold": args.fold}
+    train_items = common.load_labelled_items(args.train_dir, folders, "train", **fold)
+    val_items = common.load_labelled_items(args.val_dir, folders, "val", **fold)
+    return classes, train_items, val_items
+
+
+def build_context(args, model, tokenizer, classes, model_config, n_train):
+    """Everything the epoch loop needs besides the model and the loaders."""
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    args_dict = plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
+    return {
+        "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
+        "model_config": model_config, "image_size_px": common.model_image_size(model),
+        "generator": torch.Generator().manual_seed(args.seed),
+        "caption_rng": prompt_sets.new_rng(args.seed + args.rank), "progress": not args.no_progress and args.rank == 0,
+        # fused AdamW: one kernel for all parameters on CUDA
+        "optimizer": torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                       fused=args.device.type == "cuda"),
+        "scaler": torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16"),
+        "loss_fn": make_loss(args.loss, args.rank, args.world_size),
+        "warmup_steps": warmup_steps(args.warmup, steps_per_epoch * args.epochs),
+        "total_steps": steps_per_epoch * args.epochs, "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def wrap_for_training(model, args):
+    """torch.compile the towers (opt-in) and wrap in DistributedDataParallel under torchrun."""
+    if args.compile:
+        model.visual = torch.compile(model.visual)
+        model.transformer = torch.compile(model.transformer)
+    if args.world_size <= 1:
+        return model
+    device_ids = [args.device.index] if args.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    common.configure_logging()
+    is_main = os.environ.get("RANK", "0") in ("", "0")
+    common.configure_logging(logging.INFO if is_main else logging.WARNING)
     if args.ssa:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
         try:
@@ -851,55 +996,41 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             return 1
     try:
-        args.device = common.resolve_device(args.device)
-        if args.precision == "auto":
-            args.precision = "bf16" if args.device.type == "cuda" else "fp32"
-        if args.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 matmuls for what stays in fp32
-        common.autocast_context(args.device, args.precision)
-        classes = prompt_sets.load_prompt_set(args.prompts)
-        folders = prompt_sets.class_folders(classes)
-        train_items = common.load_labelled_items(args.train_dir, folders, "train")
-        val_items = common.load_labelled_items(args.val_dir, folders, "val")
+        classes, train_items, val_items = prepare_run(args)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return train(args, classes, train_items, val_items)
+    finally:
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
-    LOG.info("== setup ==")
+
+def train(args, classes, train_items, val_items):
+    """Seed, build, (resume,) train and save; returns the exit status."""
+    LOG.info("== setup: %d process(es) ==", args.world_size)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    save_dir = prepare_save_dir(args)
-    args_dict = plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
-    for key, value in args_dict.items():
-        LOG.info("  %s = %s", key, value)
+    save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
     try:
         model, train_tf, val_tf, tokenizer, model_config = setup_model(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    image_size_px = common.model_image_size(model)
     configure_trainable(model, args)
-    common.atomic_write_json(save_dir / "args.json", {"args": args_dict, "environment": environment_info(),
-                                                      "train_images": len(train_items),
-                                                      "val_images": len(val_items)})
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = make_loader(train_items, train_tf, image_size_px, args, shuffle=True,
-                               generator=generator, n_classes=len(folders))
-    val_loader = make_loader(val_items, val_tf, image_size_px, args, shuffle=False)
-    steps_per_epoch = math.ceil(len(train_items) / args.batch_size)
-    ctx = {
-        "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
-        "model_config": model_config, "image_size_px": image_size_px, "generator": generator,
-        "caption_rng": prompt_sets.new_rng(args.seed), "progress": not args.no_progress,
-        # fused AdamW: one kernel for all parameters on CUDA
-        "optimizer": torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                       fused=args.device.type == "cuda"),
-        "scaler": torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16"),
-        "loss_fn": make_loss(args.loss),
-        "warmup_steps": warmup_steps(args.warmup, steps_per_epoch * args.epochs),
-        "total_steps": steps_per_epoch * args.epochs,
-    }
+    ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
+    for key, value in ctx["args_dict"].items():
+        LOG.info("  %s = %s", key, value)
+    if args.rank == 0:
+        common.atomic_write_json(save_dir / "args.json", {
+            "args": ctx["args_dict"], "environment": environment_info(),
+            "train_images": len(train_items), "val_images": len(val_items)})
+    size = ctx["image_size_px"]
+    train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
+                               generator=ctx["generator"], n_classes=len(classes))
+    val_loader = make_loader(val_items, val_tf, size, args, shuffle=False)
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
     if (path := resume_path(args)) is not None:
         try:
@@ -907,23 +1038,20 @@ def main(argv=None):
         except (ValueError, KeyError) as err:
             print(f"error: --resume {path}: {err}", file=sys.stderr)
             return 2
-    if args.compile:
-        # Compile the towers (we call encode_image/encode_text, not forward); after any resume.
-        model.visual = torch.compile(model.visual)
-        model.transformer = torch.compile(model.transformer)
-    LOG.info("== training: %d train / %d val images, %d classes %s, %d steps/epoch, device %s (%s) ==",
-             len(train_items), len(val_items), len(folders), folders, steps_per_epoch,
-             args.device, args.precision)
+    train_model = wrap_for_training(model, args)
+    LOG.info("== training: %d train / %d val images, classes %s, %d steps/epoch, %s (%s) ==",
+             len(train_items), len(val_items), prompt_sets.class_folders(classes),
+             ctx["steps_per_epoch"], args.device, args.precision)
     try:
-        metrics = run_training(args, ctx, model, train_loader, val_loader, state)
+        metrics = run_training(args, ctx, model, train_model, train_loader, val_loader, state)
     except FloatingPointError as err:
         print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
               "--lr or --precision fp32.", file=sys.stderr)
         return 1
-    common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
-    LOG.info("== done: best %s %.4f at epoch %s; checkpoints and curves in %s ==",
-             args.select_metric, state["best_value"] if state["best_value"] is not None else float("nan"),
-             state["best_epoch"], save_dir)
+    if args.rank == 0:
+        common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+    LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
+             state["best_value"], state["best_epoch"], save_dir)
     return 0
 
 
