@@ -515,13 +515,16 @@ def save_last(model, ctx, state, metrics):
 
 
 def write_history(save_dir, history, select_metric):
-    """metrics.csv (one row per epoch) and training_curves.png."""
+    """metrics.csv and train_log.jsonl (one row / JSON line per epoch, rewritten whole from the
+    history so they always agree with the last checkpoint) and training_curves.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
     frame = pd.DataFrame(history)
     common.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
+    common.atomic_write_text(Path(save_dir) / "train_log.jsonl",
+                             "".join(json.dumps(row) + "\n" for row in history))
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train (contrastive)")
     ax_loss.plot(frame["epoch"], frame["val_loss"], marker="o", label="validation (zero-shot CE)")
@@ -865,6 +868,8 @@ def prepare_save_dir(args):
     """Create --save-dir; with --overwrite (and no resume) clear our own outputs from a prior run."""
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    for stale in save_dir.glob(".*.tmp"):  # temp files of writes a killed run never finished
+        stale.unlink()
     if args.overwrite and not args.resume:
         for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
                      "training_curves.png", "args.json", "train_log.jsonl"):
@@ -903,8 +908,6 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     state["history"].append(plain(row))
     save_last(model, ctx, state, metrics)
     write_history(save_dir, state["history"], args.select_metric)
-    with open(save_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
-        log_file.write(json.dumps(plain(row)) + "\n")
     LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
              state["epoch"], args.epochs, train_loss, args.select_metric, value,
              metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds_train,
@@ -1002,6 +1005,9 @@ def main(argv=None):
         return 2
     try:
         return train(args, classes, train_items, val_items)
+    except common.OutputWriteError as err:
+        print(f"error: {err}; the previous files there are intact", file=sys.stderr)
+        return 1
     finally:
         if args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

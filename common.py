@@ -488,9 +488,23 @@ def save_safetensors(path, model, metadata):
 # Atomic outputs
 
 
+class OutputWriteError(OSError):
+    """An output that could not be written (read-only folder, full disk); names the path."""
+
+
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(handle) on a temp file beside `path`, then os.replace it into place."""
+    """Call write_fn(handle) on a temp file beside `path`, then os.replace it into place: a crash
+    or a failed write leaves the previous file as it was. Raises OutputWriteError naming `path`."""
     path = Path(path)
+    try:
+        _atomic_write(path, write_fn, mode)
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _atomic_write(path, write_fn, mode):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)

@@ -186,8 +186,9 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
 def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
     train_dir, val_dir = splits
     runs = []
-    for name in ("a", "b"):
-        assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / name, "--epochs", "1")) == 0
+    for name in ("a", "b"):  # with a worker process: seeded workers, same batches, same weights
+        assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / name, "--epochs", "1",
+                                          "--workers", "1")) == 0
         runs.append(torch.load(tmp_path / name / "clip_model_final.pt", weights_only=True)["state_dict"])
     torch.manual_seed(2024)
     initial, *_ = common.create_model("tiny_clip", None)
