@@ -153,6 +153,17 @@ def warmup_steps(spec, total_steps):
     return int(spec)
 
 
+def alpha_list(text):
+    """argparse type: comma-separated WiSE-FT mixing weights in [0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5,1, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"mixing weights must lie in [0, 1], got {text!r}")
+    return values
+
+
 def warmup_spec(text):
     """argparse type for --warmup: '200' or '5%'."""
     try:
@@ -638,6 +649,10 @@ def parse_args(argv=None):
     run.add_argument("--resume", default=None,
                      help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
     run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
+    optim.add_argument("--wise-ft-alphas", type=alpha_list, default=None, metavar="A,B,...",
+                       help="after training, evaluate WiSE-FT weights (1-a)*start + a*best on "
+                            "validation for each a (e.g. 0,0.25,0.5,0.75,1) and record the best a in "
+                            "the best checkpoint (its weights stay the fine-tuned ones)")
     run.add_argument("--dist-timeout", type=float, default=30.0,
                      help="torchrun: minutes a process waits for the others before the job fails "
                           "with an error instead of hanging")
@@ -939,6 +954,33 @@ def run_training(args, ctx, model, train_model, train_loader, val_loader, state)
     return metrics
 
 
+def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
+    """WiSE-FT on validation: evaluate (1 - a) * start + a * best weights for each --wise-ft-alphas
+    value, record the grid and the chosen alpha in the best checkpoint (its weights unchanged)."""
+    import pandas as pd
+    args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
+    best = common.load_checkpoint_file(save_dir / BEST_NAME)
+    rows = []
+    for alpha in args.wise_ft_alphas:
+        model.load_state_dict(common.interpolate_state_dicts(base_state, best["state_dict"], alpha))
+        metrics = validate(model, val_loader, ctx)
+        rows.append({"alpha": alpha, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy",
+                                                                  "macro_auroc", "rare_sensitivity", "val_loss")}})
+    values = [row[args.select_metric] for row in rows]
+    finite = [(v, i) for i, v in enumerate(values) if not math.isnan(v)]
+    pick = min if args.select_metric == "val_loss" else max
+    chosen = rows[pick(finite)[1]]["alpha"] if finite else 1.0
+    best["wise_ft"] = {"base": "pretrained" if args.pretrained != "none" else "initial weights (seeded)",
+                       "alphas": list(args.wise_ft_alphas), "metric": args.select_metric,
+                       "values": values, "chosen_alpha": chosen}
+    common.atomic_write(save_dir / BEST_NAME, lambda handle: torch.save(best, handle))
+    common.atomic_write_csv(save_dir / "wise_ft_validation.csv", pd.DataFrame(rows))
+    model.load_state_dict(best["state_dict"])
+    LOG.info("WiSE-FT on validation: %s by alpha %s -> chosen alpha %s", args.select_metric,
+             list(args.wise_ft_alphas), chosen)
+    return chosen
+
+
 def prepare_run(args):
     """Device, precision, torchrun process group, prompts and the two cohorts."""
     args.device = common.resolve_device(args.device)
@@ -1044,6 +1086,10 @@ def train(args, classes, train_items, val_items):
         except (ValueError, KeyError) as err:
             print(f"error: --resume {path}: {err}", file=sys.stderr)
             return 2
+    # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded init).
+    base_state = common.clean_state_dict(model.state_dict()) if args.wise_ft_alphas else None
+    if base_state is not None:
+        base_state = {k: v.clone() for k, v in base_state.items()}
     train_model = wrap_for_training(model, args)
     LOG.info("== training: %d train / %d val images, classes %s, %d steps/epoch, %s (%s) ==",
              len(train_items), len(val_items), prompt_sets.class_folders(classes),
@@ -1056,6 +1102,8 @@ def train(args, classes, train_items, val_items):
         return 1
     if args.rank == 0:
         common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+        if base_state is not None and (save_dir / BEST_NAME).exists():
+            choose_wise_ft_alpha(model, ctx, val_loader, base_state)
     LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
              state["best_value"], state["best_epoch"], save_dir)
     return 0

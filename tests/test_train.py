@@ -422,3 +422,19 @@ def test_compiled_model_saves_clean_keys():
     model.visual = torch.compile(model.visual)
     keys = common.clean_state_dict(model.state_dict()).keys()
     assert "visual.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2",
+                                      "--wise-ft-alphas", "0,0.5,1")) == 0
+    best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
+    table = pd.read_csv(save_dir / "wise_ft_validation.csv")
+    assert list(table["alpha"]) == [0.0, 0.5, 1.0]
+    chosen = best["wise_ft"]["chosen_alpha"]
+    assert table.loc[table["accuracy"].idxmax(), "alpha"] == chosen
+    # alpha = 1 is the best checkpoint itself: its validation accuracy is the recorded one.
+    assert table.loc[table["alpha"] == 1.0, "accuracy"].item() == pytest.approx(best["metrics"]["accuracy"])
+    with pytest.raises(SystemExit):
+        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "x", "--wise-ft-alphas", "0,1.5"))
