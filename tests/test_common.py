@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,13 +97,196 @@ def test_jpeg_draft_mode_keeps_at_least_the_requested_side(tmp_path):
     assert common.read_image(tmp_path / "cam.jpg").size == (1200, 800)
 
 
-def test_dicom_samples_read_as_rgb():
+def dicom_sample(name):
+    """A pydicom test file that ships inside the wheel (get_testdata_file would download others)."""
     from pydicom.data import get_testdata_file
-    for name, side in (("CT_small.dcm", 128), ("MR_small.dcm", 64)):
-        image = common.read_image(get_testdata_file(name))
-        array = np.asarray(image)
-        assert image.mode == "RGB" and array.shape == (side, side, 3)
-        assert array.min() == 0 and array.max() == 255  # full range after windowing/rescale
+    import pydicom.data
+    bundled = Path(pydicom.data.__file__).parent / "test_files" / name
+    if not bundled.is_file():
+        pytest.skip(f"{name} is not bundled with this pydicom")
+    return get_testdata_file(name)
+
+
+def write_dicom(path, source_name, **changes):
+    """A modified copy of a bundled DICOM sample (pydicom keywords as keyword arguments)."""
+    import pydicom
+    dataset = pydicom.dcmread(dicom_sample(source_name))
+    for keyword, value in changes.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(path)
+    return path
+
+
+def test_16bit_and_8bit_twins_give_the_same_model_input(tmp_path):
+    import open_clip
+    grey8 = gradient(96, 80)[..., 0]
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # I;16
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    transform = open_clip.image_transform(64, is_train=False)  # the tiny model's eval transform
+    a = transform(common.read_image(tmp_path / "g16.png"))
+    b = transform(common.read_image(tmp_path / "g8.png"))
+    assert a.shape == b.shape == (3, 64, 64)
+    assert torch.allclose(a, b, atol=1.5 / 255 / 0.26)  # within one grey level after normalising
+
+
+def test_la_and_palette_transparency_composite_on_white(tmp_path):
+    la = np.zeros((6, 6, 2), dtype=np.uint8)
+    la[..., 0], la[:3, :, 1] = 40, 255  # grey 40: opaque top half, transparent bottom half
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    out = np.asarray(common.read_image(tmp_path / "la.png"))
+    assert (out[:3] == 40).all() and (out[3:] == 255).all()
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putpixel((0, 0), 0)  # index 0 is transparent black
+    palette.save(tmp_path / "p.png", transparency=0)
+    out = np.asarray(common.read_image(tmp_path / "p.png"))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [200, 10, 10]
+
+
+def test_cmyk_and_grey_known_values(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "red.tif")  # no cyan, full M+Y
+    assert np.asarray(common.read_image(tmp_path / "red.tif"))[0, 0].tolist() == [255, 0, 0]
+    Image.new("L", (4, 4), 77).save(tmp_path / "grey.png")
+    assert np.asarray(common.read_image(tmp_path / "grey.png"))[0, 0].tolist() == [77, 77, 77]
+
+
+def test_text_named_png_and_unicode_names(tmp_path):
+    (tmp_path / "notes.png").write_text("patient notes, not a picture\n")
+    with pytest.raises(common.ImageReadError, match="not an image"):
+        common.read_image(tmp_path / "notes.png")
+    Image.fromarray(gradient()).save(tmp_path / "Ö eye (1).jpg")
+    assert common.read_image(tmp_path / "Ö eye (1).jpg").size == (48, 32)
+    assert common.is_candidate_image("Ö eye (1).jpg")
+    assert not any(map(common.is_candidate_image, ["Thumbs.db", ".DS_Store", "._x.jpg", "desktop.ini"]))
+
+
+def test_dicom_ct_and_mr_known_answers():
+    import pydicom
+    ct = np.asarray(common.read_image(dicom_sample("CT_small.dcm")))
+    raw = pydicom.dcmread(dicom_sample("CT_small.dcm")).pixel_array.astype(float)
+    assert ct.shape == (128, 128, 3) and (ct[..., 0] == ct[..., 2]).all()
+    expected = np.round((raw - raw.min()) / (raw.max() - raw.min()) * 255)  # no window: min-max
+    assert np.abs(ct[..., 0] - expected).max() <= 1
+    # MR_small has window centre 600 / width 1600 (LINEAR): the window, not the pixel range,
+    # spans 0..255, so its darkest pixel (127) is not black.
+    mr = np.asarray(common.read_image(dicom_sample("MR_small.dcm")))
+    raw = pydicom.dcmread(dicom_sample("MR_small.dcm")).pixel_array.astype(float)
+    expected = np.clip((raw - 599.5) / 1599 + 0.5, 0, 1) * 255
+    assert mr.shape == (64, 64, 3) and np.abs(mr[..., 0] - expected).max() <= 1
+    assert mr.min() == 52 and mr.max() == 255
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
+    mono1 = write_dicom(tmp_path / "m1.dcm", "MR_small.dcm", PhotometricInterpretation="MONOCHROME1")
+    a = np.asarray(common.read_image(mono1)).astype(int)
+    b = np.asarray(common.read_image(dicom_sample("MR_small.dcm"))).astype(int)
+    assert np.array_equal(a, 255 - b)
+
+
+def test_multiframe_dicom_uses_the_middle_frame(tmp_path):
+    import pydicom
+    rows = np.arange(64, dtype=np.int16)
+    frames = np.stack([np.tile(rows * (k + 1) * 10, (64, 1)) for k in range(3)])  # distinct ramps
+    frames[1] = frames[1].T  # the middle frame is the only vertical ramp
+    dataset = pydicom.dcmread(dicom_sample("MR_small.dcm"))
+    del dataset.WindowCenter, dataset.WindowWidth
+    dataset.NumberOfFrames = 3
+    dataset.PixelData = frames.tobytes()
+    dataset.save_as(tmp_path / "three.dcm")
+    dataset.NumberOfFrames = 1
+    dataset.PixelData = frames[1].tobytes()
+    dataset.save_as(tmp_path / "middle.dcm")
+    three = np.asarray(common.read_image(tmp_path / "three.dcm"))
+    assert np.array_equal(three, np.asarray(common.read_image(tmp_path / "middle.dcm")))
+    assert (three[:, 0, 0] == np.round(np.arange(64) * 255 / 63)).all() and (three[0] == 0).all()
+
+
+def test_compressed_dicom_decodes_or_names_the_missing_decoder():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000, JPEGLSLossless
+    for name, uid, shape, package in (("JPEG2000.dcm", JPEG2000, (1024, 256, 3), "pylibjpeg-openjpeg"),
+                                      ("MR_small_jpeg_ls_lossless.dcm", JPEGLSLossless, (64, 64, 3),
+                                       "pylibjpeg-libjpeg")):
+        if get_decoder(uid).is_available:
+            assert np.asarray(common.read_image(dicom_sample(name))).shape == shape
+        else:
+            with pytest.raises(common.ImageReadError) as err:
+                common.read_image(dicom_sample(name))
+            assert uid.name in str(err.value) and package in str(err.value)
+            assert "no decoder" in str(err.value)
+
+
+def test_dicom_reasons_and_logs_never_quote_header_values(tmp_path, caplog, capfd):
+    import logging
+    phi = {"PatientName": "Doe^Jane", "PatientID": "MRN-990011", "PatientBirthDate": "19700101"}
+    import pydicom
+    dataset = pydicom.dcmread(dicom_sample("MR_small.dcm"))
+    for keyword, value in phi.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]  # truncated pixels
+    dataset.save_as(tmp_path / "cut.dcm")
+    dataset = pydicom.dcmread(dicom_sample("MR_small.dcm"))
+    for keyword, value in phi.items():
+        setattr(dataset, keyword, value)
+    dataset.WindowCenter, dataset.PatientWeight = "600.0001", "70.00001"
+    dataset.save_as(tmp_path / "odd.dcm")  # then: header values where numbers belong
+    data = (tmp_path / "odd.dcm").read_bytes()
+    (tmp_path / "odd.dcm").write_bytes(data.replace(b"600.0001", b"Doe^Jane")
+                                       .replace(b"70.00001", b"MRN99001"))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(common.ImageReadError) as err:
+        common.read_image(tmp_path / "cut.dcm")
+    reasons = [str(err.value)]
+    assert "Explicit VR Little Endian" in reasons[0]
+    try:  # an unusable window falls back to the pixel range; either way no value is quoted
+        assert common.read_image(tmp_path / "odd.dcm").size == (64, 64)
+    except common.ImageReadError as odd:
+        reasons.append(str(odd))
+    captured = capfd.readouterr()
+    everything = "\n".join([*reasons, caplog.text, captured.out, captured.err])
+    for value in [*phi.values(), "MRN99001", "Doe", "Jane", "990011"]:
+        assert value not in everything
+
+
+def test_dicom_bomb_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(common, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(common.ImageReadError, match="decompression bomb: 64x64"):
+        common.read_image(dicom_sample("MR_small.dcm"))
+
+
+# -- cohorts and manifests -----------------------------------------------------------------------
+
+def write_fold_manifest(path, with_fold=True):
+    rows = [("train/a/1.jpg", "a", "train", "0"), ("train/a/2.jpg", "a", "train", "1"),
+            ("train/b/3.jpg", "b", "train", "2"), ("train/b/4.jpg", "b", "train", "1"),
+            ("test/b/5.jpg", "b", "test", "")]
+    header = "path,label,split" + (",fold" if with_fold else "")
+    lines = [",".join(row if with_fold else row[:3]) for row in rows]
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def test_manifest_folds_train_on_the_others_validate_on_one(tmp_path):
+    manifest = write_fold_manifest(tmp_path / "manifest.csv")
+    folders = ["a", "b"]
+
+    def names(split, fold):
+        return [(p.name, y) for p, y in common.load_labelled_items(manifest, folders, split, fold=fold)]
+
+    assert names("train", 1) == [("1.jpg", 0), ("3.jpg", 1)]
+    assert names("val", 1) == [("2.jpg", 0), ("4.jpg", 1)]
+    assert names("val", 0) == [("1.jpg", 0)]
+    assert names("test", 2) == [("5.jpg", 1)]
+    assert names("train", None) == [("1.jpg", 0), ("2.jpg", 0), ("3.jpg", 1), ("4.jpg", 1)]
+    assert common.load_labelled_items(manifest, folders, "val", fold=1)[0][0] == tmp_path / "train/a/2.jpg"
+    with pytest.raises(common.CohortError, match=r"manifest.csv: fold 3 is out of range; it has folds 0..2"):
+        common.load_labelled_items(manifest, folders, "val", fold=3)
+    plain = write_fold_manifest(tmp_path / "plain.csv", with_fold=False)
+    with pytest.raises(common.CohortError, match=r"plain.csv: has no 'fold' column.*--folds"):
+        common.load_labelled_items(plain, folders, "train", fold=0)
+    with pytest.raises(common.CohortError, match="needs a manifest.csv"):
+        common.load_labelled_items(tmp_path, folders, "train", fold=0)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 import common
 import data_preprocess as dp
@@ -471,3 +474,318 @@ def test_real_run_subprocess(make_cohort, tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--val-ratio", "1.5"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--val-ratio" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- leakage audit ------------------------------------------------------------------------------
+
+def test_hamming_and_near_duplicate_pairs_known_answers():
+    base = bytes(8)
+    three_bits = bytes([0b0000_0111]) + bytes(7)
+    ten_bits = bytes([0xFF, 0b11]) + bytes(6)
+    fine_same, fine_far = bytes(32), bytes([0xFF]) * 4 + bytes(28)  # 0 and 32 bits apart
+    matrix = dp.hash_matrix([base, three_bits, ten_bits])
+    assert dp.hamming_distances(matrix, matrix).tolist() == [[0, 3, 10], [3, 0, 7], [10, 7, 0]]
+    coarse = [base, three_bits, ten_bits, base]
+    fine = [fine_same, fine_same, fine_same, fine_far]
+    # image 3 matches 0 on 64 bits, but its 256-bit hash is 32 bits away: over 4 * 4 + 8 = 24
+    assert dp.near_duplicate_pairs(coarse, fine, 4) == [(0, 1, 3)]
+    # at 7 bits the confirmation allows 4 * 7 + 8 = 36
+    assert dp.near_duplicate_pairs(coarse, fine, 7) == [(0, 1, 3), (0, 3, 0), (1, 2, 7), (1, 3, 3)]
+    assert dp.near_duplicate_pairs(coarse, fine, 0) == []
+    pairs = dp.find_duplicates(["h1", "h2", "h1", "h3"], coarse, fine, 4)
+    assert pairs == [(2, 0, "exact", 0), (1, 0, "near", 3)]
+    assert dp.merge_linked_units(["a", "b", "c", "d"], [(2, 0), (1, 0)]) == ["a", "a", "a", "d"]
+
+
+def test_near_duplicate_search_is_vectorised_and_blockwise(monkeypatch):
+    rng = np.random.default_rng(0)
+    coarse = [rng.bytes(8) for _ in range(300)]
+    fine = [bytes(32)] * 300
+    coarse[250] = coarse[7]  # a planted pair across blocks
+    monkeypatch.setattr(dp, "HAMMING_BLOCK_ELEMENTS", 64 * 300)  # 64 rows per block
+    assert (7, 250, 0) in dp.near_duplicate_pairs(coarse, fine, 2)
+    brute = [(i, j, d) for i in range(300) for j in range(i + 1, 300)
+             if (d := bin(int.from_bytes(coarse[i], "big") ^ int.from_bytes(coarse[j], "big")).count("1")) <= 12]
+    assert dp.near_duplicate_pairs(coarse, fine, 12) == brute
+
+
+def plant_duplicates(root):
+    """Four planted pairs in a demo cohort: exact/near, same/conflicting label."""
+    from PIL import ImageEnhance
+    orbital, healthy, other = (root / f for f in FOLDERS)
+    (healthy / "zz_copy.jpg").write_bytes((healthy / "healthy_eyes_0_000.jpg").read_bytes())
+    (other / "zz_dup.jpg").write_bytes((orbital / "orbital_disease_0_000.jpg").read_bytes())
+    Image.open(orbital / "orbital_disease_0_001.jpg").save(orbital / "zz_reenc.jpg", quality=40)
+    brighter = ImageEnhance.Brightness(Image.open(other / "non_orbital_disease_0_002.jpg")).enhance(1.1)
+    brighter.save(healthy / "zz_bright.jpg", quality=90)
+
+
+def test_planted_duplicates_are_reported_and_kept_together(make_cohort, tmp_path, capsys):
+    root = make_cohort("cohort", (4, 10, 6))
+    plant_duplicates(root)
+    for seed in (1, 2):
+        out = tmp_path / f"out{seed}"
+        assert run("--data-root", root, "--out-dir", out, "--seed", seed) == 0
+        duplicates = pd.read_csv(out / "duplicates.csv", keep_default_na=False)
+        assert list(duplicates.columns) == ["path", "duplicate_of", "kind", "distance", "same_label"]
+        rows = [tuple(r) for r in duplicates.itertuples(index=False)]
+        assert rows == [
+            ("healthy eyes/zz_copy.jpg", "healthy eyes/healthy_eyes_0_000.jpg", "exact", 0, True),
+            ("non-orbital disease/zz_dup.jpg", "orbital disease/orbital_disease_0_000.jpg", "exact", 0, False),
+            ("non-orbital disease/non_orbital_disease_0_002.jpg", "healthy eyes/zz_bright.jpg", "near",
+             rows[2][3], False),
+            ("orbital disease/zz_reenc.jpg", "orbital disease/orbital_disease_0_001.jpg", "near", rows[3][3], True),
+        ]
+        assert 0 <= rows[2][3] <= 4 and 0 <= rows[3][3] <= 4
+        split_of = dict(zip(read_manifest(out).source, read_manifest(out).split))
+        for path, duplicate_of, *_ in rows:
+            assert split_of[path] == split_of[duplicate_of]
+    captured = capsys.readouterr()  # main() configures logging to stderr
+    warnings = [line for line in captured.err.splitlines() if "CONFLICTING LABELS" in line]
+    assert len(warnings) == 4  # two pairs, two runs
+    assert "'orbital disease/orbital_disease_0_000.jpg' (orbital disease) and " \
+           "'non-orbital disease/zz_dup.jpg' (non-orbital disease) are exact duplicates" in warnings[0]
+    assert "'healthy eyes/zz_bright.jpg'" in warnings[1] and "near duplicates" in warnings[1]
+    out = captured.out
+    assert "leakage audit: 2 exact duplicate(s), 2 near-duplicate pair(s) (pHash distance <= 4), " \
+           "2 with CONFLICTING labels" in out
+    assert run("--data-root", root, "--out-dir", tmp_path / "exact", "--near-dup-distance", "0") == 0
+    assert pd.read_csv(tmp_path / "exact" / "duplicates.csv").kind.tolist() == ["exact", "exact"]
+
+
+def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
+    root = make_cohort("cohort", (24, 60, 40))  # standardised cartoon eyes: a hard case for pHash
+    assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run") == 0
+    records, _ = dp.validate_cohort(root, common.list_class_folder_images(root, FOLDERS)[0],
+                                    FOLDERS, 2, True)
+    pairs = dp.find_duplicates([r.sha256 for r in records], [r.phash for r in records],
+                               [r.phash_fine for r in records], dp.NEAR_DUP_DISTANCE)
+    assert pairs == []
+
+
+# -- cross-validation folds ---------------------------------------------------------------------
+
+def test_assign_folds_known_answers():
+    labels = [0] * 5 + [1] * 7
+    folds = dp.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
+    per_class = [sorted(Counter(f for f, y in zip(folds, labels) if y == c).values()) for c in (0, 1)]
+    assert per_class == [[1, 2, 2], [2, 2, 3]]
+    assert sorted(Counter(folds).values()) == [4, 4, 4]  # ties go to the emptier fold overall
+    assert folds == dp.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
+    units = ["a", "a", "a", "b", "c", "c", "d"]  # groups are never divided
+    folds = dp.assign_folds([0] * 7, units, 2, seed=1)
+    assert all(len({f for f, u in zip(folds, units) if u == key}) == 1 for key in set(units))
+    assert sorted(Counter(folds).values()) == [3, 4]  # a (3) | b, c, d (1 + 2 + 1)
+
+
+def test_folds_manifest_and_fold_views(tmp_path, capsys):
+    names = {0: [f"P{p:02d}_{e}.jpg" for p in range(6) for e in "LR"],
+             1: [f"P{p:02d}_{e}.jpg" for p in range(10, 25) for e in "LR"],
+             2: [f"P{p:02d}_{e}.jpg" for p in range(30, 40) for e in "LR"]}
+    root = write_named_images(tmp_path / "cohort", names)
+    out = tmp_path / "cv"
+    assert run("--data-root", root, "--out-dir", out, "--folds", "3", "--test-ratio", "0.15",
+               "--group-regex", r"^(P\d+)_") == 0
+    manifest = read_manifest(out)
+    assert list(manifest.columns) == ["path", "source", "label", "split", "group", "sha256", "fold"]
+    assert set(manifest.split) == {"train", "test"} and not (out / "val").exists()
+    pool, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+    assert set(pool.fold) == {"0", "1", "2"} and set(test.fold) == {""} and len(test) > 0
+    assert manifest.groupby("group").fold.nunique().max() == 1  # patients stay in one fold
+    for label, rows in pool.groupby("label"):  # stratified: per-class fold sizes within one patient
+        counts = rows.fold.value_counts()
+        assert len(counts) == 3 and counts.max() - counts.min() <= 2
+    summary = pd.read_csv(out / "split_summary.csv").set_index("class")
+    assert list(summary.columns) == ["fold 0", "fold 1", "fold 2", "test", "total"]
+    assert summary.loc["total images", "fold 0"] == (pool.fold == "0").sum()
+    assert summary.loc["groups", "test"] == test.group.nunique()
+    for k in range(3):
+        train = common.load_labelled_items(out / "manifest.csv", FOLDERS, "train", fold=k)
+        val = common.load_labelled_items(out / "manifest.csv", FOLDERS, "val", fold=k)
+        assert len(train) + len(val) == len(pool) and not {p for p, _ in train} & {p for p, _ in val}
+        assert all(p.is_file() for p, _ in val)
+    assert "fold 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--folds", "1"], "--folds 1"),
+    (["--folds", "3", "--val-ratio", "0.2"], "replaces --val-ratio"),
+    (["--resize-px", "224", "--mode", "move"], "--mode copy only"),
+    (["--resize-px", "224", "--mode", "symlink"], "--mode copy only"),
+    (["--resize-px", "8"], "--resize-px 8"),
+    (["--near-dup-distance", "-1"], "--near-dup-distance"),
+    (["--rollback", "--overwrite"], "--rollback"),
+])
+def test_parse_args_rejects_new_combinations(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        dp.parse_args(["--data-root", str(tmp_path), *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_too_many_folds_is_a_clear_error(tmp_path, capsys):
+    root = write_named_images(tmp_path / "cohort", {0: ["a.jpg", "b.jpg"], 1: ["c.jpg"]})
+    assert run("--data-root", root, "--out-dir", tmp_path / "out", "--folds", "5") == 2
+    assert "--folds 5: the training pool holds only 3 group(s)" in capsys.readouterr().err
+
+
+# -- --resize-px --------------------------------------------------------------------------------
+
+def test_resize_px_known_answers():
+    assert dp.resized_size((400, 300), 100) == (133, 100)
+    assert dp.resized_size((300, 400), 100) == (100, 133)
+    assert dp.resized_size((1000, 101), 100) == (990, 100)
+    assert dp.resized_name("a/x.JPG", True) == "a/x.JPG"
+    assert dp.resized_name("a/x.tif", False) == "a/x.png"
+    assert dp.resized_name("a/x.jpeg", False) == "a/x.png"
+    assert dp.resized_name("a/x.png", True) == "a/x.jpg"  # a JPEG stored under a .png name
+    assert dp.resized_name("a/scan", False) == "a/scan.png"
+
+
+def test_resize_px_writes_small_copies_and_records_them(tmp_path):
+    root = tmp_path / "cohort"
+    healthy, orbital = root / "healthy eyes", root / "orbital disease"
+    healthy.mkdir(parents=True)
+    orbital.mkdir()
+    rng = random.Random(0)
+    make_demo_cohort.draw_eye(1, rng, (400, 300)).save(healthy / "big.jpg", quality=92)
+    make_demo_cohort.draw_eye(1, rng, (90, 70)).save(healthy / "small.jpg")
+    sideways = make_demo_cohort.draw_eye(0, rng, (300, 400))  # stored 300x400, shown 400x300
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(orbital / "rotated.jpg", exif=exif.tobytes(), quality=92)
+    grey = (np.linspace(0, 65535, 320)[None, :].repeat(200, 0)).astype(np.uint16)
+    Image.fromarray(grey).save(orbital / "deep.png")  # 16-bit
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--resize-px", "100", "--val-ratio", "0.3") == 0
+    manifest = read_manifest(out).set_index("source")
+    assert list(manifest.columns[-2:]) == ["resized_px", "sha256_written"]
+    expect = {"healthy eyes/big.jpg": ("big.jpg", "100", (133, 100)),
+              "healthy eyes/small.jpg": ("small.jpg", "", (90, 70)),
+              "orbital disease/rotated.jpg": ("rotated.jpg", "100", (133, 100)),
+              "orbital disease/deep.png": ("deep.png", "100", (160, 100))}
+    for source, (name, resized, size) in expect.items():
+        row = manifest.loc[source]
+        written = out / row.path
+        assert written.name == name and row.resized_px == resized
+        assert row.sha256 == common.file_sha256(root / source)
+        assert row.sha256_written == common.file_sha256(written)
+        assert (row.sha256_written == row.sha256) == (resized == "")
+        with Image.open(written) as image:
+            assert image.size == size and not image.getexif().get(0x0112)
+            assert image.format == ("PNG" if name.endswith(".png") else "JPEG")
+    original = common.read_image(root / "orbital disease" / "rotated.jpg").resize((133, 100))
+    copy = common.read_image(out / manifest.loc["orbital disease/rotated.jpg"].path)
+    assert np.abs(np.asarray(original, dtype=int) - np.asarray(copy, dtype=int)).mean() < 4
+
+
+# -- --mode move: journal, resume, rollback -----------------------------------------------------
+
+def write_tiny_cohort(root, n_images, sidecars=3):
+    """n_images distinct 12x12 PNGs spread over the classes, plus a few .txt sidecars."""
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        folder = Path(root) / FOLDERS[i % 3] / ("nested" if i % 7 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"img_{i:03d}.png")
+        if i < sidecars:
+            (folder / f"img_{i:03d}.txt").write_text(f"note {i}")
+    return Path(root)
+
+
+def content_multiset(*folders):
+    return sorted(common.file_sha256(p) for f in folders for p in Path(f).rglob("*") if p.is_file())
+
+
+def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
+    import signal
+    import time
+    root = write_tiny_cohort(tmp_path / "cohort", 200)
+    original = tree_snapshot(root)
+    out = tmp_path / "out"
+    env = {**os.environ, dp.MOVE_DELAY_ENV: "0.02"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--data-root", str(root), "--out-dir",
+                                str(out), "--mode", "move", "--no-progress"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            moved = [p for s in ("train", "val") for p in (out / s).rglob("*.png")] if out.exists() else []
+            if (out / dp.JOURNAL_NAME).exists() and len(moved) >= 20:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the move finished (or failed) before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert (out / dp.JOURNAL_NAME).exists() and not (out / "manifest.csv").exists()
+    at_source = [p for p in root.rglob("*") if p.is_file()]
+    assert 0 < len(at_source) < len(original)  # interrupted mid-run
+    assert content_multiset(root, out / "train", out / "val") == sorted(original.values())
+
+    assert run("--data-root", root, "--out-dir", out, "--mode", "move") == 0  # completes the run
+    assert not (out / dp.JOURNAL_NAME).exists() and (out / dp.MOVE_LOG_NAME).exists()
+    assert not [p for p in root.rglob("*") if p.is_file()]
+    manifest = read_manifest(out)
+    assert len(manifest) == 200 and all(common.file_sha256(out / p) == h for p, h in zip(manifest.path, manifest.sha256))
+    assert content_multiset(out / "train", out / "val") == sorted(original.values())
+
+    assert run("--data-root", root, "--out-dir", out, "--rollback") == 0  # undoes the finished run
+    assert tree_snapshot(root) == original
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_interrupted_move_rolls_back_and_refuses_other_modes(make_cohort, tmp_path, monkeypatch, capsys):
+    root = make_cohort("cohort", (3, 5, 4))
+    (root / "healthy eyes" / "healthy_eyes_0_000.txt").write_text("sidecar")
+    original = tree_snapshot(root)
+    real_settle, calls = dp.settle_move, []
+
+    def failing_settle(source, target):
+        calls.append(source)
+        if len(calls) == 6:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_settle(source, target)
+
+    monkeypatch.setattr(dp, "settle_move", failing_settle)
+    assert run("--data-root", root, "--mode", "move") == 1  # OUT = data root
+    assert "--rollback" in capsys.readouterr().err
+    monkeypatch.setattr(dp, "settle_move", real_settle)
+    assert (root / dp.JOURNAL_NAME).exists() and len(list((root / "train").rglob("*.jpg"))) >= 1
+    assert run("--data-root", root) == 2  # a copy run would mix with the half-moved tree
+    assert "--rollback" in capsys.readouterr().err
+    assert run("--data-root", root, "--rollback") == 0
+    assert tree_snapshot(root) == original  # exactly: no split folders, journal or tables left
+    assert run("--data-root", root, "--rollback") == 2  # nothing left to roll back
+
+
+# -- real-cohort hygiene: DICOM privacy, odd names ------------------------------------------------
+
+def test_dicom_header_values_never_reach_outputs_or_logs(make_cohort, tmp_path, capsys):
+    import pydicom
+    import pydicom.data
+    sample = Path(pydicom.data.__file__).parent / "test_files" / "MR_small.dcm"
+    root = make_cohort("cohort", (3, 4, 3))
+    phi = {"PatientName": "Doe^Jane", "PatientID": "MRN-990011", "PatientBirthDate": "19700101"}
+    for name, cut in (("scan ok.dcm", False), ("scan cut.dcm", True)):
+        dataset = pydicom.dcmread(sample)
+        for keyword, value in phi.items():
+            setattr(dataset, keyword, value)
+        if cut:
+            dataset.PixelData = dataset.PixelData[:1000]
+        dataset.save_as(root / "orbital disease" / name)
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(root / "healthy eyes" / "Ö eye (1).jpg")
+    out = tmp_path / "out"
+    assert run("--data-root", root, "--out-dir", out, "--resize-px", "32") == 0
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert rejected.path.tolist() == ["orbital disease/scan cut.dcm"]
+    assert "transfer syntax Explicit VR Little Endian" in rejected.reason[0]
+    manifest = read_manifest(out).set_index("source")
+    assert manifest.loc["orbital disease/scan ok.dcm", "path"].endswith("scan ok.png")  # header dropped
+    assert (out / manifest.loc["healthy eyes/Ö eye (1).jpg", "path"]).is_file()
+    captured = capsys.readouterr()
+    texts = [captured.out, captured.err] + [p.read_text(errors="replace") for p in out.glob("*.*")]
+    written = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    for value in phi.values():
+        assert not any(value in text for text in texts)
+        assert not any(value.encode() in data for data in written)
