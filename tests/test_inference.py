@@ -1,5 +1,7 @@
 """inference.py: known-answer tests of the metric functions, argument checks, and real runs of the
-tiny model on synthetic cohorts (checkpoint kinds, failed images, unlabelled folders, outputs)."""
+tiny model on synthetic cohorts (checkpoint kinds, failed images, unlabelled folders, manifests and
+groups, the validation operating point and temperature, baseline comparison, the embedding cache,
+WiSE-FT, anonymised outputs). More metric tests: test_metrics.py."""
 
 import argparse
 import contextlib
@@ -68,10 +70,18 @@ def checkpoint(tmp_path, tiny_model):
     return path
 
 
-def run_inference(test_dir, checkpoint, output_dir, *extra):
+def run_inference(test_dir, checkpoint, output_dir, *extra, figures=False):
     argv = ["--test-dir", str(test_dir), "--checkpoint", str(checkpoint), "--output-dir",
             str(output_dir), "--workers", "0", "--bootstrap", "50", "--no-progress", *extra]
-    return inference.main(argv)
+    return inference.main(argv + ([] if figures else ["--no-figures"]))
+
+
+def exit_code(*argv):
+    """main's return value, or the code of the SystemExit argparse raises."""
+    try:
+        return run_inference(*argv)
+    except SystemExit as exit_info:
+        return exit_info.code
 
 
 def error_lines(stderr):
@@ -160,17 +170,6 @@ def test_resampled_confusion_matrices_match_one_at_a_time():
         assert np.array_equal(stacked[b], single)
 
 
-def test_rank_auroc_equals_sklearn_with_ties_and_nan_when_one_class():
-    rng = np.random.default_rng(4)
-    scores = np.round(rng.random((5, 30)), 1)  # rounding makes ties
-    positive = rng.random((5, 30)) < 0.3
-    positive[:, 0], positive[:, 1] = True, False
-    aucs = inference.rank_auroc(scores, positive)
-    for b in range(5):
-        assert aucs[b] == pytest.approx(roc_auc_score(positive[b], scores[b]))
-    assert np.isnan(inference.rank_auroc(np.array([0.1, 0.5]), np.array([True, True]))[0])
-
-
 def test_compute_metrics_with_an_absent_class_gives_none_not_a_crash():
     y_true = np.array([1, 1, 1, 2, 2, 2, 2])  # no rare-class image at all
     probs = np.array([[.1, .8, .1], [.2, .5, .3], [.6, .3, .1], [.1, .2, .7],
@@ -194,7 +193,7 @@ def test_compute_metrics_bootstrap_is_seeded_and_brackets_the_estimate():
     first = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
     assert first == inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
     assert first != inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=8)
-    for name in inference.OVERALL_METRICS:
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
         low, high = first[f"{name}_ci"]
         assert low <= first[name] <= high
     none = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0, seed=7)
@@ -280,8 +279,8 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
     assert (metrics["model_name"], metrics["class_folders"]) == (TINY_MODEL, FOLDERS)
     assert (metrics["bootstrap"], metrics["seed"]) == (50, 2024)
     assert metrics["prompts"]["classes"][0]["eval"] == ["orbital disease"]
-    for name in ("classification_report.txt", "confusion_matrix.csv", "confusion_matrix.png",
-                 "roc_curves.png", "report.md", "args.json"):
+    for name in ("classification_report.txt", "confusion_matrix.csv", "per_class_metrics.csv",
+                 "report.md", "args.json"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
     assert common.file_sha256(checkpoint) in report and "](confusion_matrix.png)" in report
@@ -505,6 +504,13 @@ def test_help_and_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "metrics.json").read_text())["n"] == 7
+    from PIL import Image
+    for name in inference.FIGURE_NAMES:  # figures are on by default: PNG at 300 dpi + vector PDF
+        with Image.open(out / f"{name}.png") as image:
+            assert image.info["dpi"][0] == pytest.approx(300, abs=1)
+            assert image.width >= 3.0 * 300  # at least one journal column wide
+        assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    assert "](roc_curves.png)" in (out / "report.md").read_text()
 
 
 def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
@@ -521,3 +527,300 @@ def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, t
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["model_name"], metrics["class_folders"], metrics["n"]) == (TINY_MODEL, FOLDERS, 10)
     assert metrics["checkpoint_kind"] == "Orbital-CLIP checkpoint"
+
+
+# -- the validation operating point and temperature ----------------------------------------------
+
+OPERATING_POINT = {"class": "orbital disease", "target_sensitivity": 0.9, "threshold": 0.1,
+                   "val_sensitivity": 0.9, "val_specificity": 0.4}
+
+
+@pytest.fixture
+def calibrated_checkpoint(tmp_path, tiny_model):
+    """Our checkpoint with the rare-class threshold and temperature clip_train fits on validation."""
+    path = tmp_path / "calibrated.pt"
+    common.save_checkpoint(path, tiny_model, tiny_metadata(operating_point=dict(OPERATING_POINT),
+                                                           temperature=2.0))
+    return path
+
+
+@pytest.fixture
+def other_weights(tmp_path):
+    """A plain state_dict of a differently initialised tiny model (a baseline / WiSE-FT base)."""
+    torch.manual_seed(1)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    path = tmp_path / "other.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_outputs_of_a_calibrated_checkpoint(make_cohort, calibrated_checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 12, 7), seed=1)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, calibrated_checkpoint, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in inference.OVERALL_METRICS:
+        assert metrics[name] is not None and len(metrics[f"{name}_ci"]) == 2, name
+    assert (metrics["ece_bins"], metrics["bootstrap_unit"], metrics["n_groups"]) == (10, "image", 22)
+    frame = read_predictions(out)
+    probs = frame[prob_columns()].to_numpy()
+    # temperature divides the logits: softmax(z / T) = p^(1/T) / sum; the file keeps both
+    expected_cal = probs ** 0.5 / (probs ** 0.5).sum(axis=1, keepdims=True)
+    assert np.allclose(frame[[f"prob_cal_{f}" for f in FOLDERS]].to_numpy(), expected_cal, atol=1e-6)
+    scaled = metrics["temperature_scaled"]
+    assert (scaled["temperature"], scaled["source"]) == (2.0, "validation (clip_train.py)")
+    y_true = frame["true_label"].map(FOLDERS.index).to_numpy()
+    assert scaled["log_loss"] == pytest.approx(-np.log(expected_cal[np.arange(22), y_true]).mean())
+    op = metrics["operating_point"]
+    assert (op["threshold"], op["source"], op["class"]) == (0.1, "validation", "orbital disease")
+    rule = probs[:, 0] >= 0.1
+    rare = y_true == 0
+    assert (op["rule"]["tp"], op["rule"]["fp"]) == (int((rule & rare).sum()), int((rule & ~rare).sum()))
+    assert (op["argmax"]["tp"] + op["argmax"]["fn"]) == 3
+    assert (frame["pred_label_threshold"] == "orbital disease").to_numpy().tolist() == rule.tolist()
+    per_class = pd.read_csv(out / "per_class_metrics.csv")
+    assert list(per_class["class"]) == FOLDERS
+    assert {"prevalence", "lr_pos", "lr_neg_ci_low", "auprc", "auprc_baseline",
+            "f1_ci_high"} <= set(per_class)
+    assert per_class["auprc"].tolist() == pytest.approx(
+        [metrics["per_class"][f]["auprc"] for f in FOLDERS])
+    report = (out / "report.md").read_text()
+    assert "0 = orbital disease, 1 = healthy eyes, 2 = non-orbital disease" in report
+    assert "0.1000 (validation)" in report and "temperature: 2.0000" in report
+    assert "| p ≥ 0.1000 |" in report and "| argmax |" in report
+    assert "STARD 2015" in report and "TRIPOD+AI 2024" in report and "CLAIM 2024" in report
+    assert "sklearn " in report and "open_clip " in report and "torch " in report
+    assert "itd_accuracy" in metrics and metrics["itd_accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_cohort, calibrated_checkpoint,
+                                                                       tmp_path):
+    first = make_cohort("external_a", (3, 12, 7), seed=1)
+    second = make_cohort("external_b", (8, 2, 5), seed=4)
+    for name, test_dir in (("a", first), ("b", second)):
+        assert run_inference(test_dir, calibrated_checkpoint, tmp_path / name) == 0
+    thresholds = [json.loads((tmp_path / name / "metrics.json").read_text())["operating_point"]
+                  for name in ("a", "b")]
+    assert [op["threshold"] for op in thresholds] == [0.1, 0.1]  # the cohort changed; it did not
+    assert [op["source"] for op in thresholds] == ["validation", "validation"]
+    assert run_inference(first, calibrated_checkpoint, tmp_path / "user", "--threshold", "0.5") == 0
+    op = json.loads((tmp_path / "user" / "metrics.json").read_text())["operating_point"]
+    assert (op["threshold"], op["source"]) == (0.5, "user (--threshold)")
+
+
+def test_no_stored_threshold_or_temperature_means_argmax_only(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (2, 4, 3), seed=1)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["operating_point"] is None and metrics["temperature_scaled"] is None
+    assert "argmax only" in (out / "report.md").read_text()
+    columns = read_predictions(out).columns
+    assert "pred_label_threshold" not in columns and not any(c.startswith("prob_cal_") for c in columns)
+
+
+def test_unreadable_image_is_in_the_flow_table_and_intention_to_diagnose(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)
+    (test_dir / "orbital disease" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_received"], metrics["n_failed"], metrics["n"]) == (13, 1, 12)
+    flow = metrics["flow"]
+    assert flow["rows"]["orbital disease"] == {"received": 4, "unreadable": 1, "scored": 3}
+    assert flow["rows"]["total"] == {"received": 13, "unreadable": 1, "scored": 12}
+    ((reason, by_class),) = flow["reasons"].items()
+    assert by_class["orbital disease"] == 1 and reason in read_predictions(out)["status"].iloc[0]
+    report = (out / "report.md").read_text()
+    assert "| orbital disease | 4 | 1 | 3 |" in report and f"{reason}: 1" in report
+    # intention to diagnose: the failure counts as an error of the rare class
+    assert metrics["itd_accuracy"] == pytest.approx(metrics["accuracy"] * 12 / 13)
+    rare = metrics["per_class"]["orbital disease"]
+    assert metrics["itd_rare_sensitivity"] == pytest.approx(rare["tp"] / 4)
+    assert "Intention-to-diagnose" in report
+
+
+# -- manifests and patient groups ------------------------------------------------------------------
+
+def write_manifest(root, val_every=4):
+    """manifest.csv beside the class folders: every `val_every`-th image in split val, the rest
+    test; two images per patient group."""
+    rows = ["path,source,label,split,group,sha256"]
+    for i, path in enumerate(sorted(root.rglob("*.jpg"))):
+        rel = path.relative_to(root).as_posix()
+        split = "val" if i % val_every == 0 else "test"
+        rows.append(f"{rel},{rel},{path.parent.name},{split},P{i // 2:03d},")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, checkpoint, tmp_path, capsys):
+    manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
+    out = tmp_path / "out"
+    assert run_inference(manifest, checkpoint, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n"], metrics["split"], metrics["bootstrap_unit"]) == (13, "test", "group")
+    assert metrics["n_groups"] == 9 and metrics["group_source"] == "manifest group column"
+    frame = read_predictions(out)
+    assert frame["path"].str.endswith(".jpg").all() and frame["group"].str.startswith("P").all()
+    assert run_inference(manifest, checkpoint, tmp_path / "val", "--split", "val") == 0
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["n"] == 5
+    capsys.readouterr()
+    assert run_inference(manifest, checkpoint, tmp_path / "train", "--split", "train") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "split 'train'" in err and "test, val" in err and "--split" in err
+    assert not (tmp_path / "train").exists()
+
+
+def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)  # names like healthy_eyes_1_004.jpg
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--group-regex", r"^([a-z_]+)_\d+_") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["bootstrap_unit"], metrics["n_groups"]) == ("group", 3)
+    assert set(read_predictions(out)["group"]) == {"orbital_disease", "healthy_eyes", "non_orbital_disease"}
+
+
+# -- comparison with a baseline --------------------------------------------------------------------
+
+def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoint, other_weights, tmp_path):
+    test_dir = make_cohort("external", (3, 8, 5), seed=1)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--baseline", str(other_weights),
+                         "--baseline-model-name", TINY_MODEL) == 0
+    assert run_inference(test_dir, other_weights, tmp_path / "alone", "--model-name", TINY_MODEL) == 0
+    model, base = read_predictions(out), read_predictions(out.parent / "alone")
+    baseline = read_predictions(out).pipe(lambda _: pd.read_csv(out / "baseline_predictions.csv"))
+    assert np.allclose(baseline[prob_columns()].to_numpy(), base[prob_columns()].to_numpy(), atol=1e-6)
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison["metric"]) == [*inference.COMPARED_METRICS, "accuracy"]
+    y_true = model["true_label"].map(FOLDERS.index).to_numpy()
+    acc_model = (model["pred_label"].map(FOLDERS.index).to_numpy() == y_true).mean()
+    acc_base = (base["pred_label"].map(FOLDERS.index).to_numpy() == y_true).mean()
+    first = comparison.iloc[0]
+    assert first["difference"] == pytest.approx(acc_model - acc_base)
+    assert first["difference_ci_low"] <= first["difference_ci_high"]
+    assert comparison.iloc[-1]["test"].startswith("McNemar mid-p")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["comparison"]["n"] == 16 and metrics["baseline"]["model_name"] == TINY_MODEL
+    assert "Comparison with the baseline" in (out / "report.md").read_text()
+
+
+# -- the embedding cache ---------------------------------------------------------------------------
+
+def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, checkpoint, tmp_path,
+                                                               monkeypatch):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)
+    (test_dir / "healthy eyes" / "x.jpg").write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    assert run_inference(test_dir, checkpoint, tmp_path / "first", "--cache-dir", str(cache)) == 0
+    assert len(list(cache.glob("embeddings_*.npz"))) == 1
+
+    def no_encoding(*_args, **_kwargs):
+        raise AssertionError("an image was encoded despite the cache")
+
+    monkeypatch.setattr(common, "encode_image_batches", no_encoding)
+    monkeypatch.setattr(common, "read_image", no_encoding)
+    assert run_inference(test_dir, checkpoint, tmp_path / "second", "--cache-dir", str(cache)) == 0
+    for name in ("predictions.csv", "metrics.json", "report.md"):
+        assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text(), name
+    # other prompts, threshold and bootstrap size: still no image encoded
+    reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
+    (tmp_path / "reversed.json").write_text(json.dumps(reversed_set))
+    assert run_inference(test_dir, checkpoint, tmp_path / "third", "--cache-dir", str(cache),
+                         "--prompts", str(tmp_path / "reversed.json"), "--threshold", "0.2",
+                         "--bootstrap", "20") == 0
+    first = read_predictions(tmp_path / "first").set_index("path")
+    third = read_predictions(tmp_path / "third").set_index("path").loc[first.index]
+    assert np.allclose(third[prob_columns()].to_numpy(dtype=float),
+                       first[prob_columns()].to_numpy(dtype=float), atol=1e-6, equal_nan=True)
+    assert third.loc["healthy eyes/x.jpg", "status"].startswith("failed: ")
+
+
+# -- WiSE-FT ---------------------------------------------------------------------------------------
+
+def test_wise_ft_alpha_0_is_the_base_and_1_the_fine_tuned(make_cohort, checkpoint, other_weights, tmp_path):
+    test_dir = make_cohort("external", (2, 4, 3), seed=1)
+    out = tmp_path / "wise"
+    assert run_inference(test_dir, checkpoint, out, "--wise-ft-alpha", "0", "0.5", "1",
+                         "--wise-ft-base", str(other_weights)) == 0
+    assert run_inference(test_dir, other_weights, tmp_path / "base", "--model-name", TINY_MODEL) == 0
+    assert run_inference(test_dir, checkpoint, tmp_path / "tuned") == 0
+    probs = {name: read_predictions(tmp_path / name)[prob_columns()].to_numpy() for name in ("base", "tuned")}
+    for alpha in ("0", "0.5", "1"):
+        probs[alpha] = read_predictions(out / f"wise_ft_alpha_{alpha}")[prob_columns()].to_numpy()
+        assert (out / f"wise_ft_alpha_{alpha}" / "metrics.json").exists()
+    assert np.allclose(probs["0"], probs["base"], atol=1e-6)
+    assert np.allclose(probs["1"], probs["tuned"], atol=1e-6)
+    assert not np.allclose(probs["0.5"], probs["base"], atol=1e-4)
+    assert not np.allclose(probs["0.5"], probs["tuned"], atol=1e-4)
+    summary = pd.read_csv(out / "wise_ft_summary.csv")
+    assert summary["alpha"].tolist() == [0.0, 0.5, 1.0] and (summary["n"] == 9).all()
+    assert {"accuracy", "balanced_accuracy", "macro_auroc", "rare_sensitivity"} <= set(summary.columns)
+    metrics = json.loads((out / "wise_ft_alpha_0.5" / "metrics.json").read_text())
+    assert metrics["wise_ft_alpha"] == 0.5 and str(other_weights) in metrics["wise_ft_base"]
+
+
+def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    assert run_inference(test_dir, checkpoint, tmp_path / "out", "--wise-ft-alpha", "0.5") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "--wise-ft-base" in err and not (tmp_path / "out").exists()
+
+
+# -- privacy ---------------------------------------------------------------------------------------
+
+def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)
+    (test_dir / "healthy eyes" / "Doe_John_1961.jpg").write_bytes(b"garbage, not a picture")
+    stems = [path.stem for path in test_dir.rglob("*.jpg")]
+    salt = "pepper-8d1f"
+    for name in ("a", "b"):
+        assert run_inference(test_dir, checkpoint, tmp_path / name, "--anonymize-paths",
+                             "--anonymize-salt", salt, "--group-regex", r"^([a-z_]+)_\d",
+                             figures=name == "a") == 0
+    assert run_inference(test_dir, checkpoint, tmp_path / "c", "--anonymize-paths") == 0
+    for output in (tmp_path / "a", tmp_path / "c"):
+        files = [path for path in output.rglob("*") if path.is_file()]
+        assert len(files) >= 7
+        for path in files:
+            data = path.read_bytes()
+            for stem in stems + [salt, str(test_dir), "orbital_disease_1"]:
+                assert stem.encode() not in data, (path.name, stem)
+    a, b, c = (read_predictions(tmp_path / name) for name in ("a", "b", "c"))
+    assert a["path"].str.fullmatch(r"[0-9a-f]{64}").all() and a["path"].is_unique
+    assert list(a["path"]) == list(b["path"])  # same salt, same pseudonyms
+    assert not set(a["path"]) & set(c["path"])  # a random salt cannot be linked
+    assert (a["status"] != "ok").sum() == 1
+
+
+# -- every user error: exit 2, one error line naming the flag, nothing written ----------------------
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--threshold", "1.5"], "--threshold"),
+    (["--threshold", "-0.1"], "--threshold"),
+    (["--wise-ft-alpha", "0.5", "1.2"], "--wise-ft-alpha"),
+    (["--baseline", "missing_baseline.pt"], "--baseline"),
+    (["--baseline", "laion400m_e32"], "--baseline"),
+    (["--baseline-model-name", TINY_MODEL], "--baseline-model-name"),
+    (["--cache-dir", "FILE"], "--cache-dir"),
+    (["--anonymize-salt", "x"], "--anonymize-salt"),
+    (["--group-regex", r"P\d+"], "--group-regex"),
+    (["--group-regex", "(unclosed"], "--group-regex"),
+    (["--ece-bins", "1"], "--ece-bins"),
+    (["--split", "test"], "--split"),
+    (["--wise-ft-base", "other.pt"], "--wise-ft-base"),
+])
+def test_user_errors_exit_2_and_write_nothing(make_cohort, checkpoint, tmp_path, capsys, extra, flag):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    (tmp_path / "other.pt").write_bytes(b"")
+    extra = [str(tmp_path / e) if e in ("FILE", "other.pt") else e for e in extra]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert exit_code(test_dir, checkpoint, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error: " in line]
+    assert flag in line
+    assert not out.exists()

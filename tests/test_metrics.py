@@ -1,0 +1,251 @@
+"""inference.py metrics: known answers on hand-made inputs, agreement with scikit-learn/scipy of the
+vectorised (weighted) metrics behind the bootstrap, the cluster bootstrap, and its speed."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score,
+                             brier_score_loss, f1_score, log_loss, matthews_corrcoef, roc_auc_score)
+
+import inference
+import prompts
+
+FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
+Z95 = 1.959963984540054
+# Rows true, columns predicted; 27 images. Class 0: tp 3, fp 2, fn 2, tn 20.
+HAND_CM = np.array([[3, 1, 1],
+                    [2, 10, 0],
+                    [0, 4, 6]])
+
+
+def random_probs(rng, n, n_classes=3, signal=2.0):
+    y_true = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes)) + signal * np.eye(n_classes)[y_true]
+    return y_true, inference.softmax(logits)
+
+
+# -- one confusion matrix, by hand -------------------------------------------------------------------
+
+def test_likelihood_ratios_by_hand_with_log_method_intervals():
+    stats = inference.per_class_metrics(HAND_CM, 0)
+    assert (stats["tp"], stats["fp"], stats["fn"], stats["tn"]) == (3, 2, 2, 20)
+    assert stats["prevalence"] == pytest.approx(5 / 27)
+    assert stats["lr_pos"] == pytest.approx((3 / 5) / (2 / 22))  # 6.6
+    assert stats["lr_neg"] == pytest.approx((2 / 5) / (20 / 22))  # 0.44
+    se_pos = math.sqrt(1 / 3 - 1 / 5 + 1 / 2 - 1 / 22)
+    se_neg = math.sqrt(1 / 2 - 1 / 5 + 1 / 20 - 1 / 22)
+    assert stats["lr_pos_ci"] == pytest.approx([6.6 * math.exp(-Z95 * se_pos), 6.6 * math.exp(Z95 * se_pos)])
+    assert stats["lr_neg_ci"] == pytest.approx([0.44 * math.exp(-Z95 * se_neg),
+                                               0.44 * math.exp(Z95 * se_neg)])
+    assert stats["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 2))
+
+
+def test_likelihood_ratios_with_a_zero_cell():
+    perfect_sensitivity = inference.likelihood_ratios(tp=5, fp=1, fn=0, tn=9)
+    assert perfect_sensitivity["lr_neg"] == 0.0 and perfect_sensitivity["lr_neg_ci"][0] == 0.0
+    assert perfect_sensitivity["lr_pos"] == pytest.approx(1.0 / 0.1)
+    a, b, c, d = 5.5, 1.5, 0.5, 9.5  # Haldane: 0.5 added to every cell for the interval
+    se = math.sqrt(1 / a - 1 / (a + c) + 1 / b - 1 / (b + d))
+    centre = math.log((a / (a + c)) / (b / (b + d)))
+    assert perfect_sensitivity["lr_pos_ci"] == pytest.approx([math.exp(centre - Z95 * se),
+                                                             math.exp(centre + Z95 * se)])
+    no_false_positive = inference.likelihood_ratios(tp=3, fp=0, fn=1, tn=10)
+    assert no_false_positive["lr_pos"] is None  # infinite
+    assert all(math.isfinite(x) for x in no_false_positive["lr_pos_ci"])
+    assert inference.likelihood_ratios(0, 3, 0, 4)["lr_pos"] is None  # no positive image at all
+
+
+def test_multiclass_mcc_by_hand_and_sklearn():
+    # Gorodkin: (c s - sum p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)); t = (5, 12, 10),
+    # p = (5, 15, 7), c = 19, s = 27.
+    expected = (19 * 27 - (5 * 5 + 15 * 12 + 7 * 10)) / math.sqrt((27**2 - 299) * (27**2 - 269))
+    values = inference.metrics_from_confusion(HAND_CM[None])
+    assert values["mcc"][0] == pytest.approx(expected)
+    y_true = np.repeat(np.arange(3), HAND_CM.sum(axis=1))
+    y_pred = np.concatenate([np.repeat(np.arange(3), row) for row in HAND_CM])
+    assert values["mcc"][0] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert values["weighted_f1"][0] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    constant = np.array([[[4, 0], [3, 0]]])  # one predicted class: MCC 0, as sklearn
+    assert inference.metrics_from_confusion(constant)["mcc"][0] == 0.0
+
+
+def test_brier_log_loss_and_ece_by_hand():
+    y_true = np.array([0, 1])
+    probs = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    assert inference.brier_per_image(y_true, probs).tolist() == [0.0, 0.5]  # mean 0.25
+    assert inference.log_loss_per_image(y_true, probs).mean() == pytest.approx(math.log(2) / 2)
+    # ECE, 10 bins: (0.9, 1] holds confidences .95 (right) and .95 (wrong): |1.9 - 1| = 0.9;
+    # (0.5, 0.6] holds .55 (right) and .55 (right): |1.1 - 2| = 0.9; ECE = 1.8 / 4.
+    y_true = np.array([0, 1, 0, 1])
+    probs = np.array([[.95, .05, 0], [.95, 0, .05], [.55, .45, 0], [.45, .55, 0]])
+    assert inference.expected_calibration_error(y_true, probs, 10) == pytest.approx(0.45)
+    assert inference.calibration_bins([0.0, 0.1, 0.10001, 0.55, 1.0], 10).tolist() == [0, 0, 1, 5, 9]
+
+
+def test_rule_and_operating_point_by_hand():
+    probs = np.array([[.30, .60, .10], [.10, .80, .10], [.25, .70, .05], [.05, .15, .80],
+                      [.50, .30, .20]])
+    y_true = np.array([0, 0, 1, 2, 1])
+    assert inference.rule_predictions(probs, 0, 0.2).tolist() == [0, 1, 0, 2, 0]
+    assert inference.rule_predictions(probs, 0, 0.6).tolist() == [1, 1, 1, 2, 1]  # .5 < .6: not rare
+    op = inference.operating_point_metrics(y_true, probs, 0, 0.2)
+    rule, argmax = op["rule"], op["argmax"]
+    assert (rule["tp"], rule["fp"], rule["fn"], rule["tn"]) == (1, 2, 1, 1)
+    assert (argmax["tp"], argmax["fp"], argmax["fn"], argmax["tn"]) == (0, 1, 2, 2)
+    assert rule["sensitivity"] == 0.5 and rule["sensitivity_ci"] == pytest.approx(
+        inference.wilson_interval(1, 2))
+    assert np.array(op["confusion_matrix"]).sum() == 5
+
+
+def test_intention_to_diagnose_counts_failures_as_errors():
+    itd = inference.intention_to_diagnose(np.array([0, 0, 1, 2]), np.array([0, -1, 1, 0]), 0)
+    assert (itd["itd_n"], itd["itd_accuracy"], itd["itd_rare_sensitivity"]) == (4, 0.5, 0.5)
+    assert itd["itd_accuracy_ci"] == pytest.approx(inference.wilson_interval(2, 4))
+
+
+def test_mcnemar_exact_and_mid_p_by_hand():
+    correct_a = np.array([True] * 10 + [False] * 2 + [True] * 5)
+    correct_b = np.array([False] * 10 + [True] * 2 + [True] * 5)
+    result = inference.mcnemar_test(correct_a, correct_b)
+    assert (result["a_only"], result["b_only"]) == (10, 2)
+    assert result["p_exact"] == pytest.approx(binomtest(10, 12, 0.5).pvalue)
+    # mid-p = 2 [P(X <= 2) - P(X = 2) / 2], X ~ Bin(12, 1/2): 2 (79 - 33) / 4096
+    assert result["p_mid"] == pytest.approx(2 * 46 / 4096)
+    assert inference.mcnemar_test(correct_a, correct_a)["p_exact"] is None
+
+
+# -- the vectorised metrics equal scikit-learn -----------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_metrics_equal_sklearn_with_sample_weights(seed):
+    rng = np.random.default_rng(seed)
+    y_true, probs = random_probs(rng, 60)
+    probs = np.round(probs, 2)  # ties
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    weights = rng.integers(0, 4, 60).astype(float) if seed else np.ones(60)
+    values = inference.weighted_metrics(weights[None], inference.prepare_scores(y_true, probs))
+    y_pred = probs.argmax(axis=1)
+    sw = {"sample_weight": weights}
+    assert values["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred, **sw))
+    assert values["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y_true, y_pred, **sw))
+    for average in ("macro", "weighted"):
+        assert values[f"{average}_f1"][0] == pytest.approx(
+            f1_score(y_true, y_pred, average=average, labels=[0, 1, 2], zero_division=0, **sw))
+    assert values["mcc"][0] == pytest.approx(matthews_corrcoef(y_true, y_pred, **sw))
+    assert values["brier"][0] == pytest.approx(brier_score_loss(y_true, probs, labels=[0, 1, 2], **sw))
+    assert values["log_loss"][0] == pytest.approx(log_loss(y_true, probs, labels=[0, 1, 2], **sw))
+    for k in range(3):
+        assert values["auroc"][0, k] == pytest.approx(roc_auc_score(y_true == k, probs[:, k], **sw))
+        assert values["auprc"][0, k] == pytest.approx(
+            average_precision_score(y_true == k, probs[:, k], **sw))
+    assert values["macro_auroc"][0] == pytest.approx(values["auroc"][0].mean())
+
+
+def test_compute_metrics_point_estimates_equal_sklearn():
+    rng = np.random.default_rng(7)
+    y_true, probs = random_probs(rng, 80)
+    metrics = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0)
+    y_pred = probs.argmax(axis=1)
+    assert metrics["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert metrics["macro_auprc"] == pytest.approx(np.mean(
+        [average_precision_score(y_true == k, probs[:, k]) for k in range(3)]))
+    assert metrics["ece"] == pytest.approx(inference.expected_calibration_error(y_true, probs, 10))
+    assert metrics["ece_bins"] == 10 and metrics["accuracy_ci"] is None
+    rare = metrics["per_class"]["orbital disease"]
+    assert rare["auprc_baseline"] == pytest.approx(np.mean(y_true == 0))
+    assert rare["f1"] == pytest.approx(f1_score(y_true == 0, y_pred == 0))
+    assert set(rare) >= {"support", "prevalence", "tp", "fp", "fn", "tn", "sensitivity", "specificity",
+                         "ppv", "npv", "lr_pos", "lr_neg", "f1", "auroc", "auprc", "auprc_baseline"}
+
+
+def test_temperature_scaled_metrics_are_reported_beside_the_raw_ones():
+    rng = np.random.default_rng(8)
+    y_true = rng.integers(0, 3, 100)
+    logits = 4 * (rng.normal(size=(100, 3)) + 1.5 * np.eye(3)[y_true])  # over-confident
+    metrics = inference.compute_metrics(y_true, inference.softmax(logits), FOLDERS, 100, 0,
+                                        probs_cal=inference.softmax(logits, 4.0))
+    scaled = metrics["temperature_scaled"]
+    assert scaled["log_loss"] == pytest.approx(log_loss(y_true, inference.softmax(logits / 4.0)))
+    assert scaled["log_loss"] < metrics["log_loss"]  # T = 4 undoes the over-confidence
+    assert len(scaled["ece_ci"]) == 2
+    raw_only = inference.compute_metrics(y_true, inference.softmax(logits), FOLDERS, 0)
+    assert raw_only["temperature_scaled"] is None
+
+
+# -- the bootstrap -----------------------------------------------------------------------------------
+
+def test_resample_weights_keep_groups_together_and_are_seeded():
+    group_index = np.array([0, 0, 1, 1, 1, 2])
+    first = np.concatenate(list(inference.resample_weights(group_index, 300, seed=3, chunk=128)))
+    assert first.shape == (300, 6)
+    assert (first[:, 0] == first[:, 1]).all() and (first[:, 2] == first[:, 4]).all()
+    assert (first[:, [0, 2, 5]].sum(axis=1) == 3).all()  # three groups drawn per replicate
+    again = np.concatenate(list(inference.resample_weights(group_index, 300, seed=3, chunk=64)))
+    assert np.array_equal(first, again)  # chunk size does not change the replicates
+
+
+def test_group_bootstrap_of_two_identical_groups_is_wider_than_image_bootstrap():
+    # Two patients of 20 identical images each: one always right, one always wrong. Images are
+    # not independent, so the honest interval of the accuracy spans 0..1.
+    y_true = np.array([0] * 20 + [1] * 20)
+    probs = np.tile([[0.8, 0.1, 0.1]], (40, 1))
+    groups = np.array(["patient A"] * 20 + ["patient B"] * 20)
+    by_image = inference.compute_metrics(y_true, probs, FOLDERS, 500, seed=0)
+    by_group = inference.compute_metrics(y_true, probs, FOLDERS, 500, seed=0, groups=groups)
+    assert by_image["accuracy"] == by_group["accuracy"] == 0.5
+    assert by_group["accuracy_ci"] == [0.0, 1.0]
+    image_width = by_image["accuracy_ci"][1] - by_image["accuracy_ci"][0]
+    assert image_width < 0.5 < by_group["accuracy_ci"][1] - by_group["accuracy_ci"][0]
+    assert (by_group["bootstrap_unit"], by_group["n_groups"]) == ("group", 2)
+    assert (by_image["bootstrap_unit"], by_image["n_groups"]) == ("image", 40)
+
+
+def test_paired_comparison_of_a_model_with_itself_is_zero():
+    rng = np.random.default_rng(9)
+    y_true, probs = random_probs(rng, 50)
+    same = inference.compare_models(y_true, probs, probs, None, 200, 0)
+    for row in same["rows"][:-1]:
+        assert row["difference"] == 0 and row["difference_ci"] == [0.0, 0.0]
+    assert same["mcnemar"]["p_exact"] is None
+    worse = inference.compare_models(y_true, probs, np.full_like(probs, 1 / 3), None, 200, 0)
+    auroc = next(r for r in worse["rows"] if r["metric"] == "macro_auroc")
+    assert auroc["baseline"] == pytest.approx(0.5) and auroc["difference_ci"][0] > 0
+    own = inference.compute_metrics(y_true, probs, FOLDERS, 200, 0)
+    assert auroc["model_ci"] == pytest.approx(own["macro_auroc_ci"])  # the same resamples
+
+
+# -- speed -----------------------------------------------------------------------------------------
+
+def test_full_evaluation_of_5000_images_with_2000_resamples_takes_under_10_s(tmp_path):
+    """Everything after the embeddings (metrics, 2000 bootstrap resamples, tables, the figures as
+    PNG and PDF, the report) for 5,000 images; about 6 s on 2 CPU cores."""
+    rng = np.random.default_rng(0)
+    n = 5000
+    y_true = rng.choice(3, n, p=[0.05, 0.6, 0.35])
+    logits = 2 * rng.normal(size=(n, 3)) + 3 * np.eye(3)[y_true]
+    cohort = {"items": [(tmp_path / FOLDERS[c] / f"img_{i:05d}.jpg", int(c)) for i, c in enumerate(y_true)],
+              "labelled": True, "root": tmp_path, "split": None, "groups": None, "group_source": None}
+    bundle = {"checkpoint": {"spec": "synthetic.pt", "kind": "ours", "sha256": "0" * 64, "data": {}},
+              "model_name": "tiny_clip", "classes": prompts.load_prompt_set(None), "folders": FOLDERS,
+              "prompt_source": "published", "logit_scale_mode": "exp", "temperature": 1.5,
+              "operating": {"class": FOLDERS[0], "rare_index": 0, "threshold": 0.2, "source": "validation"},
+              "notes": {"temperature_source": "validation"}, "wise_ft_alpha": None, "wise_ft_base": None}
+    setup = {"cohort": cohort, "model": bundle, "baseline": None, "wise": None, "anonymize": None}
+    args = inference.parse_args(["--test-dir", str(tmp_path), "--checkpoint", "x.pt"])
+    args.device, args.precision = torch.device("cpu"), "fp32"
+    assert args.bootstrap == 2000
+    import matplotlib.pyplot  # noqa: F401 - the import is a one-off, not evaluation
+    start = time.perf_counter()
+    metrics = inference.write_evaluation(tmp_path / "out", args, setup, bundle,
+                                         {"logits": logits, "statuses": ["ok"] * n})
+    seconds = time.perf_counter() - start
+    print(f"full evaluation of {n} images, 2000 resamples: {seconds:.1f} s")
+    assert metrics["n"] == n and metrics["operating_point"]["rule"]["tp"] > 0
+    for name in inference.FIGURE_NAMES:
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
+        assert (tmp_path / "out" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    assert seconds < 10.0
