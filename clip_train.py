@@ -645,7 +645,8 @@ def parse_args(argv=None):
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--workers", type=int, default=None,
-                     help=f"DataLoader worker processes (default {common.default_workers()} here: cores - 1, max 8)")
+                     help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU, "
+                          "where workers only take cores from the model)")
     run.add_argument("--resume", default=None,
                      help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
     run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
@@ -685,8 +686,8 @@ def validate_args(parser, args):
         parser.error("--epochs must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         parser.error("--lr must be a positive number")
-    if args.weight_decay < 0:
-        parser.error("--weight-decay must be >= 0")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        parser.error("--weight-decay must be a number >= 0")
     if args.accum_steps < 1 or args.accum_steps > args.batch_size // 2:
         parser.error("--accum-steps must be between 1 and --batch-size / 2 (micro-batches of >= 2)")
     for flag in ("lock_image", "lock_text"):
@@ -699,7 +700,7 @@ def validate_args(parser, args):
     if args.fold is not None and (args.fold < 0 or not str(args.train_dir).endswith(".csv")):
         parser.error("--fold k needs k >= 0 and --train-dir/--val-dir pointing at a manifest.csv "
                      "written with data_preprocess.py --folds K")
-    if args.dist_timeout <= 0:
+    if not args.dist_timeout > 0:  # also nan
         parser.error("--dist-timeout must be > 0 minutes")
     if not 0 < args.target_sensitivity <= 1:
         parser.error("--target-sensitivity must be in (0, 1]")
@@ -730,7 +731,7 @@ def validate_args(parser, args):
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
                                                  and not args.model_config) else "none"
     if args.workers is None:
-        args.workers = common.default_workers()
+        args.workers = common.default_workers(args.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,6 +784,10 @@ def trial_best(save_dir, metric):
     return float(values.min() if metric == "val_loss" else values.max())
 
 
+class SsaUsageError(Exception):
+    """An SSA trial exited with status 2 (bad arguments)."""
+
+
 def run_ssa(argv, args):
     """Sweep each --ssa factor in turn, keeping the best value before moving to the next one."""
     import shutil
@@ -797,7 +802,13 @@ def run_ssa(argv, args):
             trial_dir = ssa_dir / "trials" / f"stage{stage}_{name}={value}"
             fixed = [tok for k, v in best_values.items() if k != name for tok in (f"--{k}", v)]
             start = time.perf_counter()
-            code = main(base_argv + fixed + [f"--{name}", value, "--save-dir", str(trial_dir), "--overwrite"])
+            try:
+                code = main(base_argv + fixed + [f"--{name}", value, "--save-dir", str(trial_dir), "--overwrite"])
+            except SystemExit as exit_:  # the trial's parser refused a value
+                code = exit_.code
+            if code == 2:
+                raise SsaUsageError(f"SSA stage {stage}, --{name} {value}: the trial refused its "
+                                    "arguments (message above); nothing kept")
             metric = trial_best(trial_dir, args.select_metric) if code == 0 else float("nan")
             stage_results.append((metric, value, trial_dir))
             rows.append({"stage": stage, "factor": name, "value": value, "metric": args.select_metric,
@@ -868,15 +879,39 @@ def setup_model(args):
             raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
                              f"architecture {name}")
     pretrained = None if args.pretrained == "none" else args.pretrained
+    if pretrained and Path(pretrained).is_file():
+        weights = pretrained_weights(pretrained, args.model_name)
+        model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, None, args.device)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ValueError(f"--pretrained {pretrained}: weights do not fit --model-name "
+                             f"{args.model_name} ({detail[:240]})") from None
+        return model, train_tf, val_tf, tokenizer, model_config
     try:
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
     except (RuntimeError, OSError) as err:
-        if pretrained and not Path(pretrained).is_file():
+        if pretrained:  # a tag (a file was handled above)
             raise ValueError(f"--pretrained {pretrained}: could not load these weights for "
                              f"{args.model_name} ({str(err).splitlines()[0][:200]}); offline, pass "
                              "--pretrained none or a local weights file") from None
         raise ValueError(f"--pretrained {pretrained}: {str(err).splitlines()[0][:300]}") from None
     return model, train_tf, val_tf, tokenizer, model_config
+
+
+def pretrained_weights(path, model_name):
+    """State dict of a --pretrained weights file, loaded without unpickling objects; refused
+    (ValueError naming the flag and the file) when unsafe, unreadable or of another architecture."""
+    try:
+        checkpoint = common.load_checkpoint_file(path)
+        recorded = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
+        if isinstance(recorded, str) and recorded != model_name:
+            raise common.CheckpointError(f"{path}: holds architecture {recorded}, not --model-name "
+                                         f"{model_name}; pass --model-name {recorded}")
+        return common.checkpoint_state_dict(checkpoint, path)
+    except common.CheckpointError as err:
+        raise ValueError(f"--pretrained {err}") from None
 
 
 def prepare_save_dir(args):
@@ -993,8 +1028,13 @@ def prepare_run(args):
     classes = prompt_sets.load_prompt_set(args.prompts)
     folders = prompt_sets.class_folders(classes)
     fold = {} if args.fold is None else {"fold": args.fold}
-    train_items = common.load_labelled_items(args.train_dir, folders, "train", **fold)
-    val_items = common.load_labelled_items(args.val_dir, folders, "val", **fold)
+    items = []
+    for flag, spec, split in (("--train-dir", args.train_dir, "train"), ("--val-dir", args.val_dir, "val")):
+        try:
+            items.append(common.load_labelled_items(spec, folders, split, **fold))
+        except common.CohortError as err:
+            raise common.CohortError(f"{flag} {err}") from None
+    train_items, val_items = items
     return classes, train_items, val_items
 
 
@@ -1034,12 +1074,31 @@ def main(argv=None):
     is_main = os.environ.get("RANK", "0") in ("", "0")
     common.configure_logging(logging.INFO if is_main else logging.WARNING)
     if args.ssa:
-        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        base_argv = strip_ssa_flags(argv)
+        for name, values in args.ssa:  # every trial's arguments checked before anything is written
+            for value in values:
+                parse_args(base_argv + [f"--{name}", value, "--save-dir",
+                                        str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
+        try:  # the cohorts and prompts once, before anything is written (exit 2 as a plain run)
+            prepare_run(args)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        save_dir = Path(args.save_dir)
+        created = not save_dir.exists()
+        save_dir.mkdir(parents=True, exist_ok=True)
         try:
             return run_ssa(argv, args)
         except FloatingPointError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except SsaUsageError as err:  # a trial refused its arguments: the same for every trial
+            import shutil
+            print(err, file=sys.stderr)
+            shutil.rmtree(save_dir / "ssa", ignore_errors=True)
+            if created:
+                shutil.rmtree(save_dir, ignore_errors=True)
+            return 2
     try:
         classes, train_items, val_items = prepare_run(args)
     except (ValueError, OSError) as err:
@@ -1061,7 +1120,8 @@ def train(args, classes, train_items, val_items):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
+    # Everything that can refuse the run (weights, architecture, the resume checkpoint) is loaded
+    # before anything is written: a refused run leaves --save-dir as it was.
     try:
         model, train_tf, val_tf, tokenizer, model_config = setup_model(args)
     except ValueError as err:
@@ -1069,6 +1129,15 @@ def train(args, classes, train_items, val_items):
         return 2
     configure_trainable(model, args)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
+    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
+    if (path := resume_path(args)) is not None:
+        try:
+            resume_from(path, model, ctx, state)
+        except (ValueError, KeyError, RuntimeError) as err:
+            detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
+            print(f"error: --resume {detail.splitlines()[0]}", file=sys.stderr)
+            return 2
+    save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
     for key, value in ctx["args_dict"].items():
         LOG.info("  %s = %s", key, value)
     if args.rank == 0:
@@ -1079,13 +1148,6 @@ def train(args, classes, train_items, val_items):
     train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
                                generator=ctx["generator"], n_classes=len(classes))
     val_loader = make_loader(val_items, val_tf, size, args, shuffle=False)
-    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
-    if (path := resume_path(args)) is not None:
-        try:
-            resume_from(path, model, ctx, state)
-        except (ValueError, KeyError) as err:
-            print(f"error: --resume {path}: {err}", file=sys.stderr)
-            return 2
     # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded init).
     base_state = common.clean_state_dict(model.state_dict()) if args.wise_ft_alphas else None
     if base_state is not None:
@@ -1112,7 +1174,7 @@ def train(args, classes, train_items, val_items):
 def resume_from(path, model, ctx, state):
     """Load weights, optimizer, scaler, RNG and history from a last checkpoint."""
     checkpoint = common.load_checkpoint_file(path)
-    if "optimizer" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
                          f"resume from {LAST_NAME}")
     if checkpoint.get("model_name") != ctx["args"].model_name:

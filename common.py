@@ -471,8 +471,18 @@ def seed_worker(worker_id):
     random.seed(seed)
 
 
-def default_workers():
-    """DataLoader workers: one per core beyond the main process, at most 8."""
+def default_workers(device=None):
+    """DataLoader workers for `device` ("cuda", "cpu", a torch.device; None = cuda when available).
+
+    On a GPU the model is fast and decoding decides throughput: one worker per core beyond the
+    main process, at most 8. On the CPU the model's own threads already use every core, and a
+    worker only takes cores from it (plus fork and IPC cost): 0. Measured on 2 cores with
+    pre-resized photographs (benchmarks/RESULTS.md): training end-to-end/model-only 0.97 with 0
+    workers against 0.81 with 1.
+    """
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind != "cuda":
+        return 0
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
@@ -610,7 +620,11 @@ def load_checkpoint_file(path):
 
 def load_state_dict_file(path):
     """The model weights in a checkpoint: ours ({'state_dict': ...}) or a plain state_dict."""
-    checkpoint = load_checkpoint_file(path)
+    return checkpoint_state_dict(load_checkpoint_file(path), path)
+
+
+def checkpoint_state_dict(checkpoint, path):
+    """The clean state_dict of a loaded checkpoint (ours, or a plain state_dict read from `path`)."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):

@@ -1230,7 +1230,10 @@ def resolve_checkpoint(spec, flag="--checkpoint"):
     """{'kind', 'spec', 'data', 'sha256'} for a checkpoint file or an open_clip pretrained tag."""
     path = Path(spec)
     if path.is_file():
-        data = common.load_checkpoint_file(path)
+        try:
+            data = common.load_checkpoint_file(path)
+        except common.CheckpointError as err:  # e.g. refused: it would unpickle arbitrary objects
+            raise common.CheckpointError(f"{flag} {err}") from None
         kind = checkpoint_kind(data)
         if kind is None:
             raise common.CheckpointError(f"{flag} {path}: holds no model state_dict (expected a "
@@ -1615,7 +1618,11 @@ def wise_ft_base_weights(args, bundle):
                          "WiSE-FT needs fine-tuned weights (a checkpoint file)")
     if args.wise_ft_base:
         path = Path(args.wise_ft_base)
-        return common.load_state_dict_file(path), f"`{path}`", common.file_sha256(path)
+        try:
+            weights = common.load_state_dict_file(path)
+        except common.CheckpointError as err:
+            raise common.CheckpointError(f"--wise-ft-base {err}") from None
+        return weights, f"`{path}`", common.file_sha256(path)
     pretrained = checkpoint["data"].get("pretrained") if checkpoint["kind"] == "ours" else None
     if not pretrained:
         raise ValueError(f"--wise-ft-alpha: {checkpoint['spec']} records no pretrained weights "
@@ -1920,8 +1927,9 @@ def parse_args(argv=None):
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                      help="images per forward pass (default 64; 256+ is fine on a GPU)")
-    run.add_argument("--workers", type=int, default=common.default_workers(),
-                     help="image-decoding worker processes (default: cores - 1, at most 8; 0 = in process)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="image-decoding worker processes (default: cores - 1, at most 8, on a GPU; "
+                          "0 = in process, the default on the CPU)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
@@ -1960,6 +1968,8 @@ def parse_args(argv=None):
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = common.default_workers(args.device)
     check_args(parser, args)
     return args
 

@@ -21,6 +21,17 @@ TINY_MODEL = TINY_CONFIG.stem
 common.register_model_config(TINY_CONFIG)
 
 
+def tree_state(*roots):
+    """{path: (is_dir, size, mtime_ns)} of every file, link and folder under `roots` (the roots
+    included): equal before and after a refused run shows it created, changed and deleted nothing."""
+    state = {}
+    for root in map(Path, roots):
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            info = path.lstat()
+            state[str(path)] = (path.is_dir() and not path.is_symlink(), info.st_size, info.st_mtime_ns)
+    return state
+
+
 @pytest.fixture
 def tiny_config():
     """Path of the tiny open_clip architecture JSON (registered as 'tiny_clip')."""

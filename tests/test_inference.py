@@ -238,7 +238,7 @@ def test_parse_args_defaults(cohort):
     args = inference.parse_args(["--test-dir", str(cohort), "--checkpoint", "x.pt"])
     assert (args.output_dir, args.batch_size, args.bootstrap, args.seed) == (
         "inference_results", 64, 2000, 2024)
-    assert args.workers == common.default_workers() and args.model_name is None
+    assert args.workers == common.default_workers(args.device) and args.model_name is None
 
 
 # -- real runs ------------------------------------------------------------------------------------

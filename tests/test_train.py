@@ -224,6 +224,38 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypat
         assert (save_dir / name).read_bytes() == data
 
 
+def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits, tmp_path, monkeypatch,
+                                                                         capsys):
+    # One uninterrupted run; a NaN pixel enters the second batch of epoch 2, after epoch 1 wrote
+    # its best and last checkpoints (27 images, batch 16: two steps per epoch).
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    names = (clip_train.BEST_NAME, clip_train.BEST_SAFETENSORS_NAME, clip_train.LAST_NAME,
+             "metrics.csv", "args.json")
+    seen, at_injection = [], {}
+    real_batch_features = clip_train.batch_features
+
+    def poisoned_batch_features(model, images, captions, ctx):
+        seen.append(len(images))
+        if len(seen) == 4:
+            at_injection.update({n: common.file_sha256(save_dir / n) for n in names})
+            images = images.clone()
+            images[0, 0, 0, 0] = float("nan")
+        return real_batch_features(model, images, captions, ctx)
+
+    monkeypatch.setattr(clip_train, "batch_features", poisoned_batch_features)
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 1
+    assert len(seen) == 4  # stopped at the poisoned step
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "non-finite training loss" in line and "epoch 2" in line and str(save_dir) in line
+    assert {n: common.file_sha256(save_dir / n) for n in names} == at_injection
+    assert not (save_dir / clip_train.FINAL_NAME).exists() and not list(save_dir.glob(".*.tmp"))
+    assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1]
+    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
+                                      if v.is_floating_point())
+
+
 def test_manifest_input_and_subprocess_entry_point(splits, tmp_path):
     train_dir, val_dir = splits
     rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "split": split}
