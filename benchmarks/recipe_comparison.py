@@ -40,7 +40,7 @@ def run_recipe(split_root, external, save_dir, recipe, seed, args):
     metrics = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)["metrics"]
     eval_dir = save_dir / "external_eval"
     if inference.main(["--test-dir", str(external), "--checkpoint", str(save_dir / clip_train.BEST_NAME),
-                       "--output-dir", str(eval_dir), "--bootstrap", "0", "--workers", "0",
+                       "--output-dir", str(eval_dir), "--bootstrap", "0", "--workers", "0", "--no-figures",
                        "--no-progress"]) != 0:
         raise RuntimeError(f"evaluation failed: {save_dir}")
     external_metrics = json.loads((eval_dir / "metrics.json").read_text())
