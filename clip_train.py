@@ -1130,6 +1130,11 @@ def train(args, classes, train_items, val_items):
     configure_trainable(model, args)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
+    # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded
+    # init): taken before a resume loads the trained ones.
+    base_state = None
+    if args.wise_ft_alphas:
+        base_state = {k: v.detach().clone() for k, v in common.clean_state_dict(model.state_dict()).items()}
     if (path := resume_path(args)) is not None:
         try:
             resume_from(path, model, ctx, state)
@@ -1148,10 +1153,6 @@ def train(args, classes, train_items, val_items):
     train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
                                generator=ctx["generator"], n_classes=len(classes))
     val_loader = make_loader(val_items, val_tf, size, args, shuffle=False)
-    # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded init).
-    base_state = common.clean_state_dict(model.state_dict()) if args.wise_ft_alphas else None
-    if base_state is not None:
-        base_state = {k: v.clone() for k, v in base_state.items()}
     train_model = wrap_for_training(model, args)
     LOG.info("== training: %d train / %d val images, classes %s, %d steps/epoch, %s (%s) ==",
              len(train_items), len(val_items), prompt_sets.class_folders(classes),

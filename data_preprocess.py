@@ -1156,7 +1156,10 @@ def validate_args(parser, args):
 def prepare_split(args, root, out_dir):
     """Scan, check the destination, validate and split; returns (folders, records, rejected,
     duplicate pairs)."""
-    folders = prompt_sets.class_folders(prompt_sets.load_prompt_set(args.prompts))
+    try:
+        folders = prompt_sets.class_folders(prompt_sets.load_prompt_set(args.prompts))
+    except prompt_sets.PromptSetError as err:
+        raise prompt_sets.PromptSetError(f"--prompts {err}") from None
     check_paths(root, out_dir, folders)
     LOG.info("== scanning %s for classes %s ==", root, folders)
     items = scan_cohort(root, out_dir, folders)

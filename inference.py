@@ -1346,7 +1346,11 @@ def load_classes(prompts_path, checkpoint):
     data = checkpoint["data"] if checkpoint["kind"] == "ours" else {}
     stored = data.get("class_folders")
     if prompts_path:
-        classes, source = prompt_sets.load_prompt_set(prompts_path), f"--prompts {prompts_path}"
+        try:
+            classes = prompt_sets.load_prompt_set(prompts_path)
+        except prompt_sets.PromptSetError as err:
+            raise prompt_sets.PromptSetError(f"--prompts {err}") from None
+        source = f"--prompts {prompts_path}"
         if stored and list(stored) != prompt_sets.class_folders(classes):
             LOG.warning("--prompts classes %s differ from the checkpoint's %s",
                         prompt_sets.class_folders(classes), list(stored))
@@ -1371,17 +1375,21 @@ def collect_items(test_dir, folders, output_dir):
     if known:
         if unknown:
             raise common.CohortError(
-                f"{test_dir}: folder(s) {', '.join(repr(u) for u in unknown)} are not classes of "
+                f"--test-dir {test_dir}: folder(s) {', '.join(repr(u) for u in unknown)} are not classes of "
                 f"this model {folders}; move them out, or pass --prompts defining them")
         if not items:
-            raise common.CohortError(f"{test_dir}: no images in the class folders {known}")
+            raise common.CohortError(f"--test-dir {test_dir}: no images in the class folders {known}")
         return items, True
     items = [(path, -1) for path in sorted(test_dir.rglob("*"))
              if path.is_file() and common.is_candidate_image(path)
              and output_dir not in path.resolve().parents
              and not any(part.startswith(".") for part in path.relative_to(test_dir).parts)]
     if not items:
-        raise common.CohortError(f"{test_dir}: no images found (and no class folders {folders})")
+        raise common.CohortError(f"--test-dir {test_dir}: no images found (and no class folders {folders})")
+    if unknown:
+        LOG.warning("--test-dir %s: none of the class folders %s, only %s: every image is predicted, "
+                    "not scored (rename the folders to score them, or pass --prompts defining them)",
+                    test_dir, folders, unknown)
     return items, False
 
 

@@ -199,10 +199,13 @@ def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
 
 def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
     train_dir, val_dir = splits
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "4")) == 0
+    wise = ("--wise-ft-alphas", "0,0.5,1")  # WiSE-FT's base must stay the initial weights after a resume
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "4", *wise)) == 0
     assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "2")) == 0
     assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "4",
-                                      "--resume", "auto")) == 0
+                                      "--resume", "auto", *wise)) == 0
+    tables = [pd.read_csv(tmp_path / run / "wise_ft_validation.csv") for run in ("straight", "split")]
+    pd.testing.assert_frame_equal(*tables, atol=1e-6)
     straight = torch.load(tmp_path / "straight" / "clip_model_final.pt", weights_only=True)["state_dict"]
     resumed = torch.load(tmp_path / "split" / "clip_model_final.pt", weights_only=True)["state_dict"]
     for key in straight:
