@@ -199,8 +199,11 @@ def validation_metrics(y_true, probs, rare_index=0):
 
 
 def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
-    """The rare-class rule 'positive if p >= threshold' tuned on validation data: the highest
-    threshold (the most specific rule) whose sensitivity still reaches the target.
+    """The rare-class rule 'positive if p >= threshold' tuned on validation data: the most specific
+    rule whose sensitivity still reaches the target. The threshold sits midway between the lowest
+    rare-class score the rule must include and the next lower validation score, not on that score
+    itself: the same validation sensitivity and specificity, but a rare image scoring a little
+    lower than its validation counterparts is not missed for want of a margin.
 
     Returns a dict with operating_threshold and the validation sensitivity/specificity it gives
     (NaN threshold when the validation set has no rare-class image).
@@ -211,8 +214,11 @@ def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
                 "operating_val_specificity": float("nan")}
     scores = np.sort(np.asarray(p_rare, dtype=np.float64)[positive])[::-1]
     needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
-    threshold = float(scores[needed - 1])
-    predicted = np.asarray(p_rare) >= threshold
+    included = scores[needed - 1]
+    all_scores = np.asarray(p_rare, dtype=np.float64)
+    below = all_scores[all_scores < included]
+    threshold = float((included + (below.max() if below.size else 0.0)) / 2)
+    predicted = all_scores >= threshold
     specificity = float((~predicted[~positive]).mean()) if (~positive).any() else float("nan")
     return {"operating_threshold": threshold,
             "operating_val_sensitivity": float(predicted[positive].mean()),

@@ -411,11 +411,14 @@ def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
 def test_operating_point_known_answer():
     y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     p_rare = np.array([0.9, 0.6, 0.4, 0.2, 0.5, 0.1, 0.3, 0.05])
-    point = clip_train.operating_point(y_true, p_rare, 0.75)  # needs 3 of 4 positives -> t = 0.4
-    assert point["operating_threshold"] == pytest.approx(0.4)
+    # 3 of 4 positives needed: include 0.4; the next lower score is 0.3 -> midway, 0.35.
+    point = clip_train.operating_point(y_true, p_rare, 0.75)
+    assert point["operating_threshold"] == pytest.approx(0.35)
     assert point["operating_val_sensitivity"] == pytest.approx(0.75)
     assert point["operating_val_specificity"] == pytest.approx(3 / 4)  # 0.5 is a false positive
-    assert clip_train.operating_point(y_true, p_rare, 1.0)["operating_threshold"] == pytest.approx(0.2)
+    assert clip_train.operating_point(y_true, p_rare, 1.0)["operating_threshold"] == pytest.approx(0.15)
+    # The lowest score of all: midway to 0.
+    assert clip_train.operating_point(np.array([0, 1]), np.array([0.2, 0.6]), 1.0)["operating_threshold"] == pytest.approx(0.1)
     assert math.isnan(clip_train.operating_point(np.array([1, 2]), np.array([.2, .3]), .9)["operating_threshold"])
 
 
