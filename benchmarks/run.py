@@ -30,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import clip_train  # noqa: E402
 import common  # noqa: E402
+import data_preprocess  # noqa: E402
 import prompts as prompt_sets  # noqa: E402
 
 CAMERA_SIZE_PX = (3000, 2000)  # a 6 MP phone/camera photograph
@@ -52,18 +53,12 @@ def make_camera_jpegs(folder, count, seed=0, size_px=CAMERA_SIZE_PX):
 
 
 def make_resized_copies(paths, folder, short_side_px):
-    """Pre-resized copies (shorter side = short_side_px), as `data_preprocess.py --resize-px`."""
+    """Pre-resized copies (shorter side = short_side_px), written by the very function behind
+    `data_preprocess.py --resize-px`."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
     for path in paths:
-        image = common.read_image(path, min_side_px=short_side_px)
-        scale = short_side_px / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)),
-                             Image.Resampling.BICUBIC)
-        target = folder / path.name
-        image.save(target, quality=95)
-        out.append(target)
-    return out
+        data_preprocess.write_resized(path, folder / path.name, short_side_px)
+    return [folder / path.name for path in paths]
 
 
 def median_time(fn, repeats, warmup=1):
@@ -143,7 +138,17 @@ def looped_items(paths, n_items):
     return [(paths[i % len(paths)], i % 3) for i in range(n_items)]
 
 
-def bracketed_ratios(model_block, e2e_block, modes, repeats):
+def file_loader(files, transform, batch, size, opts):
+    """The real loader over `files` = (paths, min_side_px), enough items for the timed steps."""
+    paths, min_side = files
+    items = looped_items(paths, batch * (opts.repeats + 1))
+    dataset = common.ImageListDataset(items, transform, min_side_px=min_side, image_shape=(3, size, size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=opts.workers,
+                                       pin_memory=opts.device.type == "cuda",
+                                       prefetch_factor=4 if opts.workers else None)
+
+
+def bracketed_ratios(model_block, e2e_block, modes):
     """Model-only blocks before and after each end-to-end block: each mode's ratio is against the
     mean of its two neighbours, so slow drift of a shared CPU (frequency, other tenants) cancels
     instead of landing on whichever path happened to be measured in the slow minute."""
@@ -167,18 +172,13 @@ def benchmark_training(model, tokenizer, transforms, files_by_mode, opts):
     model.train()
 
     def e2e_block(mode):
-        paths, min_side = files_by_mode[mode]
-        items = looped_items(paths, batch * (opts.repeats + 1))
-        dataset = common.ImageListDataset(items, transforms[0], min_side_px=min_side, image_shape=(3, size, size))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=opts.workers,
-                                             pin_memory=device.type == "cuda",
-                                             persistent_workers=False, prefetch_factor=4 if opts.workers else None)
+        loader = file_loader(files_by_mode[mode], transforms[0], batch, size, opts)
         times = loader_step_times(loader, lambda x, y: train_step(model, ctx, x.to(device), y), opts.repeats + 1)
         return statistics.median(times[1:])  # the first step also starts the workers
 
     best_s, neighbours, e2e = bracketed_ratios(
         lambda: median_time(lambda: train_step(model, ctx, images, labels), opts.repeats),
-        e2e_block, list(files_by_mode), opts.repeats)
+        e2e_block, list(files_by_mode))
     results = {"train_model_samples_per_s": batch / best_s}
     for mode in files_by_mode:
         results[f"train_e2e_{mode}_samples_per_s"] = batch / e2e[mode]
@@ -200,17 +200,12 @@ def benchmark_inference(model, transforms, files_by_mode, opts):
             torch.cuda.synchronize()
 
     def e2e_block(mode):
-        paths, min_side = files_by_mode[mode]
-        items = looped_items(paths, batch * (opts.repeats + 1))
-        dataset = common.ImageListDataset(items, transforms[1], min_side_px=min_side, image_shape=(3, size, size))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=opts.workers,
-                                             pin_memory=device.type == "cuda",
-                                             prefetch_factor=4 if opts.workers else None)
+        loader = file_loader(files_by_mode[mode], transforms[1], batch, size, opts)
         times = loader_step_times(loader, lambda x, y: encode(x.to(device)), opts.repeats + 1)
         return statistics.median(times[1:])
 
     best_s, neighbours, e2e = bracketed_ratios(lambda: median_time(lambda: encode(images), opts.repeats),
-                                               e2e_block, list(files_by_mode), opts.repeats)
+                                               e2e_block, list(files_by_mode))
     results = {"infer_model_images_per_s": batch / best_s}
     for mode in files_by_mode:
         results[f"infer_e2e_{mode}_images_per_s"] = batch / e2e[mode]
