@@ -889,11 +889,9 @@ def setup_model(args):
         weights = pretrained_weights(pretrained, args.model_name)
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, None, args.device)
         try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
-            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-            raise ValueError(f"--pretrained {pretrained}: weights do not fit --model-name "
-                             f"{args.model_name} ({detail[:240]})") from None
+            common.load_weights_into(model, weights, pretrained, args.model_name)
+        except common.CheckpointError as err:
+            raise ValueError(f"--pretrained {err}") from None
         return model, train_tf, val_tf, tokenizer, model_config
     try:
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)

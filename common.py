@@ -618,6 +618,26 @@ def load_checkpoint_file(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
 
 
+def load_weights_into(model, state_dict, source, model_name):
+    """Load `state_dict` (from `source`, a path or label for messages) into `model`; a
+    CheckpointError naming both when the weights do not fit the architecture `model_name`."""
+    state_dict = clean_state_dict(state_dict)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise CheckpointError(
+            f"{source}: weights do not fit architecture {model_name} ({len(missing)} missing and "
+            f"{len(unexpected)} unexpected keys, e.g. {example!r}); pass the --model-name the "
+            "weights were trained with")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:  # same keys, different shapes
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = details[0][:240] if details else str(err)[:240]
+        raise CheckpointError(f"{source}: weights do not fit architecture {model_name} ({detail})") from None
+
+
 def load_state_dict_file(path):
     """The model weights in a checkpoint: ours ({'state_dict': ...}) or a plain state_dict."""
     return checkpoint_state_dict(load_checkpoint_file(path), path)

@@ -1286,22 +1286,8 @@ def resolve_model_name(requested, checkpoint, flag="--model-name", role="--check
 def load_weights(model, model_name, checkpoint):
     """Load a file checkpoint's state_dict into the model, with a clear error when it does not fit."""
     data = checkpoint["data"]
-    state_dict = common.clean_state_dict(data["state_dict"] if "state_dict" in data else data)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise common.CheckpointError(
-            f"{checkpoint['spec']}: weights do not fit architecture {model_name} ({len(missing)} "
-            f"missing and {len(unexpected)} unexpected keys, e.g. {example!r}); pass the "
-            "--model-name the weights were trained with")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:  # same keys, different shapes
-        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        detail = details[0][:240] if details else str(err)[:240]
-        raise common.CheckpointError(f"{checkpoint['spec']}: weights do not fit architecture "
-                                     f"{model_name} ({detail})") from None
+    common.load_weights_into(model, data["state_dict"] if "state_dict" in data else data,
+                             checkpoint["spec"], model_name)
 
 
 def eval_transform(model, model_name, pretrained, default):
