@@ -20,7 +20,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 
 import common
 import inference
+import metrics
 import prompts
+import report
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
@@ -101,23 +103,23 @@ def prob_columns(folders=FOLDERS):
 # -- pure metric functions ------------------------------------------------------------------------
 
 def test_one_vs_rest_counts_on_a_hand_made_matrix():
-    assert inference.one_vs_rest_counts(HAND_CM, 0) == (3, 2, 2, 20)
-    assert inference.one_vs_rest_counts(HAND_CM, 1) == (10, 5, 2, 10)
-    assert inference.one_vs_rest_counts(HAND_CM, 2) == (6, 1, 4, 16)
+    assert metrics.one_vs_rest_counts(HAND_CM, 0) == (3, 2, 2, 20)
+    assert metrics.one_vs_rest_counts(HAND_CM, 1) == (10, 5, 2, 10)
+    assert metrics.one_vs_rest_counts(HAND_CM, 2) == (6, 1, 4, 16)
 
 
 def test_per_class_proportions_by_hand():
-    rare = inference.per_class_metrics(HAND_CM, 0)
+    rare = metrics.per_class_metrics(HAND_CM, 0)
     assert rare["support"] == 5
     assert rare["sensitivity"] == pytest.approx(3 / 5)
     assert rare["specificity"] == pytest.approx(20 / 22)
     assert rare["ppv"] == pytest.approx(3 / 5)
     assert rare["npv"] == pytest.approx(20 / 22)
-    healthy = inference.per_class_metrics(HAND_CM, 1)
+    healthy = metrics.per_class_metrics(HAND_CM, 1)
     assert (healthy["sensitivity"], healthy["specificity"]) == pytest.approx((10 / 12, 10 / 15))
     assert (healthy["ppv"], healthy["npv"]) == pytest.approx((10 / 15, 10 / 12))
-    assert rare["sensitivity_ci"] == pytest.approx(inference.wilson_interval(3, 5))
-    assert rare["npv_ci"] == pytest.approx(inference.wilson_interval(20, 22))
+    assert rare["sensitivity_ci"] == pytest.approx(metrics.wilson_interval(3, 5))
+    assert rare["npv_ci"] == pytest.approx(metrics.wilson_interval(20, 22))
 
 
 def test_wilson_interval_known_answer_and_scipy():
@@ -125,18 +127,18 @@ def test_wilson_interval_known_answer_and_scipy():
     k, n = 3, 5
     centre = (k + z * z / 2) / (n + z * z)
     half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
-    assert inference.wilson_interval(k, n) == pytest.approx([centre - half, centre + half])
-    assert inference.wilson_interval(3, 5) == pytest.approx([0.2307, 0.8824], abs=1e-4)
+    assert metrics.wilson_interval(k, n) == pytest.approx([centre - half, centre + half])
+    assert metrics.wilson_interval(3, 5) == pytest.approx([0.2307, 0.8824], abs=1e-4)
     for k, n in ((0, 7), (7, 7), (20, 22), (1, 1)):
         ci = binomtest(k, n).proportion_ci(method="wilson")
-        assert inference.wilson_interval(k, n) == pytest.approx([ci.low, ci.high])
-    assert inference.wilson_interval(0, 0) is None
-    assert inference.proportion(0, 0) is None
+        assert metrics.wilson_interval(k, n) == pytest.approx([ci.low, ci.high])
+    assert metrics.wilson_interval(0, 0) is None
+    assert metrics.proportion(0, 0) is None
 
 
 def test_undefined_proportions_are_none_not_zero():
     cm = np.array([[0, 0], [0, 4]])  # class 0 never true and never predicted
-    stats = inference.per_class_metrics(cm, 0)
+    stats = metrics.per_class_metrics(cm, 0)
     assert stats["support"] == 0
     assert stats["sensitivity"] is None and stats["sensitivity_ci"] is None
     assert stats["ppv"] is None and stats["ppv_ci"] is None
@@ -150,8 +152,8 @@ def test_vectorised_metrics_equal_sklearn(seed, absent):
     y_pred = rng.integers(0, 3, 40)
     if absent is not None:  # a class missing from y_true (still predicted) must not break anything
         y_true[y_true == absent] = (absent + 1) % 3
-    cm = inference.confusion_matrices(y_true, y_pred, 3)
-    values = inference.metrics_from_confusion(cm[None])
+    cm = metrics.confusion_matrices(y_true, y_pred, 3)
+    values = metrics.metrics_from_confusion(cm[None])
     assert values["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred))
     with pytest.warns(UserWarning) if absent is not None else contextlib.nullcontext():
         expected_balanced = balanced_accuracy_score(y_true, y_pred)
@@ -164,9 +166,9 @@ def test_resampled_confusion_matrices_match_one_at_a_time():
     rng = np.random.default_rng(3)
     y_true, y_pred = rng.integers(0, 3, 25), rng.integers(0, 3, 25)
     resamples = rng.integers(0, 25, size=(4, 25))
-    stacked = inference.confusion_matrices(y_true, y_pred, 3, resamples)
+    stacked = metrics.confusion_matrices(y_true, y_pred, 3, resamples)
     for b in range(4):
-        single = inference.confusion_matrices(y_true[resamples[b]], y_pred[resamples[b]], 3)
+        single = metrics.confusion_matrices(y_true[resamples[b]], y_pred[resamples[b]], 3)
         assert np.array_equal(stacked[b], single)
 
 
@@ -174,15 +176,15 @@ def test_compute_metrics_with_an_absent_class_gives_none_not_a_crash():
     y_true = np.array([1, 1, 1, 2, 2, 2, 2])  # no rare-class image at all
     probs = np.array([[.1, .8, .1], [.2, .5, .3], [.6, .3, .1], [.1, .2, .7],
                       [.3, .3, .4], [.1, .6, .3], [.2, .1, .7]])
-    metrics = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=100, seed=0)
-    rare = metrics["per_class"]["orbital disease"]
+    result = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=100, seed=0)
+    rare = result["per_class"]["orbital disease"]
     assert rare["support"] == 0 and rare["sensitivity"] is None and rare["auroc"] is None
     assert rare["auroc_ci"] is None and rare["specificity"] == pytest.approx(6 / 7)
-    assert metrics["macro_auroc"] is None and metrics["macro_auroc_ci"] is None
-    assert metrics["per_class"]["healthy eyes"]["auroc"] == pytest.approx(
+    assert result["macro_auroc"] is None and result["macro_auroc_ci"] is None
+    assert result["per_class"]["healthy eyes"]["auroc"] == pytest.approx(
         roc_auc_score(y_true == 1, probs[:, 1]))
-    assert metrics["accuracy"] == pytest.approx(5 / 7)  # argmax 1,1,0,2,2,1,2
-    json.dumps(metrics, allow_nan=False)  # strict JSON: no NaN anywhere
+    assert result["accuracy"] == pytest.approx(5 / 7)  # argmax 1,1,0,2,2,1,2
+    json.dumps(result, allow_nan=False)  # strict JSON: no NaN anywhere
 
 
 def test_compute_metrics_bootstrap_is_seeded_and_brackets_the_estimate():
@@ -190,27 +192,27 @@ def test_compute_metrics_bootstrap_is_seeded_and_brackets_the_estimate():
     y_true = rng.integers(0, 3, 60)
     logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y_true]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    first = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
-    assert first == inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
-    assert first != inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=8)
+    first = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
+    assert first == metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=7)
+    assert first != metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=300, seed=8)
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
         low, high = first[f"{name}_ci"]
         assert low <= first[name] <= high
-    none = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0, seed=7)
+    none = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0, seed=7)
     assert none["accuracy_ci"] is None and none["per_class"]["healthy eyes"]["auroc_ci"] is None
     assert none["per_class"]["healthy eyes"]["sensitivity_ci"] is not None  # Wilson needs no bootstrap
     assert none["accuracy"] == first["accuracy"]
 
 
 def test_percentile_interval_ignores_undefined_replicates():
-    assert inference.percentile_interval([np.nan, np.nan]) is None
-    low, high = inference.percentile_interval(np.r_[np.arange(101.0), [np.nan] * 5])
+    assert metrics.percentile_interval([np.nan, np.nan]) is None
+    low, high = metrics.percentile_interval(np.r_[np.arange(101.0), [np.nan] * 5])
     assert (low, high) == pytest.approx((2.5, 97.5))
 
 
 def test_format_value():
-    assert inference.format_value(None) == "n/a"
-    assert inference.format_value(0.83333, [0.5, 0.95]) == "0.833 (0.500–0.950)"
+    assert report.format_value(None) == "n/a"
+    assert report.format_value(0.83333, [0.5, 0.95]) == "0.833 (0.500–0.950)"
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -254,31 +256,31 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
     probs = frame[prob_columns()].to_numpy()
     assert np.array_equal(probs.argmax(axis=1), y_pred)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["n"], metrics["n_failed"], metrics["n_received"]) == (22, 0, 22)
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
-    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
-    assert metrics["macro_f1"] == pytest.approx(
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["n"], result["n_failed"], result["n_received"]) == (22, 0, 22)
+    assert result["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert result["macro_f1"] == pytest.approx(
         f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
     aurocs = [roc_auc_score(y_true == k, probs[:, k]) for k in range(3)]
-    assert metrics["macro_auroc"] == pytest.approx(np.mean(aurocs))
+    assert result["macro_auroc"] == pytest.approx(np.mean(aurocs))
     for k, folder in enumerate(FOLDERS):
-        stats = metrics["per_class"][folder]
+        stats = result["per_class"][folder]
         assert stats["support"] == [3, 12, 7][k]
         assert stats["auroc"] == pytest.approx(aurocs[k])
         positives = y_true == k
         sensitivity = (y_pred[positives] == k).mean()
         assert stats["sensitivity"] == pytest.approx(sensitivity)
         assert stats["sensitivity_ci"] == pytest.approx(
-            inference.wilson_interval(int((y_pred[positives] == k).sum()), int(positives.sum())))
+            metrics.wilson_interval(int((y_pred[positives] == k).sum()), int(positives.sum())))
         assert stats["specificity"] == pytest.approx((y_pred[~positives] != k).mean())
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
-        assert len(metrics[f"{name}_ci"]) == 2 and metrics[f"{name}_ci"][0] <= metrics[f"{name}_ci"][1]
-    assert metrics["checkpoint_sha256"] == common.file_sha256(checkpoint)
-    assert metrics["checkpoint"] == str(checkpoint)
-    assert (metrics["model_name"], metrics["class_folders"]) == (TINY_MODEL, FOLDERS)
-    assert (metrics["bootstrap"], metrics["seed"]) == (50, 2024)
-    assert metrics["prompts"]["classes"][0]["eval"] == ["orbital disease"]
+        assert len(result[f"{name}_ci"]) == 2 and result[f"{name}_ci"][0] <= result[f"{name}_ci"][1]
+    assert result["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    assert result["checkpoint"] == str(checkpoint)
+    assert (result["model_name"], result["class_folders"]) == (TINY_MODEL, FOLDERS)
+    assert (result["bootstrap"], result["seed"]) == (50, 2024)
+    assert result["prompts"]["classes"][0]["eval"] == ["orbital disease"]
     for name in ("classification_report.txt", "confusion_matrix.csv", "per_class_metrics.csv",
                  "report.md", "args.json"):
         assert (out / name).stat().st_size > 0
@@ -505,7 +507,7 @@ def test_help_and_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "metrics.json").read_text())["n"] == 7
     from PIL import Image
-    for name in inference.FIGURE_NAMES:  # figures are on by default: PNG at 300 dpi + vector PDF
+    for name in report.FIGURE_NAMES:  # figures are on by default: PNG at 300 dpi + vector PDF
         with Image.open(out / f"{name}.png") as image:
             assert image.info["dpi"][0] == pytest.approx(300, abs=1)
             assert image.width >= 3.0 * 300  # at least one journal column wide
@@ -558,20 +560,20 @@ def test_outputs_of_a_calibrated_checkpoint(make_cohort, calibrated_checkpoint, 
     test_dir = make_cohort("external", (3, 12, 7), seed=1)
     out = tmp_path / "out"
     assert run_inference(test_dir, calibrated_checkpoint, out) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for name in inference.OVERALL_METRICS:
-        assert metrics[name] is not None and len(metrics[f"{name}_ci"]) == 2, name
-    assert (metrics["ece_bins"], metrics["bootstrap_unit"], metrics["n_groups"]) == (10, "image", 22)
+    result = json.loads((out / "metrics.json").read_text())
+    for name in metrics.OVERALL_METRICS:
+        assert result[name] is not None and len(result[f"{name}_ci"]) == 2, name
+    assert (result["ece_bins"], result["bootstrap_unit"], result["n_groups"]) == (10, "image", 22)
     frame = read_predictions(out)
     probs = frame[prob_columns()].to_numpy()
     # temperature divides the logits: softmax(z / T) = p^(1/T) / sum; the file keeps both
     expected_cal = probs ** 0.5 / (probs ** 0.5).sum(axis=1, keepdims=True)
     assert np.allclose(frame[[f"prob_cal_{f}" for f in FOLDERS]].to_numpy(), expected_cal, atol=1e-6)
-    scaled = metrics["temperature_scaled"]
+    scaled = result["temperature_scaled"]
     assert (scaled["temperature"], scaled["source"]) == (2.0, "validation (clip_train.py)")
     y_true = frame["true_label"].map(FOLDERS.index).to_numpy()
     assert scaled["log_loss"] == pytest.approx(-np.log(expected_cal[np.arange(22), y_true]).mean())
-    op = metrics["operating_point"]
+    op = result["operating_point"]
     assert (op["threshold"], op["source"], op["class"]) == (0.1, "validation", "orbital disease")
     rule = probs[:, 0] >= 0.1
     rare = y_true == 0
@@ -583,14 +585,14 @@ def test_outputs_of_a_calibrated_checkpoint(make_cohort, calibrated_checkpoint, 
     assert {"prevalence", "lr_pos", "lr_neg_ci_low", "auprc", "auprc_baseline",
             "f1_ci_high"} <= set(per_class)
     assert per_class["auprc"].tolist() == pytest.approx(
-        [metrics["per_class"][f]["auprc"] for f in FOLDERS])
+        [result["per_class"][f]["auprc"] for f in FOLDERS])
     report = (out / "report.md").read_text()
     assert "0 = orbital disease, 1 = healthy eyes, 2 = non-orbital disease" in report
     assert "0.1000 (validation)" in report and "temperature: 2.0000" in report
     assert "| p ≥ 0.1000 |" in report and "| argmax |" in report
     assert "STARD 2015" in report and "TRIPOD+AI 2024" in report and "CLAIM 2024" in report
     assert "sklearn " in report and "open_clip " in report and "torch " in report
-    assert "itd_accuracy" in metrics and metrics["itd_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "itd_accuracy" in result and result["itd_accuracy"] == pytest.approx(result["accuracy"])
 
 
 def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_cohort, calibrated_checkpoint,
@@ -693,7 +695,7 @@ def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoin
     baseline = read_predictions(out).pipe(lambda _: pd.read_csv(out / "baseline_predictions.csv"))
     assert np.allclose(baseline[prob_columns()].to_numpy(), base[prob_columns()].to_numpy(), atol=1e-6)
     comparison = pd.read_csv(out / "comparison.csv")
-    assert list(comparison["metric"]) == [*inference.COMPARED_METRICS, "accuracy"]
+    assert list(comparison["metric"]) == [*metrics.COMPARED_METRICS, "accuracy"]
     y_true = model["true_label"].map(FOLDERS.index).to_numpy()
     acc_model = (model["pred_label"].map(FOLDERS.index).to_numpy() == y_true).mean()
     acc_base = (base["pred_label"].map(FOLDERS.index).to_numpy() == y_true).mean()
@@ -701,8 +703,8 @@ def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoin
     assert first["difference"] == pytest.approx(acc_model - acc_base)
     assert first["difference_ci_low"] <= first["difference_ci_high"]
     assert comparison.iloc[-1]["test"].startswith("McNemar mid-p")
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["comparison"]["n"] == 16 and metrics["baseline"]["model_name"] == TINY_MODEL
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["comparison"]["n"] == 16 and result["baseline"]["model_name"] == TINY_MODEL
     assert "Comparison with the baseline" in (out / "report.md").read_text()
 
 

@@ -12,7 +12,9 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              brier_score_loss, f1_score, log_loss, matthews_corrcoef, roc_auc_score)
 
 import inference
+import metrics
 import prompts
+import report
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 Z95 = 1.959963984540054
@@ -25,13 +27,13 @@ HAND_CM = np.array([[3, 1, 1],
 def random_probs(rng, n, n_classes=3, signal=2.0):
     y_true = rng.integers(0, n_classes, n)
     logits = rng.normal(size=(n, n_classes)) + signal * np.eye(n_classes)[y_true]
-    return y_true, inference.softmax(logits)
+    return y_true, metrics.softmax(logits)
 
 
 # -- one confusion matrix, by hand -------------------------------------------------------------------
 
 def test_likelihood_ratios_by_hand_with_log_method_intervals():
-    stats = inference.per_class_metrics(HAND_CM, 0)
+    stats = metrics.per_class_metrics(HAND_CM, 0)
     assert (stats["tp"], stats["fp"], stats["fn"], stats["tn"]) == (3, 2, 2, 20)
     assert stats["prevalence"] == pytest.approx(5 / 27)
     assert stats["lr_pos"] == pytest.approx((3 / 5) / (2 / 22))  # 6.6
@@ -45,7 +47,7 @@ def test_likelihood_ratios_by_hand_with_log_method_intervals():
 
 
 def test_likelihood_ratios_with_a_zero_cell():
-    perfect_sensitivity = inference.likelihood_ratios(tp=5, fp=1, fn=0, tn=9)
+    perfect_sensitivity = metrics.likelihood_ratios(tp=5, fp=1, fn=0, tn=9)
     assert perfect_sensitivity["lr_neg"] == 0.0 and perfect_sensitivity["lr_neg_ci"][0] == 0.0
     assert perfect_sensitivity["lr_pos"] == pytest.approx(1.0 / 0.1)
     a, b, c, d = 5.5, 1.5, 0.5, 9.5  # Haldane: 0.5 added to every cell for the interval
@@ -53,69 +55,69 @@ def test_likelihood_ratios_with_a_zero_cell():
     centre = math.log((a / (a + c)) / (b / (b + d)))
     assert perfect_sensitivity["lr_pos_ci"] == pytest.approx([math.exp(centre - Z95 * se),
                                                              math.exp(centre + Z95 * se)])
-    no_false_positive = inference.likelihood_ratios(tp=3, fp=0, fn=1, tn=10)
+    no_false_positive = metrics.likelihood_ratios(tp=3, fp=0, fn=1, tn=10)
     assert no_false_positive["lr_pos"] is None  # infinite
     assert all(math.isfinite(x) for x in no_false_positive["lr_pos_ci"])
-    assert inference.likelihood_ratios(0, 3, 0, 4)["lr_pos"] is None  # no positive image at all
+    assert metrics.likelihood_ratios(0, 3, 0, 4)["lr_pos"] is None  # no positive image at all
 
 
 def test_multiclass_mcc_by_hand_and_sklearn():
     # Gorodkin: (c s - sum p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)); t = (5, 12, 10),
     # p = (5, 15, 7), c = 19, s = 27.
     expected = (19 * 27 - (5 * 5 + 15 * 12 + 7 * 10)) / math.sqrt((27**2 - 299) * (27**2 - 269))
-    values = inference.metrics_from_confusion(HAND_CM[None])
+    values = metrics.metrics_from_confusion(HAND_CM[None])
     assert values["mcc"][0] == pytest.approx(expected)
     y_true = np.repeat(np.arange(3), HAND_CM.sum(axis=1))
     y_pred = np.concatenate([np.repeat(np.arange(3), row) for row in HAND_CM])
     assert values["mcc"][0] == pytest.approx(matthews_corrcoef(y_true, y_pred))
     assert values["weighted_f1"][0] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
     constant = np.array([[[4, 0], [3, 0]]])  # one predicted class: MCC 0, as sklearn
-    assert inference.metrics_from_confusion(constant)["mcc"][0] == 0.0
+    assert metrics.metrics_from_confusion(constant)["mcc"][0] == 0.0
 
 
 def test_brier_log_loss_and_ece_by_hand():
     y_true = np.array([0, 1])
     probs = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
-    assert inference.brier_per_image(y_true, probs).tolist() == [0.0, 0.5]  # mean 0.25
-    assert inference.log_loss_per_image(y_true, probs).mean() == pytest.approx(math.log(2) / 2)
+    assert metrics.brier_per_image(y_true, probs).tolist() == [0.0, 0.5]  # mean 0.25
+    assert metrics.log_loss_per_image(y_true, probs).mean() == pytest.approx(math.log(2) / 2)
     # ECE, 10 bins: (0.9, 1] holds confidences .95 (right) and .95 (wrong): |1.9 - 1| = 0.9;
     # (0.5, 0.6] holds .55 (right) and .55 (right): |1.1 - 2| = 0.9; ECE = 1.8 / 4.
     y_true = np.array([0, 1, 0, 1])
     probs = np.array([[.95, .05, 0], [.95, 0, .05], [.55, .45, 0], [.45, .55, 0]])
-    assert inference.expected_calibration_error(y_true, probs, 10) == pytest.approx(0.45)
-    assert inference.calibration_bins([0.0, 0.1, 0.10001, 0.55, 1.0], 10).tolist() == [0, 0, 1, 5, 9]
+    assert metrics.expected_calibration_error(y_true, probs, 10) == pytest.approx(0.45)
+    assert metrics.calibration_bins([0.0, 0.1, 0.10001, 0.55, 1.0], 10).tolist() == [0, 0, 1, 5, 9]
 
 
 def test_rule_and_operating_point_by_hand():
     probs = np.array([[.30, .60, .10], [.10, .80, .10], [.25, .70, .05], [.05, .15, .80],
                       [.50, .30, .20]])
     y_true = np.array([0, 0, 1, 2, 1])
-    assert inference.rule_predictions(probs, 0, 0.2).tolist() == [0, 1, 0, 2, 0]
-    assert inference.rule_predictions(probs, 0, 0.6).tolist() == [1, 1, 1, 2, 1]  # .5 < .6: not rare
-    op = inference.operating_point_metrics(y_true, probs, 0, 0.2)
+    assert metrics.rule_predictions(probs, 0, 0.2).tolist() == [0, 1, 0, 2, 0]
+    assert metrics.rule_predictions(probs, 0, 0.6).tolist() == [1, 1, 1, 2, 1]  # .5 < .6: not rare
+    op = metrics.operating_point_metrics(y_true, probs, 0, 0.2)
     rule, argmax = op["rule"], op["argmax"]
     assert (rule["tp"], rule["fp"], rule["fn"], rule["tn"]) == (1, 2, 1, 1)
     assert (argmax["tp"], argmax["fp"], argmax["fn"], argmax["tn"]) == (0, 1, 2, 2)
     assert rule["sensitivity"] == 0.5 and rule["sensitivity_ci"] == pytest.approx(
-        inference.wilson_interval(1, 2))
+        metrics.wilson_interval(1, 2))
     assert np.array(op["confusion_matrix"]).sum() == 5
 
 
 def test_intention_to_diagnose_counts_failures_as_errors():
-    itd = inference.intention_to_diagnose(np.array([0, 0, 1, 2]), np.array([0, -1, 1, 0]), 0)
+    itd = metrics.intention_to_diagnose(np.array([0, 0, 1, 2]), np.array([0, -1, 1, 0]), 0)
     assert (itd["itd_n"], itd["itd_accuracy"], itd["itd_rare_sensitivity"]) == (4, 0.5, 0.5)
-    assert itd["itd_accuracy_ci"] == pytest.approx(inference.wilson_interval(2, 4))
+    assert itd["itd_accuracy_ci"] == pytest.approx(metrics.wilson_interval(2, 4))
 
 
 def test_mcnemar_exact_and_mid_p_by_hand():
     correct_a = np.array([True] * 10 + [False] * 2 + [True] * 5)
     correct_b = np.array([False] * 10 + [True] * 2 + [True] * 5)
-    result = inference.mcnemar_test(correct_a, correct_b)
+    result = metrics.mcnemar_test(correct_a, correct_b)
     assert (result["a_only"], result["b_only"]) == (10, 2)
     assert result["p_exact"] == pytest.approx(binomtest(10, 12, 0.5).pvalue)
     # mid-p = 2 [P(X <= 2) - P(X = 2) / 2], X ~ Bin(12, 1/2): 2 (79 - 33) / 4096
     assert result["p_mid"] == pytest.approx(2 * 46 / 4096)
-    assert inference.mcnemar_test(correct_a, correct_a)["p_exact"] is None
+    assert metrics.mcnemar_test(correct_a, correct_a)["p_exact"] is None
 
 
 # -- the vectorised metrics equal scikit-learn -----------------------------------------------------
@@ -127,7 +129,7 @@ def test_weighted_metrics_equal_sklearn_with_sample_weights(seed):
     probs = np.round(probs, 2)  # ties
     probs = probs / probs.sum(axis=1, keepdims=True)
     weights = rng.integers(0, 4, 60).astype(float) if seed else np.ones(60)
-    values = inference.weighted_metrics(weights[None], inference.prepare_scores(y_true, probs))
+    values = metrics.weighted_metrics(weights[None], metrics.prepare_scores(y_true, probs))
     y_pred = probs.argmax(axis=1)
     sw = {"sample_weight": weights}
     assert values["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred, **sw))
@@ -148,14 +150,14 @@ def test_weighted_metrics_equal_sklearn_with_sample_weights(seed):
 def test_compute_metrics_point_estimates_equal_sklearn():
     rng = np.random.default_rng(7)
     y_true, probs = random_probs(rng, 80)
-    metrics = inference.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0)
+    result = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0)
     y_pred = probs.argmax(axis=1)
-    assert metrics["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
-    assert metrics["macro_auprc"] == pytest.approx(np.mean(
+    assert result["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert result["macro_auprc"] == pytest.approx(np.mean(
         [average_precision_score(y_true == k, probs[:, k]) for k in range(3)]))
-    assert metrics["ece"] == pytest.approx(inference.expected_calibration_error(y_true, probs, 10))
-    assert metrics["ece_bins"] == 10 and metrics["accuracy_ci"] is None
-    rare = metrics["per_class"]["orbital disease"]
+    assert result["ece"] == pytest.approx(metrics.expected_calibration_error(y_true, probs, 10))
+    assert result["ece_bins"] == 10 and result["accuracy_ci"] is None
+    rare = result["per_class"]["orbital disease"]
     assert rare["auprc_baseline"] == pytest.approx(np.mean(y_true == 0))
     assert rare["f1"] == pytest.approx(f1_score(y_true == 0, y_pred == 0))
     assert set(rare) >= {"support", "prevalence", "tp", "fp", "fn", "tn", "sensitivity", "specificity",
@@ -166,13 +168,13 @@ def test_temperature_scaled_metrics_are_reported_beside_the_raw_ones():
     rng = np.random.default_rng(8)
     y_true = rng.integers(0, 3, 100)
     logits = 4 * (rng.normal(size=(100, 3)) + 1.5 * np.eye(3)[y_true])  # over-confident
-    metrics = inference.compute_metrics(y_true, inference.softmax(logits), FOLDERS, 100, 0,
-                                        probs_cal=inference.softmax(logits, 4.0))
-    scaled = metrics["temperature_scaled"]
-    assert scaled["log_loss"] == pytest.approx(log_loss(y_true, inference.softmax(logits / 4.0)))
-    assert scaled["log_loss"] < metrics["log_loss"]  # T = 4 undoes the over-confidence
+    result = metrics.compute_metrics(y_true, metrics.softmax(logits), FOLDERS, 100, 0,
+                                        probs_cal=metrics.softmax(logits, 4.0))
+    scaled = result["temperature_scaled"]
+    assert scaled["log_loss"] == pytest.approx(log_loss(y_true, metrics.softmax(logits / 4.0)))
+    assert scaled["log_loss"] < result["log_loss"]  # T = 4 undoes the over-confidence
     assert len(scaled["ece_ci"]) == 2
-    raw_only = inference.compute_metrics(y_true, inference.softmax(logits), FOLDERS, 0)
+    raw_only = metrics.compute_metrics(y_true, metrics.softmax(logits), FOLDERS, 0)
     assert raw_only["temperature_scaled"] is None
 
 
@@ -180,11 +182,11 @@ def test_temperature_scaled_metrics_are_reported_beside_the_raw_ones():
 
 def test_resample_weights_keep_groups_together_and_are_seeded():
     group_index = np.array([0, 0, 1, 1, 1, 2])
-    first = np.concatenate(list(inference.resample_weights(group_index, 300, seed=3, chunk=128)))
+    first = np.concatenate(list(metrics.resample_weights(group_index, 300, seed=3, chunk=128)))
     assert first.shape == (300, 6)
     assert (first[:, 0] == first[:, 1]).all() and (first[:, 2] == first[:, 4]).all()
     assert (first[:, [0, 2, 5]].sum(axis=1) == 3).all()  # three groups drawn per replicate
-    again = np.concatenate(list(inference.resample_weights(group_index, 300, seed=3, chunk=64)))
+    again = np.concatenate(list(metrics.resample_weights(group_index, 300, seed=3, chunk=64)))
     assert np.array_equal(first, again)  # chunk size does not change the replicates
 
 
@@ -194,8 +196,8 @@ def test_group_bootstrap_of_two_identical_groups_is_wider_than_image_bootstrap()
     y_true = np.array([0] * 20 + [1] * 20)
     probs = np.tile([[0.8, 0.1, 0.1]], (40, 1))
     groups = np.array(["patient A"] * 20 + ["patient B"] * 20)
-    by_image = inference.compute_metrics(y_true, probs, FOLDERS, 500, seed=0)
-    by_group = inference.compute_metrics(y_true, probs, FOLDERS, 500, seed=0, groups=groups)
+    by_image = metrics.compute_metrics(y_true, probs, FOLDERS, 500, seed=0)
+    by_group = metrics.compute_metrics(y_true, probs, FOLDERS, 500, seed=0, groups=groups)
     assert by_image["accuracy"] == by_group["accuracy"] == 0.5
     assert by_group["accuracy_ci"] == [0.0, 1.0]
     image_width = by_image["accuracy_ci"][1] - by_image["accuracy_ci"][0]
@@ -207,14 +209,14 @@ def test_group_bootstrap_of_two_identical_groups_is_wider_than_image_bootstrap()
 def test_paired_comparison_of_a_model_with_itself_is_zero():
     rng = np.random.default_rng(9)
     y_true, probs = random_probs(rng, 50)
-    same = inference.compare_models(y_true, probs, probs, None, 200, 0)
+    same = metrics.compare_models(y_true, probs, probs, None, 200, 0)
     for row in same["rows"][:-1]:
         assert row["difference"] == 0 and row["difference_ci"] == [0.0, 0.0]
     assert same["mcnemar"]["p_exact"] is None
-    worse = inference.compare_models(y_true, probs, np.full_like(probs, 1 / 3), None, 200, 0)
+    worse = metrics.compare_models(y_true, probs, np.full_like(probs, 1 / 3), None, 200, 0)
     auroc = next(r for r in worse["rows"] if r["metric"] == "macro_auroc")
     assert auroc["baseline"] == pytest.approx(0.5) and auroc["difference_ci"][0] > 0
-    own = inference.compute_metrics(y_true, probs, FOLDERS, 200, 0)
+    own = metrics.compute_metrics(y_true, probs, FOLDERS, 200, 0)
     assert auroc["model_ci"] == pytest.approx(own["macro_auroc_ci"])  # the same resamples
 
 
@@ -245,7 +247,7 @@ def test_full_evaluation_of_5000_images_with_2000_resamples_takes_under_10_s(tmp
     seconds = time.perf_counter() - start
     print(f"full evaluation of {n} images, 2000 resamples: {seconds:.1f} s")
     assert metrics["n"] == n and metrics["operating_point"]["rule"]["tp"] > 0
-    for name in inference.FIGURE_NAMES:
+    for name in report.FIGURE_NAMES:
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
         assert (tmp_path / "out" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     assert seconds < 10.0

@@ -1,0 +1,620 @@
+"""Every evaluation statistic of Orbital-CLIP, in numpy and scipy only (never torch): point
+metrics of a confusion matrix, Wilson intervals, likelihood ratios, the vectorised (image or
+group) percentile bootstrap, calibration (Brier, log-loss, ECE, reliability bins), the
+operating-rule statistics and the paired model comparison with McNemar's test.
+
+inference.py turns these into metrics.json and report.md; a reviewer checking how an interval is
+computed needs to read this file only.
+"""
+
+import math
+
+import numpy as np
+
+DEFAULT_BOOTSTRAP = 2000  # percentile-bootstrap resamples; ~2000 keeps 95% interval ends stable
+DEFAULT_SEED = 2024
+DEFAULT_ECE_BINS = 10  # equal-width bins of the max probability (Guo et al. 2017 use 15; 10 is common)
+CONFIDENCE_LEVEL = 0.95
+BOOTSTRAP_CHUNK = 256  # replicates evaluated together: memory ~ CHUNK x N numbers per array
+LOG_LOSS_EPS = float(np.finfo(np.float64).eps)  # probabilities clipped here, as scikit-learn does
+OVERALL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "mcc",
+                   "macro_auroc", "macro_auprc", "brier", "log_loss", "ece")
+CALIBRATION_METRICS = ("brier", "log_loss", "ece")
+COMPARED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc")
+PROPORTIONS = ("sensitivity", "specificity", "ppv", "npv")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics of one confusion matrix (pure: counts in, numbers out)
+
+
+def proportion(k, n):
+    """k / n as a float, or None when n is 0 (undefined, not zero)."""
+    return float(k) / n if n else None
+
+
+def wilson_interval(k, n, confidence=CONFIDENCE_LEVEL):
+    """Wilson score interval for a binomial proportion.
+
+    Parameters
+    ----------
+    k : int
+        Successes (for example true positives).
+    n : int
+        Trials (for example all condition-positive images).
+    confidence : float
+        Confidence level of the interval.
+
+    Returns
+    -------
+    [low, high] as floats, or None when n is 0.
+    """
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def one_vs_rest_counts(cm, k):
+    """Class k against the rest in a confusion matrix (rows true, columns predicted).
+
+    Returns
+    -------
+    (tp, fp, fn, tn) as ints.
+    """
+    cm = np.asarray(cm)
+    tp = int(cm[k, k])
+    fn = int(cm[k, :].sum()) - tp
+    fp = int(cm[:, k].sum()) - tp
+    tn = int(cm.sum()) - tp - fn - fp
+    return tp, fp, fn, tn
+
+
+def likelihood_ratios(tp, fp, fn, tn, confidence=CONFIDENCE_LEVEL):
+    """LR+ = sensitivity / (1 - specificity) and LR- = (1 - sensitivity) / specificity, with
+    95% CIs by the log method (Simel, Samsa & Matchar 1991).
+
+    The interval is exp(ln LR +- z SE) with SE(ln LR+) = sqrt(1/tp - 1/(tp+fn) + 1/fp - 1/(fp+tn))
+    and SE(ln LR-) = sqrt(1/fn - 1/(tp+fn) + 1/tn - 1/(fp+tn)). When one of the four counts is 0,
+    the interval is computed with 0.5 added to each (Haldane); an estimate of exactly 0 keeps 0 as
+    its lower end. An estimate is None where it is undefined or infinite (a zero denominator).
+
+    Returns
+    -------
+    dict with lr_pos, lr_pos_ci, lr_neg, lr_neg_ci.
+    """
+    out = {"lr_pos": None, "lr_pos_ci": None, "lr_neg": None, "lr_neg_ci": None}
+    if tp + fn == 0 or fp + tn == 0:
+        return out
+    from scipy.stats import norm
+    z = float(norm.ppf(0.5 + confidence / 2.0))
+    a, b, c, d = (float(x) for x in (tp, fp, fn, tn))
+    if min(a, b, c, d) == 0:
+        a, b, c, d = a + 0.5, b + 0.5, c + 0.5, d + 0.5
+    sens, spec = tp / (tp + fn), tn / (tn + fp)
+    for key, value, log_lr, se2 in (
+            ("lr_pos", sens / (1 - spec) if spec < 1 else None,
+             math.log((a / (a + c)) / (b / (b + d))), 1 / a - 1 / (a + c) + 1 / b - 1 / (b + d)),
+            ("lr_neg", (1 - sens) / spec if spec > 0 else None,
+             math.log((c / (a + c)) / (d / (b + d))), 1 / c - 1 / (a + c) + 1 / d - 1 / (b + d))):
+        half = z * math.sqrt(max(se2, 0.0))
+        low, high = math.exp(log_lr - half), math.exp(log_lr + half)
+        out[key] = value
+        out[f"{key}_ci"] = [0.0 if value == 0 else low, high]
+    return out
+
+
+def per_class_metrics(cm, k, confidence=CONFIDENCE_LEVEL):
+    """One-vs-rest statistics of class k from a confusion matrix: support, prevalence, counts,
+    sensitivity, specificity, PPV, NPV (each with its Wilson interval), LR+ and LR- (log-method
+    intervals) and F1 (None where a class is never true nor predicted)."""
+    tp, fp, fn, tn = one_vs_rest_counts(cm, k)
+    total = tp + fp + fn + tn
+    stats = {"support": tp + fn, "prevalence": proportion(tp + fn, total),
+             "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    for name, hits, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                          ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+        stats[name] = proportion(hits, n)
+        stats[f"{name}_ci"] = wilson_interval(hits, n, confidence)
+    stats.update(likelihood_ratios(tp, fp, fn, tn, confidence))
+    stats["f1"] = proportion(2 * tp, 2 * tp + fp + fn)
+    return stats
+
+
+def confusion_matrices(y_true, y_pred, n_classes, resamples=None):
+    """Confusion counts (rows true, columns predicted) of one labelling or of many resamples.
+
+    Parameters
+    ----------
+    y_true, y_pred : (N,) int arrays
+        Class indices.
+    n_classes : int
+        C.
+    resamples : (B, N) int array, optional
+        Row indices of B bootstrap resamples.
+
+    Returns
+    -------
+    (C, C) int array, or (B, C, C) with `resamples`.
+    """
+    codes = np.asarray(y_true, dtype=np.int64) * n_classes + np.asarray(y_pred, dtype=np.int64)
+    cells = n_classes * n_classes
+    if resamples is None:
+        return np.bincount(codes, minlength=cells).reshape(n_classes, n_classes)
+    offsets = np.arange(len(resamples))[:, None] * cells  # one block of cells per resample
+    counts = np.bincount((codes[resamples] + offsets).ravel(), minlength=len(resamples) * cells)
+    return counts.reshape(len(resamples), n_classes, n_classes)
+
+
+def metrics_from_confusion(cms):
+    """Accuracy, balanced accuracy, macro and weighted F1, multi-class MCC and per-class F1 of a
+    stack of confusion matrices (counts may be bootstrap weights).
+
+    The definitions are scikit-learn's: balanced accuracy averages recall over the classes present
+    in y_true; macro F1 scores a class with no true and no predicted image as 0; MCC is Gorodkin's
+    multi-class R_K, 0 where its denominator is 0. Written out because the bootstrap needs
+    thousands of them and this is one vectorised pass.
+
+    Parameters
+    ----------
+    cms : (B, C, C) array
+        Counts; rows true, columns predicted.
+
+    Returns
+    -------
+    dict name -> (B,) float array (NaN where undefined, an empty matrix), and "f1" -> (B, C),
+    NaN for a class never true nor predicted.
+    """
+    cms = np.asarray(cms, dtype=np.float64)
+    tp = np.diagonal(cms, axis1=1, axis2=2)  # (B, C)
+    support, predicted = cms.sum(axis=2), cms.sum(axis=1)  # (B, C) each
+    total = cms.sum(axis=(1, 2))
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = tp.sum(axis=1) / total
+        recall = np.where(present, tp / support, 0.0)
+        balanced = recall.sum(axis=1) / present.sum(axis=1)
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), np.nan)
+        weighted_f1 = np.nansum(f1 * support, axis=1) / total
+        covariance = tp.sum(axis=1) * total - (predicted * support).sum(axis=1)
+        spread = (total ** 2 - (predicted ** 2).sum(axis=1)) * (total ** 2 - (support ** 2).sum(axis=1))
+        mcc = np.where(spread > 0, covariance / np.sqrt(np.where(spread > 0, spread, 1.0)), 0.0)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced,
+            "macro_f1": np.nan_to_num(f1, nan=0.0).mean(axis=1), "weighted_f1": weighted_f1,
+            "mcc": np.where(total > 0, mcc, np.nan), "f1": f1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Probabilistic metrics per image (pure)
+
+
+def softmax(logits, temperature=1.0):
+    """Row-wise softmax of logits / temperature in float64 (NaN rows stay NaN)."""
+    from scipy.special import softmax as scipy_softmax
+    return scipy_softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=1)
+
+
+def brier_per_image(y_true, probs):
+    """Multi-class Brier score of each image: sum over classes of (p - onehot)^2, in [0, 2]."""
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[np.asarray(y_true, dtype=np.int64)]
+    return ((probs - onehot) ** 2).sum(axis=1)
+
+
+def log_loss_per_image(y_true, probs):
+    """-ln p(true class) of each image, p clipped below at float64 eps (as scikit-learn)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    picked = probs[np.arange(len(probs)), np.asarray(y_true, dtype=np.int64)]
+    return -np.log(np.clip(picked, LOG_LOSS_EPS, 1.0))
+
+
+def calibration_bins(values, n_bins=DEFAULT_ECE_BINS):
+    """Bin index of each value in `n_bins` equal-width bins of [0, 1], right-closed:
+    (0, 1/n], (1/n, 2/n], ... with 0 itself in the first bin."""
+    index = np.ceil(np.asarray(values, dtype=np.float64) * n_bins).astype(np.int64) - 1
+    return np.clip(index, 0, n_bins - 1)
+
+
+def expected_calibration_error(y_true, probs, n_bins=DEFAULT_ECE_BINS):
+    """ECE: sum over equal-width bins of the max probability of (images in bin / N) x
+    |accuracy in bin - mean max probability in bin| (Guo et al. 2017); None for no image."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        return None
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
+    bins = calibration_bins(confidence, n_bins)
+    gap = np.bincount(bins, confidence - correct, minlength=n_bins)  # sum(conf) - sum(correct)
+    return float(np.abs(gap).sum() / len(probs))
+
+
+def reliability_table(scores, hits, n_bins=DEFAULT_ECE_BINS):
+    """Per equal-width bin of `scores`: (count, mean score, observed frequency of `hits`),
+    NaN means for empty bins. The data of one reliability diagram."""
+    scores = np.asarray(scores, dtype=np.float64)
+    bins = calibration_bins(scores, n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_score = np.bincount(bins, scores, minlength=n_bins) / count
+        observed = np.bincount(bins, np.asarray(hits, dtype=np.float64), minlength=n_bins) / count
+    return count, mean_score, observed
+
+
+def rule_predictions(probs, rare_index, threshold):
+    """Predictions of the operating rule: the rare class if p(rare) >= threshold, otherwise the
+    most probable of the other classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    others = probs.copy()
+    others[:, rare_index] = -np.inf
+    predicted = others.argmax(axis=1)
+    predicted[probs[:, rare_index] >= threshold] = rare_index
+    return predicted
+
+
+# ----------------------------------------------------------------------------------------------
+# Every metric as a weighted sum (pure). The bootstrap draws each resample as a vector of weights
+# (how often each image is drawn), so a replicate is a matrix product and a cumulative sum over a
+# ranking sorted once: thousands of replicates of 5,000 images take about a second. The point
+# estimates use the same code with unit weights, so an interval always belongs to its estimate;
+# the tests check every one against scikit-learn.
+
+
+def tie_blocks(scores):
+    """(order, starts): the ascending sort of `scores` and where each run of equal scores begins
+    in it (ties are one threshold, as in scikit-learn's curves)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ranked)) + 1]) if len(ranked) else np.zeros(0, int)
+    return order, starts
+
+
+def weighted_auroc_auprc(weights, order, starts, positive):
+    """One-vs-rest AUROC (Mann-Whitney, ties count one half) and average precision (AUPRC, the
+    step-wise sum over thresholds of recall gain x precision, as scikit-learn's
+    average_precision_score) of each row of weights.
+
+    Parameters
+    ----------
+    weights : (B, N) float array
+        How often each image counts in each replicate (ones for the point estimate).
+    order, starts : arrays from `tie_blocks(scores)`.
+    positive : (N,) bool array
+        Images of the class.
+
+    Returns
+    -------
+    (auroc, auprc), each (B,), NaN where a replicate has no positive or no negative image.
+    """
+    ranked = weights[:, order]  # (B, N), ascending score
+    hit = positive[order].astype(np.float64)
+    pos = np.add.reduceat(ranked * hit, starts, axis=1)  # (B, J) positive weight per tie block
+    neg = np.add.reduceat(ranked * (1.0 - hit), starts, axis=1)
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+        tp_at = n_pos[:, None] - (np.cumsum(pos, axis=1) - pos)  # positives scored >= the block
+        fp_at = n_neg[:, None] - neg_below
+        precision = np.where(pos > 0, tp_at / np.maximum(tp_at + fp_at, 1e-300), 0.0)
+        auprc = (pos * precision).sum(axis=1) / n_pos
+    defined = (n_pos > 0) & (n_neg > 0)
+    return np.where(defined, auroc, np.nan), np.where(defined, auprc, np.nan)
+
+
+def prepare_scores(y_true, probs, n_bins=DEFAULT_ECE_BINS, probs_cal=None):
+    """The per-image quantities whose weighted sums give every metric of one model.
+
+    Returns
+    -------
+    dict: columns (N, K) float array (confusion cell one-hots, Brier and log-loss terms, ECE bin
+    sums, each also for `probs_cal`), slices name -> columns slice, ranking (per class the
+    `tie_blocks` of its probability), positive (N, C) bool, n_classes.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = probs.shape[1]
+    blocks = {"cm": np.eye(n_classes * n_classes)[y_true * n_classes + probs.argmax(axis=1)]}
+    for suffix, p in (("", probs), ("_cal", probs_cal)):
+        if p is None:
+            continue
+        confidence = p.max(axis=1)
+        in_bin = np.eye(n_bins)[calibration_bins(confidence, n_bins)]  # (N, bins)
+        blocks["brier" + suffix] = brier_per_image(y_true, p)[:, None]
+        blocks["log_loss" + suffix] = log_loss_per_image(y_true, p)[:, None]
+        blocks["ece_gap" + suffix] = in_bin * (confidence - (p.argmax(axis=1) == y_true))[:, None]
+    slices, start = {}, 0
+    for name, block in blocks.items():
+        slices[name] = slice(start, start + block.shape[1])
+        start += block.shape[1]
+    return {"columns": np.hstack(list(blocks.values())), "slices": slices,
+            "ranking": [tie_blocks(probs[:, k]) for k in range(n_classes)],
+            "positive": y_true[:, None] == np.arange(n_classes), "n_classes": n_classes}
+
+
+def weighted_metrics(weights, prepared):
+    """Every metric of one model under each row of weights (see `prepare_scores`).
+
+    Returns
+    -------
+    dict: each name of OVERALL_METRICS (and brier_cal, log_loss_cal, ece_cal when prepared with
+    calibrated probabilities) -> (B,); f1, auroc, auprc -> (B, C). NaN where undefined.
+    """
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    sums = weights @ prepared["columns"]  # (B, K)
+    total = weights.sum(axis=1)
+    n_classes, slices = prepared["n_classes"], prepared["slices"]
+    out = metrics_from_confusion(sums[:, slices["cm"]].reshape(-1, n_classes, n_classes))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for suffix in ("", "_cal"):
+            if "brier" + suffix in slices:
+                out["brier" + suffix] = sums[:, slices["brier" + suffix]][:, 0] / total
+                out["log_loss" + suffix] = sums[:, slices["log_loss" + suffix]][:, 0] / total
+                out["ece" + suffix] = np.abs(sums[:, slices["ece_gap" + suffix]]).sum(axis=1) / total
+    curves = [weighted_auroc_auprc(weights, order, starts, prepared["positive"][:, k])
+              for k, (order, starts) in enumerate(prepared["ranking"])]
+    out["auroc"] = np.stack([auroc for auroc, _ in curves], axis=1)  # (B, C)
+    out["auprc"] = np.stack([auprc for _, auprc in curves], axis=1)
+    out["macro_auroc"] = out["auroc"].mean(axis=1)  # NaN when a class is missing
+    out["macro_auprc"] = out["auprc"].mean(axis=1)
+    return out
+
+
+def group_indices(groups, n):
+    """(N,) int index of each image's group (0..G-1), or each image its own group when None."""
+    if groups is None:
+        return np.arange(n)
+    _, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    return index.reshape(-1)
+
+
+def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK):
+    """Yield (b, N) float arrays of bootstrap weights, `chunk` replicates at a time.
+
+    Each replicate draws G groups with replacement (a cluster bootstrap: the images of a patient
+    stay together); an image's weight is how often its group was drawn. One group per image is
+    the ordinary bootstrap of images. The same seed and groups give the same replicates.
+    """
+    rng = np.random.default_rng(seed)
+    group_index = np.asarray(group_index, dtype=np.int64)
+    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        draws = rng.integers(0, n_groups, size=(b, n_groups)) + np.arange(b)[:, None] * n_groups
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        yield counts[:, group_index].astype(np.float64)
+
+
+def bootstrap_replicates(prepared_list, group_index, n_bootstrap, seed):
+    """`weighted_metrics` of each prepared model on the same resamples (paired when several).
+
+    Returns
+    -------
+    list (one per prepared model) of dict name -> (B,) or (B, C) arrays.
+    """
+    parts = [dict() for _ in prepared_list]
+    for weights in resample_weights(group_index, n_bootstrap, seed):
+        for store, prepared in zip(parts, prepared_list):
+            for name, values in weighted_metrics(weights, prepared).items():
+                store.setdefault(name, []).append(values)
+    return [{name: np.concatenate(values) for name, values in store.items()} for store in parts]
+
+
+def percentile_interval(values, confidence=CONFIDENCE_LEVEL):
+    """[low, high] percentile interval of the finite bootstrap values, or None if none are."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+def finite_or_none(value):
+    """A float, or None for NaN/inf (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling metrics.json (pure: arrays in, plain dicts out)
+
+
+def empty_metrics(class_names):
+    """metrics.json skeleton when no image could be scored: every value None."""
+    metrics = {"n": 0}
+    for name in OVERALL_METRICS:
+        metrics[name], metrics[f"{name}_ci"] = None, None
+    metrics["per_class"] = {name: {} for name in class_names}
+    metrics["confusion_matrix"] = np.zeros((len(class_names),) * 2, dtype=int).tolist()
+    return metrics
+
+
+def compute_metrics(y_true, probs, class_names, n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED,
+                    confidence=CONFIDENCE_LEVEL, *, groups=None, probs_cal=None,
+                    ece_bins=DEFAULT_ECE_BINS):
+    """Every metric of metrics.json from the labels and class probabilities of scored images.
+
+    Parameters
+    ----------
+    y_true : (N,) int array
+        True class indices.
+    probs : (N, C) float array
+        Class probabilities; the prediction is the argmax of each row.
+    class_names : list of str
+        The C folder names, keys of `per_class`.
+    n_bootstrap : int
+        Percentile-bootstrap resamples for the CIs of the overall metrics and of the per-class
+        F1, AUROC and AUPRC; 0 leaves those CIs None. Proportions use Wilson intervals, LR+/LR-
+        the log method.
+    seed : int
+        Seed of the bootstrap.
+    confidence : float
+        Level of every interval.
+    groups : (N,) array of str, optional
+        Patient (or other cluster) of each image: the bootstrap resamples groups, not images.
+    probs_cal : (N, C) float array, optional
+        Temperature-scaled probabilities: adds `temperature_scaled` (Brier, log-loss, ECE).
+    ece_bins : int
+        Equal-width bins of the max probability for the ECE.
+
+    Returns
+    -------
+    dict with n, each of OVERALL_METRICS beside its `<name>_ci`, ece_bins, bootstrap_unit,
+    n_groups, temperature_scaled, confusion_matrix (rows true) and per_class[name] (see
+    `per_class_metrics`, plus f1, auroc, auprc with `_ci` and auprc_baseline). Undefined: None.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(y_true), len(class_names))
+    n = len(y_true)
+    metrics = empty_metrics(class_names) if n == 0 else {"n": n}
+    group_index = group_indices(groups, n)
+    metrics.update(ece_bins=ece_bins, bootstrap_unit="image" if groups is None else "group",
+                   n_groups=int(group_index.max()) + 1 if n else 0, temperature_scaled=None)
+    if n == 0:
+        return metrics
+    prepared = prepare_scores(y_true, probs, ece_bins, probs_cal)
+    point = weighted_metrics(np.ones((1, n)), prepared)
+    boot = bootstrap_replicates([prepared], group_index, n_bootstrap, seed)[0] if n_bootstrap else None
+
+    def estimate(name, column=None):
+        value = point[name][0] if column is None else point[name][0, column]
+        value = finite_or_none(value)
+        replicates = None if boot is None else (boot[name] if column is None else boot[name][:, column])
+        ci = percentile_interval(replicates, confidence) if value is not None and boot else None
+        return value, ci
+
+    for name in OVERALL_METRICS:
+        metrics[name], metrics[f"{name}_ci"] = estimate(name)
+    if probs_cal is not None:
+        metrics["temperature_scaled"] = {}
+        for name in CALIBRATION_METRICS:
+            value, ci = estimate(name + "_cal")
+            metrics["temperature_scaled"].update({name: value, f"{name}_ci": ci})
+    cm = confusion_matrices(y_true, probs.argmax(axis=1), len(class_names))
+    metrics["per_class"] = {}
+    for k, name in enumerate(class_names):
+        stats = per_class_metrics(cm, k, confidence)
+        for metric in ("f1", "auroc", "auprc"):
+            stats[metric], stats[f"{metric}_ci"] = estimate(metric, k)
+        stats["auprc_baseline"] = stats["prevalence"]  # AUPRC of a random ranking
+        metrics["per_class"][name] = stats
+    metrics["confusion_matrix"] = cm.tolist()
+    return metrics
+
+
+def binary_summary(positive, predicted, confidence=CONFIDENCE_LEVEL):
+    """Counts, sensitivity, specificity, PPV, NPV (Wilson) and LR+/LR- of a binary rule."""
+    positive, predicted = np.asarray(positive, bool), np.asarray(predicted, bool)
+    cm = np.array([[np.sum(positive & predicted), np.sum(positive & ~predicted)],
+                   [np.sum(~positive & predicted), np.sum(~positive & ~predicted)]])
+    stats = per_class_metrics(cm, 0, confidence)
+    stats.pop("f1"), stats.pop("prevalence")
+    return stats
+
+
+def operating_point_metrics(y_true, probs, rare_index, threshold, confidence=CONFIDENCE_LEVEL):
+    """The rare class under 'p(rare) >= threshold' beside the same statistics under argmax.
+
+    Returns
+    -------
+    dict: rule -> binary_summary of the threshold rule, argmax -> binary_summary of argmax,
+    confusion_matrix -> (C, C) of the rule's multi-class predictions (see `rule_predictions`).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    positive = y_true == rare_index
+    rule = rule_predictions(probs, rare_index, threshold)
+    return {"rule": binary_summary(positive, rule == rare_index, confidence),
+            "argmax": binary_summary(positive, probs.argmax(axis=1) == rare_index, confidence),
+            "confusion_matrix": confusion_matrices(y_true, rule, probs.shape[1]).tolist()}
+
+
+def intention_to_diagnose(y_true, y_pred, rare_index, confidence=CONFIDENCE_LEVEL):
+    """Accuracy and rare-class sensitivity over every image received, an unreadable image
+    (y_pred -1) counting as an error (STARD's intention-to-diagnose analysis)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    correct = int(np.sum(y_true == y_pred))
+    rare = y_true == rare_index
+    hits = int(np.sum(rare & (y_pred == rare_index)))
+    return {"itd_n": int(len(y_true)),
+            "itd_accuracy": proportion(correct, len(y_true)),
+            "itd_accuracy_ci": wilson_interval(correct, len(y_true), confidence),
+            "itd_rare_sensitivity": proportion(hits, int(rare.sum())),
+            "itd_rare_sensitivity_ci": wilson_interval(hits, int(rare.sum()), confidence)}
+
+
+def mcnemar_test(correct_a, correct_b):
+    """Exact and mid-p McNemar tests on the discordant pairs (binomial, p = 1/2, two-sided).
+
+    Returns
+    -------
+    dict with a_only (A right, B wrong), b_only, p_exact, p_mid (None without discordant pairs).
+    """
+    from scipy.stats import binom, binomtest
+    correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    a_only, b_only = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+    n = a_only + b_only
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_exact": None, "p_mid": None}
+    small = min(a_only, b_only)
+    p_exact = float(binomtest(a_only, n, 0.5).pvalue)
+    # mid-p: twice the lower tail with half the probability of the observed count
+    p_mid = min(1.0, 2.0 * (float(binom.cdf(small, n, 0.5)) - 0.5 * float(binom.pmf(small, n, 0.5))))
+    return {"a_only": a_only, "b_only": b_only, "p_exact": p_exact, "p_mid": p_mid}
+
+
+def compare_models(y_true, probs_model, probs_baseline, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
+                   seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Paired comparison of two models on the same images: model - baseline for each of
+    COMPARED_METRICS with a paired (cluster) bootstrap CI, and McNemar's test for accuracy.
+
+    The resamples are those of `compute_metrics` with the same seed and groups, so the model's
+    own intervals here equal those in metrics.json. The bootstrap p is twice the smaller share of
+    replicate differences on either side of 0 (a rough guide; the CI is the result to report).
+
+    Returns
+    -------
+    dict: rows -> list of dicts (metric, model, model_ci, baseline, baseline_ci, difference,
+    difference_ci, p_value, test), mcnemar -> `mcnemar_test` result, n.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    group_index = group_indices(groups, len(y_true))
+    prepared = [prepare_scores(y_true, probs_model), prepare_scores(y_true, probs_baseline)]
+    point = [weighted_metrics(np.ones((1, len(y_true))), p) for p in prepared]
+    boot = bootstrap_replicates(prepared, group_index, n_bootstrap, seed) if n_bootstrap else None
+    rows = []
+    for name in COMPARED_METRICS:
+        a, b = finite_or_none(point[0][name][0]), finite_or_none(point[1][name][0])
+        row = {"metric": name, "model": a, "baseline": b,
+               "difference": None if a is None or b is None else a - b,
+               "model_ci": None, "baseline_ci": None, "difference_ci": None, "p_value": None,
+               "test": "paired bootstrap" + (" of groups" if groups is not None else "")}
+        if boot is not None and row["difference"] is not None:
+            diff = boot[0][name] - boot[1][name]
+            row["model_ci"] = percentile_interval(boot[0][name], confidence)
+            row["baseline_ci"] = percentile_interval(boot[1][name], confidence)
+            row["difference_ci"] = percentile_interval(diff, confidence)
+            finite = diff[np.isfinite(diff)]
+            if finite.size:
+                row["p_value"] = float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+        rows.append(row)
+    correct_a = probs_model.argmax(axis=1) == y_true
+    correct_b = probs_baseline.argmax(axis=1) == y_true
+    mcnemar = mcnemar_test(correct_a, correct_b)
+    rows.append({"metric": "accuracy", "model": rows[0]["model"], "baseline": rows[0]["baseline"],
+                 "difference": rows[0]["difference"], "model_ci": None, "baseline_ci": None,
+                 "difference_ci": None, "p_value": mcnemar["p_mid"],
+                 "test": f"McNemar mid-p (exact p {format_p(mcnemar['p_exact'])}; discordant "
+                         f"{mcnemar['a_only']} model-only correct, {mcnemar['b_only']} "
+                         "baseline-only correct)"})
+    return {"n": int(len(y_true)), "rows": rows, "mcnemar": mcnemar}
+
+
+def format_p(p):
+    """A p-value for text: 'n/a', '<0.001' or three decimals."""
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
