@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import common
 import prompts as prompt_sets
+from metrics import fit_temperature, mean_nll, operating_point, selection_metrics
 
 LOG = logging.getLogger("clip_train")
 BEST_NAME = "clip_model_epoch_best.pt"  # published file names
@@ -173,71 +174,6 @@ def warmup_spec(text):
     if value < 0 or (text.endswith("%") and value > 100):
         raise argparse.ArgumentTypeError(f"must be 0..total steps or 0%..100%, got {text!r}")
     return text
-
-
-def validation_metrics(y_true, probs, rare_index=0):
-    """Selection metrics from labels (N,) and class probabilities (N, C) as numpy arrays."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-    n_classes = probs.shape[1]
-    y_pred = probs.argmax(axis=1)
-    labels = list(range(n_classes))
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "macro_auroc": float("nan"),
-        "rare_sensitivity": float("nan"),
-    }
-    present = np.unique(y_true)
-    if len(present) == n_classes:
-        metrics["macro_auroc"] = float(roc_auc_score(y_true, probs, multi_class="ovr",
-                                                     labels=labels, average="macro"))
-    rare = y_true == rare_index
-    if rare.any():
-        metrics["rare_sensitivity"] = float((y_pred[rare] == rare_index).mean())
-    return metrics
-
-
-def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
-    """The rare-class rule 'positive if p >= threshold' tuned on validation data: the most specific
-    rule whose sensitivity still reaches the target. The threshold sits midway between the lowest
-    rare-class score the rule must include and the next lower validation score, not on that score
-    itself: the same validation sensitivity and specificity, but a rare image scoring a little
-    lower than its validation counterparts is not missed for want of a margin.
-
-    Returns a dict with operating_threshold and the validation sensitivity/specificity it gives
-    (NaN threshold when the validation set has no rare-class image).
-    """
-    positive = np.asarray(y_true) == rare_index
-    if not positive.any():
-        return {"operating_threshold": float("nan"), "operating_val_sensitivity": float("nan"),
-                "operating_val_specificity": float("nan")}
-    scores = np.sort(np.asarray(p_rare, dtype=np.float64)[positive])[::-1]
-    needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
-    included = scores[needed - 1]
-    all_scores = np.asarray(p_rare, dtype=np.float64)
-    below = all_scores[all_scores < included]
-    threshold = float((included + (below.max() if below.size else 0.0)) / 2)
-    predicted = all_scores >= threshold
-    specificity = float((~predicted[~positive]).mean()) if (~positive).any() else float("nan")
-    return {"operating_threshold": threshold,
-            "operating_val_sensitivity": float(predicted[positive].mean()),
-            "operating_val_specificity": specificity}
-
-
-def fit_temperature(logits, y_true):
-    """Temperature T > 0 minimising the validation NLL of softmax(logits / T) (Guo et al. 2017)."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
-    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
-    if len(y_true) == 0:
-        return 1.0
-
-    def nll(log_t):
-        return -log_softmax(logits / math.exp(log_t), axis=1)[np.arange(len(y_true)), y_true].mean()
-
-    result = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded")
-    return float(math.exp(result.x))
 
 
 def is_improvement(value, best, metric):
@@ -457,11 +393,12 @@ def validate(model, loader, ctx):
     scale = loss_scale(model, args.logit_scale_mode).float().cpu()
     logits = common.zero_shot_logits(features[ok], classifier.float().cpu(), scale)
     probs = logits.softmax(dim=1).numpy()
-    metrics = validation_metrics(labels.numpy(), probs)
-    metrics["val_loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    y_true, logits = labels.numpy(), logits.numpy()
+    metrics = selection_metrics(y_true, probs)  # the statistics live in metrics.py, as inference's
+    metrics["val_loss"] = mean_nll(logits, y_true)
     metrics["val_images"] = int(ok.sum())
-    metrics.update(operating_point(labels.numpy(), probs[:, 0], args.target_sensitivity))
-    metrics["temperature"] = fit_temperature(logits.numpy(), labels.numpy())
+    metrics.update(operating_point(y_true, probs[:, 0], args.target_sensitivity))
+    metrics["temperature"] = fit_temperature(logits, y_true)
     return metrics
 
 

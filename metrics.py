@@ -618,3 +618,77 @@ def format_p(p):
     if p is None:
         return "n/a"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation during training (clip_train.py): checkpoint selection, operating threshold, temperature
+
+
+def selection_metrics(y_true, probs, rare_index=0):
+    """The checkpoint-selection metrics of one validation pass, computed by the code behind the
+    point estimates of metrics.json (so a checkpoint is chosen by the numbers inference reports).
+    `y_true` (N,) and `probs` (N, C) as in `compute_metrics`; `rare_index` is the class whose
+    sensitivity is reported.
+
+    Returns
+    -------
+    dict: accuracy, balanced_accuracy, macro_f1, macro_auroc (NaN unless every class has a
+    positive and a negative image), rare_sensitivity (NaN without a rare image), as floats.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    point = weighted_metrics(np.ones((1, len(y_true))), prepare_scores(y_true, probs))
+    tp, _fp, fn, _tn = one_vs_rest_counts(confusion_matrices(y_true, probs.argmax(axis=1),
+                                                             probs.shape[1]), rare_index)
+    rare_sensitivity = proportion(tp, tp + fn)
+    return {"accuracy": float(point["accuracy"][0]),
+            "balanced_accuracy": float(point["balanced_accuracy"][0]),
+            "macro_f1": float(point["macro_f1"][0]),
+            "macro_auroc": float(point["macro_auroc"][0]),
+            "rare_sensitivity": float("nan") if rare_sensitivity is None else rare_sensitivity}
+
+
+def mean_nll(logits, y_true, temperature=1.0):
+    """Mean negative log-likelihood (cross-entropy) of softmax(logits / temperature) at the true
+    classes, in float64: the validation loss, and what `fit_temperature` minimises."""
+    from scipy.special import log_softmax
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=np.int64)
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y_true)), y_true].mean())
+
+
+def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
+    """The rare-class rule 'positive if p >= threshold' tuned on validation data: the most specific
+    rule whose sensitivity still reaches the target. The threshold sits midway between the lowest
+    rare-class score the rule must include and the next lower validation score, not on that score
+    itself: the same validation sensitivity and specificity, but a rare image scoring a little
+    lower than its validation counterparts is not missed for want of a margin.
+
+    Returns a dict with operating_threshold and the validation sensitivity/specificity it gives
+    (NaN threshold when the validation set has no rare-class image).
+    """
+    positive = np.asarray(y_true) == rare_index
+    if not positive.any():
+        return {"operating_threshold": float("nan"), "operating_val_sensitivity": float("nan"),
+                "operating_val_specificity": float("nan")}
+    scores = np.sort(np.asarray(p_rare, dtype=np.float64)[positive])[::-1]
+    needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
+    included = scores[needed - 1]
+    all_scores = np.asarray(p_rare, dtype=np.float64)
+    below = all_scores[all_scores < included]
+    threshold = float((included + (below.max() if below.size else 0.0)) / 2)
+    predicted = all_scores >= threshold
+    specificity = float((~predicted[~positive]).mean()) if (~positive).any() else float("nan")
+    return {"operating_threshold": threshold,
+            "operating_val_sensitivity": float(predicted[positive].mean()),
+            "operating_val_specificity": specificity}
+
+
+def fit_temperature(logits, y_true):
+    """Temperature T > 0 minimising the validation NLL of softmax(logits / T) (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    if len(y_true) == 0:
+        return 1.0
+    result = minimize_scalar(lambda log_t: mean_nll(logits, y_true, math.exp(log_t)),
+                             bounds=(-4.0, 4.0), method="bounded")
+    return float(math.exp(result.x))

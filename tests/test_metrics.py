@@ -1,6 +1,7 @@
 """inference.py metrics: known answers on hand-made inputs, agreement with scikit-learn/scipy of the
 vectorised (weighted) metrics behind the bootstrap, the cluster bootstrap, and its speed."""
 
+import contextlib
 import math
 import time
 
@@ -251,3 +252,70 @@ def test_full_evaluation_of_5000_images_with_2000_resamples_takes_under_10_s(tmp
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
         assert (tmp_path / "out" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     assert seconds < 10.0
+
+
+# -- clip_train.py's validation: selection metrics, loss, operating point, temperature -----------------
+
+def test_operating_point_known_answer():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p_rare = np.array([0.9, 0.6, 0.4, 0.2, 0.5, 0.1, 0.3, 0.05])
+    # 3 of 4 positives needed: include 0.4; the next lower score is 0.3 -> midway, 0.35.
+    point = metrics.operating_point(y_true, p_rare, 0.75)
+    assert point["operating_threshold"] == pytest.approx(0.35)
+    assert point["operating_val_sensitivity"] == pytest.approx(0.75)
+    assert point["operating_val_specificity"] == pytest.approx(3 / 4)  # 0.5 is a false positive
+    assert metrics.operating_point(y_true, p_rare, 1.0)["operating_threshold"] == pytest.approx(0.15)
+    # The lowest score of all: midway to 0.
+    assert metrics.operating_point(np.array([0, 1]), np.array([0.2, 0.6]), 1.0)["operating_threshold"] == pytest.approx(0.1)
+    assert math.isnan(metrics.operating_point(np.array([1, 2]), np.array([.2, .3]), .9)["operating_threshold"])
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 3)) * 2
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y_true = np.array([rng.choice(3, p=p) for p in probs])
+    assert metrics.fit_temperature(true_logits * 3.0, y_true) == pytest.approx(3.0, rel=0.1)
+
+
+def test_selection_metrics_known_answer():
+    y_true = np.array([0, 0, 1, 1, 1, 2])
+    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .7, .2], [.6, .3, .1], [.1, .1, .8]])
+    result = metrics.selection_metrics(y_true, probs)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert result["rare_sensitivity"] == pytest.approx(0.5)
+    missing = metrics.selection_metrics(np.array([1, 2]), probs[:2])
+    assert math.isnan(missing["macro_auroc"]) and math.isnan(missing["rare_sensitivity"])
+
+
+@pytest.mark.parametrize("seed, absent", [(0, None), (1, None), (2, 2), (3, 0)])
+def test_selection_metrics_equal_sklearn(seed, absent):
+    """The numbers clip_train.py selects checkpoints by are scikit-learn's (its former code)."""
+    rng = np.random.default_rng(seed)
+    y_true, probs = random_probs(rng, 60, signal=1.0)
+    if absent is not None:
+        y_true[y_true == absent] = (absent + 1) % 3
+    y_pred = probs.argmax(axis=1)
+    result = metrics.selection_metrics(y_true, probs)
+    assert result["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    with pytest.warns(UserWarning) if absent is not None else contextlib.nullcontext():
+        assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert result["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro",
+                                                        zero_division=0))
+    if absent is None:
+        assert result["macro_auroc"] == pytest.approx(roc_auc_score(y_true, probs, multi_class="ovr"))
+        assert result["rare_sensitivity"] == pytest.approx(np.mean(y_pred[y_true == 0] == 0))
+    else:
+        assert math.isnan(result["macro_auroc"])
+        assert math.isnan(result["rare_sensitivity"]) == (absent == 0)
+
+
+def test_mean_nll_is_the_log_loss_of_the_tempered_softmax():
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 3, 50)
+    logits = 3 * rng.normal(size=(50, 3))
+    for temperature in (1.0, 0.5, 2.5):
+        expected = log_loss(y_true, metrics.softmax(logits, temperature), labels=[0, 1, 2])
+        assert metrics.mean_nll(logits, y_true, temperature) == pytest.approx(expected, rel=1e-9)
+    assert metrics.mean_nll([[0.0, 0.0]], [1]) == pytest.approx(math.log(2))
