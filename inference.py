@@ -32,6 +32,7 @@ alpha and wise_ft_summary.csv.
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -66,6 +67,77 @@ OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 *(f"{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")))
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Records passed between the stages
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A resolved --checkpoint or --baseline."""
+    kind: str  # 'ours' (clip_train.py), 'state_dict' (plain open_clip weights) or 'tag'
+    spec: str  # the path or pretrained tag as given
+    data: dict | None  # the loaded file; None for a tag
+    sha256: str | None  # of the file; None for a tag
+
+
+@dataclasses.dataclass
+class Cohort:
+    """The evaluated images."""
+    items: list  # [(path, class index)], -1 where unlabelled
+    labelled: bool  # False: no class folders, predicted but not scored
+    root: Path  # paths in predictions.csv are relative to it
+    split: str | None = None  # manifest split evaluated
+    groups: list | None = None  # patient of each image (bootstrap unit), None: each image its own
+    group_source: str | None = None
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """Everything needed to score one model and to describe it in the outputs."""
+    checkpoint: Checkpoint
+    model_name: str
+    model: torch.nn.Module
+    preprocess: object  # evaluation transform
+    tokenizer: object
+    classes: list  # prompts.ClassPrompts, index order = class index
+    folders: list
+    prompt_source: str
+    logit_scale_mode: str  # 'exp' or 'published-log'
+    operating: dict  # rare-class operating point: class, rare_index, threshold, source, ...
+    temperature: float | None  # fitted on validation by clip_train.py
+    temperature_source: str
+    weights_id: str  # checkpoint SHA-256 or tag:<tag>
+    cache_key: str  # of the embedding cache
+    wise_ft_alpha: float | None = None
+    wise_ft_base: str | None = None
+
+
+@dataclasses.dataclass
+class WiseFT:
+    """The two weight sets WiSE-FT interpolates."""
+    base: dict  # state_dict
+    tuned: dict
+    label: str  # how the base is named in the report
+    identity: str  # SHA-256 or tag:<tag>, part of the cache key
+
+
+@dataclasses.dataclass
+class Scores:
+    """One model's output on the cohort."""
+    logits: np.ndarray  # (N, C) float64, NaN rows where unreadable
+    statuses: list  # 'ok' or 'failed: <reason>' per image
+
+
+@dataclasses.dataclass
+class Setup:
+    """What `prepare` loads before any output is written."""
+    cohort: Cohort
+    model: ModelBundle
+    baseline: ModelBundle | None
+    wise: WiseFT | None
+    anonymize: object  # text -> pseudonym, or None
+
 # ----------------------------------------------------------------------------------------------
 # Privacy
 
@@ -92,7 +164,7 @@ def checkpoint_kind(data):
 
 
 def resolve_checkpoint(spec, flag="--checkpoint"):
-    """{'kind', 'spec', 'data', 'sha256'} for a checkpoint file or an open_clip pretrained tag."""
+    """The Checkpoint of a checkpoint file or an open_clip pretrained tag."""
     path = Path(spec)
     if path.is_file():
         try:
@@ -103,12 +175,12 @@ def resolve_checkpoint(spec, flag="--checkpoint"):
         if kind is None:
             raise common.CheckpointError(f"{flag} {path}: holds no model state_dict (expected a "
                                          "checkpoint of clip_train.py or a plain open_clip state_dict)")
-        return {"kind": kind, "spec": str(path), "data": data, "sha256": common.file_sha256(path)}
+        return Checkpoint(kind, str(path), data, common.file_sha256(path))
     if path.exists():
         raise common.CheckpointError(f"{flag} {path}: is a folder, not a checkpoint file")
     if looks_like_file(spec):
         raise common.CheckpointError(f"{flag} {path}: no such checkpoint file")
-    return {"kind": "tag", "spec": str(spec), "data": None, "sha256": None}
+    return Checkpoint("tag", str(spec), None, None)
 
 
 def looks_like_file(spec):
@@ -130,19 +202,19 @@ def requested_model_name(args):
 
 def resolve_model_name(requested, checkpoint, flag="--model-name", role="--checkpoint"):
     """The architecture: the checkpoint's own, else `requested` (the value of `flag`)."""
-    if checkpoint["kind"] != "ours":
+    if checkpoint.kind != "ours":
         if not requested:
-            what = "a pretrained tag" if checkpoint["kind"] == "tag" else "a plain state_dict"
-            raise ValueError(f"{flag} is required: {role} {checkpoint['spec']} is {what} "
+            what = "a pretrained tag" if checkpoint.kind == "tag" else "a plain state_dict"
+            raise ValueError(f"{flag} is required: {role} {checkpoint.spec} is {what} "
                              "without architecture metadata (e.g. --model-name ViT-B-32-256)")
         return requested
-    data = checkpoint["data"]
+    data = checkpoint.data
     name = data.get("model_name")
     if not isinstance(name, str) or not name:
-        raise common.CheckpointError(f"{checkpoint['spec']}: metadata lacks the model_name")
+        raise common.CheckpointError(f"{checkpoint.spec}: metadata lacks the model_name")
     if requested and requested != name:
         raise ValueError(f"{flag} {requested} differs from the architecture {name} stored in "
-                         f"{checkpoint['spec']}; leave {flag} out to use the checkpoint's")
+                         f"{checkpoint.spec}; leave {flag} out to use the checkpoint's")
     if isinstance(data.get("model_config"), dict):
         common.register_model_config_dict(name, data["model_config"])
     return name
@@ -150,9 +222,9 @@ def resolve_model_name(requested, checkpoint, flag="--model-name", role="--check
 
 def load_weights(model, model_name, checkpoint):
     """Load a file checkpoint's state_dict into the model, with a clear error when it does not fit."""
-    data = checkpoint["data"]
+    data = checkpoint.data
     common.load_weights_into(model, data["state_dict"] if "state_dict" in data else data,
-                             checkpoint["spec"], model_name)
+                             checkpoint.spec, model_name)
 
 
 def eval_transform(model, model_name, pretrained, default):
@@ -168,8 +240,8 @@ def eval_transform(model, model_name, pretrained, default):
 
 def build_model(model_name, checkpoint, device, flag="--checkpoint"):
     """(model in eval mode, evaluation transform, tokenizer) for a checkpoint file or a tag."""
-    spec = checkpoint["spec"]
-    if checkpoint["kind"] == "tag":
+    spec = checkpoint.spec
+    if checkpoint.kind == "tag":
         if model_name in open_clip.list_models():
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if spec not in tags:
@@ -188,13 +260,13 @@ def build_model(model_name, checkpoint, device, flag="--checkpoint"):
     finally:
         logging.disable(logging.NOTSET)
     load_weights(model, model_name, checkpoint)
-    pretrained = checkpoint["data"].get("pretrained") if checkpoint["kind"] == "ours" else None
+    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
     return model.eval(), eval_transform(model, model_name, pretrained, preprocess), tokenizer
 
 
 def load_classes(prompts_path, checkpoint):
     """(classes, source): --prompts, else the checkpoint's stored prompt set, else the published one."""
-    data = checkpoint["data"] if checkpoint["kind"] == "ours" else {}
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
     stored = data.get("class_folders")
     if prompts_path:
         try:
@@ -207,11 +279,11 @@ def load_classes(prompts_path, checkpoint):
                         prompt_sets.class_folders(classes), list(stored))
         return classes, source
     if data.get("prompts"):
-        where = f"{checkpoint['spec']} (stored prompts)"
-        return prompt_sets.parse_prompt_set(data["prompts"], where), f"stored in {checkpoint['spec']}"
+        where = f"{checkpoint.spec} (stored prompts)"
+        return prompt_sets.parse_prompt_set(data["prompts"], where), f"stored in {checkpoint.spec}"
     classes = prompt_sets.load_prompt_set(None)
     if stored and list(stored) != prompt_sets.class_folders(classes):
-        raise common.CheckpointError(f"{checkpoint['spec']}: trained on classes {list(stored)} but "
+        raise common.CheckpointError(f"{checkpoint.spec}: trained on classes {list(stored)} but "
                                      "stores no prompts; pass them with --prompts")
     return classes, "published prompt set"
 
@@ -247,15 +319,14 @@ def collect_items(test_dir, folders, output_dir):
 
 
 def stored_calibration(checkpoint, folders, threshold=None):
-    """(operating point dict or None, temperature or None, notes) for one evaluated model.
+    """(operating point dict, temperature or None, temperature source) for one evaluated model.
 
     The threshold and the temperature were fitted on the VALIDATION split by clip_train.py and
     are never re-fitted here; `threshold` (--threshold) overrides the stored one (source 'user').
     """
-    data = checkpoint["data"] if checkpoint["kind"] == "ours" else {}
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
     stored = data.get("operating_point") if isinstance(data.get("operating_point"), dict) else {}
     rare = stored.get("class") if stored.get("class") in folders else folders[0]
-    notes = {"temperature_source": "validation (clip_train.py)"}
     operating = {"class": rare, "rare_index": folders.index(rare)}
     value = stored.get("threshold")
     if stored.get("class") not in (None, rare):  # a threshold of a class not evaluated here
@@ -271,9 +342,8 @@ def stored_calibration(checkpoint, folders, threshold=None):
         operating.update(threshold=None, source="the checkpoint stores no validation threshold")
     temperature = data.get("temperature")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        temperature = None
-        notes["temperature_source"] = "the checkpoint stores no validation temperature"
-    return operating, (float(temperature) if temperature else None), notes
+        return operating, None, "the checkpoint stores no validation temperature"
+    return operating, float(temperature), "validation (clip_train.py)"
 
 
 def read_manifest_groups(manifest):
@@ -298,8 +368,7 @@ def regex_groups(items, root, pattern):
 
 
 def collect_cohort(args, folders):
-    """The evaluated images: dict with items [(path, label)], labelled, root (paths in
-    predictions.csv are relative to it), groups (list or None), group_source, split."""
+    """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
     spec = Path(args.test_dir)
     if spec.is_file():
         split = args.split or DEFAULT_SPLIT
@@ -309,19 +378,18 @@ def collect_cohort(args, folders):
             raise common.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
                                      f"{', '.join(splits) or 'none'}); pass --split to choose one")
         items = common.load_labelled_items(spec, folders, split)
-        cohort = {"items": items, "labelled": True, "root": spec.parent, "split": split}
+        cohort = Cohort(items, True, spec.parent, split)
         groups = [manifest_groups.get(str(Path(p).resolve()), "") for p, _ in items]
         named = any(groups)
-        cohort["groups"] = [g or f"image:{relative_path(p, spec.parent)}"
+        cohort.groups = [g or f"image:{relative_path(p, spec.parent)}"
                             for g, (p, _) in zip(groups, items)] if named else None
-        cohort["group_source"] = "manifest group column" if named else None
+        cohort.group_source = "manifest group column" if named else None
     else:
         items, labelled = collect_items(spec, folders, args.output_dir)
-        cohort = {"items": items, "labelled": labelled, "root": spec, "split": None,
-                  "groups": None, "group_source": None}
+        cohort = Cohort(items, labelled, spec)
     if args.group_regex:
-        cohort["groups"] = regex_groups(cohort["items"], cohort["root"], args.group_regex)
-        cohort["group_source"] = f"--group-regex {args.group_regex}"
+        cohort.groups = regex_groups(cohort.items, cohort.root, args.group_regex)
+        cohort.group_source = f"--group-regex {args.group_regex}"
     return cohort
 
 
@@ -420,22 +488,22 @@ def image_features(model, preprocess, items, args, cache_key):
 
 
 def score_model(bundle, cohort, args):
-    """{'logits': (N, C) float64 with NaN rows where unreadable, 'statuses': per row}."""
-    model, items = bundle["model"], cohort["items"]
-    features, ok, reasons = image_features(model, bundle["preprocess"], items, args, bundle["cache_key"])
+    """The Scores of one model on the cohort: logits (N, C), NaN rows where unreadable."""
+    model, items = bundle.model, cohort.items
+    features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
     with torch.inference_mode():
         with common.autocast_context(args.device, args.precision):
             classifier = common.build_zero_shot_classifier(
-                model, bundle["tokenizer"], [list(c.eval) for c in bundle["classes"]], args.device)
+                model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
         # The published code scaled by the raw log temperature; reproduce it only when asked.
-        published = bundle["logit_scale_mode"] == "published-log"
+        published = bundle.logit_scale_mode == "published-log"
         scale = model.logit_scale if published else model.logit_scale.exp()
         logits = common.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
                                          scale.float().cpu())
     logits = logits.double().numpy()  # (N, C)
     logits[~ok] = np.nan
     statuses = ["ok" if good else f"failed: {reasons[i]}" for i, good in enumerate(ok)]
-    return {"logits": logits, "statuses": statuses}
+    return Scores(logits, statuses)
 
 
 def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold=None,
@@ -444,22 +512,21 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
     logit scale mode, stored operating point and temperature, and its cache key."""
     model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
     folders = prompt_sets.class_folders(classes)
-    stored_mode = (checkpoint["data"] or {}).get("logit_scale_mode") if checkpoint["kind"] == "ours" else None
-    operating, temperature, notes = stored_calibration(checkpoint, folders, threshold)
-    weights_id = checkpoint["sha256"] or f"tag:{checkpoint['spec']}"
-    return {"checkpoint": checkpoint, "model_name": model_name, "model": model,
-            "preprocess": preprocess, "tokenizer": tokenizer, "classes": classes,
-            "folders": folders, "prompt_source": prompt_source,
-            "logit_scale_mode": args.logit_scale_mode or stored_mode or "exp",
-            "operating": operating, "temperature": temperature, "notes": notes,
-            "weights_id": weights_id, "wise_ft_alpha": None, "wise_ft_base": None,
-            "cache_key": cache_model_key(weights_id, model_name, preprocess, args.precision)}
+    stored_mode = (checkpoint.data or {}).get("logit_scale_mode") if checkpoint.kind == "ours" else None
+    operating, temperature, temperature_source = stored_calibration(checkpoint, folders, threshold)
+    weights_id = checkpoint.sha256 or f"tag:{checkpoint.spec}"
+    return ModelBundle(
+        checkpoint=checkpoint, model_name=model_name, model=model, preprocess=preprocess,
+        tokenizer=tokenizer, classes=classes, folders=folders, prompt_source=prompt_source,
+        logit_scale_mode=args.logit_scale_mode or stored_mode or "exp", operating=operating,
+        temperature=temperature, temperature_source=temperature_source, weights_id=weights_id,
+        cache_key=cache_model_key(weights_id, model_name, preprocess, args.precision))
 
 
 def prepare_baseline(args, model_name, folders):
     """The --baseline model, scored on the same images; its classes must be the same folders."""
     checkpoint = resolve_checkpoint(args.baseline, flag="--baseline")
-    requested = args.baseline_model_name or (None if checkpoint["kind"] == "ours" else model_name)
+    requested = args.baseline_model_name or (None if checkpoint.kind == "ours" else model_name)
     name = resolve_model_name(requested, checkpoint, "--baseline-model-name", "--baseline")
     classes, source = load_classes(args.prompts, checkpoint)
     if set(prompt_sets.class_folders(classes)) != set(folders):
@@ -471,9 +538,9 @@ def prepare_baseline(args, model_name, folders):
 def wise_ft_base_weights(args, bundle):
     """(state_dict, label, identity) of the WiSE-FT base: --wise-ft-base, else the checkpoint's
     recorded `pretrained` (a local weights file or an open_clip tag)."""
-    checkpoint = bundle["checkpoint"]
-    if checkpoint["kind"] == "tag":
-        raise ValueError(f"--wise-ft-alpha: --checkpoint {checkpoint['spec']} is a pretrained tag; "
+    checkpoint = bundle.checkpoint
+    if checkpoint.kind == "tag":
+        raise ValueError(f"--wise-ft-alpha: --checkpoint {checkpoint.spec} is a pretrained tag; "
                          "WiSE-FT needs fine-tuned weights (a checkpoint file)")
     if args.wise_ft_base:
         path = Path(args.wise_ft_base)
@@ -482,9 +549,9 @@ def wise_ft_base_weights(args, bundle):
         except common.CheckpointError as err:
             raise common.CheckpointError(f"--wise-ft-base {err}") from None
         return weights, f"`{path}`", common.file_sha256(path)
-    pretrained = checkpoint["data"].get("pretrained") if checkpoint["kind"] == "ours" else None
+    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
     if not pretrained:
-        raise ValueError(f"--wise-ft-alpha: {checkpoint['spec']} records no pretrained weights "
+        raise ValueError(f"--wise-ft-alpha: {checkpoint.spec} records no pretrained weights "
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
     if Path(pretrained).is_file():
         return common.load_state_dict_file(pretrained), f"`{pretrained}`", common.file_sha256(pretrained)
@@ -492,7 +559,7 @@ def wise_ft_base_weights(args, bundle):
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")
     try:
-        base_model, *_ = common.create_model(bundle["model_name"], pretrained)
+        base_model, *_ = common.create_model(bundle.model_name, pretrained)
     except (RuntimeError, OSError, ValueError) as err:
         raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
                                      f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
@@ -502,35 +569,34 @@ def wise_ft_base_weights(args, bundle):
 
 
 def prepare_wise_ft(args, bundle):
-    """{'base', 'tuned', 'label', 'identity'}: both weight sets, checked to fit each other."""
+    """The WiseFT weight pair, checked to fit each other."""
     base, label, identity = wise_ft_base_weights(args, bundle)
-    tuned = {k: v.detach().clone() for k, v in bundle["model"].state_dict().items()}
+    tuned = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
     base = {k: v for k, v in base.items() if k in tuned} if set(tuned) <= set(base) else base
     if base.keys() != tuned.keys():
         example = sorted(set(base) ^ set(tuned))[0]
         raise common.CheckpointError(f"--wise-ft-base {label}: weights do not fit architecture "
-                                     f"{bundle['model_name']} (e.g. key {example!r})")
+                                     f"{bundle.model_name} (e.g. key {example!r})")
     for key, value in tuned.items():
         if base[key].shape != value.shape:
             raise common.CheckpointError(f"--wise-ft-base {label}: {key} has shape "
                                          f"{tuple(base[key].shape)}, the model {tuple(value.shape)}")
-    return {"base": base, "tuned": tuned, "label": label, "identity": identity}
+    return WiseFT(base, tuned, label, identity)
 
 
 def wise_ft_bundle(bundle, wise, alpha, args):
     """The bundle with its model set to (1 - alpha) * base + alpha * fine-tuned weights. The
     validation threshold and temperature belong to the fine-tuned weights: kept at alpha 1 only."""
-    bundle["model"].load_state_dict(common.interpolate_state_dicts(wise["base"], wise["tuned"], alpha))
-    variant = dict(bundle, wise_ft_alpha=alpha, wise_ft_base=wise["label"],
-                   cache_key=cache_model_key(bundle["weights_id"], bundle["model_name"],
-                                             bundle["preprocess"], args.precision,
-                                             {"wise_ft_alpha": alpha, "base": wise["identity"]}))
+    bundle.model.load_state_dict(common.interpolate_state_dicts(wise.base, wise.tuned, alpha))
+    variant = dataclasses.replace(
+        bundle, wise_ft_alpha=alpha, wise_ft_base=wise.label,
+        cache_key=cache_model_key(bundle.weights_id, bundle.model_name, bundle.preprocess,
+                                  args.precision, {"wise_ft_alpha": alpha, "base": wise.identity}))
     if alpha != 1.0:
         note = "fitted on validation for the fine-tuned weights (alpha 1) only"
-        variant["temperature"] = None
-        variant["notes"] = dict(bundle["notes"], temperature_source=note)
+        variant.temperature, variant.temperature_source = None, note
         if args.threshold is None:
-            variant["operating"] = dict(bundle["operating"], threshold=None, source=note)
+            variant.operating = dict(bundle.operating, threshold=None, source=note)
     return variant
 
 
@@ -566,30 +632,30 @@ def package_versions():
 
 def run_info(args, setup, bundle):
     """What was evaluated, recorded in metrics.json, args.json and report.md."""
-    checkpoint, cohort, operating = bundle["checkpoint"], setup["cohort"], bundle["operating"]
+    checkpoint, cohort, operating = bundle.checkpoint, setup.cohort, bundle.operating
     run = {
-        "checkpoint": checkpoint["spec"],
+        "checkpoint": checkpoint.spec,
         "checkpoint_kind": {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
-                            "tag": "open_clip pretrained tag"}[checkpoint["kind"]],
-        "checkpoint_sha256": checkpoint["sha256"],
-        "model_name": bundle["model_name"],
-        "wise_ft_alpha": bundle["wise_ft_alpha"],
-        "wise_ft_base": bundle["wise_ft_base"],
-        "class_folders": bundle["folders"],
+                            "tag": "open_clip pretrained tag"}[checkpoint.kind],
+        "checkpoint_sha256": checkpoint.sha256,
+        "model_name": bundle.model_name,
+        "wise_ft_alpha": bundle.wise_ft_alpha,
+        "wise_ft_base": bundle.wise_ft_base,
+        "class_folders": bundle.folders,
         "rare_class": operating["class"],
-        "prompts": prompt_sets.prompt_set_to_dict(bundle["classes"]),
-        "prompt_source": bundle["prompt_source"],
-        "logit_scale_mode": bundle["logit_scale_mode"],
+        "prompts": prompt_sets.prompt_set_to_dict(bundle.classes),
+        "prompt_source": bundle.prompt_source,
+        "logit_scale_mode": bundle.logit_scale_mode,
         "operating_threshold": operating["threshold"],
         "operating_threshold_source": operating["source"],
-        "temperature": bundle["temperature"],
-        "temperature_source": bundle["notes"]["temperature_source"],
-        "test_dir": "<anonymized>" if setup["anonymize"] else str(args.test_dir),
-        "split": cohort["split"],
-        "group_source": cohort["group_source"],
-        "anonymized": bool(setup["anonymize"]),
+        "temperature": bundle.temperature,
+        "temperature_source": bundle.temperature_source,
+        "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
+        "split": cohort.split,
+        "group_source": cohort.group_source,
+        "anonymized": bool(setup.anonymize),
         "bootstrap": args.bootstrap,
-        "bootstrap_unit": "group" if cohort["groups"] is not None else "image",
+        "bootstrap_unit": "group" if cohort.groups is not None else "image",
         "seed": args.seed,
         "confidence_level": CONFIDENCE_LEVEL,
         "ece_bins": args.ece_bins,
@@ -600,10 +666,10 @@ def run_info(args, setup, bundle):
         "precision": args.precision,
         "versions": package_versions(),
     }
-    if setup["baseline"] is not None:
-        base = setup["baseline"]
-        run["baseline"] = {"checkpoint": base["checkpoint"]["spec"], "model_name": base["model_name"],
-                           "checkpoint_sha256": base["checkpoint"]["sha256"]}
+    if setup.baseline is not None:
+        base = setup.baseline
+        run["baseline"] = {"checkpoint": base.checkpoint.spec, "model_name": base.model_name,
+                           "checkpoint_sha256": base.checkpoint.sha256}
     return run
 
 
@@ -618,18 +684,18 @@ def args_record(args, anonymize):
 
 def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
     """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort."""
-    folders, operating = bundle["folders"], bundle["operating"]
-    probs = softmax(scores["logits"])
+    folders, operating = bundle.folders, bundle.operating
+    probs = softmax(scores.logits)
     scored = np.isfinite(probs).all(axis=1)
-    labels = np.array([label for _path, label in cohort["items"]], dtype=np.int64)
+    labels = np.array([label for _path, label in cohort.items], dtype=np.int64)
     y_true = labels[scored]
-    groups = None if cohort["groups"] is None else np.asarray(cohort["groups"], dtype=str)[scored]
-    probs_cal = softmax(scores["logits"][scored], bundle["temperature"]) if bundle["temperature"] else None
+    groups = None if cohort.groups is None else np.asarray(cohort.groups, dtype=str)[scored]
+    probs_cal = softmax(scores.logits[scored], bundle.temperature) if bundle.temperature else None
     metrics = compute_metrics(y_true, probs[scored], folders, args.bootstrap, args.seed,
                               groups=groups, probs_cal=probs_cal, ece_bins=args.ece_bins)
     if metrics["temperature_scaled"] is not None:
-        metrics["temperature_scaled"] = {"temperature": bundle["temperature"],
-                                         "source": bundle["notes"]["temperature_source"],
+        metrics["temperature_scaled"] = {"temperature": bundle.temperature,
+                                         "source": bundle.temperature_source,
                                          **metrics["temperature_scaled"]}
     rare = operating["rare_index"]
     op = None
@@ -640,9 +706,9 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
     itd = intention_to_diagnose(labels, predicted, rare)
     comparison = None
     if baseline_scores is not None:
-        base_probs = softmax(baseline_scores["logits"])
+        base_probs = softmax(baseline_scores.logits)
         both = scored & np.isfinite(base_probs).all(axis=1)
-        both_groups = None if cohort["groups"] is None else np.asarray(cohort["groups"], dtype=str)[both]
+        both_groups = None if cohort.groups is None else np.asarray(cohort.groups, dtype=str)[both]
         comparison = compare_models(labels[both], probs[both], base_probs[both], both_groups,
                                     args.bootstrap, args.seed)
     return metrics, op, itd, comparison
@@ -673,30 +739,30 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clear_previous_outputs(output_dir)
-    cohort, folders, anonymize = setup["cohort"], bundle["folders"], setup["anonymize"]
-    probs = softmax(scores["logits"])
-    probs_cal = softmax(scores["logits"], bundle["temperature"]) if bundle["temperature"] else None
-    threshold, rare = bundle["operating"]["threshold"], bundle["operating"]["rare_index"]
+    cohort, folders, anonymize = setup.cohort, bundle.folders, setup.anonymize
+    probs = softmax(scores.logits)
+    probs_cal = softmax(scores.logits, bundle.temperature) if bundle.temperature else None
+    threshold, rare = bundle.operating["threshold"], bundle.operating["rare_index"]
     rule = rule_predictions(np.nan_to_num(probs), rare, threshold) if threshold is not None else None
     common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
-        cohort, folders, probs, scores["statuses"], probs_cal, rule, anonymize))
+        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize))
     run = run_info(args, setup, bundle)
     common.atomic_write_json(output_dir / "args.json", {"args": args_record(args, anonymize), "run": run})
-    labels = [label for _path, label in cohort["items"]]
-    flow = flow_counts(labels, scores["statuses"], folders, cohort["labelled"])
+    labels = [label for _path, label in cohort.items]
+    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
     metrics = op = itd = comparison = None
-    if cohort["labelled"]:
+    if cohort.labelled:
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores)
         n_failed = flow["rows"]["total"]["unreadable"]
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
-            base = setup["baseline"]
-            order = [base["folders"].index(f) for f in folders]
+            base = setup.baseline
+            order = [base.folders.index(f) for f in folders]
             common.atomic_write_csv(output_dir / "baseline_predictions.csv", predictions_frame(
-                cohort, folders, softmax(baseline_scores["logits"])[:, order],
-                baseline_scores["statuses"], anonymize=anonymize))
+                cohort, folders, softmax(baseline_scores.logits)[:, order],
+                baseline_scores.statuses, anonymize=anonymize))
         if metrics["n"]:  # nothing to tabulate or draw when no image could be read
             scored = np.isfinite(probs).all(axis=1)
             y_true = np.asarray(labels)[scored]
@@ -730,20 +796,20 @@ def run_wise_ft(args, setup, baseline_scores):
     """One full evaluation per alpha in wise_ft_alpha_<a>/ and wise_ft_summary.csv; returns
     (statuses of the last run, list of metrics)."""
     import pandas as pd
-    bundle, output_dir = setup["model"], Path(args.output_dir)
+    bundle, output_dir = setup.model, Path(args.output_dir)
     rows, results, scores = [], [], None
     for alpha in args.wise_ft_alpha:
         LOG.info("== WiSE-FT alpha %g ==", alpha)
-        variant = wise_ft_bundle(bundle, setup["wise"], alpha, args)
-        scores = score_model(variant, setup["cohort"], args)
+        variant = wise_ft_bundle(bundle, setup.wise, alpha, args)
+        scores = score_model(variant, setup.cohort, args)
         folder = f"wise_ft_alpha_{alpha:g}"
         metrics = write_evaluation(output_dir / folder, args, setup, variant, scores, baseline_scores)
-        rows.append(summary_row(alpha, folder, metrics, variant["operating"]["class"]))
+        rows.append(summary_row(alpha, folder, metrics, variant.operating["class"]))
         results.append(metrics)
     common.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
-    common.atomic_write_json(output_dir / "args.json", {"args": args_record(args, setup["anonymize"]),
+    common.atomic_write_json(output_dir / "args.json", {"args": args_record(args, setup.anonymize),
                                                         "versions": package_versions()})
-    return scores["statuses"], results
+    return scores.statuses, results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,15 +961,15 @@ def prepare(args):
     model_name = resolve_model_name(requested_model_name(args), checkpoint)
     classes, prompt_source = load_classes(args.prompts, checkpoint)
     cohort = collect_cohort(args, prompt_sets.class_folders(classes))
-    if args.baseline and not cohort["labelled"]:
+    if args.baseline and not cohort.labelled:
         raise ValueError(f"--baseline: {args.test_dir} has no class folders, so there is nothing "
                          "to compare on; give a labelled cohort")
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return {"cohort": cohort, "model": bundle,
-            "baseline": prepare_baseline(args, model_name, bundle["folders"]) if args.baseline else None,
-            "wise": prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
-            "anonymize": make_anonymizer(salt) if args.anonymize_paths else None}
+    return Setup(cohort=cohort, model=bundle,
+                 baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
+                 wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
+                 anonymize=make_anonymizer(salt) if args.anonymize_paths else None)
 
 
 def main(argv=None):
@@ -917,20 +983,20 @@ def main(argv=None):
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cohort, bundle = setup["cohort"], setup["model"]
+    cohort, bundle = setup.cohort, setup.model
     if 0 < args.bootstrap < 500:
         LOG.warning("--bootstrap %d: so few resamples give unstable interval ends", args.bootstrap)
     LOG.info("== predicting %d images: %s, classes %s, %s, logit scale %s, %s %s ==",
-             len(cohort["items"]), bundle["model_name"], bundle["folders"],
-             "labelled (scored)" if cohort["labelled"] else "no class folders (predicted, not scored)",
-             bundle["logit_scale_mode"], args.device, args.precision)
-    baseline_scores = score_model(setup["baseline"], cohort, args) if setup["baseline"] else None
-    if setup["wise"] is not None:
+             len(cohort.items), bundle.model_name, bundle.folders,
+             "labelled (scored)" if cohort.labelled else "no class folders (predicted, not scored)",
+             bundle.logit_scale_mode, args.device, args.precision)
+    baseline_scores = score_model(setup.baseline, cohort, args) if setup.baseline else None
+    if setup.wise is not None:
         statuses, results = run_wise_ft(args, setup, baseline_scores)
         metrics = results[-1]
     else:
         scores = score_model(bundle, cohort, args)
-        statuses = scores["statuses"]
+        statuses = scores.statuses
         metrics = write_evaluation(args.output_dir, args, setup, bundle, scores, baseline_scores)
     n_failed = sum(status != "ok" for status in statuses)
     if n_failed == len(statuses):

@@ -44,16 +44,18 @@ def predictions_frame(cohort, folders, probs, statuses, probs_cal=None, rule_pre
                       anonymize=None):
     """predictions.csv as a DataFrame: one row per image in input order, failed rows included.
 
-    Columns: path (a salted hash with `anonymize`), [group], true_label, pred_label,
-    prob_<folder> (uncalibrated), [prob_cal_<folder>], [pred_label_threshold], status.
+    `cohort` is inference.py's Cohort: items [(path, class index)], labelled, root (paths are
+    written relative to it) and groups (or None). Columns: path (a salted hash with `anonymize`),
+    [group], true_label, pred_label, prob_<folder> (uncalibrated), [prob_cal_<folder>],
+    [pred_label_threshold], status.
     """
     import pandas as pd
-    items, labelled = cohort["items"], cohort["labelled"]
+    items, labelled = cohort.items, cohort.labelled
     finite = np.isfinite(probs).all(axis=1)
-    paths = [relative_path(path, cohort["root"]) for path, _label in items]
+    paths = [relative_path(path, cohort.root) for path, _label in items]
     columns = {"path": [anonymize(p) for p in paths] if anonymize else paths}
-    if cohort["groups"] is not None:
-        columns["group"] = [anonymize(g) if anonymize else g for g in cohort["groups"]]
+    if cohort.groups is not None:
+        columns["group"] = [anonymize(g) if anonymize else g for g in cohort.groups]
     columns["true_label"] = [folders[label] if labelled else "" for _path, label in items]
     columns["pred_label"] = [folders[int(np.argmax(row))] if ok else "" for row, ok in zip(probs, finite)]
     for k, folder in enumerate(folders):
