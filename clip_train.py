@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -495,22 +494,6 @@ def write_history(save_dir, history, select_metric):
     fig.tight_layout()
     common.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
     plt.close(fig)
-
-
-def environment_info():
-    """Package versions, device and git commit recorded next to the run."""
-    import open_clip
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "platform": platform.platform(),
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import subprocess
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5)
-        info["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1046,7 +1029,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return train(args, classes, train_items, val_items)
+        return train(args, classes, train_items, val_items, argv)
     except common.OutputWriteError as err:
         print(f"error: {err}; the previous files there are intact", file=sys.stderr)
         return 1
@@ -1055,8 +1038,8 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def train(args, classes, train_items, val_items):
-    """Seed, build, (resume,) train and save; returns the exit status."""
+def train(args, classes, train_items, val_items, argv):
+    """Seed, build, (resume,) train and save; returns the exit status (argv goes to args.json)."""
     LOG.info("== setup: %d process(es) ==", args.world_size)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -1087,9 +1070,8 @@ def train(args, classes, train_items, val_items):
     for key, value in ctx["args_dict"].items():
         LOG.info("  %s = %s", key, value)
     if args.rank == 0:
-        common.atomic_write_json(save_dir / "args.json", {
-            "args": ctx["args_dict"], "environment": environment_info(),
-            "train_images": len(train_items), "val_images": len(val_items)})
+        common.atomic_write_json(save_dir / "args.json", common.run_record(
+            "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items)}))
     size = ctx["image_size_px"]
     train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
                                generator=ctx["generator"], n_classes=len(classes))

@@ -747,6 +747,61 @@ def atomic_save_figure(fig, path, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
+# Run records: one args.json layout for the three scripts
+
+
+def environment_info():
+    """Package versions, platform, GPU and git commit, recorded next to every run."""
+    import platform
+    import subprocess
+
+    import open_clip
+    import scipy
+    import sklearn
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
+            "torch": torch.__version__, "open_clip": open_clip.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5)
+        info["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def run_record(script, argv, args, run=None, hidden=None):
+    """The args.json of every script, from which the run can be repeated:
+    {script, argv (the command-line arguments exactly as given), command (a shell line that
+    repeats the run), args (every parsed argument, defaults included), environment, run (what
+    the script adds)}.
+
+    `hidden` maps an argument name to the text written instead of its value, in `args` and in
+    `argv` (a secret salt, a path that must not be written).
+    """
+    import shlex
+
+    def primitive(value):  # numpy scalars as numbers; paths, torch.device and the rest as text
+        return value.item() if isinstance(value, np.generic) else str(value)
+    record_args = json.loads(json.dumps(vars(args), default=primitive))
+    argv = [str(token) for token in argv]
+    for name, replacement in (hidden or {}).items():
+        value = record_args.get(name)
+        if value is None:
+            continue
+        record_args[name] = replacement
+        value = str(value)
+        # by value, so '--flag VALUE', '--flag=VALUE' and abbreviated flags are all covered
+        argv = [replacement if token == value
+                else token[:-len(value)] + replacement if token.endswith("=" + value) else token
+                for token in argv]
+    return {"script": script, "argv": argv, "command": shlex.join(["python", script, *argv]),
+            "args": record_args, "environment": environment_info(),
+            "run": json.loads(json.dumps(run, default=primitive))}
+
+
+# ----------------------------------------------------------------------------------------------
 # Zero-shot classifier
 
 

@@ -1207,6 +1207,7 @@ def write_split(args, root, out_dir, plan):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.configure_logging()
     for key, value in vars(args).items():
@@ -1228,9 +1229,9 @@ def main(argv=None):
         manifest = build_manifest(records, folders, bool(args.folds), bool(args.resize_px))
         return render_tables(manifest, rejected, duplicates_table(records, pairs),
                              split_summary(manifest, folders, columns),
-                             {"args": vars(args), "classes": folders, "images": len(records),
-                              "rejected": len(rejected), "duplicate_pairs": len(pairs),
-                              "conflicting_duplicates": conflicts})
+                             common.run_record("data_preprocess.py", argv, args, {
+                                 "classes": folders, "images": len(records), "rejected": len(rejected),
+                                 "duplicate_pairs": len(pairs), "conflicting_duplicates": conflicts}))
 
     manifest = build_manifest(records, folders, bool(args.folds))
     summary = split_summary(manifest, folders, columns)

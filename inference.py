@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import re
 import secrets
 import sys
@@ -137,6 +136,7 @@ class Setup:
     baseline: ModelBundle | None
     wise: WiseFT | None
     anonymize: object  # text -> pseudonym, or None
+    argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -623,11 +623,9 @@ def clear_previous_outputs(output_dir):
 
 
 def package_versions():
-    import scipy
-    import sklearn
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "sklearn": sklearn.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__}
+    """The versions named in metrics.json and report.md (args.json has the whole environment)."""
+    info = common.environment_info()
+    return {name: info[name] for name in ("python", "torch", "open_clip", "sklearn", "numpy", "scipy")}
 
 
 def run_info(args, setup, bundle):
@@ -673,13 +671,12 @@ def run_info(args, setup, bundle):
     return run
 
 
-def args_record(args, anonymize):
-    """args as JSON-ready primitives; never the salt, and no test path when anonymising."""
-    record = {key: str(value) if isinstance(value, (Path, torch.device)) else value
-              for key, value in vars(args).items() if key != "anonymize_salt"}
-    if anonymize:
-        record["test_dir"] = "<anonymized>"
-    return record
+def args_record(args, setup, run=None):
+    """args.json (common.run_record): never the salt, and no test path when anonymising."""
+    hidden = {"anonymize_salt": "<hidden>"}
+    if setup.anonymize:
+        hidden["test_dir"] = "<anonymized>"
+    return common.run_record("inference.py", setup.argv, args, run, hidden)
 
 
 def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
@@ -747,7 +744,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
         cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize))
     run = run_info(args, setup, bundle)
-    common.atomic_write_json(output_dir / "args.json", {"args": args_record(args, anonymize), "run": run})
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
     metrics = op = itd = comparison = None
@@ -807,8 +804,7 @@ def run_wise_ft(args, setup, baseline_scores):
         rows.append(summary_row(alpha, folder, metrics, variant.operating["class"]))
         results.append(metrics)
     common.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
-    common.atomic_write_json(output_dir / "args.json", {"args": args_record(args, setup.anonymize),
-                                                        "versions": package_versions()})
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup))
     return scores.statuses, results
 
 
@@ -950,7 +946,7 @@ def check_args(parser, args):
             parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
 
 
-def prepare(args):
+def prepare(args, argv):
     """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
     args.device = common.resolve_device(args.device)
     if args.precision == "auto":
@@ -966,20 +962,21 @@ def prepare(args):
                          "to compare on; give a labelled cohort")
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return Setup(cohort=cohort, model=bundle,
+    return Setup(cohort=cohort, model=bundle, argv=argv,
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.info("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
     try:
-        setup = prepare(args)
+        setup = prepare(args, argv)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

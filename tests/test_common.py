@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +392,26 @@ def test_wise_ft_interpolation_known_answer_and_end_points():
     assert common.interpolate_state_dicts(base, tuned, 0.5)["step"].item() == 7
     with pytest.raises(common.CheckpointError, match="shape"):
         common.interpolate_state_dicts({"w": torch.zeros(3), "step": base["step"]}, tuned, 0.5)
+
+
+# -- run records (args.json) -----------------------------------------------------------------------
+
+def test_run_record_layout_and_hidden_values_in_every_spelling():
+    args = argparse.Namespace(test_dir=Path("/data/Doe_John"), salt="pepper", device=torch.device("cpu"),
+                              bootstrap=50, alphas=(0.5, 1.0), none=None)
+    argv = ["--test-dir", "/data/Doe_John", "--salt=pepper", "--boot", "50", "--none-given"]
+    record = common.run_record("inference.py", argv, args, {"n": np.int64(3)},
+                               hidden={"test_dir": "<anonymized>", "salt": "<hidden>", "none": "<x>"})
+    assert list(record) == ["script", "argv", "command", "args", "environment", "run"]
+    assert record["argv"] == ["--test-dir", "<anonymized>", "--salt=<hidden>", "--boot", "50", "--none-given"]
+    assert record["args"] == {"test_dir": "<anonymized>", "salt": "<hidden>", "device": "cpu",
+                              "bootstrap": 50, "alphas": [0.5, 1.0], "none": None}
+    assert shlex.split(record["command"]) == ["python", "inference.py", *record["argv"]]
+    assert record["environment"]["torch"] == torch.__version__ and record["run"] == {"n": 3}
+    text = json.dumps(record)
+    assert "pepper" not in text and "Doe_John" not in text
+    # nothing hidden: argv kept token for token, and the command splits back into it
+    kept = common.run_record("clip_train.py", ["--save-dir", "a b", "--lr", "1e-3"],
+                             argparse.Namespace(save_dir="a b", lr=1e-3))
+    assert kept["argv"] == ["--save-dir", "a b", "--lr", "1e-3"] and kept["run"] is None
+    assert shlex.split(kept["command"]) == ["python", "clip_train.py", "--save-dir", "a b", "--lr", "1e-3"]

@@ -1,6 +1,7 @@
 """data_preprocess.py: split counts, group-aware splitting, manifests, modes, refusals, CLI."""
 
 import errno
+import json
 import os
 import random
 import re
@@ -254,6 +255,11 @@ def test_same_seed_same_bytes_other_seed_other_split(make_cohort, tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         assert run("--data-root", root, "--out-dir", tmp_path / name, "--seed", seed) == 0
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+    record = json.loads((tmp_path / "a" / dp.ARGS_NAME).read_text())
+    assert record["script"] == "data_preprocess.py" and record["args"]["seed"] == 5
+    assert record["argv"] == ["--data-root", str(root), "--out-dir", str(tmp_path / "a"), "--seed", "5",
+                              "--no-progress"]
+    assert record["run"]["classes"] == FOLDERS and record["run"]["images"] == 27
     a, c = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
     assert set(zip(a.source, a.split)) != set(zip(c.source, c.split))
     assert a.groupby("label").split.value_counts().equals(c.groupby("label").split.value_counts())

@@ -651,6 +651,19 @@ def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkp
 
 # -- privacy ---------------------------------------------------------------------------------------
 
+def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, tmp_path):
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)
+    assert run_inference(test_dir, checkpoint, tmp_path / "first", "--seed", "3") == 0
+    record = json.loads((tmp_path / "first" / "args.json").read_text())
+    assert record["script"] == "inference.py" and record["args"]["seed"] == 3
+    assert record["run"]["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    argv = record["argv"]
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "again")
+    assert inference.main(argv) == 0
+    for name in ("predictions.csv", "metrics.json", "report.md"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
+
+
 def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
     (test_dir / "healthy eyes" / "Doe_John_1961.jpg").write_bytes(b"garbage, not a picture")

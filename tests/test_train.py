@@ -149,7 +149,8 @@ def test_unknown_class_folder_is_a_clear_error(splits, tmp_path, capsys):
 def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 0
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "3")
+    assert clip_train.main(argv) == 0
     for name in ("clip_model_epoch_best.pt", "clip_model_final.pt", "clip_model_last.pt",
                  "args.json", "metrics.csv", "training_curves.png", "train_log.jsonl"):
         assert (save_dir / name).is_file(), name
@@ -170,6 +171,11 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     assert torch.equal(model.state_dict()["logit_scale"], best["state_dict"]["logit_scale"])
     saved_args = json.loads((save_dir / "args.json").read_text())
     assert saved_args["args"]["lr"] == 1e-3 and saved_args["environment"]["torch"] == torch.__version__
+    assert saved_args["script"] == "clip_train.py" and saved_args["argv"] == argv
+    assert saved_args["run"] == {"train_images": 27, "val_images": 13}
+    reparsed = json.loads(json.dumps(vars(clip_train.parse_args(saved_args["argv"] + ["--overwrite"])), default=str))
+    changed = {k for k, v in reparsed.items() if saved_args["args"].get(k) != v}
+    assert changed == {"overwrite", "device", "precision"}, changed  # the last two resolved at run time
 
 
 def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
