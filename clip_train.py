@@ -283,13 +283,11 @@ def encode_captions(model, tokenizer, captions, device, dedup=True):
 def batch_features(model, images, captions, ctx):
     """Normalised (image, text) features of one (micro-)batch, in fp32 for the loss.
 
-    Goes through model.forward (so DistributedDataParallel sees the step); with text dedup the
-    text tower runs on the distinct captions only and their features are gathered back."""
+    Goes through model.forward (so DistributedDataParallel sees the step); the text tower runs on
+    the distinct captions only and their features are gathered back (exact: see encode_captions,
+    whose `dedup` parameter the tests and the benchmark use to compare with the naive pass)."""
     args = ctx["args"]
-    if args.no_text_dedup:
-        uniques, inverse = captions, list(range(len(captions)))
-    else:
-        uniques, inverse = prompt_sets.unique_captions(captions)
+    uniques, inverse = prompt_sets.unique_captions(captions)
     out = model(images.to(args.device, non_blocking=True), ctx["tokenizer"](uniques).to(args.device))
     image_features, text_features = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     text_features = text_features[torch.as_tensor(inverse, device=text_features.device)]
@@ -589,8 +587,6 @@ def parse_args(argv=None):
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the image and text towers (GPU: faster after a minute or "
                           "two of compiling; rarely worth it on CPU)")
-    run.add_argument("--no-text-dedup", action="store_true",
-                     help="encode every caption of the batch, duplicates included (slower, same result)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ssa = parser.add_argument_group("sequential sensitivity analysis (SSA)")
     ssa.add_argument("--ssa", action="append", default=[], metavar="FLAG=V1,V2,...",

@@ -61,7 +61,6 @@ import random
 import re
 import shutil
 import sys
-import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,8 +104,6 @@ PHASH_SIDE_PX = 128  # box-reduce to about this side before hashing (pHash looks
 HAMMING_BLOCK_ELEMENTS = 1 << 22  # pairs compared per vectorised block (bounds the memory used)
 POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 RESIZE_JPEG_QUALITY = 95
-# Test hook: seconds to sleep after each move, so a test can kill the process mid-run.
-MOVE_DELAY_ENV = "ORBITAL_CLIP_TEST_MOVE_DELAY_S"
 
 
 class SplitError(ValueError):
@@ -953,10 +950,8 @@ def settle_move(source, target):
 
 def run_moves(moves, disable_progress):
     """settle_move for every (source, target) pair, in order."""
-    delay_s = float(os.environ.get(MOVE_DELAY_ENV) or 0)
     for source, target in tqdm(moves, desc="move", unit="file", disable=disable_progress):
-        if settle_move(source, target) and delay_s > 0:
-            time.sleep(delay_s)
+        settle_move(source, target)
 
 
 def finish_move_run(out_dir, header, moves):

@@ -98,12 +98,11 @@ def matmul_peak_flops(device, precision="fp32", repeats=5, size=2048):
     return 2 * size ** 3 / median_time(run, repeats)
 
 
-def training_context(model, tokenizer, classes, device, precision, batch_size, dedup=True):
+def training_context(model, tokenizer, classes, device, precision, batch_size):
     """The pieces clip_train's step needs, with the published optimiser and loss."""
     args = argparse.Namespace(device=device, precision=precision, accum_steps=1,
-                              no_text_dedup=not dedup, logit_scale_mode="exp", lr=1e-8,
-                              schedule="const", epochs=1, batch_size=batch_size,
-                              balanced_sampling=False)
+                              logit_scale_mode="exp", lr=1e-8, schedule="const", epochs=1,
+                              batch_size=batch_size, balanced_sampling=False)
     return {"args": args, "classes": classes, "tokenizer": tokenizer,
             "caption_rng": prompt_sets.new_rng(0), "progress": False,
             "optimizer": torch.optim.AdamW(clip_train.param_groups(model, 1e-8), lr=1e-8),

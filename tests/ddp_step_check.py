@@ -23,8 +23,7 @@ BATCH = 8  # global
 
 def main(out_path, loss_kind):
     args = argparse.Namespace(device=torch.device("cpu"), batch_size=BATCH, dist_timeout=5.0,
-                              precision="fp32", accum_steps=1, no_text_dedup=False,
-                              logit_scale_mode="exp")
+                              precision="fp32", accum_steps=1, logit_scale_mode="exp")
     clip_train.init_distributed(args)
     common.register_model_config(Path(__file__).resolve().parent.parent / "demo" / "tiny_clip.json")
     torch.manual_seed(0)

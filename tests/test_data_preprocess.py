@@ -702,15 +702,29 @@ def content_multiset(*folders):
     return sorted(common.file_sha256(p) for f in folders for p in Path(f).rglob("*") if p.is_file())
 
 
+# data_preprocess.main with a monkeypatched settle_move that sleeps after each file, so the test can
+# kill the process mid-move (a child process: the kill must be a real SIGKILL).
+SLOW_MOVE_RUN = """
+import sys, time
+import data_preprocess as dp
+settle_move = dp.settle_move
+def slow_settle_move(source, target):
+    moved = settle_move(source, target)
+    time.sleep(0.02)
+    return moved
+dp.settle_move = slow_settle_move
+sys.exit(dp.main(sys.argv[1:]))
+"""
+
+
 def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     import signal
     import time
     root = write_tiny_cohort(tmp_path / "cohort", 200)
     original = tree_snapshot(root)
     out = tmp_path / "out"
-    env = {**os.environ, dp.MOVE_DELAY_ENV: "0.02"}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--data-root", str(root), "--out-dir",
-                                str(out), "--mode", "move", "--no-progress"], env=env,
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MOVE_RUN, "--data-root", str(root), "--out-dir",
+                                str(out), "--mode", "move", "--no-progress"], cwd=SCRIPT.parent,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
     try:

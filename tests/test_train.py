@@ -339,7 +339,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
     grads, losses = [], []
     for accum_steps in (1, 4):
         args = SimpleNamespace(device=torch.device("cpu"), precision="fp32", accum_steps=accum_steps,
-                               no_text_dedup=False, logit_scale_mode="exp")
+                               logit_scale_mode="exp")
         ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False),
                "tokenizer": tokenizer, "loss_fn": clip_train.make_loss(loss_kind)}
         model.zero_grad()
