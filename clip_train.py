@@ -14,19 +14,25 @@ evaluation prompts) and the best epoch is kept. The defaults reproduce the publi
 """
 
 import argparse
+import datetime
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import open_clip
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
@@ -240,7 +246,6 @@ def train_sampler(items, args, generator, n_classes):
 
 def init_distributed(args):
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE; start NCCL (GPU) or gloo (CPU) when > 1 process."""
-    import datetime
     args.rank = int(os.environ.get("RANK", "0"))
     args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -322,6 +327,8 @@ def accumulate_gradients(model, images, labels, captions, ctx):
             image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
             text = torch.cat([text_j if k == j else f[1] for k, f in enumerate(cached)])
             scale = loss_scale(model, args.logit_scale_mode)
+            # Detached after pass 0: every pass sees the full-batch loss, so the logit scale's
+            # gradient would be summed once per micro-batch; it must count once, as in one pass.
             loss = ctx["loss_fn"](image, text, scale if j == 0 else scale.detach(), labels)
         if not torch.isfinite(loss):
             return loss.detach()
@@ -344,7 +351,6 @@ def configure_trainable(model, args):
 
 def train_one_epoch(model, loader, state, ctx):
     """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
-    from tqdm import tqdm
     args, optimizer = ctx["args"], ctx["optimizer"]
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(state["epoch"])  # distributed samplers reshuffle per epoch
@@ -468,10 +474,7 @@ def save_last(model, ctx, state, metrics):
 def write_history(save_dir, history, select_metric):
     """metrics.csv and train_log.jsonl (one row / JSON line per epoch, rewritten whole from the
     history so they always agree with the last checkpoint) and training_curves.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
+    matplotlib.use("Agg")  # files only, no display
     frame = pd.DataFrame(history)
     common.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
     common.atomic_write_text(Path(save_dir) / "train_log.jsonl",
@@ -701,7 +704,6 @@ def strip_ssa_flags(argv):
 
 def trial_best(save_dir, metric):
     """Best validation value of a finished trial, from its metrics.csv."""
-    import pandas as pd
     values = pd.read_csv(Path(save_dir) / "metrics.csv")[metric]
     return float(values.min() if metric == "val_loss" else values.max())
 
@@ -712,8 +714,6 @@ class SsaUsageError(Exception):
 
 def run_ssa(argv, args):
     """Sweep each --ssa factor in turn, keeping the best value before moving to the next one."""
-    import shutil
-    import pandas as pd
     ssa_dir = Path(args.save_dir) / "ssa"
     base_argv = strip_ssa_flags(argv)
     best_values, rows, winner_dir = {}, [], None
@@ -763,9 +763,7 @@ def run_ssa(argv, args):
 
 def plot_sensitivity(frame, path):
     """Metric vs. value, one panel per factor (log axis for learning rates)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display
     factors = list(dict.fromkeys(frame["factor"]))
     fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.4), squeeze=False)
     for ax, factor in zip(axes[0], factors):
@@ -912,7 +910,6 @@ def run_training(args, ctx, model, train_model, train_loader, val_loader, state)
 def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
     """WiSE-FT on validation: evaluate (1 - a) * start + a * best weights for each --wise-ft-alphas
     value, record the grid and the chosen alpha in the best checkpoint (its weights unchanged)."""
-    import pandas as pd
     args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
     best = common.load_checkpoint_file(save_dir / BEST_NAME)
     rows = []
@@ -1013,7 +1010,6 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             return 1
         except SsaUsageError as err:  # a trial refused its arguments: the same for every trial
-            import shutil
             print(err, file=sys.stderr)
             shutil.rmtree(save_dir / "ssa", ignore_errors=True)
             if created:

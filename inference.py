@@ -44,7 +44,11 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pandas as pd
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from sklearn.metrics import classification_report
+from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
@@ -230,7 +234,6 @@ def load_weights(model, model_name, checkpoint):
 def eval_transform(model, model_name, pretrained, default):
     """The evaluation transform the weights were trained with: the pretrained tag's mean, std and
     resizing when the checkpoint names a tag (as clip_train.py used), else `default`."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if isinstance(pretrained, str) else {}
     base = getattr(model.visual, "preprocess_cfg", None)
     if not tag_cfg or base is None:
@@ -447,7 +450,6 @@ def write_cache(path, entries):
 
 def encode_items(model, preprocess, items, args):
     """(features (N, D) float32 normalised, ok (N,) bool, {index: reason}) by encoding images."""
-    from tqdm import tqdm
     image_size_px = common.model_image_size(model)
     dataset = common.ImageListDataset(items, preprocess, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
@@ -713,7 +715,6 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
 
 def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison):
     """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv."""
-    from sklearn.metrics import classification_report
     common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
     report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
                                    target_names=folders, digits=3, zero_division=0)
@@ -792,7 +793,6 @@ def summary_row(alpha, folder, metrics, rare_class):
 def run_wise_ft(args, setup, baseline_scores):
     """One full evaluation per alpha in wise_ft_alpha_<a>/ and wise_ft_summary.csv; returns
     (statuses of the last run, list of metrics)."""
-    import pandas as pd
     bundle, output_dir = setup.model, Path(args.output_dir)
     rows, results, scores = [], [], None
     for alpha in args.wise_ft_alpha:

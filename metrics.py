@@ -10,6 +10,10 @@ computed needs to read this file only.
 import math
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from scipy.special import softmax as scipy_softmax
+from scipy.stats import binom, binomtest, norm
 
 DEFAULT_BOOTSTRAP = 2000  # percentile-bootstrap resamples; ~2000 keeps 95% interval ends stable
 DEFAULT_SEED = 2024
@@ -51,7 +55,6 @@ def wilson_interval(k, n, confidence=CONFIDENCE_LEVEL):
     """
     if n == 0:
         return None
-    from scipy.stats import binomtest
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return [float(ci.low), float(ci.high)]
 
@@ -87,7 +90,6 @@ def likelihood_ratios(tp, fp, fn, tn, confidence=CONFIDENCE_LEVEL):
     out = {"lr_pos": None, "lr_pos_ci": None, "lr_neg": None, "lr_neg_ci": None}
     if tp + fn == 0 or fp + tn == 0:
         return out
-    from scipy.stats import norm
     z = float(norm.ppf(0.5 + confidence / 2.0))
     a, b, c, d = (float(x) for x in (tp, fp, fn, tn))
     if min(a, b, c, d) == 0:
@@ -191,7 +193,6 @@ def metrics_from_confusion(cms):
 
 def softmax(logits, temperature=1.0):
     """Row-wise softmax of logits / temperature in float64 (NaN rows stay NaN)."""
-    from scipy.special import softmax as scipy_softmax
     return scipy_softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=1)
 
 
@@ -553,7 +554,6 @@ def mcnemar_test(correct_a, correct_b):
     -------
     dict with a_only (A right, B wrong), b_only, p_exact, p_mid (None without discordant pairs).
     """
-    from scipy.stats import binom, binomtest
     correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     a_only, b_only = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     n = a_only + b_only
@@ -651,7 +651,6 @@ def selection_metrics(y_true, probs, rare_index=0):
 def mean_nll(logits, y_true, temperature=1.0):
     """Mean negative log-likelihood (cross-entropy) of softmax(logits / temperature) at the true
     classes, in float64: the validation loss, and what `fit_temperature` minimises."""
-    from scipy.special import log_softmax
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=np.int64)
     return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y_true)), y_true].mean())
 
@@ -685,7 +684,6 @@ def operating_point(y_true, p_rare, target_sensitivity, rare_index=0):
 
 def fit_temperature(logits, y_true):
     """Temperature T > 0 minimising the validation NLL of softmax(logits / T) (Guo et al. 2017)."""
-    from scipy.optimize import minimize_scalar
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
     if len(y_true) == 0:
         return 1.0

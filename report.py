@@ -10,7 +10,13 @@ import math
 import textwrap
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.gridspec import GridSpecFromSubplotSpec
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p, reliability_table
 
@@ -49,7 +55,6 @@ def predictions_frame(cohort, folders, probs, statuses, probs_cal=None, rule_pre
     [group], true_label, pred_label, prob_<folder> (uncalibrated), [prob_cal_<folder>],
     [pred_label_threshold], status.
     """
-    import pandas as pd
     items, labelled = cohort.items, cohort.labelled
     finite = np.isfinite(probs).all(axis=1)
     paths = [relative_path(path, cohort.root) for path, _label in items]
@@ -82,7 +87,6 @@ def scrub(text, names):
 
 def confusion_frame(cm, folders):
     """The confusion matrix as a DataFrame: rows true, columns predicted, folder names as headers."""
-    import pandas as pd
     frame = pd.DataFrame(np.asarray(cm, dtype=np.int64), columns=list(folders))
     frame.insert(0, "true_label", list(folders))
     return frame
@@ -90,7 +94,6 @@ def confusion_frame(cm, folders):
 
 def per_class_frame(metrics, folders):
     """per_class_metrics.csv: one row per class, each interval as <name>_ci_low/_ci_high."""
-    import pandas as pd
     rows = []
     for folder in folders:
         row = {"class": folder}
@@ -105,7 +108,6 @@ def per_class_frame(metrics, folders):
 
 def comparison_frame(comparison):
     """comparison.csv: one row per compared metric (and the McNemar row)."""
-    import pandas as pd
     rows = []
     for row in comparison["rows"]:
         flat = {"metric": row["metric"], "n": comparison["n"]}
@@ -338,9 +340,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
 @contextlib.contextmanager
 def figure_style():
     """matplotlib (Agg) with 8-pt type throughout and editable text in the PDF."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only: no display, the same output on a headless server
     with plt.rc_context({"font.size": FONT_PT, "axes.titlesize": FONT_PT, "axes.labelsize": FONT_PT,
                          "xtick.labelsize": FONT_PT, "ytick.labelsize": FONT_PT,
                          "legend.fontsize": FONT_PT, "figure.titlesize": FONT_PT,
@@ -377,7 +377,6 @@ def wrap(name, width=16):
 
 def plot_confusion_matrices(matrices, folders, save):
     """One heatmap per (title, matrix): colour by row %, each cell its count and row %."""
-    import seaborn as sns
     with figure_style() as plt:
         fig, axes = panel_grid(plt, len(matrices), height_in=PANEL_WIDTH_IN)
         for ax, (title, cm) in zip(axes, matrices):
@@ -418,7 +417,6 @@ def operating_markers(operating):
 
 def plot_roc_curves(y_true, probs, folders, metrics, operating, rare_index, save):
     """One-vs-rest ROC panel per class (AUROC with CI; the operating point on the rare class)."""
-    from sklearn.metrics import roc_curve
     with figure_style() as plt:
         fig, axes = panel_grid(plt, len(folders) + 1)
         overlay = axes[-1]
@@ -449,7 +447,6 @@ def plot_roc_curves(y_true, probs, folders, metrics, operating, rare_index, save
 
 def plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save):
     """One-vs-rest precision-recall panel per class, with the prevalence (chance) line."""
-    from sklearn.metrics import precision_recall_curve
     with figure_style() as plt:
         fig, axes = panel_grid(plt, len(folders) + 1)
         overlay = axes[-1]
@@ -480,7 +477,6 @@ def plot_calibration(y_true, probs, probs_cal, folders, n_bins, save):
     """Reliability diagram per class (observed frequency against mean predicted probability in
     equal-width bins) over a bar chart of the images per bin, uncalibrated and, when a validation
     temperature exists, temperature-scaled; a last panel for the max probability (the ECE)."""
-    from matplotlib.gridspec import GridSpecFromSubplotSpec
     panels = [(f"p({folder})", k) for k, folder in enumerate(folders)] + [("max probability", None)]
     sets = [("uncalibrated", probs, "C0")] + ([("temperature-scaled", probs_cal, "C3")]
                                                if probs_cal is not None else [])
