@@ -841,7 +841,8 @@ def grouping_rule(args, label_groups=None):
 def no_group_message(rule, example, n_images):
     """The refusal for a grouping flag that groups none of the images."""
     flag = rule.split(" ", 1)[0]
-    how = {"--group-from-folder": "none sits in a sub-folder of its class folder",
+    how = {"--group-from-folder": "none sits in a sub-folder of its class folder (of --data-root "
+                                  "with --labels)",
            "--group-regex": "the regex matches neither the path relative to --data-root nor "
                             "the file name of any",
            "--groups": "the CSV lists none of them by its path relative to --data-root",
