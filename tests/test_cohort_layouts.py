@@ -463,3 +463,23 @@ def test_inference_bootstraps_images_unless_the_manifest_names_patients(patient_
     assert (grouped["bootstrap_unit"], grouped["n_groups"]) == ("group", test_rows.group.nunique())
     assert test_rows.group.nunique() < len(test_rows)
     assert f"Bootstrap resamples {test_rows.group.nunique()} patient groups" in report
+
+
+def test_an_empty_group_column_is_refused_and_a_partial_one_counted(patient_cohort, tmp_path, capsys):
+    _, labels = write_labels_csv_cohort(patient_cohort, tmp_path / "photos")
+    frame = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    frame.assign(patient_id="").to_csv(tmp_path / "empty.csv", index=False)
+    before = tree_state(tmp_path)
+    assert run("--data-root", tmp_path / "photos", "--out-dir", tmp_path / "out", "--labels",
+               tmp_path / "empty.csv", *LABELS_FLAGS, "--group-col", "patient_id") == 2
+    assert "--group-col patient_id: grouped none of the 24 images (the column is empty on every row" in (
+        error_line(capsys.readouterr().err))
+    assert tree_state(tmp_path) == before
+    frame.loc[:3, "patient_id"] = ""  # four rows without a patient id: each its own group
+    frame.to_csv(tmp_path / "partial.csv", index=False)
+    assert run("--data-root", tmp_path / "photos", "--out-dir", tmp_path / "out", "--labels",
+               tmp_path / "partial.csv", *LABELS_FLAGS, "--group-col", "patient_id") == 0
+    assert "grouped 20 of 24 images (20 by their CSV row)" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    loose = set(frame.filename[:4])
+    assert all((row.group == row.source) == (row.source in loose) for row in manifest.itertuples())
