@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -330,6 +330,44 @@ class CohortError(ValueError):
     """A cohort folder or manifest that cannot be used; the message names the path."""
 
 
+def edit_distance(a, b):
+    """Edits (insert, delete, substitute, swap two neighbours) that turn a into b.
+
+    Optimal string alignment, written here because difflib's similarity ratio is not an edit
+    count, and "one typo away" is what a did-you-mean needs; names are short, so O(len^2) is fine.
+    """
+    previous2, previous = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                current[j] = min(current[j], previous2[j - 2] + 1)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def did_you_mean(name, choices):
+    """The choice that `name` probably meant: equal ignoring case, or one edit away from it
+    (case ignored); the closest such choice (first on ties), or None."""
+    lowered = name.casefold()
+    scored = [(edit_distance(lowered, choice.casefold()), index, choice)
+              for index, choice in enumerate(choices)]
+    close = [entry for entry in scored if entry[0] <= 1]
+    return min(close)[2] if close else None
+
+
+def did_you_mean_clause(names, choices):
+    """" (did you mean 'x'?)" for those of `names` close to a choice (else "")."""
+    hints = [(name, did_you_mean(name, choices)) for name in names]
+    hints = [(name, guess) for name, guess in hints if guess is not None and guess != name]
+    if not hints:
+        return ""
+    if len(names) == 1:
+        return f" (did you mean {hints[0][1]!r}?)"
+    return " (did you mean " + ", ".join(f"{guess!r} for {name!r}" for name, guess in hints) + "?)"
+
+
 def list_class_folder_images(root, folders):
     """Files under root/<folder>/ for each known class folder, in sorted order.
 
@@ -352,6 +390,42 @@ def list_class_folder_images(root, folders):
             if path.is_file() and is_candidate_image(path):
                 items.append((path, index))
     return items, unknown
+
+
+def regex_group(relative_path, pattern):
+    """(group, where matched) for a --group-regex: the first capture group of the compiled
+    `pattern` searched in the path relative to the data root ('orbital disease/Patient 001/
+    IMG_0002.JPG'), where="path"; else in the file name alone, where="file name" (so a regex
+    anchored for file names, '^(P\\d+)_', keeps working); (None, None) when neither matches."""
+    name = relative_path.rsplit("/", 1)[-1]
+    for where, text in (("path", relative_path), ("file name", name)):
+        match = pattern.search(text)
+        if match and match.group(1):
+            return match.group(1), where
+    return None, None
+
+
+STEM_GROUPS_REASON = ("its group column holds file stems (written by an older data_preprocess.py "
+                      "without a grouping flag), not patients; for a patient-level bootstrap "
+                      "rewrite the manifest with a grouping flag or pass --group-regex")
+
+
+def manifest_patient_groups(rows):
+    """(group per row, None) when a manifest's `group` column names patient groups, else
+    (None, reason): no column or all empty; no group holding two rows (each image is its own
+    group: data_preprocess.py without a grouping flag writes the image's path there); or every
+    group the file stem of its source, which data_preprocess.py wrote without a grouping flag
+    before it wrote paths: camera names (IMG_0001.JPG) repeat in every patient folder, so
+    those stems would join unrelated patients into fake groups."""
+    groups = [(row.get("group") or "").strip() for row in rows]
+    if not any(groups):
+        return None, "its group column is missing or empty"
+    stems = [PurePosixPath((row.get("source") or "").replace("\\", "/")).stem for row in rows]
+    if all(row.get("source") for row in rows) and groups == stems:
+        return None, STEM_GROUPS_REASON
+    if len(set(groups)) == len(groups):
+        return None, "each image is its own group"
+    return groups, None
 
 
 def read_manifest(manifest_path, split, folders, fold=None):
@@ -417,7 +491,8 @@ def load_labelled_items(spec, folders, split, fold=None):
         items, unknown = list_class_folder_images(spec, folders)
         if unknown:
             raise CohortError(f"{spec}: folder(s) {', '.join(repr(u) for u in unknown)} are not "
-                              f"classes; expected {folders} (use --prompts to define other classes)")
+                              f"classes{did_you_mean_clause(unknown, folders)}; expected {folders} "
+                              "(use --prompts to define other classes)")
         where = str(spec)
     if not items:
         raise CohortError(f"{where}: no images found in the class folders {folders}")

@@ -3,16 +3,30 @@ r"""Split a folder-per-class image cohort into train/val(/test) folders and a ma
 Every image is read once (unreadable files go to rejected.csv with the reason and are left out),
 hashed, and assigned to a split: stratified by class with largest-remainder rounding, so a rare
 class keeps its prevalence and every class with two or more images gets a validation image.
-With --group-regex or --groups the split is patient-level: all images of one group land in the
-same split. Images are copied by default, so the source tree is never changed; same-stem
+With a grouping flag the split is patient-level: all images of one patient land in the same
+split. --group-from-folder takes the first sub-folder under the class folder as the patient
+(class/Patient 001/IMG_0001.JPG); --group-regex takes the first capture group of a regex searched
+in the path relative to --data-root (else in the file name); --groups reads a path,group CSV.
+Without one, each image is its own group, named by its path (camera names such as IMG_0001.JPG
+repeat in every patient folder, so file stems never name groups). A flag that groups no image
+is refused. Images are copied by default, so the source tree is never changed; same-stem
 .txt/.json/.xml sidecar files travel with their image. The same seed gives the same split and a
 byte-identical manifest.csv.
 
     $ python data_preprocess.py --data-root dataset_root
     $ python data_preprocess.py --data-root dataset_root --out-dir splits --val-ratio 0.2 \
           --test-ratio 0.1 --seed 2024 --mode hardlink
-    $ python data_preprocess.py --data-root dataset_root --out-dir splits --group-regex '^(P\d+)_'
+    $ python data_preprocess.py --data-root dataset_root --out-dir splits --group-from-folder
+    $ python data_preprocess.py --data-root photos --out-dir splits --labels photos/labels.csv \
+          --path-col filename --label-col diagnosis --group-col patient_id
     $ python data_preprocess.py --data-root dataset_root --out-dir cv --folds 5 --resize-px 448
+
+Labels CSV layout. With --labels, --data-root is a folder of images in any arrangement and the
+CSV names each image (--path-col, relative to --data-root) and its class (--label-col, a class
+folder name); --group-col optionally gives its patient. A label that is not a class, an empty
+cell, a path listed with two labels and a listed file that does not exist are refused; images
+the CSV does not list are left out with a warning. The split folders get the class folders:
+OUT/<split>/<label>/<path>.
 
 Writes into --out-dir (default: --data-root): train/<class>/, val/<class>/ (test/<class>/ with
 --test-ratio), manifest.csv (path, source, label, split, group, sha256), rejected.csv (path,
@@ -117,6 +131,7 @@ class ImageRecord:
     path: Path  # the source file
     source: str  # relative to --data-root, posix ("healthy eyes/x.jpg")
     label: int  # class index
+    dest: str  # relative to a split folder: <class>/<path within the class folder>
     sha256: str
     phash: bytes = b""  # 64-bit perceptual hash (8 bytes): the near-duplicate screen
     phash_fine: bytes = b""  # 256-bit perceptual hash (32 bytes): its confirmation
@@ -128,6 +143,16 @@ class ImageRecord:
     written: str = ""  # with --resize-px: the path within the split folder, when resized
     resized_px: int | None = None
     sha256_written: str = ""
+
+
+@dataclass
+class Grouping:
+    """How the images were grouped into patients (the summary line and split_args.json)."""
+
+    rule: str | None  # the grouping flag as written ("--group-from-folder"); None: no grouping
+    grouped_by: dict  # {how the rule matched ("path", "file name", ...): images}
+    ungrouped: list  # sources of the images the rule left alone (each is its own group)
+    n_groups: int  # distinct groups, the images left alone included
 
 
 class ImageCheck(NamedTuple):
@@ -371,10 +396,49 @@ def find_duplicates(digests, coarse, fine, max_distance):
     return pairs
 
 
-def group_from_name(name, pattern):
-    """The first capture group of `pattern` searched in a file name, or None."""
-    match = pattern.search(name)
-    return match.group(1) if match and match.group(1) else None
+def folder_group(dest):
+    """The patient folder of an image: the first folder below its class folder ('orbital
+    disease/Patient 001/IMG_0002.JPG' -> 'Patient 001'), or None for a file directly in it."""
+    parts = PurePosixPath(dest).parts
+    return parts[1] if len(parts) > 2 else None
+
+
+def group_images(paths, rule, lookup):
+    """Group every image; images the rule does not group are their own group, named by their
+    path (never by their file stem: camera names such as IMG_0001.JPG repeat in every patient
+    folder, and their stems would join unrelated patients).
+
+    Args:
+        paths: (source, dest) of each image (see ImageRecord).
+        rule: the grouping flag as the user wrote it ("--group-from-folder"), or None.
+        lookup: (source, dest) -> (group or None, how it matched); unused without a rule.
+    Returns:
+        (group per image, Grouping).
+    """
+    found = [lookup(*p) for p in paths] if rule else [(None, None)] * len(paths)
+    groups = [group or source for (source, _), (group, _) in zip(paths, found)]
+    grouped_by = Counter(how for group, how in found if group)
+    ungrouped = [source for (source, _), (group, _) in zip(paths, found) if not group]
+    return groups, Grouping(rule, dict(sorted(grouped_by.items())), ungrouped, len(set(groups)))
+
+
+def grouping_summary(grouping, n_images, subfolder_example=None):
+    """One line saying how the images were grouped into patients (printed with the table)."""
+    if grouping.rule is None:
+        line = (f"patient groups: none (no grouping flag); each of the {n_images} images is its "
+                "own group, so one patient's images can land in different splits")
+        if subfolder_example:
+            line += (f"; the class folders hold sub-folders (e.g. {subfolder_example!r}): if they "
+                     "are patients, pass --group-from-folder")
+        return line
+    n_grouped = n_images - len(grouping.ungrouped)
+    ways = ", ".join(f"{count} by their {how}" for how, count in grouping.grouped_by.items())
+    line = (f"patient groups: {grouping.rule} grouped {n_grouped} of {n_images} images "
+            f"({ways}) into {grouping.n_groups - len(grouping.ungrouped)} group(s)")
+    if grouping.ungrouped:
+        line += (f"; {len(grouping.ungrouped)} image(s) are their own group (not matched), e.g. "
+                 f"{grouping.ungrouped[0]!r}")
+    return line
 
 
 def normalise_relpath(text):
@@ -389,7 +453,7 @@ def build_manifest(records, folders, folds=False, resized=False):
                + (["resized_px", "sha256_written"] if resized else []))
     rows = []
     for r in sorted(records, key=lambda r: (r.split, r.label, r.source)):
-        row = {"path": f"{SPLITS[r.split]}/{r.written or r.source}", "source": r.source,
+        row = {"path": f"{SPLITS[r.split]}/{r.written or r.dest}", "source": r.source,
                "label": folders[r.label], "split": SPLITS[r.split], "group": r.group,
                "sha256": r.sha256}
         if folds:
@@ -484,15 +548,23 @@ def check_paths(root, out_dir, folders):
                              "writes (and --overwrite deletes)")
 
 
-def scan_cohort(root, out_dir, folders):
-    """Candidate image files [(path, class index)], refusing sub-folders that are not classes."""
+def scan_cohort(root, out_dir, folders, exclude=()):
+    """Candidate image files [(path, class index)], refusing sub-folders that are neither classes
+    nor named by --exclude-folders (`exclude`)."""
+    classes = sorted(set(exclude) & set(folders))
+    if classes:
+        raise SplitError(f"--exclude-folders {classes[0]!r}: is a class folder; to split without "
+                         "a class, define the classes with --prompts")
     items, unknown = common.list_class_folder_images(root, folders)
     if out_dir.resolve().parent == root.resolve():  # an --out-dir inside the data root is ours
         unknown = [name for name in unknown if name != out_dir.name]
+    report_excluded_folders(root, exclude, unknown)
+    unknown = [name for name in unknown if name not in exclude]
     if unknown:
         raise SplitError(f"--data-root {root}: folder(s) {', '.join(repr(u) for u in unknown)} "
-                         f"are not classes; expected {folders} (use --prompts to define other "
-                         "classes, or move the folder out)")
+                         f"are not classes{common.did_you_mean_clause(unknown, folders)}; expected "
+                         f"{folders} (rename it, leave it out with --exclude-folders NAME, or "
+                         "define other classes with --prompts)")
     counts = Counter(label for _, label in items)
     for index, folder in enumerate(folders):
         if not (root / folder).is_dir():
@@ -502,6 +574,121 @@ def scan_cohort(root, out_dir, folders):
     if not items:
         raise SplitError(f"--data-root {root}: no image files in the class folders {folders}")
     return items
+
+
+def report_excluded_folders(root, exclude, unknown):
+    """Log what --exclude-folders leaves out, and warn about names that match no folder."""
+    for name in exclude:
+        if name in unknown:
+            n_files = sum(path.is_file() for path in (root / name).rglob("*"))
+            LOG.info("--exclude-folders: left out %s (%d files)", root / name, n_files)
+        else:
+            LOG.warning("--exclude-folders %r: no such folder in --data-root %s%s", name, root,
+                        common.did_you_mean_clause([name], unknown))
+
+
+def read_labels_table(path, columns):
+    """The --labels CSV as strings, refusing it unless it has every `columns` {flag: name}."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise SplitError(f"--labels {path}: not a readable CSV ({err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    for flag, column in columns.items():
+        if column not in frame.columns:
+            raise SplitError(f"{flag} {column!r}: no such column in --labels {path}"
+                             f"{common.did_you_mean_clause([column], list(frame.columns))}; its "
+                             f"columns are {list(frame.columns)}")
+    return frame
+
+
+def labelled_rows(frame, columns, folders, where):
+    """{source: (class index, group)} from the --labels table; refuses empty path or label
+    cells, labels that are not classes, and a path listed twice with different values.
+
+    Args:
+        columns: (path column, label column, group column or None).
+        where: "--labels FILE", the start of every message.
+    """
+    path_col, label_col, group_col = columns
+    groups = frame[group_col] if group_col else [""] * len(frame)
+    rows, unknown = {}, defaultdict(list)
+    for index, (rel, label, group) in enumerate(zip(frame[path_col], frame[label_col], groups)):
+        line = index + 2  # the header is line 1
+        rel, label, group = rel.strip(), label.strip(), group.strip()
+        if not rel or not label:
+            empty = path_col if not rel else label_col
+            raise SplitError(f"{where}: line {line} has an empty {empty!r} cell; fill it in or "
+                             "delete the row")
+        if label not in folders:
+            unknown[label].append(line)
+            continue
+        source, value = normalise_relpath(rel), (folders.index(label), group)
+        if rows.setdefault(source, value) != value:
+            raise SplitError(f"{where}: {rel!r} is listed twice with different labels or groups "
+                             f"(again on line {line}); keep one row")
+    if unknown:
+        names = sorted(unknown)
+        raise SplitError(f"{where}: label(s) "
+                         + ", ".join(f"{n!r} (line {unknown[n][0]})" for n in names)
+                         + f" are not classes{common.did_you_mean_clause(names, folders)}; the "
+                         f"classes are {folders} (fix the labels, or define classes with --prompts)")
+    return rows
+
+
+def scan_labelled_files(root, out_dir, rows, where):
+    """Items [(path, class index)] and {source: group} of the --labels rows; refuses paths that
+    leave --data-root, lie in a split folder this script writes, or name no file."""
+    root_abs = os.path.abspath(root)
+    own = [os.path.abspath(out_dir / name) for name in SPLITS]
+    items, groups, missing = [], {}, []
+    for listed, (label, group) in rows.items():
+        # normpath, not resolve: a symlinked image is still listed where the user put it
+        path = os.path.normpath(os.path.join(root_abs, listed))
+        if os.path.commonpath([root_abs, path]) != root_abs:
+            raise SplitError(f"{where}: {listed!r} is outside --data-root {root}; list paths "
+                             "relative to it")
+        if any(os.path.commonpath([folder, path]) == folder for folder in own):
+            raise SplitError(f"{where}: {listed!r} lies in {out_dir}'s split folders, which this "
+                             "script writes; list the original files")
+        if not os.path.isfile(path):
+            missing.append(listed)
+            continue
+        source = Path(os.path.relpath(path, root_abs)).as_posix()
+        items.append((Path(root) / source, label))
+        groups[source] = group
+    if missing:
+        raise SplitError(f"{where}: {len(missing)} listed file(s) do not exist under --data-root "
+                         f"{root}, e.g. {missing[0]!r}; fix the paths (relative to --data-root) "
+                         "or delete those rows")
+    return sorted(items, key=lambda item: (item[1], item[0].as_posix())), groups
+
+
+def warn_unlisted_images(root, out_dir, items, where):
+    """Warn about images under --data-root that the --labels CSV does not list (left out)."""
+    listed = {os.path.abspath(path) for path, _ in items}
+    own = [Path(os.path.abspath(out_dir / name)) for name in SPLITS]
+    unlisted = [p for p in sorted(root.rglob("*")) if p.is_file() and common.is_candidate_image(p)
+                and os.path.abspath(p) not in listed
+                and not any(d in Path(os.path.abspath(p)).parents for d in own)]
+    if unlisted:
+        LOG.warning("%s does not list %d image file(s) under --data-root, e.g. %s; they are left "
+                    "out", where, len(unlisted), unlisted[0].relative_to(root))
+
+
+def scan_labels_layout(root, out_dir, args, folders):
+    """The --labels layout: (items [(path, class index)], {source: group})."""
+    where = f"--labels {args.labels}"
+    columns = {"--path-col": args.path_col, "--label-col": args.label_col}
+    if args.group_col:
+        columns["--group-col"] = args.group_col
+    frame = read_labels_table(args.labels, columns)
+    rows = labelled_rows(frame, (args.path_col, args.label_col, args.group_col), folders, where)
+    if not rows:
+        raise SplitError(f"{where}: no rows")
+    items, groups = scan_labelled_files(root, out_dir, rows, where)
+    warn_unlisted_images(root, out_dir, items, where)
+    return items, groups
 
 
 def scan_extra_files(root, folders):
@@ -519,6 +706,17 @@ def scan_extra_files(root, folders):
             else:
                 others.append(path)
     return sidecars, others
+
+
+def scan_flat_sidecars(paths):
+    """Sidecar files beside the listed images (--labels layout), indexed by (folder, stem)."""
+    sidecars = defaultdict(list)
+    for folder in sorted({path.parent for path in paths}):
+        for path in sorted(folder.iterdir()):
+            if (path.is_file() and path.suffix.lower() in common.SIDECAR_EXTENSIONS
+                    and not common.is_junk_file(path)):
+                sidecars[(path.parent, path.stem)].append(path)
+    return sidecars, []
 
 
 def perceptual_hashes(image):
@@ -551,8 +749,19 @@ def check_image(path):
         return ImageCheck(reason=f"unexpected error while reading ({type(err).__name__})")
 
 
-def validate_cohort(root, items, folders, workers, disable_progress):
-    """Read and hash every candidate; returns (records, rejected rows [(path, reason)])."""
+def item_paths(root, path, label, folders, flat):
+    """(source, dest) of a scanned image: its path relative to --data-root, and relative to a
+    split folder (the same in the class-folder layout; <label>/<source> with --labels)."""
+    source = path.relative_to(root).as_posix()
+    return source, (f"{folders[label]}/{source}" if flat else source)
+
+
+def validate_cohort(root, items, folders, workers, disable_progress, flat=False):
+    """Read and hash every candidate; returns (records, rejected rows [(path, reason)]).
+
+    flat: the --labels layout, where paths under root carry no class folder; the split folders
+    then get one (<split>/<label>/<path>).
+    """
     paths = [path for path, _ in items]
     # Decoding and hashing release the GIL, so threads give a real speed-up. read_image's
     # warnings filter is process-global; interleaved threads can only leave the stricter
@@ -560,15 +769,15 @@ def validate_cohort(root, items, folders, workers, disable_progress):
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(check_image, paths), total=len(paths), desc="validate",
                             unit="img", disable=disable_progress))
-    sidecars, others = scan_extra_files(root, folders)
+    sidecars, others = scan_flat_sidecars(paths) if flat else scan_extra_files(root, folders)
     records, rejected = [], []
     for (path, label), check in zip(items, results):
-        source = path.relative_to(root).as_posix()
+        source, dest = item_paths(root, path, label, folders, flat)
         if check.reason is not None:
             rejected.append((source, check.reason))
             continue
         own = tuple(sidecars.pop((path.parent, path.stem), ()))  # the first image claims them
-        records.append(ImageRecord(path, source, label, check.sha256, check.phash,
+        records.append(ImageRecord(path, source, label, dest, check.sha256, check.phash,
                                    check.phash_fine, check.size_px, own))
     if others:
         LOG.warning("%d file(s) that are neither images nor sidecars stay where they are, e.g. %s",
@@ -606,34 +815,67 @@ def read_group_csv(path):
     return mapping
 
 
-def assign_group_labels(records, group_regex=None, groups_csv=None):
-    """Set each record's group (regex capture, CSV entry, or the file stem); returns the unit
-    key per record (the group when grouping, else the image itself)."""
-    stems = [PurePosixPath(r.source).stem for r in records]
-    if group_regex is None and groups_csv is None:
-        for record, stem in zip(records, stems):
-            record.group = stem
-        return [r.source for r in records]
-    if group_regex is not None:
-        pattern = re.compile(group_regex)
-        found = [group_from_name(PurePosixPath(r.source).name, pattern) for r in records]
-        how = f"--group-regex {group_regex!r} does not match their names"
-    else:
-        mapping = read_group_csv(groups_csv)
-        found = [mapping.get(r.source) or None for r in records]
-        how = f"--groups {groups_csv} does not list them"
-        unused = set(mapping) - {r.source for r in records}
-        if unused:
-            LOG.warning("--groups: %d listed path(s) are not readable images here, e.g. %s",
-                        len(unused), sorted(unused)[0])
-    fallback = [r.source for r, g in zip(records, found) if not g]
-    if fallback:
-        LOG.warning("%d of %d images have no group (%s), e.g. %s; each is its own group, named "
-                    "by its file stem", len(fallback), len(records), how, fallback[0])
-    for record, group, stem in zip(records, found, stems):
-        record.group = group or stem
-    return [r.group for r in records]
+def grouping_rule(args, label_groups=None):
+    """(the grouping flag as written, lookup (source, dest) -> (group or None, how it
+    matched)), or (None, None) without a grouping flag. label_groups: {source: group} from
+    --labels with --group-col."""
+    if args.group_from_folder:
+        return "--group-from-folder", lambda source, dest: (folder_group(dest), "patient folder")
+    if args.group_regex is not None:
+        pattern = re.compile(args.group_regex)
+        return (f"--group-regex '{args.group_regex}'",
+                lambda source, dest: common.regex_group(source, pattern))
+    if args.groups is not None:
+        mapping = read_group_csv(args.groups)
+        return f"--groups {args.groups}", lambda source, dest: (mapping.get(source) or None,
+                                                                "CSV row")
+    if args.group_col is not None:
+        return (f"--group-col {args.group_col}",
+                lambda source, dest: (label_groups.get(source) or None, "CSV row"))
+    return None, None
 
+
+def no_group_message(rule, example, n_images):
+    """The refusal for a grouping flag that groups none of the images."""
+    flag = rule.split(" ", 1)[0]
+    how = {"--group-from-folder": "none sits in a sub-folder of its class folder (of --data-root "
+                                  "with --labels)",
+           "--group-regex": "the regex matches neither the path relative to --data-root nor "
+                            "the file name of any",
+           "--groups": "the CSV lists none of them by its path relative to --data-root",
+           "--group-col": "the column is empty on every row"}[flag]
+    return (f"{rule}: grouped none of the {n_images} images ({how}, e.g. {example!r}); fix "
+            f"{flag} or leave it out for an image-level split")
+
+
+def check_grouping(paths, rule, lookup, groups_csv=None):
+    """Before any image is read: refuse a grouping flag that groups none of the scanned images
+    (paths: their (source, dest)); warn about --groups entries naming no scanned image."""
+    if rule is None:
+        return
+    _, grouping = group_images(paths, rule, lookup)
+    if not grouping.grouped_by:
+        raise SplitError(no_group_message(rule, paths[0][0], len(paths)))
+    if groups_csv is not None:
+        unused = set(read_group_csv(groups_csv)) - {source for source, _ in paths}
+        if unused:
+            LOG.warning("--groups: %d listed path(s) are not image files here, e.g. %s",
+                        len(unused), sorted(unused)[0])
+
+
+def assign_group_labels(records, rule, lookup):
+    """Set each record's group by the grouping rule (see `grouping_rule`); returns (unit key
+    per record: its group, Grouping)."""
+    groups, grouping = group_images([(r.source, r.dest) for r in records], rule, lookup)
+    if rule and not grouping.grouped_by:  # every image the rule matched was unreadable
+        raise SplitError(no_group_message(rule, records[0].source, len(records)))
+    if rule and grouping.ungrouped:
+        LOG.warning("%d of %d images are not grouped by %s, e.g. %s; each is its own group, "
+                    "named by its path", len(grouping.ungrouped), len(records), rule,
+                    grouping.ungrouped[0])
+    for record, group in zip(records, groups):
+        record.group = group
+    return groups, grouping
 
 
 def report_mixed_groups(records, units):
@@ -685,9 +927,10 @@ def assign_pool_folds(records, units, n_folds, seed, folders):
                         n_folds)
 
 
-def split_records(records, args, folders):
-    """Assign group, split (and fold) to every record in place; returns the duplicate pairs."""
-    groups = assign_group_labels(records, args.group_regex, args.groups)
+def split_records(records, args, folders, rule=(None, None)):
+    """Assign group, split (and fold) to every record in place; returns (the duplicate pairs,
+    Grouping). rule: (flag, lookup) from `grouping_rule`."""
+    groups, grouping = assign_group_labels(records, *rule)
     report_mixed_groups(records, groups)
     pairs = find_duplicates([r.sha256 for r in records], [r.phash for r in records],
                             [r.phash_fine for r in records], args.near_dup_distance)
@@ -698,7 +941,7 @@ def split_records(records, args, folders):
         record.split = split
     if args.folds:
         assign_pool_folds(records, units, args.folds, args.seed, folders)
-    return pairs
+    return pairs, grouping
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,27 +1015,27 @@ def plan_resizing(records, resize_px):
     refuse output names that two images would share (a.png and a.tif both become a.png)."""
     for record in records:
         if min(record.size_px) > resize_px:
-            record.written = resized_name(record.source, is_jpeg_file(record.path))
+            record.written = resized_name(record.dest, is_jpeg_file(record.path))
             record.resized_px = resize_px
     taken = {}
     for record in records:
-        key = (record.split, record.written or record.source)
+        key = (record.split, record.written or record.dest)
         if key in taken:
             raise SplitError(f"--resize-px: {taken[key]} and {record.source} would both be "
                              f"written as {SPLITS[key[0]]}/{key[1]}; rename one of them")
         taken[key] = record.source
 
 
-def plan_jobs(records, root, out_dir):
+def plan_jobs(records, out_dir):
     """(source, target, record to resize or None) for every image and sidecar:
     OUT/<split>/<class>/<path within class>."""
     jobs = []
     for record in sorted(records, key=lambda r: (r.split, r.label, r.source)):
         split_dir = out_dir / SPLITS[record.split]
         resize = record if record.resized_px else None
-        jobs.append((record.path, split_dir / (record.written or record.source), resize))
-        for source in record.sidecars:
-            jobs.append((source, split_dir / source.relative_to(root), None))
+        jobs.append((record.path, split_dir / (record.written or record.dest), resize))
+        for source in record.sidecars:  # beside their image, which may be renamed by --resize-px
+            jobs.append((source, split_dir / PurePosixPath(record.dest).parent / source.name, None))
     return jobs
 
 
@@ -1049,61 +1292,109 @@ def ratio(text):
     return value
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line; every option's help ends its first sentence with "(default: X)"."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True, metavar="DIR",
-                        help="folder with one sub-folder per class (names from --prompts)")
-    parser.add_argument("--out-dir", default=None, metavar="DIR",
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-root", required=True, metavar="DIR",
+                      help="folder with one sub-folder per class (names from --prompts), or the "
+                           "folder the --labels paths are relative to (required)")
+    data.add_argument("--prompts", default=None, metavar="JSON",
+                      help="JSON prompt set whose 'folder' names are the classes (default: the "
+                           "published three classes)")
+    data.add_argument("--exclude-folders", nargs="+", default=[], metavar="NAME",
+                      help="sub-folders of --data-root that are not classes and are left out, "
+                           "e.g. 'unknown' 'to sort' (default: none; any other folder that is "
+                           "not a class is refused)")
+    labels = parser.add_argument_group(
+        "labels CSV layout (a flat folder of images and a CSV naming each one's class)")
+    labels.add_argument("--labels", default=None, metavar="CSV",
+                        help="CSV with one row per image: its path relative to --data-root and "
+                             "its class folder name (default: none; classes come from folders)")
+    labels.add_argument("--path-col", default=None, metavar="NAME",
+                        help="--labels column of image paths (default: path)")
+    labels.add_argument("--label-col", default=None, metavar="NAME",
+                        help="--labels column of class names (default: label)")
+    split = parser.add_argument_group("split")
+    split.add_argument("--val-ratio", type=ratio, default=None, metavar="FRACTION",
+                       help="fraction of each class for validation, in [0, 1) (default: 0.2; "
+                            "every class with >= 2 images gets at least one; not with --folds)")
+    split.add_argument("--test-ratio", type=ratio, default=0.0, metavar="FRACTION",
+                       help="fraction of each class for a held-out test split, in [0, 1) "
+                            "(default: 0: evaluate on an external cohort instead)")
+    split.add_argument("--folds", type=int, default=None, metavar="K",
+                       help="cross-validation: K >= 2 stratified, group-aware folds of the "
+                            "non-test images (default: none; manifest column 'fold'; all get "
+                            "split 'train'); 5 is usual, fewer when the rare class has under ~10 "
+                            "patients")
+    split.add_argument("--seed", type=int, default=2024,
+                       help="shuffling seed (default: 2024); the same seed gives the same split")
+    add_grouping_arguments(parser)
+    audit = parser.add_argument_group("leakage audit")
+    audit.add_argument("--near-dup-distance", type=int, default=NEAR_DUP_DISTANCE, metavar="BITS",
+                       help="near-duplicates: 64-bit pHashes differing in at most BITS bits, 0-32 "
+                            f"(default: {NEAR_DUP_DISTANCE}; 0: exact duplicates only). Re-encoded "
+                            "or resized copies differ by 0-2, brightness/contrast edits by 2-4; "
+                            "above ~8 unrelated photographs start to match")
+    add_output_arguments(parser)
+    running = parser.add_argument_group("running")
+    running.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="threads that read, hash and resize images (default: the number "
+                              "of cores, at most 8)")
+    running.add_argument("--no-progress", action="store_true",
+                         help="no tqdm progress bars (default: off)")
+    return parser
+
+
+def add_grouping_arguments(parser):
+    """The patient-grouping flags (one at a time)."""
+    grouping = parser.add_argument_group(
+        "patient grouping (one flag; without one, each image is its own group)"
+    ).add_mutually_exclusive_group()
+    grouping.add_argument("--group-from-folder", action="store_true",
+                          help="the first sub-folder under the class folder (under --data-root "
+                               "with --labels) is the patient: 'orbital disease/Patient 001/"
+                               "IMG_0002.JPG' is in group 'Patient 001' (default: off)")
+    grouping.add_argument("--group-regex", default=None, metavar="RE",
+                          help="the first capture group of RE searched in the path relative to "
+                               r"--data-root, e.g. '(Patient \d+)', or, where that does not "
+                               r"match, in the file name, e.g. '^(P\d+)_' (default: none)")
+    grouping.add_argument("--groups", default=None, metavar="CSV",
+                          help="a CSV with columns path,group (paths relative to --data-root) "
+                               "(default: none)")
+    grouping.add_argument("--group-col", default=None, metavar="NAME",
+                          help="with --labels: its column of patient ids (default: none)")
+
+
+def add_output_arguments(parser):
+    """Where and how the split is written."""
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default=None, metavar="DIR",
                         help="where train/, val/, test/ and manifest.csv go (default: --data-root; "
                              "its split folders are never rescanned as classes)")
-    parser.add_argument("--val-ratio", type=ratio, default=None, metavar="FRACTION",
-                        help="fraction of each class for validation, in [0, 1) (default 0.2; every "
-                             "class with >= 2 images gets at least one; not with --folds)")
-    parser.add_argument("--test-ratio", type=ratio, default=0.0, metavar="FRACTION",
-                        help="fraction of each class for a held-out test split, in [0, 1) "
-                             "(default 0: evaluate on an external cohort instead)")
-    parser.add_argument("--folds", type=int, default=None, metavar="K",
-                        help="cross-validation: K >= 2 stratified, group-aware folds of the "
-                             "non-test images (manifest column 'fold'; all get split 'train'); "
-                             "5 is usual, fewer when the rare class has under ~10 patients")
-    parser.add_argument("--seed", type=int, default=2024, help="shuffling seed (default 2024); the same seed gives the same split")
-    parser.add_argument("--mode", choices=MODES, default="copy",
-                        help="copy (default; source untouched), hardlink (no extra space, same "
-                             "file system), symlink (absolute links), move (the published "
-                             "behaviour: empties the class folders; journaled, see --rollback)")
-    parser.add_argument("--rollback", action="store_true",
-                        help="undo a --mode move run into --out-dir, interrupted (journal) or "
-                             "finished (move_log.jsonl): every file goes back to its source")
-    grouping = parser.add_mutually_exclusive_group()
-    grouping.add_argument("--group-regex", default=None, metavar="RE",
-                          help=r"patient-level split: the first capture group of RE in each file "
-                               r"name is its group, e.g. '^(P\d+)_'; non-matching files are "
-                               "their own group")
-    grouping.add_argument("--groups", default=None, metavar="CSV",
-                          help="patient-level split: a CSV with columns path,group (paths "
-                               "relative to --data-root)")
-    parser.add_argument("--near-dup-distance", type=int, default=NEAR_DUP_DISTANCE, metavar="BITS",
-                        help="near-duplicates: 64-bit pHashes differing in at most BITS bits "
-                             f"(0-32; default {NEAR_DUP_DISTANCE}; 0: exact duplicates only). "
-                             "Re-encoded or resized copies differ by 0-2, brightness/contrast "
-                             "edits by 2-4; above ~8 unrelated photographs start to match")
-    parser.add_argument("--resize-px", type=int, default=None, metavar="N",
+    output.add_argument("--mode", choices=MODES, default="copy",
+                        help="copy (source untouched), hardlink (no extra space, same file "
+                             "system), symlink (absolute links), move (the published behaviour: "
+                             "empties the class folders; journaled, see --rollback) (default: copy)")
+    output.add_argument("--resize-px", type=int, default=None, metavar="N",
                         help="write copies whose shorter side is N px (e.g. 2x the model input: "
-                             "448 for 224) instead of the originals; --mode copy only")
-    parser.add_argument("--prompts", default=None, metavar="JSON",
-                        help="JSON prompt set whose 'folder' names are the classes (default: "
-                             "the published three classes)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier split in --out-dir (its train/val/test folders "
-                             "and our CSVs; class folders are never touched)")
-    parser.add_argument("--dry-run", action="store_true",
+                             "448 for 224) instead of the originals; --mode copy only (default: "
+                             "none: the original bytes)")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier split in --out-dir: its train/val/test folders "
+                             "and our CSVs; class folders are never touched (default: off)")
+    output.add_argument("--dry-run", action="store_true",
                         help="read, check and plan as a real run would (refusals included), "
-                             "print the table and file count, write nothing")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                        help="threads that read, hash and resize images (default: cores, at "
-                             "most 8)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+                             "print the table and file count, write nothing (default: off)")
+    output.add_argument("--rollback", action="store_true",
+                        help="undo a --mode move run into --out-dir, interrupted (journal) or "
+                             "finished (move_log.jsonl): every file goes back to its source "
+                             "(default: off)")
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(parser, args)
     return args
@@ -1127,6 +1418,7 @@ def validate_args(parser, args):
         parser.error(f"--data-root {args.data_root}: no such folder")
     if args.groups is not None and not Path(args.groups).is_file():
         parser.error(f"--groups {args.groups}: no such file")
+    validate_labels_args(parser, args)
     if args.group_regex is not None:
         try:
             pattern = re.compile(args.group_regex)
@@ -1144,34 +1436,61 @@ def validate_args(parser, args):
                          f"--mode {args.mode}")
     if args.rollback and args.overwrite:
         parser.error("--rollback undoes a move run; it does not combine with --overwrite")
-    if args.workers < 1:
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1)
+    elif args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
+
+
+def validate_labels_args(parser, args):
+    """The --labels layout's flags: columns default to path/label, and need --labels."""
+    if args.labels is None:
+        for flag, value in (("--path-col", args.path_col), ("--label-col", args.label_col),
+                            ("--group-col", args.group_col)):
+            if value is not None:
+                parser.error(f"{flag} names a column of --labels CSV; pass --labels too")
+        return
+    if not Path(args.labels).is_file():
+        parser.error(f"--labels {args.labels}: no such file")
+    if args.exclude_folders:
+        parser.error("--exclude-folders applies to class folders; with --labels, leave the "
+                     "images out of the CSV instead")
+    args.path_col = args.path_col or "path"
+    args.label_col = args.label_col or "label"
 
 
 def prepare_split(args, root, out_dir):
     """Scan, check the destination, validate and split; returns (folders, records, rejected,
-    duplicate pairs)."""
+    duplicate pairs, Grouping)."""
     try:
         folders = prompt_sets.class_folders(prompt_sets.load_prompt_set(args.prompts))
     except prompt_sets.PromptSetError as err:
         raise prompt_sets.PromptSetError(f"--prompts {err}") from None
     check_paths(root, out_dir, folders)
     LOG.info("== scanning %s for classes %s ==", root, folders)
-    items = scan_cohort(root, out_dir, folders)
+    if args.labels:
+        items, label_groups = scan_labels_layout(root, out_dir, args, folders)
+    else:
+        items, label_groups = scan_cohort(root, out_dir, folders, args.exclude_folders), None
+    rule = grouping_rule(args, label_groups)
+    check_grouping([item_paths(root, path, label, folders, bool(args.labels))
+                    for path, label in items], *rule, args.groups)
     check_destination(out_dir, args.overwrite)
     if args.mode == "hardlink":
         check_hardlink_possible(root, out_dir)
     LOG.info("== validating %d image files ==", len(items))
-    records, rejected = validate_cohort(root, items, folders, args.workers, args.no_progress or None)
+    records, rejected = validate_cohort(root, items, folders, args.workers, args.no_progress or None,
+                                        flat=bool(args.labels))
     LOG.info("== leakage audit and split ==")
-    pairs = split_records(records, args, folders)
+    pairs, grouping = split_records(records, args, folders, rule)
     if args.resize_px:
         plan_resizing(records, args.resize_px)
-    return folders, records, rejected, pairs
+    return folders, records, rejected, pairs, grouping
 
 
-def print_summary(summary, records, rejected, pairs, conflicts, args, n_sidecars):
-    """The per-class table (with groups per split) and the one-line totals."""
+def print_summary(summary, records, rejected, pairs, conflicts, args, n_sidecars, grouping):
+    """The per-class table (with groups per split), the one-line totals, how the images were
+    grouped into patients, and the leakage audit."""
     print(summary.to_string(index=False))
     buckets = summary.columns[1:-1]
     totals = summary.set_index("class").loc["total images"]
@@ -1180,6 +1499,9 @@ def print_summary(summary, records, rejected, pairs, conflicts, args, n_sidecars
     n_exact = sum(kind == "exact" for _, _, kind, _ in pairs)
     near = (f"pHash distance <= {args.near_dup_distance}" if args.near_dup_distance
             else "near-duplicate search off")
+    nested = next((PurePosixPath(r.dest).parent.as_posix() for r in records
+                   if folder_group(r.dest)), None)
+    print(grouping_summary(grouping, len(records), nested))
     print(f"leakage audit: {n_exact} exact duplicate(s), {len(pairs) - n_exact} near-duplicate "
           f"pair(s) ({near}), {conflicts} with CONFLICTING labels; see {DUPLICATES_NAME}")
 
@@ -1212,7 +1534,7 @@ def main(argv=None):
     if args.rollback or (out_dir / JOURNAL_NAME).exists():
         return recover_move(args, out_dir)
     try:
-        folders, records, rejected, pairs = prepare_split(args, root, out_dir)
+        folders, records, rejected, pairs, grouping = prepare_split(args, root, out_dir)
     except (ValueError, OSError) as err:  # SplitError, CohortError, PromptSetError, I/O
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1226,13 +1548,16 @@ def main(argv=None):
                              split_summary(manifest, folders, columns),
                              common.run_record("data_preprocess.py", argv, args, {
                                  "classes": folders, "images": len(records), "rejected": len(rejected),
-                                 "duplicate_pairs": len(pairs), "conflicting_duplicates": conflicts}))
+                                 "duplicate_pairs": len(pairs), "conflicting_duplicates": conflicts,
+                                 "grouping": {"rule": grouping.rule, "grouped_by": grouping.grouped_by,
+                                              "ungrouped": len(grouping.ungrouped),
+                                              "groups": grouping.n_groups}}))
 
     manifest = build_manifest(records, folders, bool(args.folds))
     summary = split_summary(manifest, folders, columns)
-    jobs = plan_jobs(records, root, out_dir)
+    jobs = plan_jobs(records, out_dir)
     n_sidecars = len(jobs) - len(records)
-    print_summary(summary, records, rejected, pairs, conflicts, args, n_sidecars)
+    print_summary(summary, records, rejected, pairs, conflicts, args, n_sidecars, grouping)
     if args.dry_run:
         print(f"dry run: would {args.mode} {len(jobs)} files ({len(records)} images, {n_sidecars} "
               f"sidecars) into {out_dir}; nothing was written")

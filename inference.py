@@ -350,12 +350,18 @@ def stored_calibration(checkpoint, folders, threshold=None):
 
 
 def read_manifest_groups(manifest):
-    """({resolved path: group}, sorted splits) of a manifest.csv (group '' where absent)."""
+    """({resolved path: group}, sorted splits) of a manifest.csv; every group is '' when the
+    column does not name patients (then the bootstrap resamples images)."""
     manifest = Path(manifest)
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    groups = {str((manifest.parent / row.get("path", "")).resolve()): (row.get("group") or "").strip()
-              for row in rows}
+    patient_groups, reason = common.manifest_patient_groups(rows)
+    if patient_groups is None:
+        log = LOG.warning if reason == common.STEM_GROUPS_REASON else LOG.info
+        log("%s: %s; the bootstrap resamples images", manifest, reason)
+        patient_groups = [""] * len(rows)
+    groups = {str((manifest.parent / row.get("path", "")).resolve()): group
+              for row, group in zip(rows, patient_groups)}
     return groups, sorted({row.get("split", "") for row in rows})
 
 

@@ -1,7 +1,10 @@
 """Shared fixtures: CPU only, a tiny registered model (no downloads), small real image files."""
 
+import csv
 import os
+import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # force CPU, even on a GPU machine
@@ -54,3 +57,75 @@ def make_cohort(tmp_path):
 def cohort(make_cohort):
     """A small imbalanced synthetic cohort: 6 / 12 / 9 images."""
     return make_cohort()
+
+
+@dataclass
+class PatientCohort:
+    """A clinic-style cohort written by `write_patient_cohort`: what a test may assert against."""
+
+    root: Path
+    patient_of: dict = field(default_factory=dict)  # {source relative to root: patient folder}
+    class_of: dict = field(default_factory=dict)  # {source relative to root: class folder}
+
+    def patients(self, folder=None):
+        """Patient folder names (of one class folder, or all)."""
+        return sorted({p for s, p in self.patient_of.items()
+                       if folder is None or self.class_of[s] == folder})
+
+
+def write_patient_cohort(root, patients_per_class=(3, 5, 4), images_per_patient=(2, 3, 1), seed=0):
+    """Write root/<class>/Patient NNN/IMG_000k.JPG, the way clinics lay cohorts out: patients are
+    numbered across the cohort (Patient 001, 002, ...), and camera names restart in every patient
+    folder, so IMG_0001.JPG exists once per patient. Patient p (0-based, cohort-wide) has
+    images_per_patient[p % len(images_per_patient)] images. Returns a PatientCohort."""
+    rng = random.Random(seed)
+    cohort, patient = PatientCohort(Path(root)), 0
+    for class_index, n_patients in enumerate(patients_per_class):
+        folder = make_demo_cohort.CLASS_FOLDERS[class_index]
+        for _ in range(n_patients):
+            name = f"Patient {patient + 1:03d}"
+            (cohort.root / folder / name).mkdir(parents=True)
+            for k in range(images_per_patient[patient % len(images_per_patient)]):
+                source = f"{folder}/{name}/IMG_{k + 1:04d}.JPG"
+                make_demo_cohort.draw_eye(class_index, rng).save(cohort.root / source, quality=90)
+                cohort.patient_of[source], cohort.class_of[source] = name, folder
+            patient += 1
+    return cohort
+
+
+def write_labels_csv_cohort(cohort, flat_root, csv_name="labels.csv"):
+    """The same images as a flat folder plus a labels CSV (filename, diagnosis, patient_id), the
+    other common layout: flat_root/IMG_NNNN.JPG numbered across the cohort, as a camera would.
+    Returns ({file name: source in `cohort`}, path of the CSV)."""
+    flat_root = Path(flat_root)
+    flat_root.mkdir(parents=True)
+    origin, rows = {}, []
+    for number, source in enumerate(sorted(cohort.patient_of), 1):
+        name = f"IMG_{number:04d}.JPG"
+        (flat_root / name).write_bytes((cohort.root / source).read_bytes())
+        origin[name] = source
+        rows.append({"filename": name, "diagnosis": cohort.class_of[source],
+                     "patient_id": cohort.patient_of[source].replace("Patient ", "P")})
+    with open(flat_root / csv_name, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["filename", "diagnosis", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return origin, flat_root / csv_name
+
+
+@pytest.fixture
+def make_patient_cohort(tmp_path):
+    """Factory: write a clinic-style patient-folder cohort under tmp_path (see
+    `write_patient_cohort`) and return its PatientCohort."""
+
+    def _make(name="clinic", patients_per_class=(3, 5, 4), images_per_patient=(2, 3, 1), seed=0):
+        return write_patient_cohort(tmp_path / name, patients_per_class, images_per_patient, seed)
+
+    return _make
+
+
+@pytest.fixture
+def patient_cohort(make_patient_cohort):
+    """12 patients (3 / 5 / 4 per class), 1-3 images each (24 images), IMG_0001.JPG in every
+    patient folder."""
+    return make_patient_cohort()

@@ -139,10 +139,15 @@ def test_merge_duplicate_units():
     assert dp.merge_duplicate_units(["x", "y"], ["h1", "h2"]) == ["x", "y"]
 
 
-def test_group_from_name():
-    pattern = re.compile(r"^(P\d+)_")
-    assert dp.group_from_name("P001_left.jpg", pattern) == "P001"
-    assert dp.group_from_name("left_P001.jpg", pattern) is None
+def test_regex_group_searches_the_path_then_the_file_name():
+    anchored = re.compile(r"^(P\d+)_")  # written for file names: still works on a nested path
+    assert common.regex_group("healthy eyes/P001_left.jpg", anchored) == ("P001", "file name")
+    assert common.regex_group("healthy eyes/left_P001.jpg", anchored) == (None, None)
+    patient = re.compile(r"(Patient \d+)")  # only the path holds the patient
+    assert common.regex_group("orbital disease/Patient 001/IMG_0002.JPG", patient) == ("Patient 001", "path")
+    digits = re.compile(r"(\d+)")  # the path wins: the patient number, not the camera counter
+    assert common.regex_group("orbital disease/Patient 007/IMG_0002.JPG", digits) == ("007", "path")
+    assert common.regex_group("x/a.jpg", re.compile(r"(z*)")) == (None, None)  # empty capture
 
 
 # -- parse_args ------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def test_split_counts_manifest_and_hashes(make_cohort, tmp_path):
     for row in manifest.itertuples():
         assert row.path == f"{row.split}/{row.source}" and row.source.startswith(row.label + "/")
         assert common.file_sha256(out / row.path) == row.sha256 == common.file_sha256(root / row.source)
-        assert row.group == Path(row.source).stem
+        assert row.group == row.source  # no grouping flag: each image is its own group
     for split in ("train", "val"):  # the folders hold exactly the manifest's files
         on_disk = sorted(p.relative_to(out).as_posix() for p in (out / split).rglob("*") if p.is_file())
         assert on_disk == sorted(manifest.loc[manifest.split == split, "path"])
@@ -359,7 +364,8 @@ def test_group_regex_keeps_patients_together(tmp_path):
     assert run("--data-root", root, "--out-dir", out, "--group-regex", r"^(P\d+)_") == 0
     manifest = read_manifest(out)
     assert manifest.groupby("group").split.nunique().max() == 1
-    assert set(manifest.group) == {f"P{p:03d}" for p in [*range(4), *range(10, 20), *range(30, 36)]} | {"unnamed"}
+    assert set(manifest.group) == ({f"P{p:03d}" for p in [*range(4), *range(10, 20), *range(30, 36)]}
+                                   | {"non-orbital disease/unnamed.jpg"})  # unmatched: its path
     for label in FOLDERS:
         assert (manifest[manifest.label == label].split == "val").any()
     summary = pd.read_csv(out / "split_summary.csv").set_index("class")
