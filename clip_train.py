@@ -850,14 +850,16 @@ def validate_source_model(parser, args):
     if args.model_config:
         parser.error(f"--model-config: --model-name {args.model_name} brings its own architecture; "
                      "pass one of the two")
+    if args.pretrained is None:
+        args.pretrained = args.model_name  # the repository's / folder's own weights
     if common.model_source(args.model_name) == "local-dir":
         try:
             common.read_model_config(args.model_name)
+            if args.pretrained == args.model_name:  # open_clip would start from random weights
+                common.local_dir_weights(args.model_name)
         except ValueError as err:
             parser.error(f"--model-name {err}")
-    if args.pretrained is None:
-        args.pretrained = args.model_name  # the repository's / folder's own weights
-    elif args.pretrained not in ("none", args.model_name) and not Path(args.pretrained).is_file():
+    if args.pretrained not in ("none", args.model_name) and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained {args.pretrained}: --model-name {args.model_name} brings its own "
                      "weights; leave --pretrained out, or pass none or a local weights file")
 

@@ -590,7 +590,7 @@ def read_model_config(model_name):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{model_name}: {config_file.name} is not readable JSON ({err})") from None
     else:
-        try:
+        try:  # open_clip's own reader: the same file and cache lookup as its create_model
             config = open_clip.factory._get_hf_config(model_name[len("hf-hub:"):])
         except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types offline
             detail = _short(str(err).splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -602,6 +602,19 @@ def read_model_config(model_name):
         raise ValueError(f"{model_name}: open_clip_config.json lacks a model_cfg with embed_dim, "
                          "vision_cfg and text_cfg")
     return model_cfg
+
+
+def local_dir_weights(model_name):
+    """The weights file open_clip loads for a local-dir: model (its own pick, so a hash of it is a
+    hash of what is loaded); a ValueError naming the folder when there is none."""
+    import open_clip
+    folder = Path(model_name[len("local-dir:"):])
+    weights = open_clip.factory._find_checkpoint_in_dir(folder)
+    if weights is None:
+        raise ValueError(f"{model_name}: the folder holds no weights file (open_clip_model.safetensors, "
+                         "open_clip_pytorch_model.bin, ...); copy the repository's weights file "
+                         "beside open_clip_config.json")
+    return Path(weights)
 
 
 def check_optional_packages(model_name, model_config):

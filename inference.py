@@ -1256,13 +1256,9 @@ def resolve_source_model(spec, flag):
     if common.model_source(spec) == "local-dir":
         try:
             common.read_model_config(spec)
+            sha256 = common.file_sha256(common.local_dir_weights(spec))
         except ValueError as err:
             raise common.CheckpointError(f"{flag} {err}") from None
-        weights = open_clip.factory._find_checkpoint_in_dir(Path(spec[len("local-dir:"):]))
-        if weights is None:
-            raise common.CheckpointError(f"{flag} {spec}: the folder holds no weights file "
-                                         "(open_clip_model.safetensors or open_clip_pytorch_model.bin)")
-        sha256 = common.file_sha256(weights)
     return {"kind": "tag", "spec": str(spec), "data": None, "sha256": sha256}
 
 
@@ -1743,14 +1739,21 @@ def package_versions():
             "numpy": np.__version__, "scipy": scipy.__version__}
 
 
+def checkpoint_label(checkpoint):
+    """What --checkpoint named, in words, for the report."""
+    source = common.model_source(checkpoint["spec"]) if checkpoint["kind"] == "tag" else None
+    if source:
+        return f"{source} model"
+    return {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
+            "tag": "open_clip pretrained tag"}[checkpoint["kind"]]
+
+
 def run_info(args, setup, bundle):
     """What was evaluated, recorded in metrics.json, args.json and report.md."""
     checkpoint, cohort, operating = bundle["checkpoint"], setup["cohort"], bundle["operating"]
     run = {
         "checkpoint": checkpoint["spec"],
-        "checkpoint_kind": {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
-                            "tag": "open_clip pretrained tag"}[checkpoint["kind"]]
-        if not common.model_source(checkpoint["spec"]) else f"{common.model_source(checkpoint['spec'])} model",
+        "checkpoint_kind": checkpoint_label(checkpoint),
         "checkpoint_sha256": checkpoint["sha256"],
         "model_name": bundle["model_name"],
         "wise_ft_alpha": bundle["wise_ft_alpha"],

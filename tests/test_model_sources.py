@@ -154,6 +154,14 @@ def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, t
     assert visual and all(torch.equal(best["state_dict"][k], weights[k]) for k in visual)
     assert not torch.equal(best["state_dict"]["text_projection"], weights["text_projection"])
 
+    # --pretrained FILE with a local-dir architecture: training starts from that file's weights
+    again = tmp_path / "again"
+    assert clip_train.main(train_argv(train_dir, val_dir, again, "--model-name", spec, "--pretrained",
+                                      str(save_dir / clip_train.BEST_NAME), "--lock-image", "--lock-text")) == 0
+    final = torch.load(again / clip_train.FINAL_NAME, weights_only=True)
+    assert final["pretrained"] == str(save_dir / clip_train.BEST_NAME)
+    assert torch.equal(final["state_dict"]["text_projection"], best["state_dict"]["text_projection"])
+
     assert run_inference(val_dir, save_dir / clip_train.BEST_NAME, tmp_path / "with_folder") == 0
     shutil.rmtree(folder)
     checkpoint = inference.resolve_checkpoint(str(save_dir / clip_train.BEST_NAME))
@@ -233,7 +241,11 @@ def test_source_model_refusals(splits, tmp_path, capsys):
     write_model_folder(folder)
     empty = tmp_path / "empty"
     empty.mkdir()
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(folder / "open_clip_config.json", config_only)
     cases = [
+        (["--model-name", f"local-dir:{config_only}"], "--model-name local-dir:", "no weights file"),
         (["--model-name", f"local-dir:{tmp_path / 'missing'}"], "--model-name local-dir:", "no such folder"),
         (["--model-name", f"local-dir:{empty}"], "--model-name local-dir:", "no open_clip_config.json"),
         (["--model-name", f"local-dir:{folder}", "--model-config", str(TINY_CONFIG)], "--model-config", "one of the two"),
@@ -248,6 +260,12 @@ def test_source_model_refusals(splits, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert run_inference(val_dir, f"local-dir:{empty}", tmp_path / "out") == 2
     assert "error: --checkpoint local-dir:" in capsys.readouterr().err
+    assert run_inference(val_dir, f"local-dir:{config_only}", tmp_path / "out") == 2
+    assert "no weights file" in capsys.readouterr().err
+    # --pretrained none: the folder's architecture from random weights, no weights file needed
+    args = clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name",
+                                            f"local-dir:{config_only}", "--pretrained", "none"))
+    assert args.pretrained == "none"
     assert run_inference(val_dir, f"local-dir:{folder}", tmp_path / "out", "--model-name", "ViT-B-32") == 2
     assert "leave --model-name out" in capsys.readouterr().err
 
