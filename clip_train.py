@@ -86,20 +86,18 @@ def dropout_rate(module):
 
 
 def inexact_modules(model):
-    """{'image': [...], 'text': [...]}: per tower, the modules whose training-mode output for one
-    input depends on more than that input: dropout with p > 0 (a random draw per call) and batch
-    norm (statistics of the whole batch; open_clip's FrozenBatchNorm2d is exact).
-    Names outside `visual.` belong to the text tower (CLIP's transformer, CustomTextCLIP's text)."""
-    towers = {"image": [], "text": []}
+    """{tower: {'dropout': [...], 'batch_norm': [...]}} for the 'image' and 'text' towers: the
+    modules whose training-mode output for one input depends on more than that input, as
+    'name (Type p=...)': dropout with p > 0 (a random draw per call) and batch norm (statistics of
+    the whole batch; open_clip's FrozenBatchNorm2d is exact). Names outside `visual.` belong to
+    the text tower (CLIP's transformer, CustomTextCLIP's text)."""
+    towers = {tower: {"dropout": [], "batch_norm": []} for tower in ("image", "text")}
     for name, module in model.named_modules():
+        tower = towers["image" if name == "visual" or name.startswith("visual.") else "text"]
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            reason = type(module).__name__
+            tower["batch_norm"].append(f"{name} ({type(module).__name__})")
         elif dropout_rate(module) > 0:
-            reason = f"{type(module).__name__} p={dropout_rate(module):g}"
-        else:
-            continue
-        tower = "image" if name == "visual" or name.startswith("visual.") else "text"
-        towers[tower].append(f"{name} ({reason})")
+            tower["dropout"].append(f"{name} ({type(module).__name__} p={dropout_rate(module):g})")
     return towers
 
 
@@ -113,13 +111,13 @@ def shortcut_plan(inexact, accum_steps, text_dedup):
     micro-batches: both are said in the log, since neither equals an --accum-steps 1 run.
     """
     notes = []
-    if text_dedup and inexact["text"]:
+    text = inexact["text"]["dropout"] + inexact["text"]["batch_norm"]
+    if text_dedup and text:
         text_dedup = False
         notes.append("caption deduplication off: the text tower has dropout or batch norm "
-                     f"({_first(inexact['text'])}), so every caption is encoded")
-    found = inexact["image"] + inexact["text"]
-    dropout = [m for m in found if " p=" in m]
-    batch_norm = [m for m in found if " p=" not in m]
+                     f"({_first(text)}), so every caption is encoded")
+    dropout = inexact["image"]["dropout"] + inexact["text"]["dropout"]
+    batch_norm = inexact["image"]["batch_norm"] + inexact["text"]["batch_norm"]
     if accum_steps > 1 and dropout:
         notes.append(f"--accum-steps {accum_steps}: dropout ({_first(dropout)}): each micro-batch's "
                      "gradient pass replays the random draws of its cached pass, so the gradient is "

@@ -83,18 +83,25 @@ def test_model_source_and_config_alias():
     assert a != b and "/" not in a and ":" not in a  # a file stem, one per source
 
 
+EXACT = {"image": {"dropout": [], "batch_norm": []}, "text": {"dropout": [], "batch_norm": []}}
+
+
+def inexact(image_dropout=(), image_bn=(), text_dropout=(), text_bn=()):
+    return {"image": {"dropout": list(image_dropout), "batch_norm": list(image_bn)},
+            "text": {"dropout": list(text_dropout), "batch_norm": list(text_bn)}}
+
+
 def test_inexact_modules_per_tower():
     torch.manual_seed(0)
     model = common.create_model(TINY_MODEL, None)[0]
-    assert clip_train.inexact_modules(model) == {"image": [], "text": []}
+    assert clip_train.inexact_modules(model) == EXACT
     model.visual.extra = torch.nn.Dropout(0.0)  # p = 0 draws nothing
     model.transformer.extra = torch.nn.Dropout(0.1)
-    assert clip_train.inexact_modules(model) == {
-        "image": [], "text": ["transformer.extra (Dropout p=0.1)"]}
+    assert clip_train.inexact_modules(model) == inexact(text_dropout=["transformer.extra (Dropout p=0.1)"])
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.5}}
     name = common.register_model_config_dict("tiny_patch_dropout", cfg)
-    assert clip_train.inexact_modules(common.create_model(name, None)[0])["image"] == [
-        "visual.patch_dropout (PatchDropout p=0.5)"]
+    assert clip_train.inexact_modules(common.create_model(name, None)[0]) == inexact(
+        image_dropout=["visual.patch_dropout (PatchDropout p=0.5)"])
 
 
 def test_resnet_batch_norm_is_inexact_until_the_tower_is_locked():
@@ -102,22 +109,22 @@ def test_resnet_batch_norm_is_inexact_until_the_tower_is_locked():
            "text_cfg": TINY["text_cfg"]}
     model = common.create_model(common.register_model_config_dict("tiny_rn", cfg), None)[0]
     found = clip_train.inexact_modules(model)
-    assert found["text"] == [] and found["image"][0] == "visual.bn1 (BatchNorm2d)"
+    assert found["text"] == EXACT["text"] and found["image"]["dropout"] == []
+    assert found["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
     model.lock_image_tower()  # parameters frozen, but batch norm still normalises per batch
-    assert clip_train.inexact_modules(model)["image"][0] == "visual.bn1 (BatchNorm2d)"
+    assert clip_train.inexact_modules(model)["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
     model.lock_image_tower(freeze_bn_stats=True)  # FrozenBatchNorm2d: exact again
-    assert clip_train.inexact_modules(model)["image"] == []
+    assert clip_train.inexact_modules(model) == EXACT
 
 
 def test_shortcut_plan_known_answers():
-    exact = {"image": [], "text": []}
-    assert clip_train.shortcut_plan(exact, 4, True) == (True, [])
-    hf_text = {"image": [], "text": ["text.transformer.embeddings.dropout (Dropout p=0.1)", "x (Dropout p=0.1)"]}
+    assert clip_train.shortcut_plan(EXACT, 4, True) == (True, [])
+    hf_text = inexact(text_dropout=["text.transformer.embeddings.dropout (Dropout p=0.1)", "x (Dropout p=0.1)"])
     dedup, notes = clip_train.shortcut_plan(hf_text, 1, True)
     assert dedup is False and len(notes) == 1
     assert notes[0].startswith("caption deduplication off") and "and 1 more" in notes[0]
     assert clip_train.shortcut_plan(hf_text, 1, False) == (False, [])  # already off: nothing to say
-    resnet = {"image": ["visual.bn1 (BatchNorm2d)"], "text": []}
+    resnet = inexact(image_bn=["visual.bn1 (BatchNorm2d)"])
     dedup, notes = clip_train.shortcut_plan(resnet, 2, True)
     assert dedup is True and len(notes) == 1 and "batch norm (visual.bn1" in notes[0]
     assert clip_train.shortcut_plan(resnet, 1, True) == (True, [])
@@ -319,7 +326,7 @@ def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
     torch.manual_seed(0)
     model, *_, tokenizer = common.create_model("tiny_custom_text", None)
     assert type(model).__name__ == "CustomTextCLIP"
-    assert clip_train.inexact_modules(model) == {"image": [], "text": []}
+    assert clip_train.inexact_modules(model) == EXACT
     images = torch.randn(8, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
     captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
