@@ -75,6 +75,69 @@ def lr_at_step(step, base_lr, warmup_steps, total_steps, schedule):
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
+def dropout_rate(module):
+    """Drop probability of a module that drops at random in training mode (0.0 for any other):
+    torch's Dropout family and MultiheadAttention, open_clip's PatchDropout (`prob`) and timm's
+    DropPath/DropBlock (`drop_prob`)."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return float(module.dropout)
+    if "Drop" in type(module).__name__:
+        for attr in ("prob", "drop_prob", "p"):
+            value = getattr(module, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return 0.0
+
+
+def inexact_modules(model):
+    """{tower: {'dropout': [...], 'batch_norm': [...]}} for the 'image' and 'text' towers: the
+    modules whose training-mode output for one input depends on more than that input, as
+    'name (Type p=...)': dropout with p > 0 (a random draw per call) and batch norm (statistics of
+    the whole batch; open_clip's FrozenBatchNorm2d is exact). Names outside `visual.` belong to
+    the text tower (CLIP's transformer, CustomTextCLIP's text)."""
+    towers = {tower: {"dropout": [], "batch_norm": []} for tower in ("image", "text")}
+    for name, module in model.named_modules():
+        tower = towers["image" if name == "visual" or name.startswith("visual.") else "text"]
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            tower["batch_norm"].append(f"{name} ({type(module).__name__})")
+        elif dropout_rate(module) > 0:
+            tower["dropout"].append(f"{name} ({type(module).__name__} p={dropout_rate(module):g})")
+    return towers
+
+
+def shortcut_plan(inexact, accum_steps, text_dedup):
+    """(text_dedup, notes): whether caption deduplication stays on, and what the log says.
+
+    Deduplication (each distinct caption through the text tower once) equals encoding every
+    caption only when the text tower is deterministic per caption: dropout would give duplicates
+    their own draws, batch norm their own statistics, so it is switched off. Accumulation replays
+    each micro-batch's random draws (exact for dropout) but batch norm normalises over
+    micro-batches: both are said in the log, since neither equals an --accum-steps 1 run.
+    """
+    notes = []
+    text = inexact["text"]["dropout"] + inexact["text"]["batch_norm"]
+    if text_dedup and text:
+        text_dedup = False
+        notes.append("caption deduplication off: the text tower has dropout or batch norm "
+                     f"({_first(text)}), so every caption is encoded")
+    dropout = inexact["image"]["dropout"] + inexact["text"]["dropout"]
+    batch_norm = inexact["image"]["batch_norm"] + inexact["text"]["batch_norm"]
+    if accum_steps > 1 and dropout:
+        notes.append(f"--accum-steps {accum_steps}: dropout ({_first(dropout)}): each micro-batch's "
+                     "gradient pass replays the random draws of its cached pass, so the gradient is "
+                     "exact for the features used, but the draws differ from an --accum-steps 1 run")
+    if accum_steps > 1 and batch_norm:
+        notes.append(f"--accum-steps {accum_steps}: batch norm ({_first(batch_norm)}) normalises "
+                     "over micro-batches, not the whole batch, so training differs from --accum-steps 1")
+    return text_dedup, notes
+
+
+def _first(names):
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: decay on weight matrices only; none on biases, norms, embeddings' gains
     and the logit scale (decaying the temperature towards 1 would fight the loss)."""
@@ -277,7 +340,8 @@ def make_loader(items, transform, image_size_px, args, shuffle, generator=None, 
 
 def encode_captions(model, tokenizer, captions, device, dedup=True):
     """Normalised text features (B, D) for a list of captions; with `dedup` each distinct caption
-    goes through the text tower once and is gathered back (exact: the tower has no dropout)."""
+    goes through the text tower once and is gathered back (exact only for a text tower without
+    dropout or batch norm: training switches it off for others, see `shortcut_plan`)."""
     if not dedup:
         return model.encode_text(tokenizer(captions).to(device), normalize=True)
     uniques, inverse = prompt_sets.unique_captions(captions)
@@ -292,7 +356,10 @@ def batch_features(model, images, captions, ctx):
     the distinct captions only and their features are gathered back (exact: see encode_captions,
     whose `dedup` parameter the tests and the benchmark use to compare with the naive pass)."""
     args = ctx["args"]
-    uniques, inverse = prompt_sets.unique_captions(captions)
+    if ctx.get("text_dedup", True):
+        uniques, inverse = prompt_sets.unique_captions(captions)
+    else:  # a text tower with dropout: every caption draws its own mask, as without dedup
+        uniques, inverse = captions, list(range(len(captions)))
     out = model(images.to(args.device, non_blocking=True), ctx["tokenizer"](uniques).to(args.device))
     image_features, text_features = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     text_features = text_features[torch.as_tensor(inverse, device=text_features.device)]
@@ -307,6 +374,8 @@ def accumulate_gradients(model, images, labels, captions, ctx):
     micro-batch is re-run with gradients and its features swapped into the cached full batch, so
     every pass backpropagates the full-batch loss through that micro-batch only. The sum of the
     passes is the full-batch gradient; the logit scale is kept in the graph of one pass only.
+    Each gradient pass replays the RNG states of its cached pass, so a tower with dropout draws the
+    same masks twice and the cached features are the ones the gradient flows through.
     """
     args, scaler = ctx["args"], ctx["scaler"]
     labels = labels.to(args.device)
@@ -319,9 +388,13 @@ def accumulate_gradients(model, images, labels, captions, ctx):
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
         return loss.detach()
+    cached, rng_before = [], []
     with torch.no_grad(), common.autocast_context(args.device, args.precision):
-        cached = [batch_features(model, images[c], caps, ctx) for c, caps in zip(chunks, chunk_captions)]
+        for chunk, caps in zip(chunks, chunk_captions):
+            rng_before.append(rng_states(args.device))
+            cached.append(batch_features(model, images[chunk], caps, ctx))
     for j, (chunk, caps) in enumerate(zip(chunks, chunk_captions)):
+        set_rng_states(args.device, rng_before[j])  # same dropout draws as the cached pass of chunk j
         with common.autocast_context(args.device, args.precision):
             image_j, text_j = batch_features(model, images[chunk], caps, ctx)
             image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
@@ -334,6 +407,30 @@ def accumulate_gradients(model, images, labels, captions, ctx):
             return loss.detach()
         scaler.scale(loss).backward()
     return loss.detach()
+
+
+def rng_states(device):
+    """The torch RNG states a forward pass on `device` draws from (CPU, and the CUDA device's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def set_rng_states(device, states):
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def configure_exact_shortcuts(model, accum_steps):
+    """Whether caption deduplication stays on (off for a text tower with dropout or batch norm),
+    logging what accumulation does with such towers (see `shortcut_plan`); call after locking
+    (frozen batch norm)."""
+    dedup, notes = shortcut_plan(inexact_modules(model), accum_steps, True)
+    for note in notes:
+        LOG.warning("%s", note)
+    return dedup
 
 
 def configure_trainable(model, args):
@@ -419,6 +516,7 @@ def checkpoint_metadata(model, ctx, state, metrics):
         "class_folders": prompt_sets.class_folders(ctx["classes"]),
         "prompts": prompt_sets.prompt_set_to_dict(ctx["classes"]),
         "preprocess": {"image_size": ctx["image_size_px"]},
+        "preprocess_cfg": ctx.get("preprocess_cfg"),  # open_clip's mean/std/resize: rebuilt offline
         "logit_scale_mode": args.logit_scale_mode,
         "epoch": state["epoch"],
         "metrics": plain(metrics),
@@ -514,12 +612,15 @@ def parse_args(argv=None):
                       help="JSON prompt set replacing the published one (schema in prompts.py)")
     model = parser.add_argument_group("model")
     model.add_argument("--model-name", default=None,
-                       help="open_clip architecture (default ViT-B-32-256, or the --model-config stem)")
+                       help="open_clip architecture (default ViT-B-32-256, or the --model-config stem), "
+                          "or hf-hub:ORG/REPO or local-dir:PATH (architecture and weights from a Hub "
+                          "repository or a downloaded folder; HF text towers need requirements-hf.txt)")
     model.add_argument("--model-config", default=None,
                        help="JSON of a custom open_clip architecture; registered under the file's stem")
     model.add_argument("--pretrained", default=None,
                        help="open_clip tag, local weights file, or 'none' for random init "
-                            f"(default: {DEFAULT_PRETRAINED} for ViT-B-32-256; none with --model-config)")
+                            f"(default: {DEFAULT_PRETRAINED} for ViT-B-32-256; the repository's or "
+                            "folder's own weights for hf-hub:/local-dir:; none otherwise)")
     optim = parser.add_argument_group("optimisation (defaults = published protocol)")
     optim.add_argument("--batch-size", type=int, default=200,
                        help="images per step (published 200); contrastive loss needs >= 2")
@@ -652,11 +753,34 @@ def validate_args(parser, args):
                      "that run or --overwrite to start a new one there")
     if args.model_name is None:
         args.model_name = Path(args.model_config).stem if args.model_config else "ViT-B-32-256"
+    if common.model_source(args.model_name):
+        validate_source_model(parser, args)
     if args.pretrained is None:
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
                                                  and not args.model_config) else "none"
     if args.workers is None:
         args.workers = common.default_workers(args.device)
+
+
+def validate_source_model(parser, args):
+    """--model-name hf-hub:ORG/REPO or local-dir:PATH: the architecture comes from there (no
+    --model-config) and --pretrained defaults to its own weights (none or a weights file also
+    work; an open_clip tag does not). A local-dir is checked here; the Hub when the model is built."""
+    if args.model_config:
+        parser.error(f"--model-config: --model-name {args.model_name} brings its own architecture; "
+                     "pass one of the two")
+    if args.pretrained is None:
+        args.pretrained = args.model_name  # the repository's / folder's own weights
+    if common.model_source(args.model_name) == "local-dir":
+        try:
+            common.read_model_config(args.model_name)
+            if args.pretrained == args.model_name:  # open_clip would start from random weights
+                common.local_dir_weights(args.model_name)
+        except ValueError as err:
+            parser.error(f"--model-name {err}")
+    if args.pretrained not in ("none", args.model_name) and not Path(args.pretrained).is_file():
+        parser.error(f"--pretrained {args.pretrained}: --model-name {args.model_name} brings its own "
+                     "weights; leave --pretrained out, or pass none or a local weights file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,13 +915,23 @@ def plot_sensitivity(frame, path):
 
 
 def setup_model(args):
-    """Register a custom config, build the model; returns (model, train tf, val tf, tokenizer, config)."""
+    """Register a custom config, build the model; returns (model, train tf, val tf, tokenizer, config).
+
+    The config is recorded in every checkpoint for --model-config and for hf-hub:/local-dir:
+    models, so inference rebuilds the architecture with neither the file, the Hub nor the folder."""
     model_config = None
     if args.model_config:
         name, model_config = common.register_model_config(args.model_config)
         if name != args.model_name:
             raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
                              f"architecture {name}")
+    try:
+        config = common.read_model_config(args.model_name) if model_config is None else model_config
+        common.check_optional_packages(args.model_name, config)
+    except ValueError as err:
+        raise ValueError(f"--model-name {err}") from None
+    if common.model_source(args.model_name):
+        model_config = config
     pretrained = None if args.pretrained == "none" else args.pretrained
     if pretrained and Path(pretrained).is_file():
         weights = pretrained_weights(pretrained, args.model_name)
@@ -810,7 +944,7 @@ def setup_model(args):
     try:
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
     except (RuntimeError, OSError) as err:
-        if pretrained:  # a tag (a file was handled above)
+        if pretrained:  # a tag or the hub/folder's own weights (a file was handled above)
             raise ValueError(f"--pretrained {pretrained}: could not load these weights for "
                              f"{args.model_name} ({str(err).splitlines()[0][:200]}); offline, pass "
                              "--pretrained none or a local weights file") from None
@@ -866,8 +1000,8 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
         meta = checkpoint_metadata(model, ctx, state, metrics)
         common.save_checkpoint(save_dir / BEST_NAME, model, meta)
         common.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
-            k: meta[k] for k in ("model_name", "model_config", "pretrained", "class_folders",
-                                 "prompts", "epoch", "logit_scale_mode")})
+            k: meta[k] for k in ("model_name", "model_config", "preprocess_cfg", "pretrained",
+                                 "class_folders", "prompts", "epoch", "logit_scale_mode")})
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
@@ -962,6 +1096,7 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
     return {
         "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
         "model_config": model_config, "image_size_px": common.model_image_size(model),
+        "preprocess_cfg": common.model_preprocess_cfg(model),
         "generator": torch.Generator().manual_seed(args.seed),
         "caption_rng": prompt_sets.new_rng(args.seed + args.rank), "progress": not args.no_progress and args.rank == 0,
         # fused AdamW: one kernel for all parameters on CUDA
@@ -1044,7 +1179,9 @@ def train(args, classes, train_items, val_items, argv):
         print(f"error: {err}", file=sys.stderr)
         return 2
     configure_trainable(model, args)
+    text_dedup = configure_exact_shortcuts(model, args.accum_steps)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
+    ctx["text_dedup"] = text_dedup
     state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
     # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded
     # init): taken before a resume loads the trained ones.

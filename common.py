@@ -5,10 +5,12 @@ precision, model creation and the zero-shot classifier. Nothing else belongs her
 import contextlib
 import csv
 import hashlib
+import importlib
 import io
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,8 @@ SPLIT_NAMES = ("train", "val", "test")
 # Pillow's own bomb limit (~179 MP) is a warning until 2x; we refuse at the limit itself.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
 CHECKPOINT_FORMAT = "orbital-clip/1"
+# Model names open_clip reads from elsewhere: a Hugging Face Hub repository or a local folder.
+MODEL_SCHEMAS = ("hf-hub", "local-dir")
 
 
 class ImageReadError(Exception):
@@ -608,33 +612,159 @@ def register_model_config(config_path):
 
 
 def register_model_config_dict(name, config):
-    """Register an architecture dict (e.g. from a checkpoint) with open_clip under `name`."""
+    """Register an architecture dict (e.g. from a checkpoint) with open_clip; returns the name it
+    is registered under: `name` itself, or `config_alias(name)` for an hf-hub:/local-dir: name."""
     import open_clip
+    alias = config_alias(name)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.json"
+        path = Path(tmp) / f"{alias}.json"
         path.write_text(json.dumps(config), encoding="utf-8")
         open_clip.add_model_config(path)
+    return alias
 
 
-def create_model(model_name, pretrained=None, device="cpu"):
+def model_source(model_name):
+    """'hf-hub', 'local-dir' or None: where open_clip reads the architecture `model_name` from."""
+    for schema in MODEL_SCHEMAS:
+        if str(model_name).startswith(f"{schema}:"):
+            return schema
+    return None
+
+
+def config_alias(model_name):
+    """A name open_clip can register an architecture under (it becomes a file stem): `model_name`
+    itself, or for hf-hub:/local-dir: names a readable stem plus a hash of the full name."""
+    if model_source(model_name) is None:
+        return model_name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_.")[-60:]
+    return f"{stem}-{hashlib.sha256(model_name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def read_model_config(model_name):
+    """The architecture dict of `model_name`: built-in or registered, a local-dir's
+    open_clip_config.json, or an hf-hub repository's (from the Hugging Face cache, else
+    downloaded). ValueError naming the model and the fix when there is none."""
+    import open_clip
+    source = model_source(model_name)
+    if source is None:
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture "
+                             "(see open_clip.list_models(), use hf-hub:ORG/REPO or local-dir:PATH, "
+                             "or pass --model-config)")
+        return open_clip.get_model_config(model_name)
+    if source == "local-dir":
+        folder = Path(model_name[len("local-dir:"):])
+        if not folder.is_dir():
+            raise ValueError(f"{model_name}: no such folder")
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{model_name}: the folder has no open_clip_config.json (a folder "
+                             "downloaded from an open_clip hf-hub repository has one)")
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{model_name}: {config_file.name} is not readable JSON ({err})") from None
+    else:
+        try:  # open_clip's own reader: the same file and cache lookup as its create_model
+            config = open_clip.factory._get_hf_config(model_name[len("hf-hub:"):])
+        except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types offline
+            detail = _short(str(err).splitlines()[0] if str(err).strip() else type(err).__name__)
+            raise ValueError(f"{model_name}: open_clip_config.json is neither in the Hugging Face "
+                             f"cache nor downloadable ({detail}); download the repository once on "
+                             "a connected machine (README: Offline use) or use local-dir:PATH") from None
+    model_cfg = config.get("model_cfg") if isinstance(config, dict) else None
+    if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
+        raise ValueError(f"{model_name}: open_clip_config.json lacks a model_cfg with embed_dim, "
+                         "vision_cfg and text_cfg")
+    return model_cfg
+
+
+def local_dir_weights(model_name):
+    """The weights file open_clip loads for a local-dir: model (its own pick, so a hash of it is a
+    hash of what is loaded); a ValueError naming the folder when there is none."""
+    import open_clip
+    folder = Path(model_name[len("local-dir:"):])
+    weights = open_clip.factory._find_checkpoint_in_dir(folder)
+    if weights is None:
+        raise ValueError(f"{model_name}: the folder holds no weights file (open_clip_model.safetensors, "
+                         "open_clip_pytorch_model.bin, ...); copy the repository's weights file "
+                         "beside open_clip_config.json")
+    return Path(weights)
+
+
+def check_optional_packages(model_name, model_config):
+    """MissingPackageError naming the package when the architecture needs one that is not
+    installed: transformers for a Hugging Face text tower (hf_model_name), timm for a timm image
+    tower (timm_model_name)."""
+    text_cfg, vision_cfg = model_config.get("text_cfg") or {}, model_config.get("vision_cfg") or {}
+    needs = []
+    if "hf_model_name" in text_cfg:
+        needs.append(("transformers", f"its text tower is the Hugging Face model {text_cfg['hf_model_name']}"))
+    if "timm_model_name" in vision_cfg:
+        needs.append(("timm", f"its image tower is the timm model {vision_cfg['timm_model_name']}"))
+    for package, why in needs:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise MissingPackageError(f"{model_name}: {why}, which needs the optional package "
+                                      f"{package}; install it with: pip install -r "
+                                      "requirements-hf.txt") from None
+
+
+class MissingPackageError(ValueError):
+    """An architecture needs an optional package that is not installed; names the package."""
+
+
+def create_model(model_name, pretrained=None, device="cpu", model_config=None, preprocess_cfg=None):
     """open_clip model, train/val transforms and tokenizer.
 
-    `pretrained` is an open_clip tag, a local weights file (ours or a plain state_dict), or None.
+    `model_name`: an open_clip architecture, or `hf-hub:ORG/REPO` / `local-dir:PATH` (architecture
+    and weights from a Hub repository, or its copy in the Hugging Face cache, or from a folder).
+    `pretrained`: an open_clip tag, a local weights file (ours or a plain state_dict), for a
+    hub/folder model `model_name` itself (its own weights), or None (random initialisation).
+    `model_config` and `preprocess_cfg` (recorded in our checkpoints) rebuild the architecture and
+    its image preprocessing from those dicts alone: neither the hub nor the folder is read.
     """
     import open_clip
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture "
-                         "(see open_clip.list_models(), or pass --model-config)")
-    if pretrained and Path(pretrained).is_file():
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name, pretrained=None, device=device)
-        state_dict = load_state_dict_file(pretrained)
-        model.load_state_dict(state_dict)
-    else:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    source = model_source(model_name)
+    config = model_config if model_config is not None else read_model_config(model_name)
+    check_optional_packages(model_name, config)
+    weights_file = pretrained if pretrained and Path(pretrained).is_file() else None
+    own_weights = source is not None and pretrained == model_name
+    if source is not None and pretrained and not (weights_file or own_weights):
+        raise ValueError(f"{model_name} brings its own weights: pretrained takes none, a local "
+                         f"weights file or {model_name}, not {pretrained!r}")
+    if own_weights and model_config is not None:
+        raise ValueError(f"{model_name}: its own weights are read from the source, not rebuilt "
+                         "from a recorded config")
+    arch = register_model_config_dict(model_name, model_config) if model_config is not None else model_name
+    tag = None if (weights_file or source is not None) else pretrained
+    # pretrained_text=False: a Hugging Face text tower is never filled from the Hub behind our back
+    # (random init means random, and our own weights are loaded next).
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        arch, pretrained=tag, load_weights=own_weights or source is None, device=device,
+        pretrained_text=False, **preprocess_overrides(preprocess_cfg))
+    if weights_file:
+        model.load_state_dict(load_state_dict_file(weights_file))
+    tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def preprocess_overrides(preprocess_cfg):
+    """create_model_and_transforms keywords restoring a recorded model.visual.preprocess_cfg."""
+    if not preprocess_cfg:
+        return {}
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}
+    return {keys[k]: tuple(v) if isinstance(v, list) else v
+            for k, v in preprocess_cfg.items() if k in keys and v is not None}
+
+
+def model_preprocess_cfg(model):
+    """The model's open_clip image preprocessing (size, mean, std, interpolation, resize mode) as
+    plain data for a checkpoint."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
 def model_image_size(model):

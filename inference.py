@@ -168,7 +168,11 @@ def checkpoint_kind(data):
 
 
 def resolve_checkpoint(spec, flag="--checkpoint"):
-    """The Checkpoint of a checkpoint file or an open_clip pretrained tag."""
+    """The Checkpoint of a checkpoint file or an open_clip pretrained tag; an hf-hub:ORG/REPO or
+    local-dir:PATH model counts as a tag (zero-shot weights named, not a file), with the SHA-256 of
+    a local-dir's weights file."""
+    if common.model_source(spec):
+        return resolve_source_model(spec, flag)
     path = Path(spec)
     if path.is_file():
         try:
@@ -185,6 +189,18 @@ def resolve_checkpoint(spec, flag="--checkpoint"):
     if looks_like_file(spec):
         raise common.CheckpointError(f"{flag} {path}: no such checkpoint file")
     return Checkpoint("tag", str(spec), None, None)
+
+
+def resolve_source_model(spec, flag):
+    """The checkpoint record of an hf-hub:/local-dir: model (a local-dir is checked here)."""
+    sha256 = None
+    if common.model_source(spec) == "local-dir":
+        try:
+            common.read_model_config(spec)
+            sha256 = common.file_sha256(common.local_dir_weights(spec))
+        except ValueError as err:
+            raise common.CheckpointError(f"{flag} {err}") from None
+    return Checkpoint("tag", str(spec), None, sha256)
 
 
 def looks_like_file(spec):
@@ -206,6 +222,11 @@ def requested_model_name(args):
 
 def resolve_model_name(requested, checkpoint, flag="--model-name", role="--checkpoint"):
     """The architecture: the checkpoint's own, else `requested` (the value of `flag`)."""
+    if common.model_source(checkpoint.spec) and checkpoint.kind == "tag":  # hf-hub:/local-dir:
+        if requested and requested != checkpoint.spec:
+            raise ValueError(f"{flag} {requested}: {role} {checkpoint.spec} brings its own "
+                             f"architecture; leave {flag} out")
+        return checkpoint.spec
     if checkpoint.kind != "ours":
         if not requested:
             what = "a pretrained tag" if checkpoint.kind == "tag" else "a plain state_dict"
@@ -252,14 +273,24 @@ def build_model(model_name, checkpoint, device, flag="--checkpoint"):
                                              f"{model_name} (its tags: {', '.join(tags) or 'none'})")
         try:
             model, _train_tf, preprocess, tokenizer = common.create_model(model_name, spec, device)
-        except (RuntimeError, OSError) as err:
+        except common.MissingPackageError as err:
+            raise common.CheckpointError(f"{flag} {err}") from None
+        except (RuntimeError, OSError, ValueError) as err:
             raise common.CheckpointError(f"{flag} {spec}: could not load the pretrained weights "
                                          f"of {model_name} ({str(err).strip().splitlines()[0][:300]}); "
                                          "offline, pass a local weights file") from None
         return model.eval(), preprocess, tokenizer
+    # Our checkpoints rebuild from their recorded architecture and preprocessing: an hf-hub: or
+    # local-dir: model needs neither the Hub nor the folder any more.
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    config = data.get("model_config") if isinstance(data.get("model_config"), dict) else None
+    preprocess_cfg = data.get("preprocess_cfg") if isinstance(data.get("preprocess_cfg"), dict) else None
     logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; weights follow
     try:
-        model, _train_tf, preprocess, tokenizer = common.create_model(model_name, None, device)
+        model, _train_tf, preprocess, tokenizer = common.create_model(
+            model_name, None, device, model_config=config, preprocess_cfg=preprocess_cfg)
+    except ValueError as err:  # e.g. a missing optional package, a local-dir that is gone
+        raise common.CheckpointError(f"{flag} {err}") from None
     finally:
         logging.disable(logging.NOTSET)
     load_weights(model, model_name, checkpoint)
@@ -534,7 +565,8 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
 def prepare_baseline(args, model_name, folders):
     """The --baseline model, scored on the same images; its classes must be the same folders."""
     checkpoint = resolve_checkpoint(args.baseline, flag="--baseline")
-    requested = args.baseline_model_name or (None if checkpoint.kind == "ours" else model_name)
+    own_arch = checkpoint.kind == "ours" or common.model_source(checkpoint.spec)
+    requested = args.baseline_model_name or (None if own_arch else model_name)
     name = resolve_model_name(requested, checkpoint, "--baseline-model-name", "--baseline")
     classes, source = load_classes(args.prompts, checkpoint)
     if set(prompt_sets.class_folders(classes)) != set(folders):
@@ -563,6 +595,14 @@ def wise_ft_base_weights(args, bundle):
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
     if Path(pretrained).is_file():
         return common.load_state_dict_file(pretrained), f"`{pretrained}`", common.file_sha256(pretrained)
+    if common.model_source(pretrained):  # the hf-hub:/local-dir: model training started from
+        try:
+            base_model, *_ = common.create_model(pretrained, pretrained)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
+                                         f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
+                                         "offline, pass --wise-ft-base PATH") from None
+        return common.clean_state_dict(base_model.state_dict()), f"`{pretrained}`", f"tag:{pretrained}"
     if Path(pretrained).suffix.lower() in WEIGHT_SUFFIXES or len(Path(pretrained).parts) > 1:
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")
@@ -636,13 +676,21 @@ def package_versions():
     return {name: info[name] for name in ("python", "torch", "open_clip", "sklearn", "numpy", "scipy")}
 
 
+def checkpoint_label(checkpoint):
+    """What --checkpoint named, in words, for the report."""
+    source = common.model_source(checkpoint.spec) if checkpoint.kind == "tag" else None
+    if source:
+        return f"{source} model"
+    return {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
+            "tag": "open_clip pretrained tag"}[checkpoint.kind]
+
+
 def run_info(args, setup, bundle):
     """What was evaluated, recorded in metrics.json, args.json and report.md."""
     checkpoint, cohort, operating = bundle.checkpoint, setup.cohort, bundle.operating
     run = {
         "checkpoint": checkpoint.spec,
-        "checkpoint_kind": {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
-                            "tag": "open_clip pretrained tag"}[checkpoint.kind],
+        "checkpoint_kind": checkpoint_label(checkpoint),
         "checkpoint_sha256": checkpoint.sha256,
         "model_name": bundle.model_name,
         "wise_ft_alpha": bundle.wise_ft_alpha,
@@ -830,10 +878,12 @@ def parse_args(argv=None):
                            f"{DEFAULT_SPLIT}; no fallback to another split)")
     data.add_argument("--checkpoint", required=True,
                       help="checkpoint of clip_train.py, a plain open_clip state_dict (needs "
-                           "--model-name), or an open_clip pretrained tag for the zero-shot baseline")
+                           "--model-name), or for the zero-shot baseline an open_clip pretrained tag "
+                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH")
     data.add_argument("--model-name", default=None,
-                      help="open_clip architecture; optional with our checkpoints (stored in them), "
-                           "required otherwise (published: ViT-B-32-256)")
+                      help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
+                           "with our checkpoints (stored in them), required otherwise (published: "
+                           "ViT-B-32-256)")
     data.add_argument("--model-config", default=None,
                       help="JSON of a custom open_clip architecture, registered under the file's "
                            "stem (which --model-name then defaults to)")
@@ -845,8 +895,9 @@ def parse_args(argv=None):
                            "unless --overwrite")
     compare = parser.add_argument_group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
-                         help="a second model scored on the same images (a pretrained tag for the "
-                              "zero-shot baseline, or another checkpoint): paired differences with "
+                         help="a second model scored on the same images (a pretrained tag, or "
+                              "hf-hub:ORG/REPO or local-dir:PATH, for a zero-shot baseline, or "
+                              "another checkpoint): paired differences with "
                               "CIs and McNemar's test in comparison.csv")
     compare.add_argument("--baseline-model-name", default=None,
                          help="architecture of a tag or plain state_dict --baseline (default: the "
@@ -925,7 +976,8 @@ def check_args(parser, args):
                         ("--wise-ft-base", args.wise_ft_base)):
         if value and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file")
-    if args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file():
+    if (args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file()
+            and not common.model_source(args.baseline)):
         parser.error(f"--baseline {args.baseline}: no such file")
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")
