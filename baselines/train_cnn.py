@@ -201,23 +201,26 @@ def load_imagenet(arch):
             "--weights PATH to a local copy, or --weights none for random initialisation") from None
 
 
-def load_weights_file(model, arch, path):
+def load_weights_file(model, arch, path, folders):
     """Load a --weights file (a torchvision/ImageNet state_dict or a checkpoint of this script)
-    into `model`, whose head already has our classes. The file's head is kept when it has the
-    same shape (a checkpoint of ours), otherwise the new head stays. Returns 'loaded' or 'new'."""
+    into `model`, whose head already has one output per class of `folders`. The file's head is
+    kept only from a checkpoint of ours recording the same class folders in the same order (a
+    head of the right size but unknown classes would be silently wrong); otherwise the new head
+    stays. Returns 'loaded' or 'new'."""
     try:
         checkpoint = common.load_checkpoint_file(path)
-        recorded = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
-        if isinstance(recorded, str) and recorded != arch:
-            raise common.CheckpointError(f"{path}: holds architecture {recorded}, not --arch {arch}; "
-                                         f"pass --arch {recorded}")
+        meta = checkpoint if isinstance(checkpoint, dict) else {}
+        if isinstance(meta.get("arch"), str) and meta["arch"] != arch:
+            raise common.CheckpointError(f"{path}: holds architecture {meta['arch']}, not --arch "
+                                         f"{arch}; pass --arch {meta['arch']}")
         state_dict = common.checkpoint_state_dict(checkpoint, path)
         if arch == "densenet121":
             state_dict = remap_densenet_keys(state_dict)
         own = model.state_dict()
         head_keys = [k for k in own if k.startswith(HEAD_MODULES[arch] + ".")]
-        head_fits = all(k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys)
-        if not head_fits:  # ImageNet's 1000-way head (or another class count): keep the new one
+        head_fits = meta.get("class_folders") == list(folders) and all(
+            k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys)
+        if not head_fits:  # ImageNet's 1000-way head, or other classes: keep the new head
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_MODULES[arch] + ".")}
             state_dict.update({k: own[k] for k in head_keys})
         common.load_weights_into(model, state_dict, path, arch, arch_flag="--arch")
@@ -226,20 +229,20 @@ def load_weights_file(model, arch, path):
     return "loaded" if head_fits else "new"
 
 
-def build_model(arch, weights_spec, n_classes, image_size_px, seed):
-    """(model, WeightsInfo): `arch` with a head of `n_classes` outputs, starting from ImageNet
-    weights, a file, or a seeded random initialisation."""
+def build_model(arch, weights_spec, folders, image_size_px, seed):
+    """(model, WeightsInfo): `arch` with a head of one output per class folder, starting from
+    ImageNet weights, a file, or a seeded random initialisation."""
     from torchvision.models import get_model
     torch.manual_seed(seed)  # the new head (and everything with --weights none) is seeded
     if weights_spec == "imagenet":
         model, source = load_imagenet(arch)
-        return replace_head(model, arch, n_classes), WeightsInfo(weights_spec, source, "new")
+        return replace_head(model, arch, len(folders)), WeightsInfo(weights_spec, source, "new")
     # torchvision builds a ViT for one input size; other sizes only without pretrained weights.
     extra = {"image_size": image_size_px} if arch == "vit_b_16" else {}
-    model = replace_head(get_model(arch, weights=None, **extra), arch, n_classes)
+    model = replace_head(get_model(arch, weights=None, **extra), arch, len(folders))
     if weights_spec == "none":
         return model, WeightsInfo("none", f"random init (seed {seed})", "new")
-    head = load_weights_file(model, arch, weights_spec)
+    head = load_weights_file(model, arch, weights_spec, folders)
     return model, WeightsInfo(weights_spec, str(weights_spec), head)
 
 
@@ -353,8 +356,8 @@ def parse_args(argv=None):
     model.add_argument("--weights", type=weights_spec, default="imagenet", metavar="imagenet|none|PATH",
                        help="starting weights: 'imagenet' (torchvision's, from torch's cache or "
                             "downloaded), 'none' (random init), or a state_dict file (an ImageNet "
-                            "download, or a checkpoint of this script); the head is new unless the "
-                            "file's fits our classes")
+                            "download, or a checkpoint of this script); the classification head is "
+                            "new unless the file is a checkpoint of ours with the same classes")
     model.add_argument("--image-size", type=int, default=224,
                        help="input side in pixels (default 224, what ImageNet weights were trained "
                             f"at; >= {MIN_IMAGE_SIZE_PX}; vit_b_16 with weights needs exactly 224)")
@@ -457,7 +460,7 @@ def prepare(args):
     if args.workers is None:
         args.workers = common.default_workers(args.device)
     cohorts = load_cohorts(args)
-    model, weights = build_model(args.arch, args.weights, len(cohorts.folders), args.image_size, args.seed)
+    model, weights = build_model(args.arch, args.weights, cohorts.folders, args.image_size, args.seed)
     return cohorts, model.to(args.device), weights
 
 

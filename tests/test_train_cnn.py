@@ -131,32 +131,52 @@ def imagenet_like_file(tmp_path_factory):
 
 def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tmp_path):
     source = torch.load(imagenet_like_file, weights_only=True)
-    model, info = train_cnn.build_model("resnet18", str(imagenet_like_file), 3, 32, seed=0)
+    model, info = train_cnn.build_model("resnet18", str(imagenet_like_file), FOLDERS, 32, seed=0)
     state = model.state_dict()
     assert info.head == "new" and info.source == str(imagenet_like_file)
     assert state["fc.weight"].shape == (3, 512)
     for key in ("conv1.weight", "layer4.1.bn2.running_var", "layer2.0.downsample.0.weight"):
         assert torch.equal(state[key], source[key]), key
-    fresh, _ = train_cnn.build_model("resnet18", "none", 3, 32, seed=0)
+    fresh, _ = train_cnn.build_model("resnet18", "none", FOLDERS, 32, seed=0)
     assert torch.equal(state["fc.weight"], fresh.state_dict()["fc.weight"])  # the seeded new head
     assert not torch.equal(state["conv1.weight"], fresh.state_dict()["conv1.weight"])
-    # A checkpoint of ours (head for our 3 classes) keeps its head too.
+    # A checkpoint of ours for the same classes keeps its head too; for other classes (or in
+    # another order) of the same count, or as a plain state_dict, it gets a new head.
     ours = tmp_path / "ours.pt"
-    common.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
-    again, info = train_cnn.build_model("resnet18", str(ours), 3, 32, seed=5)
+    common.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18",
+                                         "class_folders": FOLDERS})
+    again, info = train_cnn.build_model("resnet18", str(ours), FOLDERS, 32, seed=5)
     assert info.head == "loaded"
     assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+    plain_file = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain_file)
+    for path, folders in ((ours, FOLDERS[::-1]), (plain_file, FOLDERS)):
+        other, info = train_cnn.build_model("resnet18", str(path), folders, 32, seed=5)
+        assert info.head == "new"
+        assert not torch.equal(other.state_dict()["fc.weight"], state["fc.weight"])
+        assert torch.equal(other.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+@pytest.mark.parametrize("arch", train_cnn.ARCHS)
+def test_every_architecture_gets_a_head_with_one_output_per_class(arch):
+    model, info = train_cnn.build_model(arch, "none", FOLDERS[:2], 32, seed=0)
+    head = model.get_submodule(train_cnn.HEAD_MODULES[arch])
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 2
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert info.head == "new"
 
 
 def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp_path):
     with pytest.raises(train_cnn.WeightsError, match=r"^--weights .*weights do not fit architecture "
                                                      r"efficientnet_b0.*pass the --arch"):
-        train_cnn.build_model("efficientnet_b0", str(imagenet_like_file), 3, 32, seed=0)
-    model, _ = train_cnn.build_model("resnet18", "none", 3, 32, seed=0)
+        train_cnn.build_model("efficientnet_b0", str(imagenet_like_file), FOLDERS, 32, seed=0)
+    model, _ = train_cnn.build_model("resnet18", "none", FOLDERS, 32, seed=0)
     ours = tmp_path / "ours.pt"
     common.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
     with pytest.raises(train_cnn.WeightsError, match="holds architecture resnet18, not --arch resnet50"):
-        train_cnn.build_model("resnet50", str(ours), 3, 32, seed=0)
+        train_cnn.build_model("resnet50", str(ours), FOLDERS, 32, seed=0)
 
 
 # -- end to end -----------------------------------------------------------------------------------
