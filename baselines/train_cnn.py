@@ -279,9 +279,11 @@ def make_loader(items, transform, args, train, generator=None):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler):
     """One pass; unreadable images are left out of the loss. Returns (mean loss, images, skipped)."""
+    from tqdm import tqdm
     model.train()
     total, seen, skipped = 0.0, 0, 0
-    for images, labels, _indices, ok in loader:
+    for images, labels, _indices, ok in tqdm(loader, desc="training", unit="batch", leave=False,
+                                              disable=args.no_progress):
         ok = ok.bool()
         skipped += int((~ok).sum())
         if not ok.any():
@@ -384,6 +386,7 @@ def parse_args(argv=None):
                      help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU)")
     run.add_argument("--overwrite", action="store_true",
                      help="allow a non-empty --save-dir (its files of an earlier run are replaced)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -556,6 +559,8 @@ def main(argv=None):
     labels = [label for _path, label in cohorts.train]
     class_weights = class_weight_vector(labels, len(cohorts.folders)) if args.class_weights else None
     record = run_record(args, argv, cohorts, weights, class_weights)
+    for key, value in record["args"].items():
+        LOG.info("  %s = %s", key, value)
     LOG.info("== %s (%s), classes %s: %d train / %d val / %d test images, %s (%s) ==", args.arch,
              weights.source, cohorts.folders, len(cohorts.train), len(cohorts.val), len(cohorts.test),
              args.device, args.precision)

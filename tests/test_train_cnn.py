@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, tree_state
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]  # prompts.py's order
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-        "--lr", "1e-3", "--workers", "0"]
+        "--lr", "1e-3", "--workers", "0", "--no-progress"]
 
 
 def cohort_argv(train, val, test, save_dir, *extra):
