@@ -280,11 +280,14 @@ def test_manifest_weights_file_class_weights_custom_classes_and_tie_rule(tmp_pat
     record = json.loads((run / "args.json").read_text())
     np.testing.assert_allclose(record["class_weights"], len(train_labels) / (3 * counts))
     assert record["weights"] == {"spec": str(imagenet_like_file), "source": str(imagenet_like_file), "head": "new"}
-    # A second run into the same folder needs --overwrite and then replaces every output.
+    # A second run into the same folder needs --overwrite and then replaces every output of ours
+    # (and nothing else).
+    (run / "notes.txt").write_text("the user's own notes")
     monkeypatch.setattr(train_cnn, "selection_score", lambda y_true, y_pred: 0.7)
     assert train_cnn.main([*argv, "--epochs", "1", "--overwrite"]) == 0
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1]
     assert torch.load(run / train_cnn.BEST_NAME, weights_only=True)["epoch"] == 1
+    assert (run / "notes.txt").read_text() == "the user's own notes"
 
 
 def test_weights_imagenet_offline_refuses_naming_the_flag_and_the_file(tmp_path, monkeypatch, capsys, cohort):
@@ -328,6 +331,8 @@ def bad_inputs(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "not_weights.pt").write_text("not a checkpoint")
     torch.save({"foo.weight": torch.zeros(2)}, root / "foreign.pt")
+    # A file that only loads by unpickling an arbitrary object (here a harmless Namespace).
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2)}, "extra": Namespace(a=1)}, root / "pickled.pt")
     (root / "notes.txt").write_text("a file")
     (root / "used").mkdir()
     (root / "used" / "earlier.txt").write_text("an earlier run")
@@ -356,6 +361,7 @@ REFUSALS = [
     (["--weights", "{root}/missing.pt"], ["--weights", "{root}/missing.pt"]),
     (["--weights", "{root}/not_weights.pt"], ["--weights", "{root}/not_weights.pt"]),
     (["--weights", "{root}/foreign.pt"], ["--weights", "{root}/foreign.pt", "--arch"]),
+    (["--weights", "{root}/pickled.pt"], ["--weights", "{root}/pickled.pt", "refused"]),
     (["--prompts", "{root}/missing.json"], ["--prompts"]),
     (["--save-dir", "{root}/used"], ["--save-dir", "{root}/used", "--overwrite"]),
     (["--save-dir", "{root}/notes.txt"], ["--save-dir", "{root}/notes.txt"]),
