@@ -503,6 +503,16 @@ def load_labelled_items(spec, folders, split, fold=None):
     return items
 
 
+def relative_path(path, root):
+    """path relative to root, with forward slashes (the same on every OS): the `path` column of
+    every predictions.csv, so predictions of two models on one cohort join on it."""
+    path = Path(path)
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
@@ -823,9 +833,10 @@ def load_checkpoint_file(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
 
 
-def load_weights_into(model, state_dict, source, model_name):
+def load_weights_into(model, state_dict, source, model_name, arch_flag="--model-name"):
     """Load `state_dict` (from `source`, a path or label for messages) into `model`; a
-    CheckpointError naming both when the weights do not fit the architecture `model_name`."""
+    CheckpointError naming both when the weights do not fit the architecture `model_name`
+    (`arch_flag` is the flag the message tells the user to fix)."""
     state_dict = clean_state_dict(state_dict)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
@@ -833,7 +844,7 @@ def load_weights_into(model, state_dict, source, model_name):
         example = (missing or unexpected)[0]
         raise CheckpointError(
             f"{source}: weights do not fit architecture {model_name} ({len(missing)} missing and "
-            f"{len(unexpected)} unexpected keys, e.g. {example!r}); pass the --model-name the "
+            f"{len(unexpected)} unexpected keys, e.g. {example!r}); pass the {arch_flag} the "
             "weights were trained with")
     try:
         model.load_state_dict(state_dict)
