@@ -503,16 +503,6 @@ def load_labelled_items(spec, folders, split, fold=None):
     return items
 
 
-def relative_path(path, root):
-    """path relative to root, with forward slashes (the same on every OS): the `path` column of
-    every predictions.csv, so predictions of two models on one cohort join on it."""
-    path = Path(path)
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
@@ -608,7 +598,6 @@ def autocast_context(device, precision):
 
 def register_model_config(config_path):
     """Register a custom open_clip architecture JSON under its file stem; returns (name, dict)."""
-    import open_clip
     config_path = Path(config_path)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

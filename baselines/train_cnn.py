@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -36,7 +35,9 @@ import torch.nn.functional as F
 # `python baselines/train_cnn.py` only has baselines/ on its path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import metrics  # noqa: E402
 import prompts as prompt_sets  # noqa: E402
+import report  # noqa: E402
 
 LOG = logging.getLogger("train_cnn")
 # torchvision architecture -> the module holding its ImageNet classification head (replaced by a
@@ -88,12 +89,13 @@ class WeightsError(ValueError):
 
 
 def selection_score(y_true, y_pred):
-    """Validation balanced accuracy: the mean per-class recall, the metric that picks the best
-    epoch. sklearn's for now; to be re-pointed at metrics.py (the single home of each metric)."""
-    from sklearn.metrics import balanced_accuracy_score
+    """Validation balanced accuracy (the mean recall over the classes present), the metric that
+    picks the best epoch, computed by metrics.py as for every other report of it."""
     if len(y_true) == 0:
         return float("nan")
-    return float(balanced_accuracy_score(y_true, y_pred))
+    n_classes = int(max(np.max(y_true), np.max(y_pred))) + 1  # absent classes do not count
+    cm = metrics.confusion_matrices(y_true, y_pred, n_classes)
+    return float(metrics.metrics_from_confusion(cm[None])["balanced_accuracy"][0])
 
 
 def class_weight_vector(labels, n_classes):
@@ -137,7 +139,7 @@ def predictions_frame(cohorts, probs, statuses):
     folders = cohorts.folders
     ok = np.isfinite(probs).all(axis=1)
     columns = {
-        "path": [common.relative_path(path, cohorts.test_root) for path, _label in cohorts.test],
+        "path": [report.relative_path(path, cohorts.test_root) for path, _label in cohorts.test],
         "true_label": [folders[label] for _path, label in cohorts.test],
         "pred_label": [folders[int(np.argmax(row))] if good else "" for row, good in zip(probs, ok)],
     }
@@ -476,21 +478,16 @@ def prepare_save_dir(args):
     return save_dir
 
 
-def environment_info():
-    import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "platform": platform.platform(),
-            "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def run_record(args, argv, cohorts, weights, class_weights):
-    """args.json: every argument, the command line, the classes, weights and image counts."""
-    return plain({"args": vars(args), "argv": argv, "class_folders": cohorts.folders,
-                  "weights": vars(weights),
-                  "class_weights": None if class_weights is None else class_weights.tolist(),
-                  "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)},
-                  "environment": environment_info()})
+    """args.json in the layout of the other scripts (common.run_record), with the classes, the
+    starting weights, the class weights and the image counts under `run`."""
+    import torchvision
+    record = common.run_record("baselines/train_cnn.py", argv, args, plain({
+        "class_folders": cohorts.folders, "weights": vars(weights),
+        "class_weights": None if class_weights is None else class_weights.tolist(),
+        "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)}}))
+    record["environment"]["torchvision"] = torchvision.__version__
+    return record
 
 
 def fit(args, cohorts, model, record, save_dir):
@@ -501,7 +498,7 @@ def fit(args, cohorts, model, record, save_dir):
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = make_loader(cohorts.train, train_tf, args, train=True, generator=generator)
     val_loader = make_loader(cohorts.val, eval_tf, args, train=False)
-    class_weights = record["class_weights"]
+    class_weights = record["run"]["class_weights"]
     weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=args.device)
     criterion = torch.nn.CrossEntropyLoss(weight=weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -520,7 +517,7 @@ def fit(args, cohorts, model, record, save_dir):
             common.save_checkpoint(save_dir / BEST_NAME, model, plain({
                 "format": CHECKPOINT_FORMAT, "arch": args.arch, "class_folders": cohorts.folders,
                 "image_size_px": args.image_size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-                "weights": record["weights"], "epoch": epoch, "metrics": metrics,
+                "weights": record["run"]["weights"], "epoch": epoch, "metrics": metrics,
                 "args": record["args"], "argv": record["argv"]}))
         history.append(plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                               "skipped_images": skipped, "seconds": time.perf_counter() - start,

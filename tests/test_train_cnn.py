@@ -237,8 +237,8 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
     assert history.loc[history["epoch"] == best_epoch, "val_balanced_accuracy"].item() == pytest.approx(expected)
     record = json.loads((root / "run" / "args.json").read_text())
     assert record["argv"] == argv and record["args"]["balanced_sampling"] is True
-    assert record["class_weights"] is None and record["images"] == {"train": 13, "val": 8, "test": 8}
-    assert record["weights"] == {"spec": "none", "source": "random init (seed 2024)", "head": "new"}
+    assert record["run"]["class_weights"] is None and record["run"]["images"] == {"train": 13, "val": 8, "test": 8}
+    assert record["run"]["weights"] == {"spec": "none", "source": "random init (seed 2024)", "head": "new"}
 
 
 def test_manifest_weights_file_class_weights_custom_classes_and_tie_rule(tmp_path, imagenet_like_file,
@@ -278,8 +278,8 @@ def test_manifest_weights_file_class_weights_custom_classes_and_tie_rule(tmp_pat
     train_labels = [order.index(r["label"]) for r in rows if r["split"] == "train"]
     counts = np.bincount(train_labels, minlength=3)
     record = json.loads((run / "args.json").read_text())
-    np.testing.assert_allclose(record["class_weights"], len(train_labels) / (3 * counts))
-    assert record["weights"] == {"spec": str(imagenet_like_file), "source": str(imagenet_like_file), "head": "new"}
+    np.testing.assert_allclose(record["run"]["class_weights"], len(train_labels) / (3 * counts))
+    assert record["run"]["weights"] == {"spec": str(imagenet_like_file), "source": str(imagenet_like_file), "head": "new"}
     # A second run into the same folder needs --overwrite and then replaces every output of ours
     # (and nothing else).
     (run / "notes.txt").write_text("the user's own notes")
