@@ -14,6 +14,7 @@ evaluation prompts) and the best epoch is kept. The defaults reproduce the publi
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -97,16 +98,14 @@ def loss_scale(model, mode):
 
 
 class LabelAwareClipLoss(open_clip.ClipLoss):
-    """Symmetric contrastive loss in which every same-class image-caption pair of the (global)
-    batch is a positive with equal target weight (UniCL/FLAIR-style targets). With all-distinct
-    labels the targets are the identity and it equals open_clip's ClipLoss."""
+    """Symmetric contrastive loss in which every same-class image-caption pair of the batch is a
+    positive with equal target weight (UniCL/FLAIR-style targets). With all-distinct labels the
+    targets are the identity and it equals open_clip's ClipLoss. Single-process: under torchrun
+    MaskedContrastiveLoss gathers the global batch first."""
 
     def forward(self, image_features, text_features, logit_scale, labels):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
-        row_labels = col_labels = gather_labels(labels, self.world_size)
-        if self.world_size > 1 and self.local_loss:
-            row_labels = labels
-        targets = (row_labels[:, None] == col_labels[None, :]).float()  # (B_rows, B_cols)
+        targets = (labels[:, None] == labels[None, :]).float()  # (B, B)
         targets = targets / targets.sum(dim=1, keepdim=True)
         loss_image = -(targets * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
         loss_text = -(targets * F.log_softmax(logits_per_text, dim=1)).sum(dim=1).mean()
@@ -114,7 +113,7 @@ class LabelAwareClipLoss(open_clip.ClipLoss):
 
 
 def gather_labels(labels, world_size):
-    """Labels of the global batch (rank order), for the label-aware targets under DDP."""
+    """A non-differentiable per-rank tensor of the global batch (rank order) under DDP."""
     if world_size <= 1:
         return labels
     gathered = [torch.zeros_like(labels) for _ in range(world_size)]
@@ -122,13 +121,34 @@ def gather_labels(labels, world_size):
     return torch.cat(gathered)
 
 
+class MaskedContrastiveLoss:
+    """loss(image, text, scale, labels, valid=None): the contrastive loss of the global batch's
+    valid rows. Every rank gathers the fixed-size features of all ranks (with gradient, as
+    open_clip's gather_with_grad) and the validity masks, drops the rows whose image could not
+    be read, and computes the same global loss; DDP's gradient average then gives exactly the
+    gradient of that loss. Rows are dropped after the gather, so every rank all-gathers tensors
+    of the same size whatever fails to load."""
+
+    def __init__(self, kind, rank=0, world_size=1):
+        self.kind, self.rank, self.world_size = kind, rank, world_size
+        self.loss = LabelAwareClipLoss() if kind == "label-aware" else open_clip.ClipLoss()
+
+    def __call__(self, image, text, scale, labels, valid=None):
+        valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(labels.device)
+        if self.world_size > 1:
+            image, text = open_clip.loss.gather_features(image, text, gather_with_grad=True,
+                                                         rank=self.rank, world_size=self.world_size)
+            labels = gather_labels(labels, self.world_size)
+            valid = gather_labels(valid, self.world_size)
+        image, text, labels = image[valid], text[valid], labels[valid]
+        if self.kind == "label-aware":
+            return self.loss(image, text, scale, labels)
+        return self.loss(image, text, scale)
+
+
 def make_loss(kind, rank=0, world_size=1):
-    """loss_fn(image_features, text_features, scale, labels) for `--loss clip|label-aware`."""
-    kwargs = {"rank": rank, "world_size": world_size, "gather_with_grad": world_size > 1}
-    if kind == "label-aware":
-        return LabelAwareClipLoss(**kwargs)
-    clip_loss = open_clip.ClipLoss(**kwargs)
-    return lambda image, text, scale, labels: clip_loss(image, text, scale)
+    """loss_fn(image_features, text_features, scale, labels, valid=None) for `--loss clip|label-aware`."""
+    return MaskedContrastiveLoss(kind, rank, world_size)
 
 
 def class_balanced_weights(labels, n_classes):
@@ -361,38 +381,48 @@ def batch_features(model, images, captions, ctx):
     return image_features.float(), text_features.float()
 
 
-def accumulate_gradients(model, images, labels, captions, ctx):
+def accumulate_gradients(model, images, labels, captions, ctx, valid=None):
     """Backward the contrastive loss of the whole batch; returns the (detached) loss.
 
-    With --accum-steps N the batch runs as N micro-batches, the contrastive way (as open_clip's
-    --accum-freq): features of all micro-batches are first computed without gradients; then each
-    micro-batch is re-run with gradients and its features swapped into the cached full batch, so
-    every pass backpropagates the full-batch loss through that micro-batch only. The sum of the
-    passes is the full-batch gradient; the logit scale is kept in the graph of one pass only.
+    `valid` (B,) marks the rows whose image was read; the others stay in the batch (every rank
+    keeps the same tensor sizes) and are masked out of the loss. With --accum-steps N the batch
+    runs as N micro-batches, the contrastive way (as open_clip's --accum-freq): features of all
+    micro-batches are first computed without gradients; then each micro-batch is re-run with
+    gradients and its features swapped into the cached full batch, so every pass backpropagates
+    the full-batch loss through that micro-batch only. The sum of the passes is the full-batch
+    gradient. The loss itself runs in fp32, outside autocast.
     """
     args, scaler = ctx["args"], ctx["scaler"]
     labels = labels.to(args.device)
+    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(args.device)
     chunks = torch.arange(len(labels)).chunk(args.accum_steps)
     chunk_captions = [[captions[i] for i in chunk.tolist()] for chunk in chunks]
     if len(chunks) == 1:
         with common.autocast_context(args.device, args.precision):
             image, text = batch_features(model, images, captions, ctx)
-            loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels)
+        loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels, valid)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
         return loss.detach()
     with torch.no_grad(), common.autocast_context(args.device, args.precision):
         cached = [batch_features(model, images[c], caps, ctx) for c, caps in zip(chunks, chunk_captions)]
+    last = len(chunks) - 1
     for j, (chunk, caps) in enumerate(zip(chunks, chunk_captions)):
-        with common.autocast_context(args.device, args.precision):
-            image_j, text_j = batch_features(model, images[chunk], caps, ctx)
+        # Under DDP only the last pass all-reduces (no_sync before it): the gradients of the
+        # earlier passes accumulate locally and are averaged once, with the last pass's.
+        sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with common.autocast_context(args.device, args.precision):
+                image_j, text_j = batch_features(model, images[chunk], caps, ctx)
             image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
             text = torch.cat([text_j if k == j else f[1] for k, f in enumerate(cached)])
             scale = loss_scale(model, args.logit_scale_mode)
-            loss = ctx["loss_fn"](image, text, scale if j == 0 else scale.detach(), labels)
-        if not torch.isfinite(loss):
-            return loss.detach()
-        scaler.scale(loss).backward()
+            # The logit scale's gradient is counted once, in the last pass: the one DDP syncs,
+            # which must give every trainable parameter a gradient or its bucket never completes.
+            loss = ctx["loss_fn"](image, text, scale if j == last else scale.detach(), labels, valid)
+            if not torch.isfinite(loss):
+                return loss.detach()
+            scaler.scale(loss).backward()
     return loss.detach()
 
 
@@ -409,8 +439,18 @@ def configure_trainable(model, args):
     LOG.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100.0 * trainable / total)
 
 
+def global_sums(values, args):
+    """Sums of ints over the torchrun processes (the values themselves in one process)."""
+    if args.world_size <= 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.int64, device=args.device)  # NCCL needs a GPU tensor
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 def train_one_epoch(model, loader, state, ctx):
-    """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
+    """One pass over the training loader; returns (mean loss, images trained on, skipped
+    images), the counts over all processes."""
     from tqdm import tqdm
     args, optimizer = ctx["args"], ctx["optimizer"]
     if hasattr(loader.sampler, "set_epoch"):
@@ -421,16 +461,18 @@ def train_one_epoch(model, loader, state, ctx):
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
                disable=not ctx["progress"])
     for images, labels, _indices, ok in bar:
-        skipped += int((~ok).sum())
-        images, labels = images[ok], labels[ok]
-        if len(labels) < 2:  # a contrastive batch needs at least one negative
+        # Rows whose image failed stay in the batch (fixed sizes on every rank) and are masked
+        # out of the loss; whether a step runs is decided on the global count of readable rows.
+        n_ok, n_rows = global_sums([int(ok.sum()), len(ok)], args)
+        skipped += n_rows - n_ok
+        if n_ok < 2:  # a contrastive batch needs at least one negative: skipped on every rank
             continue
         lr = lr_at_step(state["step"], args.lr, ctx["warmup_steps"], ctx["total_steps"], args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, images, labels, captions, ctx)
+        loss = accumulate_gradients(model, images, labels, captions, ctx, valid=ok)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
                                      f"{state['epoch'] + 1}, step {state['step']}")
@@ -439,8 +481,8 @@ def train_one_epoch(model, loader, state, ctx):
         with torch.no_grad():
             unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         state["step"] += 1
-        total_loss += loss.item() * len(labels)
-        seen += len(labels)
+        total_loss += loss.item() * n_ok
+        seen += n_ok
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
     return total_loss / max(seen, 1), seen, skipped
 
@@ -957,7 +999,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
-           "seconds": seconds_train, "samples_per_s": seen * args.world_size / seconds_train,
+           "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
     state["history"].append(plain(row))
     save_last(model, ctx, state, metrics)

@@ -25,14 +25,17 @@ def run(cmd, tmp_path, timeout=300):
 
 
 @pytest.mark.parametrize("loss", ["clip", "label-aware"])
-def test_two_processes_match_one_process_with_the_same_images(tmp_path, loss):
+def test_two_processes_with_accumulation_match_one_process_full_batch(tmp_path, loss):
+    # 3 SGD steps; 2 processes x --accum-steps 2 (no_sync on the first micro-pass) against one
+    # process on the whole batch, with one masked (unreadable) row on rank 0.
     script = str(REPO_ROOT / "tests" / "ddp_step_check.py")
-    run([sys.executable, script, str(tmp_path / "single.pt"), loss], tmp_path)
-    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), loss], tmp_path)
+    run([sys.executable, script, str(tmp_path / "single.pt"), loss, "1"], tmp_path)
+    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), loss, "2"], tmp_path)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert len(set(single["losses"])) == 3  # the weights moved between steps
     torch.manual_seed(0)
     for key, value in single["state_dict"].items():
         assert torch.allclose(value, ddp["state_dict"][key], atol=1e-5), key
