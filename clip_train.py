@@ -341,18 +341,43 @@ def init_distributed(args):
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=args.dist_timeout))
 
 
+class EpochWorkerSeed:
+    """DataLoader worker_init_fn: seeds torch, numpy and random in each worker from (seed, rank,
+    epoch, worker id), so a resumed epoch draws the same augmentations as a straight run (the
+    workers restart every epoch; train_one_epoch sets `epoch` before they start)."""
+
+    def __init__(self, seed, rank=0):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def __call__(self, worker_id):
+        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, worker_id]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+
 def make_loader(items, transform, image_size_px, args, shuffle, generator=None, n_classes=None):
-    """DataLoader over an ImageListDataset with seeded workers; class-balanced draws when
-    shuffling with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
+    """DataLoader over an ImageListDataset; when shuffling, the sampler draws from `generator`
+    (its own: saved and restored on resume) and workers are seeded by EpochWorkerSeed. Class-
+    balanced draws with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
     dataset = common.ImageListDataset(items, transform, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
-    sampler = train_sampler(items, args, generator, n_classes) if shuffle else None
-    batch_size = args.batch_size // args.world_size if shuffle else args.batch_size  # per process
+    if not shuffle:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+            pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker,
+            persistent_workers=args.workers > 0)
+    sampler = train_sampler(items, args, generator, n_classes)
+    if sampler is None:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    # The loader's own generator only picks the workers' base seed, which EpochWorkerSeed
+    # replaces: a throwaway one, so it never draws from the sampler's generator (it would
+    # after a resume, when the workers start afresh, and change the permutation).
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=args.device.type == "cuda", drop_last=False, generator=generator,
-        worker_init_fn=common.seed_worker, persistent_workers=args.workers > 0)
+        dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=False,
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=EpochWorkerSeed(args.seed, args.rank), persistent_workers=False)
 
 
 def encode_captions(model, tokenizer, captions, device, dedup=True):
@@ -455,6 +480,8 @@ def train_one_epoch(model, loader, state, ctx):
     args, optimizer = ctx["args"], ctx["optimizer"]
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(state["epoch"])  # distributed samplers reshuffle per epoch
+    if isinstance(loader.worker_init_fn, EpochWorkerSeed):
+        loader.worker_init_fn.epoch = state["epoch"]
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
@@ -537,25 +564,55 @@ def checkpoint_metadata(model, ctx, state, metrics):
 
 
 def rng_snapshot(ctx):
-    """RNG states as tensors and primitives (weights_only-loadable)."""
+    """This process's RNG states as tensors and primitives (weights_only-loadable)."""
     numpy_state = np.random.get_state()
-    return {
+    snapshot = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
+        "python": plain(random.getstate()),
         "caption_rng": plain(ctx["caption_rng"].getstate()),
         "loader_generator": ctx["generator"].get_state(),
         "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
 
 
-def restore_rng(snapshot, ctx):
+def gather_rng_snapshots(ctx):
+    """Every process's RNG snapshot, in rank order (rank 0 saves them all: each rank draws its
+    own captions and augmentations, and a resume restores each its own)."""
+    snapshot = rng_snapshot(ctx)
+    world_size = ctx["args"].world_size
+    if world_size <= 1:
+        return [snapshot]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, snapshot)
+    return [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in gathered]
+
+
+def restore_rng(snapshots, ctx):
+    """Restore this rank's snapshot (a single dict: a checkpoint of an older version)."""
+    args = ctx["args"]
+    snapshots = snapshots if isinstance(snapshots, list) else [snapshots]
+    if len(snapshots) != args.world_size:
+        LOG.warning("resume: the checkpoint was written by %d process(es), this run has %d; "
+                    "captions and augmentations will differ from a straight run",
+                    len(snapshots), args.world_size)
+    snapshot = snapshots[args.rank % len(snapshots)]
     torch.set_rng_state(snapshot["torch"])
     ctx["generator"].set_state(snapshot["loader_generator"])
     version, internal, gauss = snapshot["caption_rng"]
     ctx["caption_rng"].setstate((version, tuple(internal), gauss))
+    if isinstance(snapshot["python"][0], int) and len(snapshot["python"]) == 3:
+        version, internal, gauss = snapshot["python"]
+        random.setstate((version, tuple(internal), gauss))
     keys = snapshot["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, snapshot["numpy_pos"], 0, 0.0))
+    if "cuda" in snapshot and torch.cuda.is_available():
+        states = snapshot["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
 
 
 def save_last(model, ctx, state, metrics):
@@ -564,13 +621,23 @@ def save_last(model, ctx, state, metrics):
     meta.update({
         "optimizer": ctx["optimizer"].state_dict(),
         "scaler": ctx["scaler"].state_dict(),
-        "rng": rng_snapshot(ctx),
+        "rng": ctx["rng_snapshots"],
         "step": state["step"],
         "best_value": state["best_value"],
         "best_epoch": state["best_epoch"],
         "history": plain(state["history"]),
+        "stopped": bool(state["stopped"]),  # early-stopped: a resume trains no further
+        "finished": False,  # set by mark_finished once the final checkpoint is written
     })
     common.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
+
+
+def mark_finished(path):
+    """Record in the last checkpoint that the run is over (final checkpoint, WiSE-FT written):
+    `--resume auto` then changes nothing."""
+    checkpoint = common.load_checkpoint_file(path)
+    checkpoint["finished"] = True
+    common.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def write_history(save_dir, history, select_metric):
@@ -779,7 +846,7 @@ def validate_args(parser, args):
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
                                                  and not args.model_config) else "none"
     if args.workers is None:
-        args.workers = common.default_workers(args.device)
+        args.workers = common.default_workers(args.device, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1002,13 +1069,14 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
     state["history"].append(plain(row))
+    stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
+    state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)
     write_history(save_dir, state["history"], args.select_metric)
     LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
              state["epoch"], args.epochs, train_loss, args.select_metric, value,
              metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds_train,
              "  * best" if best else "")
-    stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     if stop:
         LOG.info("early stop: no better %s for %d epochs", args.select_metric, args.patience)
     return metrics, stop
@@ -1017,12 +1085,13 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
 def run_training(args, ctx, model, train_model, train_loader, val_loader, state):
     """Epoch loop: train (through the DDP wrapper when distributed), then rank 0 validates and
     saves while the other ranks wait for its early-stopping decision; returns the last metrics."""
-    metrics = {}
-    while state["epoch"] < args.epochs:
+    metrics = state["metrics"]
+    while state["epoch"] < args.epochs and not state["stopped"]:
         epoch_start = time.perf_counter()
         train_loss, seen, skipped = train_one_epoch(train_model, train_loader, state, ctx)
         state["epoch"] += 1
         stop = False
+        ctx["rng_snapshots"] = gather_rng_snapshots(ctx)  # every rank's, saved by rank 0
         if args.rank == 0:
             train_stats = (train_loss, seen, skipped, time.perf_counter() - epoch_start)
             metrics, stop = end_of_epoch(model, ctx, state, val_loader, train_stats)
@@ -1030,8 +1099,7 @@ def run_training(args, ctx, model, train_model, train_loader, val_loader, state)
             decision = [stop]
             torch.distributed.broadcast_object_list(decision, src=0)
             stop = decision[0]
-        if stop:
-            break
+        state["stopped"] = stop
     return metrics
 
 
@@ -1175,7 +1243,8 @@ def train(args, classes, train_items, val_items):
         return 2
     configure_trainable(model, args)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
-    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
+    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": [],
+             "stopped": False, "finished": False, "metrics": {}}
     # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded
     # init): taken before a resume loads the trained ones.
     base_state = None
@@ -1188,6 +1257,11 @@ def train(args, classes, train_items, val_items):
             detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
             print(f"error: --resume {detail.splitlines()[0]}", file=sys.stderr)
             return 2
+        if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
+            LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
+                     "changed", path, "stopped early" if state["stopped"] else "completed",
+                     state["epoch"])
+            return 0
     save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
     for key, value in ctx["args_dict"].items():
         LOG.info("  %s = %s", key, value)
@@ -1213,6 +1287,7 @@ def train(args, classes, train_items, val_items):
         common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
         if base_state is not None and (save_dir / BEST_NAME).exists():
             choose_wise_ft_alpha(model, ctx, val_loader, base_state)
+        mark_finished(save_dir / LAST_NAME)
     LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
              state["best_value"], state["best_epoch"], save_dir)
     return 0
@@ -1232,7 +1307,10 @@ def resume_from(path, model, ctx, state):
     ctx["scaler"].load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], ctx)
     state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
-                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]))
+                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
+                 stopped=bool(checkpoint.get("stopped", False)),
+                 finished=bool(checkpoint.get("finished", False)),
+                 metrics=dict(checkpoint.get("metrics") or {}))
     LOG.info("resumed from %s at epoch %d", path, state["epoch"])
 
 

@@ -1,0 +1,109 @@
+"""clip_train.py options in combination: resume (with workers, of a finished or early-stopped
+run), failed rows, loss precision, WiSE-FT with every selection metric, --compile, SSA factors,
+and an all-pairs covering array of the training options."""
+
+import math
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+
+import clip_train
+import common
+import prompts
+from conftest import TINY_CONFIG
+
+
+def train_argv(train_dir, val_dir, save_dir, *extra):
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
+            "--epochs", "2", "--workers", "0", "--no-progress", *extra]
+
+
+@pytest.fixture
+def splits(make_cohort):
+    return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
+
+
+def file_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def final_weights(save_dir):
+    return torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+def test_resume_with_two_workers_equals_a_straight_run(splits, tmp_path):
+    # Workers draw augmentations (random resized crops of the train transform) and the sampler
+    # permutes: both must continue exactly after a resume. Balanced sampling draws from the
+    # sampler's generator too.
+    train_dir, val_dir = splits
+    extra = ("--workers", "2", "--balanced-sampling")
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "3", *extra)) == 0
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1", *extra)) == 0
+    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "3",
+                                      "--resume", "auto", *extra)) == 0
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-5), key
+    one_epoch = torch.load(tmp_path / "split" / clip_train.BEST_NAME, weights_only=True)
+    assert one_epoch["epoch"] >= 1
+
+
+def test_resuming_a_finished_run_changes_no_file(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--wise-ft-alphas", "0,1")
+    assert clip_train.main(argv) == 0
+    before = file_bytes(save_dir)
+    final = torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)
+    assert math.isfinite(final["temperature"]) and "accuracy" in final["metrics"]
+    capsys.readouterr()
+    assert clip_train.main(argv + ["--resume", "auto"]) == 0
+    assert file_bytes(save_dir) == before
+    err = capsys.readouterr().err
+    assert "finished run" in err and "nothing to do" in err
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(splits, tmp_path):
+    # lr 1e-12 leaves the weights (and so the validation accuracy) unchanged: epoch 2 is not
+    # strictly better, patience 1 stops the run there.
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "5", "--patience", "1", "--lr", "1e-12")
+    assert clip_train.main(argv) == 0
+    assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1, 2]
+    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    assert last["stopped"] is True and last["finished"] is True
+    before = file_bytes(save_dir)
+    assert clip_train.main(argv + ["--resume", "auto"]) == 0
+    assert file_bytes(save_dir) == before
+
+
+def test_rng_snapshot_restores_python_random_and_every_rank_its_own(splits, tmp_path):
+    from types import SimpleNamespace
+    ctx = {"args": SimpleNamespace(world_size=2, rank=1), "caption_rng": prompts.new_rng(5),
+           "generator": torch.Generator().manual_seed(3)}
+    import random
+    random.seed(11)
+    rank0 = clip_train.rng_snapshot(ctx)
+    ctx["caption_rng"].random()
+    random.random()
+    rank1 = clip_train.rng_snapshot(ctx)
+    expected_python, expected_caption = random.random(), ctx["caption_rng"].random()
+    random.seed(0)
+    ctx["caption_rng"] = prompts.new_rng(99)
+    clip_train.restore_rng([rank0, rank1], ctx)  # rank 1 takes the second snapshot
+    assert (random.random(), ctx["caption_rng"].random()) == (expected_python, expected_caption)
+
+
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    assert common.default_workers("cuda") == 8
+    assert common.default_workers("cuda", local_world_size=4) == 3
+    assert common.default_workers("cuda", local_world_size=16) == 0
+    assert common.default_workers("cpu", local_world_size=2) == 0
