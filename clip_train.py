@@ -1112,16 +1112,24 @@ def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
     rows = []
     for alpha in args.wise_ft_alphas:
         model.load_state_dict(common.interpolate_state_dicts(base_state, best["state_dict"], alpha))
-        metrics = validate(model, val_loader, ctx)
-        rows.append({"alpha": alpha, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy",
-                                                                  "macro_auroc", "rare_sensitivity", "val_loss")}})
+        rows.append({"alpha": alpha, **validate(model, val_loader, ctx)})  # every metric
     values = [row[args.select_metric] for row in rows]
     finite = [(v, i) for i, v in enumerate(values) if not math.isnan(v)]
     pick = min if args.select_metric == "val_loss" else max
     chosen = rows[pick(finite)[1]]["alpha"] if finite else 1.0
+    # The weights stored stay the fine-tuned ones (alpha 1), and so do the top-level threshold
+    # and temperature; those validated at each alpha (the chosen one first) sit beside them, for
+    # inference --wise-ft-alpha.
+    calibration = {str(row["alpha"]): {"threshold": row["operating_threshold"],
+                                       "val_sensitivity": row["operating_val_sensitivity"],
+                                       "val_specificity": row["operating_val_specificity"],
+                                       "temperature": row["temperature"]} for row in rows}
     best["wise_ft"] = {"base": "pretrained" if args.pretrained != "none" else "initial weights (seeded)",
                        "alphas": list(args.wise_ft_alphas), "metric": args.select_metric,
-                       "values": values, "chosen_alpha": chosen}
+                       "values": values, "chosen_alpha": chosen,
+                       "chosen_calibration": calibration[str(chosen)] if str(chosen) in calibration else None,
+                       "calibration": calibration}
+    best["wise_ft"] = plain(best["wise_ft"])
     common.atomic_write(save_dir / BEST_NAME, lambda handle: torch.save(best, handle))
     common.atomic_write_csv(save_dir / "wise_ft_validation.csv", pd.DataFrame(rows))
     model.load_state_dict(best["state_dict"])
@@ -1174,8 +1182,11 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
 def wrap_for_training(model, args):
     """torch.compile the towers (opt-in) and wrap in DistributedDataParallel under torchrun."""
     if args.compile:
-        model.visual = torch.compile(model.visual)
-        model.transformer = torch.compile(model.transformer)
+        # In place (nn.Module.compile): the parameters keep their names (no `_orig_mod.`), so
+        # the WiSE-FT weights and checkpoints load into the same modules. CustomTextCLIP models
+        # (SigLIP, Hugging Face text towers) hold their text tower in `.text`, CLIP in `.transformer`.
+        model.visual.compile()
+        (model.text if hasattr(model, "text") else model.transformer).compile()
     if args.world_size <= 1:
         return model
     device_ids = [args.device.index] if args.device.type == "cuda" else None

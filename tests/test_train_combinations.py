@@ -107,3 +107,55 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     assert common.default_workers("cuda", local_world_size=4) == 3
     assert common.default_workers("cuda", local_world_size=16) == 0
     assert common.default_workers("cpu", local_world_size=2) == 0
+
+
+# -- WiSE-FT with every metric, its calibration; --compile ------------------------------------------
+
+def test_wise_ft_with_macro_f1_stores_the_chosen_alphas_threshold_and_temperature(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--select-metric",
+                                      "macro_f1", "--wise-ft-alphas", "0,0.5,1")) == 0
+    table = pd.read_csv(save_dir / "wise_ft_validation.csv")
+    assert set(clip_train.SELECT_METRICS) <= set(table.columns)  # every metric, not only some
+    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    wise = best["wise_ft"]
+    row = table.set_index("alpha").loc[wise["chosen_alpha"]]
+    assert row["macro_f1"] == table["macro_f1"].max()
+    assert wise["chosen_calibration"]["threshold"] == pytest.approx(row["operating_threshold"])
+    assert wise["chosen_calibration"]["temperature"] == pytest.approx(row["temperature"])
+    at_one = table.set_index("alpha").loc[1.0]  # the weights stored are alpha 1's, so is the top level
+    assert best["temperature"] == pytest.approx(at_one["temperature"], rel=1e-6)
+    assert wise["calibration"]["0.0"]["temperature"] == pytest.approx(table.set_index("alpha").loc[0.0, "temperature"])
+
+
+CUSTOM_TEXT_CONFIG = {  # a tiny CustomTextCLIP (the class SigLIP and HF-text models use)
+    "embed_dim": 32, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.mark.parametrize("custom_text", [False, True])
+def test_compile_in_place_keeps_clean_keys_for_wise_ft_and_custom_text(splits, tmp_path, monkeypatch,
+                                                                        custom_text):
+    import functools
+    import json
+    # Dynamo traces for real; the 'eager' backend skips inductor's C++ build (minutes on a CPU).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    train_dir, val_dir = splits
+    extra = []
+    if custom_text:
+        config = tmp_path / "tiny_custom_text.json"
+        config.write_text(json.dumps(CUSTOM_TEXT_CONFIG))
+        extra = ["--model-config", str(config)]
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--compile",
+                                      "--wise-ft-alphas", "0,1", *extra)) == 0
+    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    assert not any("_orig_mod" in key for key in best["state_dict"])
+    assert any(key.startswith("text.") for key in best["state_dict"]) == custom_text
+    assert best["wise_ft"]["chosen_alpha"] in (0.0, 1.0)
+    name = "tiny_custom_text" if custom_text else "tiny_clip"
+    model = open_clip.create_model(name, pretrained=str(save_dir / clip_train.BEST_NAME))
+    assert torch.equal(model.state_dict()["logit_scale"], best["state_dict"]["logit_scale"])
