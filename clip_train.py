@@ -15,6 +15,7 @@ evaluation prompts) and the best epoch is kept. The defaults reproduce the publi
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + histo
 DEFAULT_PRETRAINED = "datacomp_s34b_b86k"  # the only tag of ViT-B-32-256
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity",
                   "val_loss")
+SSA_BOOLEAN_WORDS = {"true": "true", "false": "false", "on": "true", "off": "false", "yes": "true",
+                     "no": "false", "1": "true", "0": "false"}
 SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
                  "--select-metric", "--overwrite", "--help"}
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
@@ -271,6 +274,8 @@ def is_improvement(value, best, metric):
 
 def plain(value):
     """args and metrics as JSON/weights_only-safe primitives."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -812,6 +817,9 @@ def validate_args(parser, args):
         args.ssa = [parse_ssa_factor(spec, parser) for spec in args.ssa]
     except ValueError as err:
         parser.error(f"--ssa: {err}")
+    if args.ssa and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        parser.error("--ssa runs its trials one after another in one process and cannot run under "
+                     "torchrun; run the sweep with python (one GPU), or start one torchrun job per value")
     if args.fold is not None and (args.fold < 0 or not str(args.train_dir).endswith(".csv")):
         parser.error("--fold k needs k >= 0 and --train-dir/--val-dir pointing at a manifest.csv "
                      "written with data_preprocess.py --folds K")
@@ -864,6 +872,12 @@ def parse_ssa_factor(spec, parser):
     if flag not in parser._option_string_actions or flag in SSA_FORBIDDEN:
         raise ValueError(f"{spec!r}: {flag} is not a training flag that SSA can sweep")
     action = parser._option_string_actions[flag]
+    if action.nargs == 0:  # an on/off flag: swept as true/false
+        words = [SSA_BOOLEAN_WORDS.get(v.lower()) for v in values]
+        if None in words:
+            raise ValueError(f"{spec!r}: {flag} is an on/off flag; sweep it as {name}=true,false")
+        kind = "negatable" if isinstance(action, argparse.BooleanOptionalAction) else "switch"
+        return SsaFactor(name, words, kind)
     for value in values:
         if action.type is not None:
             try:
@@ -872,7 +886,31 @@ def parse_ssa_factor(spec, parser):
                 raise ValueError(f"{spec!r}: {value!r} is not a valid {flag} value") from None
         if action.choices is not None and value not in action.choices:
             raise ValueError(f"{spec!r}: {flag} takes one of {list(action.choices)}")
-    return name, values
+    return SsaFactor(name, values, "value")
+
+
+@dataclasses.dataclass
+class SsaFactor:
+    """One --ssa factor: the flag (without --), its values as strings, and how a value becomes
+    arguments: 'value' (--flag V), 'negatable' (--flag / --no-flag), 'switch' (--flag or absent)."""
+    name: str
+    values: list
+    kind: str = "value"
+
+
+def ssa_trial_argv(base_argv, settings):
+    """A trial's argv: base_argv with each (factor, value) of `settings` applied (later wins)."""
+    argv = list(base_argv)
+    for factor, value in settings:
+        if factor.kind == "value":
+            argv += [f"--{factor.name}", value]
+        elif value == "true":
+            argv.append(f"--{factor.name}")
+        elif factor.kind == "negatable":
+            argv.append(f"--no-{factor.name}")
+        else:  # a store_true flag set to false: absent
+            argv = [token for token in argv if token != f"--{factor.name}"]
+    return argv
 
 
 def strip_ssa_flags(argv):
@@ -903,45 +941,77 @@ class SsaUsageError(Exception):
     """An SSA trial exited with status 2 (bad arguments)."""
 
 
+def remove_new_paths(root, keep):
+    """Delete what lies under `root` and is not in `keep` (the paths there before a sweep
+    started), deepest first; what the user had stays."""
+    for path in sorted(Path(root).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
+    if Path(root).is_dir() and Path(root) not in keep and not any(Path(root).iterdir()):
+        Path(root).rmdir()
+
+
+def run_trial(argv):
+    """(exit status, reason) of one SSA trial run in this process. A trial that fails for another
+    reason than its arguments (CUDA out of memory at a large batch, a non-finite loss) is
+    recorded and the sweep goes on."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # the trial's parser refused a value
+        return exit_.code, "refused its arguments"
+    except Exception as err:  # noqa: BLE001 -- any failure of one trial must not end the sweep
+        LOG.warning("SSA trial failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:300])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory trial leaves cached blocks behind
+        return 1, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return code, "" if code == 0 else f"exit status {code} (message above)"
+
+
 def run_ssa(argv, args):
     """Sweep each --ssa factor in turn, keeping the best value before moving to the next one."""
     import shutil
     import pandas as pd
     ssa_dir = Path(args.save_dir) / "ssa"
     base_argv = strip_ssa_flags(argv)
-    best_values, rows, winner_dir = {}, [], None
-    for stage, (name, values) in enumerate(args.ssa, start=1):
-        LOG.info("== SSA stage %d: %s over %s (fixed: %s) ==", stage, name, values, best_values or "defaults")
+    best, rows, winner_dir = {}, [], None  # best: factor name -> (factor, value)
+    for stage, factor in enumerate(args.ssa, start=1):
+        name = factor.name
+        LOG.info("== SSA stage %d: %s over %s (fixed: %s) ==", stage, name, factor.values,
+                 {k: v for k, (_f, v) in best.items()} or "defaults")
         stage_results = []
-        for value in values:
+        for value in factor.values:
             trial_dir = ssa_dir / "trials" / f"stage{stage}_{name}={value}"
-            fixed = [tok for k, v in best_values.items() if k != name for tok in (f"--{k}", v)]
+            fixed = [setting for k, setting in best.items() if k != name]
+            trial = ssa_trial_argv(base_argv, fixed + [(factor, value)])
             start = time.perf_counter()
-            try:
-                code = main(base_argv + fixed + [f"--{name}", value, "--save-dir", str(trial_dir), "--overwrite"])
-            except SystemExit as exit_:  # the trial's parser refused a value
-                code = exit_.code
+            code, reason = run_trial(trial + ["--save-dir", str(trial_dir), "--overwrite"])
             if code == 2:
                 raise SsaUsageError(f"SSA stage {stage}, --{name} {value}: the trial refused its "
                                     "arguments (message above); nothing kept")
             metric = trial_best(trial_dir, args.select_metric) if code == 0 else float("nan")
             stage_results.append((metric, value, trial_dir))
             rows.append({"stage": stage, "factor": name, "value": value, "metric": args.select_metric,
-                         "value_of_metric": metric, "best": False, "exit_code": code,
+                         "value_of_metric": metric, "best": False, "exit_code": code, "reason": reason,
                          "seconds": round(time.perf_counter() - start, 2)})
         finite = [r for r in stage_results if not math.isnan(r[0])]
         if not finite:
             raise FloatingPointError(f"SSA stage {stage} ({name}): every trial failed")
         pick = min if args.select_metric == "val_loss" else max
         metric, value, winner_dir = pick(finite, key=lambda r: r[0])  # ties: the first value listed
-        best_values[name] = value
+        best[name] = (factor, value)
         for row in rows:
             if row["stage"] == stage and row["value"] == value:
                 row["best"] = True
         common.atomic_write_csv(ssa_dir / "summary.csv", pd.DataFrame(rows))
     plot_sensitivity(pd.DataFrame(rows), ssa_dir / "sensitivity.png")
+    best_values = {k: v for k, (_f, v) in best.items()}
     common.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
-                                                          "argv": base_argv + [t for k, v in best_values.items() for t in (f"--{k}", v)]})
+                                                          "argv": ssa_trial_argv(base_argv, list(best.values()))})
     for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
                  "training_curves.png", "args.json"):
         if (winner_dir / name).exists():
@@ -1200,10 +1270,10 @@ def main(argv=None):
     common.configure_logging(logging.INFO if is_main else logging.WARNING)
     if args.ssa:
         base_argv = strip_ssa_flags(argv)
-        for name, values in args.ssa:  # every trial's arguments checked before anything is written
-            for value in values:
-                parse_args(base_argv + [f"--{name}", value, "--save-dir",
-                                        str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
+        for factor in args.ssa:  # every trial's arguments checked before anything is written
+            for value in factor.values:
+                parse_args(ssa_trial_argv(base_argv, [(factor, value)]) + [
+                    "--save-dir", str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
         try:  # the cohorts and prompts once, before anything is written (exit 2 as a plain run)
             prepare_run(args)
         except (ValueError, OSError) as err:
@@ -1211,6 +1281,7 @@ def main(argv=None):
             return 2
         save_dir = Path(args.save_dir)
         created = not save_dir.exists()
+        had = set(save_dir.rglob("*")) if not created else set()  # never removed on a refusal
         save_dir.mkdir(parents=True, exist_ok=True)
         try:
             return run_ssa(argv, args)
@@ -1220,7 +1291,7 @@ def main(argv=None):
         except SsaUsageError as err:  # a trial refused its arguments: the same for every trial
             import shutil
             print(err, file=sys.stderr)
-            shutil.rmtree(save_dir / "ssa", ignore_errors=True)
+            remove_new_paths(save_dir / "ssa", had)
             if created:
                 shutil.rmtree(save_dir, ignore_errors=True)
             return 2

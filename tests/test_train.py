@@ -376,7 +376,8 @@ def test_ssa_factor_parsing(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     base = train_argv(train_dir, val_dir, tmp_path / "run")
     args = clip_train.parse_args(base + ["--ssa", "lr=1e-8,1e-6", "--ssa", "batch-size=4,8"])
-    assert args.ssa == [("lr", ["1e-8", "1e-6"]), ("batch-size", ["4", "8"])]
+    assert args.ssa == [clip_train.SsaFactor("lr", ["1e-8", "1e-6"]),
+                        clip_train.SsaFactor("batch-size", ["4", "8"])]
     for bad in ("lr", "lr=", "colour=1,2", "lr=fast", "schedule=linear", "save-dir=a,b"):
         with pytest.raises(SystemExit):
             clip_train.parse_args(base + ["--ssa", bad])

@@ -159,3 +159,63 @@ def test_compile_in_place_keeps_clean_keys_for_wise_ft_and_custom_text(splits, t
     name = "tiny_custom_text" if custom_text else "tiny_clip"
     model = open_clip.create_model(name, pretrained=str(save_dir / clip_train.BEST_NAME))
     assert torch.equal(model.state_dict()["logit_scale"], best["state_dict"]["logit_scale"])
+
+
+# -- SSA: on/off factors, a failing trial, refusal ----------------------------------------------------
+
+def test_ssa_sweeps_on_off_flags_and_records_a_trial_that_fails(splits, tmp_path, monkeypatch):
+    import json
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    real_train = clip_train.train
+
+    def out_of_memory_at_batch_16(args, *rest):
+        if args.batch_size == 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train(args, *rest)
+
+    monkeypatch.setattr(clip_train, "train", out_of_memory_at_batch_16)
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--batch-size", "8", "--grad-checkpointing",
+                      "--ssa", "balanced-sampling=true,false", "--ssa", "grad-checkpointing=on,off",
+                      "--ssa", "batch-size=16,8")
+    assert clip_train.main(argv) == 0
+    summary = pd.read_csv(save_dir / "ssa" / "summary.csv")
+    assert list(summary["value"]) == ["true", "false", "true", "false", "16", "8"]
+    failed = summary[summary["value"] == "16"].iloc[0]
+    assert math.isnan(failed["value_of_metric"]) and failed["exit_code"] == 1
+    assert "OutOfMemoryError" in failed["reason"] and not failed["best"]
+    assert summary[summary["value"] == "8"]["best"].item()
+    trials = save_dir / "ssa" / "trials"
+    recorded = {p.name: json.loads((p / "args.json").read_text())["args"] for p in trials.iterdir()
+                if (p / "args.json").exists()}
+    assert recorded["stage1_balanced-sampling=false"]["balanced_sampling"] is False
+    assert recorded["stage1_balanced-sampling=true"]["balanced_sampling"] is True
+    assert recorded["stage2_grad-checkpointing=false"]["grad_checkpointing"] is False  # removed from argv
+    assert recorded["stage2_grad-checkpointing=true"]["grad_checkpointing"] is True
+    best = json.loads((save_dir / "ssa" / "best_args.json").read_text())
+    assert best["best_values"]["batch-size"] == "8"
+    assert clip_train.parse_args(best["argv"] + ["--save-dir", str(tmp_path / "again")]).batch_size == 8
+
+
+def test_ssa_refused_trial_keeps_what_the_user_had(splits, tmp_path, capsys):
+    from conftest import tree_state
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    (save_dir / "ssa").mkdir(parents=True)
+    (save_dir / "ssa" / "my_notes.txt").write_text("keep me")
+    (save_dir / "results.csv").write_text("mine")
+    before = tree_state(save_dir)
+    # The second value passes argparse but the trial refuses it (exit 2): another architecture.
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--overwrite",
+                      "--ssa", "model-name=tiny_clip,RN50")
+    assert clip_train.main(argv) == 2
+    assert "refused its arguments" in capsys.readouterr().err
+    assert tree_state(save_dir).keys() == before.keys()
+    assert (save_dir / "ssa" / "my_notes.txt").read_text() == "keep me"
+
+
+def test_on_off_ssa_factor_rejects_other_words(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    with pytest.raises(SystemExit) as exc:
+        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "r", "--ssa", "balanced-sampling=maybe"))
+    assert exc.value.code == 2 and "balanced-sampling=true,false" in capsys.readouterr().err
