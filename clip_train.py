@@ -1227,7 +1227,21 @@ def prepare_run(args):
         except common.CohortError as err:
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
+    check_steps_can_run(len(train_items), args)
     return classes, train_items, val_items
+
+
+def check_steps_can_run(n_train, args):
+    """Refuse (ValueError naming the flag) a configuration in which no training step, or no
+    step as asked, could run: decided before anything is written."""
+    if n_train < 2:
+        raise ValueError(f"--train-dir {args.train_dir}: {n_train} training image(s); a "
+                         "contrastive step needs at least 2")
+    per_process = args.batch_size // args.world_size
+    if per_process < args.accum_steps:
+        raise ValueError(f"--batch-size {args.batch_size} gives each of the {args.world_size} processes "
+                         f"{per_process} image(s), fewer than --accum-steps {args.accum_steps} "
+                         "micro-batches; raise --batch-size or lower --accum-steps")
 
 
 def build_context(args, model, tokenizer, classes, model_config, n_train):
