@@ -219,3 +219,76 @@ def test_on_off_ssa_factor_rejects_other_words(splits, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "r", "--ssa", "balanced-sampling=maybe"))
     assert exc.value.code == 2 and "balanced-sampling=true,false" in capsys.readouterr().err
+
+
+# -- all pairs of the training options ----------------------------------------------------------------
+
+def covering_array():
+    """Every pair of option values in some row (allpairspy), not the full product (~20 rows)."""
+    from allpairspy import AllPairs
+    factors = {
+        "loss": ["clip", "label-aware"], "balanced": [True, False], "accum": [1, 2],
+        "lock": [None, "image", "text"], "checkpointing": [True, False],
+        "metric": list(clip_train.SELECT_METRICS), "wise_ft": [None, "0,0.5,1"], "patience": [0, 1],
+        "recipe": ["paper", "recommended"], "fold": [None, 0], "resume": [False, True],
+    }
+    return [dict(zip(factors, row)) for row in AllPairs(list(factors.values()))]
+
+
+def option_argv(row):
+    argv = ["--loss", row["loss"], "--balanced-sampling" if row["balanced"] else "--no-balanced-sampling",
+            "--accum-steps", str(row["accum"]), "--select-metric", row["metric"],
+            "--patience", str(row["patience"]), "--recipe", row["recipe"], "--lr", "1e-3"]
+    argv += {None: [], "image": ["--lock-image"], "text": ["--lock-text"]}[row["lock"]]
+    argv += ["--grad-checkpointing"] if row["checkpointing"] else []
+    argv += ["--wise-ft-alphas", row["wise_ft"]] if row["wise_ft"] else []
+    return argv
+
+
+@pytest.fixture
+def fold_cohort(make_cohort, tmp_path):
+    """(train folder, val folder, manifest.csv whose fold 0 is the val folder, fold 1 the train one)."""
+    train_dir, val_dir = make_cohort("train", (3, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
+    rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "split": "train", "fold": fold}
+            for fold, root in ((1, train_dir), (0, val_dir)) for p in sorted(root.rglob("*.jpg"))]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    return train_dir, val_dir, tmp_path / "manifest.csv"
+
+
+@pytest.mark.parametrize("row", covering_array(), ids=lambda row: "-".join(
+    f"{k}={v}" for k, v in row.items() if v not in (None, False, 0, 1, "paper", "clip")))
+def test_training_options_in_pairs(fold_cohort, tmp_path, row):
+    train_dir, val_dir, manifest = fold_cohort
+    if row["fold"] is not None:
+        train_dir = val_dir = manifest
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--batch-size", "8", *option_argv(row))
+    argv += ["--fold", str(row["fold"])] if row["fold"] is not None else []
+    if row["resume"]:
+        assert clip_train.main(argv + ["--epochs", "1"]) == 0
+        argv += ["--resume", "auto"]
+    assert clip_train.main(argv) == 0
+    history = pd.read_csv(save_dir / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2] and (history["val_images"] == 6).all()
+    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    assert best["select_metric"] == row["metric"] and last["finished"] is True
+    values = history[row["metric"]]
+    assert best["epoch"] == history.loc[(values.idxmin() if row["metric"] == "val_loss" else values.idxmax()), "epoch"] \
+        or values.isna().all()
+    for name in (clip_train.BEST_NAME, clip_train.FINAL_NAME):  # stock open_clip loads both
+        stored = torch.load(save_dir / name, weights_only=True)["state_dict"]
+        model = open_clip.create_model("tiny_clip", pretrained=str(save_dir / name))
+        assert torch.equal(model.state_dict()["text_projection"], stored["text_projection"])
+    torch.manual_seed(2024)  # the weights the run started from
+    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    final = torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
+    frozen = {"image": "visual.conv1.weight", "text": "token_embedding.weight"}.get(row["lock"])
+    if frozen:
+        assert torch.equal(initial[frozen], final[frozen])
+    assert not torch.equal(initial["logit_scale"], final["logit_scale"])  # trained in every row
+    if row["wise_ft"]:
+        table = pd.read_csv(save_dir / "wise_ft_validation.csv")
+        chosen = table.set_index("alpha").loc[best["wise_ft"]["chosen_alpha"], row["metric"]]
+        extreme = table[row["metric"]].min() if row["metric"] == "val_loss" else table[row["metric"]].max()
+        assert chosen == pytest.approx(extreme) or table[row["metric"]].isna().all()
