@@ -292,3 +292,60 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
         chosen = table.set_index("alpha").loc[best["wise_ft"]["chosen_alpha"], row["metric"]]
         extreme = table[row["metric"]].min() if row["metric"] == "val_loss" else table[row["metric"]].max()
         assert chosen == pytest.approx(extreme) or table[row["metric"]].isna().all()
+
+
+# -- the loss: fp32 outside autocast, failed rows masked; refused configurations --------------------
+
+def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    images = torch.randn(6, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
+    # bf16 autocast on the CPU, whatever common's precision policy for the CPU is.
+    monkeypatch.setattr(common, "autocast_context", lambda device, precision: torch.autocast("cpu", torch.bfloat16))
+    seen = []
+    real_loss = clip_train.make_loss("clip")
+
+    def spy(image, text, scale, labels, valid=None):
+        seen.append((torch.is_autocast_enabled("cpu"), image.dtype, text.dtype))
+        return real_loss(image, text, scale, labels, valid)
+
+    args = SimpleNamespace(device=torch.device("cpu"), precision="bf16", accum_steps=2,
+                           no_text_dedup=False, logit_scale_mode="exp")
+    ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False), "tokenizer": tokenizer,
+           "loss_fn": spy}
+    valid = torch.tensor([True, True, False, True, True, True])
+    clip_train.accumulate_gradients(model, images, labels, captions, ctx, valid=valid)
+    assert seen and all(entry == (False, torch.float32, torch.float32) for entry in seen)
+    # A masked row is out of the loss: the same as the batch without it.
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    for kind in ("clip", "label-aware"):
+        masked = clip_train.make_loss(kind)(image, text, scale, labels, valid)
+        dropped = clip_train.make_loss(kind)(image[valid], text[valid], scale, labels[valid])
+        assert masked.item() == pytest.approx(dropped.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("n_train, batch, world, accum, flag", [
+    (1, 8, 1, 1, "--train-dir"), (20, 4, 2, 4, "--batch-size 4"), (20, 8, 4, 4, "--batch-size 8")])
+def test_configurations_in_which_no_step_can_run_are_refused(n_train, batch, world, accum, flag):
+    from types import SimpleNamespace
+    args = SimpleNamespace(batch_size=batch, world_size=world, accum_steps=accum, train_dir="cohort")
+    with pytest.raises(ValueError) as err:
+        clip_train.check_steps_can_run(n_train, args)
+    assert str(err.value).startswith(flag)
+    clip_train.check_steps_can_run(20, SimpleNamespace(batch_size=4, world_size=2, accum_steps=2,
+                                                       train_dir="cohort"))  # 2 per process: fine
+
+
+def test_refused_configuration_writes_nothing(make_cohort, tmp_path, capsys):
+    from conftest import tree_state
+    train_dir = make_cohort("train", (1, 0, 0), seed=0)
+    save_dir = tmp_path / "run"
+    before = tree_state(tmp_path)
+    assert clip_train.main(train_argv(train_dir, train_dir, save_dir)) == 2
+    assert tree_state(tmp_path) == before
+    assert capsys.readouterr().err.startswith("error: --train-dir")
