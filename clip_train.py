@@ -136,7 +136,9 @@ class MaskedContrastiveLoss:
         self.kind, self.rank, self.world_size = kind, rank, world_size
         self.loss = LabelAwareClipLoss() if kind == "label-aware" else open_clip.ClipLoss()
 
-    def __call__(self, image, text, scale, labels, valid=None):
+    def __call__(self, image, text, scale, labels=None, valid=None):
+        if labels is None:  # the plain CLIP loss needs none (label-aware does)
+            labels = torch.zeros(len(image), dtype=torch.long, device=image.device)
         valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(labels.device)
         if self.world_size > 1:
             image, text = open_clip.loss.gather_features(image, text, gather_with_grad=True,
