@@ -349,3 +349,14 @@ def test_refused_configuration_writes_nothing(make_cohort, tmp_path, capsys):
     assert clip_train.main(train_argv(train_dir, train_dir, save_dir)) == 2
     assert tree_state(tmp_path) == before
     assert capsys.readouterr().err.startswith("error: --train-dir")
+
+
+def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path, monkeypatch):
+    train_dir, val_dir = splits
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    argv = train_argv(train_dir, val_dir, tmp_path / "run", "--device", "cuda")
+    argv.remove("--workers")
+    argv.remove("0")
+    assert clip_train.parse_args(argv).workers == 8  # one process: cores - 1, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert clip_train.parse_args(argv).workers == 3  # 16 cores / 4 processes - 1
