@@ -360,3 +360,28 @@ def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path,
     assert clip_train.parse_args(argv).workers == 8  # one process: cores - 1, at most 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert clip_train.parse_args(argv).workers == 3  # 16 cores / 4 processes - 1
+
+
+def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_that_alpha():
+    import inference
+    from types import SimpleNamespace
+    model, *_ = common.create_model("tiny_clip", None)
+    fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}
+    bundle = {"checkpoint": {"kind": "ours", "data": {"wise_ft": {
+                  "base": "pretrained", "calibration": {"0.5": fitted}}}},
+              "model": model, "weights_id": "w", "model_name": "tiny_clip", "preprocess": None,
+              "operating": {"class": "orbital disease", "rare_index": 0, "threshold": 0.6,
+                            "source": "validation"},
+              "temperature": 1.2, "notes": {"temperature_source": "validation (clip_train.py)"}}
+    state = common.clean_state_dict(model.state_dict())
+    wise = {"base": state, "tuned": state, "label": "pretrained tag x", "identity": "tag:x"}
+    args = SimpleNamespace(precision="fp32", threshold=None, wise_ft_base=None)
+    at_half = inference.wise_ft_bundle(bundle, wise, 0.5, args)
+    assert at_half["temperature"] == 1.7 and at_half["operating"]["threshold"] == 0.31
+    assert "alpha 0.5" in at_half["notes"]["temperature_source"]
+    at_quarter = inference.wise_ft_bundle(bundle, wise, 0.25, args)  # not validated: none applied
+    assert at_quarter["temperature"] is None and at_quarter["operating"]["threshold"] is None
+    other_base = inference.wise_ft_bundle(bundle, wise, 0.5, SimpleNamespace(
+        precision="fp32", threshold=None, wise_ft_base="other.pt"))  # another base: none applied
+    assert other_base["temperature"] is None
+    assert inference.wise_ft_bundle(bundle, wise, 1.0, args)["temperature"] == 1.2  # the stored weights'
