@@ -476,8 +476,9 @@ def default_workers(device=None, local_world_size=1):
     per process, with `local_world_size` processes on this node (torchrun's LOCAL_WORLD_SIZE).
 
     On a GPU the model is fast and decoding decides throughput: the node's cores shared among
-    its processes, one worker per core beyond each main process, at most 8. On the CPU the model's own threads already use every core, and a
-    worker only takes cores from it (plus fork and IPC cost): 0. Measured on 2 cores with
+    its processes, one worker per core beyond each main process, at most 8. On the CPU the
+    model's own threads already use every core, and a worker only takes cores from it (plus fork
+    and IPC cost): 0. Measured on 2 cores with
     pre-resized photographs (benchmarks/RESULTS.md): training end-to-end/model-only 0.97 with 0
     workers against 0.81 with 1.
     """
