@@ -14,6 +14,8 @@ evaluation prompts) and the best epoch is kept. The defaults reproduce the publi
 """
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -46,6 +48,8 @@ LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + histo
 DEFAULT_PRETRAINED = "datacomp_s34b_b86k"  # the only tag of ViT-B-32-256
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity",
                   "val_loss")
+SSA_BOOLEAN_WORDS = {"true": "true", "false": "false", "on": "true", "off": "false", "yes": "true",
+                     "no": "false", "1": "true", "0": "false"}
 SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
                  "--select-metric", "--overwrite", "--help"}
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
@@ -166,16 +170,14 @@ def loss_scale(model, mode):
 
 
 class LabelAwareClipLoss(open_clip.ClipLoss):
-    """Symmetric contrastive loss in which every same-class image-caption pair of the (global)
-    batch is a positive with equal target weight (UniCL/FLAIR-style targets). With all-distinct
-    labels the targets are the identity and it equals open_clip's ClipLoss."""
+    """Symmetric contrastive loss in which every same-class image-caption pair of the batch is a
+    positive with equal target weight (UniCL/FLAIR-style targets). With all-distinct labels the
+    targets are the identity and it equals open_clip's ClipLoss. Single-process: under torchrun
+    MaskedContrastiveLoss gathers the global batch first."""
 
     def forward(self, image_features, text_features, logit_scale, labels):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
-        row_labels = col_labels = gather_labels(labels, self.world_size)
-        if self.world_size > 1 and self.local_loss:
-            row_labels = labels
-        targets = (row_labels[:, None] == col_labels[None, :]).float()  # (B_rows, B_cols)
+        targets = (labels[:, None] == labels[None, :]).float()  # (B, B)
         targets = targets / targets.sum(dim=1, keepdim=True)
         loss_image = -(targets * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
         loss_text = -(targets * F.log_softmax(logits_per_text, dim=1)).sum(dim=1).mean()
@@ -183,7 +185,7 @@ class LabelAwareClipLoss(open_clip.ClipLoss):
 
 
 def gather_labels(labels, world_size):
-    """Labels of the global batch (rank order), for the label-aware targets under DDP."""
+    """A non-differentiable per-rank tensor of the global batch (rank order) under DDP."""
     if world_size <= 1:
         return labels
     gathered = [torch.zeros_like(labels) for _ in range(world_size)]
@@ -191,13 +193,36 @@ def gather_labels(labels, world_size):
     return torch.cat(gathered)
 
 
+class MaskedContrastiveLoss:
+    """loss(image, text, scale, labels, valid=None): the contrastive loss of the global batch's
+    valid rows. Every rank gathers the fixed-size features of all ranks (with gradient, as
+    open_clip's gather_with_grad) and the validity masks, drops the rows whose image could not
+    be read, and computes the same global loss; DDP's gradient average then gives exactly the
+    gradient of that loss. Rows are dropped after the gather, so every rank all-gathers tensors
+    of the same size whatever fails to load."""
+
+    def __init__(self, kind, rank=0, world_size=1):
+        self.kind, self.rank, self.world_size = kind, rank, world_size
+        self.loss = LabelAwareClipLoss() if kind == "label-aware" else open_clip.ClipLoss()
+
+    def __call__(self, image, text, scale, labels=None, valid=None):
+        if labels is None:  # the plain CLIP loss needs none (label-aware does)
+            labels = torch.zeros(len(image), dtype=torch.long, device=image.device)
+        valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(labels.device)
+        if self.world_size > 1:
+            image, text = open_clip.loss.gather_features(image, text, gather_with_grad=True,
+                                                         rank=self.rank, world_size=self.world_size)
+            labels = gather_labels(labels, self.world_size)
+            valid = gather_labels(valid, self.world_size)
+        image, text, labels = image[valid], text[valid], labels[valid]
+        if self.kind == "label-aware":
+            return self.loss(image, text, scale, labels)
+        return self.loss(image, text, scale)
+
+
 def make_loss(kind, rank=0, world_size=1):
-    """loss_fn(image_features, text_features, scale, labels) for `--loss clip|label-aware`."""
-    kwargs = {"rank": rank, "world_size": world_size, "gather_with_grad": world_size > 1}
-    if kind == "label-aware":
-        return LabelAwareClipLoss(**kwargs)
-    clip_loss = open_clip.ClipLoss(**kwargs)
-    return lambda image, text, scale, labels: clip_loss(image, text, scale)
+    """loss_fn(image_features, text_features, scale, labels, valid=None) for `--loss clip|label-aware`."""
+    return MaskedContrastiveLoss(kind, rank, world_size)
 
 
 def class_balanced_weights(labels, n_classes):
@@ -255,6 +280,8 @@ def is_improvement(value, best, metric):
 
 def plain(value):
     """args and metrics as JSON/weights_only-safe primitives."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -324,18 +351,43 @@ def init_distributed(args):
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=args.dist_timeout))
 
 
+class EpochWorkerSeed:
+    """DataLoader worker_init_fn: seeds torch, numpy and random in each worker from (seed, rank,
+    epoch, worker id), so a resumed epoch draws the same augmentations as a straight run (the
+    workers restart every epoch; train_one_epoch sets `epoch` before they start)."""
+
+    def __init__(self, seed, rank=0):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def __call__(self, worker_id):
+        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, worker_id]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+
 def make_loader(items, transform, image_size_px, args, shuffle, generator=None, n_classes=None):
-    """DataLoader over an ImageListDataset with seeded workers; class-balanced draws when
-    shuffling with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
+    """DataLoader over an ImageListDataset; when shuffling, the sampler draws from `generator`
+    (its own: saved and restored on resume) and workers are seeded by EpochWorkerSeed. Class-
+    balanced draws with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
     dataset = common.ImageListDataset(items, transform, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
-    sampler = train_sampler(items, args, generator, n_classes) if shuffle else None
-    batch_size = args.batch_size // args.world_size if shuffle else args.batch_size  # per process
+    if not shuffle:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+            pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker,
+            persistent_workers=args.workers > 0)
+    sampler = train_sampler(items, args, generator, n_classes)
+    if sampler is None:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    # The loader's own generator only picks the workers' base seed, which EpochWorkerSeed
+    # replaces: a throwaway one, so it never draws from the sampler's generator (it would
+    # after a resume, when the workers start afresh, and change the permutation).
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=args.device.type == "cuda", drop_last=False, generator=generator,
-        worker_init_fn=common.seed_worker, persistent_workers=args.workers > 0)
+        dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=False,
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=EpochWorkerSeed(args.seed, args.rank), persistent_workers=False)
 
 
 def encode_captions(model, tokenizer, captions, device, dedup=True):
@@ -366,25 +418,28 @@ def batch_features(model, images, captions, ctx):
     return image_features.float(), text_features.float()
 
 
-def accumulate_gradients(model, images, labels, captions, ctx):
+def accumulate_gradients(model, images, labels, captions, ctx, valid=None):
     """Backward the contrastive loss of the whole batch; returns the (detached) loss.
 
-    With --accum-steps N the batch runs as N micro-batches, the contrastive way (as open_clip's
-    --accum-freq): features of all micro-batches are first computed without gradients; then each
-    micro-batch is re-run with gradients and its features swapped into the cached full batch, so
-    every pass backpropagates the full-batch loss through that micro-batch only. The sum of the
-    passes is the full-batch gradient; the logit scale is kept in the graph of one pass only.
-    Each gradient pass replays the RNG states of its cached pass, so a tower with dropout draws the
-    same masks twice and the cached features are the ones the gradient flows through.
+    `valid` (B,) marks the rows whose image was read; the others stay in the batch (every rank
+    keeps the same tensor sizes) and are masked out of the loss. With --accum-steps N the batch
+    runs as N micro-batches, the contrastive way (as open_clip's --accum-freq): features of all
+    micro-batches are first computed without gradients; then each micro-batch is re-run with
+    gradients and its features swapped into the cached full batch, so every pass backpropagates
+    the full-batch loss through that micro-batch only. The sum of the passes is the full-batch
+    gradient. Each gradient pass replays the RNG states of its cached pass, so a tower with
+    dropout draws the same masks twice and the cached features are the ones the gradient flows
+    through. The loss itself runs in fp32, outside autocast.
     """
     args, scaler = ctx["args"], ctx["scaler"]
     labels = labels.to(args.device)
+    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(args.device)
     chunks = torch.arange(len(labels)).chunk(args.accum_steps)
     chunk_captions = [[captions[i] for i in chunk.tolist()] for chunk in chunks]
     if len(chunks) == 1:
         with common.autocast_context(args.device, args.precision):
             image, text = batch_features(model, images, captions, ctx)
-            loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels)
+        loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels, valid)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
         return loss.detach()
@@ -393,19 +448,24 @@ def accumulate_gradients(model, images, labels, captions, ctx):
         for chunk, caps in zip(chunks, chunk_captions):
             rng_before.append(rng_states(args.device))
             cached.append(batch_features(model, images[chunk], caps, ctx))
+    last = len(chunks) - 1
     for j, (chunk, caps) in enumerate(zip(chunks, chunk_captions)):
+        # Under DDP only the last pass all-reduces (no_sync before it): the gradients of the
+        # earlier passes accumulate locally and are averaged once, with the last pass's.
+        sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
         set_rng_states(args.device, rng_before[j])  # same dropout draws as the cached pass of chunk j
-        with common.autocast_context(args.device, args.precision):
-            image_j, text_j = batch_features(model, images[chunk], caps, ctx)
+        with sync:
+            with common.autocast_context(args.device, args.precision):
+                image_j, text_j = batch_features(model, images[chunk], caps, ctx)
             image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
             text = torch.cat([text_j if k == j else f[1] for k, f in enumerate(cached)])
             scale = loss_scale(model, args.logit_scale_mode)
-            # Detached after pass 0: every pass sees the full-batch loss, so the logit scale's
-            # gradient would be summed once per micro-batch; it must count once, as in one pass.
-            loss = ctx["loss_fn"](image, text, scale if j == 0 else scale.detach(), labels)
-        if not torch.isfinite(loss):
-            return loss.detach()
-        scaler.scale(loss).backward()
+            # The logit scale's gradient is counted once, in the last pass: the one DDP syncs,
+            # which must give every trainable parameter a gradient or its bucket never completes.
+            loss = ctx["loss_fn"](image, text, scale if j == last else scale.detach(), labels, valid)
+            if not torch.isfinite(loss):
+                return loss.detach()
+            scaler.scale(loss).backward()
     return loss.detach()
 
 
@@ -446,27 +506,41 @@ def configure_trainable(model, args):
     LOG.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100.0 * trainable / total)
 
 
+def global_sums(values, args):
+    """Sums of ints over the torchrun processes (the values themselves in one process)."""
+    if args.world_size <= 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.int64, device=args.device)  # NCCL needs a GPU tensor
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 def train_one_epoch(model, loader, state, ctx):
-    """One pass over the training loader; returns (mean loss, samples seen, skipped images)."""
+    """One pass over the training loader; returns (mean loss, images trained on, skipped
+    images), the counts over all processes."""
     args, optimizer = ctx["args"], ctx["optimizer"]
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(state["epoch"])  # distributed samplers reshuffle per epoch
+    if isinstance(loader.worker_init_fn, EpochWorkerSeed):
+        loader.worker_init_fn.epoch = state["epoch"]
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
                disable=not ctx["progress"])
     for images, labels, _indices, ok in bar:
-        skipped += int((~ok).sum())
-        images, labels = images[ok], labels[ok]
-        if len(labels) < 2:  # a contrastive batch needs at least one negative
+        # Rows whose image failed stay in the batch (fixed sizes on every rank) and are masked
+        # out of the loss; whether a step runs is decided on the global count of readable rows.
+        n_ok, n_rows = global_sums([int(ok.sum()), len(ok)], args)
+        skipped += n_rows - n_ok
+        if n_ok < 2:  # a contrastive batch needs at least one negative: skipped on every rank
             continue
         lr = lr_at_step(state["step"], args.lr, ctx["warmup_steps"], ctx["total_steps"], args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, images, labels, captions, ctx)
+        loss = accumulate_gradients(model, images, labels, captions, ctx, valid=ok)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
                                      f"{state['epoch'] + 1}, step {state['step']}")
@@ -475,8 +549,8 @@ def train_one_epoch(model, loader, state, ctx):
         with torch.no_grad():
             unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         state["step"] += 1
-        total_loss += loss.item() * len(labels)
-        seen += len(labels)
+        total_loss += loss.item() * n_ok
+        seen += n_ok
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
     return total_loss / max(seen, 1), seen, skipped
 
@@ -533,25 +607,55 @@ def checkpoint_metadata(model, ctx, state, metrics):
 
 
 def rng_snapshot(ctx):
-    """RNG states as tensors and primitives (weights_only-loadable)."""
+    """This process's RNG states as tensors and primitives (weights_only-loadable)."""
     numpy_state = np.random.get_state()
-    return {
+    snapshot = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
+        "python": plain(random.getstate()),
         "caption_rng": plain(ctx["caption_rng"].getstate()),
         "loader_generator": ctx["generator"].get_state(),
         "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
 
 
-def restore_rng(snapshot, ctx):
+def gather_rng_snapshots(ctx):
+    """Every process's RNG snapshot, in rank order (rank 0 saves them all: each rank draws its
+    own captions and augmentations, and a resume restores each its own)."""
+    snapshot = rng_snapshot(ctx)
+    world_size = ctx["args"].world_size
+    if world_size <= 1:
+        return [snapshot]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, snapshot)
+    return [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in gathered]
+
+
+def restore_rng(snapshots, ctx):
+    """Restore this rank's snapshot (a single dict: a checkpoint of an older version)."""
+    args = ctx["args"]
+    snapshots = snapshots if isinstance(snapshots, list) else [snapshots]
+    if len(snapshots) != args.world_size:
+        LOG.warning("resume: the checkpoint was written by %d process(es), this run has %d; "
+                    "captions and augmentations will differ from a straight run",
+                    len(snapshots), args.world_size)
+    snapshot = snapshots[args.rank % len(snapshots)]
     torch.set_rng_state(snapshot["torch"])
     ctx["generator"].set_state(snapshot["loader_generator"])
     version, internal, gauss = snapshot["caption_rng"]
     ctx["caption_rng"].setstate((version, tuple(internal), gauss))
+    if isinstance(snapshot["python"][0], int) and len(snapshot["python"]) == 3:
+        version, internal, gauss = snapshot["python"]
+        random.setstate((version, tuple(internal), gauss))
     keys = snapshot["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, snapshot["numpy_pos"], 0, 0.0))
+    if "cuda" in snapshot and torch.cuda.is_available():
+        states = snapshot["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
 
 
 def save_last(model, ctx, state, metrics):
@@ -560,13 +664,23 @@ def save_last(model, ctx, state, metrics):
     meta.update({
         "optimizer": ctx["optimizer"].state_dict(),
         "scaler": ctx["scaler"].state_dict(),
-        "rng": rng_snapshot(ctx),
+        "rng": ctx["rng_snapshots"],
         "step": state["step"],
         "best_value": state["best_value"],
         "best_epoch": state["best_epoch"],
         "history": plain(state["history"]),
+        "stopped": bool(state["stopped"]),  # early-stopped: a resume trains no further
+        "finished": False,  # set by mark_finished once the final checkpoint is written
     })
     common.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
+
+
+def mark_finished(path):
+    """Record in the last checkpoint that the run is over (final checkpoint, WiSE-FT written):
+    `--resume auto` then changes nothing."""
+    checkpoint = common.load_checkpoint_file(path)
+    checkpoint["finished"] = True
+    common.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def write_history(save_dir, history, select_metric):
@@ -723,6 +837,9 @@ def validate_args(parser, args):
         args.ssa = [parse_ssa_factor(spec, parser) for spec in args.ssa]
     except ValueError as err:
         parser.error(f"--ssa: {err}")
+    if args.ssa and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        parser.error("--ssa runs its trials one after another in one process and cannot run under "
+                     "torchrun; run the sweep with python (one GPU), or start one torchrun job per value")
     if args.fold is not None and (args.fold < 0 or not str(args.train_dir).endswith(".csv")):
         parser.error("--fold k needs k >= 0 and --train-dir/--val-dir pointing at a manifest.csv "
                      "written with data_preprocess.py --folds K")
@@ -759,7 +876,7 @@ def validate_args(parser, args):
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
                                                  and not args.model_config) else "none"
     if args.workers is None:
-        args.workers = common.default_workers(args.device)
+        args.workers = common.default_workers(args.device, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def validate_source_model(parser, args):
@@ -798,6 +915,12 @@ def parse_ssa_factor(spec, parser):
     if flag not in parser._option_string_actions or flag in SSA_FORBIDDEN:
         raise ValueError(f"{spec!r}: {flag} is not a training flag that SSA can sweep")
     action = parser._option_string_actions[flag]
+    if action.nargs == 0:  # an on/off flag: swept as true/false
+        words = [SSA_BOOLEAN_WORDS.get(v.lower()) for v in values]
+        if None in words:
+            raise ValueError(f"{spec!r}: {flag} is an on/off flag; sweep it as {name}=true,false")
+        kind = "negatable" if isinstance(action, argparse.BooleanOptionalAction) else "switch"
+        return SsaFactor(name, words, kind)
     for value in values:
         if action.type is not None:
             try:
@@ -806,7 +929,31 @@ def parse_ssa_factor(spec, parser):
                 raise ValueError(f"{spec!r}: {value!r} is not a valid {flag} value") from None
         if action.choices is not None and value not in action.choices:
             raise ValueError(f"{spec!r}: {flag} takes one of {list(action.choices)}")
-    return name, values
+    return SsaFactor(name, values, "value")
+
+
+@dataclasses.dataclass
+class SsaFactor:
+    """One --ssa factor: the flag (without --), its values as strings, and how a value becomes
+    arguments: 'value' (--flag V), 'negatable' (--flag / --no-flag), 'switch' (--flag or absent)."""
+    name: str
+    values: list
+    kind: str = "value"
+
+
+def ssa_trial_argv(base_argv, settings):
+    """A trial's argv: base_argv with each (factor, value) of `settings` applied (later wins)."""
+    argv = list(base_argv)
+    for factor, value in settings:
+        if factor.kind == "value":
+            argv += [f"--{factor.name}", value]
+        elif value == "true":
+            argv.append(f"--{factor.name}")
+        elif factor.kind == "negatable":
+            argv.append(f"--no-{factor.name}")
+        else:  # a store_true flag set to false: absent
+            argv = [token for token in argv if token != f"--{factor.name}"]
+    return argv
 
 
 def strip_ssa_flags(argv):
@@ -836,43 +983,75 @@ class SsaUsageError(Exception):
     """An SSA trial exited with status 2 (bad arguments)."""
 
 
+def remove_new_paths(root, keep):
+    """Delete what lies under `root` and is not in `keep` (the paths there before a sweep
+    started), deepest first; what the user had stays."""
+    for path in sorted(Path(root).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
+    if Path(root).is_dir() and Path(root) not in keep and not any(Path(root).iterdir()):
+        Path(root).rmdir()
+
+
+def run_trial(argv):
+    """(exit status, reason) of one SSA trial run in this process. A trial that fails for another
+    reason than its arguments (CUDA out of memory at a large batch, a non-finite loss) is
+    recorded and the sweep goes on."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # the trial's parser refused a value
+        return exit_.code, "refused its arguments"
+    except Exception as err:  # noqa: BLE001 -- any failure of one trial must not end the sweep
+        LOG.warning("SSA trial failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:300])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory trial leaves cached blocks behind
+        return 1, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return code, "" if code == 0 else f"exit status {code} (message above)"
+
+
 def run_ssa(argv, args):
     """Sweep each --ssa factor in turn, keeping the best value before moving to the next one."""
     ssa_dir = Path(args.save_dir) / "ssa"
     base_argv = strip_ssa_flags(argv)
-    best_values, rows, winner_dir = {}, [], None
-    for stage, (name, values) in enumerate(args.ssa, start=1):
-        LOG.info("== SSA stage %d: %s over %s (fixed: %s) ==", stage, name, values, best_values or "defaults")
+    best, rows, winner_dir = {}, [], None  # best: factor name -> (factor, value)
+    for stage, factor in enumerate(args.ssa, start=1):
+        name = factor.name
+        LOG.info("== SSA stage %d: %s over %s (fixed: %s) ==", stage, name, factor.values,
+                 {k: v for k, (_f, v) in best.items()} or "defaults")
         stage_results = []
-        for value in values:
+        for value in factor.values:
             trial_dir = ssa_dir / "trials" / f"stage{stage}_{name}={value}"
-            fixed = [tok for k, v in best_values.items() if k != name for tok in (f"--{k}", v)]
+            fixed = [setting for k, setting in best.items() if k != name]
+            trial = ssa_trial_argv(base_argv, fixed + [(factor, value)])
             start = time.perf_counter()
-            try:
-                code = main(base_argv + fixed + [f"--{name}", value, "--save-dir", str(trial_dir), "--overwrite"])
-            except SystemExit as exit_:  # the trial's parser refused a value
-                code = exit_.code
+            code, reason = run_trial(trial + ["--save-dir", str(trial_dir), "--overwrite"])
             if code == 2:
                 raise SsaUsageError(f"SSA stage {stage}, --{name} {value}: the trial refused its "
                                     "arguments (message above); nothing kept")
             metric = trial_best(trial_dir, args.select_metric) if code == 0 else float("nan")
             stage_results.append((metric, value, trial_dir))
             rows.append({"stage": stage, "factor": name, "value": value, "metric": args.select_metric,
-                         "value_of_metric": metric, "best": False, "exit_code": code,
+                         "value_of_metric": metric, "best": False, "exit_code": code, "reason": reason,
                          "seconds": round(time.perf_counter() - start, 2)})
         finite = [r for r in stage_results if not math.isnan(r[0])]
         if not finite:
             raise FloatingPointError(f"SSA stage {stage} ({name}): every trial failed")
         pick = min if args.select_metric == "val_loss" else max
         metric, value, winner_dir = pick(finite, key=lambda r: r[0])  # ties: the first value listed
-        best_values[name] = value
+        best[name] = (factor, value)
         for row in rows:
             if row["stage"] == stage and row["value"] == value:
                 row["best"] = True
         common.atomic_write_csv(ssa_dir / "summary.csv", pd.DataFrame(rows))
     plot_sensitivity(pd.DataFrame(rows), ssa_dir / "sensitivity.png")
+    best_values = {k: v for k, (_f, v) in best.items()}
     common.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
-                                                          "argv": base_argv + [t for k, v in best_values.items() for t in (f"--{k}", v)]})
+                                                          "argv": ssa_trial_argv(base_argv, list(best.values()))})
     for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
                  "training_curves.png", "args.json"):
         if (winner_dir / name).exists():
@@ -1005,16 +1184,17 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
-           "seconds": seconds_train, "samples_per_s": seen * args.world_size / seconds_train,
+           "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
     state["history"].append(plain(row))
+    stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
+    state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)
     write_history(save_dir, state["history"], args.select_metric)
     LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
              state["epoch"], args.epochs, train_loss, args.select_metric, value,
              metrics["balanced_accuracy"], metrics["rare_sensitivity"], seconds_train,
              "  * best" if best else "")
-    stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     if stop:
         LOG.info("early stop: no better %s for %d epochs", args.select_metric, args.patience)
     return metrics, stop
@@ -1023,12 +1203,13 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
 def run_training(args, ctx, model, train_model, train_loader, val_loader, state):
     """Epoch loop: train (through the DDP wrapper when distributed), then rank 0 validates and
     saves while the other ranks wait for its early-stopping decision; returns the last metrics."""
-    metrics = {}
-    while state["epoch"] < args.epochs:
+    metrics = state["metrics"]
+    while state["epoch"] < args.epochs and not state["stopped"]:
         epoch_start = time.perf_counter()
         train_loss, seen, skipped = train_one_epoch(train_model, train_loader, state, ctx)
         state["epoch"] += 1
         stop = False
+        ctx["rng_snapshots"] = gather_rng_snapshots(ctx)  # every rank's, saved by rank 0
         if args.rank == 0:
             train_stats = (train_loss, seen, skipped, time.perf_counter() - epoch_start)
             metrics, stop = end_of_epoch(model, ctx, state, val_loader, train_stats)
@@ -1036,8 +1217,7 @@ def run_training(args, ctx, model, train_model, train_loader, val_loader, state)
             decision = [stop]
             torch.distributed.broadcast_object_list(decision, src=0)
             stop = decision[0]
-        if stop:
-            break
+        state["stopped"] = stop
     return metrics
 
 
@@ -1049,16 +1229,24 @@ def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
     rows = []
     for alpha in args.wise_ft_alphas:
         model.load_state_dict(common.interpolate_state_dicts(base_state, best["state_dict"], alpha))
-        metrics = validate(model, val_loader, ctx)
-        rows.append({"alpha": alpha, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy",
-                                                                  "macro_auroc", "rare_sensitivity", "val_loss")}})
+        rows.append({"alpha": alpha, **validate(model, val_loader, ctx)})  # every metric
     values = [row[args.select_metric] for row in rows]
     finite = [(v, i) for i, v in enumerate(values) if not math.isnan(v)]
     pick = min if args.select_metric == "val_loss" else max
     chosen = rows[pick(finite)[1]]["alpha"] if finite else 1.0
+    # The weights stored stay the fine-tuned ones (alpha 1), and so do the top-level threshold
+    # and temperature; those validated at each alpha (the chosen one first) sit beside them, for
+    # inference --wise-ft-alpha.
+    calibration = {str(row["alpha"]): {"threshold": row["operating_threshold"],
+                                       "val_sensitivity": row["operating_val_sensitivity"],
+                                       "val_specificity": row["operating_val_specificity"],
+                                       "temperature": row["temperature"]} for row in rows}
     best["wise_ft"] = {"base": "pretrained" if args.pretrained != "none" else "initial weights (seeded)",
                        "alphas": list(args.wise_ft_alphas), "metric": args.select_metric,
-                       "values": values, "chosen_alpha": chosen}
+                       "values": values, "chosen_alpha": chosen,
+                       "chosen_calibration": calibration[str(chosen)] if str(chosen) in calibration else None,
+                       "calibration": calibration}
+    best["wise_ft"] = plain(best["wise_ft"])
     common.atomic_write(save_dir / BEST_NAME, lambda handle: torch.save(best, handle))
     common.atomic_write_csv(save_dir / "wise_ft_validation.csv", pd.DataFrame(rows))
     model.load_state_dict(best["state_dict"])
@@ -1086,7 +1274,21 @@ def prepare_run(args):
         except common.CohortError as err:
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
+    check_steps_can_run(len(train_items), args)
     return classes, train_items, val_items
+
+
+def check_steps_can_run(n_train, args):
+    """Refuse (ValueError naming the flag) a configuration in which no training step, or no
+    step as asked, could run: decided before anything is written."""
+    if n_train < 2:
+        raise ValueError(f"--train-dir {args.train_dir}: {n_train} training image(s); a "
+                         "contrastive step needs at least 2")
+    per_process = args.batch_size // args.world_size
+    if per_process < args.accum_steps:
+        raise ValueError(f"--batch-size {args.batch_size} gives each of the {args.world_size} processes "
+                         f"{per_process} image(s), fewer than --accum-steps {args.accum_steps} "
+                         "micro-batches; raise --batch-size or lower --accum-steps")
 
 
 def build_context(args, model, tokenizer, classes, model_config, n_train):
@@ -1112,8 +1314,11 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
 def wrap_for_training(model, args):
     """torch.compile the towers (opt-in) and wrap in DistributedDataParallel under torchrun."""
     if args.compile:
-        model.visual = torch.compile(model.visual)
-        model.transformer = torch.compile(model.transformer)
+        # In place (nn.Module.compile): the parameters keep their names (no `_orig_mod.`), so
+        # the WiSE-FT weights and checkpoints load into the same modules. CustomTextCLIP models
+        # (SigLIP, Hugging Face text towers) hold their text tower in `.text`, CLIP in `.transformer`.
+        model.visual.compile()
+        (model.text if hasattr(model, "text") else model.transformer).compile()
     if args.world_size <= 1:
         return model
     device_ids = [args.device.index] if args.device.type == "cuda" else None
@@ -1127,10 +1332,10 @@ def main(argv=None):
     common.configure_logging(logging.INFO if is_main else logging.WARNING)
     if args.ssa:
         base_argv = strip_ssa_flags(argv)
-        for name, values in args.ssa:  # every trial's arguments checked before anything is written
-            for value in values:
-                parse_args(base_argv + [f"--{name}", value, "--save-dir",
-                                        str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
+        for factor in args.ssa:  # every trial's arguments checked before anything is written
+            for value in factor.values:
+                parse_args(ssa_trial_argv(base_argv, [(factor, value)]) + [
+                    "--save-dir", str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
         try:  # the cohorts and prompts once, before anything is written (exit 2 as a plain run)
             prepare_run(args)
         except (ValueError, OSError) as err:
@@ -1138,6 +1343,7 @@ def main(argv=None):
             return 2
         save_dir = Path(args.save_dir)
         created = not save_dir.exists()
+        had = set(save_dir.rglob("*")) if not created else set()  # never removed on a refusal
         save_dir.mkdir(parents=True, exist_ok=True)
         try:
             return run_ssa(argv, args)
@@ -1146,7 +1352,7 @@ def main(argv=None):
             return 1
         except SsaUsageError as err:  # a trial refused its arguments: the same for every trial
             print(err, file=sys.stderr)
-            shutil.rmtree(save_dir / "ssa", ignore_errors=True)
+            remove_new_paths(save_dir / "ssa", had)
             if created:
                 shutil.rmtree(save_dir, ignore_errors=True)
             return 2
@@ -1182,7 +1388,8 @@ def train(args, classes, train_items, val_items, argv):
     text_dedup = configure_exact_shortcuts(model, args.accum_steps)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))
     ctx["text_dedup"] = text_dedup
-    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": []}
+    state = {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": [],
+             "stopped": False, "finished": False, "metrics": {}}
     # WiSE-FT interpolates from the weights training started from (pretrained, or the seeded
     # init): taken before a resume loads the trained ones.
     base_state = None
@@ -1195,6 +1402,11 @@ def train(args, classes, train_items, val_items, argv):
             detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
             print(f"error: --resume {detail.splitlines()[0]}", file=sys.stderr)
             return 2
+        if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
+            LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
+                     "changed", path, "stopped early" if state["stopped"] else "completed",
+                     state["epoch"])
+            return 0
     save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
     for key, value in ctx["args_dict"].items():
         LOG.info("  %s = %s", key, value)
@@ -1219,6 +1431,7 @@ def train(args, classes, train_items, val_items, argv):
         common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
         if base_state is not None and (save_dir / BEST_NAME).exists():
             choose_wise_ft_alpha(model, ctx, val_loader, base_state)
+        mark_finished(save_dir / LAST_NAME)
     LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
              state["best_value"], state["best_epoch"], save_dir)
     return 0
@@ -1238,7 +1451,10 @@ def resume_from(path, model, ctx, state):
     ctx["scaler"].load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], ctx)
     state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
-                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]))
+                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
+                 stopped=bool(checkpoint.get("stopped", False)),
+                 finished=bool(checkpoint.get("finished", False)),
+                 metrics=dict(checkpoint.get("metrics") or {}))
     LOG.info("resumed from %s at epoch %d", path, state["epoch"])
 
 

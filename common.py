@@ -550,19 +550,21 @@ def seed_worker(worker_id):
     random.seed(seed)
 
 
-def default_workers(device=None):
-    """DataLoader workers for `device` ("cuda", "cpu", a torch.device; None = cuda when available).
+def default_workers(device=None, local_world_size=1):
+    """DataLoader workers for `device` ("cuda", "cpu", a torch.device; None = cuda when available)
+    per process, with `local_world_size` processes on this node (torchrun's LOCAL_WORLD_SIZE).
 
-    On a GPU the model is fast and decoding decides throughput: one worker per core beyond the
-    main process, at most 8. On the CPU the model's own threads already use every core, and a
-    worker only takes cores from it (plus fork and IPC cost): 0. Measured on 2 cores with
+    On a GPU the model is fast and decoding decides throughput: the node's cores shared among
+    its processes, one worker per core beyond each main process, at most 8. On the CPU the
+    model's own threads already use every core, and a worker only takes cores from it (plus fork
+    and IPC cost): 0. Measured on 2 cores with
     pre-resized photographs (benchmarks/RESULTS.md): training end-to-end/model-only 0.97 with 0
     workers against 0.81 with 1.
     """
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind != "cuda":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -640,12 +640,37 @@ def wise_ft_bundle(bundle, wise, alpha, args):
         bundle, wise_ft_alpha=alpha, wise_ft_base=wise.label,
         cache_key=cache_model_key(bundle.weights_id, bundle.model_name, bundle.preprocess,
                                   args.precision, {"wise_ft_alpha": alpha, "base": wise.identity}))
-    if alpha != 1.0:
+    fitted = stored_wise_ft_calibration(bundle, alpha, args)
+    if alpha != 1.0 and fitted:
+        note = f"validation at WiSE-FT alpha {alpha:g} (clip_train.py --wise-ft-alphas)"
+        temperature = fitted.get("temperature")
+        ok = isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        variant.temperature = float(temperature) if ok else None
+        variant.temperature_source = note
+        threshold = fitted.get("threshold")
+        if args.threshold is None and isinstance(threshold, (int, float)) and math.isfinite(threshold):
+            variant.operating = dict(bundle.operating, threshold=float(threshold), source=note,
+                                     val_sensitivity=finite_or_none(fitted.get("val_sensitivity", float("nan"))),
+                                     val_specificity=finite_or_none(fitted.get("val_specificity", float("nan"))))
+    elif alpha != 1.0:
         note = "fitted on validation for the fine-tuned weights (alpha 1) only"
         variant.temperature, variant.temperature_source = None, note
         if args.threshold is None:
             variant.operating = dict(bundle.operating, threshold=None, source=note)
     return variant
+
+
+def stored_wise_ft_calibration(bundle, alpha, args):
+    """Threshold and temperature clip_train.py validated at this WiSE-FT alpha, when the base is
+    the one it used (the recorded pretrained weights, no --wise-ft-base); else None."""
+    checkpoint = bundle.checkpoint
+    if checkpoint.kind != "ours" or args.wise_ft_base:
+        return None
+    stored = (checkpoint.data or {}).get("wise_ft")
+    if not isinstance(stored, dict) or stored.get("base") != "pretrained":
+        return None
+    fitted = (stored.get("calibration") or {}).get(str(float(alpha)))
+    return fitted if isinstance(fitted, dict) else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,3 +33,23 @@ def test_resized_copies_keep_the_short_side(tmp_path):
     from PIL import Image
     with Image.open(resized[0]) as image:
         assert image.size == (96, 64)
+
+
+def test_gpu_smoke_parses_its_arguments_and_skips_cleanly_without_a_gpu(tmp_path, capsys):
+    import gpu_smoke
+    assert gpu_smoke.main(["--cases", "bf16", "torchrun", "--images", "40"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    args = gpu_smoke.parse_args(["--cases", "torchrun", "compile", "--model-config", str(TINY_CONFIG)])
+    command = gpu_smoke.case_command("torchrun", args, tmp_path, tmp_path / "out", n_gpus=4)
+    assert "--nproc_per_node=4" in command and command[command.index("--accum-steps") + 1] == "2"
+    compiled = gpu_smoke.case_command("compile", args, tmp_path, tmp_path / "out", n_gpus=4)
+    assert "--compile" in compiled and "torch.distributed.run" not in compiled
+    assert sum(gpu_smoke.split_counts(400)) == 400
+    try:
+        gpu_smoke.parse_args(["--images", "3"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("--images 3 was accepted")
+    rows = [{"case": "bf16", "exit": 0, "train_loss": 1.5}]
+    assert gpu_smoke.markdown_table(rows).splitlines()[2] == "| bf16 | 0 | 1.5 |"

@@ -25,32 +25,94 @@ def run(cmd, tmp_path, timeout=300):
 
 
 @pytest.mark.parametrize("loss", ["clip", "label-aware"])
-def test_two_processes_match_one_process_with_the_same_images(tmp_path, loss):
+def test_two_processes_with_accumulation_match_one_process_full_batch(tmp_path, loss):
+    # 3 SGD steps; 2 processes x --accum-steps 2 (no_sync on the first micro-pass) against one
+    # process on the whole batch, with one masked (unreadable) row on rank 0.
     script = str(REPO_ROOT / "tests" / "ddp_step_check.py")
-    run([sys.executable, script, str(tmp_path / "single.pt"), loss], tmp_path)
-    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), loss], tmp_path)
+    run([sys.executable, script, str(tmp_path / "single.pt"), loss, "1"], tmp_path)
+    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), loss, "2"], tmp_path)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    torch.manual_seed(0)
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    import common
+    common.register_model_config(TINY_CONFIG)
+    torch.manual_seed(0)  # the script's seed: the weights both layouts started from
+    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    assert not torch.allclose(initial["logit_scale"], single["state_dict"]["logit_scale"])  # trained
     for key, value in single["state_dict"].items():
         assert torch.allclose(value, ddp["state_dict"][key], atol=1e-5), key
 
 
-def test_two_process_training_run_end_to_end(make_cohort, tmp_path):
+def ddp_argv(train_dir, val_dir, save_dir, *extra):
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "8", "--epochs", "3",
+            "--workers", "0", "--no-progress", *extra]
+
+
+def test_two_processes_unreadable_image_accumulation_and_resume_equal_a_straight_run(make_cohort, tmp_path):
+    # One unreadable training image (rank-dependent: it lands in one rank's batch), --accum-steps 2,
+    # label-aware loss; 3 epochs straight against 1 epoch + resume to 3. Captions come from a
+    # per-rank RNG, so the resume must restore each rank's own state.
     train_dir = make_cohort("train", (6, 12, 9), seed=0)
     val_dir = make_cohort("val", (3, 6, 4), seed=1)
+    (train_dir / "orbital disease" / "broken.jpg").write_bytes(b"not a JPEG at all")
+    options = ("--accum-steps", "2", "--loss", "label-aware", "--wise-ft-alphas", "0,1")
+    clip = [str(REPO_ROOT / "clip_train.py")]
+    run(TORCHRUN + clip + ddp_argv(train_dir, val_dir, tmp_path / "straight", *options), tmp_path)
+    run(TORCHRUN + clip + ddp_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1", *options), tmp_path)
+    run(TORCHRUN + clip + ddp_argv(train_dir, val_dir, tmp_path / "split", "--resume", "auto", *options),
+        tmp_path)
+    history = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2, 3] and (history["val_images"] == 13).all()
+    # Every image once per epoch (28 over 2 ranks, no padding): the broken one skipped once.
+    assert (history["skipped_images"] == 1).all() and history["train_loss"].gt(0).all()
+    pd.testing.assert_frame_equal(history.drop(columns=["seconds", "samples_per_s"]),
+                                  pd.read_csv(tmp_path / "split" / "metrics.csv").drop(
+                                      columns=["seconds", "samples_per_s"]), atol=1e-5)
+    finals = [torch.load(tmp_path / run_dir / "clip_model_final.pt", weights_only=True)
+              for run_dir in ("straight", "split")]
+    assert finals[0]["args"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in finals[0]["state_dict"])
+    for key, value in finals[0]["state_dict"].items():
+        assert torch.allclose(value, finals[1]["state_dict"][key], atol=1e-5), key
+    last = torch.load(tmp_path / "split" / "clip_model_last.pt", weights_only=True)
+    assert len(last["rng"]) == 2 and last["rng"][0]["caption_rng"] != last["rng"][1]["caption_rng"]
+
+
+def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_path):
+    # --batch-size 2 over 2 processes: one image per process, and still every step runs (the
+    # skip is decided on the global batch). With locked image tower, checkpointing, WiSE-FT and
+    # macro-F1 selection. Then --ssa under torchrun: refused before anything is written.
+    import open_clip
+
+    import common
+    train_dir = make_cohort("train", (2, 3, 3), seed=0)
+    val_dir = make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
-    argv = ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
-            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "8", "--epochs", "2",
-            "--workers", "0", "--no-progress", "--recipe", "recommended", "--patience", "0"]
-    run(TORCHRUN + [str(REPO_ROOT / "clip_train.py"), *argv], tmp_path)
+    run(TORCHRUN + [str(REPO_ROOT / "clip_train.py"), *ddp_argv(
+        train_dir, val_dir, save_dir, "--batch-size", "2", "--epochs", "1", "--lock-image",
+        "--grad-checkpointing", "--select-metric", "macro_f1", "--wise-ft-alphas", "0,0.5,1",
+        "--recipe", "recommended", "--patience", "0")], tmp_path)
     history = pd.read_csv(save_dir / "metrics.csv")
-    assert list(history["epoch"]) == [1, 2] and (history["val_images"] == 13).all()
-    best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
-    assert best["args"]["world_size"] == 2
-    assert not any(k.startswith("module.") for k in best["state_dict"])
+    assert history["skipped_images"].tolist() == [0] and history["train_loss"].gt(0).all()
+    common.register_model_config(TINY_CONFIG)
+    torch.manual_seed(2024)  # the run's seed: the weights it started from
+    initial, *_ = common.create_model("tiny_clip", None)
+    final = torch.load(save_dir / "clip_model_final.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(initial.state_dict()["text_projection"], final["text_projection"])
+    assert torch.equal(initial.state_dict()["visual.conv1.weight"], final["visual.conv1.weight"])  # locked
+    model = open_clip.create_model("tiny_clip", pretrained=str(save_dir / "clip_model_epoch_best.pt"))
+    assert torch.equal(model.state_dict()["text_projection"], torch.load(
+        save_dir / "clip_model_epoch_best.pt", weights_only=True)["state_dict"]["text_projection"])
+
+    ssa_dir = tmp_path / "ssa"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(TORCHRUN + [str(REPO_ROOT / "clip_train.py"), *ddp_argv(
+        train_dir, val_dir, ssa_dir, "--ssa", "lr=1e-3,1e-4")], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not ssa_dir.exists()
+    assert "--ssa runs its trials one after another" in result.stderr and "torchrun" in result.stderr
 
 
 def test_global_batch_must_divide_by_processes(make_cohort, tmp_path):

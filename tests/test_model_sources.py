@@ -398,7 +398,6 @@ def _has_compiler():
 
 
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on the CPU needs a C/C++ compiler")
-@pytest.mark.xfail(reason="issue 13 compiles in place", strict=False)
 def test_custom_text_clip_trains_with_compile(splits, tmp_path, custom_text_config):
     train_dir, val_dir = splits
     assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-config",
