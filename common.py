@@ -978,14 +978,37 @@ def environment_info():
     return info
 
 
+def hide_flag_values(argv, name, replacement):
+    """argv with the value of the flag of argument `name` (--name-with-dashes, an abbreviation of
+    it, as '--flag VALUE' or '--flag=VALUE') replaced; found by position, so another flag that
+    happens to have the same value keeps its own."""
+    flag = "--" + name.replace("_", "-")
+    out, hide_next = [], False
+    for token in argv:
+        if hide_next:
+            out.append(replacement)
+            hide_next = False
+            continue
+        option, eq, _value = token.partition("=")
+        # argparse accepts any unambiguous prefix of a flag ('--anonymize-s' for --anonymize-salt)
+        if option.startswith("--") and len(option) > 2 and flag.startswith(option):
+            if eq:
+                token = option + "=" + replacement
+            else:
+                hide_next = True
+        out.append(token)
+    return out
+
+
 def run_record(script, argv, args, run=None, hidden=None):
     """The args.json of every script, from which the run can be repeated:
-    {script, argv (the command-line arguments exactly as given), command (a shell line that
-    repeats the run), args (every parsed argument, defaults included), environment, run (what
-    the script adds)}.
+    {script, cwd (the folder it ran in: relative paths in argv are relative to it), argv (the
+    command-line arguments exactly as given), command (a shell line that repeats the run from
+    cwd), args (every parsed argument, defaults included), environment, run (what the script
+    adds)}.
 
     `hidden` maps an argument name to the text written instead of its value, in `args` and in
-    `argv` (a secret salt, a path that must not be written).
+    `argv` (a secret salt, a path that must not be written); the name "cwd" hides the folder.
     """
     import shlex
 
@@ -993,17 +1016,15 @@ def run_record(script, argv, args, run=None, hidden=None):
         return value.item() if isinstance(value, np.generic) else str(value)
     record_args = json.loads(json.dumps(vars(args), default=primitive))
     argv = [str(token) for token in argv]
-    for name, replacement in (hidden or {}).items():
-        value = record_args.get(name)
-        if value is None:
+    hidden = dict(hidden or {})
+    cwd = hidden.pop("cwd", None) or os.getcwd()
+    for name, replacement in hidden.items():
+        if record_args.get(name) is None:
             continue
         record_args[name] = replacement
-        value = str(value)
-        # by value, so '--flag VALUE', '--flag=VALUE' and abbreviated flags are all covered
-        argv = [replacement if token == value
-                else token[:-len(value)] + replacement if token.endswith("=" + value) else token
-                for token in argv]
-    return {"script": script, "argv": argv, "command": shlex.join(["python", script, *argv]),
+        argv = hide_flag_values(argv, name, replacement)
+    return {"script": script, "cwd": cwd, "argv": argv,
+            "command": shlex.join(["python", script, *argv]),
             "args": record_args, "environment": environment_info(),
             "run": json.loads(json.dumps(run, default=primitive))}
 

@@ -756,7 +756,7 @@ def args_record(args, setup, run=None):
     """args.json (common.run_record): never the salt, and no test path when anonymising."""
     hidden = {"anonymize_salt": "<hidden>"}
     if setup.anonymize:
-        hidden["test_dir"] = "<anonymized>"
+        hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
     return common.run_record("inference.py", setup.argv, args, run, hidden)
 
 

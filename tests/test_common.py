@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -402,7 +403,8 @@ def test_run_record_layout_and_hidden_values_in_every_spelling():
     argv = ["--test-dir", "/data/Doe_John", "--salt=pepper", "--boot", "50", "--none-given"]
     record = common.run_record("inference.py", argv, args, {"n": np.int64(3)},
                                hidden={"test_dir": "<anonymized>", "salt": "<hidden>", "none": "<x>"})
-    assert list(record) == ["script", "argv", "command", "args", "environment", "run"]
+    assert list(record) == ["script", "cwd", "argv", "command", "args", "environment", "run"]
+    assert record["cwd"] == os.getcwd()
     assert record["argv"] == ["--test-dir", "<anonymized>", "--salt=<hidden>", "--boot", "50", "--none-given"]
     assert record["args"] == {"test_dir": "<anonymized>", "salt": "<hidden>", "device": "cpu",
                               "bootstrap": 50, "alphas": [0.5, 1.0], "none": None}
@@ -414,4 +416,11 @@ def test_run_record_layout_and_hidden_values_in_every_spelling():
     kept = common.run_record("clip_train.py", ["--save-dir", "a b", "--lr", "1e-3"],
                              argparse.Namespace(save_dir="a b", lr=1e-3))
     assert kept["argv"] == ["--save-dir", "a b", "--lr", "1e-3"] and kept["run"] is None
+    # hidden by the flag's position: another flag with the same value keeps it; abbreviations too
+    argv = ["--anonymize-s", "2024", "--seed", "2024", "--anonymize-salt=2024", "--cwd-free"]
+    record = common.run_record("inference.py", argv, argparse.Namespace(anonymize_salt="2024", seed=2024),
+                               hidden={"anonymize_salt": "<hidden>", "cwd": "<anonymized>"})
+    assert record["argv"] == ["--anonymize-s", "<hidden>", "--seed", "2024", "--anonymize-salt=<hidden>",
+                              "--cwd-free"]
+    assert record["args"] == {"anonymize_salt": "<hidden>", "seed": 2024} and record["cwd"] == "<anonymized>"
     assert shlex.split(kept["command"]) == ["python", "clip_train.py", "--save-dir", "a b", "--lr", "1e-3"]
