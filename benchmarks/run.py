@@ -11,6 +11,7 @@ Ratios are what to read: they compare paths measured on the same machine.
     $ python benchmarks/run.py --quick                      # <= 3 minutes on 2 CPU cores
     $ python benchmarks/run.py --quick --json bench.json
     $ python benchmarks/run.py --model-name ViT-B-32-256 --batch-size 32 --repeats 10
+    $ python benchmarks/run.py --bf16-only --batch-size 8 --infer-batch-size 32   # bf16 vs fp32 only
 """
 
 import argparse
@@ -359,6 +360,8 @@ def parse_args(argv=None):
                              "the hardware multiplies bf16 natively); bf16 vs fp32 is measured either way")
     parser.add_argument("--agreement-images", type=int, default=None,
                         help="demo-cohort images for bf16_prediction_agreement (quick: 48; else 240)")
+    parser.add_argument("--bf16-only", action="store_true",
+                        help="only the bf16-vs-fp32 measures (speedups and prediction agreement)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     quick = {"batch_size": 4, "infer_batch_size": 8, "images": 8, "repeats": 5, "caption_batch": 48,
@@ -394,18 +397,23 @@ def main(argv=None):
     size = common.model_image_size(model)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"generating {opts.images} camera JPEGs {CAMERA_SIZE_PX[0]}x{CAMERA_SIZE_PX[1]} ...", file=sys.stderr)
-        paths = make_camera_jpegs(Path(tmp) / "camera", opts.images)
-        # The README's setting for camera photographs: data_preprocess.py --resize-px at twice the
-        # model input (crops and augmentation keep full resolution; draft decoding does the rest).
-        resized = make_resized_copies(paths, Path(tmp) / "resized", 2 * size)
-        files_by_mode = {"full": (paths, None), "draft": (paths, size), "pre_resized": (resized, size)}
         results = {"model": model_name, "device": str(opts.device), "precision": opts.precision,
                    "precision_why": why, "batch_size": opts.batch_size, "infer_batch_size": opts.infer_batch_size,
                    "workers": opts.workers, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                    "cpu_native_bf16": common.cpu_native_bf16()}
         results.update(benchmark_bf16_speedups(model, tokenizer, opts))
         results.update(bf16_agreement(model, tokenizer, val_tf, tmp, opts))
+        if opts.bf16_only:
+            print(markdown_table(results))
+            if opts.json:
+                common.atomic_write_json(opts.json, results)
+            return 0
+        print(f"generating {opts.images} camera JPEGs {CAMERA_SIZE_PX[0]}x{CAMERA_SIZE_PX[1]} ...", file=sys.stderr)
+        paths = make_camera_jpegs(Path(tmp) / "camera", opts.images)
+        # The README's setting for camera photographs: data_preprocess.py --resize-px at twice the
+        # model input (crops and augmentation keep full resolution; draft decoding does the rest).
+        resized = make_resized_copies(paths, Path(tmp) / "resized", 2 * size)
+        files_by_mode = {"full": (paths, None), "draft": (paths, size), "pre_resized": (resized, size)}
         results.update(decode_rates(paths, size, resized, opts.repeats))
         results.update(benchmark_text_dedup(model, tokenizer, opts))
         results.update(benchmark_training(model, tokenizer, (train_tf, val_tf), files_by_mode, opts))

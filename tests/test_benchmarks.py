@@ -58,3 +58,13 @@ def test_agreement_counts_keep_the_demo_proportions():
     opts = harness.parse_args(["--agreement-images", "240"])
     assert opts.agreement_counts == (40, 120, 80)
     assert harness.parse_args(["--agreement-images", "3"]).agreement_counts == (1, 2, 1)
+
+
+def test_bf16_only_measures_precision_and_nothing_else(tmp_path):
+    out = tmp_path / "bf16.json"
+    assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",
+                         "--repeats", "5", "--agreement-images", "3", "--bf16-only", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["train_bf16_speedup"] > 0 and results["infer_bf16_speedup"] > 0
+    assert results["bf16_agreement_images"] == 4  # (1, 2, 1): the demo proportions, one image at least
+    assert "train_e2e_over_model" not in results and "decode_full_images_per_s" not in results
