@@ -806,9 +806,9 @@ def image_encoder(model, device, precision):
     """A function images (B, 3, H, W) -> raw image features (B, D) float32, for inference only.
 
     bf16 on the CPU runs a bf16 copy of the image tower: measured on ViT-B-32-256 (2-core CPU,
-    benchmarks/RESULTS.md) it is several times faster than fp32, while autocast under
-    inference_mode is slower than fp32 (it re-casts every weight on every call). A copy, so the
-    model itself (being trained, or reloaded for WiSE-FT) keeps its fp32 weights.
+    benchmarks/RESULTS.md) 3-5x faster than fp32, while autocast under inference_mode measured
+    slower than fp32. A copy, so the model itself (being trained, or reloaded for WiSE-FT) keeps
+    its fp32 weights; CUDA keeps autocast.
     """
     if device.type == "cpu" and precision == "bf16":
         visual = getattr(model.visual, "_orig_mod", model.visual)  # unwrap a torch.compile wrapper
