@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, TINY_CONFIG
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -68,3 +70,17 @@ def test_bf16_only_measures_precision_and_nothing_else(tmp_path):
     assert results["train_bf16_speedup"] > 0 and results["infer_bf16_speedup"] > 0
     assert results["bf16_agreement_images"] == 4  # (1, 2, 1): the demo proportions, one image at least
     assert "train_e2e_over_model" not in results and "decode_full_images_per_s" not in results
+
+
+def test_agreement_metric_differences_walk_every_metric_with_a_ci():
+    import bf16_agreement
+    fp32 = {"n": 10, "accuracy": 0.8, "accuracy_ci": [0.6, 1.0], "ece": 0.1, "ece_ci": [0.0, 0.2],
+            "macro_auroc": None, "macro_auroc_ci": None,
+            "per_class": {"orbital disease": {"support": 3, "sensitivity": 0.5, "sensitivity_ci": [0.25, 0.75]}}}
+    bf16 = {"n": 10, "accuracy": 0.7, "accuracy_ci": [0.5, 0.9], "ece": 0.1, "ece_ci": [0.0, 0.2],
+            "macro_auroc": None, "macro_auroc_ci": None,
+            "per_class": {"orbital disease": {"support": 3, "sensitivity": 0.55, "sensitivity_ci": [0.3, 0.8]}}}
+    rows = {r[0]: r[1:] for r in bf16_agreement.metric_differences(fp32, bf16)}
+    assert set(rows) == {"accuracy", "ece", "per_class.orbital disease.sensitivity"}  # no CI, no row
+    assert rows["accuracy"] == pytest.approx((0.8, 0.7, 0.1, 0.2))  # |diff| 0.1, half-width of fp32's CI
+    assert rows["per_class.orbital disease.sensitivity"] == pytest.approx((0.5, 0.55, 0.05, 0.25))
