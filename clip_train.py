@@ -785,7 +785,9 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=2024, help="seed for weights, batches and captions")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
+                     help="bf16: autocast, fp32 master weights; auto: bf16 where the hardware multiplies "
+                          "bf16 natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32; "
+                          "fp32 for exact, reproducible numbers")
     run.add_argument("--workers", type=int, default=None,
                      help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU, "
                           "where workers only take cores from the model)")
@@ -1258,8 +1260,8 @@ def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
 def prepare_run(args):
     """Device, precision, torchrun process group, prompts and the two cohorts."""
     args.device = common.resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    args.precision, why = common.resolve_precision(args.precision, args.device)
+    LOG.info("precision %s (%s)", args.precision, why)
     if args.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for what stays in fp32
     common.autocast_context(args.device, args.precision)

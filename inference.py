@@ -531,9 +531,9 @@ def score_model(bundle, cohort, args):
     model, items = bundle.model, cohort.items
     features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
     with torch.inference_mode():
-        with common.autocast_context(args.device, args.precision):
-            classifier = common.build_zero_shot_classifier(
-                model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
+        # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
+        classifier = common.build_zero_shot_classifier(
+            model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
         # The published code scaled by the raw log temperature; reproduce it only when asked.
         published = bundle.logit_scale_mode == "published-log"
         scale = model.logit_scale if published else model.logit_scale.exp()
@@ -942,7 +942,9 @@ def parse_args(argv=None):
                           "0 = in process, the default on the CPU)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+                     help="image tower precision; features and classifier stay fp32 (auto: bf16 where "
+                          "the hardware multiplies bf16 natively: CUDA with bf16, a CPU with AMX or "
+                          "AVX512-BF16; else fp32. fp32 for exact numbers; fp16 needs CUDA)")
     run.add_argument("--logit-scale-mode", choices=("exp", "published-log"), default=None,
                      help="softmax temperature: exp(logit_scale) (correct CLIP), or the raw log value "
                           "as the published code did (default: the checkpoint's mode, else exp)")
@@ -1032,8 +1034,8 @@ def check_args(parser, args):
 def prepare(args, argv):
     """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
     args.device = common.resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    args.precision, why = common.resolve_precision(args.precision, args.device)
+    LOG.info("precision %s (%s)", args.precision, why)
     common.autocast_context(args.device, args.precision)
     check_output_dir(args.output_dir, args.overwrite)
     checkpoint = resolve_checkpoint(args.checkpoint)

@@ -4,11 +4,14 @@ Generates camera-size JPEGs, then measures in one process (medians of timed repe
 warm-up): training and inference throughput on preloaded tensors (the model alone) against the
 real loop reading files (full decode, JPEG draft decode, pre-resized copies); the text tower with
 and without unique-caption encoding; decode rates; compute efficiency against a measured matmul
-peak; peak memory. Ratios are what to read: they compare paths measured on the same machine.
+peak; peak memory; bf16 against fp32 (model-only training step and image encoding, interleaved,
+best of the repeats) and how often bf16 and fp32 predict the same class on demo-cohort images.
+Ratios are what to read: they compare paths measured on the same machine.
 
     $ python benchmarks/run.py --quick                      # <= 3 minutes on 2 CPU cores
     $ python benchmarks/run.py --quick --json bench.json
     $ python benchmarks/run.py --model-name ViT-B-32-256 --batch-size 32 --repeats 10
+    $ python benchmarks/run.py --bf16-only --batch-size 8 --infer-batch-size 32   # bf16 vs fp32 only
 """
 
 import argparse
@@ -32,6 +35,9 @@ import clip_train  # noqa: E402
 import common  # noqa: E402
 import data_preprocess  # noqa: E402
 import prompts as prompt_sets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
+import make_demo_cohort  # noqa: E402
 
 CAMERA_SIZE_PX = (3000, 2000)  # a 6 MP phone/camera photograph
 JPEG_QUALITY = 90
@@ -192,9 +198,11 @@ def benchmark_inference(model, transforms, files_by_mode, opts):
     images = torch.randn(batch, 3, size, size, device=device)
     model.eval()
 
+    encoder = common.image_encoder(model, device, opts.precision)  # the path inference.py runs
+
     def encode(x):
-        with torch.inference_mode(), common.autocast_context(device, opts.precision):
-            model.encode_image(x)
+        with torch.inference_mode():
+            encoder(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -210,6 +218,70 @@ def benchmark_inference(model, transforms, files_by_mode, opts):
         results[f"infer_e2e_{mode}_images_per_s"] = batch / e2e[mode]
         results[f"infer_e2e_over_model_{mode}"] = neighbours[mode] / e2e[mode]
     return results
+
+
+def interleaved_best(fns, repeats):
+    """{name: best wall seconds} of each fn, the fns called in turn `repeats` times after one
+    warm-up round: a shared CPU's slow minutes fall on every path alike, and the best of the
+    repeats is the least disturbed one."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:  # round 0 warms up (allocator, oneDNN kernels, autocast caches)
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def benchmark_bf16_speedups(model, tokenizer, opts):
+    """Model-only training step and image-encoding batch, fp32 against bf16 (training: autocast
+    with fp32 master weights; inference: common.image_encoder, the path inference.py runs)."""
+    device = opts.device
+    classes = prompt_sets.load_prompt_set()
+    size = common.model_image_size(model)
+    images = torch.randn(opts.batch_size, 3, size, size, device=device)
+    labels = torch.tensor([i % 3 for i in range(opts.batch_size)])
+    contexts = {p: training_context(model, tokenizer, classes, device, p, opts.batch_size) for p in ("fp32", "bf16")}
+    model.train()
+    train = interleaved_best({p: lambda p=p: train_step(model, contexts[p], images, labels) for p in contexts},
+                             opts.repeats)
+    model.eval()
+    batch = torch.randn(opts.infer_batch_size, 3, size, size, device=device)
+    encoders = {p: common.image_encoder(model, device, p) for p in ("fp32", "bf16")}
+
+    def encode(precision):
+        with torch.inference_mode():
+            encoders[precision](batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    infer = interleaved_best({p: lambda p=p: encode(p) for p in encoders}, opts.repeats)
+    return {"train_fp32_step_s": train["fp32"], "train_bf16_step_s": train["bf16"],
+            "train_bf16_speedup": train["fp32"] / train["bf16"],
+            "infer_fp32_batch_s": infer["fp32"], "infer_bf16_batch_s": infer["bf16"],
+            "infer_bf16_speedup": infer["fp32"] / infer["bf16"]}
+
+
+def bf16_agreement(model, tokenizer, transform, folder, opts):
+    """Share of demo-cohort images for which bf16 and fp32 encoding predict the same class with
+    the model's zero-shot classifier (fp32, evaluation prompts), and the lowest cosine between
+    the two feature vectors of an image."""
+    root = Path(folder) / "demo"
+    make_demo_cohort.write_cohort(root, opts.agreement_counts, 0)
+    classes = prompt_sets.load_prompt_set()
+    items = common.load_labelled_items(str(root), prompt_sets.class_folders(classes), None)
+    size = common.model_image_size(model)
+    dataset = common.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opts.infer_batch_size, num_workers=0)
+    model.eval()
+    with torch.inference_mode():
+        classifier = common.build_zero_shot_classifier(model, tokenizer, [c.eval for c in classes], opts.device)
+        features = {p: common.encode_image_batches(model, loader, opts.device, p)[0] for p in ("fp32", "bf16")}
+    preds = {p: (f @ classifier.float().cpu()).argmax(dim=1) for p, f in features.items()}
+    cosine = torch.nn.functional.cosine_similarity(features["fp32"], features["bf16"], dim=1)
+    return {"bf16_prediction_agreement": float((preds["fp32"] == preds["bf16"]).float().mean()),
+            "bf16_agreement_images": len(items), "bf16_feature_cosine_min": float(cosine.min())}
 
 
 def benchmark_text_dedup(model, tokenizer, opts):
@@ -282,11 +354,19 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measure (>= 5; quick: 5)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: as training)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="precision of the end-to-end and text measures (auto: as the scripts, bf16 where "
+                             "the hardware multiplies bf16 natively); bf16 vs fp32 is measured either way")
+    parser.add_argument("--agreement-images", type=int, default=None,
+                        help="demo-cohort images for bf16_prediction_agreement (quick: 48; else 240)")
+    parser.add_argument("--bf16-only", action="store_true",
+                        help="only the bf16-vs-fp32 measures (speedups and prediction agreement)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    quick = {"batch_size": 4, "infer_batch_size": 8, "images": 8, "repeats": 5, "caption_batch": 48}
-    full = {"batch_size": 16, "infer_batch_size": 64, "images": 32, "repeats": 10, "caption_batch": 200}
+    quick = {"batch_size": 4, "infer_batch_size": 8, "images": 8, "repeats": 5, "caption_batch": 48,
+             "agreement_images": 48}
+    full = {"batch_size": 16, "infer_batch_size": 64, "images": 32, "repeats": 10, "caption_batch": 200,
+            "agreement_images": 240}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -294,6 +374,11 @@ def parse_args(argv=None):
         parser.error("--repeats must be >= 5 (medians of at least five timed repeats)")
     if min(args.batch_size, args.infer_batch_size, args.images) < 2:
         parser.error("--batch-size, --infer-batch-size and --images must be >= 2")
+    if args.agreement_images < 3:
+        parser.error("--agreement-images must be >= 3 (one per class at least)")
+    # the demo cohort's proportions (40 / 120 / 80), at least one image per class
+    share = (1, 3, 2)
+    args.agreement_counts = tuple(max(1, round(args.agreement_images * k / 6)) for k in share)
     args.workers = common.default_workers(args.device) if args.workers is None else args.workers
     return args
 
@@ -301,7 +386,8 @@ def parse_args(argv=None):
 def main(argv=None):
     opts = parse_args(argv)
     opts.device = common.resolve_device(opts.device)
-    opts.precision = opts.precision or ("bf16" if opts.device.type == "cuda" else "fp32")
+    opts.precision, why = common.resolve_precision(opts.precision, opts.device)
+    print(f"precision {opts.precision} ({why})", file=sys.stderr)
     torch.manual_seed(0)
     model_name = opts.model_name
     if opts.model_config:
@@ -310,15 +396,23 @@ def main(argv=None):
     size = common.model_image_size(model)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        results = {"model": model_name, "device": str(opts.device), "precision": opts.precision,
+                   "precision_why": why, "batch_size": opts.batch_size, "infer_batch_size": opts.infer_batch_size,
+                   "workers": opts.workers, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "cpu_native_bf16": common.cpu_native_bf16()}
+        results.update(benchmark_bf16_speedups(model, tokenizer, opts))
+        results.update(bf16_agreement(model, tokenizer, val_tf, tmp, opts))
+        if opts.bf16_only:
+            print(markdown_table(results))
+            if opts.json:
+                common.atomic_write_json(opts.json, results)
+            return 0
         print(f"generating {opts.images} camera JPEGs {CAMERA_SIZE_PX[0]}x{CAMERA_SIZE_PX[1]} ...", file=sys.stderr)
         paths = make_camera_jpegs(Path(tmp) / "camera", opts.images)
         # The README's setting for camera photographs: data_preprocess.py --resize-px at twice the
         # model input (crops and augmentation keep full resolution; draft decoding does the rest).
         resized = make_resized_copies(paths, Path(tmp) / "resized", 2 * size)
         files_by_mode = {"full": (paths, None), "draft": (paths, size), "pre_resized": (resized, size)}
-        results = {"model": model_name, "device": str(opts.device), "precision": opts.precision,
-                   "batch_size": opts.batch_size, "workers": opts.workers, "cpu_count": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads()}
         results.update(decode_rates(paths, size, resized, opts.repeats))
         results.update(benchmark_text_dedup(model, tokenizer, opts))
         results.update(benchmark_training(model, tokenizer, (train_tf, val_tf), files_by_mode, opts))

@@ -35,6 +35,14 @@ def tree_state(*roots):
     return state
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """`--precision auto` resolves to fp32 in every test, whatever CPU runs the suite: the tests
+    that compare numbers exactly stay exact on AMX/AVX512-BF16 machines too. Tests of bf16 pass
+    `--precision bf16`, or patch `common.cpu_native_bf16` back to a native answer."""
+    monkeypatch.setattr(common, "cpu_native_bf16", lambda: None)
+
+
 @pytest.fixture
 def tiny_config():
     """Path of the tiny open_clip architecture JSON (registered as 'tiny_clip')."""

@@ -3,12 +3,15 @@
 import json
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, TINY_CONFIG
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import run as harness  # noqa: E402
 
-KEYS = ("train_e2e_over_model", "infer_e2e_over_model", "text_dedup_speedup",
+KEYS = ("train_e2e_over_model", "infer_e2e_over_model", "text_dedup_speedup", "train_bf16_speedup",
+        "infer_bf16_speedup", "bf16_prediction_agreement",
         "decode_full_images_per_s", "decode_draft_images_per_s", "decode_pre_resized_images_per_s",
         "train_model_samples_per_s", "train_compute_efficiency", "matmul_peak_flops", "peak_memory_bytes")
 
@@ -17,10 +20,17 @@ def test_harness_reports_all_measures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",
                          "--images", "2", "--repeats", "5", "--caption-batch", "24", "--workers", "0",
-                         "--json", str(out)]) == 0
+                         "--agreement-images", "6", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     for key in KEYS:
         assert results[key] > 0, key
+    assert results["precision"] == "fp32"  # auto without native bf16 (conftest): the e2e measures in fp32
+    assert results["bf16_agreement_images"] == 6 and results["bf16_prediction_agreement"] <= 1
+    assert results["bf16_feature_cosine_min"] > 0.99
+    for key in ("train", "infer"):  # each speedup is the ratio of the two times it reports
+        fp32, bf16 = results[f"{key}_fp32_{'step' if key == 'train' else 'batch'}_s"], \
+            results[f"{key}_bf16_{'step' if key == 'train' else 'batch'}_s"]
+        assert results[f"{key}_bf16_speedup"] == fp32 / bf16
     assert 3 <= results["text_unique_captions"] <= 13 and results["text_captions"] == 24  # 13 prompts in all
     # Draft decoding of a 3000x2000 JPEG to >= 64 px is several times faster than a full decode.
     assert results["decode_draft_images_per_s"] > 2 * results["decode_full_images_per_s"]
@@ -53,3 +63,44 @@ def test_gpu_smoke_parses_its_arguments_and_skips_cleanly_without_a_gpu(tmp_path
         raise AssertionError("--images 3 was accepted")
     rows = [{"case": "bf16", "exit": 0, "train_loss": 1.5}]
     assert gpu_smoke.markdown_table(rows).splitlines()[2] == "| bf16 | 0 | 1.5 |"
+
+
+def test_interleaved_best_takes_each_paths_fastest_timed_call(monkeypatch):
+    calls = []
+    clock = iter([0.0, 3.0,  # warm-up round: the start of each call, never counted
+                  10.0, 12.0, 20.0, 20.5,  # round 1: a 2 s, b 0.5 s
+                  30.0, 31.0, 40.0, 41.0])  # round 2: a 1 s, b 1 s
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
+    best = harness.interleaved_best({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+    assert calls == ["a", "b"] * 3  # interleaved: a, b, a, b, ...
+    assert best == {"a": 1.0, "b": 0.5}
+
+
+def test_agreement_counts_keep_the_demo_proportions():
+    opts = harness.parse_args(["--agreement-images", "240"])
+    assert opts.agreement_counts == (40, 120, 80)
+    assert harness.parse_args(["--agreement-images", "3"]).agreement_counts == (1, 2, 1)
+
+
+def test_bf16_only_measures_precision_and_nothing_else(tmp_path):
+    out = tmp_path / "bf16.json"
+    assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",
+                         "--repeats", "5", "--agreement-images", "3", "--bf16-only", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["train_bf16_speedup"] > 0 and results["infer_bf16_speedup"] > 0
+    assert results["bf16_agreement_images"] == 4  # (1, 2, 1): the demo proportions, one image at least
+    assert "train_e2e_over_model" not in results and "decode_full_images_per_s" not in results
+
+
+def test_agreement_metric_differences_walk_every_metric_with_a_ci():
+    import bf16_agreement
+    fp32 = {"n": 10, "accuracy": 0.8, "accuracy_ci": [0.6, 1.0], "ece": 0.1, "ece_ci": [0.0, 0.2],
+            "macro_auroc": None, "macro_auroc_ci": None,
+            "per_class": {"orbital disease": {"support": 3, "sensitivity": 0.5, "sensitivity_ci": [0.25, 0.75]}}}
+    bf16 = {"n": 10, "accuracy": 0.7, "accuracy_ci": [0.5, 0.9], "ece": 0.1, "ece_ci": [0.0, 0.2],
+            "macro_auroc": None, "macro_auroc_ci": None,
+            "per_class": {"orbital disease": {"support": 3, "sensitivity": 0.55, "sensitivity_ci": [0.3, 0.8]}}}
+    rows = {r[0]: r[1:] for r in bf16_agreement.metric_differences(fp32, bf16)}
+    assert set(rows) == {"accuracy", "ece", "per_class.orbital disease.sensitivity"}  # no CI, no row
+    assert rows["accuracy"] == pytest.approx((0.8, 0.7, 0.1, 0.2))  # |diff| 0.1, half-width of fp32's CI
+    assert rows["per_class.orbital disease.sensitivity"] == pytest.approx((0.5, 0.55, 0.05, 0.25))

@@ -20,7 +20,7 @@ EPOCHS = 6
 def argv(train_dir, val_dir, save_dir, *extra):
     return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
             "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
-            "--epochs", str(EPOCHS), "--workers", "0", "--no-progress", *extra]
+            "--epochs", str(EPOCHS), "--workers", "0", "--no-progress", "--precision", "fp32", *extra]
 
 
 def start(args, cwd):
