@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
-from metrics import fit_temperature, mean_nll, operating_point, selection_metrics
+from metrics import fit_temperature, is_improvement, mean_nll, operating_point, selection_metrics
 
 LOG = logging.getLogger("clip_train")
 BEST_NAME = "clip_model_epoch_best.pt"  # published file names
@@ -267,30 +267,6 @@ def warmup_spec(text):
     if value < 0 or (text.endswith("%") and value > 100):
         raise argparse.ArgumentTypeError(f"must be 0..total steps or 0%..100%, got {text!r}")
     return text
-
-
-def is_improvement(value, best, metric):
-    """Strictly better (the published rule); lower is better only for val_loss. NaN never wins."""
-    if value is None or math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value < best if metric == "val_loss" else value > best
-
-
-def plain(value):
-    """args and metrics as JSON/weights_only-safe primitives."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +569,7 @@ def checkpoint_metadata(model, ctx, state, metrics):
         "preprocess_cfg": ctx.get("preprocess_cfg"),  # open_clip's mean/std/resize: rebuilt offline
         "logit_scale_mode": args.logit_scale_mode,
         "epoch": state["epoch"],
-        "metrics": plain(metrics),
+        "metrics": common.plain(metrics),
         "select_metric": args.select_metric,
         # Tuned on validation only; inference never re-tunes them on the external cohort.
         "operating_point": {"class": ctx["classes"][0].folder,
@@ -611,8 +587,8 @@ def rng_snapshot(ctx):
     numpy_state = np.random.get_state()
     snapshot = {
         "torch": torch.get_rng_state(),
-        "python": plain(random.getstate()),
-        "caption_rng": plain(ctx["caption_rng"].getstate()),
+        "python": common.plain(random.getstate()),
+        "caption_rng": common.plain(ctx["caption_rng"].getstate()),
         "loader_generator": ctx["generator"].get_state(),
         "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
@@ -668,7 +644,7 @@ def save_last(model, ctx, state, metrics):
         "step": state["step"],
         "best_value": state["best_value"],
         "best_epoch": state["best_epoch"],
-        "history": plain(state["history"]),
+        "history": common.plain(state["history"]),
         "stopped": bool(state["stopped"]),  # early-stopped: a resume trains no further
         "finished": False,  # set by mark_finished once the final checkpoint is written
     })
@@ -1175,7 +1151,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     train_loss, seen, skipped, seconds_train = train_stats
     metrics = validate(model, val_loader, ctx)
     value = metrics[args.select_metric]
-    best = is_improvement(value, state["best_value"], args.select_metric)
+    best = is_improvement(value, state["best_value"], lower_is_better=args.select_metric == "val_loss")
     if best:
         state["best_value"], state["best_epoch"] = value, state["epoch"]
         meta = checkpoint_metadata(model, ctx, state, metrics)
@@ -1188,7 +1164,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
-    state["history"].append(plain(row))
+    state["history"].append(common.plain(row))
     stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)
@@ -1248,7 +1224,7 @@ def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
                        "values": values, "chosen_alpha": chosen,
                        "chosen_calibration": calibration[str(chosen)] if str(chosen) in calibration else None,
                        "calibration": calibration}
-    best["wise_ft"] = plain(best["wise_ft"])
+    best["wise_ft"] = common.plain(best["wise_ft"])
     common.atomic_write(save_dir / BEST_NAME, lambda handle: torch.save(best, handle))
     common.atomic_write_csv(save_dir / "wise_ft_validation.csv", pd.DataFrame(rows))
     model.load_state_dict(best["state_dict"])
@@ -1296,7 +1272,7 @@ def check_steps_can_run(n_train, args):
 def build_context(args, model, tokenizer, classes, model_config, n_train):
     """Everything the epoch loop needs besides the model and the loaders."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    args_dict = plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
+    args_dict = common.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
     return {
         "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
         "model_config": model_config, "image_size_px": common.model_image_size(model),

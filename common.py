@@ -8,6 +8,7 @@ import csv
 import hashlib
 import importlib
 import io
+import dataclasses
 import json
 import logging
 import os
@@ -1002,6 +1003,22 @@ def environment_info():
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
+
+
+def plain(value):
+    """Records, args and metrics as JSON/weights_only-safe primitives (dataclasses and dicts as
+    dicts, tuples as lists, paths and devices as text, numpy scalars as numbers)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
 
 
 def hide_flag_values(argv, name, replacement):

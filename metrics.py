@@ -624,6 +624,16 @@ def format_p(p):
 # Validation during training (clip_train.py): checkpoint selection, operating threshold, temperature
 
 
+def is_improvement(value, best, lower_is_better=False):
+    """Whether `value` beats `best` strictly (the published rule: a tie keeps the earlier
+    checkpoint); NaN or None never wins, and anything beats no best yet."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if lower_is_better else value > best
+
+
 def selection_metrics(y_true, probs, rare_index=0):
     """The checkpoint-selection metrics of one validation pass, computed by the code behind the
     point estimates of metrics.json (so a checkpoint is chosen by the numbers inference reports).

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import metrics  # noqa: E402
+from metrics import is_improvement  # noqa: E402
 import prompts as prompt_sets  # noqa: E402
 import report  # noqa: E402
 
@@ -112,13 +113,6 @@ def sample_weights(labels):
     return compute_sample_weight("balanced", np.asarray(labels))
 
 
-def is_improvement(value, best):
-    """Strictly better, so ties keep the earlier epoch (as clip_train.py); NaN never wins."""
-    if value is None or math.isnan(value):
-        return False
-    return best is None or value > best
-
-
 def remap_densenet_keys(state_dict):
     """DenseNet 'denselayerN.norm.1.weight' -> 'denselayerN.norm1.weight' (see DENSENET_OLD_KEY)."""
     out = {}
@@ -147,19 +141,6 @@ def predictions_frame(cohorts, probs, statuses):
         columns[f"prob_{folder}"] = probs[:, k]
     columns["status"] = list(statuses)
     return pd.DataFrame(columns)
-
-
-def plain(value):
-    """args and metrics as JSON / weights_only-safe primitives."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +463,7 @@ def run_record(args, argv, cohorts, weights, class_weights):
     """args.json in the layout of the other scripts (common.run_record), with the classes, the
     starting weights, the class weights and the image counts under `run`."""
     import torchvision
-    record = common.run_record("baselines/train_cnn.py", argv, args, plain({
+    record = common.run_record("baselines/train_cnn.py", argv, args, common.plain({
         "class_folders": cohorts.folders, "weights": vars(weights),
         "class_weights": None if class_weights is None else class_weights.tolist(),
         "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)}}))
@@ -514,12 +495,12 @@ def fit(args, cohorts, model, record, save_dir):
         best = is_improvement(metrics["val_balanced_accuracy"], best_value)
         if best:
             best_value, best_epoch = metrics["val_balanced_accuracy"], epoch
-            common.save_checkpoint(save_dir / BEST_NAME, model, plain({
+            common.save_checkpoint(save_dir / BEST_NAME, model, common.plain({
                 "format": CHECKPOINT_FORMAT, "arch": args.arch, "class_folders": cohorts.folders,
                 "image_size_px": args.image_size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
                 "weights": record["run"]["weights"], "epoch": epoch, "metrics": metrics,
                 "args": record["args"], "argv": record["argv"]}))
-        history.append(plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
+        history.append(common.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                               "skipped_images": skipped, "seconds": time.perf_counter() - start,
                               "is_best": best}))
         common.atomic_write_csv(save_dir / "metrics.csv", pd.DataFrame(history))

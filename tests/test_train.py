@@ -13,6 +13,7 @@ import torch
 
 import clip_train
 import common
+import metrics
 import prompts
 from conftest import REPO_ROOT, TINY_CONFIG
 
@@ -71,10 +72,11 @@ def test_loss_scale_modes():
 
 
 def test_is_improvement_is_strict():
-    assert clip_train.is_improvement(0.5, None, "accuracy")
-    assert not clip_train.is_improvement(0.5, 0.5, "accuracy")
-    assert clip_train.is_improvement(0.4, 0.5, "val_loss")
-    assert not clip_train.is_improvement(float("nan"), 0.1, "accuracy")
+    assert metrics.is_improvement(0.5, None)
+    assert not metrics.is_improvement(0.5, 0.5)
+    assert metrics.is_improvement(0.4, 0.5, lower_is_better=True)
+    assert not metrics.is_improvement(0.6, 0.5, lower_is_better=True)
+    assert not metrics.is_improvement(float("nan"), 0.1)
 
 
 def test_unique_caption_encoding_is_exact():

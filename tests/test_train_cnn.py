@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 import common
+import metrics
 import make_demo_cohort
 from baselines import train_cnn
 from conftest import REPO_ROOT, tree_state
@@ -86,10 +87,10 @@ def test_balanced_sampling_draws_every_class_equally_often(tmp_path):
 
 
 def test_is_improvement_strictly_better_and_nan_never_wins():
-    assert train_cnn.is_improvement(0.5, None)
-    assert train_cnn.is_improvement(0.6, 0.5)
-    assert not train_cnn.is_improvement(0.5, 0.5)  # a tie keeps the earlier epoch
-    assert not train_cnn.is_improvement(float("nan"), None)
+    assert metrics.is_improvement(0.5, None)
+    assert metrics.is_improvement(0.6, 0.5)
+    assert not metrics.is_improvement(0.5, 0.5)  # a tie keeps the earlier epoch
+    assert not metrics.is_improvement(float("nan"), None)
 
 
 def test_remap_densenet_keys():
