@@ -495,3 +495,61 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint,
     (line,) = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
     assert message in line and "Traceback" not in err
     assert not out.exists()
+
+
+# -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
+
+def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
+    import data_preprocess
+    data = make_cohort("data", (10, 24, 15), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv", seed=1)
+    out = tmp_path / "split"
+    assert data_preprocess.main(["--data-root", str(data), "--out-dir", str(out), "--metadata",
+                                 str(tmp_path / "meta.csv"), "--stratify-by", "site", "--test-ratio",
+                                 "0.2", "--near-dup-distance", "0", "--no-progress"]) == 0
+    manifest = read_csv(out / "manifest.csv")
+    assert list(manifest.columns)[-3:] == ["site", "sex", "age"]
+    joined = manifest.merge(meta, left_on="source", right_on="path", suffixes=("", "_meta"))
+    assert len(joined) == len(meta) and (joined["site"] == joined["site_meta"]).all()
+    assert (joined["age"] == joined["age_meta"]).all()
+    for (label, site), stratum in manifest.groupby(["label", "site"]):
+        expected = data_preprocess.allocate_split_counts(len(stratum), 0.2, 0.2)
+        counts = tuple(int((stratum["split"] == s).sum()) for s in ("train", "val", "test"))
+        assert counts == expected, (label, site)
+    # the manifest's columns drive inference's subgroups directly
+    run_args = ["--split", "test", "--subgroups", "site"]
+    ckpt = tmp_path / "ours.pt"
+    torch.manual_seed(0)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    common.save_checkpoint(ckpt, model, tiny_metadata())
+    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval", *run_args) == 0
+    table = read_csv(tmp_path / "eval" / "subgroups.csv")
+    test_rows = manifest[manifest["split"] == "test"]
+    assert dict(zip(table["level"], table["n"])) == test_rows["site"].value_counts().to_dict()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stratify-by", "site"], "--stratify-by names a column of --metadata"),
+    (["--metadata", "meta.csv", "--stratify-by", "hospital"], "--stratify-by hospital: no such column"),
+    (["--metadata", "reserved.csv"], "column 'split' is a manifest column"),
+    (["--metadata", "twice.csv"], "row 3: path"),
+])
+def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path, capsys, extra, message):
+    import data_preprocess
+    from conftest import tree_state
+    data = make_cohort("data", (4, 6, 5), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv")
+    meta.assign(split="x").to_csv(tmp_path / "reserved.csv", index=False)
+    pd.concat([meta.iloc[:1], meta]).to_csv(tmp_path / "twice.csv", index=False)
+    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    before = tree_state(data)
+    capsys.readouterr()
+    try:
+        code = data_preprocess.main(["--data-root", str(data), "--out-dir", str(tmp_path / "split"),
+                                     "--no-progress", *extra])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "split").exists() and tree_state(data) == before
