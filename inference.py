@@ -57,10 +57,11 @@ from tqdm import tqdm
 import common
 import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
-                     compare_predictions, compute_metrics, subgroup_analysis, finite_or_none, intention_to_diagnose, operating_point_metrics,
-                     rule_predictions, softmax)
-from report import (FIGURE_NAMES, comparison_frame, plot_comparison, plot_subgroups, subgroups_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, predictions_frame, relative_path, render_report, write_figures)
+                     compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
+                     operating_point_metrics, rule_predictions, softmax, subgroup_analysis)
+from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
+                    per_class_frame, plot_comparison, plot_subgroups, predictions_frame, relative_path,
+                    render_report, subgroups_frame, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
