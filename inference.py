@@ -20,13 +20,17 @@ the bootstrap resample patients, not images):
     $ python inference.py --test-dir splits/manifest.csv --checkpoint best.pt \\
           --baseline datacomp_s34b_b86k --output-dir results_vs_zero_shot --cache-dir emb_cache
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
+          --compare resnet50=runs/resnet50/predictions.csv --metadata meta.csv --subgroups site
+    $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
           --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
 
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
 prob_histograms and confusion_matrix figures (.png and .pdf), report.md (one page that maps each
-output to the checklist item it serves), args.json; with --baseline also comparison.csv and
-baseline_predictions.csv; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
+output to the checklist item it serves), args.json; with --baseline or --compare NAME=FILE (other
+models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
+baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
+subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
 alpha and wise_ft_summary.csv.
 """
 
@@ -52,11 +56,12 @@ from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
-from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, compare_models,
-                     compute_metrics, finite_or_none, intention_to_diagnose, operating_point_metrics,
-                     rule_predictions, softmax)
+from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
+                     compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
+                     operating_point_metrics, rule_predictions, softmax, subgroup_analysis)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, predictions_frame, relative_path, render_report, write_figures)
+                    per_class_frame, plot_comparison, plot_subgroups, predictions_frame, relative_path,
+                    render_report, subgroups_frame, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -67,7 +72,9 @@ WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                *(f"{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")))
+                "subgroups.csv",
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "subgroups")
+                  for ext in ("png", "pdf")))
 
 
 
@@ -141,6 +148,8 @@ class Setup:
     wise: WiseFT | None
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
+    compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -431,6 +440,308 @@ def collect_cohort(args, folders):
         cohort.groups = regex_groups(cohort.items, cohort.root, args.group_regex)
         cohort.group_source = f"--group-regex {args.group_regex}"
     return cohort
+
+
+# ----------------------------------------------------------------------------------------------
+# Other models' and readers' answers (--compare NAME=FILE)
+
+
+@dataclasses.dataclass
+class ExternalPredictions:
+    """Another model's (or reader's) answers on the cohort, in the cohort's image order."""
+    source: str  # the file read
+    paths: list  # cohort paths (relative, forward slashes), the order of `cohort_paths`
+    pred_index: np.ndarray  # (N,) int class index in `folders`, -1 for a failed row
+    probs: np.ndarray | None  # (N, C) float in `folders` order, NaN rows where failed; None: no prob_ columns
+    statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
+    answer_column: str  # 'pred_label' or 'answer'
+
+
+def normalise_answer(text):
+    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ')."""
+    return " ".join(str(text).split()).casefold()
+
+
+def normalise_relative_path(text):
+    """A path cell as predictions.csv writes it: forward slashes, no leading './', no padding."""
+    text = str(text).strip().replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    return text
+
+
+def answer_lookup(folders, label_map, where):
+    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`."""
+    lookup = {normalise_answer(folder): k for k, folder in enumerate(folders)}
+    for folder, synonyms in (label_map or {}).items():
+        if folder not in folders:
+            raise ValueError(f"{where}: label map names {folder!r}, not a class of {folders}")
+        for synonym in [synonyms] if isinstance(synonyms, str) else synonyms:
+            key = normalise_answer(synonym)
+            if lookup.get(key, folders.index(folder)) != folders.index(folder):
+                raise ValueError(f"{where}: label map answer {synonym!r} names two classes")
+            lookup[key] = folders.index(folder)
+    return lookup
+
+
+def read_csv_rows(path, where):
+    """(header, [(line number, {column: cell})]) of a CSV file; ValueError when malformed."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise ValueError(f"{where}: row 1: empty file (expected a header with path and pred_label)")
+            header = [cell.strip() for cell in header]
+            if len(set(header)) != len(header):
+                raise ValueError(f"{where}: row 1: a column name appears twice")
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue  # a blank line, e.g. a trailing newline
+                if len(cells) != len(header):
+                    raise ValueError(f"{where}: row {reader.line_num}: {len(cells)} fields, the "
+                                     f"header has {len(header)} (a malformed CSV)")
+                rows.append((reader.line_num, dict(zip(header, cells))))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{where}: not a readable UTF-8 CSV ({err})") from None
+    if not rows:
+        raise ValueError(f"{where}: row 2: no data rows")
+    return header, rows
+
+
+def external_prob_columns(header, folders, where):
+    """The prob_<folder> columns in `folders` order, or None when the file has none; refused
+    when only some classes have one or a prob_ column names another class (prob_cal_* of our own
+    predictions.csv are ignored)."""
+    named = [c for c in header if c.startswith("prob_") and not c.startswith("prob_cal_")]
+    if not named:
+        return None
+    unknown = [c for c in named if c[len("prob_"):] not in folders]
+    if unknown:
+        raise ValueError(f"{where}: row 1: column {unknown[0]!r} is not a class of {folders}")
+    missing = [f"prob_{f}" for f in folders if f"prob_{f}" not in header]
+    if missing:
+        raise ValueError(f"{where}: row 1: has prob_ columns but lacks {missing[0]!r} (give one "
+                         "per class, or none)")
+    return [f"prob_{f}" for f in folders]
+
+
+def parse_probabilities(cells, where):
+    """(C,) floats of one ok row, each finite and in [0, 1]."""
+    try:
+        values = np.array([float(cell) for cell in cells], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{where}: probabilities {cells} are not all numbers") from None
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise ValueError(f"{where}: probabilities {cells} must be numbers in [0, 1]")
+    return values
+
+
+def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
+                              true_labels=None):
+    """Read another model's or reader's answers and match them to the cohort by path.
+
+    Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
+    label_map=None, true_labels=None) -> ExternalPredictions.
+
+    Parameters
+    ----------
+    path : str or Path
+        A CSV with columns `path` (as in our predictions.csv: relative to the cohort root, forward
+        slashes; backslashes and a leading './' are tolerated) and `pred_label` (or `answer`);
+        optional `prob_<folder>` for every class (all or none), optional `status` (a row whose
+        status starts with 'failed' is a failed row: no prediction, no probabilities), optional
+        `true_label` (checked against `true_labels` when both exist). Other columns are ignored.
+    cohort_paths : list of str
+        The cohort's images in evaluation order, written like predictions.csv's path column.
+    folders : list of str
+        Class folder names; class index = position.
+    flag : str
+        Named in every error message ('--compare NAME=', '--baseline', ...).
+    label_map : dict folder -> list of str, optional
+        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
+        Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
+        is refused; with it an empty, unmapped or refused answer becomes a failed row with status
+        "failed: unmapped answer '<answer>'".
+    true_labels : list of str, optional
+        The cohort's true folder per image, checked against a `true_label` column.
+
+    Returns
+    -------
+    ExternalPredictions (pred_index -1 and NaN probabilities on failed rows).
+
+    Raises
+    ------
+    ValueError, one line naming `flag`, the file and the first offending row (row 1 = header):
+    a malformed or empty file, no path or pred_label/answer column, a duplicate, extra or missing
+    image, an unknown label (without `label_map`), a probability that is not a number in [0, 1],
+    a true_label that differs from the cohort's.
+    """
+    where = f"{flag} {path}"
+    lookup = answer_lookup(list(folders), label_map, where)
+    header, rows = read_csv_rows(path, where)
+    answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
+    if "path" not in header or answer_column is None:
+        raise ValueError(f"{where}: row 1: needs a 'path' and a 'pred_label' (or 'answer') column, "
+                         f"has {header}")
+    prob_columns = external_prob_columns(header, list(folders), where)
+    position = {p: i for i, p in enumerate(cohort_paths)}
+    n = len(cohort_paths)
+    pred_index = np.full(n, -1, dtype=np.int64)
+    probs = None if prob_columns is None else np.full((n, len(folders)), np.nan)
+    statuses, seen = [None] * n, {}
+    for line, row in rows:
+        here = f"{where}: row {line}"
+        image = normalise_relative_path(row["path"])
+        if image not in position:
+            raise ValueError(f"{here}: image {image!r} is not in the cohort (an extra image, or "
+                             "a path not relative to the test folder)")
+        if image in seen:
+            raise ValueError(f"{here}: image {image!r} already on row {seen[image]}")
+        seen[image], i = line, position[image]
+        if true_labels is not None and "true_label" in row and row["true_label"].strip() \
+                and normalise_answer(row["true_label"]) != normalise_answer(true_labels[i]):
+            raise ValueError(f"{here}: true_label {row['true_label']!r} of {image!r} differs from "
+                             f"the cohort's {true_labels[i]!r} (predictions of another cohort?)")
+        status = row.get("status", "ok").strip() or "ok"
+        if status.lower().startswith("failed"):
+            statuses[i] = status
+            continue
+        answer = row[answer_column]
+        index = lookup.get(normalise_answer(answer))
+        if index is None and label_map is None:
+            raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
+                             "(pass a label map of synonyms to count it as a failed answer)")
+        if index is None:
+            statuses[i] = f"failed: unmapped answer {answer.strip()!r}"
+            continue
+        pred_index[i], statuses[i] = index, "ok"
+        if prob_columns is not None:
+            probs[i] = parse_probabilities([row[c].strip() for c in prob_columns], here)
+    missing = [p for p in cohort_paths if p not in seen]
+    if missing:
+        raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
+                         "images missing); give one row per image")
+    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subgroups and sites (--metadata, --subgroups, --age-bins)
+
+MANIFEST_OWN_COLUMNS = {"path", "source", "label", "split", "group", "sha256", "fold", "resized_px",
+                        "sha256_written"}  # not patient attributes
+MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
+MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
+
+
+def parse_bins(text):
+    """--age-bins '0,40,60,120' -> [0.0, 40.0, 60.0, 120.0] (increasing), or ValueError."""
+    edges = [float(part) for part in text.split(",") if part.strip()]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError("needs at least two increasing numbers, e.g. 0,40,60,120")
+    return edges
+
+
+def bin_label(value, edges):
+    """'[40, 60)' for 45 with edges 0,40,60,120 (the last bin closed), or None outside them."""
+    for i, (low, high) in enumerate(zip(edges, edges[1:])):
+        last = i == len(edges) - 2
+        if low <= value < high or (last and value == high):
+            return f"[{low:g}, {high:g}{']' if last else ')'}"
+    return None
+
+
+def as_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def attribute_levels(name, values, edges, paths, where):
+    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
+    --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
+    given = [v.strip() for v in values if v.strip()]
+    numeric = bool(given) and all(as_number(v) is not None for v in given)
+    if not numeric or edges is None:
+        if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
+            raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "
+                             "pass --age-bins EDGES (e.g. 0,40,60,120) to group them")
+        return [v.strip() or MISSING_LEVEL for v in values]
+    levels = []
+    for value, path in zip(values, paths):
+        if not value.strip():
+            levels.append(MISSING_LEVEL)
+            continue
+        label = bin_label(as_number(value), edges)
+        if label is None:
+            raise ValueError(f"--age-bins: {name} {value} of {path!r} in {where} lies outside the "
+                             f"bins {edges[0]:g}-{edges[-1]:g}; widen them")
+        levels.append(label)
+    return levels
+
+
+def metadata_table(args, cohort):
+    """(where, {column: [value per cohort image]}) from --metadata (keyed by path or by file
+    name) or, for a manifest --test-dir, the manifest's own extra columns."""
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    if args.metadata:
+        where = f"--metadata {args.metadata}"
+        header, rows = read_csv_rows(args.metadata, where)
+        key = "path" if "path" in header else "file" if "file" in header else None
+        if key is None:
+            raise ValueError(f"{where}: row 1: needs a 'path' column (as in predictions.csv) or a "
+                             f"'file' column of file names, has {header}")
+        names = [Path(p).name for p in paths]
+        if key == "file" and len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{where}: file name {twice!r} occurs twice in the cohort; give a "
+                             "'path' column instead")
+        lookup, seen = {}, {}
+        for line, row in rows:
+            cell = normalise_relative_path(row[key]) if key == "path" else row[key].strip()
+            if cell in seen:
+                raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {seen[cell]}")
+            seen[cell], lookup[cell] = line, row
+        matched = [lookup.get(p if key == "path" else Path(p).name, {}) for p in paths]
+        columns = [c for c in header if c not in ("path", "file")]
+    else:
+        where = f"--test-dir {args.test_dir}"
+        header, rows = read_csv_rows(args.test_dir, where)
+        lookup = {str((Path(args.test_dir).parent / row.get("path", "")).resolve()): row for _l, row in rows}
+        matched = [lookup.get(str(Path(path).resolve()), {}) for path, _label in cohort.items]
+        columns = [c for c in header if c not in MANIFEST_OWN_COLUMNS]
+    if not any(matched):
+        raise ValueError(f"{where}: none of its rows names an image of the cohort (paths are relative "
+                         "to the test folder, as in predictions.csv)")
+    return where, {c: [row.get(c, "") for row in matched] for c in columns}
+
+
+def cohort_subgroups(args, cohort):
+    """{attribute: [level per cohort image]} of --subgroups, or None without it (ValueError: exit 2)."""
+    if not args.subgroups:
+        return None
+    if not args.metadata and not Path(args.test_dir).is_file():
+        raise ValueError("--subgroups needs --metadata FILE.csv (or a manifest.csv --test-dir with "
+                         "the columns)")
+    if not cohort.labelled:
+        raise ValueError(f"--subgroups: {args.test_dir} has no class folders; there is nothing to score")
+    where, table = metadata_table(args, cohort)
+    edges = parse_bins(args.age_bins) if args.age_bins else None
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    attributes = {}
+    for name in [n.strip() for n in args.subgroups.split(",") if n.strip()]:
+        if name not in table:
+            raise ValueError(f"--subgroups {name}: no such column in {where} (its columns: "
+                             f"{', '.join(table) or 'none'})")
+        attributes[name] = attribute_levels(name, table[name], edges, paths, where)
+        missing = attributes[name].count(MISSING_LEVEL)
+        if missing:
+            LOG.warning("--subgroups %s: %d of %d images have no value (level '%s')", name, missing,
+                        len(paths), MISSING_LEVEL)
+    return attributes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,7 +1060,24 @@ def run_info(args, setup, bundle):
         base = setup.baseline
         run["baseline"] = {"checkpoint": base.checkpoint.spec, "model_name": base.model_name,
                            "checkpoint_sha256": base.checkpoint.sha256}
+    run["compared_models"] = compared_sources(setup)
     return run
+
+
+def compared_sources(setup):
+    """{comparison.csv model name: where its predictions came from} for report.md and metrics.json."""
+    sources = {}
+    if setup.baseline is not None:
+        base = setup.baseline
+        sources[f"baseline {base.checkpoint.spec}"] = (
+            f"--baseline, {base.model_name}, scored here on the same images (probability columns "
+            f"mapped by folder name from its class order {base.folders})")
+    for name, external in setup.compare.items():
+        failed = sum(status != "ok" for status in external.statuses)
+        sources[name] = (f"--compare {external.source} (SHA-256 {common.file_sha256(external.source)[:16]}…; "
+                         f"{'labels and probabilities' if external.probs is not None else 'labels only'}; "
+                         f"{failed} rows without an answer)")
+    return sources
 
 
 def args_record(args, setup, run=None):
@@ -760,8 +1088,25 @@ def args_record(args, setup, run=None):
     return common.run_record("inference.py", setup.argv, args, run, hidden)
 
 
-def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
-    """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort."""
+def compared_models(setup, folders, baseline_scores=None):
+    """ComparedModels over every cohort image: the --baseline (its probability columns mapped to
+    ours by folder name, never by position) and each --compare file."""
+    models = []
+    if baseline_scores is not None:
+        order = [setup.baseline.folders.index(folder) for folder in folders]
+        base_probs = softmax(baseline_scores.logits)[:, order]  # (N, C) in our folder order
+        answered = np.isfinite(base_probs).all(axis=1)
+        models.append(ComparedModel(f"baseline {setup.baseline.checkpoint.spec}",
+                                    np.where(answered, np.nan_to_num(base_probs).argmax(axis=1), -1),
+                                    base_probs))
+    for name, external in setup.compare.items():
+        models.append(ComparedModel(name, external.pred_index, external.probs))
+    return models
+
+
+def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=()):
+    """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort;
+    `compared`: ComparedModels over every cohort image (see `compared_models`)."""
     folders, operating = bundle.folders, bundle.operating
     probs = softmax(scores.logits)
     scored = np.isfinite(probs).all(axis=1)
@@ -783,17 +1128,40 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
     predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     itd = intention_to_diagnose(labels, predicted, rare)
     comparison = None
-    if baseline_scores is not None:
-        base_probs = softmax(baseline_scores.logits)
-        both = scored & np.isfinite(base_probs).all(axis=1)
-        both_groups = None if cohort.groups is None else np.asarray(cohort.groups, dtype=str)[both]
-        comparison = compare_models(labels[both], probs[both], base_probs[both], both_groups,
-                                    args.bootstrap, args.seed)
+    if (baseline_scores is not None or compared) and scored.any():  # nothing to compare on otherwise
+        comparison = compare_predictions(
+            y_true, ComparedModel("ours", probs[scored].argmax(axis=1), probs[scored]),
+            [dataclasses.replace(model, pred=model.pred[scored],
+                                 probs=None if model.probs is None else model.probs[scored])
+             for model in compared], rare, groups, args.bootstrap, args.seed)
     return metrics, op, itd, comparison
 
 
-def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison):
-    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv."""
+def score_subgroups(setup, scores, args, rare_index):
+    """metrics.subgroup_analysis of --subgroups on the scored images, or None without it."""
+    if not setup.subgroups:
+        return None
+    probs = softmax(scores.logits)
+    scored = np.isfinite(probs).all(axis=1)
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
+    return subgroup_analysis(labels[scored], probs[scored], attributes, rare_index, groups,
+                             args.bootstrap, args.seed)
+
+
+def write_subgroup_outputs(output_dir, subgroups, figures):
+    """subgroups.csv (and subgroups.png/.pdf with `figures`)."""
+    if subgroups is None:
+        return
+    common.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
+    if figures:
+        plot_subgroups(subgroups, figure_saver(output_dir))
+
+
+def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
+    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
+    (and comparison.png with `figures`)."""
     common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
     report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
                                    target_names=folders, digits=3, zero_division=0)
@@ -802,6 +1170,8 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison)
                             confusion_frame(metrics["confusion_matrix"], folders))
     if comparison is not None:
         common.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        if figures:
+            plot_comparison(comparison, figure_saver(output_dir))
 
 
 def figure_saver(output_dir):
@@ -827,12 +1197,16 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
-    metrics = op = itd = comparison = None
+    metrics = op = itd = comparison = subgroups = None
     if cohort.labelled:
-        metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores)
+        compared = compared_models(setup, folders, baseline_scores)
+        metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
+                                                      compared)
         n_failed = flow["rows"]["total"]["unreadable"]
+        subgroups = score_subgroups(setup, scores, args, rare)
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
-                   "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
+                   "operating_point": op, **itd, "flow": flow, "comparison": comparison,
+                   "subgroups": subgroups, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
@@ -843,11 +1217,13 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         if metrics["n"]:  # nothing to tabulate or draw when no image could be read
             scored = np.isfinite(probs).all(axis=1)
             y_true = np.asarray(labels)[scored]
-            write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison)
+            write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
+                                args.figures)
+            write_subgroup_outputs(output_dir, subgroups, args.figures)
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
-    report = render_report(run, flow, metrics, folders, op, itd, comparison)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
 
@@ -924,6 +1300,12 @@ def parse_args(argv=None):
                               "hf-hub:ORG/REPO or local-dir:PATH, for a zero-shot baseline, or "
                               "another checkpoint): paired differences with "
                               "CIs and McNemar's test in comparison.csv")
+    compare.add_argument("--compare", nargs="+", default=None, metavar="NAME=FILE",
+                         help="predictions of other models or readers on the same cohort (a CNN's "
+                              "predictions.csv, an MLLM's or a clinician's answers): CSV with path "
+                              "(as in our predictions.csv) and pred_label (or answer), optional "
+                              "prob_<folder> per class and status; each becomes rows of "
+                              "comparison.csv against our model (paired CIs, McNemar, DeLong)")
     compare.add_argument("--baseline-model-name", default=None,
                          help="architecture of a tag or plain state_dict --baseline (default: the "
                               "model's own)")
@@ -976,6 +1358,17 @@ def parse_args(argv=None):
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
+    stats.add_argument("--metadata", default=None, metavar="CSV",
+                       help="per-image attributes for --subgroups: a 'path' column as in "
+                            "predictions.csv (or a 'file' column of file names) plus any columns "
+                            "(site, sex, age, ...); rows of images not in the cohort are ignored")
+    stats.add_argument("--subgroups", default=None, metavar="A,B",
+                       help="attributes to report performance by (columns of --metadata, or of a "
+                            "manifest.csv --test-dir), e.g. site,sex: subgroups.csv/.png, a "
+                            "heterogeneity test per attribute, small-n warnings")
+    stats.add_argument("--age-bins", default=None, metavar="EDGES",
+                       help="bin edges for numeric --subgroups attributes, e.g. 0,40,60,120 "
+                            "([0, 40), [40, 60), [60, 120]); a value outside them is refused")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
@@ -1008,6 +1401,8 @@ def check_args(parser, args):
         parser.error(f"--baseline {args.baseline}: no such file")
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")
+    check_compare_args(parser, args)
+    check_subgroup_args(parser, args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.wise_ft_alpha is not None:
@@ -1031,6 +1426,57 @@ def check_args(parser, args):
             parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
 
 
+def parse_compare_specs(values):
+    """{name: path} of --compare NAME=FILE values, or (None, bad value, why)."""
+    specs = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            return None, value, "expected NAME=FILE, e.g. resnet50=runs/resnet50/predictions.csv"
+        if name in specs or name == "ours" or name.startswith("baseline "):
+            return None, value, f"the name {name!r} is taken; give each model its own name"
+        specs[name] = path
+    return specs, None, None
+
+
+def check_compare_args(parser, args):
+    """--compare values: NAME=FILE, unique names, existing files."""
+    specs, bad, why = parse_compare_specs(args.compare)
+    if specs is None:
+        parser.error(f"--compare {bad}: {why}")
+    for name, path in specs.items():
+        if not Path(path).is_file():
+            parser.error(f"--compare {name}={path}: no such file")
+
+
+def check_subgroup_args(parser, args):
+    """--metadata, --subgroups and --age-bins: files exist, values parse, each needs the other."""
+    if args.metadata and not Path(args.metadata).is_file():
+        parser.error(f"--metadata {args.metadata}: no such file")
+    if args.metadata and not args.subgroups:
+        parser.error("--metadata needs --subgroups (the columns to analyse), e.g. --subgroups site")
+    if args.age_bins is not None:
+        if not args.subgroups:
+            parser.error("--age-bins needs --subgroups")
+        try:
+            parse_bins(args.age_bins)
+        except ValueError as err:
+            parser.error(f"--age-bins {args.age_bins}: {err}")
+    if args.subgroups is not None and not [n for n in args.subgroups.split(",") if n.strip()]:
+        parser.error("--subgroups: name at least one column, e.g. site,sex")
+
+
+def read_compared(args, cohort, folders):
+    """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    true_labels = [folders[label] for _path, label in cohort.items]
+    return {name: read_external_predictions(path, paths, folders, f"--compare {name}=",
+                                             true_labels=true_labels)
+            for name, path in specs.items()}
+
+
 def prepare(args, argv):
     """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
     args.device = common.resolve_device(args.device)
@@ -1042,12 +1488,15 @@ def prepare(args, argv):
     model_name = resolve_model_name(requested_model_name(args), checkpoint)
     classes, prompt_source = load_classes(args.prompts, checkpoint)
     cohort = collect_cohort(args, prompt_sets.class_folders(classes))
-    if args.baseline and not cohort.labelled:
-        raise ValueError(f"--baseline: {args.test_dir} has no class folders, so there is nothing "
-                         "to compare on; give a labelled cohort")
+    for flag, given in (("--baseline", args.baseline), ("--compare", args.compare)):
+        if given and not cohort.labelled:
+            raise ValueError(f"{flag}: {args.test_dir} has no class folders, so there is nothing "
+                             "to compare on; give a labelled cohort")
+    compare = read_compared(args, cohort, prompt_sets.class_folders(classes)) if args.compare else {}
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return Setup(cohort=cohort, model=bundle, argv=argv,
+    subgroups = cohort_subgroups(args, cohort)
+    return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare, subgroups=subgroups,
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)

@@ -7,6 +7,7 @@ inference.py turns these into metrics.json and report.md; a reviewer checking ho
 computed needs to read this file only.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as scipy_softmax
 from scipy.stats import binom, binomtest, norm
+from scipy.stats import chi2 as chi2_dist
+from scipy.stats import chi2_contingency
 
 DEFAULT_BOOTSTRAP = 2000  # percentile-bootstrap resamples; ~2000 keeps 95% interval ends stable
 DEFAULT_SEED = 2024
@@ -700,3 +703,329 @@ def fit_temperature(logits, y_true):
     result = minimize_scalar(lambda log_t: mean_nll(logits, y_true, math.exp(log_t)),
                              bounds=(-4.0, 4.0), method="bounded")
     return float(math.exp(result.x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing other models' (or readers') predictions with ours on the same images (--compare,
+# --baseline), and the subgroup analysis (--subgroups). Pure: arrays in, plain dicts out.
+
+COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "rare_sensitivity",
+                      "rare_specificity", "macro_auroc", "rare_auroc")
+
+
+def delong_placements(positive, scores):
+    """DeLong's structural components of one AUROC: (auc, V10 per positive, V01 per negative).
+
+    V10 of a positive is the share of negatives it outranks (ties one half), V01 of a negative
+    the share of positives that outrank it; AUROC is the mean of either. Computed by binary search
+    in the sorted scores (O(n log n)) rather than DeLong's n_pos x n_neg comparisons.
+    """
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+    below = lambda sorted_, x: (np.searchsorted(sorted_, x, "left")  # noqa: E731
+                                + np.searchsorted(sorted_, x, "right")) / 2.0  # ties count one half
+    v10 = below(neg, scores[positive]) / len(neg)
+    v01 = (len(pos) - below(pos, scores[~positive])) / len(pos)
+    return float(v10.mean()), v10, v01
+
+
+def delong_test(positive, scores_a, scores_b):
+    """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated AUROCs on the same images.
+
+    Var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + S01_bb - 2 S01_ab) / n, with S10
+    (S01) the covariance matrix (divisor m - 1, n - 1) of the positives' (negatives') structural
+    components and m, n the positive and negative counts. The images are independent units.
+
+    Returns
+    -------
+    dict with auroc_a, auroc_b, difference, se, z, p (two-sided normal); p is None when the
+    variance is 0 (identical rankings) or a class has fewer than 2 images.
+    """
+    positive = np.asarray(positive, bool)
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        return {"auroc_a": None, "auroc_b": None, "difference": None, "se": None, "z": None, "p": None}
+    auc_a, v10_a, v01_a = delong_placements(positive, scores_a)
+    auc_b, v10_b, v01_b = delong_placements(positive, scores_b)
+    s10, s01 = np.cov(np.vstack([v10_a, v10_b])), np.cov(np.vstack([v01_a, v01_b]))
+    variance = ((s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n)
+    out = {"auroc_a": auc_a, "auroc_b": auc_b, "difference": auc_a - auc_b, "se": None, "z": None,
+           "p": None}
+    if variance > 1e-15:
+        out["se"] = math.sqrt(variance)
+        out["z"] = out["difference"] / out["se"]
+        out["p"] = float(2.0 * norm.sf(abs(out["z"])))
+    return out
+
+
+def obuchowski_test(correct_a, correct_b, groups):
+    """Obuchowski (1998) test of two correlated proportions with clustered data: McNemar's
+    question (is accuracy A = accuracy B?) when images come in patients.
+
+    With d_i = correct_a_i - correct_b_i, D_k its sum over the n_k images of cluster k, N images
+    and K clusters, the difference p_a - p_b = sum(d) / N has the ratio-estimator variance
+    K / (K - 1) * sum_k (D_k - n_k (p_a - p_b))^2 / N^2, and X^2 = (p_a - p_b)^2 / variance is
+    referred to chi-square with 1 df. With one image per cluster this is McNemar's statistic
+    (B - C)^2 / (B + C) up to the factor K / (K - 1) and the centring.
+
+    Returns
+    -------
+    dict with difference, chi2, p (None when the variance is 0: no discordant cluster), n_clusters.
+    """
+    d = np.asarray(correct_a, np.float64) - np.asarray(correct_b, np.float64)
+    index = group_indices(groups, len(d))
+    k = int(index.max()) + 1 if len(d) else 0
+    out = {"difference": float(d.mean()) if len(d) else None, "chi2": None, "p": None, "n_clusters": k}
+    if k < 2:
+        return out
+    sums, sizes = np.bincount(index, d, minlength=k), np.bincount(index, minlength=k)
+    variance = k / (k - 1) * np.sum((sums - sizes * d.mean()) ** 2) / len(d) ** 2
+    if variance > 1e-15:
+        out["chi2"] = float(d.mean() ** 2 / variance)
+        out["p"] = float(chi2_dist.sf(out["chi2"], 1))
+    return out
+
+
+def prediction_columns(y_true, y_pred, n_classes):
+    """(N, C*C) one-hot confusion cells of each image: weighted sums give the confusion matrix."""
+    return np.eye(n_classes * n_classes)[np.asarray(y_true, np.int64) * n_classes + np.asarray(y_pred, np.int64)]
+
+
+def prediction_metrics(weights, cells, n_classes, rare_index, rankings=None, positive=None):
+    """COMPARISON_METRICS of one model's predictions under each row of weights.
+
+    Parameters
+    ----------
+    weights : (B, N) float array
+    cells : (N, C*C) from `prediction_columns`
+    rankings : per class `tie_blocks` of its probability, or None (no probabilities: no AUROC)
+    positive : (N, C) bool, the images of each class
+
+    Returns
+    -------
+    dict name -> (B,) float array, NaN where undefined.
+    """
+    cms = (np.atleast_2d(weights) @ cells).reshape(-1, n_classes, n_classes)
+    out = {key: value for key, value in metrics_from_confusion(cms).items() if key != "f1"}
+    row, col = cms.sum(axis=2)[:, rare_index], cms.sum(axis=1)[:, rare_index]
+    total, hit = cms.sum(axis=(1, 2)), cms[:, rare_index, rare_index]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["rare_sensitivity"] = hit / row
+        out["rare_specificity"] = (total - row - col + hit) / (total - row)
+    nan = np.full(len(cms), np.nan)
+    out["macro_auroc"], out["rare_auroc"] = nan, nan.copy()
+    if rankings is not None:
+        aurocs = np.stack([weighted_auroc_auprc(np.atleast_2d(weights), order, starts, positive[:, k])[0]
+                           for k, (order, starts) in enumerate(rankings)], axis=1)
+        out["macro_auroc"], out["rare_auroc"] = aurocs.mean(axis=1), aurocs[:, rare_index]
+    return out
+
+
+def bootstrap_p(differences):
+    """Two-sided paired-bootstrap p: twice the smaller share of replicate differences on either
+    side of 0 (a rough guide; the interval is the result to report). None without replicates."""
+    finite = np.asarray(differences, np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return None
+    return float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+
+
+@dataclasses.dataclass
+class ComparedModel:
+    """One model's answers on the scored images, for `compare_predictions`."""
+    name: str
+    pred: np.ndarray  # (N,) int class index, -1 where the model gave no answer
+    probs: np.ndarray | None  # (N, C) or None (labels only: no AUROC)
+
+
+def comparison_rows(name, point, boot, mask, confidence):
+    """The COMPARISON_METRICS rows of one model against the reference (see `compare_predictions`)."""
+    rows = []
+    for metric in COMPARISON_METRICS:
+        value, ref = finite_or_none(point[1][metric][0]), finite_or_none(point[0][metric][0])
+        row = {"model": name, "metric": metric, "n": int(mask.sum()),
+               "n_no_answer": int(len(mask) - mask.sum()), "value": value, "value_ci": None,
+               "reference_value": ref, "reference_ci": None,
+               "difference": None if value is None or ref is None else ref - value,  # ours - model
+               "difference_ci": None, "p_bootstrap": None, "p_mcnemar_exact": None,
+               "p_mcnemar_mid": None, "p_mcnemar_clustered": None, "p_delong": None,
+               "model_only_correct": None, "reference_only_correct": None}
+        if boot is not None and row["difference"] is not None:
+            diff = boot[0][metric] - boot[1][metric]
+            row.update(value_ci=percentile_interval(boot[1][metric], confidence),
+                       reference_ci=percentile_interval(boot[0][metric], confidence),
+                       difference_ci=percentile_interval(diff, confidence), p_bootstrap=bootstrap_p(diff))
+        rows.append(row)
+    return rows
+
+
+def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
+                        n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Each model in `others` against `reference` (our model) on the same images.
+
+    Each comparison uses the images both models answered (a model's -1 rows drop out of its own
+    comparison only). Every model is scored on the SAME bootstrap resamples (drawn once over all
+    images, by patient when `groups` is given, as `compute_metrics` draws them): an image a model
+    did not answer has weight 0 in its replicates. Per model and metric: its value and the
+    reference's on those images with percentile CIs, the paired difference (reference - model,
+    positive when our model is better)
+    with its CI and a two-sided bootstrap p; for accuracy McNemar's exact and mid-p tests and,
+    with groups, Obuchowski's clustered test; for the rare class's AUROC DeLong's test (images
+    independent) when both models have probabilities.
+
+    Parameters
+    ----------
+    y_true : (N,) int array
+    reference : ComparedModel (every pred >= 0)
+    others : list of ComparedModel
+    rare_index : int
+        The class whose sensitivity, specificity and AUROC are compared.
+    groups : (N,) array of str, optional
+
+    Returns
+    -------
+    dict: n, n_groups, bootstrap_unit, rows (list of dicts, see `comparison_rows`).
+    """
+    y_true = np.asarray(y_true, np.int64)
+    n, n_classes = len(y_true), (reference.probs.shape[1] if reference.probs is not None
+                                 else int(max(y_true.max(), reference.pred.max())) + 1)
+    group_index = group_indices(groups, n)
+    positive = y_true[:, None] == np.arange(n_classes)
+    ranking = lambda probs: None if probs is None else [tie_blocks(probs[:, k]) for k in range(n_classes)]  # noqa: E731
+    rows = []
+    for other in others:
+        mask = np.asarray(other.pred) >= 0
+        has_probs = other.probs is not None and reference.probs is not None
+        models = [(prediction_columns(y_true, reference.pred, n_classes),
+                   ranking(reference.probs) if has_probs else None),
+                  (prediction_columns(y_true, np.where(mask, other.pred, 0), n_classes),
+                   ranking(np.nan_to_num(other.probs)) if has_probs else None)]
+        evaluate = lambda weights: [prediction_metrics(weights * mask, cells, n_classes, rare_index,  # noqa: E731
+                                                       ranks, positive) for cells, ranks in models]
+        point = evaluate(np.ones((1, n)))
+        boot = None
+        if n_bootstrap:
+            parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed)]
+            boot = [{key: np.concatenate([part[i][key] for part in parts]) for key in parts[0][i]}
+                    for i in range(2)]
+        model_rows = comparison_rows(other.name, point, boot, mask, confidence)
+        add_paired_tests(model_rows, y_true[mask], reference, other, mask, rare_index,
+                         None if groups is None else np.asarray(groups)[mask], has_probs)
+        rows += model_rows
+    return {"n": n, "n_groups": int(group_index.max()) + 1 if n else 0,
+            "bootstrap_unit": "image" if groups is None else "group", "rows": rows}
+
+
+def add_paired_tests(rows, y_true, reference, other, mask, rare_index, groups, has_probs):
+    """McNemar (exact, mid-p, clustered) on the accuracy row, DeLong on the rare AUROC row."""
+    correct_ref = reference.pred[mask] == y_true
+    correct_other = other.pred[mask] == y_true
+    by_metric = {row["metric"]: row for row in rows}
+    mcnemar = mcnemar_test(correct_ref, correct_other)
+    by_metric["accuracy"].update(p_mcnemar_exact=mcnemar["p_exact"], p_mcnemar_mid=mcnemar["p_mid"],
+                                 reference_only_correct=mcnemar["a_only"],
+                                 model_only_correct=mcnemar["b_only"])
+    if groups is not None:
+        by_metric["accuracy"]["p_mcnemar_clustered"] = obuchowski_test(correct_ref, correct_other, groups)["p"]
+    if has_probs:
+        delong = delong_test(y_true == rare_index, reference.probs[mask, rare_index],
+                             other.probs[mask, rare_index])
+        by_metric["rare_auroc"]["p_delong"] = delong["p"]
+
+
+SMALL_SUBGROUP_N = 30  # fewer images in a level: its intervals are wide, flag it in the report
+SMALL_SUBGROUP_RARE_N = 10  # fewer rare-class images: its sensitivity is barely estimable
+
+
+def homogeneity_test(outcome, levels):
+    """Chi-square test that a binary outcome has the same rate in every level (a 2 x L table;
+    images independent). Returns dict chi2, df, p, min_expected (None with fewer than 2 levels
+    holding images or an outcome that never varies)."""
+    outcome, levels = np.asarray(outcome, bool), np.asarray(levels, dtype=str)
+    names = sorted(set(levels.tolist()))
+    table = np.array([[np.sum(outcome & (levels == name)), np.sum(~outcome & (levels == name))]
+                      for name in names], dtype=np.float64)
+    table = table[table.sum(axis=1) > 0]
+    out = {"chi2": None, "df": None, "p": None, "min_expected": None}
+    if len(table) < 2 or (table.sum(axis=0) == 0).any():
+        return out
+    result = chi2_contingency(table, correction=False)
+    out.update(chi2=float(result.statistic), df=int(result.dof), p=float(result.pvalue),
+               min_expected=float(result.expected_freq.min()))
+    return out
+
+
+def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
+                  seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Per level of one attribute: n, patients, rare-class prevalence, accuracy and balanced
+    accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
+    sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
+    (bootstrap), with a `small_n` flag.
+
+    Parameters
+    ----------
+    y_true : (N,) int; probs : (N, C) float; levels : (N,) str, the attribute's level per image.
+
+    Returns
+    -------
+    list of dicts, one per level in sorted order.
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    levels = np.asarray(levels, dtype=str)
+    pred, n_classes = probs.argmax(axis=1), probs.shape[1]
+    rows = []
+    for level in sorted(set(levels.tolist())):
+        mine = levels == level
+        y, p, hat = y_true[mine], probs[mine], pred[mine]
+        sub_groups = None if groups is None else np.asarray(groups, dtype=str)[mine]
+        index = group_indices(sub_groups, len(y))
+        cells = prediction_columns(y, hat, n_classes)
+        ranks = [tie_blocks(p[:, k]) for k in range(n_classes)]
+        positive = y[:, None] == np.arange(n_classes)
+        evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
+        point = evaluate(np.ones((1, len(y))))
+        parts = [evaluate(w) for w in resample_weights(index, n_bootstrap, seed)] if n_bootstrap else []
+        rare = y == rare_index
+        tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
+        tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
+        row = {"level": level, "n": int(len(y)), "n_patients": int(index.max()) + 1,
+               "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
+               "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
+               "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}
+        for name in ("accuracy", "balanced_accuracy", "rare_auroc", "macro_auroc"):
+            row[name] = finite_or_none(point[name][0])
+            replicates = np.concatenate([part[name] for part in parts]) if parts else None
+            row[f"{name}_ci"] = (percentile_interval(replicates, confidence)
+                                 if parts and row[name] is not None else None)
+        row["small_n"] = row["n"] < SMALL_SUBGROUP_N or row["n_rare"] < SMALL_SUBGROUP_RARE_N
+        rows.append(row)
+    return rows
+
+
+def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
+                      n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """`subgroup_rows` of each attribute plus its heterogeneity tests: chi-square homogeneity of
+    accuracy across levels and of rare-class sensitivity across levels (among rare images).
+
+    Parameters
+    ----------
+    attributes : dict attribute name -> (N,) str levels
+
+    Returns
+    -------
+    list of dicts: attribute, rows, accuracy_test, rare_sensitivity_test (`homogeneity_test`).
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    correct = probs.argmax(axis=1) == y_true
+    rare = y_true == rare_index
+    out = []
+    for name, levels in attributes.items():
+        levels = np.asarray(levels, dtype=str)
+        out.append({"attribute": name,
+                    "rows": subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap,
+                                          seed, confidence),
+                    "accuracy_test": homogeneity_test(correct, levels),
+                    "rare_sensitivity_test": homogeneity_test(correct[rare], levels[rare])})
+    return out

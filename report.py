@@ -106,16 +106,34 @@ def per_class_frame(metrics, folders):
     return pd.DataFrame(rows)
 
 
+COMPARISON_LABELS = {
+    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+    "rare_sensitivity": "rare-class sensitivity", "rare_specificity": "rare-class specificity",
+    "macro_auroc": "macro AUROC (one-vs-rest)", "rare_auroc": "rare-class AUROC"}
+COMPARISON_P_COLUMNS = {  # comparison.csv column -> what the p-value is, for report.md
+    "p_bootstrap": "paired bootstrap", "p_mcnemar_exact": "McNemar exact (binomial)",
+    "p_mcnemar_mid": "McNemar mid-p", "p_mcnemar_clustered": "clustered McNemar (Obuchowski 1998)",
+    "p_delong": "DeLong (images independent)"}
+
+
 def comparison_frame(comparison):
-    """comparison.csv: one row per compared metric (and the McNemar row)."""
+    """comparison.csv: one row per compared model and metric. `model` names the compared model,
+    `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images, `difference` = ours - model (positive: ours better);
+    each p-value column is named for its test (empty where the test does not apply)."""
     rows = []
     for row in comparison["rows"]:
-        flat = {"metric": row["metric"], "n": comparison["n"]}
-        for key in ("model", "baseline", "difference"):
-            ci = row[f"{key}_ci"]
-            flat.update({key: row[key], f"{key}_ci_low": ci[0] if ci else None,
-                         f"{key}_ci_high": ci[1] if ci else None})
-        flat.update(p_value=row["p_value"], test=row["test"])
+        flat = {"model": row["model"], "metric": row["metric"], "n": row["n"],
+                "n_no_answer": row["n_no_answer"]}
+        for key, ci_key, name in (("value", "value_ci", "model_value"),
+                                  ("reference_value", "reference_ci", "ours_value"),
+                                  ("difference", "difference_ci", "difference")):
+            ci, stem = row[ci_key], name.removesuffix("_value")
+            flat.update({name: row[key], f"{stem}_ci_low": ci[0] if ci else None,
+                         f"{stem}_ci_high": ci[1] if ci else None})
+        flat.update({column: row[column] for column in COMPARISON_P_COLUMNS})
+        flat.update(ours_only_correct=row["reference_only_correct"],
+                    model_only_correct=row["model_only_correct"],
+                    ci_unit="patient" if comparison["bootstrap_unit"] == "group" else "image")
         rows.append(flat)
     return pd.DataFrame(rows)
 
@@ -219,15 +237,30 @@ def operating_markdown(op):
     return lines
 
 
-def comparison_markdown(comparison, baseline_label):
-    lines = [f"Model minus baseline (`{baseline_label}`) on the same {comparison['n']} images:", "",
-             "| metric | model | baseline | difference (95% CI) | p | test |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def comparison_markdown(comparison, sources):
+    """The comparison section of report.md: per model and metric, ours minus the model."""
+    unit = (f"{comparison['n_groups']} patients (cluster bootstrap)"
+            if comparison["bootstrap_unit"] == "group" else "images")
+    lines = [f"Each model against ours on the images both answered (of {comparison['n']} scored by "
+             f"ours): difference = ours − model (positive: ours better), 95% CIs from the same "
+             f"bootstrap resamples of {unit} for every model.", ""]
+    lines += [f"- `{name}`: {source}" for name, source in sources.items()] + [""]
+    lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
+              "| --- | --- | ---: | --- | --- | --- | --- |"]
     for row in comparison["rows"]:
-        lines.append(f"| {METRIC_LABELS[row['metric']]} | {format_value(row['model'])} | "
-                     f"{format_value(row['baseline'])} | "
+        tests = [f"{format_p(row[column])} ({label})" for column, label in COMPARISON_P_COLUMNS.items()
+                 if row[column] is not None]
+        if row["model_only_correct"] is not None:
+            tests.append(f"discordant: ours only {row['reference_only_correct']}, model only "
+                         f"{row['model_only_correct']}")
+        lines.append(f"| {row['model']} | {COMPARISON_LABELS[row['metric']]} | {row['n']} | "
+                     f"{format_value(row['value'], row['value_ci'])} | "
+                     f"{format_value(row['reference_value'], row['reference_ci'])} | "
                      f"{format_value(row['difference'], row['difference_ci'])} | "
-                     f"{format_p(row['p_value'])} | {row['test']} |")
+                     f"{'; '.join(tests) or '—'} |")
+    if comparison["bootstrap_unit"] == "group":
+        lines += ["", "McNemar's exact and mid-p tests treat images as independent; with patients "
+                  "the clustered test (Obuchowski 1998) and the bootstrap p respect them."]
     return lines
 
 
@@ -257,7 +290,8 @@ CHECKLIST_ROWS = (
      "model output; decision thresholds"),
     ("Intention-to-diagnose line", "unreadable images counted as errors",
      "15/16 handling of indeterminate and missing results", "missing data", "failure handling"),
-    ("comparison.csv (when a baseline is given)", "paired differences with CIs, McNemar",
+    ("comparison.csv, comparison.png (with --baseline or --compare)",
+     "paired differences with CIs, McNemar (clustered with patients), DeLong",
      "—", "comparison of models", "statistical measures of significance; benchmarking"),
     ("predictions.csv", "per-image probabilities and status", "—", "model output",
      "failure analysis of misclassified cases"),
@@ -298,7 +332,8 @@ def report_header(run):
     return lines
 
 
-def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None):
+def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
+                  subgroups=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
     lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
     if metrics is None:
@@ -322,8 +357,11 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
     if comparison is not None:
-        lines += ["", "## Comparison with the baseline", ""]
-        lines += comparison_markdown(comparison, run["baseline"]["checkpoint"])
+        lines += ["", "## Comparison with other models", ""]
+        lines += comparison_markdown(comparison, run.get("compared_models", {}))
+    if subgroups:
+        lines += ["", "## Subgroups", ""]
+        lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
@@ -548,3 +586,113 @@ def write_figures(save, y_true, probs, probs_cal, folders, metrics, operating, r
     plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save)
     plot_calibration(y_true, probs, probs_cal, folders, metrics["ece_bins"], save)
     plot_prob_histograms(y_true, probs, folders, operating, rare_index, save)
+
+
+def forest_rows(rows, label_of, value_key, ci_key):
+    """(labels, values, lows, highs) of the rows with a finite value, for a forest plot."""
+    kept = [r for r in rows if r[value_key] is not None]
+    lows = [r[ci_key][0] if r[ci_key] else r[value_key] for r in kept]
+    highs = [r[ci_key][1] if r[ci_key] else r[value_key] for r in kept]
+    return [label_of(r) for r in kept], [r[value_key] for r in kept], lows, highs
+
+
+def plot_forest(panels, save, stem, xlabel, reference_line=None):
+    """One forest panel per (title, labels, values, lows, highs): a point and its 95% CI per
+    row, a dotted vertical line at `reference_line` (0 for differences)."""
+    with figure_style() as plt:
+        heights = [max(1.2, 0.28 * len(p[1]) + 0.8) for p in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(PANEL_WIDTH_IN * 2, sum(heights)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (title, labels, values, lows, highs) in zip(axes[:, 0], panels):
+            y = np.arange(len(labels))[::-1]
+            ax.errorbar(values, y, xerr=[np.subtract(values, lows), np.subtract(highs, values)],
+                        fmt="o", color="C0", ms=4, capsize=2, lw=1)
+            if reference_line is not None:
+                ax.axvline(reference_line, color="grey", lw=0.8, linestyle=":")
+            ax.set_yticks(y, [wrap(label, 40) for label in labels])
+            ax.set(title=title, xlabel=xlabel)
+        save_figure(plt, fig, save, stem)
+
+
+def plot_comparison(comparison, save):
+    """comparison.png: per metric, ours − each model with its paired-bootstrap 95% CI."""
+    panels = []
+    for metric, label in COMPARISON_LABELS.items():
+        rows = [r for r in comparison["rows"] if r["metric"] == metric]
+        labels, values, lows, highs = forest_rows(rows, lambda r: r["model"], "difference", "difference_ci")
+        if labels:
+            panels.append((label, labels, values, lows, highs))
+    if panels:
+        plot_forest(panels, save, "comparison", "ours − model (95% CI)", reference_line=0.0)
+
+
+SUBGROUP_COLUMNS = ("accuracy", "balanced_accuracy", "rare_sensitivity", "rare_specificity",
+                    "rare_auroc", "macro_auroc")
+
+
+def subgroups_frame(analysis):
+    """subgroups.csv: one row per attribute level, each interval as <name>_ci_low/_ci_high, and
+    the attribute's heterogeneity p-values repeated on its rows."""
+    rows = []
+    for block in analysis:
+        for row in block["rows"]:
+            flat = {"attribute": block["attribute"], "level": row["level"], "n": row["n"],
+                    "n_patients": row["n_patients"], "n_rare": row["n_rare"],
+                    "prevalence": row["prevalence"]}
+            for name in SUBGROUP_COLUMNS:
+                ci = row[f"{name}_ci"]
+                flat.update({name: row[name], f"{name}_ci_low": ci[0] if ci else None,
+                             f"{name}_ci_high": ci[1] if ci else None})
+            flat.update(small_n=row["small_n"],
+                        p_heterogeneity_accuracy=block["accuracy_test"]["p"],
+                        p_heterogeneity_rare_sensitivity=block["rare_sensitivity_test"]["p"])
+            rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+def heterogeneity_text(test):
+    """'chi-square 3.21, df 1, p 0.073' (with a note when an expected count is under 5)."""
+    if test["p"] is None:
+        return "not testable (one level, or no variation)"
+    text = f"χ² {test['chi2']:.2f}, df {test['df']}, p {format_p(test['p'])}"
+    return text + (" (an expected count < 5: approximate)" if test["min_expected"] < 5 else "")
+
+
+def subgroups_markdown(analysis, rare_class, grouped):
+    """The subgroup section of report.md: one table per attribute, tests and small-n warnings."""
+    ci_note = ("bootstrap of patients within each level" if grouped else "bootstrap of images")
+    lines = [f"Accuracy, balanced accuracy and AUROC with 95% CIs by {ci_note}; {rare_class} "
+             "sensitivity and specificity with Wilson intervals (images independent). "
+             "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
+    for block in analysis:
+        lines += [f"### {block['attribute']}", "",
+                  f"| level | n (patients) | {rare_class} n | accuracy | balanced accuracy | "
+                  "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
+        for row in block["rows"]:
+            warn = " ⚠" if row["small_n"] else ""
+            lines.append(f"| {row['level']}{warn} | {row['n']} ({row['n_patients']}) | {row['n_rare']} | "
+                         + " | ".join(format_value(row[name], row[f"{name}_ci"])
+                                      for name in SUBGROUP_COLUMNS[:5]) + " |")
+        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
+                  f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        small = [row["level"] for row in block["rows"] if row["small_n"]]
+        if small:
+            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 images or fewer than 10 "
+                      f"{rare_class} images; their intervals are wide and a difference between "
+                      "levels is not evidence of a difference in performance.", ""]
+    return lines
+
+
+def plot_subgroups(analysis, save):
+    """subgroups.png: per metric, each attribute level's value and 95% CI (small levels marked)."""
+    panels = []
+    for name, title in (("accuracy", "accuracy"), ("rare_sensitivity", "rare-class sensitivity (Wilson)"),
+                        ("rare_auroc", "rare-class AUROC")):
+        rows = [dict(row, attribute=block["attribute"]) for block in analysis for row in block["rows"]]
+        labels, values, lows, highs = forest_rows(
+            rows, lambda r: f"{r['attribute']} = {r['level']} (n {r['n']}){' *' if r['small_n'] else ''}",
+            name, f"{name}_ci")
+        if labels:
+            panels.append((title, labels, values, lows, highs))
+    if panels:
+        plot_forest(panels, save, "subgroups", "value (95% CI); * small subgroup")

@@ -1,0 +1,595 @@
+"""--compare and --baseline (paired comparison), the external-predictions reader, DeLong's test,
+the clustered McNemar test and the subgroup analysis: known answers and independent
+recomputations (scikit-learn, scipy, statsmodels, explicit loops)."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import inference
+
+FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
+PATHS = ["orbital disease/a.png", "healthy eyes/b.png", "healthy eyes/c.png",
+         "non-orbital disease/d.png"]
+TRUE = ["orbital disease", "healthy eyes", "healthy eyes", "non-orbital disease"]
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# -- the reader -----------------------------------------------------------------------------------
+
+def test_reader_matches_paths_to_the_cohort_order_and_maps_probabilities_by_name(tmp_path):
+    # rows in another order, prob columns in another class order, Windows separators
+    rows = [["non-orbital disease\\d.png", "non-orbital disease", 0.1, 0.7, 0.2, "ok"],
+            ["./orbital disease/a.png", " Orbital Disease ", 0.2, 0.1, 0.7, "ok"],
+            ["healthy eyes/c.png", "", "", "", "", "failed: truncated image"],
+            ["healthy eyes/b.png", "healthy eyes", 1.0, 0.0, 0.0, "ok"]]
+    path = write_csv(tmp_path / "p.csv", ["path", "pred_label", "prob_healthy eyes",
+                                          "prob_non-orbital disease", "prob_orbital disease", "status"], rows)
+    result = inference.read_external_predictions(path, PATHS, FOLDERS)
+    assert result.paths == PATHS
+    assert result.pred_index.tolist() == [0, 1, -1, 2]
+    assert result.statuses == ["ok", "ok", "failed: truncated image", "ok"]
+    np.testing.assert_allclose(result.probs[0], [0.7, 0.2, 0.1])  # orbital, healthy, non-orbital
+    np.testing.assert_allclose(result.probs[3], [0.2, 0.1, 0.7])
+    np.testing.assert_allclose(result.probs[1], [0.0, 1.0, 0.0])
+    assert np.isnan(result.probs[2]).all()
+    assert result.answer_column == "pred_label"
+
+
+def test_reader_without_probabilities_and_with_an_answer_column(tmp_path):
+    path = write_csv(tmp_path / "p.csv", ["answer", "path"],
+                     [["orbital disease", p] for p in PATHS])
+    result = inference.read_external_predictions(path, PATHS, FOLDERS)
+    assert result.probs is None and result.answer_column == "answer"
+    assert result.pred_index.tolist() == [0, 0, 0, 0]
+
+
+def test_label_map_turns_unmapped_empty_and_refused_answers_into_failed_rows(tmp_path):
+    answers = ["Orbital  CELLULITIS", "I cannot answer that", "", "normal"]
+    path = write_csv(tmp_path / "p.csv", ["path", "answer"], list(zip(PATHS, answers)))
+    label_map = {"orbital disease": ["orbital cellulitis", "thyroid eye disease"],
+                 "healthy eyes": ["Normal", "no disease"]}
+    result = inference.read_external_predictions(path, PATHS, FOLDERS, label_map=label_map)
+    assert result.pred_index.tolist() == [0, -1, -1, 1]
+    assert result.statuses == ["ok", "failed: unmapped answer 'I cannot answer that'",
+                               "failed: unmapped answer ''", "ok"]
+
+
+@pytest.mark.parametrize("header, rows, label_map, expected", [
+    (["path", "pred_label"], [[p, "healthy eyes"] for p in PATHS[:3]], None,
+     "no row for image 'non-orbital disease/d.png'"),
+    (["path", "pred_label"], [[p, "healthy eyes"] for p in PATHS] + [["x/e.png", "healthy eyes"]],
+     None, "row 6: image 'x/e.png' is not in the cohort"),
+    (["path", "pred_label"], [[p, "healthy eyes"] for p in PATHS[:2]] + [[PATHS[0], "healthy eyes"]],
+     None, "row 4: image 'orbital disease/a.png' already on row 2"),
+    (["path", "pred_label"], [[PATHS[0], "healthy eyes"], [PATHS[1], "glaucoma"]], None,
+     "row 3: pred_label 'glaucoma' is not a class"),
+    (["path", "pred_label"], [[PATHS[0], "healthy eyes"], [PATHS[1], ""]], None,
+     "row 3: pred_label '' is not a class"),
+    (["path", "pred_label"], [[PATHS[0], "healthy eyes"], [PATHS[1], "healthy eyes", "x"]], None,
+     "row 3: 3 fields, the header has 2"),
+    (["path", "label"], [[p, "healthy eyes"] for p in PATHS], None,
+     "row 1: needs a 'path' and a 'pred_label' (or 'answer') column"),
+    (["path", "pred_label", "prob_orbital disease"], [[p, "healthy eyes", 0.5] for p in PATHS], None,
+     "row 1: has prob_ columns but lacks 'prob_healthy eyes'"),
+    (["path", "pred_label", "prob_glaucoma"], [[p, "healthy eyes", 0.5] for p in PATHS], None,
+     "row 1: column 'prob_glaucoma' is not a class"),
+    (["path", "pred_label", "prob_orbital disease", "prob_healthy eyes", "prob_non-orbital disease"],
+     [[PATHS[0], "healthy eyes", 0.1, 0.8, 0.1], [PATHS[1], "healthy eyes", 0.1, "high", 0.1]], None,
+     "row 3: probabilities"),
+    (["path", "pred_label", "true_label"], [[PATHS[0], "healthy eyes", "healthy eyes"]], None,
+     "row 2: true_label 'healthy eyes' of 'orbital disease/a.png' differs"),
+    (["path", "pred_label"], [], None, "row 2: no data rows"),
+    (["path", "answer"], [[PATHS[0], "x"]], {"glaucoma": ["g"]}, "label map names 'glaucoma'"),
+])
+def test_reader_refusals_name_the_flag_file_and_first_offending_row(tmp_path, header, rows,
+                                                                    label_map, expected):
+    path = write_csv(tmp_path / "p.csv", header, rows)
+    with pytest.raises(ValueError) as info:
+        inference.read_external_predictions(path, PATHS, FOLDERS, "--compare cnn=", label_map,
+                                            true_labels=TRUE)
+    message = str(info.value)
+    assert message.startswith(f"--compare cnn= {path}: ") and "\n" not in message
+    assert expected in message
+
+
+def test_reader_refuses_an_empty_and_a_binary_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81\x82path")
+    for path, expected in ((empty, "row 1: empty file"), (binary, "not a readable UTF-8 CSV")):
+        with pytest.raises(ValueError, match=expected):
+            inference.read_external_predictions(path, PATHS, FOLDERS)
+
+
+# -- DeLong, clustered McNemar ------------------------------------------------------------------
+
+def delong_by_definition(positive, a, b):
+    """DeLong 1988 written out with the n_pos x n_neg kernel comparisons (independent of the
+    binary-search implementation): (auc_a, auc_b, variance of the difference)."""
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    kernel = lambda x, y: 1.0 if x > y else (0.5 if x == y else 0.0)  # noqa: E731
+    components = []
+    for s in (a, b):
+        v10 = np.array([np.mean([kernel(s[i], s[j]) for j in neg]) for i in pos])
+        v01 = np.array([np.mean([kernel(s[i], s[j]) for i in pos]) for j in neg])
+        components.append((v10, v01))
+    (a10, a01), (b10, b01) = components
+    m, n = len(pos), len(neg)
+    s10 = np.cov(a10, b10)
+    s01 = np.cov(a01, b01)
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return a10.mean(), b10.mean(), var
+
+
+def test_delong_equals_the_definition_and_sklearn_with_ties():
+    from scipy.stats import norm
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(3)
+    positive = rng.random(60) < 0.3
+    a = np.round(rng.random(60) + positive * 0.6, 1)  # rounded: many ties
+    b = np.round(rng.random(60) + positive * 0.3, 1)
+    result = __import__("metrics").delong_test(positive, a, b)
+    auc_a, auc_b, var = delong_by_definition(positive, a, b)
+    assert result["auroc_a"] == pytest.approx(roc_auc_score(positive, a)) == pytest.approx(auc_a)
+    assert result["auroc_b"] == pytest.approx(roc_auc_score(positive, b)) == pytest.approx(auc_b)
+    assert result["se"] == pytest.approx(np.sqrt(var))
+    assert result["p"] == pytest.approx(2 * norm.sf(abs(auc_a - auc_b) / np.sqrt(var)))
+
+
+def test_delong_of_identical_scores_has_no_p():
+    import metrics
+    positive = np.array([1, 0, 1, 0, 0, 1], bool)
+    scores = np.array([0.9, 0.1, 0.4, 0.5, 0.2, 0.8])
+    result = metrics.delong_test(positive, scores, scores)
+    assert result["difference"] == 0 and result["p"] is None
+
+
+def test_obuchowski_clustered_mcnemar_hand_computed_example():
+    """A hand-computed example (the 1998 paper's own data were not at hand): four patients with
+    d = A correct - B correct of [1, 0], [1], [-1, 0, 0], [0, 0]. N = 8, K = 4, p_A - p_B = 1/8;
+    cluster residuals D_k - n_k/8 = 0.75, 0.875, -1.375, -0.25, squares summing to 3.28125;
+    variance 4/3 * 3.28125 / 64 = 35/512, X^2 = (1/64) / (35/512) = 8/35."""
+    import metrics
+    from scipy.stats import chi2
+    correct_a = np.array([1, 1, 1, 0, 1, 1, 0, 0])
+    correct_b = np.array([0, 1, 0, 1, 1, 1, 0, 0])
+    groups = np.array(["p1", "p1", "p2", "p3", "p3", "p3", "p4", "p4"])
+    result = metrics.obuchowski_test(correct_a, correct_b, groups)
+    assert result["difference"] == pytest.approx(1 / 8)
+    assert result["chi2"] == pytest.approx(8 / 35)
+    assert result["p"] == pytest.approx(chi2.sf(8 / 35, 1))
+    assert result["n_clusters"] == 4
+
+
+def test_obuchowski_equals_a_cluster_robust_regression_of_the_paired_differences():
+    """Obuchowski's variance is the cluster-robust (sandwich) variance, with the G/(G-1)
+    correction, of the mean paired difference: statsmodels' OLS on an intercept agrees."""
+    import metrics
+    import statsmodels.api as sm
+    rng = np.random.default_rng(7)
+    groups = rng.integers(0, 25, 90)
+    ability = rng.random(25)[groups]
+    correct_a = rng.random(90) < 0.5 + 0.4 * ability
+    correct_b = rng.random(90) < 0.4 + 0.4 * ability
+    d = correct_a.astype(float) - correct_b
+    fit = sm.OLS(d, np.ones((90, 1))).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    result = metrics.obuchowski_test(correct_a, correct_b, groups.astype(str))
+    assert result["chi2"] == pytest.approx(float(fit.tvalues[0]) ** 2)
+    assert result["p"] == pytest.approx(float(fit.pvalues[0]))
+
+
+def recomputed_metrics(y, pred, probs, rare):
+    """COMPARISON_METRICS by scikit-learn (an independent recomputation)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+    out = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+           "macro_f1": f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+           "rare_sensitivity": recall_score(y == rare, pred == rare),
+           "rare_specificity": recall_score(y != rare, pred != rare)}
+    if probs is not None:
+        aucs = [roc_auc_score(y == k, probs[:, k]) for k in range(3)]
+        out.update(macro_auroc=np.mean(aucs), rare_auroc=aucs[rare])
+    return out
+
+
+def synthetic_models(seed=0, n=80):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, n, p=[0.2, 0.5, 0.3])
+    logits_a, logits_b = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    logits_a[np.arange(n), y] += 1.5
+    logits_b[np.arange(n), y] += 0.8
+    probs_a = np.exp(logits_a) / np.exp(logits_a).sum(1, keepdims=True)
+    probs_b = np.exp(logits_b) / np.exp(logits_b).sum(1, keepdims=True)
+    return y, probs_a, probs_b
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(grouped):
+    import metrics
+    from statsmodels.stats.contingency_tables import mcnemar
+    y, probs_a, probs_b = synthetic_models()
+    n, rare, n_boot = len(y), 0, 40
+    pred_b = probs_b.argmax(1)
+    pred_b[[3, 10]] = -1  # two images the other model did not answer
+    groups = np.array([f"p{i // 3}" for i in range(n)]) if grouped else None
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    other = metrics.ComparedModel("cnn", pred_b, np.where(pred_b[:, None] >= 0, probs_b, np.nan))
+    result = metrics.compare_predictions(y, reference, [other], rare, groups, n_boot, seed=11)
+    rows = {row["metric"]: row for row in result["rows"]}
+    keep = pred_b >= 0
+    mine = recomputed_metrics(y[keep], pred_b[keep], probs_b[keep], rare)
+    theirs = recomputed_metrics(y[keep], probs_a.argmax(1)[keep], probs_a[keep], rare)
+    for metric, row in rows.items():
+        assert row["n"] == 78 and row["n_no_answer"] == 2
+        assert row["value"] == pytest.approx(mine[metric])
+        assert row["reference_value"] == pytest.approx(theirs[metric])
+        assert row["difference"] == pytest.approx(theirs[metric] - mine[metric])  # ours - model
+    # the bootstrap, replayed: the same draws of groups (or images), metrics by scikit-learn
+    unit = np.unique(groups, return_inverse=True)[1] if grouped else np.arange(n)
+    draws = np.random.default_rng(11).integers(0, unit.max() + 1, size=(n_boot, unit.max() + 1))
+    diffs = {metric: [] for metric in rows}
+    for draw in draws:
+        idx = np.concatenate([np.flatnonzero((unit == g) & keep) for g in draw])
+        a = recomputed_metrics(y[idx], pred_b[idx], probs_b[idx], rare)
+        b = recomputed_metrics(y[idx], probs_a.argmax(1)[idx], probs_a[idx], rare)
+        for metric in rows:
+            diffs[metric].append(b[metric] - a[metric])
+    for metric, row in rows.items():
+        assert row["difference_ci"] == pytest.approx(list(np.percentile(diffs[metric], [2.5, 97.5])))
+    correct_a, correct_b = pred_b[keep] == y[keep], probs_a.argmax(1)[keep] == y[keep]
+    table = [[np.sum(correct_a & correct_b), np.sum(correct_a & ~correct_b)],
+             [np.sum(~correct_a & correct_b), np.sum(~correct_a & ~correct_b)]]
+    assert rows["accuracy"]["p_mcnemar_exact"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert rows["accuracy"]["model_only_correct"] == table[0][1]
+    assert (rows["accuracy"]["p_mcnemar_clustered"] is not None) == grouped
+    expected = metrics.delong_test(y[keep] == rare, probs_a[keep, rare], probs_b[keep, rare])["p"]
+    assert rows["rare_auroc"]["p_delong"] == pytest.approx(expected)
+
+
+def test_the_same_model_in_another_class_order_gives_zero_differences():
+    """Issue 14 item 1: the same predictions, their probability columns permuted and mapped back
+    by folder name, differ from the reference by exactly 0 with no discordant pair."""
+    import metrics
+    y, probs_a, _ = synthetic_models(seed=4)
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("same", probs_a.argmax(1), probs_a)],
+                                         0, None, 30, seed=1)
+    for row in result["rows"]:
+        assert row["difference"] == 0 and row["difference_ci"] == [0.0, 0.0]
+    accuracy = next(r for r in result["rows"] if r["metric"] == "accuracy")
+    assert accuracy["model_only_correct"] == accuracy["reference_only_correct"] == 0
+    assert accuracy["p_mcnemar_exact"] is None
+
+
+def test_labels_only_model_has_no_auroc_rows_values():
+    import metrics
+    y, probs_a, probs_b = synthetic_models(seed=5)
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("reader", probs_b.argmax(1), None)],
+                                         0, None, 20)
+    rows = {row["metric"]: row for row in result["rows"]}
+    assert rows["macro_auroc"]["value"] is None and rows["rare_auroc"]["p_delong"] is None
+    assert rows["accuracy"]["value"] == pytest.approx(np.mean(probs_b.argmax(1) == y))
+
+
+# -- inference.py --compare / --baseline end to end ----------------------------------------------
+
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import prompts  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
+from test_inference import exit_code, run_inference, tiny_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_weights():
+    torch.manual_seed(0)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    return model
+
+
+@pytest.fixture
+def our_checkpoint(tmp_path, tiny_weights):
+    path = tmp_path / "ours.pt"
+    common.save_checkpoint(path, tiny_weights, tiny_metadata())
+    return path
+
+
+def read_csv(path):
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, our_checkpoint, tmp_path):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+    test_dir = make_cohort("external", (4, 10, 6), seed=1)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, our_checkpoint, first) == 0
+    ours = read_csv(first / "predictions.csv")
+    # another model: our answers with 5 changed, probability columns in another order, one no-answer
+    other = ours[["path", "true_label", "pred_label"] + [f"prob_{f}" for f in reversed(FOLDERS)]].copy()
+    columns = [f"prob_{f}" for f in FOLDERS]
+    for i in range(5):  # class k's probability moves to class k + 1, and the answer with it
+        other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
+        other.loc[i, columns] = np.roll(ours.loc[i, columns].to_numpy(dtype=float), 1)
+    other["status"] = "ok"
+    other.loc[7, "status"] = "failed: no answer"
+    other = other.sample(frac=1.0, random_state=0)  # row order does not matter
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"cnn={tmp_path / 'other.csv'}",
+                         "--seed", "5") == 0
+    table = read_csv(out / "comparison.csv")
+    assert list(table["model"].unique()) == ["cnn"]
+    rows = table.set_index("metric")
+    other = other.set_index("path").loc[ours["path"]]  # back in cohort order
+    keep = (other["status"] == "ok").to_numpy()
+    y = ours["true_label"].map(FOLDERS.index).to_numpy()[keep]
+    pred_ours = ours["pred_label"].map(FOLDERS.index).to_numpy()[keep]
+    pred_other = other["pred_label"].map(FOLDERS.index).to_numpy()[keep]
+    assert rows.loc["accuracy", "n"] == 19 and rows.loc["accuracy", "n_no_answer"] == 1
+    assert rows.loc["accuracy", "model_value"] == pytest.approx(accuracy_score(y, pred_other))
+    assert rows.loc["accuracy", "ours_value"] == pytest.approx(accuracy_score(y, pred_ours))
+    assert rows.loc["balanced_accuracy", "difference"] == pytest.approx(
+        balanced_accuracy_score(y, pred_ours) - balanced_accuracy_score(y, pred_other))
+    p_other = other[[f"prob_{f}" for f in FOLDERS]].to_numpy()[keep]
+    assert rows.loc["rare_auroc", "model_value"] == pytest.approx(roc_auc_score(y == 0, p_other[:, 0]), abs=1e-6)
+    assert rows.loc["accuracy", "ours_only_correct"] == np.sum((pred_ours == y) & (pred_other != y))
+    assert not np.isnan(rows.loc["rare_auroc", "p_delong"]) and np.isnan(rows.loc["accuracy", "p_delong"])
+    assert {"p_bootstrap", "p_mcnemar_exact", "p_mcnemar_mid", "p_mcnemar_clustered"} <= set(table.columns)
+    assert "p_value" not in table.columns
+    report_md = (out / "report.md").read_text()
+    assert "## Comparison with other models" in report_md and "McNemar mid-p" in report_md
+    assert json.loads((out / "metrics.json").read_text())["compared_models"]["cnn"].startswith("--compare")
+
+
+def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
+        make_cohort, tmp_path, tiny_weights):
+    """Issue 14 item 1: a checkpoint whose stored prompt set lists (orbital, non-orbital,
+    healthy) against the same weights as a plain state_dict (published order)."""
+    classes = prompts.load_prompt_set(None)
+    reordered = [classes[0], classes[2], classes[1]]
+    checkpoint = tmp_path / "reordered.pt"
+    common.save_checkpoint(checkpoint, tiny_weights, tiny_metadata(
+        class_folders=prompts.class_folders(reordered), prompts=prompts.prompt_set_to_dict(reordered)))
+    plain = tmp_path / "plain.pt"
+    torch.save(tiny_weights.state_dict(), plain)
+    test_dir = make_cohort("external", (4, 10, 6), seed=2)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--baseline", str(plain),
+                         "--baseline-model-name", TINY_MODEL) == 0
+    table = read_csv(out / "comparison.csv")
+    assert (table["difference"].dropna().abs() < 1e-12).all() and table["difference"].notna().sum() >= 5
+    accuracy = table.set_index("metric").loc["accuracy"]
+    assert accuracy["ours_only_correct"] == 0 and accuracy["model_only_correct"] == 0
+    assert table["model"].iloc[0] == f"baseline {plain}"
+
+
+def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_cohort, our_checkpoint,
+                                                                       tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 2, 1), seed=1)
+    bad = tmp_path / "bad.csv"
+    write_csv(bad, ["path", "pred_label"], [["orbital disease/img_000.png", "orbital disease"],
+                                            ["healthy eyes/nope.png", "healthy eyes"]])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert exit_code(test_dir, our_checkpoint, out, "--compare", f"llm={bad}") == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert f"--compare llm= {bad}: row" in line and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [("nameless.csv", "expected NAME=FILE"),
+                                            ("a=missing.csv", "no such file")])
+def test_compare_spec_errors(make_cohort, our_checkpoint, tmp_path, capsys, value, message):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    out = tmp_path / "out"
+    assert exit_code(test_dir, our_checkpoint, out, "--compare", value) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+# -- subgroups -------------------------------------------------------------------------------------
+
+def test_subgroup_rows_equal_sklearn_wilson_and_a_hand_chi_square():
+    import metrics
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+    from statsmodels.stats.proportion import proportion_confint
+    y, probs, _ = synthetic_models(seed=9, n=120)
+    site = np.where(np.arange(120) % 3 == 0, "B", "A")
+    (block,) = metrics.subgroup_analysis(y, probs, {"site": site}, 0, None, 30, seed=2)
+    pred = probs.argmax(1)
+    for row in block["rows"]:
+        mine = site == row["level"]
+        yy, pp = y[mine], pred[mine]
+        rare = yy == 0
+        assert row["n"] == mine.sum() and row["n_rare"] == rare.sum()
+        assert row["accuracy"] == pytest.approx(accuracy_score(yy, pp))
+        assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(yy, pp))
+        assert row["rare_auroc"] == pytest.approx(roc_auc_score(rare, probs[mine, 0]))
+        tp = np.sum(rare & (pp == 0))
+        assert row["rare_sensitivity"] == pytest.approx(tp / rare.sum())
+        assert row["rare_sensitivity_ci"] == pytest.approx(
+            list(proportion_confint(tp, rare.sum(), method="wilson")))
+        assert row["small_n"] == (mine.sum() < 30 or rare.sum() < 10)
+    # the heterogeneity test by hand: sum (O - E)^2 / E over the 2 x 2 table of correct by site
+    correct = pred == y
+    table = np.array([[np.sum(correct & (site == s)), np.sum(~correct & (site == s))] for s in "AB"])
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    chi2 = ((table - expected) ** 2 / expected).sum()
+    assert block["accuracy_test"]["chi2"] == pytest.approx(chi2)
+    from scipy.stats import chi2 as chi2_dist
+    assert block["accuracy_test"]["p"] == pytest.approx(chi2_dist.sf(chi2, 1))
+
+
+def test_bin_labels():
+    assert inference.bin_label(39.9, [0, 40, 60, 120]) == "[0, 40)"
+    assert inference.bin_label(40, [0, 40, 60, 120]) == "[40, 60)"
+    assert inference.bin_label(120, [0, 40, 60, 120]) == "[60, 120]"
+    assert inference.bin_label(121, [0, 40, 60, 120]) is None
+
+
+def write_metadata(test_dir, path, seed=0):
+    import make_demo_metadata
+    assert make_demo_metadata.main(["--cohort", str(test_dir), "--out", str(path), "--seed", str(seed)]) == 0
+    return read_csv(path)
+
+
+def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, our_checkpoint, tmp_path):
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    meta = write_metadata(test_dir, tmp_path / "meta.csv")
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--metadata", str(tmp_path / "meta.csv"),
+                         "--subgroups", "site,age", "--age-bins", "0,40,60,120", figures=True) == 0
+    table = read_csv(out / "subgroups.csv")
+    preds = read_csv(out / "predictions.csv").merge(meta, on="path")
+    assert set(table["attribute"]) == {"site", "age"}
+    for _i, row in table[table["attribute"] == "site"].iterrows():
+        mine = preds[preds["site"] == row["level"]]
+        assert row["n"] == len(mine)
+        assert row["accuracy"] == pytest.approx((mine["pred_label"] == mine["true_label"]).mean())
+        rare = mine[mine["true_label"] == FOLDERS[0]]
+        assert row["rare_sensitivity"] == pytest.approx((rare["pred_label"] == FOLDERS[0]).mean())
+    ages = table[table["attribute"] == "age"]
+    assert set(ages["level"]) <= {"[0, 40)", "[40, 60)", "[60, 120]"}
+    assert ages["n"].sum() == 27 and table[table["attribute"] == "site"]["n"].sum() == 27
+    young = preds[preds["age"] < 40]
+    assert ages.set_index("level").loc["[0, 40)", "n"] == len(young)
+    assert (out / "subgroups.png").is_file()
+    report_md = (out / "report.md").read_text()
+    assert "## Subgroups" in report_md and "Small subgroups" in report_md  # 27 images: all small
+    assert json.loads((out / "metrics.json").read_text())["subgroups"][0]["attribute"] == "site"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--subgroups", "ethnicity"], "--subgroups ethnicity: no such column"),
+    (["--subgroups", "age", "--age-bins", "0,30"], "--age-bins: age"),
+    (["--subgroups", "age"], "pass --age-bins"),
+    (["--metadata", "meta.csv"], "--metadata needs --subgroups"),
+    (["--subgroups", "site", "--age-bins", "50,40"], "--age-bins 50,40"),
+    (["--subgroups", "site", "--metadata", "nope.csv"], "--metadata"),
+])
+def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint, tmp_path, capsys,
+                                                   extra, message):
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    write_metadata(test_dir, tmp_path / "meta.csv")
+    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    if "--metadata" not in extra:
+        extra += ["--metadata", str(tmp_path / "meta.csv")]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert exit_code(test_dir, our_checkpoint, out, *extra) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert message in line and "Traceback" not in err
+    assert not out.exists()
+
+
+# -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
+
+def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
+    import data_preprocess
+    data = make_cohort("data", (10, 24, 15), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv", seed=1)
+    out = tmp_path / "split"
+    assert data_preprocess.main(["--data-root", str(data), "--out-dir", str(out), "--metadata",
+                                 str(tmp_path / "meta.csv"), "--stratify-by", "site", "--test-ratio",
+                                 "0.2", "--near-dup-distance", "0", "--no-progress"]) == 0
+    manifest = read_csv(out / "manifest.csv")
+    assert list(manifest.columns)[-3:] == ["site", "sex", "age"]
+    joined = manifest.merge(meta, left_on="source", right_on="path", suffixes=("", "_meta"))
+    assert len(joined) == len(meta) and (joined["site"] == joined["site_meta"]).all()
+    assert (joined["age"] == joined["age_meta"]).all()
+    for (label, site), stratum in manifest.groupby(["label", "site"]):
+        expected = data_preprocess.allocate_split_counts(len(stratum), 0.2, 0.2)
+        counts = tuple(int((stratum["split"] == s).sum()) for s in ("train", "val", "test"))
+        assert counts == expected, (label, site)
+    # the manifest's columns drive inference's subgroups directly
+    run_args = ["--split", "test", "--subgroups", "site"]
+    ckpt = tmp_path / "ours.pt"
+    torch.manual_seed(0)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    common.save_checkpoint(ckpt, model, tiny_metadata())
+    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval", *run_args) == 0
+    table = read_csv(tmp_path / "eval" / "subgroups.csv")
+    test_rows = manifest[manifest["split"] == "test"]
+    assert dict(zip(table["level"], table["n"])) == test_rows["site"].value_counts().to_dict()
+    # in combination: a manifest cohort, --compare of that run's own predictions.csv (paths
+    # relative to the manifest's folder), --subgroups and --anonymize-paths
+    own = tmp_path / "eval" / "predictions.csv"
+    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval2", *run_args,
+                         "--compare", f"same={own}", "--anonymize-paths") == 0
+    comparison = read_csv(tmp_path / "eval2" / "comparison.csv")
+    assert (comparison["difference"].dropna() == 0).all() and comparison["difference"].notna().any()
+    assert read_csv(tmp_path / "eval2" / "subgroups.csv").equals(table)
+    for name in ("predictions.csv", "report.md", "comparison.csv", "subgroups.csv"):
+        text = (tmp_path / "eval2" / name).read_text()
+        assert not any(Path(p).name in text for p in test_rows["path"]), name
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stratify-by", "site"], "--stratify-by names a column of --metadata"),
+    (["--metadata", "meta.csv", "--stratify-by", "hospital"], "--stratify-by hospital: no such column"),
+    (["--metadata", "reserved.csv"], "column 'split' is a manifest column"),
+    (["--metadata", "twice.csv"], "row 3: path"),
+])
+def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path, capsys, extra, message):
+    import data_preprocess
+    from conftest import tree_state
+    data = make_cohort("data", (4, 6, 5), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv")
+    meta.assign(split="x").to_csv(tmp_path / "reserved.csv", index=False)
+    pd.concat([meta.iloc[:1], meta]).to_csv(tmp_path / "twice.csv", index=False)
+    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    before = tree_state(data)
+    capsys.readouterr()
+    try:
+        code = data_preprocess.main(["--data-root", str(data), "--out-dir", str(tmp_path / "split"),
+                                     "--no-progress", *extra])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "split").exists() and tree_state(data) == before
+
+
+def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_patients(
+        make_cohort, our_checkpoint, tmp_path):
+    """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test
+    recomputed from the two predictions files and their group column; CIs are patient-level."""
+    import metrics
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, our_checkpoint, first) == 0
+    ours = read_csv(first / "predictions.csv")
+    other = ours[["path", "pred_label"]].copy()
+    for i in range(0, 27, 4):  # every 4th answer changed
+        other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"reader={tmp_path / 'other.csv'}",
+                         "--group-regex", r"^(.+_\d\d)\d\.") == 0
+    preds = read_csv(out / "predictions.csv")
+    assert preds["group"].nunique() < len(preds)
+    row = read_csv(out / "comparison.csv").set_index("metric").loc["accuracy"]
+    truth = preds["true_label"].to_numpy()
+    expected = metrics.obuchowski_test(preds["pred_label"].to_numpy() == truth,
+                                       other["pred_label"].to_numpy() == truth,
+                                       preds["group"].to_numpy())
+    assert row["p_mcnemar_clustered"] == pytest.approx(expected["p"])
+    assert row["ci_unit"] == "patient" and not np.isnan(row["model_ci_low"])
+    assert np.isnan(read_csv(out / "comparison.csv").set_index("metric").loc["rare_auroc", "model_value"])
