@@ -53,8 +53,8 @@ from tqdm import tqdm
 import common
 import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, compare_models,
-                     compute_metrics, finite_or_none, intention_to_diagnose, operating_point_metrics,
-                     rule_predictions, softmax)
+                     compute_metrics, finite_or_none, intention_to_diagnose, interval_levels,
+                     operating_point_metrics, rule_predictions, softmax)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
                     per_class_frame, predictions_frame, relative_path, render_report, write_figures)
 
@@ -750,13 +750,17 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
         metrics["temperature_scaled"] = {"temperature": bundle.temperature,
                                          "source": bundle.temperature_source,
                                          **metrics["temperature_scaled"]}
-    rare = operating["rare_index"]
+    rare, threshold = operating["rare_index"], operating["threshold"]
     op = None
-    if operating["threshold"] is not None and scored.any():
+    if threshold is not None and scored.any():
         op = {key: value for key, value in operating.items() if key != "rare_index"}
-        op.update(operating_point_metrics(y_true, probs[scored], rare, operating["threshold"]))
+        op.update(operating_point_metrics(y_true, probs[scored], rare, threshold, groups=groups,
+                                          n_bootstrap=args.bootstrap, seed=args.seed))
     predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     itd = intention_to_diagnose(labels, predicted, rare)
+    if threshold is not None:  # the same line for the validation-threshold rule
+        by_rule = np.where(scored, rule_predictions(np.nan_to_num(probs), rare, threshold), -1)
+        itd.update(intention_to_diagnose(labels, by_rule, rare, prefix="itd_rule"))
     comparison = None
     if baseline_scores is not None:
         base_probs = softmax(baseline_scores.logits)
@@ -807,6 +811,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores)
         n_failed = flow["rows"]["total"]["unreadable"]
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
+                   "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:

@@ -615,6 +615,24 @@ def expected_random_average_precision(n_positive, n_total):
     return (harmonic + (m - 1) / (n - 1) * (n - harmonic)) / n
 
 
+def interval_levels(grouped, n_bootstrap):
+    """metrics.json's `interval_levels`: for each family of intervals, whether it is image- or
+    patient-level and by which method (Wilson and the log method count images as independent;
+    the bootstrap resamples patients when groups are known)."""
+    unit = "patient" if grouped else "image"
+    boot = (f"{unit} (percentile bootstrap of {unit}s stratified by class, {n_bootstrap} resamples)"
+            if n_bootstrap else "none (--bootstrap 0)")
+    levels = {"overall <metric>_ci": boot,
+              "per_class f1_ci, auroc_ci, auprc_ci": boot,
+              "per_class sensitivity_ci, specificity_ci, ppv_ci, npv_ci": "image (Wilson)",
+              "per_class lr_pos_ci, lr_neg_ci": "image (log method)",
+              "operating_point <rule>.<metric>_ci": "image (Wilson)",
+              "itd_*_ci, itd_rule_*_ci": "image (Wilson)"}
+    if grouped and n_bootstrap:
+        levels["operating_point <rule>.sensitivity_ci_patient, specificity_ci_patient"] = boot
+    return levels
+
+
 def binary_summary(positive, predicted, confidence=CONFIDENCE_LEVEL):
     """Counts, sensitivity, specificity, PPV, NPV (Wilson) and LR+/LR- of a binary rule."""
     positive, predicted = np.asarray(positive, bool), np.asarray(predicted, bool)

@@ -188,15 +188,44 @@ def metrics_markdown(metrics, folders):
         lines += ["", f"Temperature scaling (T = {scaled['temperature']:.3f}, {scaled['source']}) "
                   "keeps every argmax; only calibration is re-scored."]
     lines += ["", "| class | n (prevalence) | sensitivity | specificity | PPV | NPV | LR+ | LR− | F1 "
-              "| AUROC | AUPRC (chance) |", "| --- " * 11 + "|"]
+              "| AUROC | AUPRC (random ranking) |", "| --- " * 11 + "|"]
     for folder in folders:
         s = metrics["per_class"][folder]
         cells = [format_value(s[name], s[name + "_ci"], 2 if name.startswith("lr") else 3)
                  for name in (*PROPORTIONS, "lr_pos", "lr_neg", "f1", "auroc", "auprc")]
+        for index, name, zero, other in ((4, "lr_pos", "fp", "tp"), (5, "lr_neg", "tn", "fn")):
+            if s[name] is None and s[zero] == 0 and s[other] > 0:  # infinite: no interval either
+                cells[index] = f"∞ ({zero.upper()} = 0)"
         cells[-1] += f" ({format_value(s['auprc_baseline'])})"
         lines.append(f"| {folder} | {s['support']} ({format_value(s['prevalence'])}) | "
                      + " | ".join(cells) + " |")
+    lines += ["", "AUPRC (random ranking): the expected AUPRC of a random ranking of this cohort's "
+              "counts, the chance level (the prevalence is its large-sample limit)."]
+    notes = resample_notes(metrics, folders)
+    if notes:
+        lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
+                  "an image of a class leaves a class-averaged metric, or that class's F1, AUROC "
+                  "and AUPRC, undefined): " + "; ".join(notes) + "."]
     return lines
+
+
+def resample_notes(metrics, folders):
+    """'macro AUROC 1,873 of 2,000', one per bootstrap interval with unusable resamples."""
+    total = (metrics.get("bootstrap_design") or {}).get("resamples")
+    if not total:
+        return []
+    found = [(METRIC_LABELS[name], metrics.get(f"{name}_ci_n_resamples")) for name in OVERALL_METRICS]
+    for folder in folders:
+        stats = metrics["per_class"][folder]
+        found += [(f"{label} of {folder}", stats.get(f"{name}_ci_n_resamples"))
+                  for name, label in (("f1", "F1"), ("auroc", "AUROC"), ("auprc", "AUPRC"))]
+    return [f"{label} {used:,} of {total:,}" for label, used in found
+            if used is not None and used < total]
+
+
+def levels_markdown(levels):
+    """Which intervals are image-level and which patient-level (metrics.json interval_levels)."""
+    return ["Interval levels: " + "; ".join(f"{key}: {value}" for key, value in levels.items()) + "."]
 
 
 def operating_markdown(op):
@@ -207,15 +236,23 @@ def operating_markdown(op):
     if op.get("val_sensitivity") is not None:
         origin.append(f"validation sensitivity {format_value(op['val_sensitivity'])}, specificity "
                       f"{format_value(op.get('val_specificity'))}")
+    patient = "sensitivity_ci_patient" in op["rule"]
     lines = [f"Rare class **{op['class']}**: positive if p ≥ {op['threshold']:.4f} "
              f"({'; '.join(origin)}), applied to the uncalibrated probability, never tuned on "
-             "this cohort; otherwise the most probable other class.", "",
-             "| rule | TP | FP | FN | TN | sensitivity | specificity | PPV | NPV |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
+             "this cohort; otherwise the most probable other class. Intervals: Wilson (images "
+             "as independent)" + ("; sensitivity and specificity also with a patient-level "
+                                  "interval (cluster bootstrap of patients, stratified by class)"
+                                  if patient else "") + ".", "",
+             "| rule | TP | FP | FN | TN | sensitivity | specificity | PPV | NPV |"
+             + (" sensitivity (patient CI) | specificity (patient CI) |" if patient else ""),
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"
+             + (" --- | --- |" if patient else "")]
     for label, key in (("argmax", "argmax"), (f"p ≥ {op['threshold']:.4f}", "rule")):
         s = op[key]
+        extra = "".join(f" {format_value(s[n], s[n + '_ci_patient'])} |"
+                        for n in ("sensitivity", "specificity")) if patient else ""
         lines.append(f"| {label} | {s['tp']} | {s['fp']} | {s['fn']} | {s['tn']} | "
-                     + " | ".join(format_value(s[n], s[n + "_ci"]) for n in PROPORTIONS) + " |")
+                     + " | ".join(format_value(s[n], s[n + "_ci"]) for n in PROPORTIONS) + " |" + extra)
     return lines
 
 
@@ -291,11 +328,24 @@ def report_header(run):
              f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
              + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
              f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
-             f"{run['bootstrap_unit']}s ({run['bootstrap']} resamples, seed {run['seed']}) for the "
+             f"{run['bootstrap_unit']}s stratified by class ({run['bootstrap']} resamples, seed "
+             f"{run['seed']}) for the "
              "overall metrics, F1, AUROC and AUPRC; Wilson intervals for proportions; log method "
              f"for LR±; ECE over {run['ece_bins']} equal-width bins of the max probability",
              f"- software: {versions}; device {run['device']}, precision {run['precision']}"]
     return lines
+
+
+def itd_markdown(itd, rare_class):
+    """The intention-to-diagnose line(s): argmax, and the operating rule when there is one."""
+    rules = [("argmax", "itd")] + ([("the operating rule", "itd_rule")]
+                                   if "itd_rule_accuracy" in itd else [])
+    return [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}; "
+            "Wilson intervals, images): " + "; ".join(
+                f"{label}: accuracy {format_value(itd[p + '_accuracy'], itd[p + '_accuracy_ci'])}, "
+                f"{rare_class} sensitivity "
+                f"{format_value(itd[p + '_rare_sensitivity'], itd[p + '_rare_sensitivity_ci'])}"
+                for label, p in rules) + "."]
 
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None):
@@ -307,16 +357,15 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         return "\n".join(lines) + "\n"
     lines += ["## Flow of images (STARD 19)", ""] + flow_markdown(flow) + [""]
     if itd is not None:
-        lines += [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}): "
-                  f"accuracy {format_value(itd['itd_accuracy'], itd['itd_accuracy_ci'])}, "
-                  f"{run['rare_class']} sensitivity "
-                  f"{format_value(itd['itd_rare_sensitivity'], itd['itd_rare_sensitivity_ci'])}.", ""]
+        lines += itd_markdown(itd, run["rare_class"]) + [""]
     if not metrics["n"]:
         return "\n".join(lines + ["No image could be read: there is nothing to score."]) + "\n"
     lines += [f"## Metrics on the {metrics['n']} scored images", ""]
     if metrics["bootstrap_unit"] == "group":
-        lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap); "
-                  "Wilson intervals treat images as independent.", ""]
+        lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap, "
+                  "stratified by class); Wilson intervals treat images as independent.", ""]
+    if metrics.get("interval_levels"):
+        lines += levels_markdown(metrics["interval_levels"]) + [""]
     lines += metrics_markdown(metrics, folders) + ["", "## Operating point", ""]
     lines += operating_markdown(operating) if operating else [
         "The checkpoint stores no validation operating threshold (and none was given with "
@@ -458,7 +507,8 @@ def plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save)
                         label=f"AUPRC {format_value(stats['auprc'], stats['auprc_ci'])}")
                 overlay.step(recall, precision, where="post", color=f"C{k}", label=wrap(folder, 30))
                 ax.axhline(stats["prevalence"], color="grey", lw=0.8, linestyle=":",
-                           label=f"chance (prevalence {stats['prevalence']:.3f})")
+                           label=f"prevalence {stats['prevalence']:.3f} (random-ranking AUPRC "
+                                 f"{format_value(stats['auprc_baseline'])})")
             else:
                 ax.text(0.5, 0.5, "AUPRC n/a\n(class absent or alone)", ha="center", va="center")
             if k == rare_index:

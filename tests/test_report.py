@@ -47,3 +47,56 @@ def test_per_class_table_and_markdown_carry_the_metrics_json_values():
     assert f"| accuracy | {report.format_value(5 / 7)} |" in lines
     row = next(line for line in lines if line.startswith("| orbital disease |"))
     assert row.startswith("| orbital disease | 2 (0.286) | 0.500 (0.095–0.905) |")
+
+
+def test_lr_of_no_false_positive_is_infinite_without_an_interval_in_both_outputs():
+    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    probs = np.array([[.7, .2, .1], [.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.2, .7, .1],
+                      [.1, .2, .7], [.2, .1, .7], [.1, .1, .8]])  # class 0: tp 2, fp 0
+    result = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=0)
+    rare = result["per_class"]["orbital disease"]
+    assert (rare["fp"], rare["lr_pos"], rare["lr_pos_ci"]) == (0, None, None)
+    frame = report.per_class_frame(result, FOLDERS)
+    assert frame.loc[0, ["lr_pos", "lr_pos_ci_low", "lr_pos_ci_high"]].isna().all()  # empty cells
+    row = next(line for line in report.metrics_markdown(result, FOLDERS)
+               if line.startswith("| orbital disease |"))
+    assert row.split(" | ")[6] == "∞ (FP = 0)"
+    assert row.split(" | ")[7] == report.format_value(rare["lr_neg"], rare["lr_neg_ci"], 2)
+
+
+def test_markdown_names_the_random_ranking_auprc_and_the_unusable_resamples():
+    y_true = np.array([0, 1, 1, 1, 2, 2, 2, 2])
+    probs = np.array([[.7, .2, .1], [.1, .8, .1], [.2, .7, .1], [.6, .3, .1], [.1, .2, .7],
+                      [.2, .1, .7], [.1, .1, .8], [.3, .3, .4]])
+    result = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=200, seed=0)
+    lines = report.metrics_markdown(result, FOLDERS)
+    row = next(line for line in lines if line.startswith("| orbital disease |"))
+    chance = metrics.expected_random_average_precision(1, 8)  # H_8 / 8 = 0.340
+    assert row.endswith(f"({chance:.3f}) |") and round(chance, 3) == 0.340
+    # one rare image: stratified, every resample keeps it, so no interval lost a resample
+    assert result["macro_auroc_ci_n_resamples"] == 200
+    assert not any(line.startswith("Intervals resting on fewer") for line in lines)
+    result["per_class"]["orbital disease"]["auroc_ci_n_resamples"] = 150
+    note = next(line for line in report.metrics_markdown(result, FOLDERS)
+                if line.startswith("Intervals resting on fewer"))
+    assert "AUROC of orbital disease 150 of 200" in note
+
+
+def test_operating_table_and_itd_lines_carry_patient_intervals_and_the_rule():
+    y_true = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[.9, .05, .05], [.9, .05, .05], [.1, .8, .1], [.1, .8, .1], [.1, .8, .1],
+                      [.1, .1, .8]])
+    op = metrics.operating_point_metrics(y_true, probs, 0, 0.5, groups=np.array(list("AABCDE")),
+                                         n_bootstrap=400, seed=0)
+    op.update({"class": "orbital disease", "threshold": 0.5, "source": "user (--threshold)"})
+    lines = report.operating_markdown(op)
+    assert "sensitivity (patient CI)" in lines[2]
+    rule = next(line for line in lines if line.startswith("| p ≥ 0.5000 |"))
+    assert rule.endswith(f" {report.format_value(2 / 3, [0.0, 1.0])} | "
+                         f"{report.format_value(1.0, [1.0, 1.0])} |")
+    itd = metrics.intention_to_diagnose(y_true, np.array([0, 0, 1, 1, -1, 2]), 0)
+    itd.update(metrics.intention_to_diagnose(y_true, np.array([0, 0, 0, 1, -1, 2]), 0, prefix="itd_rule"))
+    (line,) = report.itd_markdown(itd, "orbital disease")
+    # argmax: 3 of 6 right, 2 of 3 rare found; rule: 4 of 6, 3 of 3 (the failed image is an error)
+    assert "argmax: accuracy 0.500 (" in line and "the operating rule: accuracy 0.667 (" in line
+    assert "orbital disease sensitivity 0.667 (" in line and "orbital disease sensitivity 1.000 (" in line
