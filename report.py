@@ -121,8 +121,12 @@ def comparison_frame(comparison):
 
 
 def failure_category(status):
-    """'truncated image' from 'failed: truncated image (detail...)'."""
-    return status.removeprefix("failed: ").split(" (")[0].strip() or "unreadable"
+    """'truncated image' from 'failed: truncated image (detail...)'; an unsupported format keeps
+    its extension ('unsupported format (.heic)'), the detail a reader needs to convert the files."""
+    reason = status.removeprefix("failed: ")
+    if reason.startswith("unsupported format ("):  # common.UNSUPPORTED_FORMAT
+        return reason
+    return reason.split(" (")[0].strip() or "unreadable"
 
 
 def flow_counts(labels, statuses, folders, labelled):

@@ -209,6 +209,36 @@ def test_unreadable_image_is_a_failed_row_and_shifts_nothing(make_cohort, checkp
     assert "| healthy eyes | 6 | 1 | 5 |" in (dirty_out / "report.md").read_text()
 
 
+def test_jfif_is_scored_and_heic_fails_with_its_reason_both_in_the_flow_table(make_cohort, checkpoint,
+                                                                               tmp_path):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)
+    rare = test_dir / "orbital disease"
+    source = sorted(rare.glob("*.jpg"))[0]
+    (rare / "copy.jfif").write_bytes(source.read_bytes())  # a JPEG under the phone's name
+    (rare / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (rare / "notes.csv").write_text("a,b\n")  # notes: no row
+    (rare / ".hidden.jpg").write_bytes(source.read_bytes())  # hidden: no row
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    frame = read_predictions(out).set_index("path")
+    assert len(frame) == 14  # 12 + .jfif + .heic
+    assert frame.loc["orbital disease/copy.jfif", "status"] == "ok"
+    assert frame.loc["orbital disease/phone.heic", "status"] == "failed: unsupported format (.heic)"
+    original = frame.loc[f"orbital disease/{source.name}", prob_columns()].to_numpy(float)
+    assert np.allclose(frame.loc["orbital disease/copy.jfif", prob_columns()].to_numpy(float), original)
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["n_received"], result["n_failed"], result["n"], result["itd_n"]) == (14, 1, 13, 14)
+    assert result["flow"]["rows"]["orbital disease"] == {"received": 5, "unreadable": 1, "scored": 4}
+    assert result["flow"]["reasons"] == {"unsupported format (.heic)": {
+        "orbital disease": 1, "healthy eyes": 0, "non-orbital disease": 0}}
+    assert result["per_class"]["orbital disease"]["support"] == 4
+    # intention to diagnose: the .heic counts as a missed rare image
+    assert result["itd_rare_sensitivity"] == pytest.approx(result["per_class"]["orbital disease"]["tp"] / 5)
+    report_text = (out / "report.md").read_text()
+    assert "| orbital disease | 5 | 1 | 4 |" in report_text
+    assert "unsupported format (.heic): 1 (orbital disease 1)" in report_text
+
+
 def test_no_readable_image_writes_the_reasons_and_exits_1(checkpoint, tmp_path, capsys):
     test_dir = tmp_path / "external"
     (test_dir / "healthy eyes").mkdir(parents=True)
