@@ -380,6 +380,31 @@ def stored_calibration(checkpoint, folders, threshold=None):
     return operating, float(temperature), "validation (clip_train.py)"
 
 
+def calibration_mismatch(checkpoint, classes, logit_scale_mode):
+    """How the evaluated softmax differs from the one the checkpoint's validation threshold and
+    temperature were fitted under (a list of phrases; empty when it is the same): another logit
+    scale mode (--logit-scale-mode), another class set or other evaluation prompts (--prompts).
+    Each changes every probability, so the stored threshold and temperature no longer apply."""
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    changed = []
+    stored_mode = data.get("logit_scale_mode") or "exp"
+    if logit_scale_mode != stored_mode:
+        changed.append(f"logit scale {stored_mode!r} (evaluated: {logit_scale_mode!r})")
+    folders = prompt_sets.class_folders(classes)
+    stored_folders = data.get("class_folders")
+    if stored_folders and list(stored_folders) != folders:
+        changed.append(f"classes {list(stored_folders)} (evaluated: {folders})")
+    elif isinstance(data.get("prompts"), dict):
+        try:
+            stored = prompt_sets.parse_prompt_set(data["prompts"], checkpoint.spec)
+        except prompt_sets.PromptSetError:
+            stored = None
+        if stored is not None and {c.folder: list(c.eval) for c in stored} != {
+                c.folder: list(c.eval) for c in classes}:
+            changed.append("other evaluation prompts (evaluated: --prompts)")
+    return changed
+
+
 def read_manifest_groups(manifest):
     """({resolved path: group}, sorted splits) of a manifest.csv; every group is '' when the
     column does not name patients (then the bootstrap resamples images)."""
@@ -552,12 +577,22 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
     model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
     folders = prompt_sets.class_folders(classes)
     stored_mode = (checkpoint.data or {}).get("logit_scale_mode") if checkpoint.kind == "ours" else None
+    mode = args.logit_scale_mode or stored_mode or "exp"
     operating, temperature, temperature_source = stored_calibration(checkpoint, folders, threshold)
+    changed = calibration_mismatch(checkpoint, classes, mode)
+    if changed and (temperature is not None or operating.get("source") == "validation"):
+        note = "dropped: fitted on validation under " + "; ".join(changed)
+        LOG.warning("%s %s: the stored validation threshold and temperature are not applied (%s)%s",
+                    flag, checkpoint.spec, note,
+                    "; --threshold is applied" if threshold is not None else "")
+        temperature, temperature_source = None, note
+        if threshold is None:
+            operating = dict(operating, threshold=None, source=note)
     weights_id = checkpoint.sha256 or f"tag:{checkpoint.spec}"
     return ModelBundle(
         checkpoint=checkpoint, model_name=model_name, model=model, preprocess=preprocess,
         tokenizer=tokenizer, classes=classes, folders=folders, prompt_source=prompt_source,
-        logit_scale_mode=args.logit_scale_mode or stored_mode or "exp", operating=operating,
+        logit_scale_mode=mode, operating=operating,
         temperature=temperature, temperature_source=temperature_source, weights_id=weights_id,
         cache_key=cache_model_key(weights_id, model_name, preprocess, args.precision))
 

@@ -5,6 +5,7 @@ WiSE-FT, anonymised outputs). More metric tests: test_metrics.py."""
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -517,6 +518,47 @@ def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_coho
     assert run_inference(first, calibrated_checkpoint, tmp_path / "user", "--threshold", "0.5") == 0
     op = json.loads((tmp_path / "user" / "metrics.json").read_text())["operating_point"]
     assert (op["threshold"], op["source"]) == (0.5, "user (--threshold)")
+
+
+def test_another_softmax_drops_the_stored_threshold_and_temperature(make_cohort, calibrated_checkpoint,
+                                                                   tmp_path, capsys):
+    test_dir = make_cohort("external", (3, 6, 4), seed=1)
+    same = prompts.prompt_set_to_dict(prompts.load_prompt_set(None))
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    other = json.loads(json.dumps(same))
+    other["classes"][0]["eval"] = ["an eye with an orbital mass"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    fewer = {"classes": same["classes"][:2]}  # another class set
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    runs = {"kept": [], "same_prompts": ["--prompts", str(tmp_path / "same.json")],
+            "mode": ["--logit-scale-mode", "published-log"],
+            "prompts": ["--prompts", str(tmp_path / "other.json")],
+            "classes": ["--prompts", str(tmp_path / "fewer.json")],
+            "mode_user": ["--logit-scale-mode", "published-log", "--threshold", "0.3"]}
+    results = {}
+    for name, extra in runs.items():
+        capsys.readouterr()
+        if name == "classes":  # a two-class cohort: the third folder removed
+            test_dir = make_cohort("two", (3, 6, 1), seed=2)
+            shutil.rmtree(test_dir / "non-orbital disease")
+        assert run_inference(test_dir, calibrated_checkpoint, tmp_path / name, *extra) == 0
+        results[name] = (json.loads((tmp_path / name / "metrics.json").read_text()),
+                         (tmp_path / name / "report.md").read_text(),
+                         [line for line in capsys.readouterr().err.splitlines() if "not applied" in line])
+    for name in ("kept", "same_prompts"):
+        result, _report, warnings = results[name]
+        assert result["operating_threshold"] == 0.1 and result["temperature"] == 2.0 and not warnings
+    for name, phrase in (("mode", "logit scale 'exp' (evaluated: 'published-log')"),
+                         ("prompts", "other evaluation prompts"), ("classes", "classes [")):
+        result, report_text, warnings = results[name]
+        assert result["operating_point"] is None and result["temperature_scaled"] is None, name
+        assert result["operating_threshold"] is None and result["temperature"] is None
+        assert result["operating_threshold_source"].startswith("dropped: fitted on validation under")
+        assert phrase in result["temperature_source"] and len(warnings) == 1, name
+        assert "operating threshold: none (dropped: fitted on validation under" in report_text
+    result, report_text, warnings = results["mode_user"]  # --threshold given: it is applied
+    assert (result["operating_threshold"], result["operating_threshold_source"]) == (0.3, "user (--threshold)")
+    assert result["temperature"] is None and "--threshold is applied" in warnings[0]
 
 
 def test_no_stored_threshold_or_temperature_means_argmax_only(make_cohort, checkpoint, tmp_path):
