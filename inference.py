@@ -56,7 +56,8 @@ from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFA
                      compute_metrics, finite_or_none, intention_to_diagnose, interval_levels,
                      operating_point_metrics, rule_predictions, softmax)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, predictions_frame, relative_path, render_report, write_figures)
+                    most_confident_errors, per_class_frame, predictions_frame, relative_path,
+                    render_report, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -64,6 +65,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
 CACHE_VERSION = 1  # bump when what a cached embedding means changes
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.md's failure analysis
+FAILURE_DIR = "failure_analysis"  # their thumbnails
+THUMBNAIL_PX = 160  # longer side of a thumbnail
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
@@ -703,6 +707,32 @@ def clear_previous_outputs(output_dir):
         path = Path(output_dir) / name
         if path.is_file():
             path.unlink()
+    for path in (Path(output_dir) / FAILURE_DIR).glob("true*_*.png"):  # our thumbnails only
+        path.unlink()
+
+
+def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anonymize):
+    """The most confident errors per true class (report.most_confident_errors), each with a
+    thumbnail in failure_analysis/ named by class index and rank (never by the file's name) and
+    its path as in predictions.csv (a pseudonym with --anonymize-paths)."""
+    index = np.flatnonzero(scored)  # row of each scored image in the cohort
+    y_true = np.array([label for _path, label in cohort.items])[index]
+    rows = most_confident_errors(y_true, probs[index], n_per_class)
+    for row in rows:
+        path = cohort.items[index[row.pop("index")]][0]
+        rel = relative_path(path, cohort.root)
+        row["file"] = anonymize(rel) if anonymize else rel
+        row["thumbnail"] = f"{FAILURE_DIR}/true{row['true']}_{row['rank']}.png"
+        try:
+            image = common.read_image(path, THUMBNAIL_PX)
+        except common.ImageReadError:  # changed on disk since it was scored
+            row["thumbnail"] = None
+            continue
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        (Path(output_dir) / FAILURE_DIR).mkdir(exist_ok=True)
+        common.atomic_write(Path(output_dir) / row["thumbnail"],
+                            lambda handle, image=image: image.save(handle, format="PNG"))
+    return rows
 
 
 def package_versions():
@@ -840,14 +870,19 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     run = run_info(args, setup, bundle)
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
-    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
-    metrics = op = itd = comparison = None
+    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
+    metrics = op = itd = comparison = failures = None
     if cohort.labelled:
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores)
         n_failed = flow["rows"]["total"]["unreadable"]
+        scored = np.isfinite(probs).all(axis=1)
+        if args.failure_examples and scored.any():
+            failures = write_failure_analysis(output_dir, cohort, scored, probs,
+                                              args.failure_examples, anonymize)
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
                    "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
-                   "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
+                   "operating_point": op, **itd, "flow": flow, "comparison": comparison,
+                   "failure_analysis": failures, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
@@ -862,7 +897,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
-    report = render_report(run, flow, metrics, folders, op, itd, comparison)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, failures)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
 
@@ -989,6 +1024,11 @@ def parse_args(argv=None):
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
+    stats.add_argument("--failure-examples", type=int, default=DEFAULT_FAILURE_EXAMPLES, metavar="N",
+                       help=f"failure analysis in report.md: the N most confident errors of each true "
+                            f"class with thumbnails in {FAILURE_DIR}/ (default "
+                            f"{DEFAULT_FAILURE_EXAMPLES}; 0 = none, e.g. when no image may leave the "
+                            "hospital)")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
@@ -1002,7 +1042,8 @@ def parse_args(argv=None):
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2)):
+                             ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
+                             ("--failure-examples", args.failure_examples, 0)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)

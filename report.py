@@ -129,13 +129,17 @@ def failure_category(status):
     return reason.split(" (")[0].strip() or "unreadable"
 
 
-def flow_counts(labels, statuses, folders, labelled):
-    """STARD flow of images: received -> unreadable (by reason) -> scored, per class.
+def flow_counts(labels, statuses, folders, labelled, groups=None):
+    """STARD flow of images (and, with `groups`, of patients): received -> unreadable (by reason)
+    -> scored, per class.
 
     Returns
     -------
     dict: rows -> {class: {received, unreadable, scored}} ('all images' when unlabelled) and
-    'total'; reasons -> {reason: {class: count}}.
+    'total'; with groups each row also has patients_received, patients_unreadable (patients with
+    at least one unreadable image) and patients_scored (at least one scored image), a patient
+    counted in every class it has images of and once in the total; reasons -> {reason: {class:
+    count}}.
     """
     keys = [folders[label] if labelled else "all images" for label in labels]
     order = list(folders) if labelled else ["all images"]
@@ -151,7 +155,49 @@ def flow_counts(labels, statuses, folders, labelled):
             by_class[key] += 1
     rows["total"] = {name: sum(r[name] for r in rows.values())
                      for name in ("received", "unreadable", "scored")}
+    if groups is not None:
+        for key in order + ["total"]:
+            mine = [(g, st) for g, k, st in zip(groups, keys, statuses) if key in (k, "total")]
+            rows[key].update(patients_received=len({g for g, _ in mine}),
+                             patients_unreadable=len({g for g, st in mine if st != "ok"}),
+                             patients_scored=len({g for g, st in mine if st == "ok"}))
     return {"rows": rows, "reasons": reasons}
+
+
+def most_confident_errors(y_true, probs, n_per_class):
+    """The failure analysis: per true class, its misclassified images (argmax) with the highest
+    probability of the wrong class first, at most `n_per_class` of them.
+
+    Returns
+    -------
+    list of dicts: true, rank (1..), index (into y_true), pred, p_pred, p_true.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(axis=1)
+    rows = []
+    for k in range(probs.shape[1]):
+        wrong = np.flatnonzero((y_true == k) & (pred != k))
+        order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n_per_class]
+        rows += [{"true": k, "rank": rank, "index": int(i), "pred": int(pred[i]),
+                  "p_pred": float(probs[i, pred[i]]), "p_true": float(probs[i, k])}
+                 for rank, i in enumerate(order, 1)]
+    return rows
+
+
+def failure_markdown(failures, folders):
+    """The failure-analysis section: per true class its most confident errors, thumbnails linked."""
+    lines = ["The most confident errors of each true class (argmax), highest probability of the "
+             "wrong class first: patterns here (image quality, look-alike conditions, label "
+             "errors) are what a reader checks before trusting the metrics.", "",
+             "| true class | rank | image | predicted | p(predicted) | p(true) | file |",
+             "| --- | ---: | --- | --- | ---: | ---: | --- |"]
+    for row in failures:
+        image = f"![error]({row['thumbnail']})" if row.get("thumbnail") else "(not readable)"
+        lines.append(f"| {folders[row['true']]} | {row['rank']} | {image} | {folders[row['pred']]} | "
+                     f"{row['p_pred']:.3f} | {row['p_true']:.3f} | `{row['file']}` |")
+    if not failures:
+        lines = ["No misclassified image: there is no error to analyse."]
+    return lines
 
 
 def format_value(value, ci=None, digits=3):
@@ -164,10 +210,16 @@ def format_value(value, ci=None, digits=3):
 
 def flow_markdown(flow):
     """The flow table (and the reasons) of report.md."""
-    lines = ["| class | received | unreadable (excluded) | scored |", "| --- | ---: | ---: | ---: |"]
+    patients = "patients_received" in flow["rows"]["total"]
+    lines = ["| class | received | unreadable (excluded) | scored |"
+             + (" patients received | patients with an unreadable image | patients scored |"
+                if patients else ""),
+             "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
     for key, row in flow["rows"].items():
         name = f"**{key}**" if key == "total" else key
-        lines.append(f"| {name} | {row['received']} | {row['unreadable']} | {row['scored']} |")
+        lines.append(f"| {name} | {row['received']} | {row['unreadable']} | {row['scored']} |"
+                     + (f" {row['patients_received']} | {row['patients_unreadable']} | "
+                        f"{row['patients_scored']} |" if patients else ""))
     if flow["reasons"]:
         lines += ["", "Reasons for exclusion: " + "; ".join(
             f"{reason}: {sum(by_class.values())} ("
@@ -272,39 +324,54 @@ def comparison_markdown(comparison, baseline_label):
     return lines
 
 
+# STARD 2015 numbers checked against the published list (Cohen et al., BMJ Open 2016); TRIPOD+AI
+# 2024 numbers against the statement's checklist (Collins et al., BMJ 2024;385:e078378); CLAIM 2024
+# items are named, not numbered: their numbers could not be checked against the published table.
+CHECKLIST_NOTE = ("STARD 2015 and TRIPOD+AI 2024 item numbers as published; CLAIM 2024 items by "
+                  "name (their numbers were not checked against the published table).")
 CHECKLIST_ROWS = (
     ("Flow table (above), `flow` in metrics.json",
-     "images received, unreadable with reasons, scored, by class",
-     "19 flow diagram; 16 missing/indeterminate index test results",
-     "flow of participants; missing data", "flow of participants/cases; data exclusions"),
+     "images (and patients, when groups are known) received, unreadable with reasons, scored, by class",
+     "19 flow of participants; 15 indeterminate and 16 missing index test results",
+     "20a flow of participants; 11 missing data",
+     "numbers of patients/examinations included and excluded (flowchart); missing data"),
     ("[confusion_matrix.png](confusion_matrix.png), confusion_matrix.csv, classification_report.txt",
-     "predicted by true class (counts, row %)", "23 cross tabulation by the reference standard",
-     "model performance (classification)", "estimates of diagnostic accuracy"),
+     "predicted by true class (counts, row %)",
+     "23 cross tabulation of the index test by the reference standard",
+     "23a model performance", "failure analysis (confusion matrix)"),
     ("Metric tables (above), metrics.json, per_class_metrics.csv",
      "accuracy, balanced accuracy, F1, MCC; per class sensitivity, specificity, PPV, NPV, LR±, "
-     "AUROC, AUPRC with 95% CIs",
-     "24 estimates of diagnostic accuracy and their precision",
-     "model performance with CIs (discrimination)",
-     "metrics of model performance; measures of uncertainty"),
+     "AUROC, AUPRC with 95% CIs, each named image- or patient-level",
+     "14 methods for estimating diagnostic accuracy; 24 estimates and their precision",
+     "12e performance measures; 23a model performance with confidence intervals",
+     "performance metrics; measures of uncertainty; diagnostic accuracy estimates with 95% CIs"),
     ("[roc_curves.png](roc_curves.png), [pr_curves.png](pr_curves.png)",
-     "one-vs-rest discrimination; operating point marked", "24 estimates of diagnostic accuracy",
-     "performance measures and plots (discrimination)", "metrics of model performance"),
+     "one-vs-rest discrimination; operating point marked; random-ranking AUPRC",
+     "24 estimates of diagnostic accuracy", "12e performance plots; 23a model performance",
+     "diagnostic accuracy estimates (ROC analysis)"),
     ("[calibration.png](calibration.png), Brier / log-loss / ECE",
-     "reliability per class with counts per bin; before and after temperature scaling", "—",
-     "calibration; model updating (recalibration)", "metrics of model performance"),
+     "reliability per class with counts per bin; before and after temperature scaling (the "
+     "temperature was fitted on the development validation split: model development, not updating)",
+     "—", "12e calibration measures and plots; 12c model building (the temperature)",
+     "performance metrics"),
     ("[prob_histograms.png](prob_histograms.png), operating point table",
      "model output by true class; pre-specified threshold from validation",
-     "12a/12b positivity cut-offs, pre-specified", "model output and classification thresholds",
-     "model output; decision thresholds"),
-    ("Intention-to-diagnose line", "unreadable images counted as errors",
-     "15/16 handling of indeterminate and missing results", "missing data", "failure handling"),
+     "12a index test positivity cut-off, pre-specified", "15 model output and thresholds",
+     "performance metrics"),
+    ("Intention-to-diagnose line", "unreadable images counted as errors (argmax and the rule)",
+     "15 indeterminate results; 16 missing data", "11 missing data", "missing data"),
     ("comparison.csv (when a baseline is given)", "paired differences with CIs, McNemar",
-     "—", "comparison of models", "statistical measures of significance; benchmarking"),
-    ("predictions.csv", "per-image probabilities and status", "—", "model output",
-     "failure analysis of misclassified cases"),
+     "14 methods for comparing measures of diagnostic accuracy",
+     "12e measures to compare models",
+     "comparison with other models; statistical significance"),
+    ("Failure analysis (above), failure_analysis/",
+     "the most confident errors per true class, with thumbnails", "—", "—",
+     "failure analysis of incorrectly classified cases"),
+    ("predictions.csv", "per-image probabilities and status", "—", "15 model output",
+     "—"),
     ("Header of this report, args.json", "checkpoint SHA-256, model, prompts, thresholds, versions",
-     "10a index test in sufficient detail", "model specification; software and code availability",
-     "model description; software and versions"),
+     "10a index test in sufficient detail", "22 model specification; 18f code sharing",
+     "model description; software libraries and versions"),
 )
 
 
@@ -352,14 +419,17 @@ def itd_markdown(itd, rare_class):
                 for label, p in rules) + "."]
 
 
-def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None):
+def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
+                  failures=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
     lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)
         return "\n".join(lines) + "\n"
-    lines += ["## Flow of images (STARD 19)", ""] + flow_markdown(flow) + [""]
+    patients = "patients_received" in flow["rows"]["total"]
+    lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
+    lines += flow_markdown(flow) + [""]
     if itd is not None:
         lines += itd_markdown(itd, run["rare_class"]) + [""]
     if not metrics["n"]:
@@ -377,10 +447,14 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if comparison is not None:
         lines += ["", "## Comparison with the baseline", ""]
         lines += comparison_markdown(comparison, run["baseline"]["checkpoint"])
+    if failures is not None:
+        lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS]
+    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS
+              if failures is not None or not row[0].startswith("Failure analysis")]
+    lines += ["", CHECKLIST_NOTE]
     if not run.get("figures", True):
         lines += ["", "Figures were not drawn (--no-figures)."]
     return "\n".join(lines) + "\n"

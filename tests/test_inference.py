@@ -15,6 +15,7 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 import common
@@ -625,6 +626,37 @@ def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, 
     assert not (tmp_path / "train").exists()
 
 
+def test_failure_analysis_shows_the_most_confident_errors_with_thumbnails(make_cohort, checkpoint,
+                                                                           tmp_path):
+    manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
+    out = tmp_path / "out"
+    assert run_inference(manifest, checkpoint, out, "--failure-examples", "2") == 0
+    frame = read_predictions(out)
+    result = json.loads((out / "metrics.json").read_text())
+    expected = []
+    for k, folder in enumerate(FOLDERS):  # by hand from predictions.csv
+        wrong = frame[(frame["true_label"] == folder) & (frame["pred_label"] != folder)]
+        p_pred = [row[f"prob_{row['pred_label']}"] for _, row in wrong.iterrows()]
+        order = np.argsort(-np.array(p_pred), kind="stable")[:2]
+        expected += [(k, wrong["path"].iloc[i]) for i in order]
+    rows = result["failure_analysis"]
+    assert [(r["true"], r["file"]) for r in rows] == expected and expected
+    report_text = (out / "report.md").read_text()
+    assert "## Failure analysis" in report_text
+    for row in rows:
+        thumbnail = out / row["thumbnail"]
+        with Image.open(thumbnail) as image:
+            assert image.format == "PNG" and max(image.size) <= inference.THUMBNAIL_PX
+        assert f"![error]({row['thumbnail']})" in report_text and f"`{row['file']}`" in report_text
+    # patients in the flow table (the manifest names them)
+    assert result["flow"]["rows"]["total"]["patients_received"] == result["n_groups"] == 9
+    assert "## Flow of images and patients" in report_text
+    assert run_inference(manifest, checkpoint, out, "--failure-examples", "0", "--overwrite") == 0
+    assert json.loads((out / "metrics.json").read_text())["failure_analysis"] is None
+    assert "## Failure analysis" not in (out / "report.md").read_text()
+    assert not list((out / "failure_analysis").glob("*.png"))  # the earlier thumbnails removed
+
+
 def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)  # names like healthy_eyes_1_004.jpg
     out = tmp_path / "out"
@@ -774,6 +806,7 @@ def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_pa
     (["--group-regex", r"P\d+"], "--group-regex"),
     (["--group-regex", "(unclosed"], "--group-regex"),
     (["--ece-bins", "1"], "--ece-bins"),
+    (["--failure-examples", "-1"], "--failure-examples"),
     (["--split", "test"], "--split"),
     (["--wise-ft-base", "other.pt"], "--wise-ft-base"),
 ])

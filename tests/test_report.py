@@ -100,3 +100,47 @@ def test_operating_table_and_itd_lines_carry_patient_intervals_and_the_rule():
     # argmax: 3 of 6 right, 2 of 3 rare found; rule: 4 of 6, 3 of 3 (the failed image is an error)
     assert "argmax: accuracy 0.500 (" in line and "the operating rule: accuracy 0.667 (" in line
     assert "orbital disease sensitivity 0.667 (" in line and "orbital disease sensitivity 1.000 (" in line
+
+
+def test_flow_counts_of_patients_when_groups_are_known():
+    labels = [0, 0, 0, 1, 1, 2, 1]
+    statuses = ["ok", "failed: truncated image", "ok", "ok", "failed: x", "ok", "ok"]
+    groups = ["A", "A", "B", "C", "D", "D", "B"]  # B has images in classes 0 and 1, D in 1 and 2
+    flow = report.flow_counts(labels, statuses, FOLDERS, True, groups)
+    rows = flow["rows"]
+    assert rows["orbital disease"] == {"received": 3, "unreadable": 1, "scored": 2, "patients_received": 2,
+                                       "patients_unreadable": 1, "patients_scored": 2}
+    assert rows["healthy eyes"] == {"received": 3, "unreadable": 1, "scored": 2, "patients_received": 3,
+                                    "patients_unreadable": 1, "patients_scored": 2}
+    assert (rows["total"]["patients_received"], rows["total"]["patients_unreadable"],
+            rows["total"]["patients_scored"]) == (4, 2, 4)  # each patient once
+    assert "patients_received" not in report.flow_counts(labels, statuses, FOLDERS, True)["rows"]["total"]
+    lines = report.flow_markdown(flow)
+    assert "patients received" in lines[0] and "| **total** | 7 | 2 | 5 | 4 | 2 | 4 |" in lines
+
+
+def test_most_confident_errors_per_true_class():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.array([[.2, .7, .1], [.1, .1, .8], [.9, .05, .05], [.6, .3, .1], [.1, .8, .1],
+                      [.3, .3, .4]])
+    rows = report.most_confident_errors(y_true, probs, 1)
+    assert [(r["true"], r["index"], r["pred"], r["p_pred"]) for r in rows] == [(0, 1, 2, .8), (1, 3, 0, .6)]
+    rows = report.most_confident_errors(y_true, probs, 5)
+    assert [(r["true"], r["rank"], r["index"]) for r in rows] == [(0, 1, 1), (0, 2, 0), (1, 1, 3)]
+    assert rows[1]["p_true"] == pytest.approx(.2)
+    lines = report.failure_markdown([dict(rows[0], file="abc", thumbnail="failure_analysis/true0_1.png")],
+                                    FOLDERS)
+    assert lines[-1] == ("| orbital disease | 1 | ![error](failure_analysis/true0_1.png) | "
+                         "non-orbital disease | 0.800 | 0.100 | `abc` |")
+
+
+def test_checklist_map_numbers():
+    text = "\n".join(" | ".join(row) for row in report.CHECKLIST_ROWS)
+    assert "12a index test positivity cut-off" in text and "12b" not in text
+    assert "19 flow of participants; 15 indeterminate and 16 missing" in text
+    assert "14 methods for comparing measures of diagnostic accuracy" in text
+    assert "updating (recalibration)" not in text and "model development, not updating" in text
+    failure = next(row for row in report.CHECKLIST_ROWS if row[0].startswith("Failure analysis"))
+    assert failure[4] == "failure analysis of incorrectly classified cases"
+    predictions = next(row for row in report.CHECKLIST_ROWS if row[0] == "predictions.csv")
+    assert "failure" not in predictions[4]
