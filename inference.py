@@ -25,7 +25,8 @@ the bootstrap resample patients, not images):
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
 prob_histograms and confusion_matrix figures (.png and .pdf), report.md (one page that maps each
-output to the checklist item it serves), args.json; with --baseline also comparison.csv and
+output to the checklist item it serves, with a failure analysis whose thumbnails go to
+failure_analysis/), args.json; with --baseline also comparison.csv and
 baseline_predictions.csv; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
 alpha and wise_ft_summary.csv.
 """
