@@ -58,7 +58,7 @@ from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFA
                      operating_point_metrics, rule_predictions, softmax)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
                     most_confident_errors, per_class_frame, predictions_frame, relative_path,
-                    render_report, write_figures)
+                    render_report, resample_notes, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -812,6 +812,8 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
     probs_cal = softmax(scores.logits[scored], bundle.temperature) if bundle.temperature else None
     metrics = compute_metrics(y_true, probs[scored], folders, args.bootstrap, args.seed,
                               groups=groups, probs_cal=probs_cal, ece_bins=args.ece_bins)
+    for note in resample_notes(metrics, folders):  # e.g. a class missing from some resamples
+        LOG.warning("bootstrap: %s resamples usable (the others lacked an image of a class)", note)
     if metrics["temperature_scaled"] is not None:
         metrics["temperature_scaled"] = {"temperature": bundle.temperature,
                                          "source": bundle.temperature_source,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -704,11 +705,19 @@ def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, chec
     def no_encoding(*_args, **_kwargs):
         raise AssertionError("an image was encoded despite the cache")
 
+    read, real_read = [], common.read_image
+
+    def thumbnails_only(path, *args, **kwargs):  # the failure analysis reads its few errors
+        read.append(Path(path).relative_to(test_dir).as_posix())
+        return real_read(path, *args, **kwargs)
+
     monkeypatch.setattr(common, "encode_image_batches", no_encoding)
-    monkeypatch.setattr(common, "read_image", no_encoding)
+    monkeypatch.setattr(common, "read_image", thumbnails_only)
     assert run_inference(test_dir, checkpoint, tmp_path / "second", "--cache-dir", str(cache)) == 0
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text(), name
+    failures = json.loads((tmp_path / "second" / "metrics.json").read_text())["failure_analysis"]
+    assert sorted(read) == sorted(row["file"] for row in failures)  # no other image was read
     # other prompts, threshold and bootstrap size: still no image encoded
     reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
     (tmp_path / "reversed.json").write_text(json.dumps(reversed_set))
