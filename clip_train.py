@@ -1233,6 +1233,23 @@ def choose_wise_ft_alpha(model, ctx, val_loader, base_state):
     return chosen
 
 
+def drop_unsupported(items, flag, spec):
+    """The items without the files no reader recognises (a phone .heic), with a warning giving
+    their count: listed by the rule every script shares (common.is_candidate_image), left out
+    here so they are neither trained on nor skipped anew every epoch."""
+    unsupported = set(common.unsupported_format_files([path for path, _label in items]))
+    if not unsupported:
+        return items
+    example = sorted(unsupported)[0]
+    LOG.warning("%s %s: %d file(s) in a format neither Pillow nor pydicom reads are left out, "
+                "e.g. %s (%s %s); convert them to JPEG or PNG to use them", flag, spec,
+                len(unsupported), example, common.UNSUPPORTED_FORMAT, example.suffix.lower())
+    kept = [item for item in items if item[0] not in unsupported]
+    if not kept:
+        raise common.CohortError(f"{spec}: no image in a readable format (e.g. {example})")
+    return kept
+
+
 def prepare_run(args):
     """Device, precision, torchrun process group, prompts and the two cohorts."""
     args.device = common.resolve_device(args.device)
@@ -1248,7 +1265,8 @@ def prepare_run(args):
     items = []
     for flag, spec, split in (("--train-dir", args.train_dir, "train"), ("--val-dir", args.val_dir, "val")):
         try:
-            items.append(common.load_labelled_items(spec, folders, split, **fold))
+            items.append(drop_unsupported(common.load_labelled_items(spec, folders, split, **fold),
+                                          flag, spec))
         except common.CohortError as err:
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items

@@ -24,6 +24,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
 SIDECAR_EXTENSIONS = {".txt", ".json", ".xml"}
+# Notes and tables beside the images: never read as images, never counted (the sidecars above are
+# also copied with their image by data_preprocess.py; a .csv is not).
+NOT_IMAGE_EXTENSIONS = SIDECAR_EXTENSIONS | {".csv"}
+UNSUPPORTED_FORMAT = "unsupported format"  # the reason of a file no reader recognises, e.g. .heic
+UNRECOGNISED = "not an image (unrecognised content)"  # ... with a listed extension (.jpg) or none
 JUNK_NAMES = {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".localized", "icon\r"}
 SPLIT_NAMES = ("train", "val", "test")
 # Pillow's own bomb limit (~179 MP) is a warning until 2x; we refuse at the limit itself.
@@ -41,18 +46,45 @@ class ImageReadError(Exception):
 # Image reading
 
 
-def is_junk_file(path):
+def is_os_metadata_file(path):
     """OS metadata files that are never images (.DS_Store, Thumbs.db, AppleDouble ._*)."""
     name = Path(path).name
     return name.lower() in JUNK_NAMES or name.startswith("._")
 
 
+def is_junk_file(path):
+    """A file no script lists or counts: OS metadata and hidden files (a name starting with .)."""
+    return is_os_metadata_file(path) or Path(path).name.startswith(".")
+
+
 def is_candidate_image(path):
-    """A file worth trying to read: a known image/DICOM extension or none at all."""
+    """A file every script lists as an image: anything but junk and notes (.txt, .json, .xml,
+    .csv), whatever its extension. It is read by its content (a .jfif is a JPEG, a .webp is read
+    by Pillow); one that no reader recognises fails with `unsupported format (.heic)` and is
+    reported (a failed row, rejected.csv, a warning), never silently dropped."""
+    return not is_junk_file(path) and Path(path).suffix.lower() not in NOT_IMAGE_EXTENSIONS
+
+
+def has_listed_extension(path):
+    """A known image or DICOM extension, or none at all."""
     suffix = Path(path).suffix.lower()
-    if is_junk_file(path):
-        return False
     return suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS or suffix == ""
+
+
+def unsupported_format_files(paths):
+    """The files among `paths` that `read_image` rejects as an unsupported format: an extension
+    outside the listed ones and content that neither Pillow nor pydicom recognises (each such
+    file is read once; files with a listed extension are not opened)."""
+    found = []
+    for path in paths:
+        if has_listed_extension(path):
+            continue
+        try:
+            read_image(path)
+        except ImageReadError as err:
+            if str(err).startswith(UNSUPPORTED_FORMAT):
+                found.append(path)
+    return found
 
 
 def read_image(path, min_side_px=None):
@@ -72,13 +104,15 @@ def read_image(path, min_side_px=None):
         raise ImageReadError(f"cannot open file ({err.strerror or type(err).__name__})") from None
     if size == 0:
         raise ImageReadError("empty file (0 bytes)")
-    if is_junk_file(path):
+    if is_os_metadata_file(path):
         raise ImageReadError("operating-system metadata file, not an image")
     try:
         if path.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(path):
             return _read_dicom(path)
         return _read_pillow(path, min_side_px)
-    except ImageReadError:
+    except ImageReadError as err:
+        if str(err) == UNRECOGNISED and not has_listed_extension(path):  # e.g. a phone .heic
+            raise ImageReadError(f"{UNSUPPORTED_FORMAT} ({path.suffix.lower()})") from None
         raise
     except OSError as err:
         raise ImageReadError(f"cannot read file ({err.strerror or type(err).__name__})") from None
@@ -109,7 +143,7 @@ def _read_pillow(path, min_side_px):
         except ImageReadError:
             raise
         except UnidentifiedImageError:
-            raise ImageReadError("not an image (unrecognised content)") from None
+            raise ImageReadError(UNRECOGNISED) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageReadError(f"decompression bomb: {err}") from None
         except MemoryError:
@@ -378,8 +412,9 @@ def list_class_folder_images(root, folders):
     """Files under root/<folder>/ for each known class folder, in sorted order.
 
     Returns:
-        items: list of (path, class_index), every candidate file (unreadable ones included, so
-            callers can account for them);
+        items: list of (path, class_index), every candidate file (`is_candidate_image`: any
+            extension; unreadable ones included, so callers can account for them; files in
+            hidden folders left out);
         unknown: names of sub-folders of root that are not classes (split folders excluded).
     """
     root = Path(root)
@@ -393,7 +428,8 @@ def list_class_folder_images(root, folders):
         if not class_dir.is_dir():
             continue
         for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and is_candidate_image(path):
+            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            if path.is_file() and not hidden and is_candidate_image(path):
                 items.append((path, index))
     return items, unknown
 

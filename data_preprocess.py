@@ -1,6 +1,7 @@
 r"""Split a folder-per-class image cohort into train/val(/test) folders and a manifest.
 
-Every image is read once (unreadable files go to rejected.csv with the reason and are left out),
+Every file but junk and notes is read once, by content whatever its extension (unreadable files,
+such as a phone .heic, go to rejected.csv with the reason and are left out),
 hashed, and assigned to a split: stratified by class with largest-remainder rounding, so a rare
 class keeps its prevalence and every class with two or more images gets a validation image.
 With a grouping flag the split is patient-level: all images of one patient land in the same

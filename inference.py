@@ -27,7 +27,8 @@ the bootstrap resample patients, not images):
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
 prob_histograms and confusion_matrix figures (.png and .pdf), report.md (one page that maps each
-output to the checklist item it serves), args.json; with --baseline or --compare NAME=FILE (other
+output to the checklist item it serves, with a failure analysis whose thumbnails go to
+failure_analysis/), args.json; with --baseline or --compare NAME=FILE (other
 models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
 baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
 subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
@@ -58,10 +59,12 @@ import common
 import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
-                     operating_point_metrics, rule_predictions, softmax, subgroup_analysis)
+                     interval_levels, operating_point_metrics, rule_predictions, softmax,
+                     subgroup_analysis)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, plot_comparison, plot_subgroups, predictions_frame, relative_path,
-                    render_report, subgroups_frame, write_figures)
+                    most_confident_errors, per_class_frame, plot_comparison, plot_subgroups,
+                    predictions_frame, relative_path, render_report, resample_notes, subgroups_frame,
+                    write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -69,6 +72,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
 CACHE_VERSION = 1  # bump when what a cached embedding means changes
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.md's failure analysis
+FAILURE_DIR = "failure_analysis"  # their thumbnails
+THUMBNAIL_PX = 160  # longer side of a thumbnail
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
@@ -387,6 +393,31 @@ def stored_calibration(checkpoint, folders, threshold=None):
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         return operating, None, "the checkpoint stores no validation temperature"
     return operating, float(temperature), "validation (clip_train.py)"
+
+
+def calibration_mismatch(checkpoint, classes, logit_scale_mode):
+    """How the evaluated softmax differs from the one the checkpoint's validation threshold and
+    temperature were fitted under (a list of phrases; empty when it is the same): another logit
+    scale mode (--logit-scale-mode), another class set or other evaluation prompts (--prompts).
+    Each changes every probability, so the stored threshold and temperature no longer apply."""
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    changed = []
+    stored_mode = data.get("logit_scale_mode") or "exp"
+    if logit_scale_mode != stored_mode:
+        changed.append(f"logit scale {stored_mode!r} (evaluated: {logit_scale_mode!r})")
+    folders = prompt_sets.class_folders(classes)
+    stored_folders = data.get("class_folders")
+    if stored_folders and list(stored_folders) != folders:
+        changed.append(f"classes {list(stored_folders)} (evaluated: {folders})")
+    elif isinstance(data.get("prompts"), dict):
+        try:
+            stored = prompt_sets.parse_prompt_set(data["prompts"], checkpoint.spec)
+        except prompt_sets.PromptSetError:
+            stored = None
+        if stored is not None and {c.folder: list(c.eval) for c in stored} != {
+                c.folder: list(c.eval) for c in classes}:
+            changed.append("other evaluation prompts (evaluated: --prompts)")
+    return changed
 
 
 def read_manifest_groups(manifest):
@@ -863,12 +894,22 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
     model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
     folders = prompt_sets.class_folders(classes)
     stored_mode = (checkpoint.data or {}).get("logit_scale_mode") if checkpoint.kind == "ours" else None
+    mode = args.logit_scale_mode or stored_mode or "exp"
     operating, temperature, temperature_source = stored_calibration(checkpoint, folders, threshold)
+    changed = calibration_mismatch(checkpoint, classes, mode)
+    if changed and (temperature is not None or operating.get("source") == "validation"):
+        note = "dropped: fitted on validation under " + "; ".join(changed)
+        LOG.warning("%s %s: the stored validation threshold and temperature are not applied (%s)%s",
+                    flag, checkpoint.spec, note,
+                    "; --threshold is applied" if threshold is not None else "")
+        temperature, temperature_source = None, note
+        if threshold is None:
+            operating = dict(operating, threshold=None, source=note)
     weights_id = checkpoint.sha256 or f"tag:{checkpoint.spec}"
     return ModelBundle(
         checkpoint=checkpoint, model_name=model_name, model=model, preprocess=preprocess,
         tokenizer=tokenizer, classes=classes, folders=folders, prompt_source=prompt_source,
-        logit_scale_mode=args.logit_scale_mode or stored_mode or "exp", operating=operating,
+        logit_scale_mode=mode, operating=operating,
         temperature=temperature, temperature_source=temperature_source, weights_id=weights_id,
         cache_key=cache_model_key(weights_id, model_name, preprocess, args.precision))
 
@@ -1004,6 +1045,32 @@ def clear_previous_outputs(output_dir):
         path = Path(output_dir) / name
         if path.is_file():
             path.unlink()
+    for path in (Path(output_dir) / FAILURE_DIR).glob("true*_*.png"):  # our thumbnails only
+        path.unlink()
+
+
+def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anonymize):
+    """The most confident errors per true class (report.most_confident_errors), each with a
+    thumbnail in failure_analysis/ named by class index and rank (never by the file's name) and
+    its path as in predictions.csv (a pseudonym with --anonymize-paths)."""
+    index = np.flatnonzero(scored)  # row of each scored image in the cohort
+    y_true = np.array([label for _path, label in cohort.items])[index]
+    rows = most_confident_errors(y_true, probs[index], n_per_class)
+    for row in rows:
+        path = cohort.items[index[row.pop("index")]][0]
+        rel = relative_path(path, cohort.root)
+        row["file"] = anonymize(rel) if anonymize else rel
+        row["thumbnail"] = f"{FAILURE_DIR}/true{row['true']}_{row['rank']}.png"
+        try:
+            image = common.read_image(path, THUMBNAIL_PX)
+        except common.ImageReadError:  # changed on disk since it was scored
+            row["thumbnail"] = None
+            continue
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        (Path(output_dir) / FAILURE_DIR).mkdir(exist_ok=True)
+        common.atomic_write(Path(output_dir) / row["thumbnail"],
+                            lambda handle, image=image: image.save(handle, format="PNG"))
+    return rows
 
 
 def package_versions():
@@ -1116,17 +1183,23 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
     probs_cal = softmax(scores.logits[scored], bundle.temperature) if bundle.temperature else None
     metrics = compute_metrics(y_true, probs[scored], folders, args.bootstrap, args.seed,
                               groups=groups, probs_cal=probs_cal, ece_bins=args.ece_bins)
+    for note in resample_notes(metrics, folders):  # e.g. a class missing from some resamples
+        LOG.warning("bootstrap: %s resamples usable (the others lacked an image of a class)", note)
     if metrics["temperature_scaled"] is not None:
         metrics["temperature_scaled"] = {"temperature": bundle.temperature,
                                          "source": bundle.temperature_source,
                                          **metrics["temperature_scaled"]}
-    rare = operating["rare_index"]
+    rare, threshold = operating["rare_index"], operating["threshold"]
     op = None
-    if operating["threshold"] is not None and scored.any():
+    if threshold is not None and scored.any():
         op = {key: value for key, value in operating.items() if key != "rare_index"}
-        op.update(operating_point_metrics(y_true, probs[scored], rare, operating["threshold"]))
+        op.update(operating_point_metrics(y_true, probs[scored], rare, threshold, groups=groups,
+                                          n_bootstrap=args.bootstrap, seed=args.seed))
     predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     itd = intention_to_diagnose(labels, predicted, rare)
+    if threshold is not None:  # the same line for the validation-threshold rule
+        by_rule = np.where(scored, rule_predictions(np.nan_to_num(probs), rare, threshold), -1)
+        itd.update(intention_to_diagnose(labels, by_rule, rare, prefix="itd_rule"))
     comparison = None
     if (baseline_scores is not None or compared) and scored.any():  # nothing to compare on otherwise
         comparison = compare_predictions(
@@ -1196,17 +1269,22 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     run = run_info(args, setup, bundle)
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
-    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
-    metrics = op = itd = comparison = subgroups = None
+    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
+    metrics = op = itd = comparison = subgroups = failures = None
     if cohort.labelled:
         compared = compared_models(setup, folders, baseline_scores)
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
                                                       compared)
         n_failed = flow["rows"]["total"]["unreadable"]
         subgroups = score_subgroups(setup, scores, args, rare)
+        scored = np.isfinite(probs).all(axis=1)
+        if args.failure_examples and scored.any():
+            failures = write_failure_analysis(output_dir, cohort, scored, probs,
+                                              args.failure_examples, anonymize)
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
+                   "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison,
-                   "subgroups": subgroups, **run}
+                   "subgroups": subgroups, "failure_analysis": failures, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
@@ -1223,7 +1301,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
-    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
 
@@ -1369,6 +1447,11 @@ def parse_args(argv=None):
     stats.add_argument("--age-bins", default=None, metavar="EDGES",
                        help="bin edges for numeric --subgroups attributes, e.g. 0,40,60,120 "
                             "([0, 40), [40, 60), [60, 120]); a value outside them is refused")
+    stats.add_argument("--failure-examples", type=int, default=DEFAULT_FAILURE_EXAMPLES, metavar="N",
+                       help=f"failure analysis in report.md: the N most confident errors of each true "
+                            f"class with thumbnails in {FAILURE_DIR}/ (default "
+                            f"{DEFAULT_FAILURE_EXAMPLES}; 0 = none, e.g. when no image may leave the "
+                            "hospital)")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
@@ -1382,7 +1465,8 @@ def parse_args(argv=None):
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2)):
+                             ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
+                             ("--failure-examples", args.failure_examples, 0)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)

@@ -29,6 +29,7 @@ OVERALL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "
 CALIBRATION_METRICS = ("brier", "log_loss", "ece")
 COMPARED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc")
 PROPORTIONS = ("sensitivity", "specificity", "ppv", "npv")
+CLASS_AVERAGED = ("balanced_accuracy", "macro_f1")  # undefined when a resample lacks a class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +85,10 @@ def likelihood_ratios(tp, fp, fn, tn, confidence=CONFIDENCE_LEVEL):
     The interval is exp(ln LR +- z SE) with SE(ln LR+) = sqrt(1/tp - 1/(tp+fn) + 1/fp - 1/(fp+tn))
     and SE(ln LR-) = sqrt(1/fn - 1/(tp+fn) + 1/tn - 1/(fp+tn)). When one of the four counts is 0,
     the interval is computed with 0.5 added to each (Haldane); an estimate of exactly 0 keeps 0 as
-    its lower end. An estimate is None where it is undefined or infinite (a zero denominator).
+    its lower end. An estimate is None where it is undefined or infinite (a zero denominator:
+    LR+ with no false positive, LR- with no true negative), and so is its interval: an estimate
+    and its interval are reported both or neither (the interval of the Haldane-corrected cells
+    would belong to no reported estimate).
 
     Returns
     -------
@@ -103,6 +107,8 @@ def likelihood_ratios(tp, fp, fn, tn, confidence=CONFIDENCE_LEVEL):
              math.log((a / (a + c)) / (b / (b + d))), 1 / a - 1 / (a + c) + 1 / b - 1 / (b + d)),
             ("lr_neg", (1 - sens) / spec if spec > 0 else None,
              math.log((c / (a + c)) / (d / (b + d))), 1 / c - 1 / (a + c) + 1 / d - 1 / (b + d))):
+        if value is None:
+            continue
         half = z * math.sqrt(max(se2, 0.0))
         low, high = math.exp(log_lr - half), math.exp(log_lr + half)
         out[key] = value
@@ -168,8 +174,8 @@ def metrics_from_confusion(cms):
 
     Returns
     -------
-    dict name -> (B,) float array (NaN where undefined, an empty matrix), and "f1" -> (B, C),
-    NaN for a class never true nor predicted.
+    dict name -> (B,) float array (NaN where undefined, an empty matrix), "f1" -> (B, C), NaN
+    for a class never true nor predicted, and "support" -> (B, C), the true count of each class.
     """
     cms = np.asarray(cms, dtype=np.float64)
     tp = np.diagonal(cms, axis1=1, axis2=2)  # (B, C)
@@ -187,7 +193,7 @@ def metrics_from_confusion(cms):
         mcc = np.where(spread > 0, covariance / np.sqrt(np.where(spread > 0, spread, 1.0)), 0.0)
     return {"accuracy": accuracy, "balanced_accuracy": balanced,
             "macro_f1": np.nan_to_num(f1, nan=0.0).mean(axis=1), "weighted_f1": weighted_f1,
-            "mcc": np.where(total > 0, mcc, np.nan), "f1": f1}
+            "mcc": np.where(total > 0, mcc, np.nan), "f1": f1, "support": support}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,36 +379,98 @@ def group_indices(groups, n):
     return index.reshape(-1)
 
 
-def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK):
+def bootstrap_strata(y_true, group_index):
+    """Stratum (a class index) of each group for the class-stratified bootstrap.
+
+    A group (a patient, or one image) whose images are all of one class is stratified by that
+    class. A patient with images in several classes is stratified by the rarest of them (the
+    class held by the fewest groups of the cohort; ties go to the lower class index, the
+    clinically critical class first). Every class that is some group's rarest class is then in
+    every resample; a class whose every patient also has a rarer class may still be missing from
+    some (those resamples are counted as unusable for the class-averaged metrics).
+
+    Parameters
+    ----------
+    y_true : (N,) int array
+        True class of each image.
+    group_index : (N,) int array
+        Group of each image, 0..G-1 (see `group_indices`).
+
+    Returns
+    -------
+    (G,) int array: the stratum (class index) of each group.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    group_index = np.asarray(group_index, dtype=np.int64)
+    if len(y_true) == 0:
+        return np.zeros(0, dtype=np.int64)
+    n_groups, n_classes = int(group_index.max()) + 1, int(y_true.max()) + 1
+    holds = np.zeros((n_groups, n_classes), dtype=bool)
+    holds[group_index, y_true] = True  # (G, C): the group has an image of the class
+    rarity = np.lexsort((np.arange(n_classes), holds.sum(axis=0)))  # rarest class first
+    rank = np.empty(n_classes, dtype=np.int64)
+    rank[rarity] = np.arange(n_classes)
+    return np.where(holds, rank, n_classes).argmin(axis=1)  # column of the rarest class held
+
+
+def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK, strata=None):
     """Yield (b, N) float arrays of bootstrap weights, `chunk` replicates at a time.
 
-    Each replicate draws G groups with replacement (a cluster bootstrap: the images of a patient
+    Each replicate draws groups with replacement (a cluster bootstrap: the images of a patient
     stay together); an image's weight is how often its group was drawn. One group per image is
-    the ordinary bootstrap of images. The same seed and groups give the same replicates.
+    the ordinary bootstrap of images. With `strata` ((G,) stratum of each group) each stratum is
+    resampled on its own, as many groups as it holds, so every resample keeps the cohort's
+    number of groups per stratum (a stratified bootstrap); without, all G groups are one stratum.
+    The same seed, groups and strata give the same replicates, whatever the chunk size.
     """
     rng = np.random.default_rng(seed)
     group_index = np.asarray(group_index, dtype=np.int64)
     n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    strata = np.zeros(n_groups, np.int64) if strata is None else np.asarray(strata, np.int64)
+    order = np.argsort(strata, kind="stable")  # groups sorted by stratum: one slot per group
+    _, first, size = np.unique(strata[order], return_index=True, return_counts=True)
+    slot_first = np.repeat(first, size)  # (G,) where the slot's stratum starts in `order`
+    slot_size = np.repeat(size, size)
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
-        draws = rng.integers(0, n_groups, size=(b, n_groups)) + np.arange(b)[:, None] * n_groups
+        # One uniform per slot and replicate, drawn row by row, so chunking changes nothing;
+        # the slot then picks a group of its own stratum.
+        pick = np.minimum((rng.random((b, n_groups)) * slot_size).astype(np.int64), slot_size - 1)
+        draws = order[slot_first + pick] + np.arange(b)[:, None] * n_groups
         counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
         yield counts[:, group_index].astype(np.float64)
 
 
-def bootstrap_replicates(prepared_list, group_index, n_bootstrap, seed):
-    """`weighted_metrics` of each prepared model on the same resamples (paired when several).
+def mark_unusable(replicates, present):
+    """Replicates in place: a resample without an image of a class the cohort has gives no
+    balanced accuracy, macro F1 or F1 of that class (NaN: unusable, left out of the interval and
+    counted), instead of averaging over fewer classes or scoring the absent class 0. AUROC and
+    AUPRC of such a class are NaN already (no positive image)."""
+    absent = (replicates["support"] == 0) & present[None, :]  # (B, C)
+    unusable = absent.any(axis=1)
+    for name in CLASS_AVERAGED:
+        replicates[name] = np.where(unusable, np.nan, replicates[name])
+    replicates["f1"] = np.where(absent, np.nan, replicates["f1"])
+    return replicates
+
+
+def bootstrap_replicates(prepared_list, group_index, n_bootstrap, seed, stratify=True):
+    """`weighted_metrics` of each prepared model on the same resamples (paired when several),
+    stratified by class (see `bootstrap_strata`) unless `stratify` is False.
 
     Returns
     -------
     list (one per prepared model) of dict name -> (B,) or (B, C) arrays.
     """
+    positive = prepared_list[0]["positive"]  # (N, C): the true class of each image
+    strata = bootstrap_strata(positive.argmax(axis=1), group_index) if stratify else None
     parts = [dict() for _ in prepared_list]
-    for weights in resample_weights(group_index, n_bootstrap, seed):
+    for weights in resample_weights(group_index, n_bootstrap, seed, strata=strata):
         for store, prepared in zip(parts, prepared_list):
             for name, values in weighted_metrics(weights, prepared).items():
                 store.setdefault(name, []).append(values)
-    return [{name: np.concatenate(values) for name, values in store.items()} for store in parts]
+    return [mark_unusable({name: np.concatenate(values) for name, values in store.items()},
+                          positive.any(axis=0)) for store in parts]
 
 
 def percentile_interval(values, confidence=CONFIDENCE_LEVEL):
@@ -430,7 +498,7 @@ def empty_metrics(class_names):
     """metrics.json skeleton when no image could be scored: every value None."""
     metrics = {"n": 0}
     for name in OVERALL_METRICS:
-        metrics[name], metrics[f"{name}_ci"] = None, None
+        metrics[name], metrics[f"{name}_ci"], metrics[f"{name}_ci_n_resamples"] = None, None, None
     metrics["per_class"] = {name: {} for name in class_names}
     metrics["confusion_matrix"] = np.zeros((len(class_names),) * 2, dtype=int).tolist()
     return metrics
@@ -459,6 +527,7 @@ def compute_metrics(y_true, probs, class_names, n_bootstrap=DEFAULT_BOOTSTRAP, s
         Level of every interval.
     groups : (N,) array of str, optional
         Patient (or other cluster) of each image: the bootstrap resamples groups, not images.
+        Either way the resamples are stratified by class (see `bootstrap_strata`).
     probs_cal : (N, C) float array, optional
         Temperature-scaled probabilities: adds `temperature_scaled` (Brier, log-loss, ECE).
     ece_bins : int
@@ -466,9 +535,11 @@ def compute_metrics(y_true, probs, class_names, n_bootstrap=DEFAULT_BOOTSTRAP, s
 
     Returns
     -------
-    dict with n, each of OVERALL_METRICS beside its `<name>_ci`, ece_bins, bootstrap_unit,
-    n_groups, temperature_scaled, confusion_matrix (rows true) and per_class[name] (see
-    `per_class_metrics`, plus f1, auroc, auprc with `_ci` and auprc_baseline). Undefined: None.
+    dict with n, each of OVERALL_METRICS beside its `<name>_ci` and `<name>_ci_n_resamples`
+    (the usable resamples behind the interval), ece_bins, bootstrap_unit, n_groups,
+    bootstrap_design, temperature_scaled, confusion_matrix (rows true) and per_class[name] (see
+    `per_class_metrics`, plus f1, auroc, auprc with `_ci` and `_ci_n_resamples`, and
+    auprc_baseline, the expected AUPRC of a random ranking). Undefined: None.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(y_true), len(class_names))
@@ -476,37 +547,93 @@ def compute_metrics(y_true, probs, class_names, n_bootstrap=DEFAULT_BOOTSTRAP, s
     metrics = empty_metrics(class_names) if n == 0 else {"n": n}
     group_index = group_indices(groups, n)
     metrics.update(ece_bins=ece_bins, bootstrap_unit="image" if groups is None else "group",
-                   n_groups=int(group_index.max()) + 1 if n else 0, temperature_scaled=None)
+                   n_groups=int(group_index.max()) + 1 if n else 0, temperature_scaled=None,
+                   bootstrap_design=bootstrap_design(y_true, group_index, class_names, n_bootstrap,
+                                                     groups is not None))
     if n == 0:
         return metrics
     prepared = prepare_scores(y_true, probs, ece_bins, probs_cal)
     point = weighted_metrics(np.ones((1, n)), prepared)
     boot = bootstrap_replicates([prepared], group_index, n_bootstrap, seed)[0] if n_bootstrap else None
 
-    def estimate(name, column=None):
+    def estimate(store, key, name, column=None):
+        """store[key], store[key_ci] and store[key_ci_n_resamples] (the finite replicates the
+        interval rests on; below n_bootstrap when some resamples left it undefined)."""
         value = point[name][0] if column is None else point[name][0, column]
         value = finite_or_none(value)
         replicates = None if boot is None else (boot[name] if column is None else boot[name][:, column])
-        ci = percentile_interval(replicates, confidence) if value is not None and boot else None
-        return value, ci
+        usable = None if replicates is None or value is None else int(np.isfinite(replicates).sum())
+        store[key] = value
+        store[f"{key}_ci"] = percentile_interval(replicates, confidence) if usable else None
+        store[f"{key}_ci_n_resamples"] = usable
 
     for name in OVERALL_METRICS:
-        metrics[name], metrics[f"{name}_ci"] = estimate(name)
+        estimate(metrics, name, name)
     if probs_cal is not None:
         metrics["temperature_scaled"] = {}
         for name in CALIBRATION_METRICS:
-            value, ci = estimate(name + "_cal")
-            metrics["temperature_scaled"].update({name: value, f"{name}_ci": ci})
+            estimate(metrics["temperature_scaled"], name, name + "_cal")
     cm = confusion_matrices(y_true, probs.argmax(axis=1), len(class_names))
     metrics["per_class"] = {}
     for k, name in enumerate(class_names):
         stats = per_class_metrics(cm, k, confidence)
         for metric in ("f1", "auroc", "auprc"):
-            stats[metric], stats[f"{metric}_ci"] = estimate(metric, k)
-        stats["auprc_baseline"] = stats["prevalence"]  # AUPRC of a random ranking
+            estimate(stats, metric, metric, k)
+        # AUPRC of a random ranking for these counts (not the prevalence, its large-n limit)
+        stats["auprc_baseline"] = expected_random_average_precision(stats["support"], n)
         metrics["per_class"][name] = stats
     metrics["confusion_matrix"] = cm.tolist()
     return metrics
+
+
+def bootstrap_design(y_true, group_index, class_names, n_bootstrap, grouped):
+    """How the bootstrap resamples (metrics.json's `bootstrap_design`): resamples, unit, the
+    stratification rule and the units per stratum (class)."""
+    unit = "patient" if grouped else "image"
+    design = {"resamples": int(n_bootstrap), "unit": unit,
+              "stratified_by": "true class" if not grouped else
+              "the patient's class; a patient with images in several classes by the rarest of them",
+              "units_per_stratum": None}
+    if len(y_true):
+        strata = bootstrap_strata(y_true, group_index)
+        counts = np.bincount(strata, minlength=len(class_names))
+        design["units_per_stratum"] = {name: int(c) for name, c in zip(class_names, counts)}
+    return design
+
+
+def expected_random_average_precision(n_positive, n_total):
+    """Expected average precision (AUPRC as scikit-learn computes it) of a random ranking of
+    n_total images of which n_positive are positive: the chance level of AUPRC for this cohort.
+
+    Each position r (1..n) holds a positive with probability m/n, and given that, the other r-1
+    images above it hold (r-1)(m-1)/(n-1) positives on average, so
+    E[AP] = (1/n) sum_r (1 + (r-1)(m-1)/(n-1)) / r = (H_n + (m-1)/(n-1) (n - H_n)) / n,
+    H_n the n-th harmonic number (Bestgen 2015). It tends to the prevalence m/n for large n;
+    with 4 positives among 80 it is 0.098, not 0.05. None without a positive or a negative.
+    """
+    m, n = int(n_positive), int(n_total)
+    if m == 0 or m == n:
+        return None
+    harmonic = float(np.sum(1.0 / np.arange(1, n + 1)))
+    return (harmonic + (m - 1) / (n - 1) * (n - harmonic)) / n
+
+
+def interval_levels(grouped, n_bootstrap):
+    """metrics.json's `interval_levels`: for each family of intervals, whether it is image- or
+    patient-level and by which method (Wilson and the log method count images as independent;
+    the bootstrap resamples patients when groups are known)."""
+    unit = "patient" if grouped else "image"
+    boot = (f"{unit} (percentile bootstrap of {unit}s stratified by class, {n_bootstrap} resamples)"
+            if n_bootstrap else "none (--bootstrap 0)")
+    levels = {"overall <metric>_ci": boot,
+              "per_class f1_ci, auroc_ci, auprc_ci": boot,
+              "per_class sensitivity_ci, specificity_ci, ppv_ci, npv_ci": "image (Wilson)",
+              "per_class lr_pos_ci, lr_neg_ci": "image (log method)",
+              "operating_point <rule>.<metric>_ci": "image (Wilson)",
+              "itd_*_ci, itd_rule_*_ci": "image (Wilson)"}
+    if grouped and n_bootstrap:
+        levels["operating_point <rule>.sensitivity_ci_patient, specificity_ci_patient"] = boot
+    return levels
 
 
 def binary_summary(positive, predicted, confidence=CONFIDENCE_LEVEL):
@@ -519,35 +646,77 @@ def binary_summary(positive, predicted, confidence=CONFIDENCE_LEVEL):
     return stats
 
 
-def operating_point_metrics(y_true, probs, rare_index, threshold, confidence=CONFIDENCE_LEVEL):
+def operating_point_metrics(y_true, probs, rare_index, threshold, confidence=CONFIDENCE_LEVEL, *,
+                            groups=None, n_bootstrap=0, seed=DEFAULT_SEED):
     """The rare class under 'p(rare) >= threshold' beside the same statistics under argmax.
+
+    The `<name>_ci` of each rule are Wilson intervals, which treat images as independent. With
+    `groups` (patients) and `n_bootstrap`, the sensitivity and specificity of each rule also get
+    a patient-level interval, `<name>_ci_patient`: the percentile interval of a cluster bootstrap
+    of patients stratified by class (the resamples of `compute_metrics` with the same seed), with
+    `<name>_ci_patient_n_resamples` the resamples that had a positive (negative) image.
 
     Returns
     -------
     dict: rule -> binary_summary of the threshold rule, argmax -> binary_summary of argmax,
-    confusion_matrix -> (C, C) of the rule's multi-class predictions (see `rule_predictions`).
+    confusion_matrix -> (C, C) of the rule's multi-class predictions (see `rule_predictions`),
+    interval_levels -> {interval key: 'image (...)' or 'patient (...)'}.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     positive = y_true == rare_index
     rule = rule_predictions(probs, rare_index, threshold)
-    return {"rule": binary_summary(positive, rule == rare_index, confidence),
-            "argmax": binary_summary(positive, probs.argmax(axis=1) == rare_index, confidence),
-            "confusion_matrix": confusion_matrices(y_true, rule, probs.shape[1]).tolist()}
+    out = {"rule": binary_summary(positive, rule == rare_index, confidence),
+           "argmax": binary_summary(positive, probs.argmax(axis=1) == rare_index, confidence),
+           "confusion_matrix": confusion_matrices(y_true, rule, probs.shape[1]).tolist(),
+           "interval_levels": {f"{name}_ci": "image (Wilson)" for name in PROPORTIONS}}
+    if groups is None or not n_bootstrap or len(y_true) == 0:
+        return out
+    group_index = group_indices(groups, len(y_true))
+    patient = {key: patient_level_intervals(positive, predicted, y_true, group_index, n_bootstrap,
+                                            seed, confidence)
+               for key, predicted in (("rule", rule == rare_index),
+                                      ("argmax", probs.argmax(axis=1) == rare_index))}
+    for key, intervals in patient.items():
+        out[key].update(intervals)
+    for name in ("sensitivity", "specificity"):
+        out["interval_levels"][f"{name}_ci_patient"] = (
+            f"patient (cluster bootstrap of patients stratified by class, {n_bootstrap} resamples)")
+    return out
 
 
-def intention_to_diagnose(y_true, y_pred, rare_index, confidence=CONFIDENCE_LEVEL):
+def patient_level_intervals(positive, predicted, y_true, group_index, n_bootstrap, seed,
+                            confidence=CONFIDENCE_LEVEL):
+    """Cluster-bootstrap percentile intervals of the sensitivity and specificity of a binary rule
+    (`predicted`) for the class `positive`; see `operating_point_metrics`."""
+    hit = np.stack([positive & predicted, positive, ~positive & ~predicted, ~positive],
+                   axis=1).astype(np.float64)  # (N, 4): TP, P, TN, N indicators
+    strata = bootstrap_strata(y_true, group_index)
+    sums = np.concatenate([w @ hit for w in resample_weights(group_index, n_bootstrap, seed,
+                                                             strata=strata)])  # (B, 4)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, ratio in (("sensitivity", sums[:, 0] / sums[:, 1]),
+                            ("specificity", sums[:, 2] / sums[:, 3])):
+            usable = int(np.isfinite(ratio).sum())
+            out[f"{name}_ci_patient"] = percentile_interval(ratio, confidence) if usable else None
+            out[f"{name}_ci_patient_n_resamples"] = usable
+    return out
+
+
+def intention_to_diagnose(y_true, y_pred, rare_index, confidence=CONFIDENCE_LEVEL, prefix="itd"):
     """Accuracy and rare-class sensitivity over every image received, an unreadable image
-    (y_pred -1) counting as an error (STARD's intention-to-diagnose analysis)."""
+    (y_pred -1) counting as an error (STARD's intention-to-diagnose analysis). Keys start with
+    `prefix` (itd for argmax, itd_rule for the operating rule); intervals are Wilson (images)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     correct = int(np.sum(y_true == y_pred))
     rare = y_true == rare_index
     hits = int(np.sum(rare & (y_pred == rare_index)))
-    return {"itd_n": int(len(y_true)),
-            "itd_accuracy": proportion(correct, len(y_true)),
-            "itd_accuracy_ci": wilson_interval(correct, len(y_true), confidence),
-            "itd_rare_sensitivity": proportion(hits, int(rare.sum())),
-            "itd_rare_sensitivity_ci": wilson_interval(hits, int(rare.sum()), confidence)}
+    return {f"{prefix}_n": int(len(y_true)),
+            f"{prefix}_accuracy": proportion(correct, len(y_true)),
+            f"{prefix}_accuracy_ci": wilson_interval(correct, len(y_true), confidence),
+            f"{prefix}_rare_sensitivity": proportion(hits, int(rare.sum())),
+            f"{prefix}_rare_sensitivity_ci": wilson_interval(hits, int(rare.sum()), confidence)}
 
 
 def mcnemar_test(correct_a, correct_b):
@@ -569,57 +738,13 @@ def mcnemar_test(correct_a, correct_b):
     return {"a_only": a_only, "b_only": b_only, "p_exact": p_exact, "p_mid": p_mid}
 
 
-def compare_models(y_true, probs_model, probs_baseline, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
-                   seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
-    """Paired comparison of two models on the same images: model - baseline for each of
-    COMPARED_METRICS with a paired (cluster) bootstrap CI, and McNemar's test for accuracy.
-
-    The resamples are those of `compute_metrics` with the same seed and groups, so the model's
-    own intervals here equal those in metrics.json. The bootstrap p is twice the smaller share of
-    replicate differences on either side of 0 (a rough guide; the CI is the result to report).
-
-    Returns
-    -------
-    dict: rows -> list of dicts (metric, model, model_ci, baseline, baseline_ci, difference,
-    difference_ci, p_value, test), mcnemar -> `mcnemar_test` result, n.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    group_index = group_indices(groups, len(y_true))
-    prepared = [prepare_scores(y_true, probs_model), prepare_scores(y_true, probs_baseline)]
-    point = [weighted_metrics(np.ones((1, len(y_true))), p) for p in prepared]
-    boot = bootstrap_replicates(prepared, group_index, n_bootstrap, seed) if n_bootstrap else None
-    rows = []
-    for name in COMPARED_METRICS:
-        a, b = finite_or_none(point[0][name][0]), finite_or_none(point[1][name][0])
-        row = {"metric": name, "model": a, "baseline": b,
-               "difference": None if a is None or b is None else a - b,
-               "model_ci": None, "baseline_ci": None, "difference_ci": None, "p_value": None,
-               "test": "paired bootstrap" + (" of groups" if groups is not None else "")}
-        if boot is not None and row["difference"] is not None:
-            diff = boot[0][name] - boot[1][name]
-            row["model_ci"] = percentile_interval(boot[0][name], confidence)
-            row["baseline_ci"] = percentile_interval(boot[1][name], confidence)
-            row["difference_ci"] = percentile_interval(diff, confidence)
-            finite = diff[np.isfinite(diff)]
-            if finite.size:
-                row["p_value"] = float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
-        rows.append(row)
-    correct_a = probs_model.argmax(axis=1) == y_true
-    correct_b = probs_baseline.argmax(axis=1) == y_true
-    mcnemar = mcnemar_test(correct_a, correct_b)
-    rows.append({"metric": "accuracy", "model": rows[0]["model"], "baseline": rows[0]["baseline"],
-                 "difference": rows[0]["difference"], "model_ci": None, "baseline_ci": None,
-                 "difference_ci": None, "p_value": mcnemar["p_mid"],
-                 "test": f"McNemar mid-p (exact p {format_p(mcnemar['p_exact'])}; discordant "
-                         f"{mcnemar['a_only']} model-only correct, {mcnemar['b_only']} "
-                         "baseline-only correct)"})
-    return {"n": int(len(y_true)), "rows": rows, "mcnemar": mcnemar}
-
-
-def format_p(p):
-    """A p-value for text: 'n/a', '<0.001' or three decimals."""
+def format_p(p, n_resamples=None):
+    """A p-value for text: 'n/a', '<0.001' or three decimals. A bootstrap p of 0 from
+    `n_resamples` resamples only says p < 1/B: '< 0.0005' for 2,000, '< 0.005' for 200."""
     if p is None:
         return "n/a"
+    if p == 0 and n_resamples:
+        return f"< {1.0 / n_resamples:.2g}"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -907,7 +1032,9 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
         point = evaluate(np.ones((1, n)))
         boot = None
         if n_bootstrap:
-            parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed)]
+            # the resamples of metrics.json: same seed, groups and class strata
+            strata = bootstrap_strata(y_true, group_index)
+            parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed, strata=strata)]
             boot = [{key: np.concatenate([part[i][key] for part in parts]) for key in parts[0][i]}
                     for i in range(2)]
         model_rows = comparison_rows(other.name, point, boot, mask, confidence)
@@ -915,7 +1042,8 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
                          None if groups is None else np.asarray(groups)[mask], has_probs)
         rows += model_rows
     return {"n": n, "n_groups": int(group_index.max()) + 1 if n else 0,
-            "bootstrap_unit": "image" if groups is None else "group", "rows": rows}
+            "bootstrap_unit": "image" if groups is None else "group", "n_bootstrap": int(n_bootstrap),
+            "rows": rows}
 
 
 def add_paired_tests(rows, y_true, reference, other, mask, rare_index, groups, has_probs):
@@ -986,7 +1114,9 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
         positive = y[:, None] == np.arange(n_classes)
         evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
         point = evaluate(np.ones((1, len(y))))
-        parts = [evaluate(w) for w in resample_weights(index, n_bootstrap, seed)] if n_bootstrap else []
+        parts = ([evaluate(w) for w in resample_weights(index, n_bootstrap, seed,
+                                                        strata=bootstrap_strata(y, index))]
+                 if n_bootstrap else [])
         rare = y == rare_index
         tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
         tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))

@@ -139,17 +139,25 @@ def comparison_frame(comparison):
 
 
 def failure_category(status):
-    """'truncated image' from 'failed: truncated image (detail...)'."""
-    return status.removeprefix("failed: ").split(" (")[0].strip() or "unreadable"
+    """'truncated image' from 'failed: truncated image (detail...)'; an unsupported format keeps
+    its extension ('unsupported format (.heic)'), the detail a reader needs to convert the files."""
+    reason = status.removeprefix("failed: ")
+    if reason.startswith("unsupported format ("):  # common.UNSUPPORTED_FORMAT
+        return reason
+    return reason.split(" (")[0].strip() or "unreadable"
 
 
-def flow_counts(labels, statuses, folders, labelled):
-    """STARD flow of images: received -> unreadable (by reason) -> scored, per class.
+def flow_counts(labels, statuses, folders, labelled, groups=None):
+    """STARD flow of images (and, with `groups`, of patients): received -> unreadable (by reason)
+    -> scored, per class.
 
     Returns
     -------
     dict: rows -> {class: {received, unreadable, scored}} ('all images' when unlabelled) and
-    'total'; reasons -> {reason: {class: count}}.
+    'total'; with groups each row also has patients_received, patients_unreadable (patients with
+    at least one unreadable image) and patients_scored (at least one scored image), a patient
+    counted in every class it has images of and once in the total; reasons -> {reason: {class:
+    count}}.
     """
     keys = [folders[label] if labelled else "all images" for label in labels]
     order = list(folders) if labelled else ["all images"]
@@ -165,7 +173,49 @@ def flow_counts(labels, statuses, folders, labelled):
             by_class[key] += 1
     rows["total"] = {name: sum(r[name] for r in rows.values())
                      for name in ("received", "unreadable", "scored")}
+    if groups is not None:
+        for key in order + ["total"]:
+            mine = [(g, st) for g, k, st in zip(groups, keys, statuses) if key in (k, "total")]
+            rows[key].update(patients_received=len({g for g, _ in mine}),
+                             patients_unreadable=len({g for g, st in mine if st != "ok"}),
+                             patients_scored=len({g for g, st in mine if st == "ok"}))
     return {"rows": rows, "reasons": reasons}
+
+
+def most_confident_errors(y_true, probs, n_per_class):
+    """The failure analysis: per true class, its misclassified images (argmax) with the highest
+    probability of the wrong class first, at most `n_per_class` of them.
+
+    Returns
+    -------
+    list of dicts: true, rank (1..), index (into y_true), pred, p_pred, p_true.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(axis=1)
+    rows = []
+    for k in range(probs.shape[1]):
+        wrong = np.flatnonzero((y_true == k) & (pred != k))
+        order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n_per_class]
+        rows += [{"true": k, "rank": rank, "index": int(i), "pred": int(pred[i]),
+                  "p_pred": float(probs[i, pred[i]]), "p_true": float(probs[i, k])}
+                 for rank, i in enumerate(order, 1)]
+    return rows
+
+
+def failure_markdown(failures, folders):
+    """The failure-analysis section: per true class its most confident errors, thumbnails linked."""
+    lines = ["The most confident errors of each true class (argmax), highest probability of the "
+             "wrong class first: patterns here (image quality, look-alike conditions, label "
+             "errors) are what a reader checks before trusting the metrics.", "",
+             "| true class | rank | image | predicted | p(predicted) | p(true) | file |",
+             "| --- | ---: | --- | --- | ---: | ---: | --- |"]
+    for row in failures:
+        image = f"![error]({row['thumbnail']})" if row.get("thumbnail") else "(not readable)"
+        lines.append(f"| {folders[row['true']]} | {row['rank']} | {image} | {folders[row['pred']]} | "
+                     f"{row['p_pred']:.3f} | {row['p_true']:.3f} | `{row['file']}` |")
+    if not failures:
+        lines = ["No misclassified image: there is no error to analyse."]
+    return lines
 
 
 def format_value(value, ci=None, digits=3):
@@ -178,10 +228,16 @@ def format_value(value, ci=None, digits=3):
 
 def flow_markdown(flow):
     """The flow table (and the reasons) of report.md."""
-    lines = ["| class | received | unreadable (excluded) | scored |", "| --- | ---: | ---: | ---: |"]
+    patients = "patients_received" in flow["rows"]["total"]
+    lines = ["| class | received | unreadable (excluded) | scored |"
+             + (" patients received | patients with an unreadable image | patients scored |"
+                if patients else ""),
+             "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
     for key, row in flow["rows"].items():
         name = f"**{key}**" if key == "total" else key
-        lines.append(f"| {name} | {row['received']} | {row['unreadable']} | {row['scored']} |")
+        lines.append(f"| {name} | {row['received']} | {row['unreadable']} | {row['scored']} |"
+                     + (f" {row['patients_received']} | {row['patients_unreadable']} | "
+                        f"{row['patients_scored']} |" if patients else ""))
     if flow["reasons"]:
         lines += ["", "Reasons for exclusion: " + "; ".join(
             f"{reason}: {sum(by_class.values())} ("
@@ -206,15 +262,44 @@ def metrics_markdown(metrics, folders):
         lines += ["", f"Temperature scaling (T = {scaled['temperature']:.3f}, {scaled['source']}) "
                   "keeps every argmax; only calibration is re-scored."]
     lines += ["", "| class | n (prevalence) | sensitivity | specificity | PPV | NPV | LR+ | LR− | F1 "
-              "| AUROC | AUPRC (chance) |", "| --- " * 11 + "|"]
+              "| AUROC | AUPRC (random ranking) |", "| --- " * 11 + "|"]
     for folder in folders:
         s = metrics["per_class"][folder]
         cells = [format_value(s[name], s[name + "_ci"], 2 if name.startswith("lr") else 3)
                  for name in (*PROPORTIONS, "lr_pos", "lr_neg", "f1", "auroc", "auprc")]
+        for index, name, zero, other in ((4, "lr_pos", "fp", "tp"), (5, "lr_neg", "tn", "fn")):
+            if s[name] is None and s[zero] == 0 and s[other] > 0:  # infinite: no interval either
+                cells[index] = f"∞ ({zero.upper()} = 0)"
         cells[-1] += f" ({format_value(s['auprc_baseline'])})"
         lines.append(f"| {folder} | {s['support']} ({format_value(s['prevalence'])}) | "
                      + " | ".join(cells) + " |")
+    lines += ["", "AUPRC (random ranking): the expected AUPRC of a random ranking of this cohort's "
+              "counts, the chance level (the prevalence is its large-sample limit)."]
+    notes = resample_notes(metrics, folders)
+    if notes:
+        lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
+                  "an image of a class leaves a class-averaged metric, or that class's F1, AUROC "
+                  "and AUPRC, undefined): " + "; ".join(notes) + "."]
     return lines
+
+
+def resample_notes(metrics, folders):
+    """'macro AUROC 1,873 of 2,000', one per bootstrap interval with unusable resamples."""
+    total = (metrics.get("bootstrap_design") or {}).get("resamples")
+    if not total:
+        return []
+    found = [(METRIC_LABELS[name], metrics.get(f"{name}_ci_n_resamples")) for name in OVERALL_METRICS]
+    for folder in folders:
+        stats = metrics["per_class"][folder]
+        found += [(f"{label} of {folder}", stats.get(f"{name}_ci_n_resamples"))
+                  for name, label in (("f1", "F1"), ("auroc", "AUROC"), ("auprc", "AUPRC"))]
+    return [f"{label} {used:,} of {total:,}" for label, used in found
+            if used is not None and used < total]
+
+
+def levels_markdown(levels):
+    """Which intervals are image-level and which patient-level (metrics.json interval_levels)."""
+    return ["Interval levels: " + "; ".join(f"{key}: {value}" for key, value in levels.items()) + "."]
 
 
 def operating_markdown(op):
@@ -225,20 +310,29 @@ def operating_markdown(op):
     if op.get("val_sensitivity") is not None:
         origin.append(f"validation sensitivity {format_value(op['val_sensitivity'])}, specificity "
                       f"{format_value(op.get('val_specificity'))}")
+    patient = "sensitivity_ci_patient" in op["rule"]
     lines = [f"Rare class **{op['class']}**: positive if p ≥ {op['threshold']:.4f} "
              f"({'; '.join(origin)}), applied to the uncalibrated probability, never tuned on "
-             "this cohort; otherwise the most probable other class.", "",
-             "| rule | TP | FP | FN | TN | sensitivity | specificity | PPV | NPV |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
+             "this cohort; otherwise the most probable other class. Intervals: Wilson (images "
+             "as independent)" + ("; sensitivity and specificity also with a patient-level "
+                                  "interval (cluster bootstrap of patients, stratified by class)"
+                                  if patient else "") + ".", "",
+             "| rule | TP | FP | FN | TN | sensitivity | specificity | PPV | NPV |"
+             + (" sensitivity (patient CI) | specificity (patient CI) |" if patient else ""),
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"
+             + (" --- | --- |" if patient else "")]
     for label, key in (("argmax", "argmax"), (f"p ≥ {op['threshold']:.4f}", "rule")):
         s = op[key]
+        extra = "".join(f" {format_value(s[n], s[n + '_ci_patient'])} |"
+                        for n in ("sensitivity", "specificity")) if patient else ""
         lines.append(f"| {label} | {s['tp']} | {s['fp']} | {s['fn']} | {s['tn']} | "
-                     + " | ".join(format_value(s[n], s[n + "_ci"]) for n in PROPORTIONS) + " |")
+                     + " | ".join(format_value(s[n], s[n + "_ci"]) for n in PROPORTIONS) + " |" + extra)
     return lines
 
 
 def comparison_markdown(comparison, sources):
     """The comparison section of report.md: per model and metric, ours minus the model."""
+    n_resamples = comparison.get("n_bootstrap")
     unit = (f"{comparison['n_groups']} patients (cluster bootstrap)"
             if comparison["bootstrap_unit"] == "group" else "images")
     lines = [f"Each model against ours on the images both answered (of {comparison['n']} scored by "
@@ -248,8 +342,9 @@ def comparison_markdown(comparison, sources):
     lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
               "| --- | --- | ---: | --- | --- | --- | --- |"]
     for row in comparison["rows"]:
-        tests = [f"{format_p(row[column])} ({label})" for column, label in COMPARISON_P_COLUMNS.items()
-                 if row[column] is not None]
+        # a bootstrap p of 0 only says p < 1/B
+        tests = [f"{format_p(row[column], n_resamples if column == 'p_bootstrap' else None)} ({label})"
+                 for column, label in COMPARISON_P_COLUMNS.items() if row[column] is not None]
         if row["model_only_correct"] is not None:
             tests.append(f"discordant: ours only {row['reference_only_correct']}, model only "
                          f"{row['model_only_correct']}")
@@ -264,40 +359,55 @@ def comparison_markdown(comparison, sources):
     return lines
 
 
+# STARD 2015 numbers checked against the published list (Cohen et al., BMJ Open 2016); TRIPOD+AI
+# 2024 numbers against the statement's checklist (Collins et al., BMJ 2024;385:e078378); CLAIM 2024
+# items are named, not numbered: their numbers could not be checked against the published table.
+CHECKLIST_NOTE = ("STARD 2015 and TRIPOD+AI 2024 item numbers as published; CLAIM 2024 items by "
+                  "name (their numbers were not checked against the published table).")
 CHECKLIST_ROWS = (
     ("Flow table (above), `flow` in metrics.json",
-     "images received, unreadable with reasons, scored, by class",
-     "19 flow diagram; 16 missing/indeterminate index test results",
-     "flow of participants; missing data", "flow of participants/cases; data exclusions"),
+     "images (and patients, when groups are known) received, unreadable with reasons, scored, by class",
+     "19 flow of participants; 15 indeterminate and 16 missing index test results",
+     "20a flow of participants; 11 missing data",
+     "numbers of patients/examinations included and excluded (flowchart); missing data"),
     ("[confusion_matrix.png](confusion_matrix.png), confusion_matrix.csv, classification_report.txt",
-     "predicted by true class (counts, row %)", "23 cross tabulation by the reference standard",
-     "model performance (classification)", "estimates of diagnostic accuracy"),
+     "predicted by true class (counts, row %)",
+     "23 cross tabulation of the index test by the reference standard",
+     "23a model performance", "failure analysis (confusion matrix)"),
     ("Metric tables (above), metrics.json, per_class_metrics.csv",
      "accuracy, balanced accuracy, F1, MCC; per class sensitivity, specificity, PPV, NPV, LR±, "
-     "AUROC, AUPRC with 95% CIs",
-     "24 estimates of diagnostic accuracy and their precision",
-     "model performance with CIs (discrimination)",
-     "metrics of model performance; measures of uncertainty"),
+     "AUROC, AUPRC with 95% CIs, each named image- or patient-level",
+     "14 methods for estimating diagnostic accuracy; 24 estimates and their precision",
+     "12e performance measures; 23a model performance with confidence intervals",
+     "performance metrics; measures of uncertainty; diagnostic accuracy estimates with 95% CIs"),
     ("[roc_curves.png](roc_curves.png), [pr_curves.png](pr_curves.png)",
-     "one-vs-rest discrimination; operating point marked", "24 estimates of diagnostic accuracy",
-     "performance measures and plots (discrimination)", "metrics of model performance"),
+     "one-vs-rest discrimination; operating point marked; random-ranking AUPRC",
+     "24 estimates of diagnostic accuracy", "12e performance plots; 23a model performance",
+     "diagnostic accuracy estimates (ROC analysis)"),
     ("[calibration.png](calibration.png), Brier / log-loss / ECE",
-     "reliability per class with counts per bin; before and after temperature scaling", "—",
-     "calibration; model updating (recalibration)", "metrics of model performance"),
+     "reliability per class with counts per bin; before and after temperature scaling (the "
+     "temperature was fitted on the development validation split: model development, not updating)",
+     "—", "12e calibration measures and plots; 12c model building (the temperature)",
+     "performance metrics"),
     ("[prob_histograms.png](prob_histograms.png), operating point table",
      "model output by true class; pre-specified threshold from validation",
-     "12a/12b positivity cut-offs, pre-specified", "model output and classification thresholds",
-     "model output; decision thresholds"),
-    ("Intention-to-diagnose line", "unreadable images counted as errors",
-     "15/16 handling of indeterminate and missing results", "missing data", "failure handling"),
+     "12a index test positivity cut-off, pre-specified", "15 model output and thresholds",
+     "performance metrics"),
+    ("Intention-to-diagnose line", "unreadable images counted as errors (argmax and the rule)",
+     "15 indeterminate results; 16 missing data", "11 missing data", "missing data"),
     ("comparison.csv, comparison.png (with --baseline or --compare)",
      "paired differences with CIs, McNemar (clustered with patients), DeLong",
-     "—", "comparison of models", "statistical measures of significance; benchmarking"),
-    ("predictions.csv", "per-image probabilities and status", "—", "model output",
-     "failure analysis of misclassified cases"),
+     "14 methods for comparing measures of diagnostic accuracy",
+     "12e measures to compare models",
+     "comparison with other models; statistical significance"),
+    ("Failure analysis (above), failure_analysis/",
+     "the most confident errors per true class, with thumbnails", "—", "—",
+     "failure analysis of incorrectly classified cases"),
+    ("predictions.csv", "per-image probabilities and status", "—", "15 model output",
+     "—"),
     ("Header of this report, args.json", "checkpoint SHA-256, model, prompts, thresholds, versions",
-     "10a index test in sufficient detail", "model specification; software and code availability",
-     "model description; software and versions"),
+     "10a index test in sufficient detail", "22 model specification; 18f code sharing",
+     "model description; software libraries and versions"),
 )
 
 
@@ -325,33 +435,47 @@ def report_header(run):
              f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
              + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
              f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
-             f"{run['bootstrap_unit']}s ({run['bootstrap']} resamples, seed {run['seed']}) for the "
+             f"{run['bootstrap_unit']}s stratified by class ({run['bootstrap']} resamples, seed "
+             f"{run['seed']}) for the "
              "overall metrics, F1, AUROC and AUPRC; Wilson intervals for proportions; log method "
              f"for LR±; ECE over {run['ece_bins']} equal-width bins of the max probability",
              f"- software: {versions}; device {run['device']}, precision {run['precision']}"]
     return lines
 
 
+def itd_markdown(itd, rare_class):
+    """The intention-to-diagnose line(s): argmax, and the operating rule when there is one."""
+    rules = [("argmax", "itd")] + ([("the operating rule", "itd_rule")]
+                                   if "itd_rule_accuracy" in itd else [])
+    return [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}; "
+            "Wilson intervals, images): " + "; ".join(
+                f"{label}: accuracy {format_value(itd[p + '_accuracy'], itd[p + '_accuracy_ci'])}, "
+                f"{rare_class} sensitivity "
+                f"{format_value(itd[p + '_rare_sensitivity'], itd[p + '_rare_sensitivity_ci'])}"
+                for label, p in rules) + "."]
+
+
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  subgroups=None):
+                  subgroups=None, failures=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
     lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)
         return "\n".join(lines) + "\n"
-    lines += ["## Flow of images (STARD 19)", ""] + flow_markdown(flow) + [""]
+    patients = "patients_received" in flow["rows"]["total"]
+    lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
+    lines += flow_markdown(flow) + [""]
     if itd is not None:
-        lines += [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}): "
-                  f"accuracy {format_value(itd['itd_accuracy'], itd['itd_accuracy_ci'])}, "
-                  f"{run['rare_class']} sensitivity "
-                  f"{format_value(itd['itd_rare_sensitivity'], itd['itd_rare_sensitivity_ci'])}.", ""]
+        lines += itd_markdown(itd, run["rare_class"]) + [""]
     if not metrics["n"]:
         return "\n".join(lines + ["No image could be read: there is nothing to score."]) + "\n"
     lines += [f"## Metrics on the {metrics['n']} scored images", ""]
     if metrics["bootstrap_unit"] == "group":
-        lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap); "
-                  "Wilson intervals treat images as independent.", ""]
+        lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap, "
+                  "stratified by class); Wilson intervals treat images as independent.", ""]
+    if metrics.get("interval_levels"):
+        lines += levels_markdown(metrics["interval_levels"]) + [""]
     lines += metrics_markdown(metrics, folders) + ["", "## Operating point", ""]
     lines += operating_markdown(operating) if operating else [
         "The checkpoint stores no validation operating threshold (and none was given with "
@@ -362,10 +486,14 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if subgroups:
         lines += ["", "## Subgroups", ""]
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
+    if failures is not None:
+        lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS]
+    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS
+              if failures is not None or not row[0].startswith("Failure analysis")]
+    lines += ["", CHECKLIST_NOTE]
     if not run.get("figures", True):
         lines += ["", "Figures were not drawn (--no-figures)."]
     return "\n".join(lines) + "\n"
@@ -496,7 +624,8 @@ def plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save)
                         label=f"AUPRC {format_value(stats['auprc'], stats['auprc_ci'])}")
                 overlay.step(recall, precision, where="post", color=f"C{k}", label=wrap(folder, 30))
                 ax.axhline(stats["prevalence"], color="grey", lw=0.8, linestyle=":",
-                           label=f"chance (prevalence {stats['prevalence']:.3f})")
+                           label=f"prevalence {stats['prevalence']:.3f} (random-ranking AUPRC "
+                                 f"{format_value(stats['auprc_baseline'])})")
             else:
                 ax.text(0.5, 0.5, "AUPRC n/a\n(class absent or alone)", ha="center", va="center")
             if k == rare_index:

@@ -163,6 +163,37 @@ def test_text_named_png_and_unicode_names(tmp_path):
     assert not any(map(common.is_candidate_image, ["Thumbs.db", ".DS_Store", "._x.jpg", "desktop.ini"]))
 
 
+def test_files_with_unlisted_extensions_are_read_by_content_or_fail_as_unsupported(tmp_path):
+    # One rule for every script: anything but junk and notes is an image candidate.
+    assert all(map(common.is_candidate_image, ["a.jfif", "b.webp", "c.heic", "d.pdf", "e"]))
+    assert not any(map(common.is_candidate_image, ["notes.txt", "meta.json", "s.xml", "t.csv",
+                                                    ".hidden.jpg", "Thumbs.db"]))
+    Image.fromarray(gradient()).save(tmp_path / "eye.jfif", format="JPEG")  # a JPEG, another name
+    assert common.read_image(tmp_path / "eye.jfif").size == (48, 32)
+    Image.fromarray(gradient()).save(tmp_path / "eye.webp", format="WEBP")
+    assert common.read_image(tmp_path / "eye.webp").size == (48, 32)
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an HEIF header
+    (tmp_path / "phone.HEIC").write_bytes(heic)
+    with pytest.raises(common.ImageReadError) as err:
+        common.read_image(tmp_path / "phone.HEIC")
+    assert str(err.value) == "unsupported format (.heic)"
+    (tmp_path / "notes.png").write_text("not a picture")  # a listed extension keeps its reason
+    with pytest.raises(common.ImageReadError, match=r"^not an image \(unrecognised content\)$"):
+        common.read_image(tmp_path / "notes.png")
+    paths = [tmp_path / n for n in ("eye.jfif", "eye.webp", "phone.HEIC", "notes.png")]
+    assert common.unsupported_format_files(paths) == [tmp_path / "phone.HEIC"]
+
+
+def test_class_folder_listing_keeps_every_candidate_and_skips_hidden_folders(tmp_path):
+    folder = tmp_path / "a"
+    (folder / ".thumbnails").mkdir(parents=True)
+    for name in ("x.jpg", "y.jfif", "z.heic", "notes.txt", "list.csv", ".DS_Store", ".x.jpg",
+                 ".thumbnails/t.jpg"):
+        (folder / name).write_bytes(b"1")
+    items, _ = common.list_class_folder_images(tmp_path, ["a"])
+    assert [p.name for p, _ in items] == ["x.jpg", "y.jfif", "z.heic"]
+
+
 def test_dicom_ct_and_mr_known_answers():
     import pydicom
     ct = np.asarray(common.read_image(dicom_sample("CT_small.dcm")))

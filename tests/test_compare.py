@@ -234,12 +234,15 @@ def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(gro
         assert row["value"] == pytest.approx(mine[metric])
         assert row["reference_value"] == pytest.approx(theirs[metric])
         assert row["difference"] == pytest.approx(theirs[metric] - mine[metric])  # ours - model
-    # the bootstrap, replayed: the same draws of groups (or images), metrics by scikit-learn
-    unit = np.unique(groups, return_inverse=True)[1] if grouped else np.arange(n)
-    draws = np.random.default_rng(11).integers(0, unit.max() + 1, size=(n_boot, unit.max() + 1))
+    # the bootstrap, replayed: the resamples of metrics.json (groups or images, stratified by
+    # class; their draws are tested in test_metrics), metrics by scikit-learn
+    group_index = metrics.group_indices(groups, n)
+    strata = metrics.bootstrap_strata(y, group_index)
+    weights = np.concatenate(list(metrics.resample_weights(group_index, n_boot, 11, strata=strata)))
     diffs = {metric: [] for metric in rows}
-    for draw in draws:
-        idx = np.concatenate([np.flatnonzero((unit == g) & keep) for g in draw])
+    for weight in weights:
+        idx = np.repeat(np.arange(n), weight.astype(int))
+        idx = idx[keep[idx]]
         a = recomputed_metrics(y[idx], pred_b[idx], probs_b[idx], rare)
         b = recomputed_metrics(y[idx], probs_a.argmax(1)[idx], probs_a[idx], rare)
         for metric in rows:

@@ -325,15 +325,22 @@ def test_bad_files_are_rejected_and_junk_ignored(make_cohort, tmp_path):
     (healthy / "empty.png").write_bytes(b"")
     (healthy / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (healthy / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (healthy / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (healthy / "table.csv").write_text("a,b\n")  # notes: neither listed nor rejected
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(healthy / "scan.jfif", format="JPEG")
     out = tmp_path / "out"
     assert run("--data-root", root, "--out-dir", out) == 0
     rejected = pd.read_csv(out / "rejected.csv")
-    assert rejected.path.tolist() == ["healthy eyes/corrupt.jpg", "healthy eyes/empty.png"]
+    assert rejected.path.tolist() == ["healthy eyes/corrupt.jpg", "healthy eyes/empty.png",
+                                      "healthy eyes/notes.pdf", "healthy eyes/phone.heic"]
     assert "not an image" in rejected.reason[0] and "empty file" in rejected.reason[1]
+    assert rejected.reason[2:].tolist() == ["unsupported format (.pdf)", "unsupported format (.heic)"]
     manifest = read_manifest(out)
-    assert len(manifest) == 10 and not manifest.source.str.contains("corrupt|empty|DS_Store|notes").any()
+    assert len(manifest) == 11 and "healthy eyes/scan.jfif" in manifest.source.tolist()
+    assert not manifest.source.str.contains("corrupt|empty|DS_Store|notes|phone|table").any()
     copied = [p.name for p in out.rglob("*") if p.is_file()]
-    assert not {"corrupt.jpg", "empty.png", ".DS_Store", "notes.pdf"} & set(copied)
+    assert "scan.jfif" in copied
+    assert not {"corrupt.jpg", "empty.png", ".DS_Store", "notes.pdf", "phone.heic", "table.csv"} & set(copied)
 
 
 def test_sidecars_travel_with_their_image(make_cohort, tmp_path):

@@ -5,15 +5,18 @@ WiSE-FT, anonymised outputs). More metric tests: test_metrics.py."""
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 import common
@@ -207,6 +210,36 @@ def test_unreadable_image_is_a_failed_row_and_shifts_nothing(make_cohort, checkp
     assert (metrics["n_failed"], metrics["n"], metrics["n_received"]) == (1, 12, 13)
     assert metrics["per_class"]["healthy eyes"]["support"] == 5
     assert "| healthy eyes | 6 | 1 | 5 |" in (dirty_out / "report.md").read_text()
+
+
+def test_jfif_is_scored_and_heic_fails_with_its_reason_both_in_the_flow_table(make_cohort, checkpoint,
+                                                                               tmp_path):
+    test_dir = make_cohort("external", (3, 5, 4), seed=1)
+    rare = test_dir / "orbital disease"
+    source = sorted(rare.glob("*.jpg"))[0]
+    (rare / "copy.jfif").write_bytes(source.read_bytes())  # a JPEG under the phone's name
+    (rare / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (rare / "notes.csv").write_text("a,b\n")  # notes: no row
+    (rare / ".hidden.jpg").write_bytes(source.read_bytes())  # hidden: no row
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out) == 0
+    frame = read_predictions(out).set_index("path")
+    assert len(frame) == 14  # 12 + .jfif + .heic
+    assert frame.loc["orbital disease/copy.jfif", "status"] == "ok"
+    assert frame.loc["orbital disease/phone.heic", "status"] == "failed: unsupported format (.heic)"
+    original = frame.loc[f"orbital disease/{source.name}", prob_columns()].to_numpy(float)
+    assert np.allclose(frame.loc["orbital disease/copy.jfif", prob_columns()].to_numpy(float), original)
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["n_received"], result["n_failed"], result["n"], result["itd_n"]) == (14, 1, 13, 14)
+    assert result["flow"]["rows"]["orbital disease"] == {"received": 5, "unreadable": 1, "scored": 4}
+    assert result["flow"]["reasons"] == {"unsupported format (.heic)": {
+        "orbital disease": 1, "healthy eyes": 0, "non-orbital disease": 0}}
+    assert result["per_class"]["orbital disease"]["support"] == 4
+    # intention to diagnose: the .heic counts as a missed rare image
+    assert result["itd_rare_sensitivity"] == pytest.approx(result["per_class"]["orbital disease"]["tp"] / 5)
+    report_text = (out / "report.md").read_text()
+    assert "| orbital disease | 5 | 1 | 4 |" in report_text
+    assert "unsupported format (.heic): 1 (orbital disease 1)" in report_text
 
 
 def test_no_readable_image_writes_the_reasons_and_exits_1(checkpoint, tmp_path, capsys):
@@ -489,6 +522,47 @@ def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_coho
     assert (op["threshold"], op["source"]) == (0.5, "user (--threshold)")
 
 
+def test_another_softmax_drops_the_stored_threshold_and_temperature(make_cohort, calibrated_checkpoint,
+                                                                   tmp_path, capsys):
+    test_dir = make_cohort("external", (3, 6, 4), seed=1)
+    same = prompts.prompt_set_to_dict(prompts.load_prompt_set(None))
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    other = json.loads(json.dumps(same))
+    other["classes"][0]["eval"] = ["an eye with an orbital mass"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    fewer = {"classes": same["classes"][:2]}  # another class set
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    runs = {"kept": [], "same_prompts": ["--prompts", str(tmp_path / "same.json")],
+            "mode": ["--logit-scale-mode", "published-log"],
+            "prompts": ["--prompts", str(tmp_path / "other.json")],
+            "classes": ["--prompts", str(tmp_path / "fewer.json")],
+            "mode_user": ["--logit-scale-mode", "published-log", "--threshold", "0.3"]}
+    results = {}
+    for name, extra in runs.items():
+        capsys.readouterr()
+        if name == "classes":  # a two-class cohort: the third folder removed
+            test_dir = make_cohort("two", (3, 6, 1), seed=2)
+            shutil.rmtree(test_dir / "non-orbital disease")
+        assert run_inference(test_dir, calibrated_checkpoint, tmp_path / name, *extra) == 0
+        results[name] = (json.loads((tmp_path / name / "metrics.json").read_text()),
+                         (tmp_path / name / "report.md").read_text(),
+                         [line for line in capsys.readouterr().err.splitlines() if "not applied" in line])
+    for name in ("kept", "same_prompts"):
+        result, _report, warnings = results[name]
+        assert result["operating_threshold"] == 0.1 and result["temperature"] == 2.0 and not warnings
+    for name, phrase in (("mode", "logit scale 'exp' (evaluated: 'published-log')"),
+                         ("prompts", "other evaluation prompts"), ("classes", "classes [")):
+        result, report_text, warnings = results[name]
+        assert result["operating_point"] is None and result["temperature_scaled"] is None, name
+        assert result["operating_threshold"] is None and result["temperature"] is None
+        assert result["operating_threshold_source"].startswith("dropped: fitted on validation under")
+        assert phrase in result["temperature_source"] and len(warnings) == 1, name
+        assert "operating threshold: none (dropped: fitted on validation under" in report_text
+    result, report_text, warnings = results["mode_user"]  # --threshold given: it is applied
+    assert (result["operating_threshold"], result["operating_threshold_source"]) == (0.3, "user (--threshold)")
+    assert result["temperature"] is None and "--threshold is applied" in warnings[0]
+
+
 def test_no_stored_threshold_or_temperature_means_argmax_only(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
     out = tmp_path / "out"
@@ -553,6 +627,37 @@ def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, 
     assert not (tmp_path / "train").exists()
 
 
+def test_failure_analysis_shows_the_most_confident_errors_with_thumbnails(make_cohort, checkpoint,
+                                                                           tmp_path):
+    manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
+    out = tmp_path / "out"
+    assert run_inference(manifest, checkpoint, out, "--failure-examples", "2") == 0
+    frame = read_predictions(out)
+    result = json.loads((out / "metrics.json").read_text())
+    expected = []
+    for k, folder in enumerate(FOLDERS):  # by hand from predictions.csv
+        wrong = frame[(frame["true_label"] == folder) & (frame["pred_label"] != folder)]
+        p_pred = [row[f"prob_{row['pred_label']}"] for _, row in wrong.iterrows()]
+        order = np.argsort(-np.array(p_pred), kind="stable")[:2]
+        expected += [(k, wrong["path"].iloc[i]) for i in order]
+    rows = result["failure_analysis"]
+    assert [(r["true"], r["file"]) for r in rows] == expected and expected
+    report_text = (out / "report.md").read_text()
+    assert "## Failure analysis" in report_text
+    for row in rows:
+        thumbnail = out / row["thumbnail"]
+        with Image.open(thumbnail) as image:
+            assert image.format == "PNG" and max(image.size) <= inference.THUMBNAIL_PX
+        assert f"![error]({row['thumbnail']})" in report_text and f"`{row['file']}`" in report_text
+    # patients in the flow table (the manifest names them)
+    assert result["flow"]["rows"]["total"]["patients_received"] == result["n_groups"] == 9
+    assert "## Flow of images and patients" in report_text
+    assert run_inference(manifest, checkpoint, out, "--failure-examples", "0", "--overwrite") == 0
+    assert json.loads((out / "metrics.json").read_text())["failure_analysis"] is None
+    assert "## Failure analysis" not in (out / "report.md").read_text()
+    assert not list((out / "failure_analysis").glob("*.png"))  # the earlier thumbnails removed
+
+
 def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)  # names like healthy_eyes_1_004.jpg
     out = tmp_path / "out"
@@ -600,11 +705,19 @@ def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, chec
     def no_encoding(*_args, **_kwargs):
         raise AssertionError("an image was encoded despite the cache")
 
+    read, real_read = [], common.read_image
+
+    def thumbnails_only(path, *args, **kwargs):  # the failure analysis reads its few errors
+        read.append(Path(path).relative_to(test_dir).as_posix())
+        return real_read(path, *args, **kwargs)
+
     monkeypatch.setattr(common, "encode_image_batches", no_encoding)
-    monkeypatch.setattr(common, "read_image", no_encoding)
+    monkeypatch.setattr(common, "read_image", thumbnails_only)
     assert run_inference(test_dir, checkpoint, tmp_path / "second", "--cache-dir", str(cache)) == 0
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text(), name
+    failures = json.loads((tmp_path / "second" / "metrics.json").read_text())["failure_analysis"]
+    assert sorted(read) == sorted(row["file"] for row in failures)  # no other image was read
     # other prompts, threshold and bootstrap size: still no image encoded
     reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
     (tmp_path / "reversed.json").write_text(json.dumps(reversed_set))
@@ -702,6 +815,7 @@ def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_pa
     (["--group-regex", r"P\d+"], "--group-regex"),
     (["--group-regex", "(unclosed"], "--group-regex"),
     (["--ece-bins", "1"], "--ece-bins"),
+    (["--failure-examples", "-1"], "--failure-examples"),
     (["--split", "test"], "--split"),
     (["--wise-ft-base", "other.pt"], "--wise-ft-base"),
 ])

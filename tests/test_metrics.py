@@ -165,9 +165,17 @@ def test_likelihood_ratios_with_a_zero_cell():
     assert perfect_sensitivity["lr_pos_ci"] == pytest.approx([math.exp(centre - Z95 * se),
                                                              math.exp(centre + Z95 * se)])
     no_false_positive = metrics.likelihood_ratios(tp=3, fp=0, fn=1, tn=10)
-    assert no_false_positive["lr_pos"] is None  # infinite
-    assert all(math.isfinite(x) for x in no_false_positive["lr_pos_ci"])
+    # LR+ is infinite: estimate and interval both left out (both or neither), LR- still reported
+    assert no_false_positive["lr_pos"] is None and no_false_positive["lr_pos_ci"] is None
+    assert no_false_positive["lr_neg"] == pytest.approx(0.25) and no_false_positive["lr_neg_ci"]
+    no_true_negative = metrics.likelihood_ratios(tp=3, fp=4, fn=1, tn=0)
+    assert no_true_negative["lr_neg"] is None and no_true_negative["lr_neg_ci"] is None
     assert metrics.likelihood_ratios(0, 3, 0, 4)["lr_pos"] is None  # no positive image at all
+    assert metrics.likelihood_ratios(0, 3, 0, 4)["lr_pos_ci"] is None
+    for tp, fp, fn, tn in ((3, 0, 1, 10), (0, 0, 2, 5), (4, 2, 0, 0), (1, 1, 1, 1)):
+        stats = metrics.likelihood_ratios(tp, fp, fn, tn)
+        for key in ("lr_pos", "lr_neg"):
+            assert (stats[key] is None) == (stats[f"{key}_ci"] is None)
 
 
 def test_multiclass_mcc_by_hand_and_sklearn():
@@ -267,7 +275,8 @@ def test_compute_metrics_point_estimates_equal_sklearn():
     assert result["ece"] == pytest.approx(metrics.expected_calibration_error(y_true, probs, 10))
     assert result["ece_bins"] == 10 and result["accuracy_ci"] is None
     rare = result["per_class"]["orbital disease"]
-    assert rare["auprc_baseline"] == pytest.approx(np.mean(y_true == 0))
+    assert rare["auprc_baseline"] == pytest.approx(
+        metrics.expected_random_average_precision(np.sum(y_true == 0), 80))
     assert rare["f1"] == pytest.approx(f1_score(y_true == 0, y_pred == 0))
     assert set(rare) >= {"support", "prevalence", "tp", "fp", "fn", "tn", "sensitivity", "specificity",
                          "ppv", "npv", "lr_pos", "lr_neg", "f1", "auroc", "auprc", "auprc_baseline"}
@@ -299,37 +308,92 @@ def test_resample_weights_keep_groups_together_and_are_seeded():
     assert np.array_equal(first, again)  # chunk size does not change the replicates
 
 
-def test_group_bootstrap_of_two_identical_groups_is_wider_than_image_bootstrap():
-    # Two patients of 20 identical images each: one always right, one always wrong. Images are
-    # not independent, so the honest interval of the accuracy spans 0..1.
-    y_true = np.array([0] * 20 + [1] * 20)
-    probs = np.tile([[0.8, 0.1, 0.1]], (40, 1))
-    groups = np.array(["patient A"] * 20 + ["patient B"] * 20)
+def test_group_bootstrap_of_identical_images_is_wider_than_image_bootstrap():
+    # Four patients of 20 identical images each, two per class: in each class one patient always
+    # right, one always wrong. Images are not independent, so the honest interval of the accuracy
+    # spans 0..1 (the class-stratified draw keeps two patients per class in every resample).
+    y_true = np.array([0] * 40 + [1] * 40)
+    probs = np.tile([[0.8, 0.1, 0.1]], (80, 1))
+    probs[20:40] = [0.1, 0.8, 0.1]  # patient B (class 0) wrong
+    probs[40:60] = [0.1, 0.8, 0.1]  # patient C (class 1) right, patient D wrong
+    groups = np.repeat(["patient A", "patient B", "patient C", "patient D"], 20)
     by_image = metrics.compute_metrics(y_true, probs, FOLDERS, 500, seed=0)
     by_group = metrics.compute_metrics(y_true, probs, FOLDERS, 500, seed=0, groups=groups)
     assert by_image["accuracy"] == by_group["accuracy"] == 0.5
     assert by_group["accuracy_ci"] == [0.0, 1.0]
     image_width = by_image["accuracy_ci"][1] - by_image["accuracy_ci"][0]
     assert image_width < 0.5 < by_group["accuracy_ci"][1] - by_group["accuracy_ci"][0]
-    assert (by_group["bootstrap_unit"], by_group["n_groups"]) == ("group", 2)
-    assert (by_image["bootstrap_unit"], by_image["n_groups"]) == ("image", 40)
+    assert (by_group["bootstrap_unit"], by_group["n_groups"]) == ("group", 4)
+    assert (by_image["bootstrap_unit"], by_image["n_groups"]) == ("image", 80)
+    assert by_group["bootstrap_design"]["units_per_stratum"] == {
+        "orbital disease": 2, "healthy eyes": 2, "non-orbital disease": 0}
 
 
-def test_paired_comparison_of_a_model_with_itself_is_zero():
-    rng = np.random.default_rng(9)
-    y_true, probs = random_probs(rng, 50)
-    same = metrics.compare_models(y_true, probs, probs, None, 200, 0)
-    for row in same["rows"][:-1]:
-        assert row["difference"] == 0 and row["difference_ci"] == [0.0, 0.0]
-    assert same["mcnemar"]["p_exact"] is None
-    worse = metrics.compare_models(y_true, probs, np.full_like(probs, 1 / 3), None, 200, 0)
-    auroc = next(r for r in worse["rows"] if r["metric"] == "macro_auroc")
-    assert auroc["baseline"] == pytest.approx(0.5) and auroc["difference_ci"][0] > 0
-    own = metrics.compute_metrics(y_true, probs, FOLDERS, 200, 0)
-    assert auroc["model_ci"] == pytest.approx(own["macro_auroc_ci"])  # the same resamples
+def perfect_cohort(n_patients=30, n_rare=2, seed=0):
+    """A perfect classifier on n_patients, n_rare of them of the rare class 0, 1-3 images each."""
+    rng = np.random.default_rng(seed)
+    patient_class = np.r_[np.zeros(n_rare, int), rng.integers(1, 3, n_patients - n_rare)]
+    sizes = rng.integers(1, 4, n_patients)
+    y_true = np.repeat(patient_class, sizes)
+    groups = np.repeat([f"P{i:02d}" for i in range(n_patients)], sizes)
+    probs = np.full((len(y_true), 3), 0.1)
+    probs[np.arange(len(y_true)), y_true] = 0.8
+    return y_true, probs, groups
 
 
-# -- clip_train.py's validation: selection metrics, loss, operating point, temperature -----------------
+def test_stratified_patient_bootstrap_of_a_perfect_classifier_is_one_in_every_resample():
+    # The issue's known answer: 30 patients, 2 of them rare, patient bootstrap. Unstratified,
+    # ~13% of the resamples hold no rare patient and macro-F1 scored the absent class 0 (CI
+    # [0.667, 1]); stratified by class every resample holds both rare patients.
+    y_true, probs, groups = perfect_cohort()
+    result = metrics.compute_metrics(y_true, probs, FOLDERS, 2000, seed=1, groups=groups)
+    for name in ("macro_f1", "balanced_accuracy", "accuracy", "macro_auroc", "macro_auprc"):
+        assert result[name] == 1.0 and result[f"{name}_ci"] == [1.0, 1.0], name
+        assert result[f"{name}_ci_n_resamples"] == 2000, name
+    rare = result["per_class"]["orbital disease"]
+    assert rare["f1_ci"] == [1.0, 1.0] and rare["auroc_ci_n_resamples"] == 2000
+    design = result["bootstrap_design"]
+    assert (design["resamples"], design["unit"]) == (2000, "patient")
+    assert design["units_per_stratum"]["orbital disease"] == 2
+    json.dumps(result, allow_nan=False)
+
+
+def test_unstratified_resamples_without_the_rare_class_are_counted_unusable():
+    y_true, probs, groups = perfect_cohort()
+    group_index = metrics.group_indices(groups, len(y_true))
+    prepared = metrics.prepare_scores(y_true, probs)
+    boot = metrics.bootstrap_replicates([prepared], group_index, 2000, 1, stratify=False)[0]
+    weights = np.concatenate(list(metrics.resample_weights(group_index, 2000, 1)))
+    # hand count of the resamples missing a class (nearly all of them miss the rare one)
+    missing = np.stack([weights[:, y_true == k].sum(axis=1) == 0 for k in range(3)], axis=1)
+    assert 0.08 < missing[:, 0].mean() < 0.18  # (28/30)^30 = 0.126
+    for name in ("macro_f1", "balanced_accuracy", "macro_auroc"):
+        assert np.array_equal(np.isnan(boot[name]), missing.any(axis=1)), name  # not scored 0
+    assert np.array_equal(np.isnan(boot["f1"]), missing)
+    assert (boot["macro_f1"][~missing.any(axis=1)] == 1.0).all() and (boot["accuracy"] == 1.0).all()
+
+
+def test_bootstrap_strata_by_class_and_by_the_rarest_class_of_a_mixed_patient():
+    # Groups holding each class: class 0 {P1, P5} = 2, class 1 {P2, P3, P5} = 3, class 2
+    # {P3, P4} = 2: rarest first 0, 2 (tie: lower index first), 1.
+    y_true = np.array([0, 1, 1, 2, 2, 0, 1])
+    group_index = np.array([0, 1, 2, 2, 3, 4, 4])  # P1..P5 = 0..4
+    assert metrics.bootstrap_strata(y_true, group_index).tolist() == [0, 1, 2, 2, 0]
+    assert metrics.bootstrap_strata(y_true, np.arange(7)).tolist() == y_true.tolist()  # images
+
+
+def test_stratified_resamples_keep_the_units_of_each_stratum():
+    strata = np.array([0, 0, 1, 1, 1, 2])  # stratum of groups 0..5
+    group_index = np.array([0, 0, 1, 2, 3, 4, 5, 5])
+    first = np.concatenate(list(metrics.resample_weights(group_index, 3000, 4, 128, strata)))
+    again = np.concatenate(list(metrics.resample_weights(group_index, 3000, 4, 1000, strata)))
+    assert np.array_equal(first, again)  # chunking changes nothing
+    per_group = first[:, [0, 2, 3, 4, 5, 6]]  # one image column per group
+    assert (per_group[:, :2].sum(axis=1) == 2).all() and (per_group[:, 2:5].sum(axis=1) == 3).all()
+    assert (per_group[:, 5] == 1).all()  # a stratum of one group: always drawn once
+    assert (first[:, 0] == first[:, 1]).all()  # a group's images stay together
+    assert per_group.mean(axis=0) == pytest.approx(np.ones(6), abs=0.06)  # each drawn 1x on average
+
 
 def test_operating_point_known_answer():
     y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
@@ -401,3 +465,91 @@ def test_metrics_and_report_import_without_torch():
     code = ("import sys, metrics, report; "
             "assert not {'torch', 'open_clip', 'common'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
+
+
+# -- chance level of AUPRC, p-value text, patient-level operating point (issue 14) ------------------
+
+def test_expected_random_average_precision_exact_by_enumeration():
+    import itertools
+    for n, m in ((5, 1), (6, 2), (7, 3)):
+        values = []
+        for positions in itertools.combinations(range(n), m):  # every ranking, equally likely
+            labels = np.zeros(n, bool)
+            labels[list(positions)] = True
+            values.append(average_precision_score(labels, -np.arange(n)))  # rank 1 scores highest
+        assert metrics.expected_random_average_precision(m, n) == pytest.approx(np.mean(values))
+    assert metrics.expected_random_average_precision(1, 5) == pytest.approx(sum(1 / r for r in range(1, 6)) / 5)
+    assert metrics.expected_random_average_precision(0, 5) is None
+    assert metrics.expected_random_average_precision(5, 5) is None
+
+
+def test_expected_random_average_precision_against_a_permutation_estimate():
+    # The issue's example: 4 positives among 80 give 0.098, not the prevalence 0.05.
+    n, m = 80, 4
+    expected = metrics.expected_random_average_precision(m, n)
+    assert round(expected, 3) == 0.098
+    rng = np.random.default_rng(0)
+    ranks = np.sort(rng.random((20000, n)).argsort(axis=1)[:, :m] + 1, axis=1)  # positives' ranks
+    ap = (np.arange(1, m + 1) / ranks).mean(axis=1)  # precision at each positive, averaged
+    labels = np.zeros(n, bool)
+    labels[ranks[0] - 1] = True
+    assert ap[0] == pytest.approx(average_precision_score(labels, -np.arange(n)))
+    assert abs(ap.mean() - expected) < 4 * ap.std() / math.sqrt(len(ap))
+    assert abs(ap.mean() - m / n) > 10 * ap.std() / math.sqrt(len(ap))  # not the prevalence
+
+
+def test_format_p_of_a_bootstrap_p_of_zero_says_less_than_one_over_b():
+    assert metrics.format_p(0.0, 2000) == "< 0.0005"
+    assert metrics.format_p(0.0, 200) == "< 0.005"
+    assert metrics.format_p(0.0) == "<0.001"  # no resample count: as before
+    assert metrics.format_p(0.0004, 2000) == "<0.001" and metrics.format_p(0.0123, 500) == "0.012"
+    assert metrics.format_p(None, 2000) == "n/a"
+
+
+def test_operating_point_patient_intervals_follow_patients_not_image_copies():
+    rng = np.random.default_rng(3)
+    n_patients = 40
+    y_patient = rng.integers(0, 3, n_patients)
+    probs_patient = metrics.softmax(rng.normal(size=(n_patients, 3)) + 1.5 * np.eye(3)[y_patient])
+    names = np.array([f"P{i:02d}" for i in range(n_patients)])
+    one = metrics.operating_point_metrics(y_patient, probs_patient, 0, 0.4, groups=names,
+                                          n_bootstrap=500, seed=2)
+    copies = 10  # every patient photographed ten times, identically
+    ten = metrics.operating_point_metrics(np.repeat(y_patient, copies), np.repeat(probs_patient, copies, 0),
+                                          0, 0.4, groups=np.repeat(names, copies), n_bootstrap=500, seed=2)
+    for rule in ("rule", "argmax"):
+        for name in ("sensitivity", "specificity"):
+            assert ten[rule][name] == pytest.approx(one[rule][name])
+            # the patient-level interval does not shrink with copies; Wilson's (images) does
+            assert ten[rule][f"{name}_ci_patient"] == pytest.approx(one[rule][f"{name}_ci_patient"])
+            wilson_one, wilson_ten = one[rule][f"{name}_ci"], ten[rule][f"{name}_ci"]
+            assert wilson_ten[1] - wilson_ten[0] < 0.6 * (wilson_one[1] - wilson_one[0])
+            assert ten[rule][f"{name}_ci_patient_n_resamples"] == 500
+            low, high = ten[rule][f"{name}_ci_patient"]
+            assert low <= ten[rule][name] <= high
+    assert ten["interval_levels"]["sensitivity_ci"] == "image (Wilson)"
+    assert ten["interval_levels"]["sensitivity_ci_patient"].startswith("patient")
+    no_groups = metrics.operating_point_metrics(y_patient, probs_patient, 0, 0.4, n_bootstrap=500)
+    assert "sensitivity_ci_patient" not in no_groups["rule"]
+    assert set(no_groups["interval_levels"]) == {f"{p}_ci" for p in metrics.PROPORTIONS}
+
+
+def test_operating_point_patient_interval_by_hand():
+    # Two rare patients: A (two images, both found) and B (one image, missed). The stratified
+    # patient bootstrap draws 2 rare patients: BB, AB, AA give 0, 2/3, 1 with probabilities
+    # 1/4, 1/2, 1/4, so the 95% percentile interval is [0, 1].
+    y_true = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[.9, .05, .05], [.9, .05, .05], [.1, .8, .1], [.1, .8, .1], [.1, .8, .1],
+                      [.1, .1, .8]])
+    groups = np.array(["A", "A", "B", "C", "D", "E"])
+    op = metrics.operating_point_metrics(y_true, probs, 0, 0.5, groups=groups, n_bootstrap=4000, seed=0)
+    assert op["rule"]["sensitivity"] == pytest.approx(2 / 3)  # 2 of 3 images: image-level
+    assert op["rule"]["sensitivity_ci_patient"] == [0.0, 1.0]
+    assert op["rule"]["specificity_ci_patient"] == [1.0, 1.0]
+
+
+def test_intention_to_diagnose_of_the_rule_has_its_own_keys():
+    itd = metrics.intention_to_diagnose(np.array([0, 0, 1, 2]), np.array([0, 0, -1, 2]), 0,
+                                        prefix="itd_rule")
+    assert (itd["itd_rule_n"], itd["itd_rule_accuracy"], itd["itd_rule_rare_sensitivity"]) == (4, 0.75, 1.0)
+    assert itd["itd_rule_accuracy_ci"] == pytest.approx(metrics.wilson_interval(3, 4))

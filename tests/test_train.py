@@ -41,6 +41,25 @@ def test_lr_schedule_known_values():
     assert clip_train.lr_at_step(14, 1.0, 4, 14, "cosine") == pytest.approx(0.0)
 
 
+def test_unsupported_formats_are_left_out_of_training_with_a_warning_and_count(splits, caplog):
+    # The shared listing rule (common.is_candidate_image) lists a .jfif and a .heic; the .jfif
+    # (a JPEG) is kept, the two .heic files are left out with one warning giving their count.
+    train_dir, _val_dir = splits
+    rare = train_dir / "orbital disease"
+    (rare / "copy.jfif").write_bytes(sorted(rare.glob("*.jpg"))[0].read_bytes())
+    for name in ("a.heic", "b.HEIC"):
+        (rare / name).write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    items = common.load_labelled_items(train_dir, prompts.class_folders(prompts.load_prompt_set(None)),
+                                       "train")
+    assert len(items) == 27 + 3
+    with caplog.at_level("WARNING", logger="clip_train"):
+        kept = clip_train.drop_unsupported(items, "--train-dir", train_dir)
+    assert len(kept) == 28 and (rare / "copy.jfif", 0) in kept
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "--train-dir" in warning and ": 2 file(s)" in warning and "unsupported format .heic" in warning
+    assert clip_train.drop_unsupported(kept, "--train-dir", train_dir) == kept
+
+
 def test_param_groups_exclude_biases_norms_and_logit_scale():
     model, *_ = common.create_model("tiny_clip", None)
     decay, no_decay = clip_train.param_groups(model, 0.1)
