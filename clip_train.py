@@ -1380,6 +1380,12 @@ def train(args, classes, train_items, val_items, argv):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.world_size > 1:
+        # The same init on every rank (above), then a stream of its own for the augmentations and
+        # dropout masks that run in this process (--workers 0): seed + rank, as open_clip does.
+        torch.manual_seed(args.seed + args.rank)
+        random.seed(args.seed + args.rank)
+        np.random.seed(args.seed + args.rank)
     configure_trainable(model, args)
     text_dedup = configure_exact_shortcuts(model, args.accum_steps)
     ctx = build_context(args, model, tokenizer, classes, model_config, len(train_items))

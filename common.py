@@ -1148,7 +1148,12 @@ def image_encoder(model, device, precision):
     """
     if device.type == "cpu" and precision == "bf16":
         visual = getattr(model.visual, "_orig_mod", model.visual)  # unwrap a torch.compile wrapper
-        visual_bf16 = copy.deepcopy(visual).to(torch.bfloat16).eval()
+        # Cast while copying (a deepcopy memo of bf16 tensors), so no transient fp32 copy exists.
+        memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                for p in visual.parameters() if p.is_floating_point()}
+        memo.update({id(b): b.detach().to(torch.bfloat16)
+                     for b in visual.buffers() if b.is_floating_point()})
+        visual_bf16 = copy.deepcopy(visual, memo).eval()
         # model.encode_image(x) is model.visual(x) (open_clip's CLIP and CustomTextCLIP)
         return lambda images: visual_bf16(images.to(device, torch.bfloat16)).float()
 

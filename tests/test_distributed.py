@@ -78,6 +78,9 @@ def test_two_processes_unreadable_image_accumulation_and_resume_equal_a_straight
         assert torch.allclose(value, finals[1]["state_dict"][key], atol=1e-5), key
     last = torch.load(tmp_path / "split" / "clip_model_last.pt", weights_only=True)
     assert len(last["rng"]) == 2 and last["rng"][0]["caption_rng"] != last["rng"][1]["caption_rng"]
+    # augmentations and dropout run in each process (--workers 0): each rank has its own stream
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
+    assert last["rng"][0]["python"] != last["rng"][1]["python"]
 
 
 def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_path):
