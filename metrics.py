@@ -739,12 +739,13 @@ def mcnemar_test(correct_a, correct_b):
 
 
 def format_p(p, n_resamples=None):
-    """A p-value for text: 'n/a', '<0.001' or three decimals. A bootstrap p of 0 from
-    `n_resamples` resamples only says p < 1/B: '< 0.0005' for 2,000, '< 0.005' for 200."""
+    """A p-value for text: 'n/a', '<0.001' or three decimals. A two-sided bootstrap p of 0 from
+    `n_resamples` resamples only says p < 2/B (twice the smaller tail share, whose smallest
+    non-zero value is 1/B): '< 0.001' for 2,000, '< 0.01' for 200."""
     if p is None:
         return "n/a"
     if p == 0 and n_resamples:
-        return f"< {1.0 / n_resamples:.2g}"
+        return f"< {2.0 / n_resamples:.2g}"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -888,15 +889,17 @@ def obuchowski_test(correct_a, correct_b, groups):
     """Obuchowski (1998) test of two correlated proportions with clustered data: McNemar's
     question (is accuracy A = accuracy B?) when images come in patients.
 
-    With d_i = correct_a_i - correct_b_i, D_k its sum over the n_k images of cluster k, N images
-    and K clusters, the difference p_a - p_b = sum(d) / N has the ratio-estimator variance
-    K / (K - 1) * sum_k (D_k - n_k (p_a - p_b))^2 / N^2, and X^2 = (p_a - p_b)^2 / variance is
-    referred to chi-square with 1 df. With one image per cluster this is McNemar's statistic
-    (B - C)^2 / (B + C) up to the factor K / (K - 1) and the centring.
+    With d_i = correct_a_i - correct_b_i, D_k its sum over the images of cluster k and K
+    clusters, the variance of sum(d) is estimated under the null hypothesis (no difference, so
+    the clusters' D_k are centred at 0) as K / (K - 1) * sum_k D_k^2, which gives
+    X^2 = (K - 1) / K * (sum_k D_k)^2 / sum_k D_k^2 on 1 df (Yang, Sun & Hardin 2010's form of
+    Obuchowski's statistic, as in R's clust.bin.pair). With one image per cluster it is McNemar's
+    (B - C)^2 / (B + C) times (K - 1) / K. Centring at the observed difference instead (a Wald
+    test) collapses when every patient favours the same model and gives absurdly small p.
 
     Returns
     -------
-    dict with difference, chi2, p (None when the variance is 0: no discordant cluster), n_clusters.
+    dict with difference, chi2, p (None when no cluster is discordant), n_clusters.
     """
     d = np.asarray(correct_a, np.float64) - np.asarray(correct_b, np.float64)
     index = group_indices(groups, len(d))
@@ -904,10 +907,10 @@ def obuchowski_test(correct_a, correct_b, groups):
     out = {"difference": float(d.mean()) if len(d) else None, "chi2": None, "p": None, "n_clusters": k}
     if k < 2:
         return out
-    sums, sizes = np.bincount(index, d, minlength=k), np.bincount(index, minlength=k)
-    variance = k / (k - 1) * np.sum((sums - sizes * d.mean()) ** 2) / len(d) ** 2
-    if variance > 1e-15:
-        out["chi2"] = float(d.mean() ** 2 / variance)
+    sums = np.bincount(index, d, minlength=k)  # D_k
+    denominator = np.sum(sums ** 2)
+    if denominator > 0:
+        out["chi2"] = float((k - 1) / k * sums.sum() ** 2 / denominator)
         out["p"] = float(chi2_dist.sf(out["chi2"], 1))
     return out
 

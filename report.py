@@ -342,7 +342,7 @@ def comparison_markdown(comparison, sources):
     lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
               "| --- | --- | ---: | --- | --- | --- | --- |"]
     for row in comparison["rows"]:
-        # a bootstrap p of 0 only says p < 1/B
+        # a bootstrap p of 0 only says p < 2/B
         tests = [f"{format_p(row[column], n_resamples if column == 'p_bootstrap' else None)} ({label})"
                  for column, label in COMPARISON_P_COLUMNS.items() if row[column] is not None]
         if row["model_only_correct"] is not None:

@@ -157,9 +157,8 @@ def test_delong_of_identical_scores_has_no_p():
 
 def test_obuchowski_clustered_mcnemar_hand_computed_example():
     """A hand-computed example (the 1998 paper's own data were not at hand): four patients with
-    d = A correct - B correct of [1, 0], [1], [-1, 0, 0], [0, 0]. N = 8, K = 4, p_A - p_B = 1/8;
-    cluster residuals D_k - n_k/8 = 0.75, 0.875, -1.375, -0.25, squares summing to 3.28125;
-    variance 4/3 * 3.28125 / 64 = 35/512, X^2 = (1/64) / (35/512) = 8/35."""
+    d = A correct - B correct of [1, 0], [1], [-1, 0, 0], [0, 0]: D_k = 1, 1, -1, 0, K = 4;
+    X^2 = (K - 1) / K * (sum D_k)^2 / sum D_k^2 = 3/4 * 1 / 3 = 1/4."""
     import metrics
     from scipy.stats import chi2
     correct_a = np.array([1, 1, 1, 0, 1, 1, 0, 0])
@@ -167,26 +166,33 @@ def test_obuchowski_clustered_mcnemar_hand_computed_example():
     groups = np.array(["p1", "p1", "p2", "p3", "p3", "p3", "p4", "p4"])
     result = metrics.obuchowski_test(correct_a, correct_b, groups)
     assert result["difference"] == pytest.approx(1 / 8)
-    assert result["chi2"] == pytest.approx(8 / 35)
-    assert result["p"] == pytest.approx(chi2.sf(8 / 35, 1))
+    assert result["chi2"] == pytest.approx(1 / 4)
+    assert result["p"] == pytest.approx(chi2.sf(1 / 4, 1))
     assert result["n_clusters"] == 4
 
 
-def test_obuchowski_equals_a_cluster_robust_regression_of_the_paired_differences():
-    """Obuchowski's variance is the cluster-robust (sandwich) variance, with the G/(G-1)
-    correction, of the mean paired difference: statsmodels' OLS on an intercept agrees."""
+def test_obuchowski_is_mcnemar_with_one_image_per_patient_and_never_collapses():
+    """One image per patient: McNemar's uncorrected chi-square (statsmodels) times (K - 1) / K.
+    Every patient favouring one model (the same discordance everywhere) must not give an
+    absurdly small p: 10 patients of 2 images, B wrong on one image of 9 of them: 9/10 * 81/9."""
     import metrics
-    import statsmodels.api as sm
+    from statsmodels.stats.contingency_tables import mcnemar
     rng = np.random.default_rng(7)
-    groups = rng.integers(0, 25, 90)
-    ability = rng.random(25)[groups]
-    correct_a = rng.random(90) < 0.5 + 0.4 * ability
-    correct_b = rng.random(90) < 0.4 + 0.4 * ability
-    d = correct_a.astype(float) - correct_b
-    fit = sm.OLS(d, np.ones((90, 1))).fit(cov_type="cluster", cov_kwds={"groups": groups})
-    result = metrics.obuchowski_test(correct_a, correct_b, groups.astype(str))
-    assert result["chi2"] == pytest.approx(float(fit.tvalues[0]) ** 2)
-    assert result["p"] == pytest.approx(float(fit.pvalues[0]))
+    correct_a, correct_b = rng.random(60) < 0.7, rng.random(60) < 0.5
+    table = [[np.sum(correct_a & correct_b), np.sum(correct_a & ~correct_b)],
+             [np.sum(~correct_a & correct_b), np.sum(~correct_a & ~correct_b)]]
+    reference = mcnemar(table, exact=False, correction=False).statistic
+    result = metrics.obuchowski_test(correct_a, correct_b, np.arange(60).astype(str))
+    assert result["chi2"] == pytest.approx(59 / 60 * reference)
+    groups = np.repeat([f"p{i}" for i in range(10)], 2)
+    a = np.ones(20, bool)
+    b = a.copy()
+    b[0:18:2] = False
+    result = metrics.obuchowski_test(a, b, groups)
+    assert result["chi2"] == pytest.approx(8.1) and result["p"] > 1e-3
+    b[18] = False  # all ten patients favour A: still a p-value, not 'n/a'
+    assert metrics.obuchowski_test(a, b, groups)["chi2"] == pytest.approx(9.0)
+    assert metrics.obuchowski_test(a, a, groups)["p"] is None  # no discordant patient
 
 
 def recomputed_metrics(y, pred, probs, rare):

@@ -498,9 +498,9 @@ def test_expected_random_average_precision_against_a_permutation_estimate():
     assert abs(ap.mean() - m / n) > 10 * ap.std() / math.sqrt(len(ap))  # not the prevalence
 
 
-def test_format_p_of_a_bootstrap_p_of_zero_says_less_than_one_over_b():
-    assert metrics.format_p(0.0, 2000) == "< 0.0005"
-    assert metrics.format_p(0.0, 200) == "< 0.005"
+def test_format_p_of_a_bootstrap_p_of_zero_says_less_than_two_over_b():
+    assert metrics.format_p(0.0, 2000) == "< 0.001"
+    assert metrics.format_p(0.0, 200) == "< 0.01"
     assert metrics.format_p(0.0) == "<0.001"  # no resample count: as before
     assert metrics.format_p(0.0004, 2000) == "<0.001" and metrics.format_p(0.0123, 500) == "0.012"
     assert metrics.format_p(None, 2000) == "n/a"
