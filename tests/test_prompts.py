@@ -31,7 +31,7 @@ def test_label_map_refusals_name_the_file_and_the_fault(tmp_path):
         prompts.parse_label_map({"TED eye": ["TED"]}, SUBTYPES)
     with pytest.raises(prompts.LabelMapError, match="'MASS' is listed for both 'orbital tumour' and 'orbital inflammation'"):
         prompts.parse_label_map({"orbital tumour": ["mass"], "orbital inflammation": ["MASS"]}, SUBTYPES)
-    with pytest.raises(prompts.LabelMapError, match="'orbital tumour' is listed for both"):
+    with pytest.raises(prompts.LabelMapError, match="'Orbital Tumour' is listed for both 'orbital tumour' and 'thyroid eye disease'"):
         prompts.parse_label_map({"thyroid eye disease": ["Orbital Tumour"]}, SUBTYPES)
     with pytest.raises(prompts.LabelMapError, match="list of non-empty strings"):
         prompts.parse_label_map({"orbital tumour": [3]}, SUBTYPES)
