@@ -548,3 +548,91 @@ def write_figures(save, y_true, probs, probs_cal, folders, metrics, operating, r
     plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save)
     plot_calibration(y_true, probs, probs_cal, folders, metrics["ece_bins"], save)
     plot_prob_histograms(y_true, probs, folders, operating, rare_index, save)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential readings (inference.py --predictions with --compare): tables, report section, figure
+
+
+def sequential_frame(sequential):
+    """sequential.csv: one row per class, measure and step (value, Wilson CI, hits / n)."""
+    return pd.DataFrame([{"class": r["class"], "measure": r["measure"], "step": r["step"],
+                          "n": r["n"], "hits": r["hits"], "value": r["value"],
+                          "ci_low": r["ci"][0] if r["ci"] else None,
+                          "ci_high": r["ci"][1] if r["ci"] else None}
+                         for r in sequential["per_step"]])
+
+
+def sequential_changes_frame(sequential):
+    """sequential_changes.csv: the paired change between consecutive steps (McNemar rows), then
+    per class and measure the omnibus test across all steps (Cochran's Q rows)."""
+    rows = []
+    for r in sequential["changes"]:
+        ci = r["difference_ci"]
+        rows.append({"class": r["class"], "measure": r["measure"], "from_step": r["from_step"],
+                     "to_step": r["to_step"], "n": r["n"], "from_value": r["from_value"],
+                     "to_value": r["to_value"], "difference": r["difference"],
+                     "difference_ci_low": ci[0] if ci else None,
+                     "difference_ci_high": ci[1] if ci else None, "gained": r["gained"],
+                     "lost": r["lost"], "statistic": None, "df": None, "p_value": r["p_mid"],
+                     "p_exact": r["p_exact"], "test": "McNemar mid-p (paired images)"})
+    steps = sequential["steps"]
+    for r in sequential["omnibus"]:
+        rows.append({"class": r["class"], "measure": r["measure"], "from_step": steps[0],
+                     "to_step": steps[-1], "n": r.get("n"), "statistic": r.get("q"),
+                     "df": r.get("df"), "p_value": r.get("p_value"),
+                     "test": f"Cochran's Q across {len(steps)} steps (complete cases)"})
+    return pd.DataFrame(rows)
+
+
+def sequential_markdown(sequential):
+    """The sequential section of report.md: per class sensitivity and specificity at each step,
+    Cochran's Q across the steps, and the change between consecutive steps."""
+    steps = sequential["steps"]
+    lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. Each step is scored on the "
+             "images it read (failed readings and unmapped answers excluded, counted in its flow "
+             f"table); a change compares the images both steps read; Cochran's Q uses the "
+             f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
+             f"Bootstrap unit: {sequential['bootstrap_unit']}.", "",
+             "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
+             "| --- | --- |" + " --- |" * (len(steps) + 1)]
+    omnibus = {(r["class"], r["measure"]): r for r in sequential["omnibus"]}
+    cells = {}
+    for r in sequential["per_step"]:
+        text = f"{format_value(r['value'], r['ci'])} [{r['hits']}/{r['n']}]"
+        cells.setdefault((r["class"], r["measure"]), []).append(text)
+    for (name, measure), values in cells.items():
+        q = omnibus[(name, measure)]
+        test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
+        lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
+    lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
+              "McNemar mid-p (exact) |", "| --- | --- | --- | ---: | --- | --- | --- |"]
+    for r in sequential["changes"]:
+        lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
+                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
+                     f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
+                     f"({format_p(r['p_exact'])}) |")
+    return lines
+
+
+def plot_sequential(sequential, folders, save):
+    """Per class sensitivity (left) and specificity (right) against step, Wilson 95% CIs."""
+    steps = sequential["steps"]
+    x = np.arange(len(steps))
+    with figure_style() as plt:
+        fig, axes = panel_grid(plt, 2)
+        for ax, measure in zip(axes, ("sensitivity", "specificity")):
+            for k, folder in enumerate(folders):
+                rows = [r for r in sequential["per_step"]
+                        if r["class"] == folder and r["measure"] == measure]
+                value = np.array([np.nan if r["value"] is None else r["value"] for r in rows])
+                low = np.array([np.nan if r["ci"] is None else r["ci"][0] for r in rows])
+                high = np.array([np.nan if r["ci"] is None else r["ci"][1] for r in rows])
+                shift = (k - (len(folders) - 1) / 2) * 0.06  # side by side, CIs do not overlap
+                ax.errorbar(x + shift, value, yerr=[value - low, high - value], marker="o", ms=4,
+                            capsize=3, color=f"C{k}", label=wrap(folder, 30))
+            ax.set(ylim=(-0.02, 1.02), xlim=(-0.4, len(steps) - 0.6), ylabel=measure,
+                   title=f"{measure.capitalize()} by step (95% Wilson CI)")
+            ax.set_xticks(x, [wrap(s, 14) for s in steps])
+            ax.legend(loc="best", frameon=False)
+        save_figure(plt, fig, save, "sequential")
