@@ -40,9 +40,10 @@ SEED = 24  # a draw with one or two unmapped answers per step
 
 
 def cohort_paths(subtype):
-    """The image paths of one subtype, relative to the cohort folder."""
-    slug = subtype.replace(" ", "_")
-    return [f"{subtype}/{slug}_P{p:02d}_{eye}.jpg" for p in range(PATIENTS_PER_SUBTYPE)
+    """The image paths of one subtype, relative to the cohort folder; patients are numbered
+    across subtypes (P00-P05 TED, P06-P11 inflammation, ...), so `_(P\\d+)_` names a patient."""
+    slug, first = subtype.replace(" ", "_"), SUBTYPES.index(subtype) * PATIENTS_PER_SUBTYPE
+    return [f"{subtype}/{slug}_P{p:02d}_{eye}.jpg" for p in range(first, first + PATIENTS_PER_SUBTYPE)
             for eye in ("left", "right")]
 
 
