@@ -121,8 +121,9 @@ def comparison_frame(comparison):
 
 
 def failure_category(status):
-    """'truncated image' from 'failed: truncated image (detail...)'."""
-    return status.removeprefix("failed: ").split(" (")[0].strip() or "unreadable"
+    """'truncated image' from 'failed: truncated image (detail...)'; 'unmapped answer' from
+    "failed: unmapped answer 'text'" (one reason, not one per answer text)."""
+    return status.removeprefix("failed: ").split(" (")[0].split(" '")[0].strip() or "unreadable"
 
 
 def flow_counts(labels, statuses, folders, labelled):
