@@ -853,3 +853,27 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
             "bootstrap_unit": "image" if groups is None else "group",
             "per_step": sequential_steps(y_true, preds, class_names, step_names, confidence),
             "changes": changes, "omnibus": omnibus}
+
+
+PROBABILITY_METRICS = ("macro_auroc", "macro_auprc", "brier", "log_loss", "ece")
+
+
+def label_probs(y_pred, n_classes):
+    """One-hot rows of predicted labels (NaN rows where y_pred is -1): the 'probabilities' of a
+    reader who gives labels only, so `compute_metrics` counts the same confusion matrix."""
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    probs = np.eye(n_classes)[np.clip(y_pred, 0, None)]
+    probs[y_pred < 0] = np.nan
+    return probs
+
+
+def without_probability_metrics(metrics):
+    """metrics.json of `label_probs`: AUROC, AUPRC and calibration set to None (a one-hot column
+    ranks nothing; its 'AUROC' would be (sensitivity + specificity) / 2, not a curve)."""
+    metrics = dict(metrics)
+    for name in PROBABILITY_METRICS:
+        metrics[name], metrics[f"{name}_ci"] = None, None
+    metrics["per_class"] = {name: dict(stats, auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
+                                       auprc_baseline=None)
+                            for name, stats in metrics["per_class"].items()}
+    return metrics

@@ -299,9 +299,34 @@ def report_header(run):
     return lines
 
 
-def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None):
+def answers_header(run):
+    """What was scored when the predictions come from a file (inference.py --predictions)."""
+    mapping = ", ".join(f"{i} = {folder}" for i, folder in enumerate(run["class_folders"]))
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+    return [f"- answers: `{run['predictions_file']}` (step `{run['step']}`); SHA-256 "
+            f"`{run['predictions_sha256']}`; no model was run here",
+            f"- classes (index = folder name, {run['class_order']}): {mapping}",
+            "- answers to classes: " + (f"label map `{run['label_map']}` (case- and "
+                                        "whitespace-insensitive; an answer it does not map is a "
+                                        "failed row, never guessed)" if run.get("label_map")
+                                        else "answers must be class folder names"),
+            "- probabilities: " + ("given (`prob_<class>` columns): AUROC, AUPRC and calibration "
+                                   "scored" if run["probabilities"] else
+                                   "none: AUROC, AUPRC and calibration are not defined (n/a)"),
+            f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
+            + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
+            f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
+            f"{run['bootstrap_unit']}s ({run['bootstrap']} resamples, seed {run['seed']}) for the "
+            "overall metrics and F1; Wilson intervals for proportions; log method for LR±",
+            f"- software: {versions}"]
+
+
+def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
+                  sequential=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
-    lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
+    answers = run.get("source") == "answer file"
+    header = answers_header(run) if answers else report_header(run)
+    lines = ["# Orbital-CLIP evaluation", ""] + header + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)
@@ -320,8 +345,13 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
                   "Wilson intervals treat images as independent.", ""]
     lines += metrics_markdown(metrics, folders) + ["", "## Operating point", ""]
     lines += operating_markdown(operating) if operating else [
-        "The checkpoint stores no validation operating threshold (and none was given with "
+        "The answers are labels: results are for the given labels only (no threshold)." if answers
+        else "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
+    if sequential is not None:
+        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
+        lines += sequential_markdown(sequential)
+        lines += ["", "![sensitivity and specificity by step](sequential.png)"] if run.get("figures", True) else []
     if comparison is not None:
         lines += ["", "## Comparison with the baseline", ""]
         lines += comparison_markdown(comparison, run["baseline"]["checkpoint"])
