@@ -434,6 +434,190 @@ def collect_cohort(args, folders):
 
 
 # ----------------------------------------------------------------------------------------------
+# Other models' and readers' answers (--compare NAME=FILE)
+
+
+@dataclasses.dataclass
+class ExternalPredictions:
+    """Another model's (or reader's) answers on the cohort, in the cohort's image order."""
+    source: str  # the file read
+    paths: list  # cohort paths (relative, forward slashes), the order of `cohort_paths`
+    pred_index: np.ndarray  # (N,) int class index in `folders`, -1 for a failed row
+    probs: np.ndarray | None  # (N, C) float in `folders` order, NaN rows where failed; None: no prob_ columns
+    statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
+    answer_column: str  # 'pred_label' or 'answer'
+
+
+def normalise_answer(text):
+    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ')."""
+    return " ".join(str(text).split()).casefold()
+
+
+def normalise_relative_path(text):
+    """A path cell as predictions.csv writes it: forward slashes, no leading './', no padding."""
+    text = str(text).strip().replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    return text
+
+
+def answer_lookup(folders, label_map, where):
+    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`."""
+    lookup = {normalise_answer(folder): k for k, folder in enumerate(folders)}
+    for folder, synonyms in (label_map or {}).items():
+        if folder not in folders:
+            raise ValueError(f"{where}: label map names {folder!r}, not a class of {folders}")
+        for synonym in [synonyms] if isinstance(synonyms, str) else synonyms:
+            key = normalise_answer(synonym)
+            if lookup.get(key, folders.index(folder)) != folders.index(folder):
+                raise ValueError(f"{where}: label map answer {synonym!r} names two classes")
+            lookup[key] = folders.index(folder)
+    return lookup
+
+
+def read_csv_rows(path, where):
+    """(header, [(line number, {column: cell})]) of a CSV file; ValueError when malformed."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise ValueError(f"{where}: row 1: empty file (expected a header with path and pred_label)")
+            header = [cell.strip() for cell in header]
+            if len(set(header)) != len(header):
+                raise ValueError(f"{where}: row 1: a column name appears twice")
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue  # a blank line, e.g. a trailing newline
+                if len(cells) != len(header):
+                    raise ValueError(f"{where}: row {reader.line_num}: {len(cells)} fields, the "
+                                     f"header has {len(header)} (a malformed CSV)")
+                rows.append((reader.line_num, dict(zip(header, cells))))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{where}: not a readable UTF-8 CSV ({err})") from None
+    if not rows:
+        raise ValueError(f"{where}: row 2: no data rows")
+    return header, rows
+
+
+def external_prob_columns(header, folders, where):
+    """The prob_<folder> columns in `folders` order, or None when the file has none; refused
+    when only some classes have one or a prob_ column names another class (prob_cal_* of our own
+    predictions.csv are ignored)."""
+    named = [c for c in header if c.startswith("prob_") and not c.startswith("prob_cal_")]
+    if not named:
+        return None
+    unknown = [c for c in named if c[len("prob_"):] not in folders]
+    if unknown:
+        raise ValueError(f"{where}: row 1: column {unknown[0]!r} is not a class of {folders}")
+    missing = [f"prob_{f}" for f in folders if f"prob_{f}" not in header]
+    if missing:
+        raise ValueError(f"{where}: row 1: has prob_ columns but lacks {missing[0]!r} (give one "
+                         "per class, or none)")
+    return [f"prob_{f}" for f in folders]
+
+
+def parse_probabilities(cells, where):
+    """(C,) floats of one ok row, each finite and in [0, 1]."""
+    try:
+        values = np.array([float(cell) for cell in cells], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{where}: probabilities {cells} are not all numbers") from None
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise ValueError(f"{where}: probabilities {cells} must be numbers in [0, 1]")
+    return values
+
+
+def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
+                              true_labels=None):
+    """Read another model's or reader's answers and match them to the cohort by path.
+
+    Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
+    label_map=None, true_labels=None) -> ExternalPredictions.
+
+    Parameters
+    ----------
+    path : str or Path
+        A CSV with columns `path` (as in our predictions.csv: relative to the cohort root, forward
+        slashes; backslashes and a leading './' are tolerated) and `pred_label` (or `answer`);
+        optional `prob_<folder>` for every class (all or none), optional `status` (a row whose
+        status starts with 'failed' is a failed row: no prediction, no probabilities), optional
+        `true_label` (checked against `true_labels` when both exist). Other columns are ignored.
+    cohort_paths : list of str
+        The cohort's images in evaluation order, written like predictions.csv's path column.
+    folders : list of str
+        Class folder names; class index = position.
+    flag : str
+        Named in every error message ('--compare NAME=', '--baseline', ...).
+    label_map : dict folder -> list of str, optional
+        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
+        Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
+        is refused; with it an empty, unmapped or refused answer becomes a failed row with status
+        "failed: unmapped answer '<answer>'".
+    true_labels : list of str, optional
+        The cohort's true folder per image, checked against a `true_label` column.
+
+    Returns
+    -------
+    ExternalPredictions (pred_index -1 and NaN probabilities on failed rows).
+
+    Raises
+    ------
+    ValueError, one line naming `flag`, the file and the first offending row (row 1 = header):
+    a malformed or empty file, no path or pred_label/answer column, a duplicate, extra or missing
+    image, an unknown label (without `label_map`), a probability that is not a number in [0, 1],
+    a true_label that differs from the cohort's.
+    """
+    where = f"{flag} {path}"
+    lookup = answer_lookup(list(folders), label_map, where)
+    header, rows = read_csv_rows(path, where)
+    answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
+    if "path" not in header or answer_column is None:
+        raise ValueError(f"{where}: row 1: needs a 'path' and a 'pred_label' (or 'answer') column, "
+                         f"has {header}")
+    prob_columns = external_prob_columns(header, list(folders), where)
+    position = {p: i for i, p in enumerate(cohort_paths)}
+    n = len(cohort_paths)
+    pred_index = np.full(n, -1, dtype=np.int64)
+    probs = None if prob_columns is None else np.full((n, len(folders)), np.nan)
+    statuses, seen = [None] * n, {}
+    for line, row in rows:
+        here = f"{where}: row {line}"
+        image = normalise_relative_path(row["path"])
+        if image not in position:
+            raise ValueError(f"{here}: image {image!r} is not in the cohort (an extra image, or "
+                             "a path not relative to the test folder)")
+        if image in seen:
+            raise ValueError(f"{here}: image {image!r} already on row {seen[image]}")
+        seen[image], i = line, position[image]
+        if true_labels is not None and "true_label" in row and row["true_label"].strip() \
+                and normalise_answer(row["true_label"]) != normalise_answer(true_labels[i]):
+            raise ValueError(f"{here}: true_label {row['true_label']!r} of {image!r} differs from "
+                             f"the cohort's {true_labels[i]!r} (predictions of another cohort?)")
+        status = row.get("status", "ok").strip() or "ok"
+        if status.lower().startswith("failed"):
+            statuses[i] = status
+            continue
+        answer = row[answer_column]
+        index = lookup.get(normalise_answer(answer))
+        if index is None and label_map is None:
+            raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
+                             "(pass a label map of synonyms to count it as a failed answer)")
+        if index is None:
+            statuses[i] = f"failed: unmapped answer {answer.strip()!r}"
+            continue
+        pred_index[i], statuses[i] = index, "ok"
+        if prob_columns is not None:
+            probs[i] = parse_probabilities([row[c].strip() for c in prob_columns], here)
+    missing = [p for p in cohort_paths if p not in seen]
+    if missing:
+        raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
+                         "images missing); give one row per image")
+    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column)
+
+
+# ----------------------------------------------------------------------------------------------
 # Embedding cache: re-analysis (other prompts, thresholds, bootstrap sizes) without re-encoding
 
 
