@@ -449,8 +449,9 @@ class ExternalPredictions:
 
 
 def normalise_answer(text):
-    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ')."""
-    return " ".join(str(text).split()).casefold()
+    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ');
+    prompts.normalise_answer is the one rule (shared with --label-map)."""
+    return prompt_sets.normalise_answer(str(text))
 
 
 def normalise_relative_path(text):
@@ -462,17 +463,10 @@ def normalise_relative_path(text):
 
 
 def answer_lookup(folders, label_map, where):
-    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`."""
-    lookup = {normalise_answer(folder): k for k, folder in enumerate(folders)}
-    for folder, synonyms in (label_map or {}).items():
-        if folder not in folders:
-            raise ValueError(f"{where}: label map names {folder!r}, not a class of {folders}")
-        for synonym in [synonyms] if isinstance(synonyms, str) else synonyms:
-            key = normalise_answer(synonym)
-            if lookup.get(key, folders.index(folder)) != folders.index(folder):
-                raise ValueError(f"{where}: label map answer {synonym!r} names two classes")
-            lookup[key] = folders.index(folder)
-    return lookup
+    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
+    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
+    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    return {answer: folders.index(folder) for answer, folder in lookup.items()}
 
 
 def read_csv_rows(path, where):

@@ -185,16 +185,15 @@ def parse_label_map(data, folders, source="label map"):
     lookup = {normalise_answer(folder): folder for folder in folders}
     for folder, synonyms in data.items():
         if folder not in folders:
-            raise LabelMapError(f"{source}: {folder!r} is not a class folder (classes: "
-                                f"{', '.join(folders)})")
+            raise LabelMapError(f"{source}: label map names {folder!r}, not a class of {list(folders)}")
         synonyms = [synonyms] if isinstance(synonyms, str) else synonyms
         if not isinstance(synonyms, list) or not all(isinstance(s, str) and s.strip() for s in synonyms):
             raise LabelMapError(f"{source}: {folder!r} must map to a list of non-empty strings")
         for synonym in synonyms:
             key = normalise_answer(synonym)
             if lookup.get(key, folder) != folder:
-                raise LabelMapError(f"{source}: {synonym!r} is listed for both {lookup[key]!r} and "
-                                    f"{folder!r}")
+                raise LabelMapError(f"{source}: label map answer {synonym!r} names two classes "
+                                    f"({lookup[key]!r} and {folder!r})")
             lookup[key] = folder
     return lookup
 
