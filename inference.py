@@ -53,10 +53,13 @@ from tqdm import tqdm
 import common
 import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, compare_models,
-                     compute_metrics, finite_or_none, intention_to_diagnose, operating_point_metrics,
-                     rule_predictions, softmax)
+                     compute_metrics, finite_or_none, format_p, intention_to_diagnose, label_probs,
+                     operating_point_metrics, rule_predictions, sequential_analysis, softmax,
+                     without_probability_metrics)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, predictions_frame, relative_path, render_report, write_figures)
+                    per_class_frame, plot_confusion_matrices, plot_sequential, predictions_frame,
+                    relative_path, render_report, sequential_changes_frame, sequential_frame,
+                    write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -67,7 +70,8 @@ WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                *(f"{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")))
+                "sequential.csv", "sequential_changes.csv",
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "sequential") for ext in ("png", "pdf")))
 
 
 
@@ -1041,6 +1045,204 @@ def run_wise_ft(args, setup, baseline_scores):
 
 
 # ----------------------------------------------------------------------------------------------
+# Scoring answer files without a model (--predictions [NAME=]FILE, steps with --compare)
+
+
+@dataclasses.dataclass
+class AnswerStep:
+    """One answer file, scored as one step."""
+    name: str  # the step's name (NAME= of the flag, else the file stem)
+    file: str  # the answer file
+    flag: str  # the flag that named the file, for messages
+    answers: ExternalPredictions
+    probs: np.ndarray  # (N, C): the file's probabilities, else one-hot labels; NaN rows where failed
+    has_probs: bool
+    sha256: str
+
+
+@dataclasses.dataclass
+class AnswerSetup:
+    """What `prepare_answers` checks and reads before any output is written."""
+    cohort: Cohort
+    folders: list
+    steps: list  # AnswerStep, in step order (--predictions first, then each --compare)
+    anonymize: object  # text -> pseudonym, or None
+    argv: list = dataclasses.field(default_factory=list)
+
+
+def named_file(spec):
+    """(name, path) of 'NAME=FILE', or (file stem, FILE) when spec is an existing file or has no '='."""
+    if "=" in spec and not Path(spec).is_file():
+        name, path = spec.split("=", 1)
+        return name.strip(), path
+    return Path(spec).stem, spec
+
+
+def cohort_class_names(test_dir, split):
+    """The class folders a cohort holds: its sub-folders, or the labels of a manifest's split."""
+    spec = Path(test_dir)
+    if spec.is_file():
+        with open(spec, newline="", encoding="utf-8") as handle:
+            return sorted({row.get("label", "") for row in csv.DictReader(handle)
+                           if row.get("split") == split} - {""})
+    _items, found = common.list_class_folder_images(spec, [])
+    return found
+
+
+def step_probs(answers, n_classes, where):
+    """(probs, has_probs): the file's probabilities (each ok row's most probable class must be its
+    label, or the metrics would score another answer than the file gives), else one-hot labels."""
+    if answers.probs is None:
+        return label_probs(answers.pred_index, n_classes), False
+    ok = answers.pred_index >= 0
+    disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
+                                    != answers.pred_index))
+    if disagree.size:
+        raise ValueError(f"{where}: image {answers.paths[disagree[0]]!r}: its "
+                         f"{answers.answer_column} is not its most probable class; give labels "
+                         "that agree with the prob_ columns (or drop the prob_ columns)")
+    return answers.probs, True
+
+
+def read_answer_step(spec, flag, cohort, folders, label_map):
+    """One AnswerStep from a [NAME=]FILE flag value, matched to the cohort by path."""
+    name, path = named_file(spec)
+    paths = [relative_path(p, cohort.root) for p, _label in cohort.items]
+    true_labels = [folders[label] for _p, label in cohort.items]
+    where = f"{flag} {path}"
+    answers = read_external_predictions(path, paths, folders, flag, label_map, true_labels)
+    probs, has_probs = step_probs(answers, len(folders), where)
+    return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
+
+
+def prepare_answers(args, argv):
+    """Cohort, classes, label map and every answer file read and checked (ValueError/OSError)."""
+    check_output_dir(args.output_dir, args.overwrite)
+    split = (args.split or DEFAULT_SPLIT) if Path(args.test_dir).is_file() else None
+    found = cohort_class_names(args.test_dir, split)
+    if not found:
+        raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
+                         "the class folders (or a manifest's labels) of the cohort")
+    folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
+    label_map = None
+    if args.label_map:
+        try:
+            label_map = prompt_sets.read_label_map_file(args.label_map)
+            prompt_sets.parse_label_map(label_map, folders, args.label_map)
+        except prompt_sets.LabelMapError as err:
+            raise ValueError(f"--label-map {err}") from None
+    cohort = collect_cohort(args, folders)
+    specs = [(args.predictions, "--predictions")] + [(c, "--compare") for c in args.compare or []]
+    steps = [read_answer_step(spec, flag, cohort, folders, label_map) for spec, flag in specs]
+    salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
+    return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
+                       argv)
+
+
+def answers_run_info(args, setup, step):
+    """What was scored, for metrics.json, args.json and report.md (the answer-file header)."""
+    cohort = setup.cohort
+    return {"source": "answer file", "predictions_file": step.file, "predictions_sha256": step.sha256, "step": step.name,
+            "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
+            "class_order": "--classes" if args.classes else "sorted by name",
+            "rare_class": setup.folders[0], "label_map": args.label_map,
+            "probabilities": step.has_probs,
+            "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
+            "split": cohort.split, "group_source": cohort.group_source,
+            "anonymized": bool(setup.anonymize), "bootstrap": args.bootstrap,
+            "bootstrap_unit": "group" if cohort.groups is not None else "image", "seed": args.seed,
+            "confidence_level": CONFIDENCE_LEVEL, "ece_bins": args.ece_bins,
+            "figures": args.figures, "versions": package_versions()}
+
+
+def score_answer_step(step, setup, args):
+    """(metrics, intention-to-diagnose) of one step on the rows it answered."""
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    scored = step.answers.pred_index >= 0
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    metrics = compute_metrics(labels[scored], step.probs[scored], setup.folders, args.bootstrap,
+                              args.seed, groups=groups, ece_bins=args.ece_bins)
+    if not step.has_probs:
+        metrics = without_probability_metrics(metrics)
+    return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
+
+
+def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
+    """Every output of one answer file that needs no model (and the sequential table, once)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_outputs(output_dir)
+    cohort, folders, statuses = setup.cohort, setup.folders, step.answers.statuses
+    frame = predictions_frame(cohort, folders, step.probs, statuses, anonymize=setup.anonymize)
+    if not step.has_probs:  # one-hot columns would pass for probabilities
+        frame = frame.drop(columns=[f"prob_{folder}" for folder in folders])
+    common.atomic_write_csv(output_dir / "predictions.csv", frame)
+    run = answers_run_info(args, setup, step)
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    labels = [label for _path, label in cohort.items]
+    flow = flow_counts(labels, statuses, folders, True)
+    metrics, itd = score_answer_step(step, setup, args)
+    metrics = {"n": metrics.pop("n"), "n_received": len(labels),
+               "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
+               **itd, "flow": flow, "comparison": None, **run}
+    if sequential is not None:
+        metrics["sequential"] = sequential
+        common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
+        common.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
+    common.atomic_write_json(output_dir / "metrics.json", metrics)
+    save = figure_saver(output_dir)
+    if metrics["n"]:
+        scored = step.answers.pred_index >= 0
+        y_true, probs = np.asarray(labels)[scored], step.probs[scored]
+        write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
+        if args.figures and step.has_probs:
+            write_figures(save, y_true, probs, None, folders, metrics, None, 0)
+        elif args.figures:
+            plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
+    if sequential is not None and args.figures:
+        plot_sequential(sequential, folders, save)
+    common.atomic_write_text(output_dir / "report.md",
+                             render_report(run, flow, metrics, folders, None, itd, None, sequential))
+    return metrics
+
+
+def step_folder(index, name):
+    """The output folder of a later step: step<k>_<name> with only safe characters."""
+    return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
+
+
+def run_answers(args, argv):
+    """inference.py --predictions: score answer files, no model. Returns the exit code."""
+    try:
+        setup = prepare_answers(args, argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps, folders = setup.steps, setup.folders
+    sequential = None
+    if len(steps) > 1:
+        labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+        sequential = sequential_analysis(labels, np.stack([s.answers.pred_index for s in steps]),
+                                         folders, [s.name for s in steps], setup.cohort.groups,
+                                         args.bootstrap, args.seed)
+    output_dir = Path(args.output_dir)
+    for i, step in enumerate(steps):
+        LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
+        folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
+        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
+        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
+                 metrics["n_received"], metrics["n_failed"],
+                 format_value(metrics["accuracy"], metrics["accuracy_ci"]),
+                 format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
+    if sequential is not None:
+        for row in sequential["omnibus"]:
+            LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
+                     "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
+    LOG.info("== done: outputs in %s ==", output_dir)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1054,10 +1256,11 @@ def parse_args(argv=None):
     data.add_argument("--split", default=None,
                       help=f"with a manifest.csv --test-dir: the rows evaluated (default "
                            f"{DEFAULT_SPLIT}; no fallback to another split)")
-    data.add_argument("--checkpoint", required=True,
+    data.add_argument("--checkpoint", default=None,
                       help="checkpoint of clip_train.py, a plain open_clip state_dict (needs "
                            "--model-name), or for the zero-shot baseline an open_clip pretrained tag "
-                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH")
+                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH; or give "
+                           "--predictions instead")
     data.add_argument("--model-name", default=None,
                       help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
                            "with our checkpoints (stored in them), required otherwise (published: "
@@ -1071,6 +1274,24 @@ def parse_args(argv=None):
     data.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                       help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
                            "unless --overwrite")
+    answers = parser.add_argument_group(
+        "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
+    answers.add_argument("--predictions", default=None, metavar="[NAME=]FILE",
+                         help="score this CSV of answers instead of a --checkpoint: columns path (as "
+                              "in predictions.csv, relative to --test-dir), answer or pred_label, "
+                              "optional prob_<class> for every class and status; NAME names the "
+                              "step (default: the file stem)")
+    answers.add_argument("--label-map", default=None, metavar="JSON",
+                         help="with --predictions: {class folder: [synonym, ...]}, matched case- and "
+                              "whitespace-insensitively; an answer it does not map is a failed row "
+                              "(status 'failed: unmapped answer ...'), never guessed")
+    answers.add_argument("--classes", default=None, metavar="A,B,C",
+                         help="with --predictions: class folders in index order (default: sorted "
+                              "by name); index 0 is the class of the intention-to-diagnose line")
+    answers.add_argument("--compare", nargs="+", default=None, metavar="NAME=FILE",
+                         help="with --predictions: later steps of the same reader on the same "
+                              "images, in order: the sequential table (per class sensitivity and "
+                              "specificity per step, paired changes with McNemar, Cochran's Q)")
     compare = parser.add_argument_group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
                          help="a second model scored on the same images (a pretrained tag, or "
@@ -1137,8 +1358,44 @@ def parse_args(argv=None):
     return args
 
 
+def check_answer_args(parser, args):
+    """--checkpoint or --predictions, and the flags that belong to only one of them."""
+    if bool(args.checkpoint) == bool(args.predictions):
+        parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
+                     + ("not both" if args.checkpoint else "one of them"))
+    if not args.predictions:
+        for flag, value in (("--label-map", args.label_map), ("--classes", args.classes),
+                            ("--compare", args.compare)):
+            if value is not None:
+                parser.error(f"{flag} needs --predictions (it applies to answer files)")
+        return
+    for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
+                        ("--prompts", args.prompts), ("--baseline", args.baseline),
+                        ("--wise-ft-alpha", args.wise_ft_alpha), ("--cache-dir", args.cache_dir),
+                        ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
+        if value is not None:
+            parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
+    names = []
+    for flag, spec in [("--predictions", args.predictions)] + [("--compare", c) for c in args.compare or []]:
+        if flag == "--compare" and "=" not in spec:
+            parser.error(f"--compare {spec}: expected NAME=FILE, e.g. image+symptoms=step2.csv")
+        name, path = named_file(spec)
+        if not name:
+            parser.error(f"{flag} {spec}: the step NAME before '=' is empty")
+        if not Path(path).is_file():
+            parser.error(f"{flag} {path}: no such file")
+        if name in names:
+            parser.error(f"{flag} {spec}: step name {name!r} is used twice; name each step once")
+        names.append(name)
+    if args.label_map and not Path(args.label_map).is_file():
+        parser.error(f"--label-map {args.label_map}: no such file")
+    if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
+        parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
+
+
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
+    check_answer_args(parser, args)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2)):
         if value < low:
@@ -1211,6 +1468,8 @@ def main(argv=None):
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.info("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+    if args.predictions:  # answer files: no model, no device
+        return run_answers(args, argv)
     try:
         setup = prepare(args, argv)
     except (ValueError, OSError) as err:

@@ -200,6 +200,11 @@ def parse_label_map(data, folders, source="label map"):
 
 def load_label_map(path, folders):
     """The lookup of `parse_label_map` from a JSON file."""
+    return parse_label_map(read_label_map_file(path), folders, str(path))
+
+
+def read_label_map_file(path):
+    """The JSON object of a label-map file ({folder: [synonym, ...]}), unchecked."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -207,7 +212,7 @@ def load_label_map(path, folders):
         raise LabelMapError(f"{path}: no such label map file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LabelMapError(f"{path}: not a readable JSON file ({err})") from None
-    return parse_label_map(data, folders, str(path))
+    return data
 
 
 def map_answer(text, lookup):

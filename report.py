@@ -624,7 +624,10 @@ def sequential_markdown(sequential):
              "images it read (failed readings and unmapped answers excluded, counted in its flow "
              f"table); a change compares the images both steps read; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
-             f"Bootstrap unit: {sequential['bootstrap_unit']}.", "",
+             f"Bootstrap unit: {sequential['bootstrap_unit']}"
+             + ("; McNemar and Cochran's Q treat images as independent (two eyes of a patient are "
+                "not: read their p-values as approximate)." if sequential["bootstrap_unit"] == "group"
+                else "."), "",
              "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
              "| --- | --- |" + " --- |" * (len(steps) + 1)]
     omnibus = {(r["class"], r["measure"]): r for r in sequential["omnibus"]}
