@@ -7,13 +7,15 @@ inference.py turns these into metrics.json and report.md; a reviewer checking ho
 computed needs to read this file only.
 """
 
+import dataclasses
 import math
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as scipy_softmax
-from scipy.stats import binom, binomtest, chi2, norm
+from scipy.stats import binom, binomtest, norm
+from scipy.stats import chi2 as chi2_dist
 
 DEFAULT_BOOTSTRAP = 2000  # percentile-bootstrap resamples; ~2000 keeps 95% interval ends stable
 DEFAULT_SEED = 2024
@@ -693,6 +695,235 @@ def fit_temperature(logits, y_true):
 
 
 # ----------------------------------------------------------------------------------------------
+# Comparing other models' (or readers') predictions with ours on the same images (--compare,
+# --baseline), and the subgroup analysis (--subgroups). Pure: arrays in, plain dicts out.
+
+COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "rare_sensitivity",
+                      "rare_specificity", "macro_auroc", "rare_auroc")
+
+
+def delong_placements(positive, scores):
+    """DeLong's structural components of one AUROC: (auc, V10 per positive, V01 per negative).
+
+    V10 of a positive is the share of negatives it outranks (ties one half), V01 of a negative
+    the share of positives that outrank it; AUROC is the mean of either. Computed by binary search
+    in the sorted scores (O(n log n)) rather than DeLong's n_pos x n_neg comparisons.
+    """
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+    below = lambda sorted_, x: (np.searchsorted(sorted_, x, "left")  # noqa: E731
+                                + np.searchsorted(sorted_, x, "right")) / 2.0  # ties count one half
+    v10 = below(neg, scores[positive]) / len(neg)
+    v01 = (len(pos) - below(pos, scores[~positive])) / len(pos)
+    return float(v10.mean()), v10, v01
+
+
+def delong_test(positive, scores_a, scores_b):
+    """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated AUROCs on the same images.
+
+    Var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + S01_bb - 2 S01_ab) / n, with S10
+    (S01) the covariance matrix (divisor m - 1, n - 1) of the positives' (negatives') structural
+    components and m, n the positive and negative counts. The images are independent units.
+
+    Returns
+    -------
+    dict with auroc_a, auroc_b, difference, se, z, p (two-sided normal); p is None when the
+    variance is 0 (identical rankings) or a class has fewer than 2 images.
+    """
+    positive = np.asarray(positive, bool)
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        return {"auroc_a": None, "auroc_b": None, "difference": None, "se": None, "z": None, "p": None}
+    auc_a, v10_a, v01_a = delong_placements(positive, scores_a)
+    auc_b, v10_b, v01_b = delong_placements(positive, scores_b)
+    s10, s01 = np.cov(np.vstack([v10_a, v10_b])), np.cov(np.vstack([v01_a, v01_b]))
+    variance = ((s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n)
+    out = {"auroc_a": auc_a, "auroc_b": auc_b, "difference": auc_a - auc_b, "se": None, "z": None,
+           "p": None}
+    if variance > 1e-15:
+        out["se"] = math.sqrt(variance)
+        out["z"] = out["difference"] / out["se"]
+        out["p"] = float(2.0 * norm.sf(abs(out["z"])))
+    return out
+
+
+def obuchowski_test(correct_a, correct_b, groups):
+    """Obuchowski (1998) test of two correlated proportions with clustered data: McNemar's
+    question (is accuracy A = accuracy B?) when images come in patients.
+
+    With d_i = correct_a_i - correct_b_i, D_k its sum over the n_k images of cluster k, N images
+    and K clusters, the difference p_a - p_b = sum(d) / N has the ratio-estimator variance
+    K / (K - 1) * sum_k (D_k - n_k (p_a - p_b))^2 / N^2, and X^2 = (p_a - p_b)^2 / variance is
+    referred to chi-square with 1 df. With one image per cluster this is McNemar's statistic
+    (B - C)^2 / (B + C) up to the factor K / (K - 1) and the centring.
+
+    Returns
+    -------
+    dict with difference, chi2, p (None when the variance is 0: no discordant cluster), n_clusters.
+    """
+    d = np.asarray(correct_a, np.float64) - np.asarray(correct_b, np.float64)
+    index = group_indices(groups, len(d))
+    k = int(index.max()) + 1 if len(d) else 0
+    out = {"difference": float(d.mean()) if len(d) else None, "chi2": None, "p": None, "n_clusters": k}
+    if k < 2:
+        return out
+    sums, sizes = np.bincount(index, d, minlength=k), np.bincount(index, minlength=k)
+    variance = k / (k - 1) * np.sum((sums - sizes * d.mean()) ** 2) / len(d) ** 2
+    if variance > 1e-15:
+        out["chi2"] = float(d.mean() ** 2 / variance)
+        out["p"] = float(chi2_dist.sf(out["chi2"], 1))
+    return out
+
+
+def prediction_columns(y_true, y_pred, n_classes):
+    """(N, C*C) one-hot confusion cells of each image: weighted sums give the confusion matrix."""
+    return np.eye(n_classes * n_classes)[np.asarray(y_true, np.int64) * n_classes + np.asarray(y_pred, np.int64)]
+
+
+def prediction_metrics(weights, cells, n_classes, rare_index, rankings=None, positive=None):
+    """COMPARISON_METRICS of one model's predictions under each row of weights.
+
+    Parameters
+    ----------
+    weights : (B, N) float array
+    cells : (N, C*C) from `prediction_columns`
+    rankings : per class `tie_blocks` of its probability, or None (no probabilities: no AUROC)
+    positive : (N, C) bool, the images of each class
+
+    Returns
+    -------
+    dict name -> (B,) float array, NaN where undefined.
+    """
+    cms = (np.atleast_2d(weights) @ cells).reshape(-1, n_classes, n_classes)
+    out = {key: value for key, value in metrics_from_confusion(cms).items() if key != "f1"}
+    row, col = cms.sum(axis=2)[:, rare_index], cms.sum(axis=1)[:, rare_index]
+    total, hit = cms.sum(axis=(1, 2)), cms[:, rare_index, rare_index]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["rare_sensitivity"] = hit / row
+        out["rare_specificity"] = (total - row - col + hit) / (total - row)
+    nan = np.full(len(cms), np.nan)
+    out["macro_auroc"], out["rare_auroc"] = nan, nan.copy()
+    if rankings is not None:
+        aurocs = np.stack([weighted_auroc_auprc(np.atleast_2d(weights), order, starts, positive[:, k])[0]
+                           for k, (order, starts) in enumerate(rankings)], axis=1)
+        out["macro_auroc"], out["rare_auroc"] = aurocs.mean(axis=1), aurocs[:, rare_index]
+    return out
+
+
+def bootstrap_p(differences):
+    """Two-sided paired-bootstrap p: twice the smaller share of replicate differences on either
+    side of 0 (a rough guide; the interval is the result to report). None without replicates."""
+    finite = np.asarray(differences, np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return None
+    return float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+
+
+@dataclasses.dataclass
+class ComparedModel:
+    """One model's answers on the scored images, for `compare_predictions`."""
+    name: str
+    pred: np.ndarray  # (N,) int class index, -1 where the model gave no answer
+    probs: np.ndarray | None  # (N, C) or None (labels only: no AUROC)
+
+
+def comparison_rows(name, reference, other, point, boot, mask, confidence):
+    """The COMPARISON_METRICS rows of one model against the reference (see `compare_predictions`)."""
+    rows = []
+    for metric in COMPARISON_METRICS:
+        value, ref = finite_or_none(point[1][metric][0]), finite_or_none(point[0][metric][0])
+        row = {"model": name, "metric": metric, "n": int(mask.sum()),
+               "n_no_answer": int(len(mask) - mask.sum()), "value": value, "value_ci": None,
+               "reference_value": ref, "reference_ci": None,
+               "difference": None if value is None or ref is None else value - ref,
+               "difference_ci": None, "p_bootstrap": None, "p_mcnemar_exact": None,
+               "p_mcnemar_mid": None, "p_mcnemar_clustered": None, "p_delong": None,
+               "model_only_correct": None, "reference_only_correct": None}
+        if boot is not None and row["difference"] is not None:
+            diff = boot[1][metric] - boot[0][metric]
+            row.update(value_ci=percentile_interval(boot[1][metric], confidence),
+                       reference_ci=percentile_interval(boot[0][metric], confidence),
+                       difference_ci=percentile_interval(diff, confidence), p_bootstrap=bootstrap_p(diff))
+        rows.append(row)
+    return rows
+
+
+def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
+                        n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Each model in `others` against `reference` (our model) on the same images.
+
+    Each comparison uses the images both models answered (a model's -1 rows drop out of its own
+    comparison only). Every model is scored on the SAME bootstrap resamples (drawn once over all
+    images, by patient when `groups` is given, as `compute_metrics` draws them): an image a model
+    did not answer has weight 0 in its replicates. Per model and metric: its value and the
+    reference's on those images with percentile CIs, the paired difference (model - reference)
+    with its CI and a two-sided bootstrap p; for accuracy McNemar's exact and mid-p tests and,
+    with groups, Obuchowski's clustered test; for the rare class's AUROC DeLong's test (images
+    independent) when both models have probabilities.
+
+    Parameters
+    ----------
+    y_true : (N,) int array
+    reference : ComparedModel (every pred >= 0)
+    others : list of ComparedModel
+    rare_index : int
+        The class whose sensitivity, specificity and AUROC are compared.
+    groups : (N,) array of str, optional
+
+    Returns
+    -------
+    dict: n, n_groups, bootstrap_unit, rows (list of dicts, see `comparison_rows`).
+    """
+    y_true = np.asarray(y_true, np.int64)
+    n, n_classes = len(y_true), (reference.probs.shape[1] if reference.probs is not None
+                                 else int(max(y_true.max(), reference.pred.max())) + 1)
+    group_index = group_indices(groups, n)
+    positive = y_true[:, None] == np.arange(n_classes)
+    ranking = lambda probs: None if probs is None else [tie_blocks(probs[:, k]) for k in range(n_classes)]  # noqa: E731
+    rows = []
+    for other in others:
+        mask = np.asarray(other.pred) >= 0
+        has_probs = other.probs is not None and reference.probs is not None
+        models = [(prediction_columns(y_true, reference.pred, n_classes),
+                   ranking(reference.probs) if has_probs else None),
+                  (prediction_columns(y_true, np.where(mask, other.pred, 0), n_classes),
+                   ranking(np.nan_to_num(other.probs)) if has_probs else None)]
+        evaluate = lambda weights: [prediction_metrics(weights * mask, cells, n_classes, rare_index,  # noqa: E731
+                                                       ranks, positive) for cells, ranks in models]
+        point = evaluate(np.ones((1, n)))
+        boot = None
+        if n_bootstrap:
+            parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed)]
+            boot = [{key: np.concatenate([part[i][key] for part in parts]) for key in parts[0][i]}
+                    for i in range(2)]
+        model_rows = comparison_rows(other.name, reference, other, point, boot, mask, confidence)
+        add_paired_tests(model_rows, y_true[mask], reference, other, mask, rare_index,
+                         None if groups is None else np.asarray(groups)[mask], has_probs)
+        rows += model_rows
+    return {"n": n, "n_groups": int(group_index.max()) + 1 if n else 0,
+            "bootstrap_unit": "image" if groups is None else "group", "rows": rows}
+
+
+def add_paired_tests(rows, y_true, reference, other, mask, rare_index, groups, has_probs):
+    """McNemar (exact, mid-p, clustered) on the accuracy row, DeLong on the rare AUROC row."""
+    correct_ref = reference.pred[mask] == y_true
+    correct_other = other.pred[mask] == y_true
+    by_metric = {row["metric"]: row for row in rows}
+    mcnemar = mcnemar_test(correct_other, correct_ref)
+    by_metric["accuracy"].update(p_mcnemar_exact=mcnemar["p_exact"], p_mcnemar_mid=mcnemar["p_mid"],
+                                 model_only_correct=mcnemar["a_only"],
+                                 reference_only_correct=mcnemar["b_only"])
+    if groups is not None:
+        by_metric["accuracy"]["p_mcnemar_clustered"] = obuchowski_test(correct_other, correct_ref, groups)["p"]
+    if has_probs:
+        delong = delong_test(y_true == rare_index, other.probs[mask, rare_index],
+                             reference.probs[mask, rare_index])
+        by_metric["rare_auroc"]["p_delong"] = delong["p"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Sequential readings: the same images diagnosed at several steps as information is added (the
 # paper's second step: image, + demographics, + symptoms). Pure: labels and predictions in.
 
@@ -724,7 +955,7 @@ def cochrans_q(successes):
     if k < 2 or denominator <= 0:
         return {"q": None, "df": k - 1, "p_value": None, "n": int(n)}
     q = (k - 1) * (k * float((per_step ** 2).sum()) - total ** 2) / denominator
-    return {"q": float(q), "df": k - 1, "p_value": float(chi2.sf(q, k - 1)), "n": int(n)}
+    return {"q": float(q), "df": k - 1, "p_value": float(chi2_dist.sf(q, k - 1)), "n": int(n)}
 
 
 def reading_successes(y_true, y_pred, k, measure):
@@ -760,11 +991,12 @@ def sequential_steps(y_true, preds, class_names, step_names, confidence=CONFIDEN
 
 
 def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_bootstrap, seed,
-                       confidence=CONFIDENCE_LEVEL):
+                       confidence=CONFIDENCE_LEVEL, clustered=False):
     """Change of every class's sensitivity and specificity from one step to the next, on the
     images both steps scored: the difference with a percentile-bootstrap CI (the resamples of
     `resample_weights`, so patients stay together with groups) and McNemar's test on the
-    discordant images.
+    discordant images (and with `clustered`, Obuchowski's test, McNemar's question when images
+    come in patients, on the groups of `group_index`).
 
     Parameters
     ----------
@@ -775,7 +1007,7 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
     -------
     list of dicts (class index order, sensitivity then specificity): k, measure, n, from_value,
     to_value, difference, difference_ci, gained (right only at the later step), lost, p_exact,
-    p_mid.
+    p_mid, p_clustered (None unless `clustered`).
     """
     pairs = [reading_successes(y_true, pred, k, measure)
              for k in range(n_classes) for measure in SEQUENTIAL_MEASURES for pred in (pred_from, pred_to)]
@@ -799,15 +1031,17 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
                      "difference_ci": (percentile_interval(diffs[:, m], confidence)
                                        if diffs is not None and n else None),
                      "gained": test["a_only"], "lost": test["b_only"],
-                     "p_exact": test["p_exact"], "p_mid": test["p_mid"]})
+                     "p_exact": test["p_exact"], "p_mid": test["p_mid"],
+                     "p_clustered": (obuchowski_test(after[rel, m], before[rel, m], group_index[rel])["p"]
+                                     if clustered and n else None)})
     return rows
 
 
 def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
                         n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
     """The sequential table: per class sensitivity and specificity at each step (Wilson), the
-    paired change between consecutive steps (bootstrap CI, McNemar) and Cochran's Q across all
-    steps on the images every step scored.
+    paired change between consecutive steps (bootstrap CI, McNemar; with groups also Obuchowski's
+    clustered test) and Cochran's Q across all steps on the images every step scored.
 
     Parameters
     ----------
@@ -836,7 +1070,8 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
                               int(both.sum()))
         boot = n_bootstrap if both.any() else 0  # no image read at both steps: nothing to resample
         for row in paired_step_change(y_true[both], preds[s - 1][both], preds[s][both],
-                                      len(class_names), index, boot, seed, confidence):
+                                      len(class_names), index, boot, seed, confidence,
+                                      clustered=groups is not None):
             changes.append({"class": class_names[row.pop("k")], "from_step": step_names[s - 1],
                             "to_step": step_names[s], **row})
     complete = scored.all(axis=0)

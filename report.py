@@ -606,7 +606,8 @@ def sequential_changes_frame(sequential):
                      "difference_ci_low": ci[0] if ci else None,
                      "difference_ci_high": ci[1] if ci else None, "gained": r["gained"],
                      "lost": r["lost"], "statistic": None, "df": None, "p_value": r["p_mid"],
-                     "p_exact": r["p_exact"], "test": "McNemar mid-p (paired images)"})
+                     "p_exact": r["p_exact"], "p_clustered": r.get("p_clustered"),
+                     "test": "McNemar mid-p (paired images)"})
     steps = sequential["steps"]
     for r in sequential["omnibus"]:
         rows.append({"class": r["class"], "measure": r["measure"], "from_step": steps[0],
@@ -620,14 +621,15 @@ def sequential_markdown(sequential):
     """The sequential section of report.md: per class sensitivity and specificity at each step,
     Cochran's Q across the steps, and the change between consecutive steps."""
     steps = sequential["steps"]
+    clustered = sequential["bootstrap_unit"] == "group"
     lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. Each step is scored on the "
              "images it read (failed readings and unmapped answers excluded, counted in its flow "
              f"table); a change compares the images both steps read; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
              f"Bootstrap unit: {sequential['bootstrap_unit']}"
-             + ("; McNemar and Cochran's Q treat images as independent (two eyes of a patient are "
-                "not: read their p-values as approximate)." if sequential["bootstrap_unit"] == "group"
-                else "."), "",
+             + ("; the clustered p of a change is Obuchowski's test on patients; McNemar and "
+                "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
+                "p-values as approximate)." if clustered else "."), "",
              "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
              "| --- | --- |" + " --- |" * (len(steps) + 1)]
     omnibus = {(r["class"], r["measure"]): r for r in sequential["omnibus"]}
@@ -640,12 +642,14 @@ def sequential_markdown(sequential):
         test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
         lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
     lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
-              "McNemar mid-p (exact) |", "| --- | --- | --- | ---: | --- | --- | --- |"]
+              "McNemar mid-p (exact) |" + (" clustered p (Obuchowski) |" if clustered else ""),
+              "| --- | --- | --- | ---: | --- | --- | --- |" + (" --- |" if clustered else "")]
     for r in sequential["changes"]:
         lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
                      f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
                      f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
-                     f"({format_p(r['p_exact'])}) |")
+                     f"({format_p(r['p_exact'])}) |"
+                     + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))
     return lines
 
 

@@ -109,3 +109,173 @@ def test_reader_refuses_an_empty_and_a_binary_file(tmp_path):
     for path, expected in ((empty, "row 1: empty file"), (binary, "not a readable UTF-8 CSV")):
         with pytest.raises(ValueError, match=expected):
             inference.read_external_predictions(path, PATHS, FOLDERS)
+
+
+# -- DeLong, clustered McNemar ------------------------------------------------------------------
+
+def delong_by_definition(positive, a, b):
+    """DeLong 1988 written out with the n_pos x n_neg kernel comparisons (independent of the
+    binary-search implementation): (auc_a, auc_b, variance of the difference)."""
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    kernel = lambda x, y: 1.0 if x > y else (0.5 if x == y else 0.0)  # noqa: E731
+    components = []
+    for s in (a, b):
+        v10 = np.array([np.mean([kernel(s[i], s[j]) for j in neg]) for i in pos])
+        v01 = np.array([np.mean([kernel(s[i], s[j]) for i in pos]) for j in neg])
+        components.append((v10, v01))
+    (a10, a01), (b10, b01) = components
+    m, n = len(pos), len(neg)
+    s10 = np.cov(a10, b10)
+    s01 = np.cov(a01, b01)
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return a10.mean(), b10.mean(), var
+
+
+def test_delong_equals_the_definition_and_sklearn_with_ties():
+    from scipy.stats import norm
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(3)
+    positive = rng.random(60) < 0.3
+    a = np.round(rng.random(60) + positive * 0.6, 1)  # rounded: many ties
+    b = np.round(rng.random(60) + positive * 0.3, 1)
+    result = __import__("metrics").delong_test(positive, a, b)
+    auc_a, auc_b, var = delong_by_definition(positive, a, b)
+    assert result["auroc_a"] == pytest.approx(roc_auc_score(positive, a)) == pytest.approx(auc_a)
+    assert result["auroc_b"] == pytest.approx(roc_auc_score(positive, b)) == pytest.approx(auc_b)
+    assert result["se"] == pytest.approx(np.sqrt(var))
+    assert result["p"] == pytest.approx(2 * norm.sf(abs(auc_a - auc_b) / np.sqrt(var)))
+
+
+def test_delong_of_identical_scores_has_no_p():
+    import metrics
+    positive = np.array([1, 0, 1, 0, 0, 1], bool)
+    scores = np.array([0.9, 0.1, 0.4, 0.5, 0.2, 0.8])
+    result = metrics.delong_test(positive, scores, scores)
+    assert result["difference"] == 0 and result["p"] is None
+
+
+def test_obuchowski_clustered_mcnemar_hand_computed_example():
+    """A hand-computed example (the 1998 paper's own data were not at hand): four patients with
+    d = A correct - B correct of [1, 0], [1], [-1, 0, 0], [0, 0]. N = 8, K = 4, p_A - p_B = 1/8;
+    cluster residuals D_k - n_k/8 = 0.75, 0.875, -1.375, -0.25, squares summing to 3.28125;
+    variance 4/3 * 3.28125 / 64 = 35/512, X^2 = (1/64) / (35/512) = 8/35."""
+    import metrics
+    from scipy.stats import chi2
+    correct_a = np.array([1, 1, 1, 0, 1, 1, 0, 0])
+    correct_b = np.array([0, 1, 0, 1, 1, 1, 0, 0])
+    groups = np.array(["p1", "p1", "p2", "p3", "p3", "p3", "p4", "p4"])
+    result = metrics.obuchowski_test(correct_a, correct_b, groups)
+    assert result["difference"] == pytest.approx(1 / 8)
+    assert result["chi2"] == pytest.approx(8 / 35)
+    assert result["p"] == pytest.approx(chi2.sf(8 / 35, 1))
+    assert result["n_clusters"] == 4
+
+
+def test_obuchowski_equals_a_cluster_robust_regression_of_the_paired_differences():
+    """Obuchowski's variance is the cluster-robust (sandwich) variance, with the G/(G-1)
+    correction, of the mean paired difference: statsmodels' OLS on an intercept agrees."""
+    import metrics
+    import statsmodels.api as sm
+    rng = np.random.default_rng(7)
+    groups = rng.integers(0, 25, 90)
+    ability = rng.random(25)[groups]
+    correct_a = rng.random(90) < 0.5 + 0.4 * ability
+    correct_b = rng.random(90) < 0.4 + 0.4 * ability
+    d = correct_a.astype(float) - correct_b
+    fit = sm.OLS(d, np.ones((90, 1))).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    result = metrics.obuchowski_test(correct_a, correct_b, groups.astype(str))
+    assert result["chi2"] == pytest.approx(float(fit.tvalues[0]) ** 2)
+    assert result["p"] == pytest.approx(float(fit.pvalues[0]))
+
+
+def recomputed_metrics(y, pred, probs, rare):
+    """COMPARISON_METRICS by scikit-learn (an independent recomputation)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+    out = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+           "macro_f1": f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+           "rare_sensitivity": recall_score(y == rare, pred == rare),
+           "rare_specificity": recall_score(y != rare, pred != rare)}
+    if probs is not None:
+        aucs = [roc_auc_score(y == k, probs[:, k]) for k in range(3)]
+        out.update(macro_auroc=np.mean(aucs), rare_auroc=aucs[rare])
+    return out
+
+
+def synthetic_models(seed=0, n=80):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, n, p=[0.2, 0.5, 0.3])
+    logits_a, logits_b = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    logits_a[np.arange(n), y] += 1.5
+    logits_b[np.arange(n), y] += 0.8
+    probs_a = np.exp(logits_a) / np.exp(logits_a).sum(1, keepdims=True)
+    probs_b = np.exp(logits_b) / np.exp(logits_b).sum(1, keepdims=True)
+    return y, probs_a, probs_b
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(grouped):
+    import metrics
+    from statsmodels.stats.contingency_tables import mcnemar
+    y, probs_a, probs_b = synthetic_models()
+    n, rare, n_boot = len(y), 0, 40
+    pred_b = probs_b.argmax(1)
+    pred_b[[3, 10]] = -1  # two images the other model did not answer
+    groups = np.array([f"p{i // 3}" for i in range(n)]) if grouped else None
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    other = metrics.ComparedModel("cnn", pred_b, np.where(pred_b[:, None] >= 0, probs_b, np.nan))
+    result = metrics.compare_predictions(y, reference, [other], rare, groups, n_boot, seed=11)
+    rows = {row["metric"]: row for row in result["rows"]}
+    keep = pred_b >= 0
+    mine = recomputed_metrics(y[keep], pred_b[keep], probs_b[keep], rare)
+    theirs = recomputed_metrics(y[keep], probs_a.argmax(1)[keep], probs_a[keep], rare)
+    for metric, row in rows.items():
+        assert row["n"] == 78 and row["n_no_answer"] == 2
+        assert row["value"] == pytest.approx(mine[metric])
+        assert row["reference_value"] == pytest.approx(theirs[metric])
+        assert row["difference"] == pytest.approx(mine[metric] - theirs[metric])
+    # the bootstrap, replayed: the same draws of groups (or images), metrics by scikit-learn
+    unit = np.unique(groups, return_inverse=True)[1] if grouped else np.arange(n)
+    draws = np.random.default_rng(11).integers(0, unit.max() + 1, size=(n_boot, unit.max() + 1))
+    diffs = {metric: [] for metric in rows}
+    for draw in draws:
+        idx = np.concatenate([np.flatnonzero((unit == g) & keep) for g in draw])
+        a = recomputed_metrics(y[idx], pred_b[idx], probs_b[idx], rare)
+        b = recomputed_metrics(y[idx], probs_a.argmax(1)[idx], probs_a[idx], rare)
+        for metric in rows:
+            diffs[metric].append(a[metric] - b[metric])
+    for metric, row in rows.items():
+        assert row["difference_ci"] == pytest.approx(list(np.percentile(diffs[metric], [2.5, 97.5])))
+    correct_a, correct_b = pred_b[keep] == y[keep], probs_a.argmax(1)[keep] == y[keep]
+    table = [[np.sum(correct_a & correct_b), np.sum(correct_a & ~correct_b)],
+             [np.sum(~correct_a & correct_b), np.sum(~correct_a & ~correct_b)]]
+    assert rows["accuracy"]["p_mcnemar_exact"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert rows["accuracy"]["model_only_correct"] == table[0][1]
+    assert (rows["accuracy"]["p_mcnemar_clustered"] is not None) == grouped
+    expected = metrics.delong_test(y[keep] == rare, probs_b[keep, rare], probs_a[keep, rare])["p"]
+    assert rows["rare_auroc"]["p_delong"] == pytest.approx(expected)
+
+
+def test_the_same_model_in_another_class_order_gives_zero_differences():
+    """Issue 14 item 1: the same predictions, their probability columns permuted and mapped back
+    by folder name, differ from the reference by exactly 0 with no discordant pair."""
+    import metrics
+    y, probs_a, _ = synthetic_models(seed=4)
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("same", probs_a.argmax(1), probs_a)],
+                                         0, None, 30, seed=1)
+    for row in result["rows"]:
+        assert row["difference"] == 0 and row["difference_ci"] == [0.0, 0.0]
+    accuracy = next(r for r in result["rows"] if r["metric"] == "accuracy")
+    assert accuracy["model_only_correct"] == accuracy["reference_only_correct"] == 0
+    assert accuracy["p_mcnemar_exact"] is None
+
+
+def test_labels_only_model_has_no_auroc_rows_values():
+    import metrics
+    y, probs_a, probs_b = synthetic_models(seed=5)
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("reader", probs_b.argmax(1), None)],
+                                         0, None, 20)
+    rows = {row["metric"]: row for row in result["rows"]}
+    assert rows["macro_auroc"]["value"] is None and rows["rare_auroc"]["p_delong"] is None
+    assert rows["accuracy"]["value"] == pytest.approx(np.mean(probs_b.argmax(1) == y))

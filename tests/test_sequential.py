@@ -106,6 +106,10 @@ def test_three_answer_files_give_the_hand_computed_sequential_table(answers, tmp
     tumour = mc.loc[("orbital tumour", "sensitivity", STEPS[1])]  # images 6-8: [1,0,0] -> [1,1,0]
     assert tumour["p_exact"] == pytest.approx(mcnemar([[1, 0], [1, 1]], exact=True).pvalue)
     assert tumour["p_value"] == pytest.approx(0.5)  # mid-p: 2 * (P(0) - P(0)/2) with 1 discordant
+    # with patients, Obuchowski's clustered test on the tumour images 6 (P5), 7 and 8 (P6)
+    clustered = metrics.obuchowski_test([1, 1, 0], [1, 0, 0], ["P5", "P6", "P6"])
+    assert clustered["p"] is not None and tumour["p_clustered"] == pytest.approx(clustered["p"])
+    assert math.isnan(ted["p_clustered"])  # images 0 and 1 are one patient: no clustered test
     q = changes[changes["test"].str.startswith("Cochran")].set_index(["class", "measure"])
     for k, name in enumerate(ORDER):
         for measure in ("sensitivity", "specificity"):
