@@ -21,6 +21,8 @@ the bootstrap resample patients, not images):
           --baseline datacomp_s34b_b86k --output-dir results_vs_zero_shot --cache-dir emb_cache
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
           --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
+    $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
+          --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
 
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,

@@ -627,7 +627,8 @@ def sequential_markdown(sequential):
              f"table); a change compares the images both steps read; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
              f"Bootstrap unit: {sequential['bootstrap_unit']}"
-             + ("; the clustered p of a change is Obuchowski's test on patients; McNemar and "
+             + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
+                "few discordant patients it runs small); McNemar and "
                 "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
                 "p-values as approximate)." if clustered else "."), "",
              "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
