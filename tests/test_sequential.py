@@ -247,3 +247,25 @@ def test_shipped_demo_answer_files_are_what_the_generator_writes(tmp_path):
         assert (tmp_path / "answers" / name).read_bytes() == \
             (REPO_ROOT / "demo" / "subtypes" / name).read_bytes(), name
     assert len(list((tmp_path / "cohort").rglob("*.jpg"))) == 36
+
+
+def test_readme_second_step_example_runs_as_written_and_gives_its_table(tmp_path):
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The paper's second step", 1)[1].split("\n## ", 1)[0]
+    block = section.split("\n\n    python ", 1)[1].split("\n\n", 1)[0]
+    commands = ("python " + block).replace("\\\n", " ").splitlines()
+    assert len(commands) == 2 and "--predictions image=demo/subtypes/step1.csv" in commands[1]
+    for command in commands:  # the README's commands, demo_run/ moved into tmp_path
+        command = command.strip().replace("demo_run/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
+        done = subprocess.run(command, shell=True, cwd=REPO_ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "second_step" / "report.md").read_text(encoding="utf-8")
+    rows = [line for line in section.splitlines()
+            if line.startswith("| thyroid eye disease |") or line.startswith("| orbital ")]
+    assert len(rows) == 3
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        q, p = cells[4].split(" (")
+        assert (f"| {cells[0]} | sensitivity | {cells[1]} | {cells[2]} | {cells[3]} | "
+                f"{q}, df 2 ({p} |") in report, cells[0]
+    assert "| 12 | 0.250 (0.000–0.500) | 3 / 0 | 0.125 (0.250) | 0.025 |" in report
