@@ -54,14 +54,14 @@ from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
-from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, compare_models,
-                     compute_metrics, finite_or_none, format_p, intention_to_diagnose, label_probs,
-                     operating_point_metrics, rule_predictions, sequential_analysis, softmax,
+from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
+                     compare_predictions, compute_metrics, finite_or_none, format_p, intention_to_diagnose,
+                     label_probs, operating_point_metrics, rule_predictions, sequential_analysis, softmax,
                      without_probability_metrics)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    per_class_frame, plot_confusion_matrices, plot_sequential, predictions_frame,
-                    relative_path, render_report, sequential_changes_frame, sequential_frame,
-                    write_figures)
+                    per_class_frame, plot_comparison, plot_confusion_matrices, plot_sequential,
+                    predictions_frame, relative_path, render_report, sequential_changes_frame,
+                    sequential_frame, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -73,7 +73,8 @@ OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
                 "sequential.csv", "sequential_changes.csv",
-                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "sequential") for ext in ("png", "pdf")))
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential")
+                  for ext in ("png", "pdf")))
 
 
 
@@ -147,6 +148,7 @@ class Setup:
     wise: WiseFT | None
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
+    compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -908,7 +910,24 @@ def run_info(args, setup, bundle):
         base = setup.baseline
         run["baseline"] = {"checkpoint": base.checkpoint.spec, "model_name": base.model_name,
                            "checkpoint_sha256": base.checkpoint.sha256}
+    run["compared_models"] = compared_sources(setup)
     return run
+
+
+def compared_sources(setup):
+    """{comparison.csv model name: where its predictions came from} for report.md and metrics.json."""
+    sources = {}
+    if setup.baseline is not None:
+        base = setup.baseline
+        sources[f"baseline {base.checkpoint.spec}"] = (
+            f"--baseline, {base.model_name}, scored here on the same images (probability columns "
+            f"mapped by folder name from its class order {base.folders})")
+    for name, external in setup.compare.items():
+        failed = sum(status != "ok" for status in external.statuses)
+        sources[name] = (f"--compare {external.source} (SHA-256 {common.file_sha256(external.source)[:16]}…; "
+                         f"{'labels and probabilities' if external.probs is not None else 'labels only'}; "
+                         f"{failed} rows without an answer)")
+    return sources
 
 
 def args_record(args, setup, run=None):
@@ -919,8 +938,25 @@ def args_record(args, setup, run=None):
     return common.run_record("inference.py", setup.argv, args, run, hidden)
 
 
-def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
-    """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort."""
+def compared_models(setup, folders, baseline_scores=None):
+    """ComparedModels over every cohort image: the --baseline (its probability columns mapped to
+    ours by folder name, never by position) and each --compare file."""
+    models = []
+    if baseline_scores is not None:
+        order = [setup.baseline.folders.index(folder) for folder in folders]
+        base_probs = softmax(baseline_scores.logits)[:, order]  # (N, C) in our folder order
+        answered = np.isfinite(base_probs).all(axis=1)
+        models.append(ComparedModel(f"baseline {setup.baseline.checkpoint.spec}",
+                                    np.where(answered, np.nan_to_num(base_probs).argmax(axis=1), -1),
+                                    base_probs))
+    for name, external in setup.compare.items():
+        models.append(ComparedModel(name, external.pred_index, external.probs))
+    return models
+
+
+def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=()):
+    """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort;
+    `compared`: ComparedModels over every cohort image (see `compared_models`)."""
     folders, operating = bundle.folders, bundle.operating
     probs = softmax(scores.logits)
     scored = np.isfinite(probs).all(axis=1)
@@ -942,17 +978,18 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None):
     predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     itd = intention_to_diagnose(labels, predicted, rare)
     comparison = None
-    if baseline_scores is not None:
-        base_probs = softmax(baseline_scores.logits)
-        both = scored & np.isfinite(base_probs).all(axis=1)
-        both_groups = None if cohort.groups is None else np.asarray(cohort.groups, dtype=str)[both]
-        comparison = compare_models(labels[both], probs[both], base_probs[both], both_groups,
-                                    args.bootstrap, args.seed)
+    if baseline_scores is not None or compared:
+        comparison = compare_predictions(
+            y_true, ComparedModel("ours", probs[scored].argmax(axis=1), probs[scored]),
+            [dataclasses.replace(model, pred=model.pred[scored],
+                                 probs=None if model.probs is None else model.probs[scored])
+             for model in compared], rare, groups, args.bootstrap, args.seed)
     return metrics, op, itd, comparison
 
 
-def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison):
-    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv."""
+def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
+    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
+    (and comparison.png with `figures`)."""
     common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
     report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
                                    target_names=folders, digits=3, zero_division=0)
@@ -961,6 +998,8 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison)
                             confusion_frame(metrics["confusion_matrix"], folders))
     if comparison is not None:
         common.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        if figures:
+            plot_comparison(comparison, figure_saver(output_dir))
 
 
 def figure_saver(output_dir):
@@ -988,7 +1027,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
     metrics = op = itd = comparison = None
     if cohort.labelled:
-        metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores)
+        compared = compared_models(setup, folders, baseline_scores)
+        metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
+                                                      compared)
         n_failed = flow["rows"]["total"]["unreadable"]
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
@@ -1002,7 +1043,8 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         if metrics["n"]:  # nothing to tabulate or draw when no image could be read
             scored = np.isfinite(probs).all(axis=1)
             y_true = np.asarray(labels)[scored]
-            write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison)
+            write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
+                                args.figures)
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
@@ -1106,15 +1148,26 @@ def step_probs(answers, n_classes, where):
     return answers.probs, True
 
 
-def read_answer_step(spec, flag, cohort, folders, label_map):
-    """One AnswerStep from a [NAME=]FILE flag value, matched to the cohort by path."""
-    name, path = named_file(spec)
+def read_answer_step(name, path, flag, cohort, folders, label_map):
+    """One AnswerStep (the file of `flag`), matched to the cohort by path."""
     paths = [relative_path(p, cohort.root) for p, _label in cohort.items]
     true_labels = [folders[label] for _p, label in cohort.items]
     where = f"{flag} {path}"
     answers = read_external_predictions(path, paths, folders, flag, label_map, true_labels)
     probs, has_probs = step_probs(answers, len(folders), where)
     return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
+
+
+def read_label_map(path, folders):
+    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    if not path:
+        return None
+    try:
+        label_map = prompt_sets.read_label_map_file(path)
+        prompt_sets.parse_label_map(label_map, folders, path)
+    except prompt_sets.LabelMapError as err:
+        raise ValueError(f"--label-map {err}") from None
+    return label_map
 
 
 def prepare_answers(args, argv):
@@ -1126,16 +1179,13 @@ def prepare_answers(args, argv):
         raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
                          "the class folders (or a manifest's labels) of the cohort")
     folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
-    label_map = None
-    if args.label_map:
-        try:
-            label_map = prompt_sets.read_label_map_file(args.label_map)
-            prompt_sets.parse_label_map(label_map, folders, args.label_map)
-        except prompt_sets.LabelMapError as err:
-            raise ValueError(f"--label-map {err}") from None
+    label_map = read_label_map(args.label_map, folders)
     cohort = collect_cohort(args, folders)
-    specs = [(args.predictions, "--predictions")] + [(c, "--compare") for c in args.compare or []]
-    steps = [read_answer_step(spec, flag, cohort, folders, label_map) for spec, flag in specs]
+    compared, _bad, _why = parse_compare_specs(args.compare)
+    specs = [(*named_file(args.predictions), "--predictions")] + [
+        (name, path, f"--compare {name}=") for name, path in (compared or {}).items()]
+    steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
+             for name, path, flag in specs]
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
                        argv)
@@ -1284,22 +1334,28 @@ def parse_args(argv=None):
                               "optional prob_<class> for every class and status; NAME names the "
                               "step (default: the file stem)")
     answers.add_argument("--label-map", default=None, metavar="JSON",
-                         help="with --predictions: {class folder: [synonym, ...]}, matched case- and "
+                         help="with --predictions or --compare: {class folder: [synonym, ...]}, "
+                              "matched case- and "
                               "whitespace-insensitively; an answer it does not map is a failed row "
                               "(status 'failed: unmapped answer ...'), never guessed")
     answers.add_argument("--classes", default=None, metavar="A,B,C",
                          help="with --predictions: class folders in index order (default: sorted "
                               "by name); index 0 is the class of the intention-to-diagnose line")
-    answers.add_argument("--compare", nargs="+", default=None, metavar="NAME=FILE",
-                         help="with --predictions: later steps of the same reader on the same "
-                              "images, in order: the sequential table (per class sensitivity and "
-                              "specificity per step, paired changes with McNemar, Cochran's Q)")
     compare = parser.add_argument_group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
                          help="a second model scored on the same images (a pretrained tag, or "
                               "hf-hub:ORG/REPO or local-dir:PATH, for a zero-shot baseline, or "
                               "another checkpoint): paired differences with "
                               "CIs and McNemar's test in comparison.csv")
+    compare.add_argument("--compare", nargs="+", default=None, metavar="NAME=FILE",
+                         help="predictions of other models or readers on the same cohort (a CNN's "
+                              "predictions.csv, an MLLM's or a clinician's answers): CSV with path "
+                              "(as in our predictions.csv) and pred_label (or answer), optional "
+                              "prob_<folder> per class and status; each becomes rows of "
+                              "comparison.csv against our model (paired CIs, McNemar, DeLong); "
+                              "with --predictions: later steps of the same reader, in order "
+                              "(the sequential table: per class sensitivity and specificity per "
+                              "step, paired changes with McNemar, Cochran's Q)")
     compare.add_argument("--baseline-model-name", default=None,
                          help="architecture of a tag or plain state_dict --baseline (default: the "
                               "model's own)")
@@ -1365,11 +1421,13 @@ def check_answer_args(parser, args):
     if bool(args.checkpoint) == bool(args.predictions):
         parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
                      + ("not both" if args.checkpoint else "one of them"))
+    if args.label_map and not Path(args.label_map).is_file():
+        parser.error(f"--label-map {args.label_map}: no such file")
     if not args.predictions:
-        for flag, value in (("--label-map", args.label_map), ("--classes", args.classes),
-                            ("--compare", args.compare)):
-            if value is not None:
-                parser.error(f"{flag} needs --predictions (it applies to answer files)")
+        if args.label_map and not args.compare:
+            parser.error("--label-map needs --predictions or --compare (it maps answers to classes)")
+        if args.classes is not None:
+            parser.error("--classes needs --predictions (a checkpoint brings its own classes)")
         return
     for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
                         ("--prompts", args.prompts), ("--baseline", args.baseline),
@@ -1377,20 +1435,15 @@ def check_answer_args(parser, args):
                         ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
         if value is not None:
             parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
-    names = []
-    for flag, spec in [("--predictions", args.predictions)] + [("--compare", c) for c in args.compare or []]:
-        if flag == "--compare" and "=" not in spec:
-            parser.error(f"--compare {spec}: expected NAME=FILE, e.g. image+symptoms=step2.csv")
-        name, path = named_file(spec)
-        if not name:
-            parser.error(f"{flag} {spec}: the step NAME before '=' is empty")
-        if not Path(path).is_file():
-            parser.error(f"{flag} {path}: no such file")
-        if name in names:
-            parser.error(f"{flag} {spec}: step name {name!r} is used twice; name each step once")
-        names.append(name)
-    if args.label_map and not Path(args.label_map).is_file():
-        parser.error(f"--label-map {args.label_map}: no such file")
+    name, path = named_file(args.predictions)  # the --compare steps: check_compare_args
+    if not name:
+        parser.error(f"--predictions {args.predictions}: the step NAME before '=' is empty")
+    if not Path(path).is_file():
+        parser.error(f"--predictions {path}: no such file")
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    if specs and name in specs:
+        parser.error(f"--compare {name}={specs[name]}: step name {name!r} is used twice; name "
+                     "each step once")
     if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
         parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
 
@@ -1418,6 +1471,7 @@ def check_args(parser, args):
         parser.error(f"--baseline {args.baseline}: no such file")
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")
+    check_compare_args(parser, args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.wise_ft_alpha is not None:
@@ -1441,6 +1495,41 @@ def check_args(parser, args):
             parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
 
 
+def parse_compare_specs(values):
+    """{name: path} of --compare NAME=FILE values, or (None, bad value, why)."""
+    specs = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            return None, value, "expected NAME=FILE, e.g. resnet50=runs/resnet50/predictions.csv"
+        if name in specs or name == "ours" or name.startswith("baseline "):
+            return None, value, f"the name {name!r} is taken; give each model its own name"
+        specs[name] = path
+    return specs, None, None
+
+
+def check_compare_args(parser, args):
+    """--compare values: NAME=FILE, unique names, existing files."""
+    specs, bad, why = parse_compare_specs(args.compare)
+    if specs is None:
+        parser.error(f"--compare {bad}: {why}")
+    for name, path in specs.items():
+        if not Path(path).is_file():
+            parser.error(f"--compare {name}={path}: no such file")
+
+
+def read_compared(args, cohort, folders):
+    """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    true_labels = [folders[label] for _path, label in cohort.items]
+    label_map = read_label_map(args.label_map, folders)
+    return {name: read_external_predictions(path, paths, folders, f"--compare {name}=",
+                                             label_map, true_labels=true_labels)
+            for name, path in specs.items()}
+
+
 def prepare(args, argv):
     """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
     args.device = common.resolve_device(args.device)
@@ -1452,12 +1541,14 @@ def prepare(args, argv):
     model_name = resolve_model_name(requested_model_name(args), checkpoint)
     classes, prompt_source = load_classes(args.prompts, checkpoint)
     cohort = collect_cohort(args, prompt_sets.class_folders(classes))
-    if args.baseline and not cohort.labelled:
-        raise ValueError(f"--baseline: {args.test_dir} has no class folders, so there is nothing "
-                         "to compare on; give a labelled cohort")
+    for flag, given in (("--baseline", args.baseline), ("--compare", args.compare)):
+        if given and not cohort.labelled:
+            raise ValueError(f"{flag}: {args.test_dir} has no class folders, so there is nothing "
+                             "to compare on; give a labelled cohort")
+    compare = read_compared(args, cohort, prompt_sets.class_folders(classes)) if args.compare else {}
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return Setup(cohort=cohort, model=bundle, argv=argv,
+    return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare,
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)

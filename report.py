@@ -106,16 +106,34 @@ def per_class_frame(metrics, folders):
     return pd.DataFrame(rows)
 
 
+COMPARISON_LABELS = {
+    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+    "rare_sensitivity": "rare-class sensitivity", "rare_specificity": "rare-class specificity",
+    "macro_auroc": "macro AUROC (one-vs-rest)", "rare_auroc": "rare-class AUROC"}
+COMPARISON_P_COLUMNS = {  # comparison.csv column -> what the p-value is, for report.md
+    "p_bootstrap": "paired bootstrap", "p_mcnemar_exact": "McNemar exact (binomial)",
+    "p_mcnemar_mid": "McNemar mid-p", "p_mcnemar_clustered": "clustered McNemar (Obuchowski 1998)",
+    "p_delong": "DeLong (images independent)"}
+
+
 def comparison_frame(comparison):
-    """comparison.csv: one row per compared metric (and the McNemar row)."""
+    """comparison.csv: one row per compared model and metric. `model` names the compared model,
+    `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images, `difference` = ours - model (positive: ours better);
+    each p-value column is named for its test (empty where the test does not apply)."""
     rows = []
     for row in comparison["rows"]:
-        flat = {"metric": row["metric"], "n": comparison["n"]}
-        for key in ("model", "baseline", "difference"):
-            ci = row[f"{key}_ci"]
-            flat.update({key: row[key], f"{key}_ci_low": ci[0] if ci else None,
-                         f"{key}_ci_high": ci[1] if ci else None})
-        flat.update(p_value=row["p_value"], test=row["test"])
+        flat = {"model": row["model"], "metric": row["metric"], "n": row["n"],
+                "n_no_answer": row["n_no_answer"]}
+        for key, ci_key, name in (("value", "value_ci", "model_value"),
+                                  ("reference_value", "reference_ci", "ours_value"),
+                                  ("difference", "difference_ci", "difference")):
+            ci, stem = row[ci_key], name.removesuffix("_value")
+            flat.update({name: row[key], f"{stem}_ci_low": ci[0] if ci else None,
+                         f"{stem}_ci_high": ci[1] if ci else None})
+        flat.update({column: row[column] for column in COMPARISON_P_COLUMNS})
+        flat.update(ours_only_correct=row["reference_only_correct"],
+                    model_only_correct=row["model_only_correct"],
+                    ci_unit="patient" if comparison["bootstrap_unit"] == "group" else "image")
         rows.append(flat)
     return pd.DataFrame(rows)
 
@@ -220,15 +238,30 @@ def operating_markdown(op):
     return lines
 
 
-def comparison_markdown(comparison, baseline_label):
-    lines = [f"Model minus baseline (`{baseline_label}`) on the same {comparison['n']} images:", "",
-             "| metric | model | baseline | difference (95% CI) | p | test |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def comparison_markdown(comparison, sources):
+    """The comparison section of report.md: per model and metric, ours minus the model."""
+    unit = (f"{comparison['n_groups']} patients (cluster bootstrap)"
+            if comparison["bootstrap_unit"] == "group" else "images")
+    lines = [f"Each model against ours on the images both answered (of {comparison['n']} scored by "
+             f"ours): difference = ours − model (positive: ours better), 95% CIs from the same "
+             f"bootstrap resamples of {unit} for every model.", ""]
+    lines += [f"- `{name}`: {source}" for name, source in sources.items()] + [""]
+    lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
+              "| --- | --- | ---: | --- | --- | --- | --- |"]
     for row in comparison["rows"]:
-        lines.append(f"| {METRIC_LABELS[row['metric']]} | {format_value(row['model'])} | "
-                     f"{format_value(row['baseline'])} | "
+        tests = [f"{format_p(row[column])} ({label})" for column, label in COMPARISON_P_COLUMNS.items()
+                 if row[column] is not None]
+        if row["model_only_correct"] is not None:
+            tests.append(f"discordant: ours only {row['reference_only_correct']}, model only "
+                         f"{row['model_only_correct']}")
+        lines.append(f"| {row['model']} | {COMPARISON_LABELS[row['metric']]} | {row['n']} | "
+                     f"{format_value(row['value'], row['value_ci'])} | "
+                     f"{format_value(row['reference_value'], row['reference_ci'])} | "
                      f"{format_value(row['difference'], row['difference_ci'])} | "
-                     f"{format_p(row['p_value'])} | {row['test']} |")
+                     f"{'; '.join(tests) or '—'} |")
+    if comparison["bootstrap_unit"] == "group":
+        lines += ["", "McNemar's exact and mid-p tests treat images as independent; with patients "
+                  "the clustered test (Obuchowski 1998) and the bootstrap p respect them."]
     return lines
 
 
@@ -258,7 +291,8 @@ CHECKLIST_ROWS = (
      "model output; decision thresholds"),
     ("Intention-to-diagnose line", "unreadable images counted as errors",
      "15/16 handling of indeterminate and missing results", "missing data", "failure handling"),
-    ("comparison.csv (when a baseline is given)", "paired differences with CIs, McNemar",
+    ("comparison.csv, comparison.png (with --baseline or --compare)",
+     "paired differences with CIs, McNemar (clustered with patients), DeLong",
      "—", "comparison of models", "statistical measures of significance; benchmarking"),
     ("predictions.csv", "per-image probabilities and status", "—", "model output",
      "failure analysis of misclassified cases"),
@@ -353,8 +387,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         lines += sequential_markdown(sequential)
         lines += ["", "![sensitivity and specificity by step](sequential.png)"] if run.get("figures", True) else []
     if comparison is not None:
-        lines += ["", "## Comparison with the baseline", ""]
-        lines += comparison_markdown(comparison, run["baseline"]["checkpoint"])
+        lines += ["", "## Comparison with other models", ""]
+        lines += comparison_markdown(comparison, run.get("compared_models", {}))
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
@@ -675,3 +709,41 @@ def plot_sequential(sequential, folders, save):
             ax.set_xticks(x, [wrap(s, 14) for s in steps])
             ax.legend(loc="best", frameon=False)
         save_figure(plt, fig, save, "sequential")
+
+
+def forest_rows(rows, label_of, value_key, ci_key):
+    """(labels, values, lows, highs) of the rows with a finite value, for a forest plot."""
+    kept = [r for r in rows if r[value_key] is not None]
+    lows = [r[ci_key][0] if r[ci_key] else r[value_key] for r in kept]
+    highs = [r[ci_key][1] if r[ci_key] else r[value_key] for r in kept]
+    return [label_of(r) for r in kept], [r[value_key] for r in kept], lows, highs
+
+
+def plot_forest(panels, save, stem, xlabel, reference_line=None):
+    """One forest panel per (title, labels, values, lows, highs): a point and its 95% CI per
+    row, a dotted vertical line at `reference_line` (0 for differences)."""
+    with figure_style() as plt:
+        heights = [max(1.2, 0.28 * len(p[1]) + 0.8) for p in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(PANEL_WIDTH_IN * 2, sum(heights)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (title, labels, values, lows, highs) in zip(axes[:, 0], panels):
+            y = np.arange(len(labels))[::-1]
+            ax.errorbar(values, y, xerr=[np.subtract(values, lows), np.subtract(highs, values)],
+                        fmt="o", color="C0", ms=4, capsize=2, lw=1)
+            if reference_line is not None:
+                ax.axvline(reference_line, color="grey", lw=0.8, linestyle=":")
+            ax.set_yticks(y, [wrap(label, 40) for label in labels])
+            ax.set(title=title, xlabel=xlabel)
+        save_figure(plt, fig, save, stem)
+
+
+def plot_comparison(comparison, save):
+    """comparison.png: per metric, ours − each model with its paired-bootstrap 95% CI."""
+    panels = []
+    for metric, label in COMPARISON_LABELS.items():
+        rows = [r for r in comparison["rows"] if r["metric"] == metric]
+        labels, values, lows, highs = forest_rows(rows, lambda r: r["model"], "difference", "difference_ci")
+        if labels:
+            panels.append((label, labels, values, lows, highs))
+    if panels:
+        plot_forest(panels, save, "comparison", "ours − model (95% CI)", reference_line=0.0)

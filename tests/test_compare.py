@@ -232,7 +232,7 @@ def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(gro
         assert row["n"] == 78 and row["n_no_answer"] == 2
         assert row["value"] == pytest.approx(mine[metric])
         assert row["reference_value"] == pytest.approx(theirs[metric])
-        assert row["difference"] == pytest.approx(mine[metric] - theirs[metric])
+        assert row["difference"] == pytest.approx(theirs[metric] - mine[metric])  # ours - model
     # the bootstrap, replayed: the same draws of groups (or images), metrics by scikit-learn
     unit = np.unique(groups, return_inverse=True)[1] if grouped else np.arange(n)
     draws = np.random.default_rng(11).integers(0, unit.max() + 1, size=(n_boot, unit.max() + 1))
@@ -242,7 +242,7 @@ def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(gro
         a = recomputed_metrics(y[idx], pred_b[idx], probs_b[idx], rare)
         b = recomputed_metrics(y[idx], probs_a.argmax(1)[idx], probs_a[idx], rare)
         for metric in rows:
-            diffs[metric].append(a[metric] - b[metric])
+            diffs[metric].append(b[metric] - a[metric])
     for metric, row in rows.items():
         assert row["difference_ci"] == pytest.approx(list(np.percentile(diffs[metric], [2.5, 97.5])))
     correct_a, correct_b = pred_b[keep] == y[keep], probs_a.argmax(1)[keep] == y[keep]
@@ -251,7 +251,7 @@ def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(gro
     assert rows["accuracy"]["p_mcnemar_exact"] == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert rows["accuracy"]["model_only_correct"] == table[0][1]
     assert (rows["accuracy"]["p_mcnemar_clustered"] is not None) == grouped
-    expected = metrics.delong_test(y[keep] == rare, probs_b[keep, rare], probs_a[keep, rare])["p"]
+    expected = metrics.delong_test(y[keep] == rare, probs_a[keep, rare], probs_b[keep, rare])["p"]
     assert rows["rare_auroc"]["p_delong"] == pytest.approx(expected)
 
 
@@ -279,3 +279,123 @@ def test_labels_only_model_has_no_auroc_rows_values():
     rows = {row["metric"]: row for row in result["rows"]}
     assert rows["macro_auroc"]["value"] is None and rows["rare_auroc"]["p_delong"] is None
     assert rows["accuracy"]["value"] == pytest.approx(np.mean(probs_b.argmax(1) == y))
+
+
+# -- inference.py --compare / --baseline end to end ----------------------------------------------
+
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import prompts  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
+from test_inference import exit_code, run_inference, tiny_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_weights():
+    torch.manual_seed(0)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    return model
+
+
+@pytest.fixture
+def our_checkpoint(tmp_path, tiny_weights):
+    path = tmp_path / "ours.pt"
+    common.save_checkpoint(path, tiny_weights, tiny_metadata())
+    return path
+
+
+def read_csv(path):
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, our_checkpoint, tmp_path):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+    test_dir = make_cohort("external", (4, 10, 6), seed=1)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, our_checkpoint, first) == 0
+    ours = read_csv(first / "predictions.csv")
+    # another model: our answers with 5 changed, probability columns in another order, one no-answer
+    other = ours[["path", "true_label", "pred_label"] + [f"prob_{f}" for f in reversed(FOLDERS)]].copy()
+    columns = [f"prob_{f}" for f in FOLDERS]
+    for i in range(5):  # class k's probability moves to class k + 1, and the answer with it
+        other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
+        other.loc[i, columns] = np.roll(ours.loc[i, columns].to_numpy(dtype=float), 1)
+    other["status"] = "ok"
+    other.loc[7, "status"] = "failed: no answer"
+    other = other.sample(frac=1.0, random_state=0)  # row order does not matter
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"cnn={tmp_path / 'other.csv'}",
+                         "--seed", "5") == 0
+    table = read_csv(out / "comparison.csv")
+    assert list(table["model"].unique()) == ["cnn"]
+    rows = table.set_index("metric")
+    other = other.set_index("path").loc[ours["path"]]  # back in cohort order
+    keep = (other["status"] == "ok").to_numpy()
+    y = ours["true_label"].map(FOLDERS.index).to_numpy()[keep]
+    pred_ours = ours["pred_label"].map(FOLDERS.index).to_numpy()[keep]
+    pred_other = other["pred_label"].map(FOLDERS.index).to_numpy()[keep]
+    assert rows.loc["accuracy", "n"] == 19 and rows.loc["accuracy", "n_no_answer"] == 1
+    assert rows.loc["accuracy", "model_value"] == pytest.approx(accuracy_score(y, pred_other))
+    assert rows.loc["accuracy", "ours_value"] == pytest.approx(accuracy_score(y, pred_ours))
+    assert rows.loc["balanced_accuracy", "difference"] == pytest.approx(
+        balanced_accuracy_score(y, pred_ours) - balanced_accuracy_score(y, pred_other))
+    p_other = other[[f"prob_{f}" for f in FOLDERS]].to_numpy()[keep]
+    assert rows.loc["rare_auroc", "model_value"] == pytest.approx(roc_auc_score(y == 0, p_other[:, 0]), abs=1e-6)
+    assert rows.loc["accuracy", "ours_only_correct"] == np.sum((pred_ours == y) & (pred_other != y))
+    assert not np.isnan(rows.loc["rare_auroc", "p_delong"]) and np.isnan(rows.loc["accuracy", "p_delong"])
+    assert {"p_bootstrap", "p_mcnemar_exact", "p_mcnemar_mid", "p_mcnemar_clustered"} <= set(table.columns)
+    assert "p_value" not in table.columns
+    report_md = (out / "report.md").read_text()
+    assert "## Comparison with other models" in report_md and "McNemar mid-p" in report_md
+    assert json.loads((out / "metrics.json").read_text())["compared_models"]["cnn"].startswith("--compare")
+
+
+def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
+        make_cohort, tmp_path, tiny_weights):
+    """Issue 14 item 1: a checkpoint whose stored prompt set lists (orbital, non-orbital,
+    healthy) against the same weights as a plain state_dict (published order)."""
+    classes = prompts.load_prompt_set(None)
+    reordered = [classes[0], classes[2], classes[1]]
+    checkpoint = tmp_path / "reordered.pt"
+    common.save_checkpoint(checkpoint, tiny_weights, tiny_metadata(
+        class_folders=prompts.class_folders(reordered), prompts=prompts.prompt_set_to_dict(reordered)))
+    plain = tmp_path / "plain.pt"
+    torch.save(tiny_weights.state_dict(), plain)
+    test_dir = make_cohort("external", (4, 10, 6), seed=2)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--baseline", str(plain),
+                         "--baseline-model-name", TINY_MODEL) == 0
+    table = read_csv(out / "comparison.csv")
+    assert (table["difference"].dropna().abs() < 1e-12).all() and table["difference"].notna().sum() >= 5
+    accuracy = table.set_index("metric").loc["accuracy"]
+    assert accuracy["ours_only_correct"] == 0 and accuracy["model_only_correct"] == 0
+    assert table["model"].iloc[0] == f"baseline {plain}"
+
+
+def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_cohort, our_checkpoint,
+                                                                       tmp_path, capsys):
+    test_dir = make_cohort("external", (1, 2, 1), seed=1)
+    bad = tmp_path / "bad.csv"
+    write_csv(bad, ["path", "pred_label"], [["orbital disease/img_000.png", "orbital disease"],
+                                            ["healthy eyes/nope.png", "healthy eyes"]])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert exit_code(test_dir, our_checkpoint, out, "--compare", f"llm={bad}") == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert f"--compare llm= {bad}: row" in line and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [("nameless.csv", "expected NAME=FILE"),
+                                            ("a=missing.csv", "no such file")])
+def test_compare_spec_errors(make_cohort, our_checkpoint, tmp_path, capsys, value, message):
+    test_dir = make_cohort("external", (1, 1, 1), seed=1)
+    out = tmp_path / "out"
+    assert exit_code(test_dir, our_checkpoint, out, "--compare", value) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -195,30 +195,32 @@ def test_answer_paths_that_do_not_match_the_cohort_are_refused_naming_file_and_r
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
     err = errors[0]
-    assert err.startswith(f"error: --compare {bad}: row 2: image 'orbital tumour/P9_99.png' is not in the cohort")
+    assert err.startswith(f"error: --compare {STEPS[1]}= {bad}: row 2: image 'orbital tumour/P9_99.png' is not in the cohort")
     assert tree_state(tmp_path) == before  # nothing written
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--predictions", "{a}", "--checkpoint", "x.pt"], "give --checkpoint (a model to evaluate) or --predictions"),
-    (["--checkpoint", "x.pt", "--label-map", "m.json"], "--label-map needs --predictions"),
+    (["--checkpoint", "x.pt", "--label-map", "{m}"], "--label-map needs --predictions or --compare"),
     (["--checkpoint", "x.pt", "--classes", "a,b"], "--classes needs --predictions"),
     (["--predictions", "{a}", "--compare", "{b}"], ": expected NAME=FILE"),
     (["--predictions", "x={a}", "--compare", "x={b}"], "step name 'x' is used twice"),
-    (["--predictions", "{a}", "--compare", "={b}"], "the step NAME before '=' is empty"),
-    (["--predictions", "{a}", "--compare", "y=nowhere.csv"], "--compare nowhere.csv: no such file"),
+    (["--predictions", "{a}", "--compare", "y={b}", "y={a}"], "the name 'y' is taken"),
+    (["--predictions", "={a}"], "--predictions ={a}: the step NAME before '=' is empty"),
+    (["--predictions", "{a}", "--compare", "={b}"], "expected NAME=FILE"),
+    (["--predictions", "{a}", "--compare", "y=nowhere.csv"], "--compare y=nowhere.csv: no such file"),
     (["--predictions", "{a}", "--prompts", "{a}"], "--prompts needs a model (--checkpoint)"),
     (["--predictions", "{a}", "--threshold", "0.5"], "--threshold needs a model"),
     (["--predictions", "{a}", "--label-map", "missing.json"], "--label-map missing.json: no such file"),
     (["--predictions", "{a}", "--classes", "a,,b"], "--classes 'a,,b': expected folder names"),
 ])
 def test_answer_flag_combinations_are_refused(answers, argv, message, capsys):
-    cohort, files, _map = answers
-    argv = [arg.format(a=files[0], b=files[1]) for arg in argv]
+    cohort, files, label_map = answers
+    argv = [arg.format(a=files[0], b=files[1], m=label_map) for arg in argv]
     with pytest.raises(SystemExit) as exit_info:
         inference.parse_args(["--test-dir", str(cohort), *argv])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(a=files[0]) in capsys.readouterr().err
 
 
 def test_label_map_and_classes_refused_after_parsing_name_the_flag(answers, tmp_path, capsys):
