@@ -77,7 +77,7 @@ import shutil
 import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -105,6 +105,7 @@ JOURNAL_FORMAT = "orbital-clip-move-journal/1"
 OUTPUT_FILES = (MANIFEST_NAME, REJECTED_NAME, DUPLICATES_NAME, SUMMARY_NAME, ARGS_NAME,
                 MOVE_LOG_NAME)
 MANIFEST_COLUMNS = ["path", "source", "label", "split", "group", "sha256"]
+METADATA_RESERVED = {*MANIFEST_COLUMNS, "fold", "resized_px", "sha256_written"}  # not --metadata names
 DUPLICATE_COLUMNS = ["path", "duplicate_of", "kind", "distance", "same_label"]
 # Ratios are used as exact fractions (0.2 -> 1/5), so 10 x 0.2 is 2 and not 2.0000000000000004.
 RATIO_MAX_DENOMINATOR = 1_000_000
@@ -142,6 +143,7 @@ class ImageRecord:
     fold: int | None = None  # with --folds, for images of the train pool
     written: str = ""  # with --resize-px: the path within the split folder, when resized
     resized_px: int | None = None
+    attributes: dict = field(default_factory=dict)  # --metadata columns of this image (site, sex, ...)
     sha256_written: str = ""
 
 
@@ -446,11 +448,12 @@ def normalise_relpath(text):
     return PurePosixPath(text.strip().replace("\\", "/")).as_posix()
 
 
-def build_manifest(records, folders, folds=False, resized=False):
+def build_manifest(records, folders, folds=False, resized=False, metadata_columns=()):
     """Manifest rows in a stable order: split, then class index, then source path. `fold` with
-    --folds (empty for test rows); `resized_px`, `sha256_written` with --resize-px."""
+    --folds (empty for test rows); `resized_px`, `sha256_written` with --resize-px; then the
+    --metadata columns (empty for an image the file does not list)."""
     columns = (MANIFEST_COLUMNS + (["fold"] if folds else [])
-               + (["resized_px", "sha256_written"] if resized else []))
+               + (["resized_px", "sha256_written"] if resized else []) + list(metadata_columns))
     rows = []
     for r in sorted(records, key=lambda r: (r.split, r.label, r.source)):
         row = {"path": f"{SPLITS[r.split]}/{r.written or r.dest}", "source": r.source,
@@ -461,6 +464,7 @@ def build_manifest(records, folders, folds=False, resized=False):
         if resized:
             row["resized_px"] = "" if r.resized_px is None else str(r.resized_px)
             row["sha256_written"] = r.sha256_written
+        row.update({column: r.attributes.get(column, "") for column in metadata_columns})
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
@@ -927,6 +931,15 @@ def assign_pool_folds(records, units, n_folds, seed, folders):
                         n_folds)
 
 
+def strata_labels(records, column=None):
+    """The stratum of each image: its class, or with `column` (--stratify-by) class x that
+    attribute, numbered so that the class stays the leading key (an empty cell is a level too)."""
+    if not column:
+        return [r.label for r in records]
+    levels = sorted({r.attributes.get(column, "") for r in records})
+    return [r.label * len(levels) + levels.index(r.attributes.get(column, "")) for r in records]
+
+
 def split_records(records, args, folders, rule=(None, None)):
     """Assign group, split (and fold) to every record in place; returns (the duplicate pairs,
     Grouping). rule: (flag, lookup) from `grouping_rule`."""
@@ -935,8 +948,8 @@ def split_records(records, args, folders, rule=(None, None)):
     pairs = find_duplicates([r.sha256 for r in records], [r.phash for r in records],
                             [r.phash_fine for r in records], args.near_dup_distance)
     units = merge_linked_units(groups, [(i, j) for j, i, _, _ in pairs])
-    splits = stratified_group_split([r.label for r in records], units, args.val_ratio,
-                                    args.test_ratio, args.seed)
+    splits = stratified_group_split(strata_labels(records, getattr(args, "stratify_by", None)),
+                                    units, args.val_ratio, args.test_ratio, args.seed)
     for record, split in zip(records, splits):
         record.split = split
     if args.folds:
@@ -1328,6 +1341,13 @@ def build_parser():
                             "non-test images (default: none; manifest column 'fold'; all get "
                             "split 'train'); 5 is usual, fewer when the rare class has under ~10 "
                             "patients")
+    split.add_argument("--metadata", default=None, metavar="CSV",
+                          help="per-image attributes (site, sex, age, ...) carried into "
+                               "manifest.csv: a 'path' column relative to --data-root, or a 'file' "
+                               "column of file names, plus any columns (default: none)")
+    split.add_argument("--stratify-by", default=None, metavar="COLUMN",
+                          help="stratify the split by class x this --metadata column, e.g. site, "
+                               "so every site keeps its share in each split (default: class only)")
     split.add_argument("--seed", type=int, default=2024,
                        help="shuffling seed (default: 2024); the same seed gives the same split")
     add_grouping_arguments(parser)
@@ -1418,6 +1438,10 @@ def validate_args(parser, args):
         parser.error(f"--data-root {args.data_root}: no such folder")
     if args.groups is not None and not Path(args.groups).is_file():
         parser.error(f"--groups {args.groups}: no such file")
+    if args.metadata is not None and not Path(args.metadata).is_file():
+        parser.error(f"--metadata {args.metadata}: no such file")
+    if args.stratify_by is not None and args.metadata is None:
+        parser.error("--stratify-by names a column of --metadata; pass --metadata too")
     validate_labels_args(parser, args)
     if args.group_regex is not None:
         try:
@@ -1459,6 +1483,60 @@ def validate_labels_args(parser, args):
     args.label_col = args.label_col or "label"
 
 
+def read_metadata_rows(path):
+    """(header, key column, {key: row}) of a --metadata CSV keyed by `path` (relative to
+    --data-root) or `file` (file name); SplitError naming the file and row when malformed."""
+    where = f"--metadata {path}"
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (ValueError, OSError, UnicodeDecodeError) as err:
+        raise SplitError(f"{where}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    header = [str(c).strip() for c in frame.columns]
+    frame.columns = header
+    key = "path" if "path" in header else "file" if "file" in header else None
+    if key is None:
+        raise SplitError(f"{where}: needs a 'path' column (relative to --data-root) or a 'file' "
+                         f"column of file names; has {header}")
+    taken = [c for c in header if c != key and c in METADATA_RESERVED]
+    if taken:
+        raise SplitError(f"{where}: column {taken[0]!r} is a manifest column; rename it")
+    rows = {}
+    for number, row in enumerate(frame.to_dict("records"), start=2):  # row 1 is the header
+        cell = normalise_relpath(row[key]) if key == "path" else row[key].strip()
+        if cell in rows:
+            raise SplitError(f"{where}: row {number}: {key} {cell!r} appears twice")
+        rows[cell] = row
+    return header, key, rows
+
+
+def metadata_header(path):
+    """The --metadata columns carried into manifest.csv (all but the key column)."""
+    header, key, _rows = read_metadata_rows(path)
+    return [c for c in header if c != key]
+
+
+def attach_metadata(records, path, stratify_by=None):
+    """Set each record's `attributes` from --metadata (in place); warn about unlisted images."""
+    header, key, rows = read_metadata_rows(path)
+    if stratify_by and stratify_by not in header:
+        raise SplitError(f"--stratify-by {stratify_by}: no such column in --metadata {path} "
+                         f"(its columns: {', '.join(c for c in header if c != key)})")
+    names = Counter(PurePosixPath(r.source).name for r in records)
+    if key == "file" and any(count > 1 for count in names.values()):
+        twice = next(name for name, count in names.items() if count > 1)
+        raise SplitError(f"--metadata {path}: file name {twice!r} occurs twice under --data-root; "
+                         "give a 'path' column instead")
+    unlisted = 0
+    for record in records:
+        row = rows.get(record.source if key == "path" else PurePosixPath(record.source).name)
+        unlisted += row is None
+        record.attributes = {c: str(row[c]).strip() for c in header if c != key} if row else {}
+    if unlisted:
+        LOG.warning("--metadata %s lists no row for %d of %d images (their cells stay empty%s)",
+                    path, unlisted, len(records),
+                    "; --stratify-by treats empty as one more level" if stratify_by else "")
+
+
 def prepare_split(args, root, out_dir):
     """Scan, check the destination, validate and split; returns (folders, records, rejected,
     duplicate pairs, Grouping)."""
@@ -1481,6 +1559,8 @@ def prepare_split(args, root, out_dir):
     LOG.info("== validating %d image files ==", len(items))
     records, rejected = validate_cohort(root, items, folders, args.workers, args.no_progress or None,
                                         flat=bool(args.labels))
+    if args.metadata:
+        attach_metadata(records, args.metadata, args.stratify_by)
     LOG.info("== leakage audit and split ==")
     pairs, grouping = split_records(records, args, folders, rule)
     if args.resize_px:
@@ -1535,6 +1615,7 @@ def main(argv=None):
         return recover_move(args, out_dir)
     try:
         folders, records, rejected, pairs, grouping = prepare_split(args, root, out_dir)
+        metadata_columns = metadata_header(args.metadata) if args.metadata else []
     except (ValueError, OSError) as err:  # SplitError, CohortError, PromptSetError, I/O
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1543,7 +1624,8 @@ def main(argv=None):
     columns = summary_columns(args.val_ratio, args.test_ratio, args.folds)
 
     def tables_for(records):
-        manifest = build_manifest(records, folders, bool(args.folds), bool(args.resize_px))
+        manifest = build_manifest(records, folders, bool(args.folds), bool(args.resize_px),
+                                  metadata_columns)
         return render_tables(manifest, rejected, duplicates_table(records, pairs),
                              split_summary(manifest, folders, columns),
                              common.run_record("data_preprocess.py", argv, args, {
@@ -1553,7 +1635,7 @@ def main(argv=None):
                                               "ungrouped": len(grouping.ungrouped),
                                               "groups": grouping.n_groups}}))
 
-    manifest = build_manifest(records, folders, bool(args.folds))
+    manifest = build_manifest(records, folders, bool(args.folds), metadata_columns=metadata_columns)
     summary = split_summary(manifest, folders, columns)
     jobs = plan_jobs(records, out_dir)
     n_sidecars = len(jobs) - len(records)

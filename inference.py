@@ -57,11 +57,11 @@ import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, format_p, intention_to_diagnose,
                      label_probs, operating_point_metrics, rule_predictions, sequential_analysis, softmax,
-                     without_probability_metrics)
+                     subgroup_analysis, without_probability_metrics)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
                     per_class_frame, plot_comparison, plot_confusion_matrices, plot_sequential,
-                    predictions_frame, relative_path, render_report, sequential_changes_frame,
-                    sequential_frame, write_figures)
+                    plot_subgroups, predictions_frame, relative_path, render_report,
+                    sequential_changes_frame, sequential_frame, subgroups_frame, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -72,8 +72,8 @@ WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                "sequential.csv", "sequential_changes.csv",
-                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential")
+                "sequential.csv", "sequential_changes.csv", "subgroups.csv",
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential", "subgroups")
                   for ext in ("png", "pdf")))
 
 
@@ -149,6 +149,7 @@ class Setup:
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
     compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -620,6 +621,124 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
 
 
 # ----------------------------------------------------------------------------------------------
+# Subgroups and sites (--metadata, --subgroups, --age-bins)
+
+MANIFEST_OWN_COLUMNS = {"path", "source", "label", "split", "group", "sha256", "fold", "resized_px",
+                        "sha256_written"}  # not patient attributes
+MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
+MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
+
+
+def parse_bins(text):
+    """--age-bins '0,40,60,120' -> [0.0, 40.0, 60.0, 120.0] (increasing), or ValueError."""
+    edges = [float(part) for part in text.split(",") if part.strip()]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError("needs at least two increasing numbers, e.g. 0,40,60,120")
+    return edges
+
+
+def bin_label(value, edges):
+    """'[40, 60)' for 45 with edges 0,40,60,120 (the last bin closed), or None outside them."""
+    for i, (low, high) in enumerate(zip(edges, edges[1:])):
+        last = i == len(edges) - 2
+        if low <= value < high or (last and value == high):
+            return f"[{low:g}, {high:g}{']' if last else ')'}"
+    return None
+
+
+def as_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def attribute_levels(name, values, edges, paths, where):
+    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
+    --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
+    given = [v.strip() for v in values if v.strip()]
+    numeric = bool(given) and all(as_number(v) is not None for v in given)
+    if not numeric or edges is None:
+        if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
+            raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "
+                             "pass --age-bins EDGES (e.g. 0,40,60,120) to group them")
+        return [v.strip() or MISSING_LEVEL for v in values]
+    levels = []
+    for value, path in zip(values, paths):
+        if not value.strip():
+            levels.append(MISSING_LEVEL)
+            continue
+        label = bin_label(as_number(value), edges)
+        if label is None:
+            raise ValueError(f"--age-bins: {name} {value} of {path!r} in {where} lies outside the "
+                             f"bins {edges[0]:g}-{edges[-1]:g}; widen them")
+        levels.append(label)
+    return levels
+
+
+def metadata_table(args, cohort):
+    """(where, {column: [value per cohort image]}) from --metadata (keyed by path or by file
+    name) or, for a manifest --test-dir, the manifest's own extra columns."""
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    if args.metadata:
+        where = f"--metadata {args.metadata}"
+        header, rows = read_csv_rows(args.metadata, where)
+        key = "path" if "path" in header else "file" if "file" in header else None
+        if key is None:
+            raise ValueError(f"{where}: row 1: needs a 'path' column (as in predictions.csv) or a "
+                             f"'file' column of file names, has {header}")
+        names = [Path(p).name for p in paths]
+        if key == "file" and len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{where}: file name {twice!r} occurs twice in the cohort; give a "
+                             "'path' column instead")
+        lookup, seen = {}, {}
+        for line, row in rows:
+            cell = normalise_relative_path(row[key]) if key == "path" else row[key].strip()
+            if cell in seen:
+                raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {seen[cell]}")
+            seen[cell], lookup[cell] = line, row
+        matched = [lookup.get(p if key == "path" else Path(p).name, {}) for p in paths]
+        columns = [c for c in header if c not in ("path", "file")]
+    else:
+        where = f"--test-dir {args.test_dir}"
+        header, rows = read_csv_rows(args.test_dir, where)
+        lookup = {str((Path(args.test_dir).parent / row.get("path", "")).resolve()): row for _l, row in rows}
+        matched = [lookup.get(str(Path(path).resolve()), {}) for path, _label in cohort.items]
+        columns = [c for c in header if c not in MANIFEST_OWN_COLUMNS]
+    if not any(matched):
+        raise ValueError(f"{where}: none of its rows names an image of the cohort (paths are relative "
+                         "to the test folder, as in predictions.csv)")
+    return where, {c: [row.get(c, "") for row in matched] for c in columns}
+
+
+def cohort_subgroups(args, cohort):
+    """{attribute: [level per cohort image]} of --subgroups, or None without it (ValueError: exit 2)."""
+    if not args.subgroups:
+        return None
+    if not args.metadata and not Path(args.test_dir).is_file():
+        raise ValueError("--subgroups needs --metadata FILE.csv (or a manifest.csv --test-dir with "
+                         "the columns)")
+    if not cohort.labelled:
+        raise ValueError(f"--subgroups: {args.test_dir} has no class folders; there is nothing to score")
+    where, table = metadata_table(args, cohort)
+    edges = parse_bins(args.age_bins) if args.age_bins else None
+    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
+    attributes = {}
+    for name in [n.strip() for n in args.subgroups.split(",") if n.strip()]:
+        if name not in table:
+            raise ValueError(f"--subgroups {name}: no such column in {where} (its columns: "
+                             f"{', '.join(table) or 'none'})")
+        attributes[name] = attribute_levels(name, table[name], edges, paths, where)
+        missing = attributes[name].count(MISSING_LEVEL)
+        if missing:
+            LOG.warning("--subgroups %s: %d of %d images have no value (level '%s')", name, missing,
+                        len(paths), MISSING_LEVEL)
+    return attributes
+
+
+# ----------------------------------------------------------------------------------------------
 # Embedding cache: re-analysis (other prompts, thresholds, bootstrap sizes) without re-encoding
 
 
@@ -987,6 +1106,28 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
     return metrics, op, itd, comparison
 
 
+def score_subgroups(setup, scores, args, rare_index):
+    """metrics.subgroup_analysis of --subgroups on the scored images, or None without it."""
+    if not setup.subgroups:
+        return None
+    probs = softmax(scores.logits)
+    scored = np.isfinite(probs).all(axis=1)
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
+    return subgroup_analysis(labels[scored], probs[scored], attributes, rare_index, groups,
+                             args.bootstrap, args.seed)
+
+
+def write_subgroup_outputs(output_dir, subgroups, figures):
+    """subgroups.csv (and subgroups.png/.pdf with `figures`)."""
+    if subgroups is None:
+        return
+    common.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
+    if figures:
+        plot_subgroups(subgroups, figure_saver(output_dir))
+
+
 def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
     """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
     (and comparison.png with `figures`)."""
@@ -1025,14 +1166,16 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
-    metrics = op = itd = comparison = None
+    metrics = op = itd = comparison = subgroups = None
     if cohort.labelled:
         compared = compared_models(setup, folders, baseline_scores)
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
                                                       compared)
         n_failed = flow["rows"]["total"]["unreadable"]
+        subgroups = score_subgroups(setup, scores, args, rare)
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
-                   "operating_point": op, **itd, "flow": flow, "comparison": comparison, **run}
+                   "operating_point": op, **itd, "flow": flow, "comparison": comparison,
+                   "subgroups": subgroups, **run}
         common.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
@@ -1045,10 +1188,11 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             y_true = np.asarray(labels)[scored]
             write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
                                 args.figures)
+            write_subgroup_outputs(output_dir, subgroups, args.figures)
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
-    report = render_report(run, flow, metrics, folders, op, itd, comparison)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
 
@@ -1254,7 +1398,8 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     if sequential is not None and args.figures:
         plot_sequential(sequential, folders, save)
     common.atomic_write_text(output_dir / "report.md",
-                             render_report(run, flow, metrics, folders, None, itd, None, sequential))
+                             render_report(run, flow, metrics, folders, None, itd, None,
+                                           sequential=sequential))
     return metrics
 
 
@@ -1406,6 +1551,17 @@ def parse_args(argv=None):
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
+    stats.add_argument("--metadata", default=None, metavar="CSV",
+                       help="per-image attributes for --subgroups: a 'path' column as in "
+                            "predictions.csv (or a 'file' column of file names) plus any columns "
+                            "(site, sex, age, ...); rows of images not in the cohort are ignored")
+    stats.add_argument("--subgroups", default=None, metavar="A,B",
+                       help="attributes to report performance by (columns of --metadata, or of a "
+                            "manifest.csv --test-dir), e.g. site,sex: subgroups.csv/.png, a "
+                            "heterogeneity test per attribute, small-n warnings")
+    stats.add_argument("--age-bins", default=None, metavar="EDGES",
+                       help="bin edges for numeric --subgroups attributes, e.g. 0,40,60,120 "
+                            "([0, 40), [40, 60), [60, 120]); a value outside them is refused")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
@@ -1472,6 +1628,7 @@ def check_args(parser, args):
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")
     check_compare_args(parser, args)
+    check_subgroup_args(parser, args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.wise_ft_alpha is not None:
@@ -1519,6 +1676,23 @@ def check_compare_args(parser, args):
             parser.error(f"--compare {name}={path}: no such file")
 
 
+def check_subgroup_args(parser, args):
+    """--metadata, --subgroups and --age-bins: files exist, values parse, each needs the other."""
+    if args.metadata and not Path(args.metadata).is_file():
+        parser.error(f"--metadata {args.metadata}: no such file")
+    if args.metadata and not args.subgroups:
+        parser.error("--metadata needs --subgroups (the columns to analyse), e.g. --subgroups site")
+    if args.age_bins is not None:
+        if not args.subgroups:
+            parser.error("--age-bins needs --subgroups")
+        try:
+            parse_bins(args.age_bins)
+        except ValueError as err:
+            parser.error(f"--age-bins {args.age_bins}: {err}")
+    if args.subgroups is not None and not [n for n in args.subgroups.split(",") if n.strip()]:
+        parser.error("--subgroups: name at least one column, e.g. site,sex")
+
+
 def read_compared(args, cohort, folders):
     """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
     specs, _bad, _why = parse_compare_specs(args.compare)
@@ -1548,7 +1722,8 @@ def prepare(args, argv):
     compare = read_compared(args, cohort, prompt_sets.class_folders(classes)) if args.compare else {}
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare,
+    subgroups = cohort_subgroups(args, cohort)
+    return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare, subgroups=subgroups,
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)

@@ -16,6 +16,7 @@ from scipy.special import log_softmax
 from scipy.special import softmax as scipy_softmax
 from scipy.stats import binom, binomtest, norm
 from scipy.stats import chi2 as chi2_dist
+from scipy.stats import chi2_contingency
 
 DEFAULT_BOOTSTRAP = 2000  # percentile-bootstrap resamples; ~2000 keeps 95% interval ends stable
 DEFAULT_SEED = 2024
@@ -837,12 +838,12 @@ def comparison_rows(name, reference, other, point, boot, mask, confidence):
         row = {"model": name, "metric": metric, "n": int(mask.sum()),
                "n_no_answer": int(len(mask) - mask.sum()), "value": value, "value_ci": None,
                "reference_value": ref, "reference_ci": None,
-               "difference": None if value is None or ref is None else value - ref,
+               "difference": None if value is None or ref is None else ref - value,  # ours - model
                "difference_ci": None, "p_bootstrap": None, "p_mcnemar_exact": None,
                "p_mcnemar_mid": None, "p_mcnemar_clustered": None, "p_delong": None,
                "model_only_correct": None, "reference_only_correct": None}
         if boot is not None and row["difference"] is not None:
-            diff = boot[1][metric] - boot[0][metric]
+            diff = boot[0][metric] - boot[1][metric]
             row.update(value_ci=percentile_interval(boot[1][metric], confidence),
                        reference_ci=percentile_interval(boot[0][metric], confidence),
                        difference_ci=percentile_interval(diff, confidence), p_bootstrap=bootstrap_p(diff))
@@ -858,7 +859,8 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
     comparison only). Every model is scored on the SAME bootstrap resamples (drawn once over all
     images, by patient when `groups` is given, as `compute_metrics` draws them): an image a model
     did not answer has weight 0 in its replicates. Per model and metric: its value and the
-    reference's on those images with percentile CIs, the paired difference (model - reference)
+    reference's on those images with percentile CIs, the paired difference (reference - model,
+    positive when our model is better)
     with its CI and a two-sided bootstrap p; for accuracy McNemar's exact and mid-p tests and,
     with groups, Obuchowski's clustered test; for the rare class's AUROC DeLong's test (images
     independent) when both models have probabilities.
@@ -911,15 +913,15 @@ def add_paired_tests(rows, y_true, reference, other, mask, rare_index, groups, h
     correct_ref = reference.pred[mask] == y_true
     correct_other = other.pred[mask] == y_true
     by_metric = {row["metric"]: row for row in rows}
-    mcnemar = mcnemar_test(correct_other, correct_ref)
+    mcnemar = mcnemar_test(correct_ref, correct_other)
     by_metric["accuracy"].update(p_mcnemar_exact=mcnemar["p_exact"], p_mcnemar_mid=mcnemar["p_mid"],
-                                 model_only_correct=mcnemar["a_only"],
-                                 reference_only_correct=mcnemar["b_only"])
+                                 reference_only_correct=mcnemar["a_only"],
+                                 model_only_correct=mcnemar["b_only"])
     if groups is not None:
-        by_metric["accuracy"]["p_mcnemar_clustered"] = obuchowski_test(correct_other, correct_ref, groups)["p"]
+        by_metric["accuracy"]["p_mcnemar_clustered"] = obuchowski_test(correct_ref, correct_other, groups)["p"]
     if has_probs:
-        delong = delong_test(y_true == rare_index, other.probs[mask, rare_index],
-                             reference.probs[mask, rare_index])
+        delong = delong_test(y_true == rare_index, reference.probs[mask, rare_index],
+                             other.probs[mask, rare_index])
         by_metric["rare_auroc"]["p_delong"] = delong["p"]
 
 
@@ -1112,3 +1114,99 @@ def without_probability_metrics(metrics):
                                        auprc_baseline=None)
                             for name, stats in metrics["per_class"].items()}
     return metrics
+
+
+SMALL_SUBGROUP_N = 30  # fewer images in a level: its intervals are wide, flag it in the report
+SMALL_SUBGROUP_RARE_N = 10  # fewer rare-class images: its sensitivity is barely estimable
+
+
+def homogeneity_test(outcome, levels):
+    """Chi-square test that a binary outcome has the same rate in every level (a 2 x L table;
+    images independent). Returns dict chi2, df, p, min_expected (None with fewer than 2 levels
+    holding images or an outcome that never varies)."""
+    outcome, levels = np.asarray(outcome, bool), np.asarray(levels, dtype=str)
+    names = sorted(set(levels.tolist()))
+    table = np.array([[np.sum(outcome & (levels == name)), np.sum(~outcome & (levels == name))]
+                      for name in names], dtype=np.float64)
+    table = table[table.sum(axis=1) > 0]
+    out = {"chi2": None, "df": None, "p": None, "min_expected": None}
+    if len(table) < 2 or (table.sum(axis=0) == 0).any():
+        return out
+    result = chi2_contingency(table, correction=False)
+    out.update(chi2=float(result.statistic), df=int(result.dof), p=float(result.pvalue),
+               min_expected=float(result.expected_freq.min()))
+    return out
+
+
+def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
+                  seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Per level of one attribute: n, patients, rare-class prevalence, accuracy and balanced
+    accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
+    sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
+    (bootstrap), with a `small_n` flag.
+
+    Parameters
+    ----------
+    y_true : (N,) int; probs : (N, C) float; levels : (N,) str, the attribute's level per image.
+
+    Returns
+    -------
+    list of dicts, one per level in sorted order.
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    levels = np.asarray(levels, dtype=str)
+    pred, n_classes = probs.argmax(axis=1), probs.shape[1]
+    rows = []
+    for level in sorted(set(levels.tolist())):
+        mine = levels == level
+        y, p, hat = y_true[mine], probs[mine], pred[mine]
+        sub_groups = None if groups is None else np.asarray(groups, dtype=str)[mine]
+        index = group_indices(sub_groups, len(y))
+        cells = prediction_columns(y, hat, n_classes)
+        ranks = [tie_blocks(p[:, k]) for k in range(n_classes)]
+        positive = y[:, None] == np.arange(n_classes)
+        evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
+        point = evaluate(np.ones((1, len(y))))
+        parts = [evaluate(w) for w in resample_weights(index, n_bootstrap, seed)] if n_bootstrap else []
+        rare = y == rare_index
+        tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
+        tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
+        row = {"level": level, "n": int(len(y)), "n_patients": int(index.max()) + 1,
+               "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
+               "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
+               "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}
+        for name in ("accuracy", "balanced_accuracy", "rare_auroc", "macro_auroc"):
+            row[name] = finite_or_none(point[name][0])
+            replicates = np.concatenate([part[name] for part in parts]) if parts else None
+            row[f"{name}_ci"] = (percentile_interval(replicates, confidence)
+                                 if parts and row[name] is not None else None)
+        row["small_n"] = row["n"] < SMALL_SUBGROUP_N or row["n_rare"] < SMALL_SUBGROUP_RARE_N
+        rows.append(row)
+    return rows
+
+
+def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
+                      n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """`subgroup_rows` of each attribute plus its heterogeneity tests: chi-square homogeneity of
+    accuracy across levels and of rare-class sensitivity across levels (among rare images).
+
+    Parameters
+    ----------
+    attributes : dict attribute name -> (N,) str levels
+
+    Returns
+    -------
+    list of dicts: attribute, rows, accuracy_test, rare_sensitivity_test (`homogeneity_test`).
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    correct = probs.argmax(axis=1) == y_true
+    rare = y_true == rare_index
+    out = []
+    for name, levels in attributes.items():
+        levels = np.asarray(levels, dtype=str)
+        out.append({"attribute": name,
+                    "rows": subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap,
+                                          seed, confidence),
+                    "accuracy_test": homogeneity_test(correct, levels),
+                    "rare_sensitivity_test": homogeneity_test(correct[rare], levels[rare])})
+    return out

@@ -356,7 +356,7 @@ def answers_header(run):
 
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  sequential=None):
+                  subgroups=None, sequential=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
@@ -389,6 +389,9 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}))
+    if subgroups:
+        lines += ["", "## Subgroups", ""]
+        lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
@@ -747,3 +750,75 @@ def plot_comparison(comparison, save):
             panels.append((label, labels, values, lows, highs))
     if panels:
         plot_forest(panels, save, "comparison", "ours − model (95% CI)", reference_line=0.0)
+
+
+SUBGROUP_COLUMNS = ("accuracy", "balanced_accuracy", "rare_sensitivity", "rare_specificity",
+                    "rare_auroc", "macro_auroc")
+
+
+def subgroups_frame(analysis):
+    """subgroups.csv: one row per attribute level, each interval as <name>_ci_low/_ci_high, and
+    the attribute's heterogeneity p-values repeated on its rows."""
+    rows = []
+    for block in analysis:
+        for row in block["rows"]:
+            flat = {"attribute": block["attribute"], "level": row["level"], "n": row["n"],
+                    "n_patients": row["n_patients"], "n_rare": row["n_rare"],
+                    "prevalence": row["prevalence"]}
+            for name in SUBGROUP_COLUMNS:
+                ci = row[f"{name}_ci"]
+                flat.update({name: row[name], f"{name}_ci_low": ci[0] if ci else None,
+                             f"{name}_ci_high": ci[1] if ci else None})
+            flat.update(small_n=row["small_n"],
+                        p_heterogeneity_accuracy=block["accuracy_test"]["p"],
+                        p_heterogeneity_rare_sensitivity=block["rare_sensitivity_test"]["p"])
+            rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+def heterogeneity_text(test):
+    """'chi-square 3.21, df 1, p 0.073' (with a note when an expected count is under 5)."""
+    if test["p"] is None:
+        return "not testable (one level, or no variation)"
+    text = f"χ² {test['chi2']:.2f}, df {test['df']}, p {format_p(test['p'])}"
+    return text + (" (an expected count < 5: approximate)" if test["min_expected"] < 5 else "")
+
+
+def subgroups_markdown(analysis, rare_class, grouped):
+    """The subgroup section of report.md: one table per attribute, tests and small-n warnings."""
+    ci_note = ("bootstrap of patients within each level" if grouped else "bootstrap of images")
+    lines = [f"Accuracy, balanced accuracy and AUROC with 95% CIs by {ci_note}; {rare_class} "
+             "sensitivity and specificity with Wilson intervals (images independent). "
+             "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
+    for block in analysis:
+        lines += [f"### {block['attribute']}", "",
+                  f"| level | n (patients) | {rare_class} n | accuracy | balanced accuracy | "
+                  "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
+        for row in block["rows"]:
+            warn = " ⚠" if row["small_n"] else ""
+            lines.append(f"| {row['level']}{warn} | {row['n']} ({row['n_patients']}) | {row['n_rare']} | "
+                         + " | ".join(format_value(row[name], row[f"{name}_ci"])
+                                      for name in SUBGROUP_COLUMNS[:5]) + " |")
+        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
+                  f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        small = [row["level"] for row in block["rows"] if row["small_n"]]
+        if small:
+            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 images or fewer than 10 "
+                      f"{rare_class} images; their intervals are wide and a difference between "
+                      "levels is not evidence of a difference in performance.", ""]
+    return lines
+
+
+def plot_subgroups(analysis, save):
+    """subgroups.png: per metric, each attribute level's value and 95% CI (small levels marked)."""
+    panels = []
+    for name, title in (("accuracy", "accuracy"), ("rare_sensitivity", "rare-class sensitivity (Wilson)"),
+                        ("rare_auroc", "rare-class AUROC")):
+        rows = [dict(row, attribute=block["attribute"]) for block in analysis for row in block["rows"]]
+        labels, values, lows, highs = forest_rows(
+            rows, lambda r: f"{r['attribute']} = {r['level']} (n {r['n']}){' *' if r['small_n'] else ''}",
+            name, f"{name}_ci")
+        if labels:
+            panels.append((title, labels, values, lows, highs))
+    if panels:
+        plot_forest(panels, save, "subgroups", "value (95% CI); * small subgroup")

@@ -399,3 +399,157 @@ def test_compare_spec_errors(make_cohort, our_checkpoint, tmp_path, capsys, valu
     out = tmp_path / "out"
     assert exit_code(test_dir, our_checkpoint, out, "--compare", value) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+# -- subgroups -------------------------------------------------------------------------------------
+
+def test_subgroup_rows_equal_sklearn_wilson_and_a_hand_chi_square():
+    import metrics
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+    from statsmodels.stats.proportion import proportion_confint
+    y, probs, _ = synthetic_models(seed=9, n=120)
+    site = np.where(np.arange(120) % 3 == 0, "B", "A")
+    (block,) = metrics.subgroup_analysis(y, probs, {"site": site}, 0, None, 30, seed=2)
+    pred = probs.argmax(1)
+    for row in block["rows"]:
+        mine = site == row["level"]
+        yy, pp = y[mine], pred[mine]
+        rare = yy == 0
+        assert row["n"] == mine.sum() and row["n_rare"] == rare.sum()
+        assert row["accuracy"] == pytest.approx(accuracy_score(yy, pp))
+        assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(yy, pp))
+        assert row["rare_auroc"] == pytest.approx(roc_auc_score(rare, probs[mine, 0]))
+        tp = np.sum(rare & (pp == 0))
+        assert row["rare_sensitivity"] == pytest.approx(tp / rare.sum())
+        assert row["rare_sensitivity_ci"] == pytest.approx(
+            list(proportion_confint(tp, rare.sum(), method="wilson")))
+        assert row["small_n"] == (mine.sum() < 30 or rare.sum() < 10)
+    # the heterogeneity test by hand: sum (O - E)^2 / E over the 2 x 2 table of correct by site
+    correct = pred == y
+    table = np.array([[np.sum(correct & (site == s)), np.sum(~correct & (site == s))] for s in "AB"])
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    chi2 = ((table - expected) ** 2 / expected).sum()
+    assert block["accuracy_test"]["chi2"] == pytest.approx(chi2)
+    from scipy.stats import chi2 as chi2_dist
+    assert block["accuracy_test"]["p"] == pytest.approx(chi2_dist.sf(chi2, 1))
+
+
+def test_bin_labels():
+    assert inference.bin_label(39.9, [0, 40, 60, 120]) == "[0, 40)"
+    assert inference.bin_label(40, [0, 40, 60, 120]) == "[40, 60)"
+    assert inference.bin_label(120, [0, 40, 60, 120]) == "[60, 120]"
+    assert inference.bin_label(121, [0, 40, 60, 120]) is None
+
+
+def write_metadata(test_dir, path, seed=0):
+    import make_demo_metadata
+    assert make_demo_metadata.main(["--cohort", str(test_dir), "--out", str(path), "--seed", str(seed)]) == 0
+    return read_csv(path)
+
+
+def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, our_checkpoint, tmp_path):
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    meta = write_metadata(test_dir, tmp_path / "meta.csv")
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--metadata", str(tmp_path / "meta.csv"),
+                         "--subgroups", "site,age", "--age-bins", "0,40,60,120", figures=True) == 0
+    table = read_csv(out / "subgroups.csv")
+    preds = read_csv(out / "predictions.csv").merge(meta, on="path")
+    assert set(table["attribute"]) == {"site", "age"}
+    for _i, row in table[table["attribute"] == "site"].iterrows():
+        mine = preds[preds["site"] == row["level"]]
+        assert row["n"] == len(mine)
+        assert row["accuracy"] == pytest.approx((mine["pred_label"] == mine["true_label"]).mean())
+        rare = mine[mine["true_label"] == FOLDERS[0]]
+        assert row["rare_sensitivity"] == pytest.approx((rare["pred_label"] == FOLDERS[0]).mean())
+    ages = table[table["attribute"] == "age"]
+    assert set(ages["level"]) <= {"[0, 40)", "[40, 60)", "[60, 120]"}
+    assert ages["n"].sum() == 27 and table[table["attribute"] == "site"]["n"].sum() == 27
+    young = preds[preds["age"] < 40]
+    assert ages.set_index("level").loc["[0, 40)", "n"] == len(young)
+    assert (out / "subgroups.png").is_file()
+    report_md = (out / "report.md").read_text()
+    assert "## Subgroups" in report_md and "Small subgroups" in report_md  # 27 images: all small
+    assert json.loads((out / "metrics.json").read_text())["subgroups"][0]["attribute"] == "site"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--subgroups", "ethnicity"], "--subgroups ethnicity: no such column"),
+    (["--subgroups", "age", "--age-bins", "0,30"], "--age-bins: age"),
+    (["--subgroups", "age"], "pass --age-bins"),
+    (["--metadata", "meta.csv"], "--metadata needs --subgroups"),
+    (["--subgroups", "site", "--age-bins", "50,40"], "--age-bins 50,40"),
+    (["--subgroups", "site", "--metadata", "nope.csv"], "--metadata"),
+])
+def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint, tmp_path, capsys,
+                                                   extra, message):
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    write_metadata(test_dir, tmp_path / "meta.csv")
+    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    if "--metadata" not in extra:
+        extra += ["--metadata", str(tmp_path / "meta.csv")]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert exit_code(test_dir, our_checkpoint, out, *extra) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert message in line and "Traceback" not in err
+    assert not out.exists()
+
+
+# -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
+
+def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
+    import data_preprocess
+    data = make_cohort("data", (10, 24, 15), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv", seed=1)
+    out = tmp_path / "split"
+    assert data_preprocess.main(["--data-root", str(data), "--out-dir", str(out), "--metadata",
+                                 str(tmp_path / "meta.csv"), "--stratify-by", "site", "--test-ratio",
+                                 "0.2", "--near-dup-distance", "0", "--no-progress"]) == 0
+    manifest = read_csv(out / "manifest.csv")
+    assert list(manifest.columns)[-3:] == ["site", "sex", "age"]
+    joined = manifest.merge(meta, left_on="source", right_on="path", suffixes=("", "_meta"))
+    assert len(joined) == len(meta) and (joined["site"] == joined["site_meta"]).all()
+    assert (joined["age"] == joined["age_meta"]).all()
+    for (label, site), stratum in manifest.groupby(["label", "site"]):
+        expected = data_preprocess.allocate_split_counts(len(stratum), 0.2, 0.2)
+        counts = tuple(int((stratum["split"] == s).sum()) for s in ("train", "val", "test"))
+        assert counts == expected, (label, site)
+    # the manifest's columns drive inference's subgroups directly
+    run_args = ["--split", "test", "--subgroups", "site"]
+    ckpt = tmp_path / "ours.pt"
+    torch.manual_seed(0)
+    model, *_ = common.create_model(TINY_MODEL, None)
+    common.save_checkpoint(ckpt, model, tiny_metadata())
+    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval", *run_args) == 0
+    table = read_csv(tmp_path / "eval" / "subgroups.csv")
+    test_rows = manifest[manifest["split"] == "test"]
+    assert dict(zip(table["level"], table["n"])) == test_rows["site"].value_counts().to_dict()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stratify-by", "site"], "--stratify-by names a column of --metadata"),
+    (["--metadata", "meta.csv", "--stratify-by", "hospital"], "--stratify-by hospital: no such column"),
+    (["--metadata", "reserved.csv"], "column 'split' is a manifest column"),
+    (["--metadata", "twice.csv"], "row 3: path"),
+])
+def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path, capsys, extra, message):
+    import data_preprocess
+    from conftest import tree_state
+    data = make_cohort("data", (4, 6, 5), seed=3)
+    meta = write_metadata(data, tmp_path / "meta.csv")
+    meta.assign(split="x").to_csv(tmp_path / "reserved.csv", index=False)
+    pd.concat([meta.iloc[:1], meta]).to_csv(tmp_path / "twice.csv", index=False)
+    extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
+    before = tree_state(data)
+    capsys.readouterr()
+    try:
+        code = data_preprocess.main(["--data-root", str(data), "--out-dir", str(tmp_path / "split"),
+                                     "--no-progress", *extra])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "split").exists() and tree_state(data) == before
