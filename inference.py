@@ -1256,6 +1256,7 @@ class AnswerSetup:
     steps: list  # AnswerStep, in step order (--predictions first, then each --compare)
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
 
 
 def named_file(spec):
@@ -1332,7 +1333,7 @@ def prepare_answers(args, argv):
              for name, path, flag in specs]
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
-                       argv)
+                       argv, cohort_subgroups(args, cohort))
 
 
 def answers_run_info(args, setup, step):
@@ -1363,6 +1364,23 @@ def score_answer_step(step, setup, args):
     return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
 
 
+def score_answer_subgroups(setup, step, args):
+    """metrics.subgroup_analysis of --subgroups on the rows a step answered, as score_subgroups
+    does for a model; AUROC only where the file gives probabilities."""
+    if not setup.subgroups:
+        return None
+    scored = step.answers.pred_index >= 0
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
+    analysis = subgroup_analysis(labels[scored], step.probs[scored], attributes, 0, groups,
+                                 args.bootstrap, args.seed)
+    for row in (row for attribute in analysis for row in attribute["rows"]):
+        if not step.has_probs:  # a one-hot column ranks nothing
+            row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None, macro_auroc_ci=None)
+    return analysis
+
+
 def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     """Every output of one answer file that needs no model (and the sequential table, once)."""
     output_dir = Path(output_dir)
@@ -1378,9 +1396,10 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, statuses, folders, True)
     metrics, itd = score_answer_step(step, setup, args)
+    subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
     metrics = {"n": metrics.pop("n"), "n_received": len(labels),
                "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
-               **itd, "flow": flow, "comparison": None, **run}
+               **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
     if sequential is not None:
         metrics["sequential"] = sequential
         common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
@@ -1391,6 +1410,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
         scored = step.answers.pred_index >= 0
         y_true, probs = np.asarray(labels)[scored], step.probs[scored]
         write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
+        write_subgroup_outputs(output_dir, subgroups, args.figures)
         if args.figures and step.has_probs:
             write_figures(save, y_true, probs, None, folders, metrics, None, 0)
         elif args.figures:
@@ -1399,7 +1419,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
         plot_sequential(sequential, folders, save)
     common.atomic_write_text(output_dir / "report.md",
                              render_report(run, flow, metrics, folders, None, itd, None,
-                                           sequential=sequential))
+                                           subgroups=subgroups, sequential=sequential))
     return metrics
 
 

@@ -271,3 +271,23 @@ def test_readme_second_step_example_runs_as_written_and_gives_its_table(tmp_path
         assert (f"| {cells[0]} | sensitivity | {cells[1]} | {cells[2]} | {cells[3]} | "
                 f"{q}, df 2 ({p} |") in report, cells[0]
     assert "| 12 | 0.250 (0.000–0.500) | 3 / 0 | 0.125 (0.250) | 0.025 |" in report
+
+
+def test_subgroups_of_an_answer_file_by_hand_without_auroc(answers, tmp_path):
+    cohort, files, label_map = answers
+    metadata = tmp_path / "metadata.csv"
+    sexes = ["F", "F", "F", "F", "F", "M", "M", "M", "M"]
+    with open(metadata, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "sex"])
+        writer.writerows(zip(image_paths(), sexes))
+    out = tmp_path / "out"
+    assert run_steps(cohort, files, label_map, out, "--metadata", str(metadata), "--subgroups", "sex") == 0
+    table = pd.read_csv(out / "subgroups.csv").set_index("level")
+    # step 1: F images 0-4 right on 0 and 3 (2/5); M images 5-8 right on 5 and 6 (2/4)
+    assert table.loc["F", "accuracy"] == pytest.approx(2 / 5) and table.loc["M", "n"] == 4
+    assert table.loc["M", "accuracy"] == pytest.approx(2 / 4)
+    assert table["macro_auroc"].isna().all()  # labels only: no AUROC
+    # step 2 leaves out image 2 (unmapped): F right on 0, 1, 3, 4 of 4
+    second = pd.read_csv(out / "step2_image+demographics" / "subgroups.csv").set_index("level")
+    assert (second.loc["F", "n"], second.loc["F", "accuracy"]) == (4, pytest.approx(1.0))
