@@ -291,3 +291,35 @@ def test_subgroups_of_an_answer_file_by_hand_without_auroc(answers, tmp_path):
     # step 2 leaves out image 2 (unmapped): F right on 0, 1, 3, 4 of 4
     second = pd.read_csv(out / "step2_image+demographics" / "subgroups.csv").set_index("level")
     assert (second.loc["F", "n"], second.loc["F", "accuracy"]) == (4, pytest.approx(1.0))
+
+
+def test_probabilities_that_disagree_with_the_label_are_refused_naming_the_image(answers, tmp_path,
+                                                                                  capsys):
+    cohort, _files, _map = answers
+    path = tmp_path / "disagree.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "pred_label", *(f"prob_{c}" for c in ORDER)])
+        for i, p in enumerate(image_paths()):
+            probs = [0.1, 0.1, 0.8] if i == 4 else [0.8, 0.1, 0.1]
+            writer.writerow([p, ORDER[0], *probs])  # image 4: label TED, most probable tumour
+    out = tmp_path / "out"
+    assert inference.main(["--test-dir", str(cohort), "--predictions", str(path), "--output-dir",
+                           str(out)]) == 2
+    assert (f"--predictions {path}: image '{image_paths()[4]}': its pred_label is not its most "
+            "probable class") in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_label_map_also_maps_compare_answers_against_a_checkpoint(answers):
+    import argparse
+    cohort_dir, files, label_map = answers
+    cohort = inference.Cohort(sorted((p, ORDER.index(p.parent.name)) for p in cohort_dir.rglob("*.png")),
+                              True, cohort_dir)
+    args = argparse.Namespace(compare=[f"mllm={files[1]}"], label_map=str(label_map))
+    read = inference.read_compared(args, cohort, ORDER)["mllm"]
+    order = [inference.relative_path(p, cohort_dir) for p, _ in cohort.items]
+    expected = dict(zip(image_paths(), [0, 0, -1, 1, 1, 1, 2, 2, 0]))
+    assert read.pred_index.tolist() == [expected[p] for p in order]
+    assert read.statuses[order.index(image_paths()[2])] == \
+        "failed: unmapped answer 'I cannot determine the subtype'"
