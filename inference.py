@@ -1442,11 +1442,13 @@ def run_answers(args, argv):
         sequential = sequential_analysis(labels, np.stack([s.answers.pred_index for s in steps]),
                                          folders, [s.name for s in steps], setup.cohort.groups,
                                          args.bootstrap, args.seed)
-    output_dir = Path(args.output_dir)
+    output_dir, empty = Path(args.output_dir), []
     for i, step in enumerate(steps):
         LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
         folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
         metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
+        if not metrics["n"]:
+            empty.append(step.file)
         LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
                  metrics["n_received"], metrics["n_failed"],
                  format_value(metrics["accuracy"], metrics["accuracy_ci"]),
@@ -1456,6 +1458,10 @@ def run_answers(args, argv):
             LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
                      "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
     LOG.info("== done: outputs in %s ==", output_dir)
+    if empty:  # as for a checkpoint whose images are all unreadable: written, but not a success
+        print(f"error: no answer of {', '.join(empty)} could be scored; the reasons are in the "
+              "status column of its predictions.csv", file=sys.stderr)
+        return 1
     return 0
 
 

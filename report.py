@@ -372,7 +372,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
                   f"{run['rare_class']} sensitivity "
                   f"{format_value(itd['itd_rare_sensitivity'], itd['itd_rare_sensitivity_ci'])}.", ""]
     if not metrics["n"]:
-        return "\n".join(lines + ["No image could be read: there is nothing to score."]) + "\n"
+        return "\n".join(lines + ["No answer could be scored: there is nothing to score." if answers
+                                  else "No image could be read: there is nothing to score."]) + "\n"
     lines += [f"## Metrics on the {metrics['n']} scored images", ""]
     if metrics["bootstrap_unit"] == "group":
         lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap); "

@@ -323,3 +323,20 @@ def test_label_map_also_maps_compare_answers_against_a_checkpoint(answers):
     assert read.pred_index.tolist() == [expected[p] for p in order]
     assert read.statuses[order.index(image_paths()[2])] == \
         "failed: unmapped answer 'I cannot determine the subtype'"
+
+
+def test_an_answer_file_with_no_scorable_answer_exits_1_after_writing_its_flow(answers, tmp_path,
+                                                                              capsys):
+    cohort, _files, label_map = answers
+    path = tmp_path / "refusals.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "answer"])
+        writer.writerows([p, "I cannot determine"] for p in image_paths())
+    out = tmp_path / "out"
+    assert inference.main(["--test-dir", str(cohort), "--predictions", str(path), "--label-map",
+                           str(label_map), "--output-dir", str(out)]) == 1
+    assert f"no answer of {path} could be scored" in capsys.readouterr().err
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["n"], result["n_failed"], result["itd_accuracy"]) == (0, 9, 0.0)
+    assert "No answer could be scored" in (out / "report.md").read_text()
