@@ -367,7 +367,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         return "\n".join(lines) + "\n"
     lines += ["## Flow of images (STARD 19)", ""] + flow_markdown(flow) + [""]
     if itd is not None:
-        lines += [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}): "
+        what = "failed and unmapped answers" if answers else "unreadable images"
+        lines += [f"Intention-to-diagnose ({what} counted as errors, n = {itd['itd_n']}): "
                   f"accuracy {format_value(itd['itd_accuracy'], itd['itd_accuracy_ci'])}, "
                   f"{run['rare_class']} sensitivity "
                   f"{format_value(itd['itd_rare_sensitivity'], itd['itd_rare_sensitivity_ci'])}.", ""]

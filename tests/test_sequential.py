@@ -340,3 +340,14 @@ def test_an_answer_file_with_no_scorable_answer_exits_1_after_writing_its_flow(a
     result = json.loads((out / "metrics.json").read_text())
     assert (result["n"], result["n_failed"], result["itd_accuracy"]) == (0, 9, 0.0)
     assert "No answer could be scored" in (out / "report.md").read_text()
+
+
+def test_report_of_answers_words_the_intention_to_diagnose_line_for_answers(answers, tmp_path):
+    cohort, files, label_map = answers
+    out = tmp_path / "out"
+    assert run_steps(cohort, files, label_map, out) == 0
+    text = (out / "step2_image+demographics" / "report.md").read_text()
+    # 9 received, the unmapped answer a miss: 7 right of 9 (all but images 2 and 8); TED 2 of 3
+    assert ("Intention-to-diagnose (failed and unmapped answers counted as errors, n = 9): "
+            "accuracy 0.778 (") in text
+    assert "thyroid eye disease sensitivity 0.667 (" in text
