@@ -20,6 +20,8 @@ the bootstrap resample patients, not images):
     $ python inference.py --test-dir splits/manifest.csv --checkpoint best.pt \\
           --baseline datacomp_s34b_b86k --output-dir results_vs_zero_shot --cache-dir emb_cache
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
+          --compare resnet50=runs/resnet50/predictions.csv --metadata meta.csv --subgroups site
+    $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
           --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
     $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
           --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
@@ -27,8 +29,10 @@ the bootstrap resample patients, not images):
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
 prob_histograms and confusion_matrix figures (.png and .pdf), report.md (one page that maps each
-output to the checklist item it serves), args.json; with --baseline also comparison.csv and
-baseline_predictions.csv; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
+output to the checklist item it serves), args.json; with --baseline or --compare NAME=FILE (other
+models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
+baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
+subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
 alpha and wise_ft_summary.csv.
 """
 

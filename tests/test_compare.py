@@ -553,3 +553,31 @@ def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "split").exists() and tree_state(data) == before
+
+
+def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_patients(
+        make_cohort, our_checkpoint, tmp_path):
+    """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test
+    recomputed from the two predictions files and their group column; CIs are patient-level."""
+    import metrics
+    test_dir = make_cohort("external", (6, 12, 9), seed=1)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, our_checkpoint, first) == 0
+    ours = read_csv(first / "predictions.csv")
+    other = ours[["path", "pred_label"]].copy()
+    for i in range(0, 27, 4):  # every 4th answer changed
+        other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"reader={tmp_path / 'other.csv'}",
+                         "--group-regex", r"^(.+_\d\d)\d\.") == 0
+    preds = read_csv(out / "predictions.csv")
+    assert preds["group"].nunique() < len(preds)
+    row = read_csv(out / "comparison.csv").set_index("metric").loc["accuracy"]
+    truth = preds["true_label"].to_numpy()
+    expected = metrics.obuchowski_test(preds["pred_label"].to_numpy() == truth,
+                                       other["pred_label"].to_numpy() == truth,
+                                       preds["group"].to_numpy())
+    assert row["p_mcnemar_clustered"] == pytest.approx(expected["p"])
+    assert row["ci_unit"] == "patient" and not np.isnan(row["model_ci_low"])
+    assert np.isnan(read_csv(out / "comparison.csv").set_index("metric").loc["rare_auroc", "model_value"])
