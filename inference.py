@@ -33,7 +33,10 @@ output to the checklist item it serves), args.json; with --baseline or --compare
 models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
 baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
 subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
-alpha and wise_ft_summary.csv.
+alpha and wise_ft_summary.csv. With --predictions FILE (answers, no model) the same files that need
+no model (ROC and calibration only with prob_ columns); its --compare files are later steps of the
+same reader: sequential.csv, sequential_changes.csv, sequential.png and a step<k>_<name>/ folder
+per step.
 """
 
 import argparse
