@@ -1346,7 +1346,8 @@ def prepare_answers(args, argv):
 def answers_run_info(args, setup, step):
     """What was scored, for metrics.json, args.json and report.md (the answer-file header)."""
     cohort = setup.cohort
-    return {"source": "answer file", "predictions_file": step.file, "predictions_sha256": step.sha256, "step": step.name,
+    return {"source": "answer file", "predictions_file": step.file,
+            "predictions_sha256": step.sha256, "step": step.name,
             "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
             "class_order": "--classes" if args.classes else "sorted by name",
             "rare_class": setup.folders[0], "label_map": args.label_map,

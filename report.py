@@ -387,7 +387,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if sequential is not None:
         lines += ["", "## Sequential readings: what each added piece of information changes", ""]
         lines += sequential_markdown(sequential)
-        lines += ["", "![sensitivity and specificity by step](sequential.png)"] if run.get("figures", True) else []
+        if run.get("figures", True):
+            lines += ["", "![sensitivity and specificity by step](sequential.png)"]
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}))

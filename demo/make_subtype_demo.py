@@ -97,7 +97,8 @@ def write_images(out_dir, seed=SEED):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="cohort folder to create; one sub-folder per subtype")
     parser.add_argument("--answers-dir", default=None,
                         help="also write the answer files and label map here (demo/subtypes holds "

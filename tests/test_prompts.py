@@ -29,7 +29,8 @@ def test_answers_map_case_and_whitespace_insensitively_and_refusals_map_to_none(
 def test_label_map_refusals_name_the_file_and_the_fault(tmp_path):
     with pytest.raises(prompts.LabelMapError, match="label map names 'TED eye', not a class of"):
         prompts.parse_label_map({"TED eye": ["TED"]}, SUBTYPES)
-    with pytest.raises(prompts.LabelMapError, match="answer 'MASS' names two classes \\('orbital tumour' and 'orbital inflammation'\\)"):
+    with pytest.raises(prompts.LabelMapError,
+                       match="answer 'MASS' names two classes \\('orbital tumour' and 'orbital inflammation'\\)"):
         prompts.parse_label_map({"orbital tumour": ["mass"], "orbital inflammation": ["MASS"]}, SUBTYPES)
     with pytest.raises(prompts.LabelMapError, match="answer 'Orbital Tumour' names two classes"):
         prompts.parse_label_map({"thyroid eye disease": ["Orbital Tumour"]}, SUBTYPES)

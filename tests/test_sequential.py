@@ -195,12 +195,14 @@ def test_answer_paths_that_do_not_match_the_cohort_are_refused_naming_file_and_r
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
     err = errors[0]
-    assert err.startswith(f"error: --compare {STEPS[1]}= {bad}: row 2: image 'orbital tumour/P9_99.png' is not in the cohort")
+    assert err.startswith(f"error: --compare {STEPS[1]}= {bad}: row 2: image "
+                          "'orbital tumour/P9_99.png' is not in the cohort")
     assert tree_state(tmp_path) == before  # nothing written
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--predictions", "{a}", "--checkpoint", "x.pt"], "give --checkpoint (a model to evaluate) or --predictions"),
+    (["--predictions", "{a}", "--checkpoint", "x.pt"],
+     "give --checkpoint (a model to evaluate) or --predictions"),
     (["--checkpoint", "x.pt", "--label-map", "{m}"], "--label-map needs --predictions or --compare"),
     (["--checkpoint", "x.pt", "--classes", "a,b"], "--classes needs --predictions"),
     (["--predictions", "{a}", "--compare", "{b}"], ": expected NAME=FILE"),
@@ -258,7 +260,8 @@ def test_readme_second_step_example_runs_as_written_and_gives_its_table(tmp_path
     commands = ("python " + block).replace("\\\n", " ").splitlines()
     assert len(commands) == 2 and "--predictions image=demo/subtypes/step1.csv" in commands[1]
     for command in commands:  # the README's commands, demo_run/ moved into tmp_path
-        command = command.strip().replace("demo_run/", f"{tmp_path}/").replace("python ", f"{sys.executable} ", 1)
+        command = command.strip().replace("demo_run/", f"{tmp_path}/")
+        command = command.replace("python ", f"{sys.executable} ", 1)
         done = subprocess.run(command, shell=True, cwd=REPO_ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "second_step" / "report.md").read_text(encoding="utf-8")
