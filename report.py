@@ -712,7 +712,8 @@ def plot_sequential(sequential, folders, save):
                             capsize=3, color=f"C{k}", label=wrap(folder, 30))
             ax.set(ylim=(-0.02, 1.02), xlim=(-0.4, len(steps) - 0.6), ylabel=measure,
                    title=f"{measure.capitalize()} by step (95% Wilson CI)")
-            ax.set_xticks(x, [wrap(s, 14) for s in steps])
+            # '+' joins what each step adds (image+demographics): one line per part, no overlap
+            ax.set_xticks(x, ["\n+".join(wrap(part, 14) for part in s.split("+")) for s in steps])
             ax.legend(loc="best", frameon=False)
         save_figure(plt, fig, save, "sequential")
 
