@@ -1104,7 +1104,7 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
     predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     itd = intention_to_diagnose(labels, predicted, rare)
     comparison = None
-    if baseline_scores is not None or compared:
+    if (baseline_scores is not None or compared) and scored.any():  # nothing to compare on otherwise
         comparison = compare_predictions(
             y_true, ComparedModel("ours", probs[scored].argmax(axis=1), probs[scored]),
             [dataclasses.replace(model, pred=model.pred[scored],

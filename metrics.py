@@ -830,7 +830,7 @@ class ComparedModel:
     probs: np.ndarray | None  # (N, C) or None (labels only: no AUROC)
 
 
-def comparison_rows(name, reference, other, point, boot, mask, confidence):
+def comparison_rows(name, point, boot, mask, confidence):
     """The COMPARISON_METRICS rows of one model against the reference (see `compare_predictions`)."""
     rows = []
     for metric in COMPARISON_METRICS:
@@ -900,7 +900,7 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
             parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed)]
             boot = [{key: np.concatenate([part[i][key] for part in parts]) for key in parts[0][i]}
                     for i in range(2)]
-        model_rows = comparison_rows(other.name, reference, other, point, boot, mask, confidence)
+        model_rows = comparison_rows(other.name, point, boot, mask, confidence)
         add_paired_tests(model_rows, y_true[mask], reference, other, mask, rare_index,
                          None if groups is None else np.asarray(groups)[mask], has_probs)
         rows += model_rows

@@ -3,6 +3,7 @@ the clustered McNemar test and the subgroup analysis: known answers and independ
 recomputations (scikit-learn, scipy, statsmodels, explicit loops)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,6 +527,17 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
     table = read_csv(tmp_path / "eval" / "subgroups.csv")
     test_rows = manifest[manifest["split"] == "test"]
     assert dict(zip(table["level"], table["n"])) == test_rows["site"].value_counts().to_dict()
+    # in combination: a manifest cohort, --compare of that run's own predictions.csv (paths
+    # relative to the manifest's folder), --subgroups and --anonymize-paths
+    own = tmp_path / "eval" / "predictions.csv"
+    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval2", *run_args,
+                         "--compare", f"same={own}", "--anonymize-paths") == 0
+    comparison = read_csv(tmp_path / "eval2" / "comparison.csv")
+    assert (comparison["difference"].dropna() == 0).all() and comparison["difference"].notna().any()
+    assert read_csv(tmp_path / "eval2" / "subgroups.csv").equals(table)
+    for name in ("predictions.csv", "report.md", "comparison.csv", "subgroups.csv"):
+        text = (tmp_path / "eval2" / name).read_text()
+        assert not any(Path(p).name in text for p in test_rows["path"]), name
 
 
 @pytest.mark.parametrize("extra, message", [
