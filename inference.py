@@ -23,6 +23,8 @@ the bootstrap resample patients, not images):
           --compare resnet50=runs/resnet50/predictions.csv --metadata meta.csv --subgroups site
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
           --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
+    $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
+          --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
 
 Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
 classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
@@ -32,7 +34,10 @@ failure_analysis/), args.json; with --baseline or --compare NAME=FILE (other
 models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
 baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
 subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
-alpha and wise_ft_summary.csv.
+alpha and wise_ft_summary.csv. With --predictions FILE (answers, no model) the same files that need
+no model (ROC and calibration only with prob_ columns); its --compare files are later steps of the
+same reader: sequential.csv, sequential_changes.csv, sequential.png and a step<k>_<name>/ folder
+per step.
 """
 
 import argparse
@@ -58,12 +63,13 @@ from tqdm import tqdm
 import common
 import prompts as prompt_sets
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
-                     compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
-                     interval_levels, operating_point_metrics, rule_predictions, softmax,
-                     subgroup_analysis)
+                     compare_predictions, compute_metrics, finite_or_none, format_p, intention_to_diagnose,
+                     interval_levels, label_probs, operating_point_metrics, rule_predictions,
+                     sequential_analysis, softmax, subgroup_analysis, without_probability_metrics)
 from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    most_confident_errors, per_class_frame, plot_comparison, plot_subgroups,
-                    predictions_frame, relative_path, render_report, resample_notes, subgroups_frame,
+                    most_confident_errors, per_class_frame, plot_comparison, plot_confusion_matrices,
+                    plot_sequential, plot_subgroups, predictions_frame, relative_path, render_report,
+                    resample_notes, sequential_changes_frame, sequential_frame, subgroups_frame,
                     write_figures)
 
 LOG = logging.getLogger("inference")
@@ -78,8 +84,8 @@ THUMBNAIL_PX = 160  # longer side of a thumbnail
 OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
                 "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
                 "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                "subgroups.csv",
-                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "subgroups")
+                "sequential.csv", "sequential_changes.csv", "subgroups.csv",
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential", "subgroups")
                   for ext in ("png", "pdf")))
 
 
@@ -489,8 +495,9 @@ class ExternalPredictions:
 
 
 def normalise_answer(text):
-    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ')."""
-    return " ".join(str(text).split()).casefold()
+    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ');
+    prompts.normalise_answer is the one rule (shared with --label-map)."""
+    return prompt_sets.normalise_answer(str(text))
 
 
 def normalise_relative_path(text):
@@ -502,17 +509,10 @@ def normalise_relative_path(text):
 
 
 def answer_lookup(folders, label_map, where):
-    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`."""
-    lookup = {normalise_answer(folder): k for k, folder in enumerate(folders)}
-    for folder, synonyms in (label_map or {}).items():
-        if folder not in folders:
-            raise ValueError(f"{where}: label map names {folder!r}, not a class of {folders}")
-        for synonym in [synonyms] if isinstance(synonyms, str) else synonyms:
-            key = normalise_answer(synonym)
-            if lookup.get(key, folders.index(folder)) != folders.index(folder):
-                raise ValueError(f"{where}: label map answer {synonym!r} names two classes")
-            lookup[key] = folders.index(folder)
-    return lookup
+    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
+    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
+    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    return {answer: folders.index(folder) for answer, folder in lookup.items()}
 
 
 def read_csv_rows(path, where):
@@ -1342,6 +1342,240 @@ def run_wise_ft(args, setup, baseline_scores):
 
 
 # ----------------------------------------------------------------------------------------------
+# Scoring answer files without a model (--predictions [NAME=]FILE, steps with --compare)
+
+
+@dataclasses.dataclass
+class AnswerStep:
+    """One answer file, scored as one step."""
+    name: str  # the step's name (NAME= of the flag, else the file stem)
+    file: str  # the answer file
+    flag: str  # the flag that named the file, for messages
+    answers: ExternalPredictions
+    probs: np.ndarray  # (N, C): the file's probabilities, else one-hot labels; NaN rows where failed
+    has_probs: bool
+    sha256: str
+
+
+@dataclasses.dataclass
+class AnswerSetup:
+    """What `prepare_answers` checks and reads before any output is written."""
+    cohort: Cohort
+    folders: list
+    steps: list  # AnswerStep, in step order (--predictions first, then each --compare)
+    anonymize: object  # text -> pseudonym, or None
+    argv: list = dataclasses.field(default_factory=list)
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+
+
+def named_file(spec):
+    """(name, path) of 'NAME=FILE', or (file stem, FILE) when spec is an existing file or has no '='."""
+    if "=" in spec and not Path(spec).is_file():
+        name, path = spec.split("=", 1)
+        return name.strip(), path
+    return Path(spec).stem, spec
+
+
+def cohort_class_names(test_dir, split):
+    """The class folders a cohort holds: its sub-folders, or the labels of a manifest's split."""
+    spec = Path(test_dir)
+    if spec.is_file():
+        with open(spec, newline="", encoding="utf-8") as handle:
+            return sorted({row.get("label", "") for row in csv.DictReader(handle)
+                           if row.get("split") == split} - {""})
+    _items, found = common.list_class_folder_images(spec, [])
+    return found
+
+
+def step_probs(answers, n_classes, where):
+    """(probs, has_probs): the file's probabilities (each ok row's most probable class must be its
+    label, or the metrics would score another answer than the file gives), else one-hot labels."""
+    if answers.probs is None:
+        return label_probs(answers.pred_index, n_classes), False
+    ok = answers.pred_index >= 0
+    disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
+                                    != answers.pred_index))
+    if disagree.size:
+        raise ValueError(f"{where}: image {answers.paths[disagree[0]]!r}: its "
+                         f"{answers.answer_column} is not its most probable class; give labels "
+                         "that agree with the prob_ columns (or drop the prob_ columns)")
+    return answers.probs, True
+
+
+def read_answer_step(name, path, flag, cohort, folders, label_map):
+    """One AnswerStep (the file of `flag`), matched to the cohort by path."""
+    paths = [relative_path(p, cohort.root) for p, _label in cohort.items]
+    true_labels = [folders[label] for _p, label in cohort.items]
+    where = f"{flag} {path}"
+    answers = read_external_predictions(path, paths, folders, flag, label_map, true_labels)
+    probs, has_probs = step_probs(answers, len(folders), where)
+    return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
+
+
+def read_label_map(path, folders):
+    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    if not path:
+        return None
+    try:
+        label_map = prompt_sets.read_label_map_file(path)
+        prompt_sets.parse_label_map(label_map, folders, path)
+    except prompt_sets.LabelMapError as err:
+        raise ValueError(f"--label-map {err}") from None
+    return label_map
+
+
+def prepare_answers(args, argv):
+    """Cohort, classes, label map and every answer file read and checked (ValueError/OSError)."""
+    check_output_dir(args.output_dir, args.overwrite)
+    split = (args.split or DEFAULT_SPLIT) if Path(args.test_dir).is_file() else None
+    found = cohort_class_names(args.test_dir, split)
+    if not found:
+        raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
+                         "the class folders (or a manifest's labels) of the cohort")
+    folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
+    label_map = read_label_map(args.label_map, folders)
+    cohort = collect_cohort(args, folders)
+    compared, _bad, _why = parse_compare_specs(args.compare)
+    specs = [(*named_file(args.predictions), "--predictions")] + [
+        (name, path, f"--compare {name}=") for name, path in (compared or {}).items()]
+    steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
+             for name, path, flag in specs]
+    salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
+    return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
+                       argv, cohort_subgroups(args, cohort))
+
+
+def answers_run_info(args, setup, step):
+    """What was scored, for metrics.json, args.json and report.md (the answer-file header)."""
+    cohort = setup.cohort
+    return {"source": "answer file", "predictions_file": step.file,
+            "predictions_sha256": step.sha256, "step": step.name,
+            "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
+            "class_order": "--classes" if args.classes else "sorted by name",
+            "rare_class": setup.folders[0], "label_map": args.label_map,
+            "probabilities": step.has_probs,
+            "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
+            "split": cohort.split, "group_source": cohort.group_source,
+            "anonymized": bool(setup.anonymize), "bootstrap": args.bootstrap,
+            "bootstrap_unit": "group" if cohort.groups is not None else "image", "seed": args.seed,
+            "confidence_level": CONFIDENCE_LEVEL, "ece_bins": args.ece_bins,
+            "figures": args.figures, "versions": package_versions()}
+
+
+def score_answer_step(step, setup, args):
+    """(metrics, intention-to-diagnose) of one step on the rows it answered."""
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    scored = step.answers.pred_index >= 0
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    metrics = compute_metrics(labels[scored], step.probs[scored], setup.folders, args.bootstrap,
+                              args.seed, groups=groups, ece_bins=args.ece_bins)
+    if not step.has_probs:
+        metrics = without_probability_metrics(metrics)
+    return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
+
+
+def score_answer_subgroups(setup, step, args):
+    """metrics.subgroup_analysis of --subgroups on the rows a step answered, as score_subgroups
+    does for a model; AUROC only where the file gives probabilities."""
+    if not setup.subgroups:
+        return None
+    scored = step.answers.pred_index >= 0
+    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
+    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
+    analysis = subgroup_analysis(labels[scored], step.probs[scored], attributes, 0, groups,
+                                 args.bootstrap, args.seed)
+    for row in (row for attribute in analysis for row in attribute["rows"]):
+        if not step.has_probs:  # a one-hot column ranks nothing
+            row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None, macro_auroc_ci=None)
+    return analysis
+
+
+def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
+    """Every output of one answer file that needs no model (and the sequential table, once)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_outputs(output_dir)
+    cohort, folders, statuses = setup.cohort, setup.folders, step.answers.statuses
+    frame = predictions_frame(cohort, folders, step.probs, statuses, anonymize=setup.anonymize)
+    if not step.has_probs:  # one-hot columns would pass for probabilities
+        frame = frame.drop(columns=[f"prob_{folder}" for folder in folders])
+    common.atomic_write_csv(output_dir / "predictions.csv", frame)
+    run = answers_run_info(args, setup, step)
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    labels = [label for _path, label in cohort.items]
+    flow = flow_counts(labels, statuses, folders, True)
+    metrics, itd = score_answer_step(step, setup, args)
+    subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
+    metrics = {"n": metrics.pop("n"), "n_received": len(labels),
+               "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
+               **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
+    if sequential is not None:
+        metrics["sequential"] = sequential
+        common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
+        common.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
+    common.atomic_write_json(output_dir / "metrics.json", metrics)
+    save = figure_saver(output_dir)
+    if metrics["n"]:
+        scored = step.answers.pred_index >= 0
+        y_true, probs = np.asarray(labels)[scored], step.probs[scored]
+        write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
+        write_subgroup_outputs(output_dir, subgroups, args.figures)
+        if args.figures and step.has_probs:
+            write_figures(save, y_true, probs, None, folders, metrics, None, 0)
+        elif args.figures:
+            plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
+    if sequential is not None and args.figures:
+        plot_sequential(sequential, folders, save)
+    common.atomic_write_text(output_dir / "report.md",
+                             render_report(run, flow, metrics, folders, None, itd, None,
+                                           subgroups=subgroups, sequential=sequential))
+    return metrics
+
+
+def step_folder(index, name):
+    """The output folder of a later step: step<k>_<name> with only safe characters."""
+    return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
+
+
+def run_answers(args, argv):
+    """inference.py --predictions: score answer files, no model. Returns the exit code."""
+    try:
+        setup = prepare_answers(args, argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps, folders = setup.steps, setup.folders
+    sequential = None
+    if len(steps) > 1:
+        labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
+        sequential = sequential_analysis(labels, np.stack([s.answers.pred_index for s in steps]),
+                                         folders, [s.name for s in steps], setup.cohort.groups,
+                                         args.bootstrap, args.seed)
+    output_dir, empty = Path(args.output_dir), []
+    for i, step in enumerate(steps):
+        LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
+        folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
+        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
+        if not metrics["n"]:
+            empty.append(step.file)
+        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
+                 metrics["n_received"], metrics["n_failed"],
+                 format_value(metrics["accuracy"], metrics["accuracy_ci"]),
+                 format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
+    if sequential is not None:
+        for row in sequential["omnibus"]:
+            LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
+                     "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
+    LOG.info("== done: outputs in %s ==", output_dir)
+    if empty:  # as for a checkpoint whose images are all unreadable: written, but not a success
+        print(f"error: no answer of {', '.join(empty)} could be scored; the reasons are in the "
+              "status column of its predictions.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1355,10 +1589,11 @@ def parse_args(argv=None):
     data.add_argument("--split", default=None,
                       help=f"with a manifest.csv --test-dir: the rows evaluated (default "
                            f"{DEFAULT_SPLIT}; no fallback to another split)")
-    data.add_argument("--checkpoint", required=True,
+    data.add_argument("--checkpoint", default=None,
                       help="checkpoint of clip_train.py, a plain open_clip state_dict (needs "
                            "--model-name), or for the zero-shot baseline an open_clip pretrained tag "
-                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH")
+                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH; or give "
+                           "--predictions instead")
     data.add_argument("--model-name", default=None,
                       help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
                            "with our checkpoints (stored in them), required otherwise (published: "
@@ -1372,6 +1607,21 @@ def parse_args(argv=None):
     data.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                       help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
                            "unless --overwrite")
+    answers = parser.add_argument_group(
+        "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
+    answers.add_argument("--predictions", default=None, metavar="[NAME=]FILE",
+                         help="score this CSV of answers instead of a --checkpoint: columns path (as "
+                              "in predictions.csv, relative to --test-dir), answer or pred_label, "
+                              "optional prob_<class> for every class and status; NAME names the "
+                              "step (default: the file stem)")
+    answers.add_argument("--label-map", default=None, metavar="JSON",
+                         help="with --predictions or --compare: {class folder: [synonym, ...]}, "
+                              "matched case- and "
+                              "whitespace-insensitively; an answer it does not map is a failed row "
+                              "(status 'failed: unmapped answer ...'), never guessed")
+    answers.add_argument("--classes", default=None, metavar="A,B,C",
+                         help="with --predictions: class folders in index order (default: sorted "
+                              "by name); index 0 is the class of the intention-to-diagnose line")
     compare = parser.add_argument_group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
                          help="a second model scored on the same images (a pretrained tag, or "
@@ -1383,7 +1633,10 @@ def parse_args(argv=None):
                               "predictions.csv, an MLLM's or a clinician's answers): CSV with path "
                               "(as in our predictions.csv) and pred_label (or answer), optional "
                               "prob_<folder> per class and status; each becomes rows of "
-                              "comparison.csv against our model (paired CIs, McNemar, DeLong)")
+                              "comparison.csv against our model (paired CIs, McNemar, DeLong); "
+                              "with --predictions: later steps of the same reader, in order "
+                              "(the sequential table: per class sensitivity and specificity per "
+                              "step, paired changes with McNemar, Cochran's Q)")
     compare.add_argument("--baseline-model-name", default=None,
                          help="architecture of a tag or plain state_dict --baseline (default: the "
                               "model's own)")
@@ -1462,8 +1715,41 @@ def parse_args(argv=None):
     return args
 
 
+def check_answer_args(parser, args):
+    """--checkpoint or --predictions, and the flags that belong to only one of them."""
+    if bool(args.checkpoint) == bool(args.predictions):
+        parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
+                     + ("not both" if args.checkpoint else "one of them"))
+    if args.label_map and not Path(args.label_map).is_file():
+        parser.error(f"--label-map {args.label_map}: no such file")
+    if not args.predictions:
+        if args.label_map and not args.compare:
+            parser.error("--label-map needs --predictions or --compare (it maps answers to classes)")
+        if args.classes is not None:
+            parser.error("--classes needs --predictions (a checkpoint brings its own classes)")
+        return
+    for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
+                        ("--prompts", args.prompts), ("--baseline", args.baseline),
+                        ("--wise-ft-alpha", args.wise_ft_alpha), ("--cache-dir", args.cache_dir),
+                        ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
+        if value is not None:
+            parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
+    name, path = named_file(args.predictions)  # the --compare steps: check_compare_args
+    if not name:
+        parser.error(f"--predictions {args.predictions}: the step NAME before '=' is empty")
+    if not Path(path).is_file():
+        parser.error(f"--predictions {path}: no such file")
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    if specs and name in specs:
+        parser.error(f"--compare {name}={specs[name]}: step name {name!r} is used twice; name "
+                     "each step once")
+    if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
+        parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
+
+
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
+    check_answer_args(parser, args)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
                              ("--failure-examples", args.failure_examples, 0)):
@@ -1556,8 +1842,9 @@ def read_compared(args, cohort, folders):
     specs, _bad, _why = parse_compare_specs(args.compare)
     paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
     true_labels = [folders[label] for _path, label in cohort.items]
+    label_map = read_label_map(args.label_map, folders)
     return {name: read_external_predictions(path, paths, folders, f"--compare {name}=",
-                                             true_labels=true_labels)
+                                             label_map, true_labels=true_labels)
             for name, path in specs.items()}
 
 
@@ -1593,6 +1880,8 @@ def main(argv=None):
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.info("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+    if args.predictions:  # answer files: no model, no device
+        return run_answers(args, argv)
     try:
         setup = prepare(args, argv)
     except (ValueError, OSError) as err:

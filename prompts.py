@@ -157,3 +157,84 @@ def unique_captions(captions):
 def new_rng(seed):
     """A private random generator (the global `random` state is left alone)."""
     return random.Random(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Free-text answers (a chat model's, a reader's) to class folders: inference.py --label-map
+
+
+class LabelMapError(ValueError):
+    """A label map that does not fit the classes; the message names the file and the fault."""
+
+
+def normalise_answer(text):
+    """The form answers are matched in: case-folded, whitespace runs as one space, stripped, and a
+    trailing full stop dropped ('Thyroid  Eye Disease.' -> 'thyroid eye disease'); '' for a
+    missing answer (None or NaN from an empty CSV cell)."""
+    if not isinstance(text, str):
+        return ""
+    return " ".join(text.casefold().split()).rstrip(".").strip()
+
+
+def parse_label_map(data, folders, source="label map"):
+    """{normalised answer: folder} from `{folder: [synonym, ...]}`; every folder also answers to
+    its own name. A key that is not a class, a synonym of two classes or a non-string is refused:
+    a guessed mapping would silently move answers between classes."""
+    if not isinstance(data, dict):
+        raise LabelMapError(f"{source}: expected an object {{folder: [synonym, ...]}}")
+    lookup = {normalise_answer(folder): folder for folder in folders}
+    for folder, synonyms in data.items():
+        if folder not in folders:
+            raise LabelMapError(f"{source}: label map names {folder!r}, not a class of {list(folders)}")
+        synonyms = [synonyms] if isinstance(synonyms, str) else synonyms
+        if not isinstance(synonyms, list) or not all(isinstance(s, str) and s.strip() for s in synonyms):
+            raise LabelMapError(f"{source}: {folder!r} must map to a list of non-empty strings")
+        for synonym in synonyms:
+            key = normalise_answer(synonym)
+            if lookup.get(key, folder) != folder:
+                raise LabelMapError(f"{source}: label map answer {synonym!r} names two classes "
+                                    f"({lookup[key]!r} and {folder!r})")
+            lookup[key] = folder
+    return lookup
+
+
+def load_label_map(path, folders):
+    """The lookup of `parse_label_map` from a JSON file."""
+    return parse_label_map(read_label_map_file(path), folders, str(path))
+
+
+def read_label_map_file(path):
+    """The JSON object of a label-map file ({folder: [synonym, ...]}), unchecked."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LabelMapError(f"{path}: no such label map file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LabelMapError(f"{path}: not a readable JSON file ({err})") from None
+    return data
+
+
+def map_answer(text, lookup):
+    """The folder an answer names, or None (no match, an empty answer, a refusal such as
+    'I cannot determine'): never the nearest class."""
+    return lookup.get(normalise_answer(text)) or None
+
+
+def order_classes(found, requested=None):
+    """Class folders in index order: `requested` (the --classes list, which must name exactly the
+    folders found), else sorted by name.
+
+    Raises ValueError naming the folders missing from or foreign to `requested`.
+    """
+    found = list(found)
+    if requested is None:
+        return sorted(found)
+    requested = [name.strip() for name in requested]
+    missing = [name for name in found if name not in requested]
+    extra = [name for name in requested if name not in found]
+    if missing or extra or len(set(requested)) != len(requested):
+        parts = ([f"missing {missing}"] if missing else []) + ([f"not found {extra}"] if extra else [])
+        raise ValueError("--classes must list each class folder once ("
+                         + ("; ".join(parts) or "a name is repeated") + f"; the folders: {sorted(found)})")
+    return requested

@@ -140,11 +140,12 @@ def comparison_frame(comparison):
 
 def failure_category(status):
     """'truncated image' from 'failed: truncated image (detail...)'; an unsupported format keeps
-    its extension ('unsupported format (.heic)'), the detail a reader needs to convert the files."""
+    its extension ('unsupported format (.heic)'), the detail a reader needs to convert the files;
+    'unmapped answer' from "failed: unmapped answer 'text'" (one reason, not one per answer)."""
     reason = status.removeprefix("failed: ")
     if reason.startswith("unsupported format ("):  # common.UNSUPPORTED_FORMAT
         return reason
-    return reason.split(" (")[0].strip() or "unreadable"
+    return reason.split(" (")[0].split(" '")[0].strip() or "unreadable"
 
 
 def flow_counts(labels, statuses, folders, labelled, groups=None):
@@ -443,11 +444,12 @@ def report_header(run):
     return lines
 
 
-def itd_markdown(itd, rare_class):
-    """The intention-to-diagnose line(s): argmax, and the operating rule when there is one."""
-    rules = [("argmax", "itd")] + ([("the operating rule", "itd_rule")]
+def itd_markdown(itd, rare_class, what="unreadable images", decision="argmax"):
+    """The intention-to-diagnose line(s): `decision` (argmax, or the given answers), and the
+    operating rule when there is one."""
+    rules = [(decision, "itd")] + ([("the operating rule", "itd_rule")]
                                    if "itd_rule_accuracy" in itd else [])
-    return [f"Intention-to-diagnose (unreadable images counted as errors, n = {itd['itd_n']}; "
+    return [f"Intention-to-diagnose ({what} counted as errors, n = {itd['itd_n']}; "
             "Wilson intervals, images): " + "; ".join(
                 f"{label}: accuracy {format_value(itd[p + '_accuracy'], itd[p + '_accuracy_ci'])}, "
                 f"{rare_class} sensitivity "
@@ -455,10 +457,34 @@ def itd_markdown(itd, rare_class):
                 for label, p in rules) + "."]
 
 
+def answers_header(run):
+    """What was scored when the predictions come from a file (inference.py --predictions)."""
+    mapping = ", ".join(f"{i} = {folder}" for i, folder in enumerate(run["class_folders"]))
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+    return [f"- answers: `{run['predictions_file']}` (step `{run['step']}`); SHA-256 "
+            f"`{run['predictions_sha256']}`; no model was run here",
+            f"- classes (index = folder name, {run['class_order']}): {mapping}",
+            "- answers to classes: " + (f"label map `{run['label_map']}` (case- and "
+                                        "whitespace-insensitive; an answer it does not map is a "
+                                        "failed row, never guessed)" if run.get("label_map")
+                                        else "answers must be class folder names"),
+            "- probabilities: " + ("given (`prob_<class>` columns): AUROC, AUPRC and calibration "
+                                   "scored" if run["probabilities"] else
+                                   "none: AUROC, AUPRC and calibration are not defined (n/a)"),
+            f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
+            + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
+            f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
+            f"{run['bootstrap_unit']}s ({run['bootstrap']} resamples, seed {run['seed']}) for the "
+            "overall metrics and F1; Wilson intervals for proportions; log method for LR±",
+            f"- software: {versions}"]
+
+
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  subgroups=None, failures=None):
+                  subgroups=None, failures=None, sequential=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
-    lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
+    answers = run.get("source") == "answer file"
+    header = answers_header(run) if answers else report_header(run)
+    lines = ["# Orbital-CLIP evaluation", ""] + header + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)
@@ -467,9 +493,11 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
     lines += flow_markdown(flow) + [""]
     if itd is not None:
-        lines += itd_markdown(itd, run["rare_class"]) + [""]
+        what = "failed and unmapped answers" if answers else "unreadable images"
+        lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
     if not metrics["n"]:
-        return "\n".join(lines + ["No image could be read: there is nothing to score."]) + "\n"
+        return "\n".join(lines + ["No answer could be scored: there is nothing to score." if answers
+                                  else "No image could be read: there is nothing to score."]) + "\n"
     lines += [f"## Metrics on the {metrics['n']} scored images", ""]
     if metrics["bootstrap_unit"] == "group":
         lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap, "
@@ -478,8 +506,14 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         lines += levels_markdown(metrics["interval_levels"]) + [""]
     lines += metrics_markdown(metrics, folders) + ["", "## Operating point", ""]
     lines += operating_markdown(operating) if operating else [
-        "The checkpoint stores no validation operating threshold (and none was given with "
+        "The answers are labels: results are for the given labels only (no threshold)." if answers
+        else "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
+    if sequential is not None:
+        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
+        lines += sequential_markdown(sequential)
+        if run.get("figures", True):
+            lines += ["", "![sensitivity and specificity by step](sequential.png)"]
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}))
@@ -715,6 +749,103 @@ def write_figures(save, y_true, probs, probs_cal, folders, metrics, operating, r
     plot_pr_curves(y_true, probs, folders, metrics, operating, rare_index, save)
     plot_calibration(y_true, probs, probs_cal, folders, metrics["ece_bins"], save)
     plot_prob_histograms(y_true, probs, folders, operating, rare_index, save)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential readings (inference.py --predictions with --compare): tables, report section, figure
+
+
+def sequential_frame(sequential):
+    """sequential.csv: one row per class, measure and step (value, Wilson CI, hits / n)."""
+    return pd.DataFrame([{"class": r["class"], "measure": r["measure"], "step": r["step"],
+                          "n": r["n"], "hits": r["hits"], "value": r["value"],
+                          "ci_low": r["ci"][0] if r["ci"] else None,
+                          "ci_high": r["ci"][1] if r["ci"] else None}
+                         for r in sequential["per_step"]])
+
+
+def sequential_changes_frame(sequential):
+    """sequential_changes.csv: the paired change between consecutive steps (McNemar rows), then
+    per class and measure the omnibus test across all steps (Cochran's Q rows)."""
+    rows = []
+    for r in sequential["changes"]:
+        ci = r["difference_ci"]
+        rows.append({"class": r["class"], "measure": r["measure"], "from_step": r["from_step"],
+                     "to_step": r["to_step"], "n": r["n"], "from_value": r["from_value"],
+                     "to_value": r["to_value"], "difference": r["difference"],
+                     "difference_ci_low": ci[0] if ci else None,
+                     "difference_ci_high": ci[1] if ci else None, "gained": r["gained"],
+                     "lost": r["lost"], "statistic": None, "df": None, "p_value": r["p_mid"],
+                     "p_exact": r["p_exact"], "p_clustered": r.get("p_clustered"),
+                     "test": "McNemar mid-p (paired images)"})
+    steps = sequential["steps"]
+    for r in sequential["omnibus"]:
+        rows.append({"class": r["class"], "measure": r["measure"], "from_step": steps[0],
+                     "to_step": steps[-1], "n": r.get("n"), "statistic": r.get("q"),
+                     "df": r.get("df"), "p_value": r.get("p_value"),
+                     "test": f"Cochran's Q across {len(steps)} steps (complete cases)"})
+    return pd.DataFrame(rows)
+
+
+def sequential_markdown(sequential):
+    """The sequential section of report.md: per class sensitivity and specificity at each step,
+    Cochran's Q across the steps, and the change between consecutive steps."""
+    steps = sequential["steps"]
+    clustered = sequential["bootstrap_unit"] == "group"
+    lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. Each step is scored on the "
+             "images it read (failed readings and unmapped answers excluded, counted in its flow "
+             f"table); a change compares the images both steps read; Cochran's Q uses the "
+             f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
+             f"Bootstrap unit: {sequential['bootstrap_unit']}"
+             + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
+                "few discordant patients it runs small); McNemar and "
+                "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
+                "p-values as approximate)." if clustered else "."), "",
+             "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
+             "| --- | --- |" + " --- |" * (len(steps) + 1)]
+    omnibus = {(r["class"], r["measure"]): r for r in sequential["omnibus"]}
+    cells = {}
+    for r in sequential["per_step"]:
+        text = f"{format_value(r['value'], r['ci'])} [{r['hits']}/{r['n']}]"
+        cells.setdefault((r["class"], r["measure"]), []).append(text)
+    for (name, measure), values in cells.items():
+        q = omnibus[(name, measure)]
+        test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
+        lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
+    lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
+              "McNemar mid-p (exact) |" + (" clustered p (Obuchowski) |" if clustered else ""),
+              "| --- | --- | --- | ---: | --- | --- | --- |" + (" --- |" if clustered else "")]
+    for r in sequential["changes"]:
+        lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
+                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
+                     f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
+                     f"({format_p(r['p_exact'])}) |"
+                     + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))
+    return lines
+
+
+def plot_sequential(sequential, folders, save):
+    """Per class sensitivity (left) and specificity (right) against step, Wilson 95% CIs."""
+    steps = sequential["steps"]
+    x = np.arange(len(steps))
+    with figure_style() as plt:
+        fig, axes = panel_grid(plt, 2)
+        for ax, measure in zip(axes, ("sensitivity", "specificity")):
+            for k, folder in enumerate(folders):
+                rows = [r for r in sequential["per_step"]
+                        if r["class"] == folder and r["measure"] == measure]
+                value = np.array([np.nan if r["value"] is None else r["value"] for r in rows])
+                low = np.array([np.nan if r["ci"] is None else r["ci"][0] for r in rows])
+                high = np.array([np.nan if r["ci"] is None else r["ci"][1] for r in rows])
+                shift = (k - (len(folders) - 1) / 2) * 0.06  # side by side, CIs do not overlap
+                ax.errorbar(x + shift, value, yerr=[value - low, high - value], marker="o", ms=4,
+                            capsize=3, color=f"C{k}", label=wrap(folder, 30))
+            ax.set(ylim=(-0.02, 1.02), xlim=(-0.4, len(steps) - 0.6), ylabel=measure,
+                   title=f"{measure.capitalize()} by step (95% Wilson CI)")
+            # '+' joins what each step adds (image+demographics): one line per part, no overlap
+            ax.set_xticks(x, ["\n+".join(wrap(part, 14) for part in s.split("+")) for s in steps])
+            ax.legend(loc="best", frameon=False)
+        save_figure(plt, fig, save, "sequential")
 
 
 def forest_rows(rows, label_of, value_key, ci_key):

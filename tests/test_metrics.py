@@ -553,3 +553,121 @@ def test_intention_to_diagnose_of_the_rule_has_its_own_keys():
                                         prefix="itd_rule")
     assert (itd["itd_rule_n"], itd["itd_rule_accuracy"], itd["itd_rule_rare_sensitivity"]) == (4, 0.75, 1.0)
     assert itd["itd_rule_accuracy_ci"] == pytest.approx(metrics.wilson_interval(3, 4))
+
+
+# -- sequential readings (the paper's second step), by hand and against statsmodels ------------------
+
+# 9 images of 3 subtypes read at 3 steps; -1 is a failed reading (an unmapped answer at step 2,
+# a missing image at step 3). Hand counts are in each test.
+SEQ_TRUE = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+SEQ_PREDS = np.array([[0, 1, 2, 1, 0, 1, 2, 0, 0],
+                      [0, 0, -1, 1, 1, 1, 2, 2, 0],
+                      [0, 0, 0, 1, -1, 0, 2, 2, 2]])
+SEQ_STEPS = ["image", "image+demographics", "image+demographics+symptoms"]
+SUBTYPES = ["thyroid eye disease", "orbital inflammation", "orbital tumour"]
+
+
+def seq_row(rows, **match):
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, match
+    return found[0]
+
+
+def test_cochrans_q_agrees_with_statsmodels_and_equals_mcnemar_chi2_for_two_steps():
+    from statsmodels.stats.contingency_tables import cochrans_q, mcnemar
+    rng = np.random.default_rng(3)
+    x = rng.random((60, 4)) < [0.3, 0.5, 0.6, 0.8]
+    ours, ref = metrics.cochrans_q(x), cochrans_q(x.astype(int))
+    assert ours["q"] == pytest.approx(ref.statistic) and ours["p_value"] == pytest.approx(ref.pvalue)
+    assert ours["df"] == ref.df == 3 and ours["n"] == 60
+    two = x[:, :2]
+    table = [[np.sum(two[:, 0] & two[:, 1]), np.sum(two[:, 0] & ~two[:, 1])],
+             [np.sum(~two[:, 0] & two[:, 1]), np.sum(~two[:, 0] & ~two[:, 1])]]
+    chi = mcnemar(table, exact=False, correction=False)
+    assert metrics.cochrans_q(two)["q"] == pytest.approx(chi.statistic)
+    assert metrics.cochrans_q(two)["p_value"] == pytest.approx(chi.pvalue)
+
+
+def test_cochrans_q_is_undefined_without_a_discordant_subject():
+    same = np.array([[1, 1, 1], [0, 0, 0], [1, 1, 1]])
+    assert metrics.cochrans_q(same) == {"q": None, "df": 2, "p_value": None, "n": 3}
+    assert metrics.cochrans_q(np.zeros((0, 3)))["p_value"] is None
+
+
+def test_sequential_per_step_sensitivity_and_specificity_by_hand():
+    out = metrics.sequential_analysis(SEQ_TRUE, SEQ_PREDS, SUBTYPES, SEQ_STEPS, n_bootstrap=0)
+    rows = out["per_step"]
+    expected_sens = {  # (hits, n): failed readings leave the step's denominator
+        "thyroid eye disease": [(1, 3), (2, 2), (3, 3)],
+        "orbital inflammation": [(2, 3), (3, 3), (1, 2)],
+        "orbital tumour": [(1, 3), (2, 3), (3, 3)]}
+    for name, counts in expected_sens.items():
+        for step, (hits, n) in zip(SEQ_STEPS, counts):
+            row = seq_row(rows, **{"class": name, "measure": "sensitivity", "step": step})
+            assert (row["hits"], row["n"]) == (hits, n)
+            assert row["value"] == pytest.approx(hits / n)
+            assert row["ci"] == pytest.approx(metrics.wilson_interval(hits, n))
+    # TED specificity: not predicted TED among the 6 others: 3/6, 5/6, 4/5 (image 4 failed at step 3)
+    spec = [seq_row(rows, **{"class": "thyroid eye disease", "measure": "specificity", "step": s})
+            for s in SEQ_STEPS]
+    assert [(r["hits"], r["n"]) for r in spec] == [(3, 6), (5, 6), (4, 5)]
+    assert out["n_received"] == 9 and out["n_complete"] == 7 and len(rows) == 3 * 2 * 3
+
+
+def test_sequential_paired_changes_and_mcnemar_by_hand_and_statsmodels():
+    from statsmodels.stats.contingency_tables import mcnemar
+    out = metrics.sequential_analysis(SEQ_TRUE, SEQ_PREDS, SUBTYPES, SEQ_STEPS, n_bootstrap=0)
+    # step 1 -> 2 on the 8 images both read (image 2 unmapped at step 2): TED sensitivity on
+    # images 0, 1: 1/2 -> 2/2, one gained (image 1), none lost
+    ted = seq_row(out["changes"], **{"class": "thyroid eye disease", "measure": "sensitivity",
+                                     "to_step": SEQ_STEPS[1]})
+    assert (ted["n"], ted["from_value"], ted["to_value"], ted["difference"]) == (2, 0.5, 1.0, 0.5)
+    assert (ted["gained"], ted["lost"]) == (1, 0)
+    assert ted["p_exact"] == pytest.approx(1.0) and ted["p_mid"] == pytest.approx(0.5)
+    assert ted["difference_ci"] is None  # no bootstrap asked
+    # step 2 -> 3 on the 7 images both read: inflammation sensitivity on images 3, 5: 2/2 -> 1/2
+    infl = seq_row(out["changes"], **{"class": "orbital inflammation", "measure": "sensitivity",
+                                      "from_step": SEQ_STEPS[1]})
+    assert (infl["n"], infl["difference"], infl["gained"], infl["lost"]) == (2, -0.5, 0, 1)
+    # tumour sensitivity, step 1 -> 2, images 6-8: [1,0,0] -> [1,1,0]; and specificity rows too
+    tum = seq_row(out["changes"], **{"class": "orbital tumour", "measure": "sensitivity",
+                                     "to_step": SEQ_STEPS[1]})
+    table = [[1, 0], [1, 1]]  # rows step 1 right/wrong, columns step 2 right/wrong
+    assert tum["p_exact"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert len(out["changes"]) == 2 * 3 * 2
+
+
+def test_sequential_cochrans_q_by_hand_on_complete_cases():
+    from statsmodels.stats.contingency_tables import cochrans_q
+    out = metrics.sequential_analysis(SEQ_TRUE, SEQ_PREDS, SUBTYPES, SEQ_STEPS, n_bootstrap=0)
+    # TED sensitivity, images 0 and 1 (image 2 is not complete): rows [1,1,1], [0,1,1]
+    # Q = (3-1)(3*(1+4+4) - 5^2) / (3*5 - (9+4)) = 2, p = exp(-1)
+    ted = seq_row(out["omnibus"], **{"class": "thyroid eye disease", "measure": "sensitivity"})
+    assert (ted["q"], ted["df"], ted["n"]) == (pytest.approx(2.0), 2, 2)
+    assert ted["p_value"] == pytest.approx(math.exp(-1))
+    # tumour sensitivity, images 6-8: rows [1,1,1], [0,1,1], [0,0,1]: Q = 2*6/4 = 3, p = exp(-1.5)
+    tum = seq_row(out["omnibus"], **{"class": "orbital tumour", "measure": "sensitivity"})
+    assert tum["q"] == pytest.approx(3.0) and tum["p_value"] == pytest.approx(math.exp(-1.5))
+    ref = cochrans_q(np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]]))
+    assert tum["q"] == pytest.approx(ref.statistic) and tum["p_value"] == pytest.approx(ref.pvalue)
+
+
+def test_sequential_bootstrap_ci_uses_the_shared_resamples_and_keeps_patients_together():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 80)
+    preds = np.stack([np.where(rng.random(80) < r, y, rng.integers(0, 3, 80)) for r in (0.5, 0.8)])
+    out = metrics.sequential_analysis(y, preds, SUBTYPES, SEQ_STEPS[:2], n_bootstrap=300, seed=7)
+    row = seq_row(out["changes"], **{"class": "orbital tumour", "measure": "sensitivity"})
+    # reference: the same replicate weights, the ratio of weighted hits computed plainly
+    rel = y == 2
+    diffs = [(w @ (rel & (preds[1] == 2)) - w @ (rel & (preds[0] == 2))) / (w @ rel)
+             for chunk in metrics.resample_weights(np.arange(80), 300, 7) for w in chunk]
+    assert row["difference_ci"] == pytest.approx(metrics.percentile_interval(diffs))
+    assert row["difference_ci"][0] < row["difference"] < row["difference_ci"][1]
+    # one patient holding every image: each replicate is that patient k times, so the interval
+    # collapses on the estimate (groups reach the resampling)
+    one = metrics.sequential_analysis(y, preds, SUBTYPES, SEQ_STEPS[:2], groups=["P1"] * 80,
+                                      n_bootstrap=50, seed=7)
+    row = seq_row(one["changes"], **{"class": "orbital tumour", "measure": "sensitivity"})
+    assert row["difference_ci"] == pytest.approx([row["difference"]] * 2)
+    assert one["bootstrap_unit"] == "group"

@@ -144,3 +144,59 @@ def test_checklist_map_numbers():
     assert failure[4] == "failure analysis of incorrectly classified cases"
     predictions = next(row for row in report.CHECKLIST_ROWS if row[0] == "predictions.csv")
     assert "failure" not in predictions[4]
+
+
+# -- the sequential section (answer files read at several steps) ------------------------------------
+
+SEQ_STEPS = ["image", "image+demographics", "image+demographics+symptoms"]
+SUBTYPES = ["thyroid eye disease", "orbital inflammation", "orbital tumour"]
+
+
+def sequential_example():
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    preds = np.array([[0, 1, 2, 1, 0, 1, 2, 0, 0], [0, 0, -1, 1, 1, 1, 2, 2, 0],
+                      [0, 0, 0, 1, -1, 0, 2, 2, 2]])
+    return metrics.sequential_analysis(y, preds, SUBTYPES, SEQ_STEPS, n_bootstrap=0)
+
+
+def test_unmapped_answers_are_one_reason_in_the_flow_table():
+    statuses = ["ok", "failed: unmapped answer 'I cannot determine'", "failed: unmapped answer ''",
+                "failed: image missing (not sent)"]
+    flow = report.flow_counts([0, 0, 1, 2], statuses, SUBTYPES, labelled=True)
+    assert flow["reasons"] == {"unmapped answer": {SUBTYPES[0]: 1, SUBTYPES[1]: 1, SUBTYPES[2]: 0},
+                               "image missing": {SUBTYPES[0]: 0, SUBTYPES[1]: 0, SUBTYPES[2]: 1}}
+
+
+def test_sequential_tables_and_markdown_carry_the_hand_values():
+    seq = sequential_example()
+    steps = report.sequential_frame(seq)
+    ted = steps[(steps["class"] == SUBTYPES[0]) & (steps["measure"] == "sensitivity")]
+    assert ted["step"].tolist() == SEQ_STEPS
+    assert ted["hits"].tolist() == [1, 2, 3] and ted["n"].tolist() == [3, 2, 3]
+    assert ted["ci_low"].iloc[0] == pytest.approx(metrics.wilson_interval(1, 3)[0])
+    changes = report.sequential_changes_frame(seq)
+    assert len(changes) == 12 + 6  # 2 changes x 3 classes x 2 measures, then 6 Cochran rows
+    q = changes[changes["test"].str.startswith("Cochran")]
+    tum = q[(q["class"] == SUBTYPES[2]) & (q["measure"] == "sensitivity")].iloc[0]
+    assert tum["statistic"] == pytest.approx(3.0) and tum["df"] == 2 and tum["n"] == 3
+    assert (tum["from_step"], tum["to_step"]) == (SEQ_STEPS[0], SEQ_STEPS[2])
+    text = "\n".join(report.sequential_markdown(seq))
+    assert ("| thyroid eye disease | sensitivity | 0.333 (0.061–0.792) [1/3] | "
+            "1.000 (0.342–1.000) [2/2] | 1.000 (0.439–1.000) [3/3] | 2.00, df 2 (0.368) |") in text
+    assert ("| orbital inflammation | sensitivity | image+demographics → "
+            "image+demographics+symptoms | 2 | -0.500 | 0 / 1 | 0.500 (1.000) |") in text
+    assert "the 7 of 9 images read at every step" in text
+
+
+def test_sequential_figure_is_drawn_from_the_per_step_values(tmp_path):
+    saved = {}
+
+    def save(fig, name, **kwargs):
+        if name.endswith(".png"):
+            ax = fig.axes[0]
+            saved["ys"] = [line.get_ydata().tolist() for line in ax.lines if len(line.get_ydata()) == 3]
+        fig.savefig(tmp_path / name, **kwargs)
+
+    report.plot_sequential(sequential_example(), SUBTYPES, save)
+    assert (tmp_path / "sequential.png").stat().st_size > 0 and (tmp_path / "sequential.pdf").is_file()
+    assert [1 / 3, 1.0, 1.0] in [[pytest.approx(v) for v in ys] for ys in saved["ys"]]
