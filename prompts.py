@@ -191,6 +191,9 @@ def parse_label_map(data, folders, source="label map"):
             raise LabelMapError(f"{source}: {folder!r} must map to a list of non-empty strings")
         for synonym in synonyms:
             key = normalise_answer(synonym)
+            if not key:  # '...' would make every empty answer this class
+                raise LabelMapError(f"{source}: {folder!r}: synonym {synonym!r} is empty once "
+                                    "case, spaces and punctuation are dropped")
             if lookup.get(key, folder) != folder:
                 raise LabelMapError(f"{source}: label map answer {synonym!r} names two classes "
                                     f"({lookup[key]!r} and {folder!r})")

@@ -36,6 +36,9 @@ def test_label_map_refusals_name_the_file_and_the_fault(tmp_path):
         prompts.parse_label_map({"thyroid eye disease": ["Orbital Tumour"]}, SUBTYPES)
     with pytest.raises(prompts.LabelMapError, match="list of non-empty strings"):
         prompts.parse_label_map({"orbital tumour": [3]}, SUBTYPES)
+    # a synonym of punctuation only would map every empty answer to that class
+    with pytest.raises(prompts.LabelMapError, match="synonym '...' is empty once case, spaces"):
+        prompts.parse_label_map({"thyroid eye disease": ["TED", "..."]}, SUBTYPES)
     bad = tmp_path / "map.json"
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(prompts.LabelMapError, match=f"{bad}: not a readable JSON"):
