@@ -603,6 +603,10 @@ def checkpoint_metadata(model, ctx, state, metrics):
                             "val_specificity": metrics.get("operating_val_specificity")},
         "temperature": metrics.get("temperature"),
         "args": ctx["args_dict"],
+        # Where the model was trained and validated, as absolute paths: inference flags a test
+        # cohort that overlaps them ("not an independent test set") from any working folder.
+        "data": {"train_dir": str(Path(args.train_dir).resolve()),
+                 "val_dir": str(Path(args.val_dir).resolve()), "fold": args.fold},
     }
 
 
@@ -1274,8 +1278,24 @@ def prepare_run(args):
         except common.CohortError as err:
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
+    check_disjoint_splits(train_items, val_items, args)
     check_steps_can_run(len(train_items), args)
     return classes, train_items, val_items
+
+
+def check_disjoint_splits(train_items, val_items, args):
+    """Refuse (ValueError naming --val-dir) validation images that are also training images:
+    the same file, or a copy of it (equal SHA-256), e.g. the data root given as --train-dir
+    beside its own val/ folder. Selection and the stored threshold would be tuned on images
+    the model trained on."""
+    known = {**common.manifest_sha256(args.train_dir), **common.manifest_sha256(args.val_dir)}
+    pairs = common.overlapping_images([p for p, _ in val_items], [p for p, _ in train_items], known)
+    if pairs:
+        val_path, train_path = pairs[0]
+        raise ValueError(f"--val-dir {args.val_dir}: {len(pairs)} of its {len(val_items)} images are "
+                         f"also training images of --train-dir {args.train_dir} (e.g. {val_path} = "
+                         f"{train_path}); pass the train/ and val/ folders (or the manifest.csv) "
+                         "that data_preprocess.py wrote")
 
 
 def check_steps_can_run(n_train, args):

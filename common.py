@@ -326,6 +326,62 @@ def file_sha256(path, chunk_bytes=1 << 20):
     return digest.hexdigest()
 
 
+def manifest_sha256(spec):
+    """{resolved path: SHA-256} of a manifest.csv's sha256 column ({} for a folder or a
+    manifest without the column): digests data_preprocess.py already computed."""
+    spec = Path(spec)
+    if not (spec.is_file() and spec.suffix.lower() == ".csv"):
+        return {}
+    with open(spec, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {(spec.parent / row["path"]).resolve(): row["sha256"]
+            for row in rows if row.get("path") and row.get("sha256")}
+
+
+def overlapping_images(paths_a, paths_b, known_sha256=None):
+    """(a, b) pairs of paths_a x paths_b that are the same image: the same file (resolved path,
+    so symlinks count) or the same bytes (SHA-256; a copy or hard link in another split folder).
+
+    Only files whose byte size occurs on both sides are hashed, so two disjoint cohorts cost
+    a stat per file. `known_sha256` ({resolved path: digest}, e.g. `manifest_sha256`) is used
+    instead of reading those files. Unreadable files are skipped (the loaders report them).
+    """
+    known = dict(known_sha256 or {})
+
+    def digest(path):
+        if path not in known:
+            known[path] = file_sha256(path)
+        return known[path]
+
+    def size(path):
+        try:
+            return path.stat().st_size
+        except OSError:
+            return None
+
+    b_by_path = {}
+    for path in paths_b:
+        b_by_path.setdefault(Path(path).resolve(), path)
+    b_by_size = {}
+    for resolved in b_by_path:
+        b_by_size.setdefault(size(resolved), []).append(resolved)
+    b_by_size.pop(None, None)
+    pairs = []
+    for path in paths_a:
+        resolved = Path(path).resolve()
+        if resolved in b_by_path:
+            pairs.append((path, b_by_path[resolved]))
+            continue
+        candidates = b_by_size.get(size(resolved), [])
+        try:
+            match = next((b for b in candidates if digest(b) == digest(resolved)), None)
+        except OSError:
+            continue
+        if match is not None:
+            pairs.append((path, b_by_path[match]))
+    return pairs
+
+
 # ----------------------------------------------------------------------------------------------
 # Cohorts: a folder per class, or a manifest.csv written by data_preprocess.py
 

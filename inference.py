@@ -141,6 +141,7 @@ class Setup:
     wise: WiseFT | None
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
+    overlap: dict | None = None  # test images also in the checkpoint's train/val (training_overlap)
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -350,6 +351,37 @@ def collect_items(test_dir, folders, output_dir):
     return items, False
 
 
+
+
+def training_overlap(checkpoint, cohort, test_spec):
+    """Test images that are also training or validation images of the checkpoint (same file
+    or same bytes), from the folders or manifest its metadata records: {"train": n, "val": n,
+    "unchecked": [splits whose images could not be listed], "independent_test_set": False when
+    any overlap, None when nothing or not everything could be checked, else True}; None for a
+    plain state_dict or a tag (no record of where it was trained)."""
+    data = checkpoint.data if checkpoint.kind == "ours" else None
+    if not isinstance(data, dict):
+        return None
+    recorded, args = data.get("data") or {}, data.get("args") or {}
+    folders = data.get("class_folders") or []
+    test_paths = [path for path, _label in cohort.items]
+    result = {"train": 0, "val": 0, "unchecked": []}
+    for split in ("train", "val"):
+        spec = recorded.get(f"{split}_dir") or args.get(f"{split}_dir")
+        try:
+            items = common.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
+        except (TypeError, ValueError, OSError):  # not recorded, moved, or unreadable
+            result["unchecked"].append(split)
+            continue
+        known = {**common.manifest_sha256(test_spec), **common.manifest_sha256(spec)}
+        result[split] = len(common.overlapping_images(test_paths, [p for p, _ in items], known))
+    overlapping = result["train"] + result["val"] > 0
+    result["independent_test_set"] = False if overlapping else (None if result["unchecked"] else True)
+    if overlapping:
+        LOG.warning("--test-dir %s is not an independent test set: %d of its %d images are training "
+                    "and %d validation images of --checkpoint %s", test_spec, result["train"],
+                    len(test_paths), result["val"], checkpoint.spec)
+    return result
 
 
 def stored_calibration(checkpoint, folders, threshold=None):
@@ -731,6 +763,8 @@ def run_info(args, setup, bundle):
         "temperature_source": bundle.temperature_source,
         "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
         "split": cohort.split,
+        "independent_test_set": None if setup.overlap is None else setup.overlap["independent_test_set"],
+        "test_overlap": setup.overlap,
         "group_source": cohort.group_source,
         "anonymized": bool(setup.anonymize),
         "bootstrap": args.bootstrap,
@@ -1046,6 +1080,7 @@ def prepare(args, argv):
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     return Setup(cohort=cohort, model=bundle, argv=argv,
+                 overlap=training_overlap(checkpoint, cohort, args.test_dir),
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)

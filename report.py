@@ -298,9 +298,21 @@ def report_header(run):
     return lines
 
 
+def independence_warning(run):
+    """The report's first lines when the test cohort overlaps the checkpoint's training or
+    validation images (inference.training_overlap), else none."""
+    overlap = run.get("test_overlap") or {}
+    if run.get("independent_test_set") is not False:
+        return []
+    return [f"> **Warning: not an independent test set.** {overlap['train']} test image(s) are "
+            f"training images and {overlap['val']} are validation images of this checkpoint "
+            "(the same file or the same bytes); the numbers below overstate how it does on new "
+            "patients.", ""]
+
+
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
-    lines = ["# Orbital-CLIP evaluation", ""] + report_header(run) + [""]
+    lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + report_header(run) + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)

@@ -1,0 +1,147 @@
+"""A new user's first day (issue 18, items 3-5, 7-11): leakage between splits, offline start,
+clean logs, Ctrl-C and resume, the prediction column, messages, summaries, the model card."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import clip_train
+import common
+import data_preprocess as dp
+import inference
+from conftest import REPO_ROOT, TINY_CONFIG, tree_state
+
+
+def train_argv(train_dir, val_dir, save_dir, *extra):
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
+            "--epochs", "1", "--workers", "0", "--no-progress", *extra]
+
+
+def error_line(stderr):
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def split_cohort(root, *extra):
+    """data_preprocess.py into root itself (the default --out-dir): root/train, root/val."""
+    assert dp.main(["--data-root", str(root), "--no-progress", "--workers", "1", *extra]) == 0
+    return root / "train", root / "val"
+
+
+# -- item 3: overlapping training, validation and test images -----------------------------------
+
+def test_overlapping_images_known_answers(tmp_path):
+    a, b, c, d = (tmp_path / name for name in "abcd")
+    a.write_bytes(b"1234")
+    b.write_bytes(b"1234")  # a copy of a: same bytes
+    c.write_bytes(b"5678")  # same size, other bytes
+    d.write_bytes(b"12345")
+    link = tmp_path / "link"
+    link.symlink_to(a)
+    assert common.overlapping_images([a], [b, c, d]) == [(a, b)]
+    assert common.overlapping_images([c, d], [a, b]) == []
+    assert common.overlapping_images([link], [a]) == [(link, a)]  # the same file by path
+    # digests a manifest already holds are used instead of the files' bytes
+    known = {c.resolve(): "x", a.resolve(): "x"}
+    assert common.overlapping_images([c], [a], known) == [(c, a)]
+    # files of sizes not on the other side are never hashed (a stat each)
+    assert common.overlapping_images([d], [a, b, c], {}) == []
+
+
+def test_manifest_sha256_maps_resolved_paths(patient_cohort, tmp_path):
+    out = tmp_path / "split"
+    assert dp.main(["--data-root", str(patient_cohort.root), "--out-dir", str(out), "--no-progress",
+                    "--workers", "1"]) == 0
+    frame = pd.read_csv(out / "manifest.csv")
+    known = common.manifest_sha256(out / "manifest.csv")
+    assert len(known) == len(frame)
+    row = frame.iloc[0]
+    assert known[(out / row.path).resolve()] == row.sha256 == common.file_sha256(out / row.path)
+    assert common.manifest_sha256(out) == {}
+
+
+@pytest.mark.parametrize("case", ["same folder", "data root as train", "manifest val as train"])
+def test_training_refuses_validation_images_it_trains_on(patient_cohort, tmp_path, capsys, case):
+    root = patient_cohort.root
+    train_dir, val_dir = split_cohort(root, "--group-from-folder")
+    n_val = sum(1 for p in val_dir.rglob("*.JPG"))
+    if case == "same folder":
+        train_dir, val_dir, expected = val_dir, val_dir, n_val
+    elif case == "data root as train":  # root/<class>/ holds the originals of val/'s copies
+        train_dir, expected = root, n_val
+    else:  # a manifest's val rows given as training images: matched by path
+        manifest = root / "manifest.csv"
+        frame = pd.read_csv(manifest)
+        frame.loc[frame.split == "val", "split"] = "train"
+        frame.to_csv(tmp_path / "all_train.csv", index=False)
+        for name in ("train", "val"):  # the manifest's paths are relative to its folder
+            shutil.copytree(root / name, tmp_path / name)
+        train_dir, val_dir, expected = tmp_path / "all_train.csv", manifest, n_val
+        # val rows come from manifest.csv (under root), train rows are copies under tmp_path:
+        # not the same files, the same bytes (the manifest's sha256)
+    save_dir = tmp_path / "run"
+    before = tree_state(tmp_path)
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --val-dir {val_dir}: {expected} of its {n_val} images are also "
+                           f"training images of --train-dir {train_dir}")
+    assert tree_state(tmp_path) == before and not save_dir.exists()
+
+
+@pytest.fixture
+def trained(patient_cohort, tmp_path):
+    """A 1-epoch tiny model trained on root/train, validated on root/val (patients kept whole),
+    with a held-out root/test."""
+    root = patient_cohort.root
+    train_dir, val_dir = split_cohort(root, "--group-from-folder", "--test-ratio", "0.3")
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 0
+    return root, save_dir
+
+
+def evaluate(test_dir, checkpoint, out, *extra):
+    assert inference.main(["--test-dir", str(test_dir), "--checkpoint", str(checkpoint),
+                           "--output-dir", str(out), "--workers", "0", "--bootstrap", "50",
+                           "--no-progress", "--no-figures", *extra]) == 0
+    return json.loads((out / "metrics.json").read_text()), (out / "report.md").read_text()
+
+
+def test_inference_flags_a_test_cohort_the_checkpoint_saw(trained, tmp_path):
+    root, save_dir = trained
+    best = save_dir / "clip_model_epoch_best.pt"
+    n = {split: sum(1 for _ in (root / split).rglob("*.JPG")) for split in ("train", "val", "test")}
+    held_out, report = evaluate(root / "test", best, tmp_path / "eval_test")
+    assert held_out["independent_test_set"] is True
+    assert held_out["test_overlap"] == {"train": 0, "val": 0, "unchecked": [],
+                                        "independent_test_set": True}
+    assert "not an independent test set" not in report
+    on_val, report = evaluate(root / "val", best, tmp_path / "eval_val")
+    assert on_val["independent_test_set"] is False
+    assert (on_val["test_overlap"]["train"], on_val["test_overlap"]["val"]) == (0, n["val"])
+    assert report.splitlines()[2].startswith("> **Warning: not an independent test set.** 0 test "
+                                             f"image(s) are training images and {n['val']} are validation")
+    # the data root holds the originals of every split's copies: found by their bytes
+    on_root, _ = evaluate(root, best, tmp_path / "eval_root")
+    assert (on_root["test_overlap"]["train"], on_root["test_overlap"]["val"]) == (n["train"], n["val"])
+    # the manifest's train split, from another working folder: the recorded paths are absolute
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        on_train, _ = evaluate(root / "manifest.csv", best, tmp_path / "eval_train", "--split", "train")
+    finally:
+        os.chdir(cwd)
+    assert (on_train["test_overlap"]["train"], on_train["independent_test_set"]) == (n["train"], False)
+    # moved training data: nothing to compare with, said as such (not "independent")
+    shutil.move(root / "train", tmp_path / "moved")
+    moved, _ = evaluate(root / "test", best, tmp_path / "eval_moved")
+    assert moved["independent_test_set"] is None and moved["test_overlap"]["unchecked"] == ["train"]
