@@ -53,6 +53,14 @@ SSA_BOOLEAN_WORDS = {"true": "true", "false": "false", "on": "true", "off": "fal
 SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
                  "--select-metric", "--overwrite", "--help"}
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
+# Arguments a resume may change without --resume-with-changes: where and how fast it runs, how
+# long (a finished run resumed with more --epochs trains on), and what happens after training.
+# Everything else (lr, batch size, recipe, loss, data, seed, ...) changes the run it continues.
+RESUME_FREE_ARGS = {"save_dir", "resume", "resume_with_changes", "overwrite", "epochs", "workers",
+                    "device", "precision", "no_progress", "dist_timeout", "compile",
+                    "grad_checkpointing", "accum_steps", "wise_ft_alphas", "ssa", "ssa_keep_all",
+                    "world_size", "rank", "local_rank"}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 # `--recipe recommended`: what works better than the published protocol on small, imbalanced
 # cohorts. Each entry applies only where the flag was not given explicitly.
 RECIPES = {
@@ -245,6 +253,30 @@ def warmup_steps(spec, total_steps):
     if spec.endswith("%"):
         return int(round(float(spec[:-1]) / 100.0 * total_steps))
     return int(spec)
+
+
+def changed_training_args(stored, current):
+    """[(flag, stored value, current value)] of the training arguments that differ between a
+    checkpoint's recorded args and this run's (both plain dicts); keys missing on either side
+    (flags of another version) and RESUME_FREE_ARGS are not compared."""
+    return [(f"--{key.replace('_', '-')}", stored[key], current[key])
+            for key in sorted(set(stored) & set(current) - RESUME_FREE_ARGS)
+            if stored[key] != current[key]]
+
+
+def resume_argv(argv):
+    """argv of the command that continues this run: --overwrite and any --resume dropped,
+    `--resume auto` added (the last checkpoint in --save-dir)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = True
+        elif token != "--overwrite" and not token.startswith("--resume="):
+            kept.append(token)
+    return kept + ["--resume", "auto"]
 
 
 def alpha_list(text):
@@ -795,6 +827,9 @@ def parse_args(argv=None):
                           "where workers only take cores from the model)")
     run.add_argument("--resume", default=None,
                      help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
+    run.add_argument("--resume-with-changes", action="store_true",
+                     help="let --resume continue with training flags (lr, batch size, recipe, ...) "
+                          "that differ from the run's; without it such a resume is refused")
     run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
     optim.add_argument("--wise-ft-alphas", type=alpha_list, default=None, metavar="A,B,...",
                        help="after training, evaluate WiSE-FT weights (1-a)*start + a*best on "
@@ -864,6 +899,8 @@ def validate_args(parser, args):
         parser.error(f"--prompts {args.prompts}: no such file")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         parser.error(f"--resume {args.resume}: no such checkpoint")
+    if args.resume_with_changes and not args.resume:
+        parser.error("--resume-with-changes needs --resume")
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         parser.error(f"--save-dir {save_dir}: exists and is not a folder")
@@ -1194,6 +1231,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)
+    state["saved_epoch"] = state["epoch"]  # what a Ctrl-C from here on leaves to resume from
     write_history(save_dir, state["history"], args.select_metric)
     LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
              state["epoch"], args.epochs, train_loss, args.select_metric, value,
@@ -1383,6 +1421,10 @@ def main(argv=None):
         return 2
     try:
         return train(args, classes, train_items, val_items, argv)
+    except KeyboardInterrupt:  # before training started (model loading, setup): nothing to resume
+        print("\ninterrupted before the first epoch ended; nothing to resume, run the command again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except common.OutputWriteError as err:
         print(f"error: {err}; the previous files there are intact", file=sys.stderr)
         return 1
@@ -1417,11 +1459,18 @@ def train(args, classes, train_items, val_items, argv):
         base_state = {k: v.detach().clone() for k, v in common.clean_state_dict(model.state_dict()).items()}
     if (path := resume_path(args)) is not None:
         try:
-            resume_from(path, model, ctx, state)
+            changes = resume_from(path, model, ctx, state)
         except (ValueError, KeyError, RuntimeError) as err:
             detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
             print(f"error: --resume {detail.splitlines()[0]}", file=sys.stderr)
             return 2
+        if changes and not args.resume_with_changes:
+            print(f"error: --resume {path}: this command changes {describe_changes(changes)} of the "
+                  "run it continues; resume with the run's flags, or pass --resume-with-changes if "
+                  "the change is meant", file=sys.stderr)
+            return 2
+        if changes:
+            LOG.warning("--resume-with-changes: continuing %s with %s", path, describe_changes(changes))
         if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
             LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
                      "changed", path, "stopped early" if state["stopped"] else "completed",
@@ -1443,6 +1492,8 @@ def train(args, classes, train_items, val_items, argv):
              ctx["steps_per_epoch"], args.device, args.precision)
     try:
         metrics = run_training(args, ctx, model, train_model, train_loader, val_loader, state)
+    except KeyboardInterrupt:
+        return report_interrupt(args, argv, state, save_dir)
     except FloatingPointError as err:
         print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
               "--lr or --precision fp32.", file=sys.stderr)
@@ -1457,8 +1508,31 @@ def train(args, classes, train_items, val_items, argv):
     return 0
 
 
+def describe_changes(changes):
+    """'--lr (0.001 -> 0.0001), --batch-size (16 -> 8)'."""
+    return ", ".join(f"{flag} ({old} -> {new})" for flag, old, new in changes)
+
+
+def report_interrupt(args, argv, state, save_dir):
+    """Ctrl-C during training: the last checkpoint (written atomically at the end of each epoch)
+    is intact; say where training stopped and the exact command that continues it."""
+    import shlex
+
+    if args.rank != 0:
+        return EXIT_INTERRUPTED
+    if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
+        command = shlex.join(["python", "clip_train.py", *resume_argv(argv)])
+        print(f"\ninterrupted; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/{args.epochs}. "
+              f"Continue with:\n  {command}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
+              "start again with --overwrite", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def resume_from(path, model, ctx, state):
-    """Load weights, optimizer, scaler, RNG and history from a last checkpoint."""
+    """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
+    training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
     checkpoint = common.load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
@@ -1474,8 +1548,14 @@ def resume_from(path, model, ctx, state):
                  best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
                  stopped=bool(checkpoint.get("stopped", False)),
                  finished=bool(checkpoint.get("finished", False)),
-                 metrics=dict(checkpoint.get("metrics") or {}))
+                 metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
     LOG.info("resumed from %s at epoch %d", path, state["epoch"])
+    stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
+    for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
+        recorded = (checkpoint.get("data") or {}).get(flag)
+        if recorded and flag in current:
+            stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
+    return changed_training_args(stored, current)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ clean logs, Ctrl-C and resume, the prediction column, messages, summaries, the m
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,3 +146,96 @@ def test_inference_flags_a_test_cohort_the_checkpoint_saw(trained, tmp_path):
     shutil.move(root / "train", tmp_path / "moved")
     moved, _ = evaluate(root / "test", best, tmp_path / "eval_moved")
     assert moved["independent_test_set"] is None and moved["test_overlap"]["unchecked"] == ["train"]
+
+
+# -- item 7: Ctrl-C keeps the last checkpoint and prints the resume command; changed resumes ----
+
+def test_changed_training_args_known_answers():
+    stored = {"lr": 1e-3, "batch_size": 16, "epochs": 2, "workers": 0, "recipe": "paper", "old_flag": 1}
+    current = {"lr": 1e-4, "batch_size": 16, "epochs": 5, "workers": 4, "recipe": "recommended",
+               "new_flag": 2}
+    assert clip_train.changed_training_args(stored, current) == [
+        ("--lr", 1e-3, 1e-4), ("--recipe", "paper", "recommended")]  # epochs, workers: free
+    assert clip_train.changed_training_args(stored, dict(stored)) == []
+    assert clip_train.describe_changes([("--lr", 0.001, 0.0001)]) == "--lr (0.001 -> 0.0001)"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "3"], ["--epochs", "3", "--resume", "auto"]),
+    (["--overwrite", "--resume", "x.pt", "--lr", "1"], ["--lr", "1", "--resume", "auto"]),
+    (["--resume=auto", "--seed", "1"], ["--seed", "1", "--resume", "auto"]),
+])
+def test_resume_argv_known_answers(argv, expected):
+    assert clip_train.resume_argv(argv) == expected
+
+
+def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, capsys):
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 0
+    before = tree_state(save_dir)
+    capsys.readouterr()
+    changed = train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--lr", "1e-4",
+                         "--batch-size", "8", "--resume", "auto")
+    assert clip_train.main(changed) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line == (f"error: --resume {save_dir / clip_train.LAST_NAME}: this command changes "
+                    "--batch-size (16 -> 8), --lr (0.001 -> 0.0001) of the run it continues; resume "
+                    "with the run's flags, or pass --resume-with-changes if the change is meant")
+    assert tree_state(save_dir) == before
+    # more epochs (and other workers) is no change: a finished run trains on
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto")) == 0
+    assert list(pd.read_csv(save_dir / "metrics.csv").epoch) == [1, 2]
+    # asked for: continues with the new flags, which the checkpoint then records
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--lr", "1e-4",
+                                      "--resume", "auto", "--resume-with-changes")) == 0
+    last = common.load_checkpoint_file(save_dir / clip_train.LAST_NAME)
+    assert (last["epoch"], last["args"]["lr"]) == (3, 1e-4)
+    assert "--resume-with-changes: continuing" in capsys.readouterr().err
+    # the same data from another working folder (relative paths) is no change
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert clip_train.main(train_argv("train", "val", save_dir, "--epochs", "4", "--lr", "1e-4",
+                                          "--resume", "auto")) == 0
+    finally:
+        os.chdir(cwd)
+
+
+def test_resume_with_changes_needs_resume(make_cohort, tmp_path, capsys):
+    cohort = make_cohort()
+    with pytest.raises(SystemExit) as exit_info:
+        clip_train.parse_args(train_argv(cohort, cohort, tmp_path / "r", "--resume-with-changes"))
+    assert exit_info.value.code == 2
+    assert "--resume-with-changes needs --resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_cohort, tmp_path):
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "clip_train.py", *argv], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = save_dir / clip_train.LAST_NAME
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == clip_train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr and "usage:" not in stderr
+    checkpoint = common.load_checkpoint_file(last)  # intact: loads with weights_only
+    assert 1 <= checkpoint["epoch"] < 8 and not checkpoint["finished"]
+    command = stderr.rstrip().splitlines()[-1].strip()
+    assert stderr.rstrip().splitlines()[-2].endswith(
+        f"{last} holds epoch {checkpoint['epoch']}/8. Continue with:")
+    assert command == "python clip_train.py " + " ".join(
+        shlex.quote(t) for t in argv) + " --resume auto"
+    # the printed command finishes the run
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = common.load_checkpoint_file(last)
+    assert (final["epoch"], final["finished"]) == (8, True)
+    assert list(pd.read_csv(save_dir / "metrics.csv").epoch) == list(range(1, 9))
