@@ -558,8 +558,9 @@ def train_one_epoch(model, loader, state, ctx):
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
+    # disable=None: a bar only on a terminal; a log file gets no \r fragments, one line per epoch
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
-               disable=not ctx["progress"])
+               disable=None if ctx["progress"] else True)
     for images, labels, _indices, ok in bar:
         # Rows whose image failed stay in the batch (fixed sizes on every rank) and are masked
         # out of the loss; whether a step runs is decided on the global count of readable rows.

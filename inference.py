@@ -526,7 +526,7 @@ def encode_items(model, preprocess, items, args):
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker)
     progress = lambda batches: tqdm(batches, desc="encoding images", unit="batch",  # noqa: E731
-                                    disable=args.no_progress)
+                                    disable=args.no_progress or None)  # None: only on a terminal
     with torch.inference_mode():
         features, ok = common.encode_image_batches(model, loader, args.device, args.precision, progress)
     ok = ok.numpy()

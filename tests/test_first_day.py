@@ -239,3 +239,54 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_coh
     final = common.load_checkpoint_file(last)
     assert (final["epoch"], final["finished"]) == (8, True)
     assert list(pd.read_csv(save_dir / "metrics.csv").epoch) == list(range(1, 9))
+
+
+# -- item 5: progress bars only on a terminal; one clean line per epoch in a log file ------------
+
+def run_logged(argv, log_path, tty=False):
+    """Run `python clip_train.py/inference.py argv` with stdout+stderr into a file, or a pty."""
+    if not tty:
+        with open(log_path, "w") as log:
+            return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, stdout=log, stderr=log,
+                                  timeout=600).returncode
+    import pty
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, stdout=secondary,
+                               stderr=secondary, stdin=subprocess.DEVNULL)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    Path(log_path).write_bytes(b"".join(chunks))
+    return process.wait(timeout=600)
+
+
+def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_path):
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    argv = [t for t in train_argv(train_dir, val_dir, tmp_path / "run", "--epochs", "2")
+            if t != "--no-progress"]
+    log = tmp_path / "train.log"
+    assert run_logged(["clip_train.py", *argv], log) == 0
+    text = log.read_text()
+    assert "\r" not in text and "samples_s=" not in text
+    epoch_lines = [line for line in text.splitlines() if " clip_train: epoch " in line]
+    assert [line.split(" clip_train: ")[1].split()[:2] for line in epoch_lines] == [
+        ["epoch", "1/2"], ["epoch", "2/2"]]
+    infer = ["inference.py", "--test-dir", str(val_dir), "--checkpoint",
+             str(tmp_path / "run" / "clip_model_epoch_best.pt"), "--output-dir", str(tmp_path / "eval"),
+             "--workers", "0", "--bootstrap", "20", "--no-figures"]
+    assert run_logged(infer, tmp_path / "infer.log") == 0
+    text = (tmp_path / "infer.log").read_text()
+    assert "\r" not in text and "encoding images" not in text
+    # on a terminal the bars are drawn (carriage returns), as data_preprocess.py does
+    assert run_logged(["clip_train.py", *argv[:-2], "--epochs", "1", "--overwrite"],
+                      tmp_path / "tty.log", tty=True) == 0
+    # (a pty turns every \n into \r\n, so look for the bar's own text, its postfix)
+    assert b"samples_s=" in (tmp_path / "tty.log").read_bytes()
