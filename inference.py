@@ -442,7 +442,9 @@ def regex_groups(items, root, pattern):
 def collect_cohort(args, folders):
     """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
     spec = Path(args.test_dir)
-    if spec.is_file():
+    if spec.is_file() and spec.suffix.lower() != ".csv":  # a single image: predicted, not scored
+        cohort = Cohort([(spec, -1)], False, spec.parent)
+    elif spec.is_file():
         split = args.split or DEFAULT_SPLIT
         manifest_groups, splits = read_manifest_groups(spec)
         if split not in splits:
@@ -759,6 +761,9 @@ def run_info(args, setup, bundle):
         "logit_scale_mode": bundle.logit_scale_mode,
         "operating_threshold": operating["threshold"],
         "operating_threshold_source": operating["source"],
+        # the rule of predictions.csv's `prediction` column (argmax without a threshold)
+        "decision_rule": "threshold" if args.decision_rule == "threshold"
+                         and operating["threshold"] is not None else "argmax",
         "temperature": bundle.temperature,
         "temperature_source": bundle.temperature_source,
         "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
@@ -855,9 +860,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     probs_cal = softmax(scores.logits, bundle.temperature) if bundle.temperature else None
     threshold, rare = bundle.operating["threshold"], bundle.operating["rare_index"]
     rule = rule_predictions(np.nan_to_num(probs), rare, threshold) if threshold is not None else None
-    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
-        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize))
     run = run_info(args, setup, bundle)
+    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
+        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize, run["decision_rule"]))
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled)
@@ -1008,6 +1013,12 @@ def parse_args(argv=None):
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
+    stats.add_argument("--decision-rule", choices=("argmax", "threshold"), default="argmax",
+                       help="the rule whose decision fills predictions.csv's `prediction` column: "
+                            "'argmax' (the most probable class, as published; default) or "
+                            "'threshold' (the rare class when its probability reaches the "
+                            "validation threshold or --threshold); both stay in pred_label and "
+                            "pred_label_threshold")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
@@ -1025,8 +1036,8 @@ def check_args(parser, args):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)
-    if test_dir.is_file() and test_dir.suffix.lower() != ".csv":
-        parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv")
+    if test_dir.is_file() and test_dir.suffix.lower() != ".csv" and not common.is_candidate_image(test_dir):
+        parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv or an image")
     if not test_dir.exists():
         parser.error(f"--test-dir {test_dir}: no such folder or manifest")
     if args.split is not None and not test_dir.is_file():
@@ -1078,6 +1089,9 @@ def prepare(args, argv):
         raise ValueError(f"--baseline: {args.test_dir} has no class folders, so there is nothing "
                          "to compare on; give a labelled cohort")
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
+    if args.decision_rule == "threshold" and bundle.operating["threshold"] is None:
+        raise ValueError(f"--decision-rule threshold: --checkpoint {args.checkpoint} stores no "
+                         "validation threshold; pass --threshold P (0-1) or --decision-rule argmax")
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     return Setup(cohort=cohort, model=bundle, argv=argv,
                  overlap=training_overlap(checkpoint, cohort, args.test_dir),

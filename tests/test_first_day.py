@@ -11,14 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import clip_train
 import common
 import data_preprocess as dp
 import inference
-from conftest import REPO_ROOT, TINY_CONFIG, tree_state
+import prompts
+from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tree_state
+
+FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 
 
 def train_argv(train_dir, val_dir, save_dir, *extra):
@@ -290,3 +295,82 @@ def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_
                       tmp_path / "tty.log", tty=True) == 0
     # (a pty turns every \n into \r\n, so look for the bar's own text, its postfix)
     assert b"samples_s=" in (tmp_path / "tty.log").read_bytes()
+
+
+# -- item 8: one `prediction` column of the rule the report names; a single image as --test-dir --
+
+def tiny_checkpoint(path, threshold=None):
+    torch.manual_seed(0)
+    model = common.create_model(TINY_MODEL, None)[0]
+    classes = prompts.load_prompt_set(None)
+    meta = {"model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
+            "pretrained": None, "class_folders": prompts.class_folders(classes),
+            "prompts": prompts.prompt_set_to_dict(classes), "preprocess": {"image_size": 64},
+            "epoch": 1, "metrics": {}, "args": {}, "logit_scale_mode": "exp"}
+    if threshold is not None:
+        meta["operating_point"] = {"class": FOLDERS[0], "target_sensitivity": 0.9,
+                                   "threshold": threshold, "val_sensitivity": 0.9, "val_specificity": 0.4}
+    common.save_checkpoint(path, model, meta)
+    return path
+
+
+def test_prediction_column_follows_the_decision_rule(make_cohort, tmp_path, capsys):
+    test_dir = make_cohort("external", (4, 8, 6), seed=3)
+    plain = tiny_checkpoint(tmp_path / "plain.pt")
+    evaluate(test_dir, plain, tmp_path / "first")
+    # a threshold between the rare-class probabilities, so that the two rules disagree
+    cut = float(np.median(pd.read_csv(tmp_path / "first" / "predictions.csv")[f"prob_{FOLDERS[0]}"]))
+    calibrated = tiny_checkpoint(tmp_path / "calibrated.pt", threshold=cut)
+    frames, reports = {}, {}
+    for rule in ("argmax", "threshold"):
+        out = tmp_path / rule
+        evaluate(test_dir, calibrated, out, "--decision-rule", rule)
+        frames[rule] = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+        reports[rule] = (out / "report.md").read_text()
+        assert json.loads((out / "metrics.json").read_text())["decision_rule"] == rule
+    argmax, threshold = frames["argmax"], frames["threshold"]
+    probs = argmax[[f"prob_{f}" for f in FOLDERS]].to_numpy()
+    by_hand_argmax = [FOLDERS[k] for k in probs.argmax(axis=1)]
+    others = probs.copy()
+    others[:, 0] = -1
+    by_hand_rule = [FOLDERS[0] if p[0] >= cut else FOLDERS[k] for p, k in zip(probs, others.argmax(axis=1))]
+    assert by_hand_argmax != by_hand_rule  # the two rules disagree on some image here
+    assert list(argmax.columns[-2:]) == ["prediction", "status"]
+    # pred_label keeps meaning argmax and pred_label_threshold the rule, whichever rule is chosen
+    for frame in (argmax, threshold):
+        assert frame.pred_label.tolist() == by_hand_argmax
+        assert frame.pred_label_threshold.tolist() == by_hand_rule
+    assert argmax.prediction.tolist() == by_hand_argmax
+    assert threshold.prediction.tolist() == by_hand_rule
+    assert "- decision rule (the `prediction` column of predictions.csv): **argmax**" in reports["argmax"]
+    assert "- decision rule (the `prediction` column of predictions.csv): **threshold**" in reports["threshold"]
+    # no threshold stored: the threshold rule needs --threshold
+    before = tree_state(tmp_path)
+    code = inference.main(["--test-dir", str(test_dir), "--checkpoint", str(plain), "--output-dir",
+                           str(tmp_path / "refused"), "--decision-rule", "threshold", "--no-progress"])
+    assert code == 2 and tree_state(tmp_path) == before
+    assert error_line(capsys.readouterr().err) == (
+        f"error: --decision-rule threshold: --checkpoint {plain} stores no validation threshold; "
+        "pass --threshold P (0-1) or --decision-rule argmax")
+    evaluate(test_dir, plain, tmp_path / "user", "--decision-rule", "threshold", "--threshold", repr(cut))
+    user = pd.read_csv(tmp_path / "user" / "predictions.csv", keep_default_na=False)
+    assert user.prediction.tolist() == by_hand_rule
+
+
+def test_a_single_image_is_a_test_dir(make_cohort, tmp_path, capsys):
+    image = next((make_cohort("external", (1, 1, 1)) / "healthy eyes").iterdir())
+    checkpoint = tiny_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "one"
+    assert inference.main(["--test-dir", str(image), "--checkpoint", str(checkpoint), "--output-dir",
+                           str(out), "--workers", "0", "--no-progress", "--no-figures"]) == 0
+    frame = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert frame.path.tolist() == [image.name] and frame.status.tolist() == ["ok"]
+    assert frame.true_label.tolist() == [""] and frame.prediction.tolist() == frame.pred_label.tolist()
+    assert frame[[f"prob_{f}" for f in FOLDERS]].to_numpy().sum() == pytest.approx(1.0)
+    assert not (out / "metrics.json").exists()  # predicted, not scored
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        inference.parse_args(["--test-dir", str(text), "--checkpoint", str(checkpoint)])
+    assert exit_info.value.code == 2
+    assert f"--test-dir {text}: a file must be a manifest.csv or an image" in capsys.readouterr().err
