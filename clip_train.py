@@ -1162,6 +1162,10 @@ def setup_model(args):
         except common.CheckpointError as err:
             raise ValueError(f"--pretrained {err}") from None
         return model, train_tf, val_tf, tokenizer, model_config
+    if pretrained and not common.model_source(args.model_name):  # an open_clip tag
+        problem = common.offline_weights_problem(args.model_name, pretrained)
+        if problem:
+            raise ValueError(f"--pretrained {pretrained}: {problem}")
     try:
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
     except (RuntimeError, OSError) as err:
@@ -1170,7 +1174,22 @@ def setup_model(args):
                              f"{args.model_name} ({str(err).splitlines()[0][:200]}); offline, pass "
                              "--pretrained none or a local weights file") from None
         raise ValueError(f"--pretrained {pretrained}: {str(err).splitlines()[0][:300]}") from None
+    if pretrained is None:
+        warn_random_init(model, args)
     return model, train_tf, val_tf, tokenizer, model_config
+
+
+def warn_random_init(model, args):
+    """--pretrained none: say when random weights will not become a useful model."""
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    if not args.model_config and not common.model_source(args.model_name):
+        LOG.warning("--pretrained none: %s (%.0f M parameters) starts from random weights; CLIP "
+                    "needs hundreds of millions of image-text pairs to learn from scratch, a clinical "
+                    "cohort does not suffice. Pass an open_clip tag or --pretrained PATH to weights",
+                    args.model_name, millions)
+    if args.lr < 1e-5:
+        LOG.warning("--pretrained none with --lr %g: random weights barely move below 1e-5 (the "
+                    "published 1e-8 is meant for small steps away from pretrained weights)", args.lr)
 
 
 def pretrained_weights(path, model_name):

@@ -807,6 +807,59 @@ def create_model(model_name, pretrained=None, device="cpu", model_config=None, p
     return model, preprocess_train, preprocess_val, tokenizer
 
 
+def pretrained_hub_files(model_name, tag):
+    """(Hub repository, [weights file names, preferred first]) open_clip downloads for an
+    open_clip pretrained tag, or None when the tag is fetched from a URL or is unknown."""
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if not repo:
+        return None
+    weights = cfg.get("hf_weights_filename") or "open_clip_pytorch_model.bin"
+    safe = [weights[:-4] + ".safetensors"] if weights.endswith((".bin", ".pth")) else []
+    if weights == "open_clip_pytorch_model.bin":
+        safe = ["open_clip_model.safetensors"]  # open_clip's own safetensors name for it
+    return repo, safe + [weights]
+
+
+def hub_unreachable(timeout_s=3.0):
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE set, or no connection to its
+    host within timeout_s), or None. Behind a proxy (HTTPS_PROXY) the direct probe says
+    nothing, so the Hub counts as reachable."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as err:
+        return f"no connection to {host} ({err.__class__.__name__})"
+    return None
+
+
+def offline_weights_problem(model_name, tag):
+    """A one-line reason (naming the Hub repository and file, and the --pretrained PATH form)
+    when the weights of an open_clip tag are neither cached nor downloadable, else None:
+    decided in seconds, instead of open_clip's minute of download retries."""
+    files = pretrained_hub_files(model_name, tag)
+    if files is None:
+        return None
+    import huggingface_hub
+    repo, names = files
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names):
+        return None
+    reason = hub_unreachable()
+    if reason is None:
+        return None
+    return (f"the {model_name} weights of tag {tag} are not in the Hugging Face cache and the Hub "
+            f"cannot be reached ({reason}); download {names[-1]} (or {names[0]}) from "
+            f"https://huggingface.co/{repo} on a connected machine and pass --pretrained PATH/TO/"
+            f"{names[-1]}, or copy that machine's Hugging Face cache here")
+
+
 def preprocess_overrides(preprocess_cfg):
     """create_model_and_transforms keywords restoring a recorded model.visual.preprocess_cfg."""
     if not preprocess_cfg:

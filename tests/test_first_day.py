@@ -1,6 +1,7 @@
 """A new user's first day (issue 18, items 3-5, 7-11): leakage between splits, offline start,
 clean logs, Ctrl-C and resume, the prediction column, messages, summaries, the model card."""
 
+import argparse
 import json
 import os
 import shlex
@@ -374,3 +375,76 @@ def test_a_single_image_is_a_test_dir(make_cohort, tmp_path, capsys):
         inference.parse_args(["--test-dir", str(text), "--checkpoint", str(checkpoint)])
     assert exit_info.value.code == 2
     assert f"--test-dir {text}: a file must be a manifest.csv or an image" in capsys.readouterr().err
+
+
+# -- item 4: offline start fails fast and says what to download; random init is warned about ----
+
+REPO_ID = "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K"
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_offline_default_model_fails_fast_naming_repository_and_file(make_cohort, tmp_path,
+                                                                     empty_hf_cache, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    argv = [t for t in train_argv(train_dir, val_dir, tmp_path / "run")]
+    argv = argv[:argv.index("--model-config")] + argv[argv.index("--model-config") + 2:]
+    before = tree_state(tmp_path)
+    start = time.monotonic()
+    assert clip_train.main(argv) == 2
+    assert time.monotonic() - start < 30  # not a minute of download retries
+    line = error_line(capsys.readouterr().err)
+    assert line == (
+        "error: --pretrained datacomp_s34b_b86k: the ViT-B-32-256 weights of tag datacomp_s34b_b86k "
+        "are not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set); "
+        "download open_clip_pytorch_model.bin (or open_clip_model.safetensors) from "
+        f"https://huggingface.co/{REPO_ID} on a connected machine and pass --pretrained "
+        "PATH/TO/open_clip_pytorch_model.bin, or copy that machine's Hugging Face cache here")
+    assert tree_state(tmp_path) == before
+
+
+def test_hub_probe_and_cache(empty_hf_cache, monkeypatch):
+    assert common.pretrained_hub_files("ViT-B-32-256", "datacomp_s34b_b86k") == (
+        REPO_ID, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+    assert common.pretrained_hub_files("ViT-B-32-256", "no_such_tag") is None  # open_clip reports it
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")  # nothing listens on 443 here
+    assert common.hub_unreachable(timeout_s=2).startswith("no connection to 127.0.0.1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert common.hub_unreachable() is None  # behind a proxy a direct probe proves nothing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert common.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is not None
+    # a cached copy (the layout huggingface_hub writes) is enough, offline
+    repo_cache = empty_hf_cache / "models--laion--CLIP-ViT-B-32-256x256-DataComp-s34B-b86K"
+    (repo_cache / "refs").mkdir(parents=True)
+    (repo_cache / "refs" / "main").write_text("abc123")
+    (repo_cache / "snapshots" / "abc123").mkdir(parents=True)
+    (repo_cache / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
+    assert common.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is None
+
+
+def test_random_init_of_a_stock_architecture_or_at_a_tiny_lr_is_warned(caplog):
+    model = common.create_model(TINY_MODEL, None)[0]
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+
+    def warnings_for(**kwargs):
+        caplog.clear()
+        args = argparse.Namespace(**{"model_config": None, "model_name": "ViT-B-32", "lr": 1e-3, **kwargs})
+        clip_train.warn_random_init(model, args)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    (stock,) = warnings_for()
+    assert stock.startswith(f"--pretrained none: ViT-B-32 ({millions:.0f} M parameters) starts from random")
+    (slow,) = warnings_for(model_config="tiny.json", model_name=TINY_MODEL, lr=1e-8)
+    assert slow.startswith("--pretrained none with --lr 1e-08: random weights barely move below 1e-5")
+    assert len(warnings_for(model_name="ViT-B-32", lr=1e-8)) == 2
+    assert warnings_for(model_config="tiny.json", model_name=TINY_MODEL, lr=1e-5) == []
