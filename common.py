@@ -697,6 +697,17 @@ def config_alias(model_name):
     return f"{stem}-{hashlib.sha256(model_name.encode('utf-8')).hexdigest()[:8]}"
 
 
+def close_model_names(name, names, n=3):
+    """Up to n of `names` closest to `name` ('ViT-B/32' -> ['ViT-B-32', ...]): the paper and the
+    OpenAI package write '/' where open_clip writes '-'; difflib's ratio ranks the rest."""
+    import difflib
+    wanted = name.replace("/", "-")
+    by_case = {candidate.lower(): candidate for candidate in names}
+    exact = [by_case[wanted.lower()]] if wanted.lower() in by_case else []
+    close = difflib.get_close_matches(wanted, names, n=n, cutoff=0.75)
+    return list(dict.fromkeys(exact + close))[:n]
+
+
 def read_model_config(model_name):
     """The architecture dict of `model_name`: built-in or registered, a local-dir's
     open_clip_config.json, or an hf-hub repository's (from the Hugging Face cache, else
@@ -705,7 +716,9 @@ def read_model_config(model_name):
     source = model_source(model_name)
     if source is None:
         if model_name not in open_clip.list_models():
-            raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture "
+            close = close_model_names(model_name, open_clip.list_models())
+            hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+            raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture{hint} "
                              "(see open_clip.list_models(), use hf-hub:ORG/REPO or local-dir:PATH, "
                              "or pass --model-config)")
         return open_clip.get_model_config(model_name)
@@ -923,6 +936,15 @@ def load_checkpoint_file(path):
             except (TypeError, ValueError):
                 checkpoint.setdefault(key, text)
         return checkpoint
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    # torch.save writes a zip archive (PK), older versions a pickle (protocol byte 0x80); anything
+    # else is no checkpoint, and torch's weights_only error for it would read as a security refusal.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        what = "a JSON file" if head[:1] in (b"{", b"[") else "not a file torch.save wrote"
+        raise CheckpointError(f"{path}: not a checkpoint ({what}); pass the .pt file clip_train.py "
+                              "wrote (clip_model_epoch_best.pt), a safetensors file or an open_clip "
+                              "state_dict")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -448,3 +448,39 @@ def test_random_init_of_a_stock_architecture_or_at_a_tiny_lr_is_warned(caplog):
     assert slow.startswith("--pretrained none with --lr 1e-08: random weights barely move below 1e-5")
     assert len(warnings_for(model_name="ViT-B-32", lr=1e-8)) == 2
     assert warnings_for(model_config="tiny.json", model_name=TINY_MODEL, lr=1e-5) == []
+
+
+# -- item 9: the closest model names; a JSON file is "not a checkpoint" ---------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("ViT-B/32", ["ViT-B-32", "ViT-S-32", "ViT-M-32"]), ("vit-b-32", ["ViT-B-32"]),
+    ("ViT-B-32-265", ["ViT-B-32-256", "ViT-B-32", "ViT-B-32-plus-256"]), ("RN-50", ["RN50"]),
+    ("resnet", []),
+])
+def test_close_model_names_known_answers(name, expected):
+    import open_clip
+    assert common.close_model_names(name, open_clip.list_models()) == expected
+
+
+def test_unknown_model_name_suggests_the_open_clip_name(make_cohort, tmp_path, capsys):
+    argv = train_argv(make_cohort("train"), make_cohort("val", seed=1), tmp_path / "run")
+    argv = argv[:argv.index("--model-config")] + argv[argv.index("--model-config") + 2:]
+    assert clip_train.main(argv + ["--model-name", "ViT-B/32", "--pretrained", "none"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("error: --model-name unknown model 'ViT-B/32': not an open_clip "
+                           "architecture; did you mean 'ViT-B-32' or 'ViT-S-32' or 'ViT-M-32'? ")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, what", [('{"lr": 0.001}', "a JSON file"),
+                                           ("epoch,loss\n1,0.5\n", "not a file torch.save wrote")])
+def test_a_json_file_as_checkpoint_is_not_a_checkpoint(make_cohort, tmp_path, capsys, content, what):
+    fake = tmp_path / "args.json"
+    fake.write_text(content)
+    code = inference.main(["--test-dir", str(make_cohort()), "--checkpoint", str(fake), "--output-dir",
+                           str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: --checkpoint {fake}: not a checkpoint ({what}); pass the .pt file clip_train.py "
+        "wrote (clip_model_epoch_best.pt), a safetensors file or an open_clip state_dict")
+    assert not (tmp_path / "out").exists()
