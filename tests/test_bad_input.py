@@ -44,7 +44,8 @@ def shared(tmp_path_factory):
     mini["embed_dim"], mini["vision_cfg"]["width"], mini["text_cfg"]["width"] = 32, 32, 32
     (root / "mini_clip.json").write_text(json.dumps(mini))
     run = root / "run"
-    assert clip_train.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "cohort"),
+    make_demo_cohort.write_cohort(root / "val", (2, 2, 2), 2)  # validation never holds training images
+    assert clip_train.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "val"),
                             "--save-dir", str(run), "--model-config", str(TINY_CONFIG), "--lr", "1e-3",
                             "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress"]) == 0
     best = run / clip_train.BEST_NAME
