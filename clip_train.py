@@ -751,6 +751,23 @@ def write_history(save_dir, history, select_metric):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def recipe_default(dest):
+    """'X with --recipe paper, Y with recommended': the --help default of a recipe flag."""
+    paper, recommended = (RECIPES[name][dest] for name in ("paper", "recommended"))
+    words = {True: "on", False: "off"}
+    if isinstance(paper, bool):
+        paper, recommended = words[paper], words[recommended]
+    return f"{paper} with --recipe paper, {recommended} with recommended"
+
+
+def build_parser():
+    """The command line; `--help` shows every default as '(default: X)'."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
@@ -763,7 +780,7 @@ def parse_args(argv=None):
                       help="JSON prompt set replacing the published one (schema in prompts.py)")
     model = parser.add_argument_group("model")
     model.add_argument("--model-name", default=None,
-                       help="open_clip architecture (default ViT-B-32-256, or the --model-config stem), "
+                       help="open_clip architecture, "
                           "or hf-hub:ORG/REPO or local-dir:PATH (architecture and weights from a Hub "
                           "repository or a downloaded folder; HF text towers need requirements-hf.txt)")
     model.add_argument("--model-config", default=None,
@@ -800,7 +817,7 @@ def parse_args(argv=None):
                             "balanced_accuracy is fairer with a rare class)")
     optim.add_argument("--target-sensitivity", type=float, default=0.9,
                        help="rare-class sensitivity the stored operating threshold must reach on "
-                            "validation (0 < x <= 1; default 0.9)")
+                            "validation (0 < x <= 1)")
     optim.add_argument("--patience", type=int, default=None,
                        help="stop after this many epochs without a better --select-metric "
                             "(0 = never; paper 0, recommended 10)")
@@ -852,9 +869,11 @@ def parse_args(argv=None):
                           "factors run one after another, each at the best values found so far")
     ssa.add_argument("--ssa-keep-all", action="store_true",
                      help="keep every trial's checkpoints (default: only the winner's)")
-    args = parser.parse_args(argv)
-    validate_args(parser, args)
-    return args
+    return common.show_defaults(parser, {
+        **{dest: recipe_default(dest) for dest in RECIPES["paper"]},
+        "model_name": "ViT-B-32-256, or the --model-config stem", "prompts": "the published set",
+        "lock_image": "none, the tower trains", "lock_text": "none, the tower trains",
+        "wise_ft_alphas": "none, no WiSE-FT"})
 
 
 def validate_args(parser, args):

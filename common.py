@@ -627,6 +627,34 @@ def default_workers(device=None, local_world_size=1):
 # Device, precision, model
 
 
+def show_defaults(parser, unset=None):
+    """Append ' (default: X)' to the help of every option that does not state it yet: X is the
+    value ('off'/'on' for switches), or `unset[dest]` (else 'none') where the default is None
+    because it is resolved later; required options get ' (required)'. argparse's own
+    ArgumentDefaultsHelpFormatter would print 'None' for those and repeat stated defaults."""
+    unset = unset or {}
+    for action in parser._actions:
+        if not action.help or action.dest == "help" or "(default:" in action.help:
+            continue
+        if action.required:
+            action.help += " (required)"
+            continue
+        if "(default " in action.help and action.dest not in unset:  # stated in words already
+            action.help = action.help.replace("(default ", "(default: ", 1)
+            continue
+        value = action.default
+        if action.dest in unset:
+            text = unset[action.dest]
+        elif isinstance(value, bool):
+            text = "on" if value else "off"
+        elif value is None or value == []:
+            text = "none"
+        else:
+            text = str(value)
+        action.help += f" (default: {text.replace('%', '%%')})"  # help strings are %-formatted
+    return parser
+
+
 def configure_logging(level=logging.INFO):
     """Our loggers at `level`; open_clip's chatty root-logger INFO lines only as warnings."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)

@@ -931,6 +931,16 @@ def run_wise_ft(args, setup, baseline_scores):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = common.default_workers(args.device)
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
+    """The command line; `--help` shows every default as '(default: X)'."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and model")
@@ -1022,11 +1032,7 @@ def parse_args(argv=None):
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
-    args = parser.parse_args(argv)
-    if args.workers is None:
-        args.workers = common.default_workers(args.device)
-    check_args(parser, args)
-    return args
+    return common.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
 
 
 def check_args(parser, args):

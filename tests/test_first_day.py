@@ -484,3 +484,46 @@ def test_a_json_file_as_checkpoint_is_not_a_checkpoint(make_cohort, tmp_path, ca
         f"error: --checkpoint {fake}: not a checkpoint ({what}); pass the .pt file clip_train.py "
         "wrote (clip_model_epoch_best.pt), a safetensors file or an open_clip state_dict")
     assert not (tmp_path / "out").exists()
+
+
+# -- item 10: --help shows every default; summaries; report figures; the preamble at debug ------
+
+@pytest.mark.parametrize("module", [clip_train, inference])
+def test_help_shows_every_default(module):
+    parser = module.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert "(default: " in action.help or "(required)" in action.help, action.option_strings
+        if action.dest == "ssa_keep_all":  # "(default: only the winner's)": said in words
+            continue
+        if isinstance(action.default, bool):
+            assert f"(default: {'on' if action.default else 'off'})" in action.help, action.option_strings
+        elif action.default not in (None, []):
+            assert f"(default: {action.default}" in action.help, action.option_strings
+        assert action.help.count("(default: ") == (0 if action.required else 1), action.option_strings
+    if module is clip_train:
+        lr = parser._option_string_actions["--lr"].help
+        assert "(default: 1e-08 with --recipe paper, 1e-05 with recommended)" in lr
+        assert "(default: off with --recipe paper, on with recommended)" in \
+            parser._option_string_actions["--balanced-sampling"].help
+    help_text = module.build_parser().format_help()  # %-formatting of the help strings works
+    assert "(default: " in help_text
+
+
+def test_show_defaults_known_answers():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--a", type=int, default=3, help="a count")
+    parser.add_argument("--b", default=None, help="b")
+    parser.add_argument("--c", action="store_true", help="c")
+    parser.add_argument("--d", default="5%", help="d")
+    parser.add_argument("--e", default=None, help="e")
+    parser.add_argument("--f", default=1, help="f (default 1; more is slower)")
+    parser.add_argument("--g", required=True, help="g")
+    common.show_defaults(parser, {"e": "the checkpoint's"})
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["a"] == "a count (default: 3)" and helps["b"] == "b (default: none)"
+    assert helps["c"] == "c (default: off)" and helps["d"] == "d (default: 5%%)"
+    assert helps["e"] == "e (default: the checkpoint's)" and helps["g"] == "g (required)"
+    assert helps["f"] == "f (default: 1; more is slower)"
+    assert "(default: 5%)" in parser.format_help()
