@@ -1516,8 +1516,8 @@ def train(args, classes, train_items, val_items, argv):
                      state["epoch"])
             return 0
     save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
-    for key, value in ctx["args_dict"].items():
-        LOG.info("  %s = %s", key, value)
+    for key, value in ctx["args_dict"].items():  # all in args.json; in the log with debug logging
+        LOG.debug("  %s = %s", key, value)
     if args.rank == 0:
         common.atomic_write_json(save_dir / "args.json", common.run_record(
             "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items)}))
@@ -1542,9 +1542,23 @@ def train(args, classes, train_items, val_items, argv):
         if base_state is not None and (save_dir / BEST_NAME).exists():
             choose_wise_ft_alpha(model, ctx, val_loader, base_state)
         mark_finished(save_dir / LAST_NAME)
-    LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
-             state["best_value"], state["best_epoch"], save_dir)
+    LOG.info("== done: %s; checkpoints and curves in %s ==", done_summary(state, args), save_dir)
     return 0
+
+
+def done_summary(state, args):
+    """The last line's numbers: the best epoch's --select-metric and the rare-class threshold
+    stored with it (validation sensitivity and specificity), rounded for reading."""
+    if state["best_epoch"] is None:
+        return "no epoch improved on the start"
+    row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
+    text = f"best {args.select_metric} {state['best_value']:.3f} at epoch {state['best_epoch']}"
+    threshold = row.get("operating_threshold")
+    if threshold is None or not math.isfinite(threshold):
+        return text + f"; no rare-class threshold stored in {BEST_NAME}"
+    return (text + f"; {BEST_NAME} stores the rare-class threshold {threshold:.3f} (validation "
+            f"sensitivity {row['operating_val_sensitivity']:.2f}, specificity "
+            f"{row['operating_val_specificity']:.2f})")
 
 
 def describe_changes(changes):

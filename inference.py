@@ -891,6 +891,16 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     return metrics
 
 
+def rare_summary(metrics):
+    """'orbital disease sensitivity 0.750 (...) specificity 0.900 (...) at p >= 0.312': the rare
+    class at the stored operating point, or under argmax when there is none."""
+    rare, op = metrics["rare_class"], metrics.get("operating_point")
+    stats, where = ((op["rule"], f"at p >= {op['threshold']:.3f}") if op
+                    else (metrics["per_class"][rare], "(argmax)"))
+    return (f"{rare} sensitivity {format_value(stats['sensitivity'], stats['sensitivity_ci'])}  "
+            f"specificity {format_value(stats['specificity'], stats['specificity_ci'])} {where}")
+
+
 def summary_row(alpha, folder, metrics, rare_class):
     """One row of wise_ft_summary.csv."""
     row = {"alpha": alpha, "output_dir": folder, "n": None if metrics is None else metrics["n"]}
@@ -1112,7 +1122,7 @@ def main(argv=None):
     common.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
-        LOG.info("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+        LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
     try:
         setup = prepare(args, argv)
     except (ValueError, OSError) as err:
@@ -1145,10 +1155,11 @@ def main(argv=None):
         LOG.info("== done: %d images predicted, not scored (no class folders); outputs in %s ==",
                  len(statuses) - n_failed, args.output_dir)
     else:
-        LOG.info("== done: n %d  accuracy %s  balanced accuracy %s  macro AUROC %s; outputs in %s ==",
+        LOG.info("== done: n %d  accuracy %s  balanced accuracy %s  macro AUROC %s  %s; outputs in %s ==",
                  metrics["n"], format_value(metrics["accuracy"], metrics["accuracy_ci"]),
                  format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]),
-                 format_value(metrics["macro_auroc"], metrics["macro_auroc_ci"]), args.output_dir)
+                 format_value(metrics["macro_auroc"], metrics["macro_auroc_ci"]),
+                 rare_summary(metrics), args.output_dir)
     return 0
 
 

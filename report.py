@@ -309,6 +309,11 @@ def report_header(run):
     return lines
 
 
+FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalised)"),
+           ("roc_curves.png", "ROC curves per class"), ("pr_curves.png", "Precision-recall curves per class"),
+           ("calibration.png", "Reliability diagram"), ("prob_histograms.png", "Predicted probabilities by class"))
+
+
 def independence_warning(run):
     """The report's first lines when the test cohort overlaps the checkpoint's training or
     validation images (inference.training_overlap), else none."""
@@ -347,6 +352,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if comparison is not None:
         lines += ["", "## Comparison with the baseline", ""]
         lines += comparison_markdown(comparison, run["baseline"]["checkpoint"])
+    if run.get("figures", True):
+        lines += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES]
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]

@@ -527,3 +527,51 @@ def test_show_defaults_known_answers():
     assert helps["e"] == "e (default: the checkpoint's)" and helps["g"] == "g (required)"
     assert helps["f"] == "f (default: 1; more is slower)"
     assert "(default: 5%)" in parser.format_help()
+
+
+def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, capsys):
+    def logged(name):  # main() configures logging to stderr itself (caplog's handler is replaced)
+        return [line.split(f" {name}: ", 1)[1] for line in capsys.readouterr().err.splitlines()
+                if f" {name}: " in line]
+
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
+    messages = logged("clip_train")
+    assert not any(m.startswith("  lr = ") for m in messages)  # the preamble: args.json only
+    assert json.loads((save_dir / "args.json").read_text())["args"]["lr"] == 1e-3
+    history = pd.read_csv(save_dir / "metrics.csv")
+    best = history[history.is_best].iloc[-1]
+    best_ckpt = common.load_checkpoint_file(save_dir / clip_train.BEST_NAME)
+    assert best_ckpt["operating_point"]["threshold"] == pytest.approx(best.operating_threshold)
+    assert messages[-1] == (
+        f"== done: best accuracy {best.accuracy:.3f} at epoch {best.epoch}; clip_model_epoch_best.pt "
+        f"stores the rare-class threshold {best.operating_threshold:.3f} (validation sensitivity "
+        f"{best.operating_val_sensitivity:.2f}, specificity {best.operating_val_specificity:.2f}); "
+        f"checkpoints and curves in {save_dir} ==")
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert inference.main(["--test-dir", str(val_dir), "--checkpoint", str(save_dir / clip_train.BEST_NAME),
+                           "--output-dir", str(out), "--workers", "0", "--bootstrap", "50",
+                           "--no-progress"]) == 0
+    messages = logged("inference")
+    assert not any(m.startswith("  test_dir = ") for m in messages)
+    result = json.loads((out / "metrics.json").read_text())
+    rule = result["operating_point"]["rule"]
+    fmt = inference.format_value
+    assert (f"  orbital disease sensitivity {fmt(rule['sensitivity'], rule['sensitivity_ci'])}  specificity "
+            f"{fmt(rule['specificity'], rule['specificity_ci'])} at p >= "
+            f"{result['operating_point']['threshold']:.3f}; outputs in {out} ==") in messages[-1]
+    report = (out / "report.md").read_text()
+    for name in ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "calibration.png",
+                 "prob_histograms.png"):
+        assert f"]({name})" in report and (out / name).is_file(), name  # embedded and drawn
+    # without figures the report embeds none; without a threshold the summary is of argmax
+    plain = tiny_checkpoint(tmp_path / "plain.pt")
+    capsys.readouterr()
+    no_figures, report = evaluate(val_dir, plain, tmp_path / "plain_eval")
+    assert "![" not in report and "## Figures" not in report
+    stats = no_figures["per_class"]["orbital disease"]
+    assert logged("inference")[-1].endswith(
+        f"specificity {fmt(stats['specificity'], stats['specificity_ci'])} (argmax); outputs in "
+        f"{tmp_path / 'plain_eval'} ==")
