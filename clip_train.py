@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
-from metrics import fit_temperature, mean_nll, operating_point, selection_metrics
+from metrics import fit_temperature, mean_nll, operating_point, selection_metrics, wilson_interval
 
 LOG = logging.getLogger("clip_train")
 BEST_NAME = "clip_model_epoch_best.pt"  # published file names
@@ -1233,7 +1233,7 @@ def prepare_save_dir(args):
         stale.unlink()
     if args.overwrite and not args.resume:
         for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
-                     "training_curves.png", "args.json", "train_log.jsonl"):
+                     "training_curves.png", "args.json", "train_log.jsonl", "MODEL_CARD.md"):
             (save_dir / name).unlink(missing_ok=True)
     return save_dir
 
@@ -1542,6 +1542,8 @@ def train(args, classes, train_items, val_items, argv):
         if base_state is not None and (save_dir / BEST_NAME).exists():
             choose_wise_ft_alpha(model, ctx, val_loader, base_state)
         mark_finished(save_dir / LAST_NAME)
+        common.atomic_write_text(save_dir / "MODEL_CARD.md",
+                                 model_card(args, classes, train_items, val_items, state))
     LOG.info("== done: %s; checkpoints and curves in %s ==", done_summary(state, args), save_dir)
     return 0
 
@@ -1559,6 +1561,54 @@ def done_summary(state, args):
     return (text + f"; {BEST_NAME} stores the rare-class threshold {threshold:.3f} (validation "
             f"sensitivity {row['operating_val_sensitivity']:.2f}, specificity "
             f"{row['operating_val_specificity']:.2f})")
+
+
+def proportion_with_ci(value, n):
+    """'0.750 (95% CI 0.409-0.929, n = 8)': a validation proportion with its Wilson interval
+    (k recovered from the rate and its denominator), or 'n/a'."""
+    if value is None or not math.isfinite(value) or not n:
+        return "n/a"
+    low, high = wilson_interval(round(value * n), n)
+    return f"{value:.3f} (95% CI {low:.3f}-{high:.3f}, n = {n})"
+
+
+def model_card(args, classes, train_items, val_items, state):
+    """MODEL_CARD.md: data, classes, prompts, recipe, the best epoch's validation metrics with
+    CIs, the stored threshold, intended use and limits (Mitchell et al. 2019, shortened)."""
+    folders = prompt_sets.class_folders(classes)
+    count = lambda items, k: sum(label == k for _path, label in items)  # noqa: E731
+    row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None) or {}
+    n_val, n_rare = row.get("val_images", len(val_items)), count(val_items, 0)
+    number = lambda key: "n/a" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731
+    lines = ["# Model card", "",
+             f"Fine-tuned `{args.model_name}` (from `{args.pretrained}`) by clip_train.py; weights in "
+             f"`{BEST_NAME}` (epoch {state['best_epoch']} of {state['epoch']}), the command in args.json.", "",
+             "## Data", "", f"- training: `{args.train_dir}`; validation: `{args.val_dir}`",
+             "", "| class | training images | validation images |", "| --- | ---: | ---: |"]
+    lines += [f"| {f} | {count(train_items, k)} | {count(val_items, k)} |" for k, f in enumerate(folders)]
+    lines += ["", "## Classes and prompts", "", f"Rare, clinically critical class: **{folders[0]}**.", ""]
+    lines += [f"- {c.folder}: training {list(c.train)}; evaluation {list(c.eval)}" for c in classes]
+    lines += ["", "## Recipe", "", f"--recipe {args.recipe}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+              f"batch {args.batch_size}, {args.epochs} epochs, loss {args.loss}, schedule {args.schedule} "
+              f"(warmup {args.warmup}), balanced sampling {'on' if args.balanced_sampling else 'off'}, "
+              f"best epoch by validation {args.select_metric}, seed {args.seed}, precision {args.precision}.",
+              "", "## Validation (best epoch)", "",
+              f"- accuracy {proportion_with_ci(row.get('accuracy'), n_val)}",
+              f"- {folders[0]} sensitivity (argmax) {proportion_with_ci(row.get('rare_sensitivity'), n_rare)}",
+              f"- balanced accuracy {number('balanced_accuracy')}, macro F1 {number('macro_f1')}, "
+              f"macro AUROC {number('macro_auroc')} (no interval: the bootstrap ones come from inference.py)",
+              f"- stored operating threshold: p({folders[0]}) >= {number('operating_threshold')}, chosen for "
+              f"sensitivity >= {args.target_sensitivity:g}: sensitivity "
+              f"{proportion_with_ci(row.get('operating_val_sensitivity'), n_rare)}, specificity "
+              f"{proportion_with_ci(row.get('operating_val_specificity'), n_val - n_rare)}",
+              "", "## Intended use and limits", "",
+              "- Research use: triage support studies of the classes above on images like the training "
+              "ones; not a medical device, not for diagnosis without a clinician.",
+              "- Validated only on the validation images above, which tuned the epoch and the threshold: "
+              "report performance from an external cohort (inference.py), never from these numbers.",
+              "- Small validation sets give wide intervals; other cameras, centres and populations may "
+              "shift both the probabilities and the threshold's sensitivity."]
+    return "\n".join(lines) + "\n"
 
 
 def describe_changes(changes):

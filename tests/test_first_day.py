@@ -575,3 +575,27 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
     assert logged("inference")[-1].endswith(
         f"specificity {fmt(stats['specificity'], stats['specificity_ci'])} (argmax); outputs in "
         f"{tmp_path / 'plain_eval'} ==")
+
+
+# -- item 11: MODEL_CARD.md beside the checkpoints -------------------------------------------------
+
+def test_model_card_holds_data_prompts_recipe_and_validation_cis(make_cohort, tmp_path):
+    from statsmodels.stats.proportion import proportion_confint
+    train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
+    save_dir = tmp_path / "run"
+    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
+    card = (save_dir / "MODEL_CARD.md").read_text()
+    for folder, n_train, n_val in zip(FOLDERS, (6, 12, 9), (3, 6, 4)):
+        assert f"| {folder} | {n_train} | {n_val} |" in card
+    history = pd.read_csv(save_dir / "metrics.csv")
+    best = history[history.is_best].iloc[-1]
+    low, high = proportion_confint(round(best.accuracy * 13), 13, method="wilson")
+    assert f"- accuracy {best.accuracy:.3f} (95% CI {low:.3f}-{high:.3f}, n = 13)" in card
+    low, high = proportion_confint(round(best.operating_val_specificity * 10), 10, method="wilson")
+    assert (f"- stored operating threshold: p(orbital disease) >= {best.operating_threshold:.3f}, chosen "
+            "for sensitivity >= 0.9: sensitivity ") in card
+    assert f"specificity {best.operating_val_specificity:.3f} (95% CI {low:.3f}-{high:.3f}, n = 10)" in card
+    assert f"(epoch {best.epoch} of 2)" in card and "--recipe paper: lr 0.001, weight decay 1e-08, batch 16" in card
+    classes = prompts.load_prompt_set(None)
+    assert f"- orbital disease: training {list(classes[0].train)}; evaluation {list(classes[0].eval)}" in card
+    assert "## Intended use and limits" in card and "not a medical device" in card
