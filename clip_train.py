@@ -1355,8 +1355,8 @@ def prepare_run(args):
         except common.CohortError as err:
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
-    check_disjoint_splits(train_items, val_items, args)
     check_steps_can_run(len(train_items), args)
+    check_disjoint_splits(train_items, val_items, args)
     return classes, train_items, val_items
 
 
