@@ -281,7 +281,7 @@ def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_
     log = tmp_path / "train.log"
     assert run_logged(["clip_train.py", *argv], log) == 0
     text = log.read_text()
-    assert "\r" not in text and "samples_s=" not in text
+    assert "\r" not in text and "%|" not in text and "epoch 1/2:" not in text
     epoch_lines = [line for line in text.splitlines() if " clip_train: epoch " in line]
     assert [line.split(" clip_train: ")[1].split()[:2] for line in epoch_lines] == [
         ["epoch", "1/2"], ["epoch", "2/2"]]
@@ -294,8 +294,8 @@ def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_
     # on a terminal the bars are drawn (carriage returns), as data_preprocess.py does
     assert run_logged(["clip_train.py", *argv[:-2], "--epochs", "1", "--overwrite"],
                       tmp_path / "tty.log", tty=True) == 0
-    # (a pty turns every \n into \r\n, so look for the bar's own text, its postfix)
-    assert b"samples_s=" in (tmp_path / "tty.log").read_bytes()
+    # (a pty turns every \n into \r\n, so look for the bar's own text: 'epoch 1/1:  50%|')
+    assert b"epoch 1/1:" in (tmp_path / "tty.log").read_bytes() and b"%|" in (tmp_path / "tty.log").read_bytes()
 
 
 # -- item 8: one `prediction` column of the rule the report names; a single image as --test-dir --
