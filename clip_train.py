@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
-from metrics import fit_temperature, is_improvement, mean_nll, operating_point, selection_metrics
+from metrics import fit_temperature, is_improvement, mean_nll, operating_point, selection_metrics, wilson_interval
 
 LOG = logging.getLogger("clip_train")
 BEST_NAME = "clip_model_epoch_best.pt"  # published file names
@@ -53,6 +53,14 @@ SSA_BOOLEAN_WORDS = {"true": "true", "false": "false", "on": "true", "off": "fal
 SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
                  "--select-metric", "--overwrite", "--help"}
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
+# Arguments a resume may change without --resume-with-changes: where and how fast it runs, how
+# long (a finished run resumed with more --epochs trains on), and what happens after training.
+# Everything else (lr, batch size, recipe, loss, data, seed, ...) changes the run it continues.
+RESUME_FREE_ARGS = {"save_dir", "resume", "resume_with_changes", "overwrite", "epochs", "workers",
+                    "device", "precision", "no_progress", "dist_timeout", "compile",
+                    "grad_checkpointing", "accum_steps", "wise_ft_alphas", "ssa", "ssa_keep_all",
+                    "world_size", "rank", "local_rank"}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 # `--recipe recommended`: what works better than the published protocol on small, imbalanced
 # cohorts. Each entry applies only where the flag was not given explicitly.
 RECIPES = {
@@ -245,6 +253,30 @@ def warmup_steps(spec, total_steps):
     if spec.endswith("%"):
         return int(round(float(spec[:-1]) / 100.0 * total_steps))
     return int(spec)
+
+
+def changed_training_args(stored, current):
+    """[(flag, stored value, current value)] of the training arguments that differ between a
+    checkpoint's recorded args and this run's (both plain dicts); keys missing on either side
+    (flags of another version) and RESUME_FREE_ARGS are not compared."""
+    return [(f"--{key.replace('_', '-')}", stored[key], current[key])
+            for key in sorted(set(stored) & set(current) - RESUME_FREE_ARGS)
+            if stored[key] != current[key]]
+
+
+def resume_argv(argv):
+    """argv of the command that continues this run: --overwrite and any --resume dropped,
+    `--resume auto` added (the last checkpoint in --save-dir)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = True
+        elif token != "--overwrite" and not token.startswith("--resume="):
+            kept.append(token)
+    return kept + ["--resume", "auto"]
 
 
 def alpha_list(text):
@@ -502,8 +534,9 @@ def train_one_epoch(model, loader, state, ctx):
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
+    # disable=None: a bar only on a terminal; a log file gets no \r fragments, one line per epoch
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
-               disable=not ctx["progress"])
+               disable=None if ctx["progress"] else True)
     for images, labels, _indices, ok in bar:
         # Rows whose image failed stay in the batch (fixed sizes on every rank) and are masked
         # out of the loss; whether a step runs is decided on the global count of readable rows.
@@ -579,6 +612,10 @@ def checkpoint_metadata(model, ctx, state, metrics):
                             "val_specificity": metrics.get("operating_val_specificity")},
         "temperature": metrics.get("temperature"),
         "args": ctx["args_dict"],
+        # Where the model was trained and validated, as absolute paths: inference flags a test
+        # cohort that overlaps them ("not an independent test set") from any working folder.
+        "data": {"train_dir": str(Path(args.train_dir).resolve()),
+                 "val_dir": str(Path(args.val_dir).resolve()), "fold": args.fold},
     }
 
 
@@ -690,6 +727,23 @@ def write_history(save_dir, history, select_metric):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def recipe_default(dest):
+    """'X with --recipe paper, Y with recommended': the --help default of a recipe flag."""
+    paper, recommended = (RECIPES[name][dest] for name in ("paper", "recommended"))
+    words = {True: "on", False: "off"}
+    if isinstance(paper, bool):
+        paper, recommended = words[paper], words[recommended]
+    return f"{paper} with --recipe paper, {recommended} with recommended"
+
+
+def build_parser():
+    """The command line; `--help` shows every default as '(default: X)'."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
@@ -702,7 +756,7 @@ def parse_args(argv=None):
                       help="JSON prompt set replacing the published one (schema in prompts.py)")
     model = parser.add_argument_group("model")
     model.add_argument("--model-name", default=None,
-                       help="open_clip architecture (default ViT-B-32-256, or the --model-config stem), "
+                       help="open_clip architecture, "
                           "or hf-hub:ORG/REPO or local-dir:PATH (architecture and weights from a Hub "
                           "repository or a downloaded folder; HF text towers need requirements-hf.txt)")
     model.add_argument("--model-config", default=None,
@@ -739,7 +793,7 @@ def parse_args(argv=None):
                             "balanced_accuracy is fairer with a rare class)")
     optim.add_argument("--target-sensitivity", type=float, default=0.9,
                        help="rare-class sensitivity the stored operating threshold must reach on "
-                            "validation (0 < x <= 1; default 0.9)")
+                            "validation (0 < x <= 1)")
     optim.add_argument("--patience", type=int, default=None,
                        help="stop after this many epochs without a better --select-metric "
                             "(0 = never; paper 0, recommended 10)")
@@ -769,6 +823,9 @@ def parse_args(argv=None):
                           "where workers only take cores from the model)")
     run.add_argument("--resume", default=None,
                      help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
+    run.add_argument("--resume-with-changes", action="store_true",
+                     help="let --resume continue with training flags (lr, batch size, recipe, ...) "
+                          "that differ from the run's; without it such a resume is refused")
     run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
     optim.add_argument("--wise-ft-alphas", type=alpha_list, default=None, metavar="A,B,...",
                        help="after training, evaluate WiSE-FT weights (1-a)*start + a*best on "
@@ -790,9 +847,11 @@ def parse_args(argv=None):
                           "factors run one after another, each at the best values found so far")
     ssa.add_argument("--ssa-keep-all", action="store_true",
                      help="keep every trial's checkpoints (default: only the winner's)")
-    args = parser.parse_args(argv)
-    validate_args(parser, args)
-    return args
+    return common.show_defaults(parser, {
+        **{dest: recipe_default(dest) for dest in RECIPES["paper"]},
+        "model_name": "ViT-B-32-256, or the --model-config stem", "prompts": "the published set",
+        "lock_image": "none, the tower trains", "lock_text": "none, the tower trains",
+        "wise_ft_alphas": "none, no WiSE-FT"})
 
 
 def validate_args(parser, args):
@@ -838,6 +897,8 @@ def validate_args(parser, args):
         parser.error(f"--prompts {args.prompts}: no such file")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         parser.error(f"--resume {args.resume}: no such checkpoint")
+    if args.resume_with_changes and not args.resume:
+        parser.error("--resume-with-changes needs --resume")
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         parser.error(f"--save-dir {save_dir}: exists and is not a folder")
@@ -1098,6 +1159,10 @@ def setup_model(args):
         except common.CheckpointError as err:
             raise ValueError(f"--pretrained {err}") from None
         return model, train_tf, val_tf, tokenizer, model_config
+    if pretrained and not common.model_source(args.model_name):  # an open_clip tag
+        problem = common.offline_weights_problem(args.model_name, pretrained)
+        if problem:
+            raise ValueError(f"--pretrained {pretrained}: {problem}")
     try:
         model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
     except (RuntimeError, OSError) as err:
@@ -1106,7 +1171,22 @@ def setup_model(args):
                              f"{args.model_name} ({str(err).splitlines()[0][:200]}); offline, pass "
                              "--pretrained none or a local weights file") from None
         raise ValueError(f"--pretrained {pretrained}: {str(err).splitlines()[0][:300]}") from None
+    if pretrained is None:
+        warn_random_init(model, args)
     return model, train_tf, val_tf, tokenizer, model_config
+
+
+def warn_random_init(model, args):
+    """--pretrained none: say when random weights will not become a useful model."""
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    if not args.model_config and not common.model_source(args.model_name):
+        LOG.warning("--pretrained none: %s (%.0f M parameters) starts from random weights; CLIP "
+                    "needs hundreds of millions of image-text pairs to learn from scratch, a clinical "
+                    "cohort does not suffice. Pass an open_clip tag or --pretrained PATH to weights",
+                    args.model_name, millions)
+    if args.lr < 1e-5:
+        LOG.warning("--pretrained none with --lr %g: random weights barely move below 1e-5 (the "
+                    "published 1e-8 is meant for small steps away from pretrained weights)", args.lr)
 
 
 def pretrained_weights(path, model_name):
@@ -1131,7 +1211,7 @@ def prepare_save_dir(args):
         stale.unlink()
     if args.overwrite and not args.resume:
         for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
-                     "training_curves.png", "args.json", "train_log.jsonl"):
+                     "training_curves.png", "args.json", "train_log.jsonl", "MODEL_CARD.md"):
             (save_dir / name).unlink(missing_ok=True)
     return save_dir
 
@@ -1168,6 +1248,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)
+    state["saved_epoch"] = state["epoch"]  # what a Ctrl-C from here on leaves to resume from
     write_history(save_dir, state["history"], args.select_metric)
     LOG.info("epoch %d/%d  loss %.4f  val %s %.4f  bal.acc %.4f  rare sens. %.3f  %.1f s%s",
              state["epoch"], args.epochs, train_loss, args.select_metric, value,
@@ -1271,7 +1352,23 @@ def prepare_run(args):
             raise common.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
     check_steps_can_run(len(train_items), args)
+    check_disjoint_splits(train_items, val_items, args)
     return classes, train_items, val_items
+
+
+def check_disjoint_splits(train_items, val_items, args):
+    """Refuse (ValueError naming --val-dir) validation images that are also training images:
+    the same file, or a copy of it (equal SHA-256), e.g. the data root given as --train-dir
+    beside its own val/ folder. Selection and the stored threshold would be tuned on images
+    the model trained on."""
+    known = {**common.manifest_sha256(args.train_dir), **common.manifest_sha256(args.val_dir)}
+    pairs = common.overlapping_images([p for p, _ in val_items], [p for p, _ in train_items], known)
+    if pairs:
+        val_path, train_path = pairs[0]
+        raise ValueError(f"--val-dir {args.val_dir}: {len(pairs)} of its {len(val_items)} images are "
+                         f"also training images of --train-dir {args.train_dir} (e.g. {val_path} = "
+                         f"{train_path}); pass the train/ and val/ folders (or the manifest.csv) "
+                         "that data_preprocess.py wrote")
 
 
 def check_steps_can_run(n_train, args):
@@ -1359,6 +1456,10 @@ def main(argv=None):
         return 2
     try:
         return train(args, classes, train_items, val_items, argv)
+    except KeyboardInterrupt:  # before training started (model loading, setup): nothing to resume
+        print("\ninterrupted before the first epoch ended; nothing to resume, run the command again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except common.OutputWriteError as err:
         print(f"error: {err}; the previous files there are intact", file=sys.stderr)
         return 1
@@ -1399,19 +1500,26 @@ def train(args, classes, train_items, val_items, argv):
         base_state = {k: v.detach().clone() for k, v in common.clean_state_dict(model.state_dict()).items()}
     if (path := resume_path(args)) is not None:
         try:
-            resume_from(path, model, ctx, state)
+            changes = resume_from(path, model, ctx, state)
         except (ValueError, KeyError, RuntimeError) as err:
             detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
             print(f"error: --resume {detail.splitlines()[0]}", file=sys.stderr)
             return 2
+        if changes and not args.resume_with_changes:
+            print(f"error: --resume {path}: this command changes {describe_changes(changes)} of the "
+                  "run it continues; resume with the run's flags, or pass --resume-with-changes if "
+                  "the change is meant", file=sys.stderr)
+            return 2
+        if changes:
+            LOG.warning("--resume-with-changes: continuing %s with %s", path, describe_changes(changes))
         if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
             LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
                      "changed", path, "stopped early" if state["stopped"] else "completed",
                      state["epoch"])
             return 0
     save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
-    for key, value in ctx["args_dict"].items():
-        LOG.info("  %s = %s", key, value)
+    for key, value in ctx["args_dict"].items():  # all in args.json; in the log with debug logging
+        LOG.debug("  %s = %s", key, value)
     if args.rank == 0:
         common.atomic_write_json(save_dir / "args.json", common.run_record(
             "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items)}))
@@ -1425,6 +1533,8 @@ def train(args, classes, train_items, val_items, argv):
              ctx["steps_per_epoch"], args.device, args.precision)
     try:
         metrics = run_training(args, ctx, model, train_model, train_loader, val_loader, state)
+    except KeyboardInterrupt:
+        return report_interrupt(args, argv, state, save_dir)
     except FloatingPointError as err:
         print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
               "--lr or --precision fp32.", file=sys.stderr)
@@ -1434,13 +1544,100 @@ def train(args, classes, train_items, val_items, argv):
         if base_state is not None and (save_dir / BEST_NAME).exists():
             choose_wise_ft_alpha(model, ctx, val_loader, base_state)
         mark_finished(save_dir / LAST_NAME)
-    LOG.info("== done: best %s %s at epoch %s; checkpoints and curves in %s ==", args.select_metric,
-             state["best_value"], state["best_epoch"], save_dir)
+        common.atomic_write_text(save_dir / "MODEL_CARD.md",
+                                 model_card(args, classes, train_items, val_items, state))
+    LOG.info("== done: %s; checkpoints and curves in %s ==", done_summary(state, args), save_dir)
     return 0
 
 
+def done_summary(state, args):
+    """The last line's numbers: the best epoch's --select-metric and the rare-class threshold
+    stored with it (validation sensitivity and specificity), rounded for reading."""
+    if state["best_epoch"] is None:
+        return "no epoch improved on the start"
+    row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
+    text = f"best {args.select_metric} {state['best_value']:.3f} at epoch {state['best_epoch']}"
+    threshold = row.get("operating_threshold")
+    if threshold is None or not math.isfinite(threshold):
+        return text + f"; no rare-class threshold stored in {BEST_NAME}"
+    return (text + f"; {BEST_NAME} stores the rare-class threshold {threshold:.3f} (validation "
+            f"sensitivity {row['operating_val_sensitivity']:.2f}, specificity "
+            f"{row['operating_val_specificity']:.2f})")
+
+
+def proportion_with_ci(value, n):
+    """'0.750 (95% CI 0.409-0.929, n = 8)': a validation proportion with its Wilson interval
+    (k recovered from the rate and its denominator), or 'n/a'."""
+    if value is None or not math.isfinite(value) or not n:
+        return "n/a"
+    low, high = wilson_interval(round(value * n), n)
+    return f"{value:.3f} (95% CI {low:.3f}-{high:.3f}, n = {n})"
+
+
+def model_card(args, classes, train_items, val_items, state):
+    """MODEL_CARD.md: data, classes, prompts, recipe, the best epoch's validation metrics with
+    CIs, the stored threshold, intended use and limits (Mitchell et al. 2019, shortened)."""
+    folders = prompt_sets.class_folders(classes)
+    count = lambda items, k: sum(label == k for _path, label in items)  # noqa: E731
+    row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None) or {}
+    n_val, n_rare = row.get("val_images", len(val_items)), count(val_items, 0)
+    number = lambda key: "n/a" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731
+    lines = ["# Model card", "",
+             f"Fine-tuned `{args.model_name}` (from `{args.pretrained}`) by clip_train.py; weights in "
+             f"`{BEST_NAME}` (epoch {state['best_epoch']} of {state['epoch']}), the command in args.json.", "",
+             "## Data", "", f"- training: `{args.train_dir}`; validation: `{args.val_dir}`",
+             "", "| class | training images | validation images |", "| --- | ---: | ---: |"]
+    lines += [f"| {f} | {count(train_items, k)} | {count(val_items, k)} |" for k, f in enumerate(folders)]
+    lines += ["", "## Classes and prompts", "", f"Rare, clinically critical class: **{folders[0]}**.", ""]
+    lines += [f"- {c.folder}: training {list(c.train)}; evaluation {list(c.eval)}" for c in classes]
+    lines += ["", "## Recipe", "", f"--recipe {args.recipe}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+              f"batch {args.batch_size}, {args.epochs} epochs, loss {args.loss}, schedule {args.schedule} "
+              f"(warmup {args.warmup}), balanced sampling {'on' if args.balanced_sampling else 'off'}, "
+              f"best epoch by validation {args.select_metric}, seed {args.seed}, precision {args.precision}.",
+              "", "## Validation (best epoch)", "",
+              f"- accuracy {proportion_with_ci(row.get('accuracy'), n_val)}",
+              f"- {folders[0]} sensitivity (argmax) {proportion_with_ci(row.get('rare_sensitivity'), n_rare)}",
+              f"- balanced accuracy {number('balanced_accuracy')}, macro F1 {number('macro_f1')}, "
+              f"macro AUROC {number('macro_auroc')} (no interval: the bootstrap ones come from inference.py)",
+              f"- stored operating threshold: p({folders[0]}) >= {number('operating_threshold')}, chosen for "
+              f"sensitivity >= {args.target_sensitivity:g}: sensitivity "
+              f"{proportion_with_ci(row.get('operating_val_sensitivity'), n_rare)}, specificity "
+              f"{proportion_with_ci(row.get('operating_val_specificity'), n_val - n_rare)}",
+              "", "## Intended use and limits", "",
+              "- Research use: triage support studies of the classes above on images like the training "
+              "ones; not a medical device, not for diagnosis without a clinician.",
+              "- Validated only on the validation images above, which tuned the epoch and the threshold: "
+              "report performance from an external cohort (inference.py), never from these numbers.",
+              "- Small validation sets give wide intervals; other cameras, centres and populations may "
+              "shift both the probabilities and the threshold's sensitivity."]
+    return "\n".join(lines) + "\n"
+
+
+def describe_changes(changes):
+    """'--lr (0.001 -> 0.0001), --batch-size (16 -> 8)'."""
+    return ", ".join(f"{flag} ({old} -> {new})" for flag, old, new in changes)
+
+
+def report_interrupt(args, argv, state, save_dir):
+    """Ctrl-C during training: the last checkpoint (written atomically at the end of each epoch)
+    is intact; say where training stopped and the exact command that continues it."""
+    import shlex
+
+    if args.rank != 0:
+        return EXIT_INTERRUPTED
+    if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
+        command = shlex.join(["python", "clip_train.py", *resume_argv(argv)])
+        print(f"\ninterrupted; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/{args.epochs}. "
+              f"Continue with:\n  {command}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
+              "start again with --overwrite", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def resume_from(path, model, ctx, state):
-    """Load weights, optimizer, scaler, RNG and history from a last checkpoint."""
+    """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
+    training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
     checkpoint = common.load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
@@ -1456,8 +1653,14 @@ def resume_from(path, model, ctx, state):
                  best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
                  stopped=bool(checkpoint.get("stopped", False)),
                  finished=bool(checkpoint.get("finished", False)),
-                 metrics=dict(checkpoint.get("metrics") or {}))
+                 metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
     LOG.info("resumed from %s at epoch %d", path, state["epoch"])
+    stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
+    for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
+        recorded = (checkpoint.get("data") or {}).get(flag)
+        if recorded and flag in current:
+            stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
+    return changed_training_args(stored, current)
 
 
 if __name__ == "__main__":

@@ -362,6 +362,62 @@ def file_sha256(path, chunk_bytes=1 << 20):
     return digest.hexdigest()
 
 
+def manifest_sha256(spec):
+    """{resolved path: SHA-256} of a manifest.csv's sha256 column ({} for a folder or a
+    manifest without the column): digests data_preprocess.py already computed."""
+    spec = Path(spec)
+    if not (spec.is_file() and spec.suffix.lower() == ".csv"):
+        return {}
+    with open(spec, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {(spec.parent / row["path"]).resolve(): row["sha256"]
+            for row in rows if row.get("path") and row.get("sha256")}
+
+
+def overlapping_images(paths_a, paths_b, known_sha256=None):
+    """(a, b) pairs of paths_a x paths_b that are the same image: the same file (resolved path,
+    so symlinks count) or the same bytes (SHA-256; a copy or hard link in another split folder).
+
+    Only files whose byte size occurs on both sides are hashed, so two disjoint cohorts cost
+    a stat per file. `known_sha256` ({resolved path: digest}, e.g. `manifest_sha256`) is used
+    instead of reading those files. Unreadable files are skipped (the loaders report them).
+    """
+    known = dict(known_sha256 or {})
+
+    def digest(path):
+        if path not in known:
+            known[path] = file_sha256(path)
+        return known[path]
+
+    def size(path):
+        try:
+            return path.stat().st_size
+        except OSError:
+            return None
+
+    b_by_path = {}
+    for path in paths_b:
+        b_by_path.setdefault(Path(path).resolve(), path)
+    b_by_size = {}
+    for resolved in b_by_path:
+        b_by_size.setdefault(size(resolved), []).append(resolved)
+    b_by_size.pop(None, None)
+    pairs = []
+    for path in paths_a:
+        resolved = Path(path).resolve()
+        if resolved in b_by_path:
+            pairs.append((path, b_by_path[resolved]))
+            continue
+        candidates = b_by_size.get(size(resolved), [])
+        try:
+            match = next((b for b in candidates if digest(b) == digest(resolved)), None)
+        except OSError:
+            continue
+        if match is not None:
+            pairs.append((path, b_by_path[match]))
+    return pairs
+
+
 # ----------------------------------------------------------------------------------------------
 # Cohorts: a folder per class, or a manifest.csv written by data_preprocess.py
 
@@ -609,6 +665,34 @@ def default_workers(device=None, local_world_size=1):
 # Device, precision, model
 
 
+def show_defaults(parser, unset=None):
+    """Append ' (default: X)' to the help of every option that does not state it yet: X is the
+    value ('off'/'on' for switches), or `unset[dest]` (else 'none') where the default is None
+    because it is resolved later; required options get ' (required)'. argparse's own
+    ArgumentDefaultsHelpFormatter would print 'None' for those and repeat stated defaults."""
+    unset = unset or {}
+    for action in parser._actions:
+        if not action.help or action.dest == "help" or "(default:" in action.help:
+            continue
+        if action.required:
+            action.help += " (required)"
+            continue
+        if "(default " in action.help and action.dest not in unset:  # stated in words already
+            action.help = action.help.replace("(default ", "(default: ", 1)
+            continue
+        value = action.default
+        if action.dest in unset:
+            text = unset[action.dest]
+        elif isinstance(value, bool):
+            text = "on" if value else "off"
+        elif value is None or value == []:
+            text = "none"
+        else:
+            text = str(value)
+        action.help += f" (default: {text.replace('%', '%%')})"  # help strings are %-formatted
+    return parser
+
+
 def configure_logging(level=logging.INFO):
     """Our loggers at `level`; open_clip's chatty root-logger INFO lines only as warnings."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -704,6 +788,17 @@ def config_alias(model_name):
     return f"{stem}-{hashlib.sha256(model_name.encode('utf-8')).hexdigest()[:8]}"
 
 
+def close_model_names(name, names, n=3):
+    """Up to n of `names` closest to `name` ('ViT-B/32' -> ['ViT-B-32', ...]): the paper and the
+    OpenAI package write '/' where open_clip writes '-'; difflib's ratio ranks the rest."""
+    import difflib
+    wanted = name.replace("/", "-")
+    by_case = {candidate.lower(): candidate for candidate in names}
+    exact = [by_case[wanted.lower()]] if wanted.lower() in by_case else []
+    close = difflib.get_close_matches(wanted, names, n=n, cutoff=0.75)
+    return list(dict.fromkeys(exact + close))[:n]
+
+
 def read_model_config(model_name):
     """The architecture dict of `model_name`: built-in or registered, a local-dir's
     open_clip_config.json, or an hf-hub repository's (from the Hugging Face cache, else
@@ -712,7 +807,9 @@ def read_model_config(model_name):
     source = model_source(model_name)
     if source is None:
         if model_name not in open_clip.list_models():
-            raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture "
+            close = close_model_names(model_name, open_clip.list_models())
+            hint = f"; did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+            raise ValueError(f"unknown model {model_name!r}: not an open_clip architecture{hint} "
                              "(see open_clip.list_models(), use hf-hub:ORG/REPO or local-dir:PATH, "
                              "or pass --model-config)")
         return open_clip.get_model_config(model_name)
@@ -814,6 +911,59 @@ def create_model(model_name, pretrained=None, device="cpu", model_config=None, p
     return model, preprocess_train, preprocess_val, tokenizer
 
 
+def pretrained_hub_files(model_name, tag):
+    """(Hub repository, [weights file names, preferred first]) open_clip downloads for an
+    open_clip pretrained tag, or None when the tag is fetched from a URL or is unknown."""
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if not repo:
+        return None
+    weights = cfg.get("hf_weights_filename") or "open_clip_pytorch_model.bin"
+    safe = [weights[:-4] + ".safetensors"] if weights.endswith((".bin", ".pth")) else []
+    if weights == "open_clip_pytorch_model.bin":
+        safe = ["open_clip_model.safetensors"]  # open_clip's own safetensors name for it
+    return repo, safe + [weights]
+
+
+def hub_unreachable(timeout_s=3.0):
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE set, or no connection to its
+    host within timeout_s), or None. Behind a proxy (HTTPS_PROXY) the direct probe says
+    nothing, so the Hub counts as reachable."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as err:
+        return f"no connection to {host} ({err.__class__.__name__})"
+    return None
+
+
+def offline_weights_problem(model_name, tag):
+    """A one-line reason (naming the Hub repository and file, and the --pretrained PATH form)
+    when the weights of an open_clip tag are neither cached nor downloadable, else None:
+    decided in seconds, instead of open_clip's minute of download retries."""
+    files = pretrained_hub_files(model_name, tag)
+    if files is None:
+        return None
+    import huggingface_hub
+    repo, names = files
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names):
+        return None
+    reason = hub_unreachable()
+    if reason is None:
+        return None
+    return (f"the {model_name} weights of tag {tag} are not in the Hugging Face cache and the Hub "
+            f"cannot be reached ({reason}); download {names[-1]} (or {names[0]}) from "
+            f"https://huggingface.co/{repo} on a connected machine and pass --pretrained PATH/TO/"
+            f"{names[-1]}, or copy that machine's Hugging Face cache here")
+
+
 def preprocess_overrides(preprocess_cfg):
     """create_model_and_transforms keywords restoring a recorded model.visual.preprocess_cfg."""
     if not preprocess_cfg:
@@ -877,6 +1027,15 @@ def load_checkpoint_file(path):
             except (TypeError, ValueError):
                 checkpoint.setdefault(key, text)
         return checkpoint
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    # torch.save writes a zip archive (PK), older versions a pickle (protocol byte 0x80); anything
+    # else is no checkpoint, and torch's weights_only error for it would read as a security refusal.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        what = "a JSON file" if head[:1] in (b"{", b"[") else "not a file torch.save wrote"
+        raise CheckpointError(f"{path}: not a checkpoint ({what}); pass the .pt file clip_train.py "
+                              "wrote (clip_model_epoch_best.pt), a safetensors file or an open_clip "
+                              "state_dict")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -162,6 +162,7 @@ class Setup:
     argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
     compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
     subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+    overlap: dict | None = None  # test images also in the checkpoint's train/val (training_overlap)
 
 # ----------------------------------------------------------------------------------------------
 # Privacy
@@ -373,6 +374,37 @@ def collect_items(test_dir, folders, output_dir):
 
 
 
+def training_overlap(checkpoint, cohort, test_spec):
+    """Test images that are also training or validation images of the checkpoint (same file
+    or same bytes), from the folders or manifest its metadata records: {"train": n, "val": n,
+    "unchecked": [splits whose images could not be listed], "independent_test_set": False when
+    any overlap, None when nothing or not everything could be checked, else True}; None for a
+    plain state_dict or a tag (no record of where it was trained)."""
+    data = checkpoint.data if checkpoint.kind == "ours" else None
+    if not isinstance(data, dict):
+        return None
+    recorded, args = data.get("data") or {}, data.get("args") or {}
+    folders = data.get("class_folders") or []
+    test_paths = [path for path, _label in cohort.items]
+    result = {"train": 0, "val": 0, "unchecked": []}
+    for split in ("train", "val"):
+        spec = recorded.get(f"{split}_dir") or args.get(f"{split}_dir")
+        try:
+            items = common.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
+        except (TypeError, ValueError, OSError):  # not recorded, moved, or unreadable
+            result["unchecked"].append(split)
+            continue
+        known = {**common.manifest_sha256(test_spec), **common.manifest_sha256(spec)}
+        result[split] = len(common.overlapping_images(test_paths, [p for p, _ in items], known))
+    overlapping = result["train"] + result["val"] > 0
+    result["independent_test_set"] = False if overlapping else (None if result["unchecked"] else True)
+    if overlapping:
+        LOG.warning("--test-dir %s is not an independent test set: %d of its %d images are training "
+                    "and %d validation images of --checkpoint %s", test_spec, result["train"],
+                    len(test_paths), result["val"], checkpoint.spec)
+    return result
+
+
 def stored_calibration(checkpoint, folders, threshold=None):
     """(operating point dict, temperature or None, temperature source) for one evaluated model.
 
@@ -456,7 +488,9 @@ def regex_groups(items, root, pattern):
 def collect_cohort(args, folders):
     """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
     spec = Path(args.test_dir)
-    if spec.is_file():
+    if spec.is_file() and spec.suffix.lower() != ".csv":  # a single image: predicted, not scored
+        cohort = Cohort([(spec, -1)], False, spec.parent)
+    elif spec.is_file():
         split = args.split or DEFAULT_SPLIT
         manifest_groups, splits = read_manifest_groups(spec)
         if split not in splits:
@@ -836,7 +870,7 @@ def encode_items(model, preprocess, items, args):
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker)
     progress = lambda batches: tqdm(batches, desc="encoding images", unit="batch",  # noqa: E731
-                                    disable=args.no_progress)
+                                    disable=args.no_progress or None)  # None: only on a terminal
     with torch.inference_mode():
         features, ok = common.encode_image_batches(model, loader, args.device, args.precision, progress)
     ok = ok.numpy()
@@ -1105,10 +1139,15 @@ def run_info(args, setup, bundle):
         "logit_scale_mode": bundle.logit_scale_mode,
         "operating_threshold": operating["threshold"],
         "operating_threshold_source": operating["source"],
+        # the rule of predictions.csv's `prediction` column (argmax without a threshold)
+        "decision_rule": "threshold" if args.decision_rule == "threshold"
+                         and operating["threshold"] is not None else "argmax",
         "temperature": bundle.temperature,
         "temperature_source": bundle.temperature_source,
         "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
         "split": cohort.split,
+        "independent_test_set": None if setup.overlap is None else setup.overlap["independent_test_set"],
+        "test_overlap": setup.overlap,
         "group_source": cohort.group_source,
         "anonymized": bool(setup.anonymize),
         "bootstrap": args.bootstrap,
@@ -1264,9 +1303,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     probs_cal = softmax(scores.logits, bundle.temperature) if bundle.temperature else None
     threshold, rare = bundle.operating["threshold"], bundle.operating["rare_index"]
     rule = rule_predictions(np.nan_to_num(probs), rare, threshold) if threshold is not None else None
-    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
-        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize))
     run = run_info(args, setup, bundle)
+    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
+        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize, run["decision_rule"]))
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
@@ -1304,6 +1343,16 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
+
+
+def rare_summary(metrics):
+    """'orbital disease sensitivity 0.750 (...) specificity 0.900 (...) at p >= 0.312': the rare
+    class at the stored operating point, or under argmax when there is none."""
+    rare, op = metrics["rare_class"], metrics.get("operating_point")
+    stats, where = ((op["rule"], f"at p >= {op['threshold']:.3f}") if op
+                    else (metrics["per_class"][rare], "(argmax)"))
+    return (f"{rare} sensitivity {format_value(stats['sensitivity'], stats['sensitivity_ci'])}  "
+            f"specificity {format_value(stats['specificity'], stats['specificity_ci'])} {where}")
 
 
 def summary_row(alpha, folder, metrics, rare_class):
@@ -1580,6 +1629,16 @@ def run_answers(args, argv):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = common.default_workers(args.device)
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
+    """The command line; `--help` shows every default as '(default: X)'."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and model")
@@ -1705,14 +1764,16 @@ def parse_args(argv=None):
                             f"class with thumbnails in {FAILURE_DIR}/ (default "
                             f"{DEFAULT_FAILURE_EXAMPLES}; 0 = none, e.g. when no image may leave the "
                             "hospital)")
+    stats.add_argument("--decision-rule", choices=("argmax", "threshold"), default="argmax",
+                       help="the rule whose decision fills predictions.csv's `prediction` column: "
+                            "'argmax' (the most probable class, as published; default) or "
+                            "'threshold' (the rare class when its probability reaches the "
+                            "validation threshold or --threshold); both stay in pred_label and "
+                            "pred_label_threshold")
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
-    args = parser.parse_args(argv)
-    if args.workers is None:
-        args.workers = common.default_workers(args.device)
-    check_args(parser, args)
-    return args
+    return common.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
 
 
 def check_answer_args(parser, args):
@@ -1756,8 +1817,8 @@ def check_args(parser, args):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)
-    if test_dir.is_file() and test_dir.suffix.lower() != ".csv":
-        parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv")
+    if test_dir.is_file() and test_dir.suffix.lower() != ".csv" and not common.is_candidate_image(test_dir):
+        parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv or an image")
     if not test_dir.exists():
         parser.error(f"--test-dir {test_dir}: no such folder or manifest")
     if args.split is not None and not test_dir.is_file():
@@ -1865,9 +1926,13 @@ def prepare(args, argv):
                              "to compare on; give a labelled cohort")
     compare = read_compared(args, cohort, prompt_sets.class_folders(classes)) if args.compare else {}
     bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
+    if args.decision_rule == "threshold" and bundle.operating["threshold"] is None:
+        raise ValueError(f"--decision-rule threshold: --checkpoint {args.checkpoint} stores no "
+                         "validation threshold; pass --threshold P (0-1) or --decision-rule argmax")
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     subgroups = cohort_subgroups(args, cohort)
     return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare, subgroups=subgroups,
+                 overlap=training_overlap(checkpoint, cohort, args.test_dir),
                  baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
                  wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
                  anonymize=make_anonymizer(salt) if args.anonymize_paths else None)
@@ -1879,7 +1944,7 @@ def main(argv=None):
     common.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
-        LOG.info("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+        LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
     if args.predictions:  # answer files: no model, no device
         return run_answers(args, argv)
     try:
@@ -1914,10 +1979,11 @@ def main(argv=None):
         LOG.info("== done: %d images predicted, not scored (no class folders); outputs in %s ==",
                  len(statuses) - n_failed, args.output_dir)
     else:
-        LOG.info("== done: n %d  accuracy %s  balanced accuracy %s  macro AUROC %s; outputs in %s ==",
+        LOG.info("== done: n %d  accuracy %s  balanced accuracy %s  macro AUROC %s  %s; outputs in %s ==",
                  metrics["n"], format_value(metrics["accuracy"], metrics["accuracy_ci"]),
                  format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]),
-                 format_value(metrics["macro_auroc"], metrics["macro_auroc_ci"]), args.output_dir)
+                 format_value(metrics["macro_auroc"], metrics["macro_auroc_ci"]),
+                 rare_summary(metrics), args.output_dir)
     return 0
 
 

@@ -47,13 +47,15 @@ def relative_path(path, root):
 
 
 def predictions_frame(cohort, folders, probs, statuses, probs_cal=None, rule_pred=None,
-                      anonymize=None):
+                      anonymize=None, decision_rule="argmax"):
     """predictions.csv as a DataFrame: one row per image in input order, failed rows included.
 
     `cohort` is inference.py's Cohort: items [(path, class index)], labelled, root (paths are
     written relative to it) and groups (or None). Columns: path (a salted hash with `anonymize`),
     [group], true_label, pred_label, prob_<folder> (uncalibrated), [prob_cal_<folder>],
-    [pred_label_threshold], status.
+    [pred_label_threshold], prediction, status. pred_label is always the argmax and
+    pred_label_threshold the operating rule's; `prediction` repeats the one of `decision_rule`
+    ('argmax' or 'threshold', which needs `rule_pred`), the model's decision.
     """
     items, labelled = cohort.items, cohort.labelled
     finite = np.isfinite(probs).all(axis=1)
@@ -70,6 +72,10 @@ def predictions_frame(cohort, folders, probs, statuses, probs_cal=None, rule_pre
             columns[f"prob_cal_{folder}"] = probs_cal[:, k]
     if rule_pred is not None:
         columns["pred_label_threshold"] = [folders[p] if ok else "" for p, ok in zip(rule_pred, finite)]
+    if decision_rule == "threshold" and rule_pred is None:
+        raise ValueError("decision rule 'threshold' without threshold predictions")
+    columns["prediction"] = list(columns["pred_label_threshold" if decision_rule == "threshold"
+                                         else "pred_label"])
     if anonymize:  # a reason could quote the file name; never let it through
         names = [(str(path), Path(path).name, rel) for (path, _), rel in zip(items, paths)]
         statuses = [scrub(status, names[i]) for i, status in enumerate(statuses)]
@@ -430,6 +436,11 @@ def report_header(run):
              "- operating threshold: " + (f"{threshold:.4f} ({run['operating_threshold_source']})"
                                           if threshold is not None else
                                           f"none ({run['operating_threshold_source']}); argmax only"),
+             "- decision rule (the `prediction` column of predictions.csv): " + (
+                 f"**threshold**: {run['rare_class']} when its probability is at least the operating "
+                 "threshold, else the most probable other class (the metrics tables are of argmax; "
+                 "the operating-point section is of this rule)" if run.get("decision_rule") == "threshold"
+                 else "**argmax** (the most probable class)"),
              "- temperature: " + (f"{run['temperature']:.4f} (fitted on validation at training; "
                                   "logits / T before the softmax)" if run.get("temperature")
                                   else f"none ({run['temperature_source']})"),
@@ -479,12 +490,29 @@ def answers_header(run):
             f"- software: {versions}"]
 
 
+FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalised)"),
+           ("roc_curves.png", "ROC curves per class"), ("pr_curves.png", "Precision-recall curves per class"),
+           ("calibration.png", "Reliability diagram"), ("prob_histograms.png", "Predicted probabilities by class"))
+
+
+def independence_warning(run):
+    """The report's first lines when the test cohort overlaps the checkpoint's training or
+    validation images (inference.training_overlap), else none."""
+    overlap = run.get("test_overlap") or {}
+    if run.get("independent_test_set") is not False:
+        return []
+    return [f"> **Warning: not an independent test set.** {overlap['train']} test image(s) are "
+            f"training images and {overlap['val']} are validation images of this checkpoint "
+            "(the same file or the same bytes); the numbers below overstate how it does on new "
+            "patients.", ""]
+
+
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
                   subgroups=None, failures=None, sequential=None):
     """report.md: one page mapping every output to the reporting checklist item it serves."""
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
-    lines = ["# Orbital-CLIP evaluation", ""] + header + [""]
+    lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + header + [""]
     if metrics is None:
         lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
         lines += flow_markdown(flow)
@@ -522,6 +550,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
     if failures is not None:
         lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
+    if run.get("figures", True) and not answers:  # an answer file draws only its confusion matrix
+        lines += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES]
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]

@@ -4,7 +4,8 @@ Trains a standard classifier with cross-entropy on the same cohort, through the 
 (EXIF, 16-bit, DICOM, draft JPEG decoding) and the same inputs (class folders or manifest.csv) as
 clip_train.py; keeps the epoch with the best validation balanced accuracy; predicts --test-dir
 with it and writes SAVE_DIR/predictions.csv in inference.py's schema (path relative to the test
-folder, true_label, pred_label, prob_<folder> per class, status), ready for a paired comparison.
+folder, true_label, pred_label, prob_<folder> per class, prediction, status), ready for a paired
+comparison.
 
     $ python baselines/train_cnn.py --arch resnet50 --weights imagenet \\
           --train-dir dataset_root/train --val-dir dataset_root/val --test-dir external_cohort \\
@@ -139,6 +140,7 @@ def predictions_frame(cohorts, probs, statuses):
     }
     for k, folder in enumerate(folders):
         columns[f"prob_{folder}"] = probs[:, k]
+    columns["prediction"] = list(columns["pred_label"])  # the decision: argmax (no threshold here)
     columns["status"] = list(statuses)
     return pd.DataFrame(columns)
 

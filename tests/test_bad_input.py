@@ -21,7 +21,7 @@ from conftest import TINY_CONFIG, tree_state
 SCRIPTS = {"data_preprocess": data_preprocess, "clip_train": clip_train, "inference": inference}
 BASE_ARGV = {
     "data_preprocess": ["--data-root", "{cohort}", "--out-dir", "{out}", "--workers", "1", "--no-progress"],
-    "clip_train": ["--train-dir", "{cohort}", "--val-dir", "{cohort}", "--save-dir", "{out}",
+    "clip_train": ["--train-dir", "{cohort}", "--val-dir", "{val}", "--save-dir", "{out}",
                    "--model-config", "{tiny_config}", "--lr", "1e-3", "--batch-size", "4",
                    "--epochs", "1", "--workers", "0", "--no-progress"],
     "inference": ["--test-dir", "{cohort}", "--checkpoint", "{best}", "--output-dir", "{out}",
@@ -44,12 +44,13 @@ def shared(tmp_path_factory):
     mini["embed_dim"], mini["vision_cfg"]["width"], mini["text_cfg"]["width"] = 32, 32, 32
     (root / "mini_clip.json").write_text(json.dumps(mini))
     run = root / "run"
-    assert clip_train.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "cohort"),
+    make_demo_cohort.write_cohort(root / "val", (2, 2, 2), 2)  # validation never holds training images
+    assert clip_train.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "val"),
                             "--save-dir", str(run), "--model-config", str(TINY_CONFIG), "--lr", "1e-3",
                             "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress"]) == 0
     best = run / clip_train.BEST_NAME
     torch.save(torch.load(best, weights_only=True)["state_dict"], root / "plain.pt")
-    return {"root": root, "cohort": root / "cohort", "unknown": root / "unknown", "empty": root / "empty",
+    return {"root": root, "cohort": root / "cohort", "val": root / "val", "unknown": root / "unknown", "empty": root / "empty",
             "mini_config": root / "mini_clip.json", "tiny_config": TINY_CONFIG, "best": best,
             "last": run / clip_train.LAST_NAME, "plain": root / "plain.pt"}
 

@@ -80,16 +80,16 @@ def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tm
     import errno
 
     import common
-    train_dir = make_cohort("train", (4, 4, 4), seed=0)
+    train_dir, val_dir = make_cohort("train", (4, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(argv(train_dir, train_dir, save_dir, "--epochs", "1")) == 0
+    assert clip_train.main(argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
     before = {n: (save_dir / n).read_bytes() for n in ("clip_model_last.pt", "clip_model_epoch_best.pt")}
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(common.os, "fsync", full_disk)
-    code = clip_train.main(argv(train_dir, train_dir, save_dir, "--epochs", "2", "--resume", "auto"))
+    code = clip_train.main(argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto"))
     assert code == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and str(save_dir) in err and "No space left" in err

@@ -110,7 +110,8 @@ def test_predictions_frame_schema_and_values(tmp_path):
     probs = np.array([[0.2, 0.5, 0.3], [np.nan] * 3, [0.1, 0.1, 0.8]])
     frame = train_cnn.predictions_frame(cohorts, probs, ["ok", "failed: truncated image", "ok"])
     assert list(frame.columns) == ["path", "true_label", "pred_label", "prob_orbital disease",
-                                   "prob_healthy eyes", "prob_non-orbital disease", "status"]
+                                   "prob_healthy eyes", "prob_non-orbital disease", "prediction", "status"]
+    assert frame["prediction"].tolist() == frame["pred_label"].tolist()  # argmax: the only rule here
     assert frame["path"].tolist() == ["healthy eyes/a.jpg", "orbital disease/sub/b.png", "non-orbital disease/c.jpg"]
     assert frame["true_label"].tolist() == ["healthy eyes", "orbital disease", "non-orbital disease"]
     assert frame["pred_label"].tolist() == ["healthy eyes", "", "non-orbital disease"]
@@ -205,7 +206,7 @@ def test_end_to_end_predictions_follow_the_best_checkpoint(folder_run):
     assert frame["path"].tolist() == [p.relative_to(root / "test").as_posix() for p, _ in test_items]
     assert frame["true_label"].tolist() == [p.split("/")[0] for p in frame["path"]]
     prob_columns = [f"prob_{folder}" for folder in FOLDERS]  # registry order, not alphabetical
-    assert list(frame.columns) == ["path", "true_label", "pred_label", *prob_columns, "status"]
+    assert list(frame.columns) == ["path", "true_label", "pred_label", *prob_columns, "prediction", "status"]
     broken = frame["path"] == "healthy eyes/broken.jpg"
     assert frame.loc[broken, "status"].item().startswith("failed: ")
     assert frame.loc[broken, "pred_label"].item() == "" and frame.loc[broken, prob_columns[0]].item() == ""

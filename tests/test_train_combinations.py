@@ -367,21 +367,22 @@ def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_th
     from types import SimpleNamespace
     model, *_ = common.create_model("tiny_clip", None)
     fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}
-    bundle = {"checkpoint": {"kind": "ours", "data": {"wise_ft": {
-                  "base": "pretrained", "calibration": {"0.5": fitted}}}},
-              "model": model, "weights_id": "w", "model_name": "tiny_clip", "preprocess": None,
-              "operating": {"class": "orbital disease", "rare_index": 0, "threshold": 0.6,
-                            "source": "validation"},
-              "temperature": 1.2, "notes": {"temperature_source": "validation (clip_train.py)"}}
+    checkpoint = inference.Checkpoint("ours", "best.pt", {"wise_ft": {
+        "base": "pretrained", "calibration": {"0.5": fitted}}}, "sha")
+    bundle = inference.ModelBundle(
+        checkpoint=checkpoint, model_name="tiny_clip", model=model, preprocess=None, tokenizer=None,
+        classes=[], folders=[], prompt_source="checkpoint", logit_scale_mode="exp",
+        operating={"class": "orbital disease", "rare_index": 0, "threshold": 0.6, "source": "validation"},
+        temperature=1.2, temperature_source="validation (clip_train.py)", weights_id="w", cache_key="k")
     state = common.clean_state_dict(model.state_dict())
-    wise = {"base": state, "tuned": state, "label": "pretrained tag x", "identity": "tag:x"}
+    wise = inference.WiseFT(base=state, tuned=state, label="pretrained tag x", identity="tag:x")
     args = SimpleNamespace(precision="fp32", threshold=None, wise_ft_base=None)
     at_half = inference.wise_ft_bundle(bundle, wise, 0.5, args)
-    assert at_half["temperature"] == 1.7 and at_half["operating"]["threshold"] == 0.31
-    assert "alpha 0.5" in at_half["notes"]["temperature_source"]
+    assert at_half.temperature == 1.7 and at_half.operating["threshold"] == 0.31
+    assert "alpha 0.5" in at_half.temperature_source
     at_quarter = inference.wise_ft_bundle(bundle, wise, 0.25, args)  # not validated: none applied
-    assert at_quarter["temperature"] is None and at_quarter["operating"]["threshold"] is None
+    assert at_quarter.temperature is None and at_quarter.operating["threshold"] is None
     other_base = inference.wise_ft_bundle(bundle, wise, 0.5, SimpleNamespace(
         precision="fp32", threshold=None, wise_ft_base="other.pt"))  # another base: none applied
-    assert other_base["temperature"] is None
-    assert inference.wise_ft_bundle(bundle, wise, 1.0, args)["temperature"] == 1.2  # the stored weights'
+    assert other_base.temperature is None
+    assert inference.wise_ft_bundle(bundle, wise, 1.0, args).temperature == 1.2  # the stored weights'
