@@ -134,11 +134,6 @@ def test_mixed_class_group_follows_its_majority():
     assert dp.majority_label([0, 1, 1]) == 1 and dp.majority_label([2, 0]) == 0
 
 
-def test_merge_duplicate_units():
-    assert dp.merge_duplicate_units(["a", "b", "c", "d"], ["h1", "h2", "h1", "h2"]) == ["a", "b", "a", "b"]
-    assert dp.merge_duplicate_units(["x", "y"], ["h1", "h2"]) == ["x", "y"]
-
-
 def test_regex_group_searches_the_path_then_the_file_name():
     anchored = re.compile(r"^(P\d+)_")  # written for file names: still works on a nested path
     assert common.regex_group("healthy eyes/P001_left.jpg", anchored) == ("P001", "file name")
