@@ -463,11 +463,12 @@ def test_custom_prompt_classes(tmp_path):
 
 # -- command line -------------------------------------------------------------------------------
 
-def test_help_subprocess():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0
-    assert "--data-root" in result.stdout and "$ python data_preprocess.py" in result.stdout
+def test_help_in_process(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the process boundary is covered by the real run
+        dp.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "--data-root" in out and "$ python data_preprocess.py" in out
 
 
 def test_real_run_subprocess(make_cohort, tmp_path):
@@ -478,9 +479,15 @@ def test_real_run_subprocess(make_cohort, tmp_path):
     assert "total images" in result.stdout and "Traceback" not in result.stderr
     manifest = read_manifest(tmp_path / "splits")
     assert len(manifest) == 12 and set(manifest.split) == {"train", "val"}
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--val-ratio", "1.5"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--val-ratio" in bad.stderr and "Traceback" not in bad.stderr
+
+
+
+def test_bad_value_in_process_exits_2_naming_the_flag(make_cohort, capsys):
+    cohort = make_cohort("cohort", (3, 5, 4))
+    with pytest.raises(SystemExit) as exit_info:
+        dp.main(["--data-root", str(cohort), "--val-ratio", "1.5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--val-ratio" in err and "Traceback" not in err
 
 
 # -- leakage audit ------------------------------------------------------------------------------
