@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
 import clip_train
@@ -89,6 +89,11 @@ def test_comparison_bootstrap_p_value_is_two_sided():
         assert forward[name]["p_value"] == pytest.approx(backward[name]["p_value"])
         assert forward[name]["p_value"] < 0.05
         assert forward[name]["difference"] == pytest.approx(-backward[name]["difference"])
+    # the point estimates are each model's own (sklearn), and their difference
+    assert forward["accuracy"]["model"] == pytest.approx(accuracy_score(y_true, good.argmax(axis=1)))
+    assert forward["accuracy"]["baseline"] == pytest.approx(accuracy_score(y_true, poor.argmax(axis=1)))
+    assert forward["accuracy"]["difference"] == pytest.approx(
+        forward["accuracy"]["model"] - forward["accuracy"]["baseline"])
 
 
 def test_comparison_resamples_patient_groups():
