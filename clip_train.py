@@ -596,6 +596,8 @@ def checkpoint_metadata(model, ctx, state, metrics):
         "model_name": args.model_name,
         "model_config": ctx["model_config"],
         "pretrained": None if args.pretrained == "none" else str(args.pretrained),
+        # The file's identity: inference's WiSE-FT refuses a different file found at that path.
+        "pretrained_sha256": ctx.get("pretrained_sha256"),
         "class_folders": prompt_sets.class_folders(ctx["classes"]),
         "prompts": prompt_sets.prompt_set_to_dict(ctx["classes"]),
         "preprocess": {"image_size": ctx["image_size_px"]},
@@ -914,6 +916,8 @@ def validate_args(parser, args):
     if args.pretrained is None:
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
                                                  and not args.model_config) else "none"
+    if Path(args.pretrained).is_file():  # recorded absolute: inference may run from another folder
+        args.pretrained = str(Path(args.pretrained).resolve())
     if args.workers is None:
         args.workers = common.default_workers(args.device, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
@@ -1232,6 +1236,12 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     metrics = validate(model, val_loader, ctx)
     value = metrics[args.select_metric]
     best = is_improvement(value, state["best_value"], lower_is_better=args.select_metric == "val_loss")
+    if state["best_epoch"] is None and not best:
+        # Undefined on this epoch's validation images (e.g. unreadable ones removed a class):
+        # keep this epoch as the best so far rather than end a run with no best checkpoint.
+        LOG.warning("epoch %d: validation %s is undefined (%s); kept as the best checkpoint until "
+                    "an epoch defines it", state["epoch"], args.select_metric, value)
+        best = True
     if best:
         state["best_value"], state["best_epoch"] = value, state["epoch"]
         meta = checkpoint_metadata(model, ctx, state, metrics)
@@ -1353,6 +1363,7 @@ def prepare_run(args):
     train_items, val_items = items
     check_steps_can_run(len(train_items), args)
     check_disjoint_splits(train_items, val_items, args)
+    check_selection_metric_defined([label for _path, label in val_items], folders, args)
     return classes, train_items, val_items
 
 
@@ -1369,6 +1380,27 @@ def check_disjoint_splits(train_items, val_items, args):
                          f"also training images of --train-dir {args.train_dir} (e.g. {val_path} = "
                          f"{train_path}); pass the train/ and val/ folders (or the manifest.csv) "
                          "that data_preprocess.py wrote")
+
+
+def check_selection_metric_defined(val_labels, folders, args):
+    """Refuse (ValueError naming the fold/folder and the metric) a --select-metric that the
+    validation images cannot define: macro AUROC needs a positive and a negative image of every
+    class, rare-class sensitivity a rare-class image. Without the check every epoch scores NaN,
+    no checkpoint is ever 'best' and the run ends with exit 0 and no best checkpoint."""
+    present = set(val_labels)
+    if args.select_metric == "rare_sensitivity":
+        missing = [folders[0]] if 0 not in present else []
+    elif args.select_metric == "macro_auroc":
+        missing = [f for k, f in enumerate(folders) if k not in present]
+    else:
+        return
+    if missing:
+        where = (f"--fold {args.fold} (validation rows of {args.val_dir})" if args.fold is not None
+                 else f"--val-dir {args.val_dir}")
+        raise ValueError(f"{where} has no image of {', '.join(repr(m) for m in missing)}, so "
+                         f"--select-metric {args.select_metric} is undefined; choose another fold "
+                         "split (data_preprocess.py --folds with fewer folds) or --select-metric "
+                         "balanced_accuracy")
 
 
 def check_steps_can_run(n_train, args):
@@ -1388,8 +1420,10 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
     """Everything the epoch loop needs besides the model and the loaders."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     args_dict = common.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
+    pretrained_file = args.pretrained != "none" and Path(args.pretrained).is_file()
     return {
-        "args": args, "args_dict": args_dict, "classes": classes, "tokenizer": tokenizer,
+        "args": args, "args_dict": args_dict,
+        "pretrained_sha256": common.file_sha256(args.pretrained) if pretrained_file else None, "classes": classes, "tokenizer": tokenizer,
         "model_config": model_config, "image_size_px": common.model_image_size(model),
         "preprocess_cfg": common.model_preprocess_cfg(model),
         "generator": torch.Generator().manual_seed(args.seed),

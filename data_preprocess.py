@@ -326,13 +326,6 @@ def merge_linked_units(units, links):
     return [find(key) for key in units]
 
 
-def merge_duplicate_units(units, hashes):
-    """Unit keys in which byte-identical files (same sha256) share one unit, so that a photo
-    stored twice cannot sit in train and in val at once."""
-    first = {}
-    return merge_linked_units(units, [(first.setdefault(h, i), i) for i, h in enumerate(hashes)])
-
-
 def hash_matrix(hashes):
     """(n, words) uint64 matrix of equal-length hash byte strings (8 bytes per word)."""
     if not hashes:

@@ -979,8 +979,18 @@ def wise_ft_base_weights(args, bundle):
     if not pretrained:
         raise ValueError(f"--wise-ft-alpha: {checkpoint.spec} records no pretrained weights "
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
-    if Path(pretrained).is_file():
-        return common.load_state_dict_file(pretrained), f"`{pretrained}`", common.file_sha256(pretrained)
+    recorded_sha256 = checkpoint.data.get("pretrained_sha256")
+    if Path(pretrained).is_file() and Path(pretrained).is_absolute():
+        sha256 = common.file_sha256(pretrained)
+        if recorded_sha256 and sha256 != recorded_sha256:
+            raise ValueError(f"--wise-ft-alpha: {pretrained} is not the file training started from "
+                             f"(SHA-256 {sha256[:12]}..., recorded {recorded_sha256[:12]}...); pass "
+                             "--wise-ft-base PATH with the original weights")
+        return common.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
+    if Path(pretrained).is_file():  # a relative path recorded before paths were made absolute
+        raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
+                         f"relative path {pretrained}, which may be another file from this folder; "
+                         "pass --wise-ft-base PATH")
     if common.model_source(pretrained):  # the hf-hub:/local-dir: model training started from
         try:
             base_model, *_ = common.create_model(pretrained, pretrained)
@@ -1105,6 +1115,21 @@ def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anony
         common.atomic_write(Path(output_dir) / row["thumbnail"],
                             lambda handle, image=image: image.save(handle, format="PNG"))
     return rows
+
+
+def clear_previous_run(output_dir):
+    """--overwrite: remove our files of an earlier run of either kind (plain, or WiSE-FT with its
+    wise_ft_alpha_<a>/ folders), so the folder holds exactly one run's outputs afterwards; files
+    we did not write are left, and a folder is removed only when nothing else is in it."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    clear_previous_outputs(output_dir)
+    for folder in output_dir.glob("wise_ft_alpha_*"):
+        if folder.is_dir() and not folder.is_symlink():
+            clear_previous_outputs(folder)
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def package_versions():
@@ -1960,6 +1985,7 @@ def main(argv=None):
              "labelled (scored)" if cohort.labelled else "no class folders (predicted, not scored)",
              bundle.logit_scale_mode, args.device, args.precision)
     baseline_scores = score_model(setup.baseline, cohort, args) if setup.baseline else None
+    clear_previous_run(args.output_dir)  # (non-empty only with --overwrite, checked at the start)
     if setup.wise is not None:
         statuses, results = run_wise_ft(args, setup, baseline_scores)
         metrics = results[-1]

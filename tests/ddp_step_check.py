@@ -1,10 +1,11 @@
 """Three optimisation steps of clip_train's real step code, run by tests/test_distributed.py either
 as one process on the whole batch or under `torchrun --nproc_per_node=2` (gloo, CPU) on half a
 batch per process, with --accum-steps micro-batches. Row 3 of every batch stands for an unreadable
-image (masked out of the loss, as train_one_epoch does). Writes the updated weights (rank 0) to OUT.
+image (masked out of the loss, as train_one_epoch does). Writes {loss: updated weights and losses}
+(rank 0) to OUT, for each of the comma-separated LOSSES in turn (one process start for all).
 
-    $ python tests/ddp_step_check.py OUT LOSS 1          # one process, the whole batch
-    $ torchrun --standalone --nproc_per_node=2 tests/ddp_step_check.py OUT LOSS 2
+    $ python tests/ddp_step_check.py OUT clip,label-aware 1          # one process, the whole batch
+    $ torchrun --standalone --nproc_per_node=2 tests/ddp_step_check.py OUT clip,label-aware 2
 """
 
 import argparse
@@ -22,11 +23,20 @@ BATCH = 8  # global
 STEPS = 3
 
 
-def main(out_path, loss_kind, accum_steps):
+def main(out_path, loss_kinds, accum_steps):
     args = argparse.Namespace(device=torch.device("cpu"), batch_size=BATCH, dist_timeout=5.0,
                               precision="fp32", accum_steps=accum_steps, logit_scale_mode="exp")
     clip_train.init_distributed(args)
     common.register_model_config(Path(__file__).resolve().parent.parent / "demo" / "tiny_clip.json")
+    results = {kind: run_steps(args, kind) for kind in loss_kinds.split(",")}
+    if args.rank == 0:
+        torch.save(results, out_path)
+    if args.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def run_steps(args, loss_kind):
+    """STEPS steps from the same seeded model; returns (rank 0's) weights and losses."""
     torch.manual_seed(0)
     model, *_, tokenizer = common.create_model("tiny_clip", None)
     generator = torch.Generator().manual_seed(1)
@@ -51,11 +61,8 @@ def main(out_path, loss_kind, accum_steps):
                                                ctx, valid=valid[mine])
         optimizer.step()
         losses.append(loss.item())
-    if args.rank == 0:
-        torch.save({"state_dict": common.clean_state_dict(model.state_dict()), "losses": losses,
-                    "world_size": args.world_size}, out_path)
-    if args.world_size > 1:
-        torch.distributed.destroy_process_group()
+    return {"state_dict": common.clean_state_dict(model.state_dict()), "losses": losses,
+            "world_size": args.world_size}
 
 
 if __name__ == "__main__":

@@ -24,15 +24,22 @@ def run(cmd, tmp_path, timeout=300):
     return result
 
 
+@pytest.fixture(scope="module")
+def step_results(tmp_path_factory):
+    """ddp_step_check.py for both losses: one plain process and one torchrun start in all."""
+    tmp_path = tmp_path_factory.mktemp("ddp_steps")
+    script = str(REPO_ROOT / "tests" / "ddp_step_check.py")
+    run([sys.executable, script, str(tmp_path / "single.pt"), "clip,label-aware", "1"], tmp_path)
+    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), "clip,label-aware", "2"], tmp_path)
+    return (torch.load(tmp_path / "single.pt", weights_only=True),
+            torch.load(tmp_path / "ddp.pt", weights_only=True))
+
+
 @pytest.mark.parametrize("loss", ["clip", "label-aware"])
-def test_two_processes_with_accumulation_match_one_process_full_batch(tmp_path, loss):
+def test_two_processes_with_accumulation_match_one_process_full_batch(step_results, loss):
     # 3 SGD steps; 2 processes x --accum-steps 2 (no_sync on the first micro-pass) against one
     # process on the whole batch, with one masked (unreadable) row on rank 0.
-    script = str(REPO_ROOT / "tests" / "ddp_step_check.py")
-    run([sys.executable, script, str(tmp_path / "single.pt"), loss, "1"], tmp_path)
-    run(TORCHRUN + [script, str(tmp_path / "ddp.pt"), loss, "2"], tmp_path)
-    single = torch.load(tmp_path / "single.pt", weights_only=True)
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single, ddp = step_results[0][loss], step_results[1][loss]
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     import common
