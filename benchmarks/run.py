@@ -15,7 +15,6 @@ Ratios are what to read: they compare paths measured on the same machine.
 """
 
 import argparse
-import json
 import os
 import platform
 import random

@@ -2,7 +2,6 @@
 run of clip_train.py works end to end."""
 
 import os
-import shutil
 import subprocess
 import sys
 

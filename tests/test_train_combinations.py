@@ -4,7 +4,6 @@ and an all-pairs covering array of the training options."""
 
 import math
 
-import numpy as np
 import open_clip
 import pandas as pd
 import pytest
