@@ -1089,8 +1089,11 @@ def clear_previous_outputs(output_dir):
         path = Path(output_dir) / name
         if path.is_file():
             path.unlink()
-    for path in (Path(output_dir) / FAILURE_DIR).glob("true*_*.png"):  # our thumbnails only
+    failures = Path(output_dir) / FAILURE_DIR
+    for path in failures.glob("true*_*.png"):  # our thumbnails only
         path.unlink()
+    if failures.is_dir() and not failures.is_symlink() and not any(failures.iterdir()):
+        failures.rmdir()  # an empty folder of ours would look like a failure analysis
 
 
 def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anonymize):

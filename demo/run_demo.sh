@@ -21,14 +21,16 @@ echo "== 2/4 stratified train/val split (the source images are copied, never mov
 $PY data_preprocess.py --data-root "$OUT/dataset_root"
 
 echo "== 3/4 fine-tuning the tiny demo model (random init; real runs use pretrained ViT-B-32-256)"
+# --precision fp32: the same numbers on every CPU (auto would pick bf16 on AMX/AVX512-BF16 CPUs)
 $PY clip_train.py --train-dir "$OUT/dataset_root/train" --val-dir "$OUT/dataset_root/val" \
   --save-dir "$OUT/clip_model_checkpoints" --model-config demo/tiny_clip.json --pretrained none \
-  --batch-size 32 --epochs 20 --lr 1e-3 --weight-decay 0.1 --select-metric balanced_accuracy
+  --batch-size 32 --epochs 20 --lr 1e-3 --weight-decay 0.1 --select-metric balanced_accuracy \
+  --precision fp32
 
 echo "== 4/4 external evaluation of the best checkpoint"
 $PY inference.py --test-dir "$OUT/external_cohort" \
   --checkpoint "$OUT/clip_model_checkpoints/clip_model_epoch_best.pt" \
-  --output-dir "$OUT/inference_results"
+  --output-dir "$OUT/inference_results" --precision fp32
 
 echo
 echo "Demo finished. Look at:"

@@ -77,22 +77,28 @@ def paired_case(seed=0, n=60):
     return y_true, good, poor
 
 
+def compare(y_true, ours, other, **kwargs):
+    """compare_predictions of `other` against `ours` (probabilities), rows by metric."""
+    result = metrics.compare_predictions(
+        y_true, metrics.ComparedModel("ours", ours.argmax(axis=1), ours),
+        [metrics.ComparedModel("other", other.argmax(axis=1), other)], **kwargs)
+    return {row["metric"]: row for row in result["rows"]}
+
+
 def test_comparison_bootstrap_p_value_is_two_sided():
     y_true, good, poor = paired_case()
-    forward = {r["metric"]: r for r in metrics.compare_models(y_true, good, poor, n_bootstrap=300,
-                                                              seed=1)["rows"][:4]}
-    backward = {r["metric"]: r for r in metrics.compare_models(y_true, poor, good, n_bootstrap=300,
-                                                               seed=1)["rows"][:4]}
+    forward = compare(y_true, good, poor, n_bootstrap=300, seed=1)
+    backward = compare(y_true, poor, good, n_bootstrap=300, seed=1)
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         # a two-sided p is the same whichever model is named first, and small for a clear gap
-        assert forward[name]["p_value"] == pytest.approx(backward[name]["p_value"])
-        assert forward[name]["p_value"] < 0.05
+        assert forward[name]["p_bootstrap"] == pytest.approx(backward[name]["p_bootstrap"])
+        assert forward[name]["p_bootstrap"] < 0.05
         assert forward[name]["difference"] == pytest.approx(-backward[name]["difference"])
-    # the point estimates are each model's own (sklearn), and their difference
-    assert forward["accuracy"]["model"] == pytest.approx(accuracy_score(y_true, good.argmax(axis=1)))
-    assert forward["accuracy"]["baseline"] == pytest.approx(accuracy_score(y_true, poor.argmax(axis=1)))
+    # the point estimates are each model's own (sklearn), and their difference (ours - model)
+    assert forward["accuracy"]["reference_value"] == pytest.approx(accuracy_score(y_true, good.argmax(axis=1)))
+    assert forward["accuracy"]["value"] == pytest.approx(accuracy_score(y_true, poor.argmax(axis=1)))
     assert forward["accuracy"]["difference"] == pytest.approx(
-        forward["accuracy"]["model"] - forward["accuracy"]["baseline"])
+        forward["accuracy"]["reference_value"] - forward["accuracy"]["value"])
 
 
 def test_comparison_resamples_patient_groups():
@@ -111,14 +117,13 @@ def test_comparison_resamples_patient_groups():
 
     good, poor = model(range(7)), model(range(4))
     kwargs = dict(n_bootstrap=400, seed=3)
-    grouped = metrics.compare_models(y_true, good, poor, groups=groups, **kwargs)["rows"][0]
-    single = metrics.compare_models(y_true, good, poor, **kwargs)["rows"][0]
-    # the model's own interval is that of metrics.json with the same groups and seed
+    grouped = compare(y_true, good, poor, groups=groups, **kwargs)["accuracy"]
+    single = compare(y_true, good, poor, **kwargs)["accuracy"]
+    # our model's interval is that of metrics.json with the same groups and seed
     reference = metrics.compute_metrics(y_true, good, ["a", "b", "c"], groups=groups, **kwargs)
-    assert grouped["model_ci"] == pytest.approx(reference["accuracy_ci"])
-    width = [ci[1] - ci[0] for ci in (grouped["model_ci"], single["model_ci"])]
+    assert grouped["reference_ci"] == pytest.approx(reference["accuracy_ci"])
+    width = [ci[1] - ci[0] for ci in (grouped["reference_ci"], single["reference_ci"])]
     assert width[0] > 1.5 * width[1]
-    assert grouped["test"] == "paired bootstrap of groups"
 
 
 def independent_temperature(logits, y_true):

@@ -146,7 +146,9 @@ def test_each_step_is_scored_as_for_a_checkpoint_with_failed_rows_counted(answer
     assert second["itd_rare_sensitivity"] == pytest.approx(2 / 3)
     assert second["per_class"]["thyroid eye disease"]["sensitivity"] == pytest.approx(1.0)
     preds = pd.read_csv(out / "step2_image+demographics" / "predictions.csv", keep_default_na=False)
-    assert list(preds.columns) == ["path", "true_label", "pred_label", "status"]  # no fake probabilities
+    # no fake probabilities; the decision (`prediction`) of an answer file is its answer
+    assert list(preds.columns) == ["path", "true_label", "pred_label", "prediction", "status"]
+    assert preds["prediction"].tolist() == preds["pred_label"].tolist()
     assert preds["path"].tolist() == image_paths()  # cohort order, not the file's
     assert preds.loc[2, "status"] == "failed: unmapped answer 'I cannot determine the subtype'"
     third = json.loads((out / "step3_image+demographics+symptoms" / "metrics.json").read_text())

@@ -347,7 +347,8 @@ def test_refused_configuration_writes_nothing(make_cohort, tmp_path, capsys):
     before = tree_state(tmp_path)
     assert clip_train.main(train_argv(train_dir, train_dir, save_dir)) == 2
     assert tree_state(tmp_path) == before
-    assert capsys.readouterr().err.startswith("error: --train-dir")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --train-dir")
 
 
 def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path, monkeypatch):
