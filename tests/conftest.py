@@ -137,3 +137,16 @@ def patient_cohort(make_patient_cohort):
     """12 patients (3 / 5 / 4 per class), 1-3 images each (24 images), IMG_0001.JPG in every
     patient folder."""
     return make_patient_cohort()
+
+
+def train_argv(train_dir, val_dir, save_dir, *extra):
+    """clip_train.py arguments of a 2-epoch tiny-model run (the training tests' base command)."""
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
+            "--epochs", "2", "--workers", "0", "--no-progress", *extra]
+
+
+@pytest.fixture
+def splits(make_cohort):
+    """A small train/val pair of class-folder cohorts (6/12/9 and 3/6/4 images)."""
+    return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)

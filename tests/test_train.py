@@ -15,18 +15,7 @@ import clip_train
 import common
 import metrics
 import prompts
-from conftest import REPO_ROOT, TINY_CONFIG
-
-
-def train_argv(train_dir, val_dir, save_dir, *extra):
-    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
-            "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
-            "--epochs", "2", "--workers", "0", "--no-progress", *extra]
-
-
-@pytest.fixture
-def splits(make_cohort):
-    return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
+from conftest import REPO_ROOT, train_argv
 
 
 # -- pure functions ------------------------------------------------------------------------------
