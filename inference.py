@@ -26,22 +26,17 @@ the bootstrap resample patients, not images):
     $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
           --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
 
-Writes into --output-dir: predictions.csv, metrics.json, per_class_metrics.csv,
-classification_report.txt, confusion_matrix.csv, roc_curves, pr_curves, calibration,
-prob_histograms and confusion_matrix figures (.png and .pdf), report.md (one page that maps each
-output to the checklist item it serves, with a failure analysis whose thumbnails go to
-failure_analysis/), args.json; with --baseline or --compare NAME=FILE (other
-models' or readers' predictions) also comparison.csv and comparison.png (and with --baseline
-baseline_predictions.csv); with --subgroups site,sex (--metadata FILE.csv) subgroups.csv and
-subgroups.png; with --wise-ft-alpha one wise_ft_alpha_<a>/ folder of all of these per
-alpha and wise_ft_summary.csv. With --predictions FILE (answers, no model) the same files that need
-no model (ROC and calibration only with prob_ columns); its --compare files are later steps of the
-same reader: sequential.csv, sequential_changes.csv, sequential.png and a step<k>_<name>/ folder
-per step.
+Writes into --output-dir predictions.csv, metrics.json, per_class_metrics.csv, confusion_matrix.csv,
+classification_report.txt, the figures (.png and .pdf), report.md (each output mapped to the
+checklist item it serves, with a failure analysis in failure_analysis/) and args.json; with
+--baseline or --compare also comparison.csv/.png, with --subgroups subgroups.csv/.png, with
+--wise-ft-alpha a wise_ft_alpha_<a>/ folder per alpha and wise_ft_summary.csv. --predictions
+(answers, no model: answer_files.py) writes the files that need no model; its --compare files are
+later steps of the same reader (sequential.csv, sequential_changes.csv, a step<k>_<name>/ folder
+per step). README "Output files" lists every file.
 """
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -57,37 +52,29 @@ import open_clip
 import pandas as pd
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from sklearn.metrics import classification_report
 from tqdm import tqdm
 
 import common
 import prompts as prompt_sets
+from answer_files import (add_answer_arguments, check_answer_args, check_compare_args, read_compared,
+                          run_answers)
+from evaluation import (DEFAULT_SPLIT, FAILURE_DIR, Cohort, args_record, check_output_dir,
+                        check_subgroup_args, clear_previous_outputs, clear_previous_run,
+                        cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,
+                        package_versions, score_subgroups, training_overlap, write_failure_analysis,
+                        write_scored_tables, write_subgroup_outputs)
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
-                     compare_predictions, compute_metrics, finite_or_none, format_p, intention_to_diagnose,
-                     interval_levels, label_probs, operating_point_metrics, rule_predictions,
-                     sequential_analysis, softmax, subgroup_analysis, without_probability_metrics)
-from report import (FIGURE_NAMES, comparison_frame, confusion_frame, flow_counts, format_value,
-                    most_confident_errors, per_class_frame, plot_comparison, plot_confusion_matrices,
-                    plot_sequential, plot_subgroups, predictions_frame, relative_path, render_report,
-                    resample_notes, sequential_changes_frame, sequential_frame, subgroups_frame,
-                    write_figures)
+                     compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
+                     interval_levels, operating_point_metrics, rule_predictions, softmax)
+from report import (flow_counts, format_value, predictions_frame, rare_summary, render_report, resample_notes,
+                    summary_row, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
 CACHE_VERSION = 1  # bump when what a cached embedding means changes
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.md's failure analysis
-FAILURE_DIR = "failure_analysis"  # their thumbnails
-THUMBNAIL_PX = 160  # longer side of a thumbnail
-OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
-                "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
-                "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                "sequential.csv", "sequential_changes.csv", "subgroups.csv",
-                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential", "subgroups")
-                  for ext in ("png", "pdf")))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +88,6 @@ class Checkpoint:
     spec: str  # the path or pretrained tag as given
     data: dict | None  # the loaded file; None for a tag
     sha256: str | None  # of the file; None for a tag
-
-
-@dataclasses.dataclass
-class Cohort:
-    """The evaluated images."""
-    items: list  # [(path, class index)], -1 where unlabelled
-    labelled: bool  # False: no class folders, predicted but not scored
-    root: Path  # paths in predictions.csv are relative to it
-    split: str | None = None  # manifest split evaluated
-    groups: list | None = None  # patient of each image (bootstrap unit), None: each image its own
-    group_source: str | None = None
 
 
 @dataclasses.dataclass
@@ -163,17 +139,6 @@ class Setup:
     compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
     subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
     overlap: dict | None = None  # test images also in the checkpoint's train/val (training_overlap)
-
-# ----------------------------------------------------------------------------------------------
-# Privacy
-
-
-def make_anonymizer(salt):
-    """text -> hex SHA-256 of salt + text: the same file gets the same pseudonym within a run (or
-    across runs sharing --anonymize-salt), and the salt is never written anywhere."""
-    prefix = salt.encode("utf-8") + b"\x00"
-    return lambda text: hashlib.sha256(prefix + str(text).encode("utf-8")).hexdigest()
-
 
 # ----------------------------------------------------------------------------------------------
 # Loading: checkpoint, model, prompts, images
@@ -344,67 +309,6 @@ def load_classes(prompts_path, checkpoint):
     return classes, "published prompt set"
 
 
-def collect_items(test_dir, folders, output_dir):
-    """(items, labelled): class-folder images with their class index, or, when no class folder
-    exists, every image under test_dir with label -1 (predicted, not scored)."""
-    test_dir, output_dir = Path(test_dir), Path(output_dir).resolve()
-    items, unknown = common.list_class_folder_images(test_dir, folders)
-    unknown = [name for name in unknown if (test_dir / name).resolve() != output_dir]
-    known = [folder for folder in folders if (test_dir / folder).is_dir()]
-    if known:
-        if unknown:
-            raise common.CohortError(
-                f"--test-dir {test_dir}: folder(s) {', '.join(repr(u) for u in unknown)} are not classes of "
-                f"this model {folders}; move them out, or pass --prompts defining them")
-        if not items:
-            raise common.CohortError(f"--test-dir {test_dir}: no images in the class folders {known}")
-        return items, True
-    items = [(path, -1) for path in sorted(test_dir.rglob("*"))
-             if path.is_file() and common.is_candidate_image(path)
-             and output_dir not in path.resolve().parents
-             and not any(part.startswith(".") for part in path.relative_to(test_dir).parts)]
-    if not items:
-        raise common.CohortError(f"--test-dir {test_dir}: no images found (and no class folders {folders})")
-    if unknown:
-        LOG.warning("--test-dir %s: none of the class folders %s, only %s: every image is predicted, "
-                    "not scored (rename the folders to score them, or pass --prompts defining them)",
-                    test_dir, folders, unknown)
-    return items, False
-
-
-
-
-def training_overlap(checkpoint, cohort, test_spec):
-    """Test images that are also training or validation images of the checkpoint (same file
-    or same bytes), from the folders or manifest its metadata records: {"train": n, "val": n,
-    "unchecked": [splits whose images could not be listed], "independent_test_set": False when
-    any overlap, None when nothing or not everything could be checked, else True}; None for a
-    plain state_dict or a tag (no record of where it was trained)."""
-    data = checkpoint.data if checkpoint.kind == "ours" else None
-    if not isinstance(data, dict):
-        return None
-    recorded, args = data.get("data") or {}, data.get("args") or {}
-    folders = data.get("class_folders") or []
-    test_paths = [path for path, _label in cohort.items]
-    result = {"train": 0, "val": 0, "unchecked": []}
-    for split in ("train", "val"):
-        spec = recorded.get(f"{split}_dir") or args.get(f"{split}_dir")
-        try:
-            items = common.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
-        except (TypeError, ValueError, OSError):  # not recorded, moved, or unreadable
-            result["unchecked"].append(split)
-            continue
-        known = {**common.manifest_sha256(test_spec), **common.manifest_sha256(spec)}
-        result[split] = len(common.overlapping_images(test_paths, [p for p, _ in items], known))
-    overlapping = result["train"] + result["val"] > 0
-    result["independent_test_set"] = False if overlapping else (None if result["unchecked"] else True)
-    if overlapping:
-        LOG.warning("--test-dir %s is not an independent test set: %d of its %d images are training "
-                    "and %d validation images of --checkpoint %s", test_spec, result["train"],
-                    len(test_paths), result["val"], checkpoint.spec)
-    return result
-
-
 def stored_calibration(checkpoint, folders, threshold=None):
     """(operating point dict, temperature or None, temperature source) for one evaluated model.
 
@@ -456,357 +360,6 @@ def calibration_mismatch(checkpoint, classes, logit_scale_mode):
                 c.folder: list(c.eval) for c in classes}:
             changed.append("other evaluation prompts (evaluated: --prompts)")
     return changed
-
-
-def read_manifest_groups(manifest):
-    """({resolved path: group}, sorted splits) of a manifest.csv; every group is '' when the
-    column does not name patients (then the bootstrap resamples images)."""
-    manifest = Path(manifest)
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    patient_groups, reason = common.manifest_patient_groups(rows)
-    if patient_groups is None:
-        log = LOG.warning if reason == common.STEM_GROUPS_REASON else LOG.info
-        log("%s: %s; the bootstrap resamples images", manifest, reason)
-        patient_groups = [""] * len(rows)
-    groups = {str((manifest.parent / row.get("path", "")).resolve()): group
-              for row, group in zip(rows, patient_groups)}
-    return groups, sorted({row.get("split", "") for row in rows})
-
-
-def regex_groups(items, root, pattern):
-    """Group of each image: the first capture group of `pattern` searched in its file name
-    (as data_preprocess.py --group-regex); a file that does not match is its own group."""
-    compiled = re.compile(pattern)
-    groups = []
-    for path, _label in items:
-        match = compiled.search(Path(path).name)
-        groups.append(match.group(1) if match and match.group(1) else f"image:{relative_path(path, root)}")
-    return groups
-
-
-def collect_cohort(args, folders):
-    """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
-    spec = Path(args.test_dir)
-    if spec.is_file() and spec.suffix.lower() != ".csv":  # a single image: predicted, not scored
-        cohort = Cohort([(spec, -1)], False, spec.parent)
-    elif spec.is_file():
-        split = args.split or DEFAULT_SPLIT
-        manifest_groups, splits = read_manifest_groups(spec)
-        if split not in splits:
-            # No silent fallback to another split: evaluating val or train rows must be asked for.
-            raise common.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
-                                     f"{', '.join(splits) or 'none'}); pass --split to choose one")
-        items = common.load_labelled_items(spec, folders, split)
-        cohort = Cohort(items, True, spec.parent, split)
-        groups = [manifest_groups.get(str(Path(p).resolve()), "") for p, _ in items]
-        named = any(groups)
-        cohort.groups = [g or f"image:{relative_path(p, spec.parent)}"
-                            for g, (p, _) in zip(groups, items)] if named else None
-        cohort.group_source = "manifest group column" if named else None
-    else:
-        items, labelled = collect_items(spec, folders, args.output_dir)
-        cohort = Cohort(items, labelled, spec)
-    if args.group_regex:
-        cohort.groups = regex_groups(cohort.items, cohort.root, args.group_regex)
-        cohort.group_source = f"--group-regex {args.group_regex}"
-    return cohort
-
-
-# ----------------------------------------------------------------------------------------------
-# Other models' and readers' answers (--compare NAME=FILE)
-
-
-@dataclasses.dataclass
-class ExternalPredictions:
-    """Another model's (or reader's) answers on the cohort, in the cohort's image order."""
-    source: str  # the file read
-    paths: list  # cohort paths (relative, forward slashes), the order of `cohort_paths`
-    pred_index: np.ndarray  # (N,) int class index in `folders`, -1 for a failed row
-    probs: np.ndarray | None  # (N, C) float in `folders` order, NaN rows where failed; None: no prob_ columns
-    statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
-    answer_column: str  # 'pred_label' or 'answer'
-
-
-def normalise_answer(text):
-    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ');
-    prompts.normalise_answer is the one rule (shared with --label-map)."""
-    return prompt_sets.normalise_answer(str(text))
-
-
-def normalise_relative_path(text):
-    """A path cell as predictions.csv writes it: forward slashes, no leading './', no padding."""
-    text = str(text).strip().replace("\\", "/")
-    while text.startswith("./"):
-        text = text[2:]
-    return text
-
-
-def answer_lookup(folders, label_map, where):
-    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
-    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
-    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
-    return {answer: folders.index(folder) for answer, folder in lookup.items()}
-
-
-def read_csv_rows(path, where):
-    """(header, [(line number, {column: cell})]) of a CSV file; ValueError when malformed."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if not header or not any(cell.strip() for cell in header):
-                raise ValueError(f"{where}: row 1: empty file (expected a header with path and pred_label)")
-            header = [cell.strip() for cell in header]
-            if len(set(header)) != len(header):
-                raise ValueError(f"{where}: row 1: a column name appears twice")
-            rows = []
-            for cells in reader:
-                if not any(cell.strip() for cell in cells):
-                    continue  # a blank line, e.g. a trailing newline
-                if len(cells) != len(header):
-                    raise ValueError(f"{where}: row {reader.line_num}: {len(cells)} fields, the "
-                                     f"header has {len(header)} (a malformed CSV)")
-                rows.append((reader.line_num, dict(zip(header, cells))))
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{where}: not a readable UTF-8 CSV ({err})") from None
-    if not rows:
-        raise ValueError(f"{where}: row 2: no data rows")
-    return header, rows
-
-
-def external_prob_columns(header, folders, where):
-    """The prob_<folder> columns in `folders` order, or None when the file has none; refused
-    when only some classes have one or a prob_ column names another class (prob_cal_* of our own
-    predictions.csv are ignored)."""
-    named = [c for c in header if c.startswith("prob_") and not c.startswith("prob_cal_")]
-    if not named:
-        return None
-    unknown = [c for c in named if c[len("prob_"):] not in folders]
-    if unknown:
-        raise ValueError(f"{where}: row 1: column {unknown[0]!r} is not a class of {folders}")
-    missing = [f"prob_{f}" for f in folders if f"prob_{f}" not in header]
-    if missing:
-        raise ValueError(f"{where}: row 1: has prob_ columns but lacks {missing[0]!r} (give one "
-                         "per class, or none)")
-    return [f"prob_{f}" for f in folders]
-
-
-def parse_probabilities(cells, where):
-    """(C,) floats of one ok row, each finite and in [0, 1]."""
-    try:
-        values = np.array([float(cell) for cell in cells], dtype=np.float64)
-    except ValueError:
-        raise ValueError(f"{where}: probabilities {cells} are not all numbers") from None
-    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
-        raise ValueError(f"{where}: probabilities {cells} must be numbers in [0, 1]")
-    return values
-
-
-def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
-                              true_labels=None):
-    """Read another model's or reader's answers and match them to the cohort by path.
-
-    Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
-    label_map=None, true_labels=None) -> ExternalPredictions.
-
-    Parameters
-    ----------
-    path : str or Path
-        A CSV with columns `path` (as in our predictions.csv: relative to the cohort root, forward
-        slashes; backslashes and a leading './' are tolerated) and `pred_label` (or `answer`);
-        optional `prob_<folder>` for every class (all or none), optional `status` (a row whose
-        status starts with 'failed' is a failed row: no prediction, no probabilities), optional
-        `true_label` (checked against `true_labels` when both exist). Other columns are ignored.
-    cohort_paths : list of str
-        The cohort's images in evaluation order, written like predictions.csv's path column.
-    folders : list of str
-        Class folder names; class index = position.
-    flag : str
-        Named in every error message ('--compare NAME=', '--baseline', ...).
-    label_map : dict folder -> list of str, optional
-        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
-        Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
-        is refused; with it an empty, unmapped or refused answer becomes a failed row with status
-        "failed: unmapped answer '<answer>'".
-    true_labels : list of str, optional
-        The cohort's true folder per image, checked against a `true_label` column.
-
-    Returns
-    -------
-    ExternalPredictions (pred_index -1 and NaN probabilities on failed rows).
-
-    Raises
-    ------
-    ValueError, one line naming `flag`, the file and the first offending row (row 1 = header):
-    a malformed or empty file, no path or pred_label/answer column, a duplicate, extra or missing
-    image, an unknown label (without `label_map`), a probability that is not a number in [0, 1],
-    a true_label that differs from the cohort's.
-    """
-    where = f"{flag} {path}"
-    lookup = answer_lookup(list(folders), label_map, where)
-    header, rows = read_csv_rows(path, where)
-    answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
-    if "path" not in header or answer_column is None:
-        raise ValueError(f"{where}: row 1: needs a 'path' and a 'pred_label' (or 'answer') column, "
-                         f"has {header}")
-    prob_columns = external_prob_columns(header, list(folders), where)
-    position = {p: i for i, p in enumerate(cohort_paths)}
-    n = len(cohort_paths)
-    pred_index = np.full(n, -1, dtype=np.int64)
-    probs = None if prob_columns is None else np.full((n, len(folders)), np.nan)
-    statuses, seen = [None] * n, {}
-    for line, row in rows:
-        here = f"{where}: row {line}"
-        image = normalise_relative_path(row["path"])
-        if image not in position:
-            raise ValueError(f"{here}: image {image!r} is not in the cohort (an extra image, or "
-                             "a path not relative to the test folder)")
-        if image in seen:
-            raise ValueError(f"{here}: image {image!r} already on row {seen[image]}")
-        seen[image], i = line, position[image]
-        if true_labels is not None and "true_label" in row and row["true_label"].strip() \
-                and normalise_answer(row["true_label"]) != normalise_answer(true_labels[i]):
-            raise ValueError(f"{here}: true_label {row['true_label']!r} of {image!r} differs from "
-                             f"the cohort's {true_labels[i]!r} (predictions of another cohort?)")
-        status = row.get("status", "ok").strip() or "ok"
-        if status.lower().startswith("failed"):
-            statuses[i] = status
-            continue
-        answer = row[answer_column]
-        index = lookup.get(normalise_answer(answer))
-        if index is None and label_map is None:
-            raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
-                             "(pass a label map of synonyms to count it as a failed answer)")
-        if index is None:
-            statuses[i] = f"failed: unmapped answer {answer.strip()!r}"
-            continue
-        pred_index[i], statuses[i] = index, "ok"
-        if prob_columns is not None:
-            probs[i] = parse_probabilities([row[c].strip() for c in prob_columns], here)
-    missing = [p for p in cohort_paths if p not in seen]
-    if missing:
-        raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
-                         "images missing); give one row per image")
-    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column)
-
-
-# ----------------------------------------------------------------------------------------------
-# Subgroups and sites (--metadata, --subgroups, --age-bins)
-
-MANIFEST_OWN_COLUMNS = {"path", "source", "label", "split", "group", "sha256", "fold", "resized_px",
-                        "sha256_written"}  # not patient attributes
-MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
-MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
-
-
-def parse_bins(text):
-    """--age-bins '0,40,60,120' -> [0.0, 40.0, 60.0, 120.0] (increasing), or ValueError."""
-    edges = [float(part) for part in text.split(",") if part.strip()]
-    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError("needs at least two increasing numbers, e.g. 0,40,60,120")
-    return edges
-
-
-def bin_label(value, edges):
-    """'[40, 60)' for 45 with edges 0,40,60,120 (the last bin closed), or None outside them."""
-    for i, (low, high) in enumerate(zip(edges, edges[1:])):
-        last = i == len(edges) - 2
-        if low <= value < high or (last and value == high):
-            return f"[{low:g}, {high:g}{']' if last else ')'}"
-    return None
-
-
-def as_number(text):
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def attribute_levels(name, values, edges, paths, where):
-    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
-    --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
-    given = [v.strip() for v in values if v.strip()]
-    numeric = bool(given) and all(as_number(v) is not None for v in given)
-    if not numeric or edges is None:
-        if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
-            raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "
-                             "pass --age-bins EDGES (e.g. 0,40,60,120) to group them")
-        return [v.strip() or MISSING_LEVEL for v in values]
-    levels = []
-    for value, path in zip(values, paths):
-        if not value.strip():
-            levels.append(MISSING_LEVEL)
-            continue
-        label = bin_label(as_number(value), edges)
-        if label is None:
-            raise ValueError(f"--age-bins: {name} {value} of {path!r} in {where} lies outside the "
-                             f"bins {edges[0]:g}-{edges[-1]:g}; widen them")
-        levels.append(label)
-    return levels
-
-
-def metadata_table(args, cohort):
-    """(where, {column: [value per cohort image]}) from --metadata (keyed by path or by file
-    name) or, for a manifest --test-dir, the manifest's own extra columns."""
-    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
-    if args.metadata:
-        where = f"--metadata {args.metadata}"
-        header, rows = read_csv_rows(args.metadata, where)
-        key = "path" if "path" in header else "file" if "file" in header else None
-        if key is None:
-            raise ValueError(f"{where}: row 1: needs a 'path' column (as in predictions.csv) or a "
-                             f"'file' column of file names, has {header}")
-        names = [Path(p).name for p in paths]
-        if key == "file" and len(set(names)) < len(names):
-            twice = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"{where}: file name {twice!r} occurs twice in the cohort; give a "
-                             "'path' column instead")
-        lookup, seen = {}, {}
-        for line, row in rows:
-            cell = normalise_relative_path(row[key]) if key == "path" else row[key].strip()
-            if cell in seen:
-                raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {seen[cell]}")
-            seen[cell], lookup[cell] = line, row
-        matched = [lookup.get(p if key == "path" else Path(p).name, {}) for p in paths]
-        columns = [c for c in header if c not in ("path", "file")]
-    else:
-        where = f"--test-dir {args.test_dir}"
-        header, rows = read_csv_rows(args.test_dir, where)
-        lookup = {str((Path(args.test_dir).parent / row.get("path", "")).resolve()): row for _l, row in rows}
-        matched = [lookup.get(str(Path(path).resolve()), {}) for path, _label in cohort.items]
-        columns = [c for c in header if c not in MANIFEST_OWN_COLUMNS]
-    if not any(matched):
-        raise ValueError(f"{where}: none of its rows names an image of the cohort (paths are relative "
-                         "to the test folder, as in predictions.csv)")
-    return where, {c: [row.get(c, "") for row in matched] for c in columns}
-
-
-def cohort_subgroups(args, cohort):
-    """{attribute: [level per cohort image]} of --subgroups, or None without it (ValueError: exit 2)."""
-    if not args.subgroups:
-        return None
-    if not args.metadata and not Path(args.test_dir).is_file():
-        raise ValueError("--subgroups needs --metadata FILE.csv (or a manifest.csv --test-dir with "
-                         "the columns)")
-    if not cohort.labelled:
-        raise ValueError(f"--subgroups: {args.test_dir} has no class folders; there is nothing to score")
-    where, table = metadata_table(args, cohort)
-    edges = parse_bins(args.age_bins) if args.age_bins else None
-    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
-    attributes = {}
-    for name in [n.strip() for n in args.subgroups.split(",") if n.strip()]:
-        if name not in table:
-            raise ValueError(f"--subgroups {name}: no such column in {where} (its columns: "
-                             f"{', '.join(table) or 'none'})")
-        attributes[name] = attribute_levels(name, table[name], edges, paths, where)
-        missing = attributes[name].count(MISSING_LEVEL)
-        if missing:
-            LOG.warning("--subgroups %s: %d of %d images have no value (level '%s')", name, missing,
-                        len(paths), MISSING_LEVEL)
-    return attributes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -991,25 +544,18 @@ def wise_ft_base_weights(args, bundle):
         raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
                          f"relative path {pretrained}, which may be another file from this folder; "
                          "pass --wise-ft-base PATH")
-    if common.model_source(pretrained):  # the hf-hub:/local-dir: model training started from
-        try:
-            base_model, *_ = common.create_model(pretrained, pretrained)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
-                                         f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
-                                         "offline, pass --wise-ft-base PATH") from None
-        return common.clean_state_dict(base_model.state_dict()), f"`{pretrained}`", f"tag:{pretrained}"
-    if Path(pretrained).suffix.lower() in WEIGHT_SUFFIXES or len(Path(pretrained).parts) > 1:
+    source = common.model_source(pretrained)  # an hf-hub:/local-dir: model brings its architecture
+    if not source and looks_like_file(pretrained):
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")
     try:
-        base_model, *_ = common.create_model(bundle.model_name, pretrained)
+        base_model, *_ = common.create_model(pretrained if source else bundle.model_name, pretrained)
     except (RuntimeError, OSError, ValueError) as err:
         raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
                                      f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
                                      "offline, pass --wise-ft-base PATH") from None
-    weights = common.clean_state_dict(base_model.state_dict())
-    return weights, f"pretrained tag {pretrained}", f"tag:{pretrained}"
+    label = f"`{pretrained}`" if source else f"pretrained tag {pretrained}"
+    return common.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
 
 
 def prepare_wise_ft(args, bundle):
@@ -1071,74 +617,6 @@ def stored_wise_ft_calibration(bundle, alpha, args):
 
 # ----------------------------------------------------------------------------------------------
 # Outputs
-
-
-def check_output_dir(output_dir, overwrite):
-    """Refuse a non-empty --output-dir unless --overwrite (checked before any work is done)."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"--output-dir {output_dir}: exists and is not empty; pass --overwrite to "
-                         "replace its evaluation files, or choose another folder")
-
-
-def clear_previous_outputs(output_dir):
-    """Remove our own files of an earlier run (so no stale metrics.json outlives an unlabelled run)."""
-    for name in OUTPUT_NAMES:
-        path = Path(output_dir) / name
-        if path.is_file():
-            path.unlink()
-    failures = Path(output_dir) / FAILURE_DIR
-    for path in failures.glob("true*_*.png"):  # our thumbnails only
-        path.unlink()
-    if failures.is_dir() and not failures.is_symlink() and not any(failures.iterdir()):
-        failures.rmdir()  # an empty folder of ours would look like a failure analysis
-
-
-def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anonymize):
-    """The most confident errors per true class (report.most_confident_errors), each with a
-    thumbnail in failure_analysis/ named by class index and rank (never by the file's name) and
-    its path as in predictions.csv (a pseudonym with --anonymize-paths)."""
-    index = np.flatnonzero(scored)  # row of each scored image in the cohort
-    y_true = np.array([label for _path, label in cohort.items])[index]
-    rows = most_confident_errors(y_true, probs[index], n_per_class)
-    for row in rows:
-        path = cohort.items[index[row.pop("index")]][0]
-        rel = relative_path(path, cohort.root)
-        row["file"] = anonymize(rel) if anonymize else rel
-        row["thumbnail"] = f"{FAILURE_DIR}/true{row['true']}_{row['rank']}.png"
-        try:
-            image = common.read_image(path, THUMBNAIL_PX)
-        except common.ImageReadError:  # changed on disk since it was scored
-            row["thumbnail"] = None
-            continue
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        (Path(output_dir) / FAILURE_DIR).mkdir(exist_ok=True)
-        common.atomic_write(Path(output_dir) / row["thumbnail"],
-                            lambda handle, image=image: image.save(handle, format="PNG"))
-    return rows
-
-
-def clear_previous_run(output_dir):
-    """--overwrite: remove our files of an earlier run of either kind (plain, or WiSE-FT with its
-    wise_ft_alpha_<a>/ folders), so the folder holds exactly one run's outputs afterwards; files
-    we did not write are left, and a folder is removed only when nothing else is in it."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return
-    clear_previous_outputs(output_dir)
-    for folder in output_dir.glob("wise_ft_alpha_*"):
-        if folder.is_dir() and not folder.is_symlink():
-            clear_previous_outputs(folder)
-            if not any(folder.iterdir()):
-                folder.rmdir()
-
-
-def package_versions():
-    """The versions named in metrics.json and report.md (args.json has the whole environment)."""
-    info = common.environment_info()
-    return {name: info[name] for name in ("python", "torch", "open_clip", "sklearn", "numpy", "scipy")}
 
 
 def checkpoint_label(checkpoint):
@@ -1214,14 +692,6 @@ def compared_sources(setup):
     return sources
 
 
-def args_record(args, setup, run=None):
-    """args.json (common.run_record): never the salt, and no test path when anonymising."""
-    hidden = {"anonymize_salt": "<hidden>"}
-    if setup.anonymize:
-        hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
-    return common.run_record("inference.py", setup.argv, args, run, hidden)
-
-
 def compared_models(setup, folders, baseline_scores=None):
     """ComparedModels over every cohort image: the --baseline (its probability columns mapped to
     ours by folder name, never by position) and each --compare file."""
@@ -1244,9 +714,9 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
     folders, operating = bundle.folders, bundle.operating
     probs = softmax(scores.logits)
     scored = np.isfinite(probs).all(axis=1)
-    labels = np.array([label for _path, label in cohort.items], dtype=np.int64)
+    labels = cohort.labels()
     y_true = labels[scored]
-    groups = None if cohort.groups is None else np.asarray(cohort.groups, dtype=str)[scored]
+    groups = cohort.scored_groups(scored)
     probs_cal = softmax(scores.logits[scored], bundle.temperature) if bundle.temperature else None
     metrics = compute_metrics(y_true, probs[scored], folders, args.bootstrap, args.seed,
                               groups=groups, probs_cal=probs_cal, ece_bins=args.ece_bins)
@@ -1277,50 +747,6 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
     return metrics, op, itd, comparison
 
 
-def score_subgroups(setup, scores, args, rare_index):
-    """metrics.subgroup_analysis of --subgroups on the scored images, or None without it."""
-    if not setup.subgroups:
-        return None
-    probs = softmax(scores.logits)
-    scored = np.isfinite(probs).all(axis=1)
-    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
-    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
-    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
-    return subgroup_analysis(labels[scored], probs[scored], attributes, rare_index, groups,
-                             args.bootstrap, args.seed)
-
-
-def write_subgroup_outputs(output_dir, subgroups, figures):
-    """subgroups.csv (and subgroups.png/.pdf with `figures`)."""
-    if subgroups is None:
-        return
-    common.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
-    if figures:
-        plot_subgroups(subgroups, figure_saver(output_dir))
-
-
-def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
-    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
-    (and comparison.png with `figures`)."""
-    common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
-    report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
-                                   target_names=folders, digits=3, zero_division=0)
-    common.atomic_write_text(output_dir / "classification_report.txt", report)
-    common.atomic_write_csv(output_dir / "confusion_matrix.csv",
-                            confusion_frame(metrics["confusion_matrix"], folders))
-    if comparison is not None:
-        common.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
-        if figures:
-            plot_comparison(comparison, figure_saver(output_dir))
-
-
-def figure_saver(output_dir):
-    """save(fig, file_name, **savefig_kwargs) for report.write_figures: atomic files in output_dir."""
-    def save(fig, name, **kwargs):
-        common.atomic_save_figure(fig, Path(output_dir) / name, **kwargs)
-    return save
-
-
 def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=None):
     """Every output file of one model into output_dir; returns metrics (None when unlabelled)."""
     output_dir = Path(output_dir)
@@ -1343,8 +769,8 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
                                                       compared)
         n_failed = flow["rows"]["total"]["unreadable"]
-        subgroups = score_subgroups(setup, scores, args, rare)
         scored = np.isfinite(probs).all(axis=1)
+        subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args)
         if args.failure_examples and scored.any():
             failures = write_failure_analysis(output_dir, cohort, scored, probs,
                                               args.failure_examples, anonymize)
@@ -1360,7 +786,6 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                 cohort, folders, softmax(baseline_scores.logits)[:, order],
                 baseline_scores.statuses, anonymize=anonymize))
         if metrics["n"]:  # nothing to tabulate or draw when no image could be read
-            scored = np.isfinite(probs).all(axis=1)
             y_true = np.asarray(labels)[scored]
             write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
                                 args.figures)
@@ -1371,33 +796,6 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
     common.atomic_write_text(output_dir / "report.md", report)
     return metrics
-
-
-def rare_summary(metrics):
-    """'orbital disease sensitivity 0.750 (...) specificity 0.900 (...) at p >= 0.312': the rare
-    class at the stored operating point, or under argmax when there is none."""
-    rare, op = metrics["rare_class"], metrics.get("operating_point")
-    stats, where = ((op["rule"], f"at p >= {op['threshold']:.3f}") if op
-                    else (metrics["per_class"][rare], "(argmax)"))
-    return (f"{rare} sensitivity {format_value(stats['sensitivity'], stats['sensitivity_ci'])}  "
-            f"specificity {format_value(stats['specificity'], stats['specificity_ci'])} {where}")
-
-
-def summary_row(alpha, folder, metrics, rare_class):
-    """One row of wise_ft_summary.csv."""
-    row = {"alpha": alpha, "output_dir": folder, "n": None if metrics is None else metrics["n"]}
-    names = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "log_loss", "ece")
-    for name in names:
-        value = None if metrics is None else metrics[name]
-        ci = None if metrics is None else metrics[f"{name}_ci"]
-        row.update({name: value, f"{name}_ci_low": ci[0] if ci else None,
-                    f"{name}_ci_high": ci[1] if ci else None})
-    for name in ("sensitivity", "specificity"):
-        stats = {} if metrics is None else metrics["per_class"].get(rare_class, {})
-        ci = stats.get(f"{name}_ci")
-        row.update({f"rare_{name}": stats.get(name), f"rare_{name}_ci_low": ci[0] if ci else None,
-                    f"rare_{name}_ci_high": ci[1] if ci else None})
-    return row
 
 
 def run_wise_ft(args, setup, baseline_scores):
@@ -1416,240 +814,6 @@ def run_wise_ft(args, setup, baseline_scores):
     common.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
     common.atomic_write_json(output_dir / "args.json", args_record(args, setup))
     return scores.statuses, results
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring answer files without a model (--predictions [NAME=]FILE, steps with --compare)
-
-
-@dataclasses.dataclass
-class AnswerStep:
-    """One answer file, scored as one step."""
-    name: str  # the step's name (NAME= of the flag, else the file stem)
-    file: str  # the answer file
-    flag: str  # the flag that named the file, for messages
-    answers: ExternalPredictions
-    probs: np.ndarray  # (N, C): the file's probabilities, else one-hot labels; NaN rows where failed
-    has_probs: bool
-    sha256: str
-
-
-@dataclasses.dataclass
-class AnswerSetup:
-    """What `prepare_answers` checks and reads before any output is written."""
-    cohort: Cohort
-    folders: list
-    steps: list  # AnswerStep, in step order (--predictions first, then each --compare)
-    anonymize: object  # text -> pseudonym, or None
-    argv: list = dataclasses.field(default_factory=list)
-    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
-
-
-def named_file(spec):
-    """(name, path) of 'NAME=FILE', or (file stem, FILE) when spec is an existing file or has no '='."""
-    if "=" in spec and not Path(spec).is_file():
-        name, path = spec.split("=", 1)
-        return name.strip(), path
-    return Path(spec).stem, spec
-
-
-def cohort_class_names(test_dir, split):
-    """The class folders a cohort holds: its sub-folders, or the labels of a manifest's split."""
-    spec = Path(test_dir)
-    if spec.is_file():
-        with open(spec, newline="", encoding="utf-8") as handle:
-            return sorted({row.get("label", "") for row in csv.DictReader(handle)
-                           if row.get("split") == split} - {""})
-    _items, found = common.list_class_folder_images(spec, [])
-    return found
-
-
-def step_probs(answers, n_classes, where):
-    """(probs, has_probs): the file's probabilities (each ok row's most probable class must be its
-    label, or the metrics would score another answer than the file gives), else one-hot labels."""
-    if answers.probs is None:
-        return label_probs(answers.pred_index, n_classes), False
-    ok = answers.pred_index >= 0
-    disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
-                                    != answers.pred_index))
-    if disagree.size:
-        raise ValueError(f"{where}: image {answers.paths[disagree[0]]!r}: its "
-                         f"{answers.answer_column} is not its most probable class; give labels "
-                         "that agree with the prob_ columns (or drop the prob_ columns)")
-    return answers.probs, True
-
-
-def read_answer_step(name, path, flag, cohort, folders, label_map):
-    """One AnswerStep (the file of `flag`), matched to the cohort by path."""
-    paths = [relative_path(p, cohort.root) for p, _label in cohort.items]
-    true_labels = [folders[label] for _p, label in cohort.items]
-    where = f"{flag} {path}"
-    answers = read_external_predictions(path, paths, folders, flag, label_map, true_labels)
-    probs, has_probs = step_probs(answers, len(folders), where)
-    return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
-
-
-def read_label_map(path, folders):
-    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
-    if not path:
-        return None
-    try:
-        label_map = prompt_sets.read_label_map_file(path)
-        prompt_sets.parse_label_map(label_map, folders, path)
-    except prompt_sets.LabelMapError as err:
-        raise ValueError(f"--label-map {err}") from None
-    return label_map
-
-
-def prepare_answers(args, argv):
-    """Cohort, classes, label map and every answer file read and checked (ValueError/OSError)."""
-    check_output_dir(args.output_dir, args.overwrite)
-    split = (args.split or DEFAULT_SPLIT) if Path(args.test_dir).is_file() else None
-    found = cohort_class_names(args.test_dir, split)
-    if not found:
-        raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
-                         "the class folders (or a manifest's labels) of the cohort")
-    folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
-    label_map = read_label_map(args.label_map, folders)
-    cohort = collect_cohort(args, folders)
-    compared, _bad, _why = parse_compare_specs(args.compare)
-    specs = [(*named_file(args.predictions), "--predictions")] + [
-        (name, path, f"--compare {name}=") for name, path in (compared or {}).items()]
-    steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
-             for name, path, flag in specs]
-    salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
-                       argv, cohort_subgroups(args, cohort))
-
-
-def answers_run_info(args, setup, step):
-    """What was scored, for metrics.json, args.json and report.md (the answer-file header)."""
-    cohort = setup.cohort
-    return {"source": "answer file", "predictions_file": step.file,
-            "predictions_sha256": step.sha256, "step": step.name,
-            "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
-            "class_order": "--classes" if args.classes else "sorted by name",
-            "rare_class": setup.folders[0], "label_map": args.label_map,
-            "probabilities": step.has_probs,
-            "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
-            "split": cohort.split, "group_source": cohort.group_source,
-            "anonymized": bool(setup.anonymize), "bootstrap": args.bootstrap,
-            "bootstrap_unit": "group" if cohort.groups is not None else "image", "seed": args.seed,
-            "confidence_level": CONFIDENCE_LEVEL, "ece_bins": args.ece_bins,
-            "figures": args.figures, "versions": package_versions()}
-
-
-def score_answer_step(step, setup, args):
-    """(metrics, intention-to-diagnose) of one step on the rows it answered."""
-    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
-    scored = step.answers.pred_index >= 0
-    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
-    metrics = compute_metrics(labels[scored], step.probs[scored], setup.folders, args.bootstrap,
-                              args.seed, groups=groups, ece_bins=args.ece_bins)
-    if not step.has_probs:
-        metrics = without_probability_metrics(metrics)
-    return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
-
-
-def score_answer_subgroups(setup, step, args):
-    """metrics.subgroup_analysis of --subgroups on the rows a step answered, as score_subgroups
-    does for a model; AUROC only where the file gives probabilities."""
-    if not setup.subgroups:
-        return None
-    scored = step.answers.pred_index >= 0
-    labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
-    groups = None if setup.cohort.groups is None else np.asarray(setup.cohort.groups, dtype=str)[scored]
-    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in setup.subgroups.items()}
-    analysis = subgroup_analysis(labels[scored], step.probs[scored], attributes, 0, groups,
-                                 args.bootstrap, args.seed)
-    for row in (row for attribute in analysis for row in attribute["rows"]):
-        if not step.has_probs:  # a one-hot column ranks nothing
-            row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None, macro_auroc_ci=None)
-    return analysis
-
-
-def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
-    """Every output of one answer file that needs no model (and the sequential table, once)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous_outputs(output_dir)
-    cohort, folders, statuses = setup.cohort, setup.folders, step.answers.statuses
-    frame = predictions_frame(cohort, folders, step.probs, statuses, anonymize=setup.anonymize)
-    if not step.has_probs:  # one-hot columns would pass for probabilities
-        frame = frame.drop(columns=[f"prob_{folder}" for folder in folders])
-    common.atomic_write_csv(output_dir / "predictions.csv", frame)
-    run = answers_run_info(args, setup, step)
-    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
-    labels = [label for _path, label in cohort.items]
-    flow = flow_counts(labels, statuses, folders, True)
-    metrics, itd = score_answer_step(step, setup, args)
-    subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
-    metrics = {"n": metrics.pop("n"), "n_received": len(labels),
-               "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
-               **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
-    if sequential is not None:
-        metrics["sequential"] = sequential
-        common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
-        common.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
-    common.atomic_write_json(output_dir / "metrics.json", metrics)
-    save = figure_saver(output_dir)
-    if metrics["n"]:
-        scored = step.answers.pred_index >= 0
-        y_true, probs = np.asarray(labels)[scored], step.probs[scored]
-        write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
-        write_subgroup_outputs(output_dir, subgroups, args.figures)
-        if args.figures and step.has_probs:
-            write_figures(save, y_true, probs, None, folders, metrics, None, 0)
-        elif args.figures:
-            plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
-    if sequential is not None and args.figures:
-        plot_sequential(sequential, folders, save)
-    common.atomic_write_text(output_dir / "report.md",
-                             render_report(run, flow, metrics, folders, None, itd, None,
-                                           subgroups=subgroups, sequential=sequential))
-    return metrics
-
-
-def step_folder(index, name):
-    """The output folder of a later step: step<k>_<name> with only safe characters."""
-    return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
-
-
-def run_answers(args, argv):
-    """inference.py --predictions: score answer files, no model. Returns the exit code."""
-    try:
-        setup = prepare_answers(args, argv)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    steps, folders = setup.steps, setup.folders
-    sequential = None
-    if len(steps) > 1:
-        labels = np.array([label for _path, label in setup.cohort.items], dtype=np.int64)
-        sequential = sequential_analysis(labels, np.stack([s.answers.pred_index for s in steps]),
-                                         folders, [s.name for s in steps], setup.cohort.groups,
-                                         args.bootstrap, args.seed)
-    output_dir, empty = Path(args.output_dir), []
-    for i, step in enumerate(steps):
-        LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
-        folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
-        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
-        if not metrics["n"]:
-            empty.append(step.file)
-        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
-                 metrics["n_received"], metrics["n_failed"],
-                 format_value(metrics["accuracy"], metrics["accuracy_ci"]),
-                 format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
-    if sequential is not None:
-        for row in sequential["omnibus"]:
-            LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
-                     "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
-    LOG.info("== done: outputs in %s ==", output_dir)
-    if empty:  # as for a checkpoint whose images are all unreadable: written, but not a success
-        print(f"error: no answer of {', '.join(empty)} could be scored; the reasons are in the "
-              "status column of its predictions.csv", file=sys.stderr)
-        return 1
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1694,21 +858,7 @@ def build_parser():
     data.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                       help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
                            "unless --overwrite")
-    answers = parser.add_argument_group(
-        "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
-    answers.add_argument("--predictions", default=None, metavar="[NAME=]FILE",
-                         help="score this CSV of answers instead of a --checkpoint: columns path (as "
-                              "in predictions.csv, relative to --test-dir), answer or pred_label, "
-                              "optional prob_<class> for every class and status; NAME names the "
-                              "step (default: the file stem)")
-    answers.add_argument("--label-map", default=None, metavar="JSON",
-                         help="with --predictions or --compare: {class folder: [synonym, ...]}, "
-                              "matched case- and "
-                              "whitespace-insensitively; an answer it does not map is a failed row "
-                              "(status 'failed: unmapped answer ...'), never guessed")
-    answers.add_argument("--classes", default=None, metavar="A,B,C",
-                         help="with --predictions: class folders in index order (default: sorted "
-                              "by name); index 0 is the class of the intention-to-diagnose line")
+    add_answer_arguments(parser)  # --predictions, --label-map, --classes
     compare = parser.add_argument_group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
                          help="a second model scored on the same images (a pretrained tag, or "
@@ -1804,38 +954,6 @@ def build_parser():
     return common.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
 
 
-def check_answer_args(parser, args):
-    """--checkpoint or --predictions, and the flags that belong to only one of them."""
-    if bool(args.checkpoint) == bool(args.predictions):
-        parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
-                     + ("not both" if args.checkpoint else "one of them"))
-    if args.label_map and not Path(args.label_map).is_file():
-        parser.error(f"--label-map {args.label_map}: no such file")
-    if not args.predictions:
-        if args.label_map and not args.compare:
-            parser.error("--label-map needs --predictions or --compare (it maps answers to classes)")
-        if args.classes is not None:
-            parser.error("--classes needs --predictions (a checkpoint brings its own classes)")
-        return
-    for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
-                        ("--prompts", args.prompts), ("--baseline", args.baseline),
-                        ("--wise-ft-alpha", args.wise_ft_alpha), ("--cache-dir", args.cache_dir),
-                        ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
-        if value is not None:
-            parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
-    name, path = named_file(args.predictions)  # the --compare steps: check_compare_args
-    if not name:
-        parser.error(f"--predictions {args.predictions}: the step NAME before '=' is empty")
-    if not Path(path).is_file():
-        parser.error(f"--predictions {path}: no such file")
-    specs, _bad, _why = parse_compare_specs(args.compare)
-    if specs and name in specs:
-        parser.error(f"--compare {name}={specs[name]}: step name {name!r} is used twice; name "
-                     "each step once")
-    if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
-        parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
-
-
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
     check_answer_args(parser, args)
@@ -1883,58 +1001,6 @@ def check_args(parser, args):
             parser.error(f"--group-regex {args.group_regex!r}: not a regular expression ({err})")
         if groups < 1:
             parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
-
-
-def parse_compare_specs(values):
-    """{name: path} of --compare NAME=FILE values, or (None, bad value, why)."""
-    specs = {}
-    for value in values or []:
-        name, sep, path = value.partition("=")
-        name = name.strip()
-        if not sep or not name or not path:
-            return None, value, "expected NAME=FILE, e.g. resnet50=runs/resnet50/predictions.csv"
-        if name in specs or name == "ours" or name.startswith("baseline "):
-            return None, value, f"the name {name!r} is taken; give each model its own name"
-        specs[name] = path
-    return specs, None, None
-
-
-def check_compare_args(parser, args):
-    """--compare values: NAME=FILE, unique names, existing files."""
-    specs, bad, why = parse_compare_specs(args.compare)
-    if specs is None:
-        parser.error(f"--compare {bad}: {why}")
-    for name, path in specs.items():
-        if not Path(path).is_file():
-            parser.error(f"--compare {name}={path}: no such file")
-
-
-def check_subgroup_args(parser, args):
-    """--metadata, --subgroups and --age-bins: files exist, values parse, each needs the other."""
-    if args.metadata and not Path(args.metadata).is_file():
-        parser.error(f"--metadata {args.metadata}: no such file")
-    if args.metadata and not args.subgroups:
-        parser.error("--metadata needs --subgroups (the columns to analyse), e.g. --subgroups site")
-    if args.age_bins is not None:
-        if not args.subgroups:
-            parser.error("--age-bins needs --subgroups")
-        try:
-            parse_bins(args.age_bins)
-        except ValueError as err:
-            parser.error(f"--age-bins {args.age_bins}: {err}")
-    if args.subgroups is not None and not [n for n in args.subgroups.split(",") if n.strip()]:
-        parser.error("--subgroups: name at least one column, e.g. site,sex")
-
-
-def read_compared(args, cohort, folders):
-    """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
-    specs, _bad, _why = parse_compare_specs(args.compare)
-    paths = [relative_path(path, cohort.root) for path, _label in cohort.items]
-    true_labels = [folders[label] for _path, label in cohort.items]
-    label_map = read_label_map(args.label_map, folders)
-    return {name: read_external_predictions(path, paths, folders, f"--compare {name}=",
-                                             label_map, true_labels=true_labels)
-            for name, path in specs.items()}
 
 
 def prepare(args, argv):

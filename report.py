@@ -122,6 +122,33 @@ COMPARISON_P_COLUMNS = {  # comparison.csv column -> what the p-value is, for re
     "p_delong": "DeLong (images independent)"}
 
 
+def rare_summary(metrics):
+    """The rare class in inference.py's last log line, at the stored operating point (else under
+    argmax): 'orbital disease sensitivity 0.750 (...)  specificity 0.900 (...) at p >= 0.312'."""
+    rare, op = metrics["rare_class"], metrics.get("operating_point")
+    stats, where = ((op["rule"], f"at p >= {op['threshold']:.3f}") if op
+                    else (metrics["per_class"][rare], "(argmax)"))
+    return (f"{rare} sensitivity {format_value(stats['sensitivity'], stats['sensitivity_ci'])}  "
+            f"specificity {format_value(stats['specificity'], stats['specificity_ci'])} {where}")
+
+
+def summary_row(alpha, folder, metrics, rare_class):
+    """One row of wise_ft_summary.csv (inference.py --wise-ft-alpha)."""
+    row = {"alpha": alpha, "output_dir": folder, "n": None if metrics is None else metrics["n"]}
+    names = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "log_loss", "ece")
+    for name in names:
+        value = None if metrics is None else metrics[name]
+        ci = None if metrics is None else metrics[f"{name}_ci"]
+        row.update({name: value, f"{name}_ci_low": ci[0] if ci else None,
+                    f"{name}_ci_high": ci[1] if ci else None})
+    for name in ("sensitivity", "specificity"):
+        stats = {} if metrics is None else metrics["per_class"].get(rare_class, {})
+        ci = stats.get(f"{name}_ci")
+        row.update({f"rare_{name}": stats.get(name), f"rare_{name}_ci_low": ci[0] if ci else None,
+                    f"rare_{name}_ci_high": ci[1] if ci else None})
+    return row
+
+
 def comparison_frame(comparison):
     """comparison.csv: one row per compared model and metric. `model` names the compared model,
     `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images, `difference` = ours - model (positive: ours better);
@@ -497,7 +524,7 @@ FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalis
 
 def independence_warning(run):
     """The report's first lines when the test cohort overlaps the checkpoint's training or
-    validation images (inference.training_overlap), else none."""
+    validation images (evaluation.training_overlap), else none."""
     overlap = run.get("test_overlap") or {}
     if run.get("independent_test_set") is not False:
         return []

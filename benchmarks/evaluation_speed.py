@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evaluation  # noqa: E402
 import inference  # noqa: E402
 import prompts  # noqa: E402
 
@@ -28,7 +29,7 @@ def synthetic_evaluation(n, root, seed=0):
     rng = np.random.default_rng(seed)
     y_true = rng.choice(3, n, p=[0.05, 0.6, 0.35])
     logits = 2 * rng.normal(size=(n, 3)) + 3 * np.eye(3)[y_true]
-    cohort = inference.Cohort([(Path(root) / FOLDERS[c] / f"img_{i:05d}.jpg", int(c))
+    cohort = evaluation.Cohort([(Path(root) / FOLDERS[c] / f"img_{i:05d}.jpg", int(c))
                                for i, c in enumerate(y_true)], True, Path(root))
     bundle = inference.ModelBundle(
         checkpoint=inference.Checkpoint("ours", "synthetic.pt", {}, "0" * 64), model_name="tiny_clip",

@@ -81,6 +81,14 @@ class PatientCohort:
                        if folder is None or self.class_of[s] == folder})
 
 
+def write_cohorts(root, **counts):
+    """Synthetic class-folder cohorts root/<name>, seeded 0, 1, 2, ... in the order given:
+    write_cohorts(root, train=(4, 4, 4), val=(2, 2, 2), test=(1, 1, 1)). Returns root."""
+    for seed, (name, per_class) in enumerate(counts.items()):
+        make_demo_cohort.write_cohort(Path(root) / name, per_class, seed)
+    return root
+
+
 def write_patient_cohort(root, patients_per_class=(3, 5, 4), images_per_patient=(2, 3, 1), seed=0):
     """Write root/<class>/Patient NNN/IMG_000k.JPG, the way clinics lay cohorts out: patients are
     numbered across the cohort (Patient 001, 002, ...), and camera names restart in every patient

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import inference
+import answer_files
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 PATHS = ["orbital disease/a.png", "healthy eyes/b.png", "healthy eyes/c.png",
@@ -34,7 +34,7 @@ def test_reader_matches_paths_to_the_cohort_order_and_maps_probabilities_by_name
             ["healthy eyes/b.png", "healthy eyes", 1.0, 0.0, 0.0, "ok"]]
     path = write_csv(tmp_path / "p.csv", ["path", "pred_label", "prob_healthy eyes",
                                           "prob_non-orbital disease", "prob_orbital disease", "status"], rows)
-    result = inference.read_external_predictions(path, PATHS, FOLDERS)
+    result = answer_files.read_external_predictions(path, PATHS, FOLDERS)
     assert result.paths == PATHS
     assert result.pred_index.tolist() == [0, 1, -1, 2]
     assert result.statuses == ["ok", "ok", "failed: truncated image", "ok"]
@@ -48,7 +48,7 @@ def test_reader_matches_paths_to_the_cohort_order_and_maps_probabilities_by_name
 def test_reader_without_probabilities_and_with_an_answer_column(tmp_path):
     path = write_csv(tmp_path / "p.csv", ["answer", "path"],
                      [["orbital disease", p] for p in PATHS])
-    result = inference.read_external_predictions(path, PATHS, FOLDERS)
+    result = answer_files.read_external_predictions(path, PATHS, FOLDERS)
     assert result.probs is None and result.answer_column == "answer"
     assert result.pred_index.tolist() == [0, 0, 0, 0]
 
@@ -58,7 +58,7 @@ def test_label_map_turns_unmapped_empty_and_refused_answers_into_failed_rows(tmp
     path = write_csv(tmp_path / "p.csv", ["path", "answer"], list(zip(PATHS, answers)))
     label_map = {"orbital disease": ["orbital cellulitis", "thyroid eye disease"],
                  "healthy eyes": ["Normal", "no disease"]}
-    result = inference.read_external_predictions(path, PATHS, FOLDERS, label_map=label_map)
+    result = answer_files.read_external_predictions(path, PATHS, FOLDERS, label_map=label_map)
     assert result.pred_index.tolist() == [0, -1, -1, 1]
     assert result.statuses == ["ok", "failed: unmapped answer 'I cannot answer that'",
                                "failed: unmapped answer ''", "ok"]
@@ -95,7 +95,7 @@ def test_reader_refusals_name_the_flag_file_and_first_offending_row(tmp_path, he
                                                                     label_map, expected):
     path = write_csv(tmp_path / "p.csv", header, rows)
     with pytest.raises(ValueError) as info:
-        inference.read_external_predictions(path, PATHS, FOLDERS, "--compare cnn=", label_map,
+        answer_files.read_external_predictions(path, PATHS, FOLDERS, "--compare cnn=", label_map,
                                             true_labels=TRUE)
     message = str(info.value)
     assert message.startswith(f"--compare cnn= {path}: ") and "\n" not in message
@@ -109,7 +109,7 @@ def test_reader_refuses_an_empty_and_a_binary_file(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81\x82path")
     for path, expected in ((empty, "row 1: empty file"), (binary, "not a readable UTF-8 CSV")):
         with pytest.raises(ValueError, match=expected):
-            inference.read_external_predictions(path, PATHS, FOLDERS)
+            answer_files.read_external_predictions(path, PATHS, FOLDERS)
 
 
 # -- DeLong, clustered McNemar ------------------------------------------------------------------
@@ -302,20 +302,8 @@ import common  # noqa: E402
 import prompts  # noqa: E402
 from conftest import TINY_MODEL  # noqa: E402
 from test_inference import exit_code, run_inference, tiny_metadata  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_weights():
-    torch.manual_seed(0)
-    model, *_ = common.create_model(TINY_MODEL, None)
-    return model
-
-
-@pytest.fixture
-def our_checkpoint(tmp_path, tiny_weights):
-    path = tmp_path / "ours.pt"
-    common.save_checkpoint(path, tiny_weights, tiny_metadata())
-    return path
+# fixtures shared with test_inference (a fixture takes the name it is imported under)
+from test_inference import checkpoint as our_checkpoint, tiny_model  # noqa: E402,F401
 
 
 def read_csv(path):
@@ -366,16 +354,16 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, o
 
 
 def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
-        make_cohort, tmp_path, tiny_weights):
+        make_cohort, tmp_path, tiny_model):
     """Issue 14 item 1: a checkpoint whose stored prompt set lists (orbital, non-orbital,
     healthy) against the same weights as a plain state_dict (published order)."""
     classes = prompts.load_prompt_set(None)
     reordered = [classes[0], classes[2], classes[1]]
     checkpoint = tmp_path / "reordered.pt"
-    common.save_checkpoint(checkpoint, tiny_weights, tiny_metadata(
+    common.save_checkpoint(checkpoint, tiny_model, tiny_metadata(
         class_folders=prompts.class_folders(reordered), prompts=prompts.prompt_set_to_dict(reordered)))
     plain = tmp_path / "plain.pt"
-    torch.save(tiny_weights.state_dict(), plain)
+    torch.save(tiny_model.state_dict(), plain)
     test_dir = make_cohort("external", (4, 10, 6), seed=2)
     out = tmp_path / "out"
     assert run_inference(test_dir, checkpoint, out, "--baseline", str(plain),
@@ -444,13 +432,6 @@ def test_subgroup_rows_equal_sklearn_wilson_and_a_hand_chi_square():
     assert block["accuracy_test"]["p"] == pytest.approx(chi2_dist.sf(chi2, 1))
 
 
-def test_bin_labels():
-    assert inference.bin_label(39.9, [0, 40, 60, 120]) == "[0, 40)"
-    assert inference.bin_label(40, [0, 40, 60, 120]) == "[40, 60)"
-    assert inference.bin_label(120, [0, 40, 60, 120]) == "[60, 120]"
-    assert inference.bin_label(121, [0, 40, 60, 120]) is None
-
-
 def write_metadata(test_dir, path, seed=0):
     import make_demo_metadata
     assert make_demo_metadata.main(["--cohort", str(test_dir), "--out", str(path), "--seed", str(seed)]) == 0
@@ -490,11 +471,14 @@ def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, our_
     (["--metadata", "meta.csv"], "--metadata needs --subgroups"),
     (["--subgroups", "site", "--age-bins", "50,40"], "--age-bins 50,40"),
     (["--subgroups", "site", "--metadata", "nope.csv"], "--metadata"),
+    (["--subgroups", "site", "--metadata", "empty.csv"],
+     "empty.csv: row 1: empty file (expected a header with path or file and the attributes)"),
 ])
 def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint, tmp_path, capsys,
                                                    extra, message):
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     write_metadata(test_dir, tmp_path / "meta.csv")
+    (tmp_path / "empty.csv").write_text("")
     extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
     if "--metadata" not in extra:
         extra += ["--metadata", str(tmp_path / "meta.csv")]

@@ -23,6 +23,7 @@ import common
 import data_preprocess as dp
 import inference
 import prompts
+from report import format_value
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tree_state
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
@@ -557,7 +558,7 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
     assert not any(m.startswith("  test_dir = ") for m in messages)
     result = json.loads((out / "metrics.json").read_text())
     rule = result["operating_point"]["rule"]
-    fmt = inference.format_value
+    fmt = format_value
     assert (f"  orbital disease sensitivity {fmt(rule['sensitivity'], rule['sensitivity_ci'])}  specificity "
             f"{fmt(rule['specificity'], rule['specificity_ci'])} at p >= "
             f"{result['operating_point']['threshold']:.3f}; outputs in {out} ==") in messages[-1]

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
 from statsmodels.stats.proportion import proportion_confint
 
 import common
+import evaluation
 import inference
 import metrics
 import prompts
@@ -662,7 +664,7 @@ def test_failure_analysis_shows_the_most_confident_errors_with_thumbnails(make_c
     for row in rows:
         thumbnail = out / row["thumbnail"]
         with Image.open(thumbnail) as image:
-            assert image.format == "PNG" and max(image.size) <= inference.THUMBNAIL_PX
+            assert image.format == "PNG" and max(image.size) <= evaluation.THUMBNAIL_PX
         assert f"![error]({row['thumbnail']})" in report_text and f"`{row['file']}`" in report_text
     # patients in the flow table (the manifest names them)
     assert result["flow"]["rows"]["total"]["patients_received"] == result["n_groups"] == 9
@@ -680,6 +682,7 @@ def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["bootstrap_unit"], metrics["n_groups"]) == ("group", 3)
     assert set(read_predictions(out)["group"]) == {"orbital_disease", "healthy_eyes", "non_orbital_disease"}
+
 
 
 # -- comparison with a baseline --------------------------------------------------------------------
@@ -775,6 +778,21 @@ def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkp
     assert run_inference(test_dir, checkpoint, tmp_path / "out", "--wise-ft-alpha", "0.5") == 2
     (err,) = error_lines(capsys.readouterr().err)
     assert "--wise-ft-base" in err and not (tmp_path / "out").exists()
+
+
+
+@pytest.mark.parametrize("recorded, message", [
+    ("/nowhere/ViT-B-32.pt", "the recorded pretrained weights /nowhere/ViT-B-32.pt are not on this machine"),
+    ("runs/start.safetensors", "are not on this machine"),  # a weights file, not a tag
+    ("no_such_tag", "could not load the pretrained weights no_such_tag"),  # a tag: open_clip refuses it
+    ("local-dir:/nowhere/biomedclip", "could not load the pretrained weights local-dir:/nowhere/biomedclip"),
+])
+def test_wise_ft_refuses_a_recorded_base_it_cannot_load(recorded, message):
+    checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": recorded, "state_dict": {}}, "0" * 64)
+    bundle = types.SimpleNamespace(checkpoint=checkpoint, model_name=TINY_MODEL)
+    with pytest.raises((ValueError, common.CheckpointError), match="--wise-ft-alpha") as caught:
+        inference.wise_ft_base_weights(types.SimpleNamespace(wise_ft_base=None), bundle)
+    assert message in str(caught.value) and "--wise-ft-base PATH" in str(caught.value)
 
 
 # -- privacy ---------------------------------------------------------------------------------------

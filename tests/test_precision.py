@@ -14,7 +14,7 @@ import clip_train
 import common
 import inference
 from common import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
-from conftest import TINY_CONFIG, TINY_MODEL
+from conftest import TINY_CONFIG, TINY_MODEL, write_cohorts
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -110,11 +110,8 @@ def test_bf16_encoder_unwraps_a_compiled_tower(tiny_model, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for 2 epochs with auto on a (patched) AMX CPU: bf16 autocast."""
-    import make_demo_cohort
     root = tmp_path_factory.mktemp("bf16")
-    make_demo_cohort.write_cohort(root / "train", (8, 12, 10), 0)
-    make_demo_cohort.write_cohort(root / "val", (4, 6, 5), 1)
-    make_demo_cohort.write_cohort(root / "external", (6, 10, 8), 2)
+    write_cohorts(root, train=(8, 12, 10), val=(4, 6, 5), external=(6, 10, 8))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "cpu_native_bf16", lambda: "AMX")
         code = clip_train.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),

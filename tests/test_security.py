@@ -12,9 +12,8 @@ import torch
 import clip_train
 import common
 import inference
-import make_demo_cohort
 import prompts
-from conftest import TINY_CONFIG, TINY_MODEL, tree_state
+from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_cohorts
 
 WRITERS = ("torch.save", "torch.save legacy", "pickle.dump")
 
@@ -54,9 +53,7 @@ def run_main(module, argv):
 def shared(tmp_path_factory):
     """Cohorts and a real (safe) tiny checkpoint, written once for the module."""
     root = tmp_path_factory.mktemp("security_inputs")
-    make_demo_cohort.write_cohort(root / "train", (4, 4, 4), 0)
-    make_demo_cohort.write_cohort(root / "val", (2, 2, 2), 1)
-    make_demo_cohort.write_cohort(root / "test", (1, 1, 1), 2)
+    write_cohorts(root, train=(4, 4, 4), val=(2, 2, 2), test=(1, 1, 1))
     torch.manual_seed(0)
     model, *_ = common.create_model(TINY_MODEL, None)
     common.save_checkpoint(root / "good.pt", model, {

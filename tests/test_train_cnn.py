@@ -19,7 +19,7 @@ import common
 import metrics
 import make_demo_cohort
 from baselines import train_cnn
-from conftest import REPO_ROOT, tree_state
+from conftest import REPO_ROOT, tree_state, write_cohorts
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]  # prompts.py's order
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -188,9 +188,7 @@ def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp
 def folder_run(tmp_path_factory):
     """Class folders, balanced sampling, 2 epochs; the test cohort holds one unreadable image."""
     root = tmp_path_factory.mktemp("cnn_folders")
-    make_demo_cohort.write_cohort(root / "train", (3, 6, 4), 0)
-    make_demo_cohort.write_cohort(root / "val", (2, 3, 3), 1)
-    make_demo_cohort.write_cohort(root / "test", (2, 3, 2), 2)
+    write_cohorts(root, train=(3, 6, 4), val=(2, 3, 3), test=(2, 3, 2))
     (root / "test" / "healthy eyes" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     argv = cohort_argv(root / "train", root / "val", root / "test", root / "run", "--epochs", "2",
                        "--balanced-sampling")

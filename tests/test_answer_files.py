@@ -14,6 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.contingency_tables import cochrans_q, mcnemar
 
+import answer_files
+import evaluation
 import inference
 import metrics
 from conftest import REPO_ROOT, tree_state
@@ -325,11 +327,11 @@ def test_probabilities_that_disagree_with_the_label_are_refused_naming_the_image
 def test_label_map_also_maps_compare_answers_against_a_checkpoint(answers):
     import argparse
     cohort_dir, files, label_map = answers
-    cohort = inference.Cohort(sorted((p, ORDER.index(p.parent.name)) for p in cohort_dir.rglob("*.png")),
-                              True, cohort_dir)
+    cohort = evaluation.Cohort(sorted((p, ORDER.index(p.parent.name)) for p in cohort_dir.rglob("*.png")),
+                               True, cohort_dir)
     args = argparse.Namespace(compare=[f"mllm={files[1]}"], label_map=str(label_map))
-    read = inference.read_compared(args, cohort, ORDER)["mllm"]
-    order = [inference.relative_path(p, cohort_dir) for p, _ in cohort.items]
+    read = answer_files.read_compared(args, cohort, ORDER)["mllm"]
+    order = cohort.relative_paths()
     expected = dict(zip(image_paths(), [0, 0, -1, 1, 1, 1, 2, 2, 0]))
     assert read.pred_index.tolist() == [expected[p] for p in order]
     assert read.statuses[order.index(image_paths()[2])] == \

@@ -1,0 +1,480 @@
+"""Other models' and readers' answers on a cohort, and scoring them without a model.
+
+An answer file is a CSV with `path` (relative to the cohort root, as in predictions.csv) and
+`pred_label` or `answer` (free text, mapped to a class folder by --label-map), optional
+`prob_<folder>` for every class and `status`. inference.py reads them with --compare (rows of
+comparison.csv against the model); `inference.py --predictions FILE` scores them with no model at
+all (run_answers): the statistics of a checkpoint evaluation, and with --compare files as later
+steps of the same reader, the sequential table (the paper's second step).
+"""
+
+import dataclasses
+import logging
+import re
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import common
+import prompts as prompt_sets
+from evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_output_dir, clear_previous_outputs,
+                        cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
+                        make_anonymizer, normalise_relative_path, package_versions, read_csv_rows,
+                        score_subgroups, write_scored_tables, write_subgroup_outputs)
+from metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
+                     sequential_analysis, without_probability_metrics)
+from report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
+                    predictions_frame, render_report, sequential_changes_frame,
+                    sequential_frame, write_figures)
+
+LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading answer files (--compare NAME=FILE, --predictions [NAME=]FILE, --label-map)
+
+
+@dataclasses.dataclass
+class ExternalPredictions:
+    """Another model's (or reader's) answers on the cohort, in the cohort's image order."""
+    source: str  # the file read
+    paths: list  # cohort paths (relative, forward slashes), the order of `cohort_paths`
+    pred_index: np.ndarray  # (N,) int class index in `folders`, -1 for a failed row
+    probs: np.ndarray | None  # (N, C) float in `folders` order, NaN rows where failed; None: no prob_ columns
+    statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
+    answer_column: str  # 'pred_label' or 'answer'
+
+
+def normalise_answer(text):
+    """An answer or synonym compared case- and whitespace-insensitively ('  Orbital  Disease ');
+    prompts.normalise_answer is the one rule (shared with --label-map)."""
+    return prompt_sets.normalise_answer(str(text))
+
+
+def answer_lookup(folders, label_map, where):
+    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
+    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
+    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    return {answer: folders.index(folder) for answer, folder in lookup.items()}
+
+
+def external_prob_columns(header, folders, where):
+    """The prob_<folder> columns in `folders` order, or None when the file has none; refused
+    when only some classes have one or a prob_ column names another class (prob_cal_* of our own
+    predictions.csv are ignored)."""
+    named = [c for c in header if c.startswith("prob_") and not c.startswith("prob_cal_")]
+    if not named:
+        return None
+    unknown = [c for c in named if c[len("prob_"):] not in folders]
+    if unknown:
+        raise ValueError(f"{where}: row 1: column {unknown[0]!r} is not a class of {folders}")
+    missing = [f"prob_{f}" for f in folders if f"prob_{f}" not in header]
+    if missing:
+        raise ValueError(f"{where}: row 1: has prob_ columns but lacks {missing[0]!r} (give one "
+                         "per class, or none)")
+    return [f"prob_{f}" for f in folders]
+
+
+def parse_probabilities(cells, where):
+    """(C,) floats of one ok row, each finite and in [0, 1]."""
+    try:
+        values = np.array([float(cell) for cell in cells], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{where}: probabilities {cells} are not all numbers") from None
+    if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise ValueError(f"{where}: probabilities {cells} must be numbers in [0, 1]")
+    return values
+
+
+def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
+                              true_labels=None):
+    """Read another model's or reader's answers and match them to the cohort by path.
+
+    Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
+    label_map=None, true_labels=None) -> ExternalPredictions.
+
+    Parameters
+    ----------
+    path : str or Path
+        A CSV with columns `path` (as in our predictions.csv: relative to the cohort root, forward
+        slashes; backslashes and a leading './' are tolerated) and `pred_label` (or `answer`);
+        optional `prob_<folder>` for every class (all or none), optional `status` (a row whose
+        status starts with 'failed' is a failed row: no prediction, no probabilities), optional
+        `true_label` (checked against `true_labels` when both exist). Other columns are ignored.
+    cohort_paths : list of str
+        The cohort's images in evaluation order, written like predictions.csv's path column.
+    folders : list of str
+        Class folder names; class index = position.
+    flag : str
+        Named in every error message ('--compare NAME=', '--baseline', ...).
+    label_map : dict folder -> list of str, optional
+        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
+        Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
+        is refused; with it an empty, unmapped or refused answer becomes a failed row with status
+        "failed: unmapped answer '<answer>'".
+    true_labels : list of str, optional
+        The cohort's true folder per image, checked against a `true_label` column.
+
+    Returns
+    -------
+    ExternalPredictions (pred_index -1 and NaN probabilities on failed rows).
+
+    Raises
+    ------
+    ValueError, one line naming `flag`, the file and the first offending row (row 1 = header):
+    a malformed or empty file, no path or pred_label/answer column, a duplicate, extra or missing
+    image, an unknown label (without `label_map`), a probability that is not a number in [0, 1],
+    a true_label that differs from the cohort's.
+    """
+    where = f"{flag} {path}"
+    lookup = answer_lookup(list(folders), label_map, where)
+    header, rows = read_csv_rows(path, where)
+    answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
+    if "path" not in header or answer_column is None:
+        raise ValueError(f"{where}: row 1: needs a 'path' and a 'pred_label' (or 'answer') column, "
+                         f"has {header}")
+    prob_columns = external_prob_columns(header, list(folders), where)
+    position = {p: i for i, p in enumerate(cohort_paths)}
+    n = len(cohort_paths)
+    pred_index = np.full(n, -1, dtype=np.int64)
+    probs = None if prob_columns is None else np.full((n, len(folders)), np.nan)
+    statuses, seen = [None] * n, {}
+    for line, row in rows:
+        here = f"{where}: row {line}"
+        image = normalise_relative_path(row["path"])
+        if image not in position:
+            raise ValueError(f"{here}: image {image!r} is not in the cohort (an extra image, or "
+                             "a path not relative to the test folder)")
+        if image in seen:
+            raise ValueError(f"{here}: image {image!r} already on row {seen[image]}")
+        seen[image], i = line, position[image]
+        if true_labels is not None and "true_label" in row and row["true_label"].strip() \
+                and normalise_answer(row["true_label"]) != normalise_answer(true_labels[i]):
+            raise ValueError(f"{here}: true_label {row['true_label']!r} of {image!r} differs from "
+                             f"the cohort's {true_labels[i]!r} (predictions of another cohort?)")
+        status = row.get("status", "ok").strip() or "ok"
+        if status.lower().startswith("failed"):
+            statuses[i] = status
+            continue
+        answer = row[answer_column]
+        index = lookup.get(normalise_answer(answer))
+        if index is None and label_map is None:
+            raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
+                             "(pass a label map of synonyms to count it as a failed answer)")
+        if index is None:
+            statuses[i] = f"failed: unmapped answer {answer.strip()!r}"
+            continue
+        pred_index[i], statuses[i] = index, "ok"
+        if prob_columns is not None:
+            probs[i] = parse_probabilities([row[c].strip() for c in prob_columns], here)
+    missing = [p for p in cohort_paths if p not in seen]
+    if missing:
+        raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
+                         "images missing); give one row per image")
+    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column)
+
+
+def read_label_map(path, folders):
+    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    if not path:
+        return None
+    try:
+        label_map = prompt_sets.read_label_map_file(path)
+        prompt_sets.parse_label_map(label_map, folders, path)
+    except prompt_sets.LabelMapError as err:
+        raise ValueError(f"--label-map {err}") from None
+    return label_map
+
+
+def named_file(spec):
+    """(name, path) of 'NAME=FILE', or (file stem, FILE) when spec is an existing file or has no '='."""
+    if "=" in spec and not Path(spec).is_file():
+        name, path = spec.split("=", 1)
+        return name.strip(), path
+    return Path(spec).stem, spec
+
+
+def parse_compare_specs(values):
+    """{name: path} of --compare NAME=FILE values, or (None, bad value, why)."""
+    specs = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            return None, value, "expected NAME=FILE, e.g. resnet50=runs/resnet50/predictions.csv"
+        if name in specs or name == "ours" or name.startswith("baseline "):
+            return None, value, f"the name {name!r} is taken; give each model its own name"
+        specs[name] = path
+    return specs, None, None
+
+
+def read_compared(args, cohort, folders):
+    """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    label_map = read_label_map(args.label_map, folders)
+    return {name: read_cohort_answers(path, cohort, folders, f"--compare {name}=", label_map)
+            for name, path in specs.items()}
+
+
+def read_cohort_answers(path, cohort, folders, flag, label_map):
+    """read_external_predictions matched to a labelled Cohort (its paths and true labels)."""
+    return read_external_predictions(path, cohort.relative_paths(), folders, flag, label_map,
+                                     true_labels=[folders[label] for _path, label in cohort.items])
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring answer files without a model (--predictions, steps with --compare)
+
+
+@dataclasses.dataclass
+class AnswerStep:
+    """One answer file, scored as one step."""
+    name: str  # the step's name (NAME= of the flag, else the file stem)
+    file: str  # the answer file
+    flag: str  # the flag that named the file, for messages
+    answers: ExternalPredictions
+    probs: np.ndarray  # (N, C): the file's probabilities, else one-hot labels; NaN rows where failed
+    has_probs: bool
+    sha256: str
+
+
+@dataclasses.dataclass
+class AnswerSetup:
+    """What `prepare_answers` checks and reads before any output is written."""
+    cohort: Cohort
+    folders: list
+    steps: list  # AnswerStep, in step order (--predictions first, then each --compare)
+    anonymize: object  # text -> pseudonym, or None
+    argv: list = dataclasses.field(default_factory=list)
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+
+
+def step_probs(answers, n_classes, where):
+    """(probs, has_probs): the file's probabilities (each ok row's most probable class must be its
+    label, or the metrics would score another answer than the file gives), else one-hot labels."""
+    if answers.probs is None:
+        return label_probs(answers.pred_index, n_classes), False
+    ok = answers.pred_index >= 0
+    disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
+                                    != answers.pred_index))
+    if disagree.size:
+        raise ValueError(f"{where}: image {answers.paths[disagree[0]]!r}: its "
+                         f"{answers.answer_column} is not its most probable class; give labels "
+                         "that agree with the prob_ columns (or drop the prob_ columns)")
+    return answers.probs, True
+
+
+def read_answer_step(name, path, flag, cohort, folders, label_map):
+    """One AnswerStep (the file of `flag`), matched to the cohort by path."""
+    answers = read_cohort_answers(path, cohort, folders, flag, label_map)
+    probs, has_probs = step_probs(answers, len(folders), f"{flag} {path}")
+    return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
+
+
+def prepare_answers(args, argv):
+    """Cohort, classes, label map and every answer file read and checked (ValueError/OSError)."""
+    check_output_dir(args.output_dir, args.overwrite)
+    split = (args.split or DEFAULT_SPLIT) if Path(args.test_dir).is_file() else None
+    found = cohort_class_names(args.test_dir, split)
+    if not found:
+        raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
+                         "the class folders (or a manifest's labels) of the cohort")
+    folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
+    label_map = read_label_map(args.label_map, folders)
+    cohort = collect_cohort(args, folders)
+    compared, _bad, _why = parse_compare_specs(args.compare)
+    specs = [(*named_file(args.predictions), "--predictions")] + [
+        (name, path, f"--compare {name}=") for name, path in (compared or {}).items()]
+    steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
+             for name, path, flag in specs]
+    salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
+    return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
+                       argv, cohort_subgroups(args, cohort))
+
+
+def answers_run_info(args, setup, step):
+    """What was scored, for metrics.json, args.json and report.md (the answer-file header)."""
+    cohort = setup.cohort
+    return {"source": "answer file", "predictions_file": step.file,
+            "predictions_sha256": step.sha256, "step": step.name,
+            "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
+            "class_order": "--classes" if args.classes else "sorted by name",
+            "rare_class": setup.folders[0], "label_map": args.label_map,
+            "probabilities": step.has_probs,
+            "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
+            "split": cohort.split, "group_source": cohort.group_source,
+            "anonymized": bool(setup.anonymize), "bootstrap": args.bootstrap,
+            "bootstrap_unit": "group" if cohort.groups is not None else "image", "seed": args.seed,
+            "confidence_level": CONFIDENCE_LEVEL, "ece_bins": args.ece_bins,
+            "figures": args.figures, "versions": package_versions()}
+
+
+def score_answer_step(step, setup, args):
+    """(metrics, intention-to-diagnose) of one step on the rows it answered."""
+    labels = setup.cohort.labels()
+    scored = step.answers.pred_index >= 0
+    metrics = compute_metrics(labels[scored], step.probs[scored], setup.folders, args.bootstrap,
+                              args.seed, groups=setup.cohort.scored_groups(scored), ece_bins=args.ece_bins)
+    if not step.has_probs:
+        metrics = without_probability_metrics(metrics)
+    return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
+
+
+def score_answer_subgroups(setup, step, args):
+    """evaluation.score_subgroups on the rows a step answered; AUROC only where the file gives
+    probabilities."""
+    analysis = score_subgroups(setup.cohort, setup.subgroups, step.probs,
+                               step.answers.pred_index >= 0, 0, args)
+    for row in (row for attribute in analysis or () for row in attribute["rows"]):
+        if not step.has_probs:  # a one-hot column ranks nothing
+            row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None, macro_auroc_ci=None)
+    return analysis
+
+
+def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
+    """Every output of one answer file that needs no model (and the sequential table, once)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_outputs(output_dir)
+    cohort, folders, statuses = setup.cohort, setup.folders, step.answers.statuses
+    frame = predictions_frame(cohort, folders, step.probs, statuses, anonymize=setup.anonymize)
+    if not step.has_probs:  # one-hot columns would pass for probabilities
+        frame = frame.drop(columns=[f"prob_{folder}" for folder in folders])
+    common.atomic_write_csv(output_dir / "predictions.csv", frame)
+    run = answers_run_info(args, setup, step)
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    labels = [label for _path, label in cohort.items]
+    flow = flow_counts(labels, statuses, folders, True)
+    metrics, itd = score_answer_step(step, setup, args)
+    subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
+    metrics = {"n": metrics.pop("n"), "n_received": len(labels),
+               "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
+               **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
+    if sequential is not None:
+        metrics["sequential"] = sequential
+        common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
+        common.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
+    common.atomic_write_json(output_dir / "metrics.json", metrics)
+    save = figure_saver(output_dir)
+    if metrics["n"]:
+        scored = step.answers.pred_index >= 0
+        y_true, probs = np.asarray(labels)[scored], step.probs[scored]
+        write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
+        write_subgroup_outputs(output_dir, subgroups, args.figures)
+        if args.figures and step.has_probs:
+            write_figures(save, y_true, probs, None, folders, metrics, None, 0)
+        elif args.figures:
+            plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
+    if sequential is not None and args.figures:
+        plot_sequential(sequential, folders, save)
+    common.atomic_write_text(output_dir / "report.md",
+                             render_report(run, flow, metrics, folders, None, itd, None,
+                                           subgroups=subgroups, sequential=sequential))
+    return metrics
+
+
+def step_folder(index, name):
+    """The output folder of a later step: step<k>_<name> with only safe characters."""
+    return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
+
+
+def run_answers(args, argv):
+    """inference.py --predictions: score answer files, no model. Returns the exit code."""
+    try:
+        setup = prepare_answers(args, argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps, folders = setup.steps, setup.folders
+    sequential = None
+    if len(steps) > 1:
+        answered = np.stack([s.answers.pred_index for s in steps])
+        sequential = sequential_analysis(setup.cohort.labels(), answered, folders, [s.name for s in steps],
+                                         setup.cohort.groups, args.bootstrap, args.seed)
+    output_dir, empty = Path(args.output_dir), []
+    for i, step in enumerate(steps):
+        LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
+        folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
+        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
+        if not metrics["n"]:
+            empty.append(step.file)
+        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
+                 metrics["n_received"], metrics["n_failed"],
+                 format_value(metrics["accuracy"], metrics["accuracy_ci"]),
+                 format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
+    if sequential is not None:
+        for row in sequential["omnibus"]:
+            LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
+                     "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
+    LOG.info("== done: outputs in %s ==", output_dir)
+    if empty:  # as for a checkpoint whose images are all unreadable: written, but not a success
+        print(f"error: no answer of {', '.join(empty)} could be scored; the reasons are in the "
+              "status column of its predictions.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the answer-file flags of inference.py and their checks
+
+
+def add_answer_arguments(parser):
+    """inference.py's flags of answer files scored without a model (checked by check_answer_args)."""
+    group = parser.add_argument_group(
+        "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
+    group.add_argument("--predictions", default=None, metavar="[NAME=]FILE",
+                       help="score this CSV of answers instead of a --checkpoint: columns path (as "
+                            "in predictions.csv, relative to --test-dir), answer or pred_label, "
+                            "optional prob_<class> for every class and status; NAME names the "
+                            "step (default: the file stem)")
+    group.add_argument("--label-map", default=None, metavar="JSON",
+                       help="with --predictions or --compare: {class folder: [synonym, ...]}, "
+                            "matched case- and whitespace-insensitively; an answer it does not map "
+                            "is a failed row (status 'failed: unmapped answer ...'), never guessed")
+    group.add_argument("--classes", default=None, metavar="A,B,C",
+                       help="with --predictions: class folders in index order (default: sorted "
+                            "by name); index 0 is the class of the intention-to-diagnose line")
+
+
+def check_compare_args(parser, args):
+    """--compare values: NAME=FILE, unique names, existing files."""
+    specs, bad, why = parse_compare_specs(args.compare)
+    if specs is None:
+        parser.error(f"--compare {bad}: {why}")
+    for name, path in specs.items():
+        if not Path(path).is_file():
+            parser.error(f"--compare {name}={path}: no such file")
+
+
+def check_answer_args(parser, args):
+    """--checkpoint or --predictions, and the flags that belong to only one of them."""
+    if bool(args.checkpoint) == bool(args.predictions):
+        parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
+                     + ("not both" if args.checkpoint else "one of them"))
+    if args.label_map and not Path(args.label_map).is_file():
+        parser.error(f"--label-map {args.label_map}: no such file")
+    if not args.predictions:
+        if args.label_map and not args.compare:
+            parser.error("--label-map needs --predictions or --compare (it maps answers to classes)")
+        if args.classes is not None:
+            parser.error("--classes needs --predictions (a checkpoint brings its own classes)")
+        return
+    for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
+                        ("--prompts", args.prompts), ("--baseline", args.baseline),
+                        ("--wise-ft-alpha", args.wise_ft_alpha), ("--cache-dir", args.cache_dir),
+                        ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
+        if value is not None:
+            parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
+    name, path = named_file(args.predictions)  # the --compare steps: check_compare_args
+    if not name:
+        parser.error(f"--predictions {args.predictions}: the step NAME before '=' is empty")
+    if not Path(path).is_file():
+        parser.error(f"--predictions {path}: no such file")
+    specs, _bad, _why = parse_compare_specs(args.compare)
+    if specs and name in specs:
+        parser.error(f"--compare {name}={specs[name]}: step name {name!r} is used twice; name "
+                     "each step once")
+    if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
+        parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")

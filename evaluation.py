@@ -1,0 +1,485 @@
+"""What every evaluation shares, of a model (inference.py) or of answer files (answer_files.py):
+the cohort read from --test-dir (class folders, a flat folder, a manifest.csv, one image) with its
+patients (--group-regex, a manifest's group column), per-image metadata and subgroups
+(--metadata, --subgroups, --age-bins), and the output folder (which files are ours, the tables,
+the failure analysis, args.json). No model and no torch code here.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import logging
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import classification_report
+
+import common
+from metrics import subgroup_analysis
+from report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
+                    per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
+
+LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
+DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
+FAILURE_DIR = "failure_analysis"  # thumbnails of the most confident errors (report.md)
+THUMBNAIL_PX = 160  # longer side of a thumbnail
+OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
+                "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
+                "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
+                "sequential.csv", "sequential_changes.csv", "subgroups.csv",
+                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential", "subgroups")
+                  for ext in ("png", "pdf")))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cohort (--test-dir, --split, --group-regex)
+
+
+@dataclasses.dataclass
+class Cohort:
+    """The evaluated images."""
+    items: list  # [(path, class index)], -1 where unlabelled
+    labelled: bool  # False: no class folders, predicted but not scored
+    root: Path  # paths in predictions.csv are relative to it
+    split: str | None = None  # manifest split evaluated
+    groups: list | None = None  # patient of each image (bootstrap unit), None: each image its own
+    group_source: str | None = None
+
+    def labels(self):
+        """(N,) int64: each image's class index, -1 where unlabelled."""
+        return np.array([label for _path, label in self.items], dtype=np.int64)
+
+    def relative_paths(self):
+        """Each image's path as predictions.csv writes it (relative to the root, forward slashes)."""
+        return [relative_path(path, self.root) for path, _label in self.items]
+
+    def scored_groups(self, scored):
+        """The patient of each image of the mask `scored`, or None (each image its own unit)."""
+        return None if self.groups is None else np.asarray(self.groups, dtype=str)[scored]
+
+
+def collect_items(test_dir, folders, output_dir):
+    """(items, labelled): class-folder images with their class index, or, when no class folder
+    exists, every image under test_dir with label -1 (predicted, not scored)."""
+    test_dir, output_dir = Path(test_dir), Path(output_dir).resolve()
+    items, unknown = common.list_class_folder_images(test_dir, folders)
+    unknown = [name for name in unknown if (test_dir / name).resolve() != output_dir]
+    known = [folder for folder in folders if (test_dir / folder).is_dir()]
+    if known:
+        if unknown:
+            raise common.CohortError(
+                f"--test-dir {test_dir}: folder(s) {', '.join(repr(u) for u in unknown)} are not classes of "
+                f"this model {folders}; move them out, or pass --prompts defining them")
+        if not items:
+            raise common.CohortError(f"--test-dir {test_dir}: no images in the class folders {known}")
+        return items, True
+    items = [(path, -1) for path in sorted(test_dir.rglob("*"))
+             if path.is_file() and common.is_candidate_image(path)
+             and output_dir not in path.resolve().parents
+             and not any(part.startswith(".") for part in path.relative_to(test_dir).parts)]
+    if not items:
+        raise common.CohortError(f"--test-dir {test_dir}: no images found (and no class folders {folders})")
+    if unknown:
+        LOG.warning("--test-dir %s: none of the class folders %s, only %s: every image is predicted, "
+                    "not scored (rename the folders to score them, or pass --prompts defining them)",
+                    test_dir, folders, unknown)
+    return items, False
+
+
+def read_manifest_groups(manifest):
+    """({resolved path: group}, sorted splits) of a manifest.csv; every group is '' when the
+    column does not name patients (then the bootstrap resamples images)."""
+    manifest = Path(manifest)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    patient_groups, reason = common.manifest_patient_groups(rows)
+    if patient_groups is None:
+        log = LOG.warning if reason == common.STEM_GROUPS_REASON else LOG.info
+        log("%s: %s; the bootstrap resamples images", manifest, reason)
+        patient_groups = [""] * len(rows)
+    groups = {str((manifest.parent / row.get("path", "")).resolve()): group
+              for row, group in zip(rows, patient_groups)}
+    return groups, sorted({row.get("split", "") for row in rows})
+
+
+def regex_groups(items, root, pattern):
+    """Group of each image: the first capture group of `pattern` searched in its file name
+    (as data_preprocess.py --group-regex); a file that does not match is its own group."""
+    compiled = re.compile(pattern)
+    groups = []
+    for path, _label in items:
+        match = compiled.search(Path(path).name)
+        groups.append(match.group(1) if match and match.group(1) else f"image:{relative_path(path, root)}")
+    return groups
+
+
+def collect_cohort(args, folders):
+    """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
+    spec = Path(args.test_dir)
+    if spec.is_file() and spec.suffix.lower() != ".csv":  # a single image: predicted, not scored
+        cohort = Cohort([(spec, -1)], False, spec.parent)
+    elif spec.is_file():
+        split = args.split or DEFAULT_SPLIT
+        manifest_groups, splits = read_manifest_groups(spec)
+        if split not in splits:
+            # No silent fallback to another split: evaluating val or train rows must be asked for.
+            raise common.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
+                                     f"{', '.join(splits) or 'none'}); pass --split to choose one")
+        items = common.load_labelled_items(spec, folders, split)
+        cohort = Cohort(items, True, spec.parent, split)
+        groups = [manifest_groups.get(str(Path(p).resolve()), "") for p, _ in items]
+        named = any(groups)
+        cohort.groups = [g or f"image:{relative_path(p, spec.parent)}"
+                            for g, (p, _) in zip(groups, items)] if named else None
+        cohort.group_source = "manifest group column" if named else None
+    else:
+        items, labelled = collect_items(spec, folders, args.output_dir)
+        cohort = Cohort(items, labelled, spec)
+    if args.group_regex:
+        cohort.groups = regex_groups(cohort.items, cohort.root, args.group_regex)
+        cohort.group_source = f"--group-regex {args.group_regex}"
+    return cohort
+
+
+def cohort_class_names(test_dir, split):
+    """The class folders a cohort holds: its sub-folders, or the labels of a manifest's split."""
+    spec = Path(test_dir)
+    if spec.is_file():
+        with open(spec, newline="", encoding="utf-8") as handle:
+            return sorted({row.get("label", "") for row in csv.DictReader(handle)
+                           if row.get("split") == split} - {""})
+    _items, found = common.list_class_folder_images(spec, [])
+    return found
+
+
+def training_overlap(checkpoint, cohort, test_spec):
+    """Test images that are also training or validation images of the checkpoint (same file
+    or same bytes), from the folders or manifest its metadata records: {"train": n, "val": n,
+    "unchecked": [splits whose images could not be listed], "independent_test_set": False when
+    any overlap, None when nothing or not everything could be checked, else True}; None for a
+    plain state_dict or a tag (no record of where it was trained)."""
+    data = checkpoint.data if checkpoint.kind == "ours" else None
+    if not isinstance(data, dict):
+        return None
+    recorded, args = data.get("data") or {}, data.get("args") or {}
+    folders = data.get("class_folders") or []
+    test_paths = [path for path, _label in cohort.items]
+    result = {"train": 0, "val": 0, "unchecked": []}
+    for split in ("train", "val"):
+        spec = recorded.get(f"{split}_dir") or args.get(f"{split}_dir")
+        try:
+            items = common.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
+        except (TypeError, ValueError, OSError):  # not recorded, moved, or unreadable
+            result["unchecked"].append(split)
+            continue
+        known = {**common.manifest_sha256(test_spec), **common.manifest_sha256(spec)}
+        result[split] = len(common.overlapping_images(test_paths, [p for p, _ in items], known))
+    overlapping = result["train"] + result["val"] > 0
+    result["independent_test_set"] = False if overlapping else (None if result["unchecked"] else True)
+    if overlapping:
+        LOG.warning("--test-dir %s is not an independent test set: %d of its %d images are training "
+                    "and %d validation images of --checkpoint %s", test_spec, result["train"],
+                    len(test_paths), result["val"], checkpoint.spec)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV files: answer files' and metadata rows; per-image metadata and subgroups (--metadata,
+# --subgroups, --age-bins)
+
+
+def read_csv_rows(path, where, expected="path and pred_label"):
+    """(header, [(line number, {column: cell})]) of a CSV file (an answer file, or --metadata);
+    ValueError naming `where` and the row when malformed; `expected`: the header it needs."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise ValueError(f"{where}: row 1: empty file (expected a header with {expected})")
+            header = [cell.strip() for cell in header]
+            if len(set(header)) != len(header):
+                raise ValueError(f"{where}: row 1: a column name appears twice")
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue  # a blank line, e.g. a trailing newline
+                if len(cells) != len(header):
+                    raise ValueError(f"{where}: row {reader.line_num}: {len(cells)} fields, the "
+                                     f"header has {len(header)} (a malformed CSV)")
+                rows.append((reader.line_num, dict(zip(header, cells))))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{where}: not a readable UTF-8 CSV ({err})") from None
+    if not rows:
+        raise ValueError(f"{where}: row 2: no data rows")
+    return header, rows
+
+
+def normalise_relative_path(text):
+    """A path cell as predictions.csv writes it: forward slashes, no leading './', no padding."""
+    text = str(text).strip().replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    return text
+
+
+MANIFEST_OWN_COLUMNS = {"path", "source", "label", "split", "group", "sha256", "fold", "resized_px",
+                        "sha256_written"}  # not patient attributes
+MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
+MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
+
+
+def parse_bins(text):
+    """--age-bins '0,40,60,120' -> [0.0, 40.0, 60.0, 120.0] (increasing), or ValueError."""
+    edges = [float(part) for part in text.split(",") if part.strip()]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError("needs at least two increasing numbers, e.g. 0,40,60,120")
+    return edges
+
+
+def bin_label(value, edges):
+    """'[40, 60)' for 45 with edges 0,40,60,120 (the last bin closed), or None outside them."""
+    for i, (low, high) in enumerate(zip(edges, edges[1:])):
+        last = i == len(edges) - 2
+        if low <= value < high or (last and value == high):
+            return f"[{low:g}, {high:g}{']' if last else ')'}"
+    return None
+
+
+def as_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def attribute_levels(name, values, edges, paths, where):
+    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
+    --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
+    given = [v.strip() for v in values if v.strip()]
+    numeric = bool(given) and all(as_number(v) is not None for v in given)
+    if not numeric or edges is None:
+        if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
+            raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "
+                             "pass --age-bins EDGES (e.g. 0,40,60,120) to group them")
+        return [v.strip() or MISSING_LEVEL for v in values]
+    levels = []
+    for value, path in zip(values, paths):
+        if not value.strip():
+            levels.append(MISSING_LEVEL)
+            continue
+        label = bin_label(as_number(value), edges)
+        if label is None:
+            raise ValueError(f"--age-bins: {name} {value} of {path!r} in {where} lies outside the "
+                             f"bins {edges[0]:g}-{edges[-1]:g}; widen them")
+        levels.append(label)
+    return levels
+
+
+def metadata_table(args, cohort):
+    """(where, {column: [value per cohort image]}) from --metadata (keyed by path or by file
+    name) or, for a manifest --test-dir, the manifest's own extra columns."""
+    paths = cohort.relative_paths()
+    if args.metadata:
+        where = f"--metadata {args.metadata}"
+        header, rows = read_csv_rows(args.metadata, where, "path or file and the attributes")
+        key = "path" if "path" in header else "file" if "file" in header else None
+        if key is None:
+            raise ValueError(f"{where}: row 1: needs a 'path' column (as in predictions.csv) or a "
+                             f"'file' column of file names, has {header}")
+        names = [Path(p).name for p in paths]
+        if key == "file" and len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{where}: file name {twice!r} occurs twice in the cohort; give a "
+                             "'path' column instead")
+        lookup, seen = {}, {}
+        for line, row in rows:
+            cell = normalise_relative_path(row[key]) if key == "path" else row[key].strip()
+            if cell in seen:
+                raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {seen[cell]}")
+            seen[cell], lookup[cell] = line, row
+        matched = [lookup.get(p if key == "path" else Path(p).name, {}) for p in paths]
+        columns = [c for c in header if c not in ("path", "file")]
+    else:
+        where = f"--test-dir {args.test_dir}"
+        header, rows = read_csv_rows(args.test_dir, where)
+        lookup = {str((Path(args.test_dir).parent / row.get("path", "")).resolve()): row for _l, row in rows}
+        matched = [lookup.get(str(Path(path).resolve()), {}) for path, _label in cohort.items]
+        columns = [c for c in header if c not in MANIFEST_OWN_COLUMNS]
+    if not any(matched):
+        raise ValueError(f"{where}: none of its rows names an image of the cohort (paths are relative "
+                         "to the test folder, as in predictions.csv)")
+    return where, {c: [row.get(c, "") for row in matched] for c in columns}
+
+
+def cohort_subgroups(args, cohort):
+    """{attribute: [level per cohort image]} of --subgroups, or None without it (ValueError: exit 2)."""
+    if not args.subgroups:
+        return None
+    if not args.metadata and not Path(args.test_dir).is_file():
+        raise ValueError("--subgroups needs --metadata FILE.csv (or a manifest.csv --test-dir with "
+                         "the columns)")
+    if not cohort.labelled:
+        raise ValueError(f"--subgroups: {args.test_dir} has no class folders; there is nothing to score")
+    where, table = metadata_table(args, cohort)
+    edges = parse_bins(args.age_bins) if args.age_bins else None
+    paths = cohort.relative_paths()
+    attributes = {}
+    for name in [n.strip() for n in args.subgroups.split(",") if n.strip()]:
+        if name not in table:
+            raise ValueError(f"--subgroups {name}: no such column in {where} (its columns: "
+                             f"{', '.join(table) or 'none'})")
+        attributes[name] = attribute_levels(name, table[name], edges, paths, where)
+        missing = attributes[name].count(MISSING_LEVEL)
+        if missing:
+            LOG.warning("--subgroups %s: %d of %d images have no value (level '%s')", name, missing,
+                        len(paths), MISSING_LEVEL)
+    return attributes
+
+
+def check_subgroup_args(parser, args):
+    """--metadata, --subgroups and --age-bins: files exist, values parse, each needs the other."""
+    if args.metadata and not Path(args.metadata).is_file():
+        parser.error(f"--metadata {args.metadata}: no such file")
+    if args.metadata and not args.subgroups:
+        parser.error("--metadata needs --subgroups (the columns to analyse), e.g. --subgroups site")
+    if args.age_bins is not None:
+        if not args.subgroups:
+            parser.error("--age-bins needs --subgroups")
+        try:
+            parse_bins(args.age_bins)
+        except ValueError as err:
+            parser.error(f"--age-bins {args.age_bins}: {err}")
+    if args.subgroups is not None and not [n for n in args.subgroups.split(",") if n.strip()]:
+        parser.error("--subgroups: name at least one column, e.g. site,sex")
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+
+
+def make_anonymizer(salt):
+    """text -> hex SHA-256 of salt + text: the same file gets the same pseudonym within a run (or
+    across runs sharing --anonymize-salt), and the salt is never written anywhere."""
+    prefix = salt.encode("utf-8") + b"\x00"
+    return lambda text: hashlib.sha256(prefix + str(text).encode("utf-8")).hexdigest()
+
+
+def check_output_dir(output_dir, overwrite):
+    """Refuse a non-empty --output-dir unless --overwrite (checked before any work is done)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"--output-dir {output_dir}: exists and is not empty; pass --overwrite to "
+                         "replace its evaluation files, or choose another folder")
+
+
+def clear_previous_outputs(output_dir):
+    """Remove our own files of an earlier run (so no stale metrics.json outlives an unlabelled run)."""
+    for name in OUTPUT_NAMES:
+        path = Path(output_dir) / name
+        if path.is_file():
+            path.unlink()
+    failures = Path(output_dir) / FAILURE_DIR
+    for path in failures.glob("true*_*.png"):  # our thumbnails only
+        path.unlink()
+    if failures.is_dir() and not failures.is_symlink() and not any(failures.iterdir()):
+        failures.rmdir()  # an empty folder of ours would look like a failure analysis
+
+
+def clear_previous_run(output_dir):
+    """--overwrite: remove our files of an earlier run of either kind (plain, or WiSE-FT with its
+    wise_ft_alpha_<a>/ folders), so the folder holds exactly one run's outputs afterwards; files
+    we did not write are left, and a folder is removed only when nothing else is in it."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    clear_previous_outputs(output_dir)
+    for folder in output_dir.glob("wise_ft_alpha_*"):
+        if folder.is_dir() and not folder.is_symlink():
+            clear_previous_outputs(folder)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anonymize):
+    """The most confident errors per true class (report.most_confident_errors), each with a
+    thumbnail in failure_analysis/ named by class index and rank (never by the file's name) and
+    its path as in predictions.csv (a pseudonym with --anonymize-paths)."""
+    index = np.flatnonzero(scored)  # row of each scored image in the cohort
+    y_true = cohort.labels()[index]
+    rows = most_confident_errors(y_true, probs[index], n_per_class)
+    for row in rows:
+        path = cohort.items[index[row.pop("index")]][0]
+        rel = relative_path(path, cohort.root)
+        row["file"] = anonymize(rel) if anonymize else rel
+        row["thumbnail"] = f"{FAILURE_DIR}/true{row['true']}_{row['rank']}.png"
+        try:
+            image = common.read_image(path, THUMBNAIL_PX)
+        except common.ImageReadError:  # changed on disk since it was scored
+            row["thumbnail"] = None
+            continue
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        (Path(output_dir) / FAILURE_DIR).mkdir(exist_ok=True)
+        common.atomic_write(Path(output_dir) / row["thumbnail"],
+                            lambda handle, image=image: image.save(handle, format="PNG"))
+    return rows
+
+
+def package_versions():
+    """The versions named in metrics.json and report.md (args.json has the whole environment)."""
+    info = common.environment_info()
+    return {name: info[name] for name in ("python", "torch", "open_clip", "sklearn", "numpy", "scipy")}
+
+
+def args_record(args, setup, run=None):
+    """args.json (common.run_record): never the salt, and no test path when anonymising."""
+    hidden = {"anonymize_salt": "<hidden>"}
+    if setup.anonymize:
+        hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
+    return common.run_record("inference.py", setup.argv, args, run, hidden)
+
+
+def score_subgroups(cohort, subgroups, probs, scored, rare_index, args):
+    """metrics.subgroup_analysis of --subgroups (`subgroups`: attribute -> level per image) on the
+    images of the mask `scored`, or None without it."""
+    if not subgroups:
+        return None
+    attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in subgroups.items()}
+    return subgroup_analysis(cohort.labels()[scored], probs[scored], attributes, rare_index,
+                             cohort.scored_groups(scored), args.bootstrap, args.seed)
+
+
+def write_subgroup_outputs(output_dir, subgroups, figures):
+    """subgroups.csv (and subgroups.png/.pdf with `figures`)."""
+    if subgroups is None:
+        return
+    common.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
+    if figures:
+        plot_subgroups(subgroups, figure_saver(output_dir))
+
+
+def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
+    """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
+    (and comparison.png with `figures`)."""
+    common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
+    report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
+                                   target_names=folders, digits=3, zero_division=0)
+    common.atomic_write_text(output_dir / "classification_report.txt", report)
+    common.atomic_write_csv(output_dir / "confusion_matrix.csv",
+                            confusion_frame(metrics["confusion_matrix"], folders))
+    if comparison is not None:
+        common.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        if figures:
+            plot_comparison(comparison, figure_saver(output_dir))
+
+
+def figure_saver(output_dir):
+    """save(fig, file_name, **savefig_kwargs) for report.write_figures: atomic files in output_dir."""
+    def save(fig, name, **kwargs):
+        common.atomic_save_figure(fig, Path(output_dir) / name, **kwargs)
+    return save
