@@ -105,14 +105,23 @@ def read_manifest_groups(manifest):
 
 
 def regex_groups(items, root, pattern):
-    """Group of each image: the first capture group of `pattern` searched in its file name
-    (as data_preprocess.py --group-regex); a file that does not match is its own group."""
+    """Group of each image by --group-regex, with data_preprocess.py's rule (common.regex_group):
+    the first capture group of `pattern` searched in the path relative to `root`, else in the file
+    name; an image that matches neither is its own group. A regex that groups none of the images
+    is refused (CohortError naming the flag): it would pass an image bootstrap off as patients'."""
     compiled = re.compile(pattern)
-    groups = []
-    for path, _label in items:
-        match = compiled.search(Path(path).name)
-        groups.append(match.group(1) if match and match.group(1) else f"image:{relative_path(path, root)}")
-    return groups
+    paths = [relative_path(path, root) for path, _label in items]
+    found = [common.regex_group(path, compiled)[0] for path in paths]
+    if not any(found):
+        raise common.CohortError(
+            f"--group-regex '{pattern}': grouped none of the {len(paths)} images (the regex matches "
+            f"neither the path relative to --test-dir nor the file name of any, e.g. {paths[0]!r}); "
+            "fix --group-regex or leave it out for a bootstrap of images")
+    n_found = sum(group is not None for group in found)
+    LOG.info("--group-regex '%s' grouped %d of %d images into %d patient(s)%s", pattern, n_found,
+             len(paths), len({group for group in found if group is not None}),
+             "" if n_found == len(paths) else "; each of the others is its own group")
+    return [group if group is not None else f"image:{path}" for group, path in zip(found, paths)]
 
 
 def collect_cohort(args, folders):

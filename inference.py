@@ -920,9 +920,11 @@ def build_parser():
                             "~500 the interval ends move with the seed; 0 = no bootstrap CIs)")
     stats.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 2024)")
     stats.add_argument("--group-regex", default=None, metavar="RE",
-                       help=r"resample patients, not images: the first capture group of RE in each "
-                            r"file name is its group, e.g. '^(P\d+)_' (overrides a manifest's group "
-                            "column; a file that does not match is its own group)")
+                       help=r"resample patients, not images: the first capture group of RE searched "
+                            r"in each image's path relative to --test-dir, else in its file name, is "
+                            r"its patient, e.g. '(Patient \d+)' or '^(P\d+)_' (as data_preprocess.py; "
+                            "overrides a manifest's group column; an image that matches neither is "
+                            "its own patient; a regex that matches no image is refused)")
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")

@@ -685,6 +685,23 @@ def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_pat
 
 
 
+def test_group_regex_searches_the_path_then_the_file_name_like_the_split(patient_cohort, checkpoint,
+                                                                        tmp_path, capsys):
+    """The rule of data_preprocess.py: '(Patient \\d+)' finds the patient folder (the file names,
+    IMG_0001.JPG in every folder, name nobody); a regex that matches no image is refused."""
+    out = tmp_path / "by_folder"
+    assert run_inference(patient_cohort.root, checkpoint, out, "--group-regex", r"(Patient \d+)") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["bootstrap_unit"], metrics["n_groups"]) == ("group", 12)
+    groups = dict(zip(read_predictions(out)["path"], read_predictions(out)["group"]))
+    assert groups == patient_cohort.patient_of  # path -> 'Patient NNN', as the split would group
+    capsys.readouterr()
+    assert exit_code(patient_cohort.root, checkpoint, tmp_path / "none", "--group-regex", r"^(P\d+)_") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "--group-regex '^(P\\d+)_': grouped none of the 24 images" in err
+    assert not (tmp_path / "none").exists()
+
+
 # -- comparison with a baseline --------------------------------------------------------------------
 
 def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoint, other_weights, tmp_path):
