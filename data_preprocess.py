@@ -168,7 +168,6 @@ class ImageCheck(NamedTuple):
     reason: str | None = None
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Pure functions
 
@@ -278,7 +277,6 @@ def stratified_group_split(labels, units, val_ratio, test_ratio, seed):
         rng = random.Random(f"{seed}/{label}")
         unit_split.update(assign_units_to_splits(sizes, quotas, rng))
     return [unit_split[key] for key in units]
-
 
 
 def assign_folds(labels, units, n_folds, seed):
@@ -1008,7 +1006,6 @@ def remove_previous_outputs(out_dir):
             shutil.rmtree(path)
     for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
-
 
 
 def is_jpeg_file(path):

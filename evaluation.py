@@ -88,9 +88,10 @@ def collect_items(test_dir, folders, output_dir):
     return items, False
 
 
-def read_manifest_groups(manifest):
-    """({resolved path: group}, sorted splits) of a manifest.csv; every group is '' when the
-    column does not name patients (then the bootstrap resamples images)."""
+def read_manifest_rows(manifest):
+    """({resolved path: (group, source)}, sorted splits) of a manifest.csv: each row's patient
+    ('' when the group column does not name patients; then the bootstrap resamples images) and its
+    `source`, the path relative to the data root that data_preprocess.py's --group-regex searched."""
     manifest = Path(manifest)
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -99,56 +100,95 @@ def read_manifest_groups(manifest):
         log = LOG.warning if reason == common.STEM_GROUPS_REASON else LOG.info
         log("%s: %s; the bootstrap resamples images", manifest, reason)
         patient_groups = [""] * len(rows)
-    groups = {str((manifest.parent / row.get("path", "")).resolve()): group
-              for row, group in zip(rows, patient_groups)}
-    return groups, sorted({row.get("split", "") for row in rows})
+    found = {str((manifest.parent / row.get("path", "")).resolve()): (group, row.get("source") or "")
+             for row, group in zip(rows, patient_groups)}
+    return found, sorted({row.get("split", "") for row in rows})
 
 
-def regex_groups(items, root, pattern):
-    """Group of each image by --group-regex, with data_preprocess.py's rule (common.regex_group):
-    the first capture group of `pattern` searched in the path relative to `root`, else in the file
-    name; an image that matches neither is its own group. A regex that groups none of the images
-    is refused (CohortError naming the flag): it would pass an image bootstrap off as patients'."""
+def regex_groups(texts, paths, pattern, anonymized=False):
+    """Each image's patient by --group-regex, with data_preprocess.py's rule (common.regex_group):
+    the first capture group of `pattern` searched in the image's path relative to the data root
+    (`texts`: relative to --test-dir, or a manifest's `source` column), else in its file name; an
+    image that matches neither is its own group ('image:' + its entry of `paths`). Refused
+    (CohortError naming the flag) when no image matches or all fall into one patient: either
+    would pass off an image bootstrap, or none at all, as a patient-level one."""
     compiled = re.compile(pattern)
-    paths = [relative_path(path, root) for path, _label in items]
-    found = [common.regex_group(path, compiled)[0] for path in paths]
-    if not any(found):
+    found = [common.regex_group(text, compiled)[0] for text in texts]
+    patients = {group for group in found if group is not None}
+    example = "" if anonymized else f", e.g. {texts[0]!r}"
+    if not patients:
         raise common.CohortError(
-            f"--group-regex '{pattern}': grouped none of the {len(paths)} images (the regex matches "
-            f"neither the path relative to --test-dir nor the file name of any, e.g. {paths[0]!r}); "
-            "fix --group-regex or leave it out for a bootstrap of images")
+            f"--group-regex '{pattern}': grouped none of the {len(texts)} images (the regex matches "
+            f"neither the path relative to the data root nor the file name of any{example}); fix "
+            "--group-regex or leave it out for a bootstrap of images")
+    if len(patients) == 1 and all(found) and len(texts) > 1:
+        raise common.CohortError(
+            f"--group-regex '{pattern}': grouped all {len(texts)} images into one patient "
+            f"({'<anonymized>' if anonymized else repr(patients.pop())}), so no interval could vary; "
+            "fix --group-regex (its capture group must name the patient) or leave it out")
     n_found = sum(group is not None for group in found)
     LOG.info("--group-regex '%s' grouped %d of %d images into %d patient(s)%s", pattern, n_found,
-             len(paths), len({group for group in found if group is not None}),
-             "" if n_found == len(paths) else "; each of the others is its own group")
+             len(texts), len(patients),
+             "" if n_found == len(texts) else "; each of the others is its own group")
     return [group if group is not None else f"image:{path}" for group, path in zip(found, paths)]
+
+
+def warn_about_patients(cohort, folders, anonymized=False):
+    """Warn when the patients look misnamed: all of a class's images (two or more) from one
+    patient (the class-stratified bootstrap keeps each class's patient count, so those images
+    never vary between resamples and every interval is too narrow), or patients with images in
+    several classes (possible, but more often a regex that names something else)."""
+    if not cohort.labelled or cohort.groups is None:
+        return
+    labels, groups = cohort.labels(), np.asarray(cohort.groups, dtype=str)
+    single = [f"{folders[k]!r} ({int(np.sum(labels == k))} images)" for k in range(len(folders))
+              if np.sum(labels == k) > 1 and len(set(groups[labels == k])) == 1]
+    if single:
+        LOG.warning("%s: each of the classes %s has all its images from one patient; they never "
+                    "vary between bootstrap resamples, so the intervals are too narrow (check the "
+                    "grouping, or evaluate more patients)", cohort.group_source, ", ".join(single))
+    classes = {}
+    for group, label in zip(groups.tolist(), labels.tolist()):
+        classes.setdefault(group, set()).add(label)
+    spanning = sorted(group for group, held in classes.items() if len(held) > 1)
+    if spanning:
+        LOG.warning("%s: %d patient(s) have images in more than one class%s; the bootstrap counts "
+                    "each under its rarest class (check the grouping if each patient has one "
+                    "diagnosis)", cohort.group_source, len(spanning),
+                    "" if anonymized else f", e.g. {spanning[0]!r}")
 
 
 def collect_cohort(args, folders):
     """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
-    spec = Path(args.test_dir)
+    spec, sources = Path(args.test_dir), None
     if spec.is_file() and spec.suffix.lower() != ".csv":  # a single image: predicted, not scored
         cohort = Cohort([(spec, -1)], False, spec.parent)
     elif spec.is_file():
         split = args.split or DEFAULT_SPLIT
-        manifest_groups, splits = read_manifest_groups(spec)
+        manifest_rows, splits = read_manifest_rows(spec)
         if split not in splits:
             # No silent fallback to another split: evaluating val or train rows must be asked for.
             raise common.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
                                      f"{', '.join(splits) or 'none'}); pass --split to choose one")
         items = common.load_labelled_items(spec, folders, split)
         cohort = Cohort(items, True, spec.parent, split)
-        groups = [manifest_groups.get(str(Path(p).resolve()), "") for p, _ in items]
-        named = any(groups)
-        cohort.groups = [g or f"image:{relative_path(p, spec.parent)}"
-                            for g, (p, _) in zip(groups, items)] if named else None
+        rows = [manifest_rows.get(str(Path(p).resolve()), ("", "")) for p, _ in items]
+        named = any(group for group, _source in rows)
+        cohort.groups = [group or f"image:{path}" for (group, _source), path
+                         in zip(rows, cohort.relative_paths())] if named else None
         cohort.group_source = "manifest group column" if named else None
+        sources = [source for _group, source in rows]
     else:
         items, labelled = collect_items(spec, folders, args.output_dir)
         cohort = Cohort(items, labelled, spec)
     if args.group_regex:
-        cohort.groups = regex_groups(cohort.items, cohort.root, args.group_regex)
+        paths = cohort.relative_paths()
+        # A manifest row is searched by its source path, as the split did (not by its copy's path,
+        # which starts with the split's folder).
+        texts = [source or path for source, path in zip(sources, paths)] if sources else paths
+        cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
+    warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
 
 

@@ -27,9 +27,10 @@ the bootstrap resample patients, not images):
           --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
 
 Writes into --output-dir predictions.csv, metrics.json, per_class_metrics.csv, confusion_matrix.csv,
-classification_report.txt, the figures (.png and .pdf), report.md (each output mapped to the
-checklist item it serves, with a failure analysis in failure_analysis/) and args.json; with
---baseline or --compare also comparison.csv/.png, with --subgroups subgroups.csv/.png, with
+classification_report.txt, the figures (roc_curves, pr_curves, calibration, prob_histograms,
+confusion_matrix; .png and .pdf), report.md (each output mapped to the checklist item it serves,
+with a failure analysis in failure_analysis/) and args.json; with --baseline or --compare also
+comparison.csv/.png (and baseline_predictions.csv), with --subgroups subgroups.csv/.png, with
 --wise-ft-alpha a wise_ft_alpha_<a>/ folder per alpha and wise_ft_summary.csv. --predictions
 (answers, no model: answer_files.py) writes the files that need no model; its --compare files are
 later steps of the same reader (sequential.csv, sequential_changes.csv, a step<k>_<name>/ folder
@@ -921,10 +922,11 @@ def build_parser():
     stats.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 2024)")
     stats.add_argument("--group-regex", default=None, metavar="RE",
                        help=r"resample patients, not images: the first capture group of RE searched "
-                            r"in each image's path relative to --test-dir, else in its file name, is "
-                            r"its patient, e.g. '(Patient \d+)' or '^(P\d+)_' (as data_preprocess.py; "
-                            "overrides a manifest's group column; an image that matches neither is "
-                            "its own patient; a regex that matches no image is refused)")
+                            r"in each image's path relative to the data root (to --test-dir, or a "
+                            r"manifest's source), else in its file name, is its patient, e.g. "
+                            r"'(Patient \d+)' or '^(P\d+)_' (as data_preprocess.py; overrides a "
+                            "manifest's group column; an image that matches neither is its own "
+                            "patient; refused when it matches no image or makes one patient of all)")
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")

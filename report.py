@@ -2,7 +2,7 @@
 predictions.csv, per_class_metrics.csv, confusion_matrix.csv and comparison.csv as DataFrames,
 the STARD flow table, the markdown of report.md with its reporting-checklist map, and the journal
 figures (one 3.5-inch panel per class, 8-pt type, PNG and vector PDF). Statistics come from
-metrics.py; inference.py decides what is written where.
+metrics.py; inference.py, answer_files.py and evaluation.py decide what is written where.
 """
 
 import contextlib
@@ -50,7 +50,7 @@ def predictions_frame(cohort, folders, probs, statuses, probs_cal=None, rule_pre
                       anonymize=None, decision_rule="argmax"):
     """predictions.csv as a DataFrame: one row per image in input order, failed rows included.
 
-    `cohort` is inference.py's Cohort: items [(path, class index)], labelled, root (paths are
+    `cohort` is an evaluation.Cohort: items [(path, class index)], labelled, root (paths are
     written relative to it) and groups (or None). Columns: path (a salted hash with `anonymize`),
     [group], true_label, pred_label, prob_<folder> (uncalibrated), [prob_cal_<folder>],
     [pred_label_threshold], prediction, status. pred_label is always the argmax and

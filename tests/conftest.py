@@ -1,6 +1,7 @@
 """Shared fixtures: CPU only, a tiny registered model (no downloads), small real image files."""
 
 import csv
+import json
 import os
 import random
 import sys
@@ -11,6 +12,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # force CPU, even on a GPU machine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -18,6 +20,7 @@ sys.path.insert(0, str(REPO_ROOT / "demo"))
 
 import common  # noqa: E402
 import make_demo_cohort  # noqa: E402
+import prompts  # noqa: E402
 
 TINY_CONFIG = REPO_ROOT / "demo" / "tiny_clip.json"
 TINY_MODEL = TINY_CONFIG.stem
@@ -158,3 +161,39 @@ def train_argv(train_dir, val_dir, save_dir, *extra):
 def splits(make_cohort):
     """A small train/val pair of class-folder cohorts (6/12/9 and 3/6/4 images)."""
     return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
+
+
+# -- a tiny model and our checkpoint of it (common.save_checkpoint, as clip_train.py writes) --------
+
+def tiny_metadata(**overrides):
+    """Checkpoint metadata of the tiny model, as clip_train.py records it (`overrides` replace keys)."""
+    classes = prompts.load_prompt_set(None)
+    metadata = {
+        "model_name": TINY_MODEL,
+        "model_config": json.loads(TINY_CONFIG.read_text()),
+        "pretrained": None,
+        "class_folders": prompts.class_folders(classes),
+        "prompts": prompts.prompt_set_to_dict(classes),
+        "preprocess": {"image_size": 64},
+        "epoch": 3,
+        "metrics": {"accuracy": 0.5},
+        "args": {"lr": 1e-3, "batch_size": 16},
+        "logit_scale_mode": "exp",
+    }
+    metadata.update(overrides)
+    return metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model, _train_tf, _val_tf, _tokenizer = common.create_model(TINY_MODEL, None)
+    return model
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model):
+    """Our checkpoint format, written by common.save_checkpoint as clip_train.py does."""
+    path = tmp_path / "clip_model_epoch_best.pt"
+    common.save_checkpoint(path, tiny_model, tiny_metadata())
+    return path

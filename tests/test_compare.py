@@ -301,20 +301,19 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import prompts  # noqa: E402
 from conftest import TINY_MODEL  # noqa: E402
-from test_inference import exit_code, run_inference, tiny_metadata  # noqa: E402
-# fixtures shared with test_inference (a fixture takes the name it is imported under)
-from test_inference import checkpoint as our_checkpoint, tiny_model  # noqa: E402,F401
+from conftest import tiny_metadata  # noqa: E402
+from test_inference import exit_code, run_inference  # noqa: E402
 
 
 def read_csv(path):
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
-def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, our_checkpoint, tmp_path):
+def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, checkpoint, tmp_path):
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
     test_dir = make_cohort("external", (4, 10, 6), seed=1)
     first = tmp_path / "first"
-    assert run_inference(test_dir, our_checkpoint, first) == 0
+    assert run_inference(test_dir, checkpoint, first) == 0
     ours = read_csv(first / "predictions.csv")
     # another model: our answers with 5 changed, probability columns in another order, one no-answer
     other = ours[["path", "true_label", "pred_label"] + [f"prob_{f}" for f in reversed(FOLDERS)]].copy()
@@ -327,7 +326,7 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, o
     other = other.sample(frac=1.0, random_state=0)  # row order does not matter
     other.to_csv(tmp_path / "other.csv", index=False)
     out = tmp_path / "out"
-    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"cnn={tmp_path / 'other.csv'}",
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"cnn={tmp_path / 'other.csv'}",
                          "--seed", "5") == 0
     table = read_csv(out / "comparison.csv")
     assert list(table["model"].unique()) == ["cnn"]
@@ -375,7 +374,7 @@ def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differ
     assert table["model"].iloc[0] == f"baseline {plain}"
 
 
-def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_cohort, our_checkpoint,
+def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_cohort, checkpoint,
                                                                        tmp_path, capsys):
     test_dir = make_cohort("external", (1, 2, 1), seed=1)
     bad = tmp_path / "bad.csv"
@@ -383,7 +382,7 @@ def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_coho
                                             ["healthy eyes/nope.png", "healthy eyes"]])
     out = tmp_path / "out"
     capsys.readouterr()
-    assert exit_code(test_dir, our_checkpoint, out, "--compare", f"llm={bad}") == 2
+    assert exit_code(test_dir, checkpoint, out, "--compare", f"llm={bad}") == 2
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert f"--compare llm= {bad}: row" in line and "Traceback" not in err
@@ -392,10 +391,10 @@ def test_compare_refusal_exits_2_names_file_and_row_and_writes_nothing(make_coho
 
 @pytest.mark.parametrize("value, message", [("nameless.csv", "expected NAME=FILE"),
                                             ("a=missing.csv", "no such file")])
-def test_compare_spec_errors(make_cohort, our_checkpoint, tmp_path, capsys, value, message):
+def test_compare_spec_errors(make_cohort, checkpoint, tmp_path, capsys, value, message):
     test_dir = make_cohort("external", (1, 1, 1), seed=1)
     out = tmp_path / "out"
-    assert exit_code(test_dir, our_checkpoint, out, "--compare", value) == 2
+    assert exit_code(test_dir, checkpoint, out, "--compare", value) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 
@@ -438,11 +437,11 @@ def write_metadata(test_dir, path, seed=0):
     return read_csv(path)
 
 
-def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, our_checkpoint, tmp_path):
+def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     meta = write_metadata(test_dir, tmp_path / "meta.csv")
     out = tmp_path / "out"
-    assert run_inference(test_dir, our_checkpoint, out, "--metadata", str(tmp_path / "meta.csv"),
+    assert run_inference(test_dir, checkpoint, out, "--metadata", str(tmp_path / "meta.csv"),
                          "--subgroups", "site,age", "--age-bins", "0,40,60,120", figures=True) == 0
     table = read_csv(out / "subgroups.csv")
     preds = read_csv(out / "predictions.csv").merge(meta, on="path")
@@ -474,7 +473,7 @@ def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, our_
     (["--subgroups", "site", "--metadata", "empty.csv"],
      "empty.csv: row 1: empty file (expected a header with path or file and the attributes)"),
 ])
-def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint, tmp_path, capsys,
+def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, checkpoint, tmp_path, capsys,
                                                    extra, message):
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     write_metadata(test_dir, tmp_path / "meta.csv")
@@ -484,7 +483,7 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, our_checkpoint,
         extra += ["--metadata", str(tmp_path / "meta.csv")]
     out = tmp_path / "out"
     capsys.readouterr()
-    assert exit_code(test_dir, our_checkpoint, out, *extra) == 2
+    assert exit_code(test_dir, checkpoint, out, *extra) == 2
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
     assert message in line and "Traceback" not in err
@@ -561,20 +560,20 @@ def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path,
 
 
 def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_patients(
-        make_cohort, our_checkpoint, tmp_path):
+        make_cohort, checkpoint, tmp_path):
     """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test
     recomputed from the two predictions files and their group column; CIs are patient-level."""
     import metrics
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     first = tmp_path / "first"
-    assert run_inference(test_dir, our_checkpoint, first) == 0
+    assert run_inference(test_dir, checkpoint, first) == 0
     ours = read_csv(first / "predictions.csv")
     other = ours[["path", "pred_label"]].copy()
     for i in range(0, 27, 4):  # every 4th answer changed
         other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
     other.to_csv(tmp_path / "other.csv", index=False)
     out = tmp_path / "out"
-    assert run_inference(test_dir, our_checkpoint, out, "--compare", f"reader={tmp_path / 'other.csv'}",
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"reader={tmp_path / 'other.csv'}",
                          "--group-regex", r"^(.+_\d\d)\d\.") == 0
     preds = read_csv(out / "predictions.csv")
     assert preds["group"].nunique() < len(preds)

@@ -488,7 +488,6 @@ def test_real_run_subprocess(make_cohort, tmp_path):
     assert len(manifest) == 12 and set(manifest.split) == {"train", "val"}
 
 
-
 def test_bad_value_in_process_exits_2_naming_the_flag(make_cohort, capsys):
     cohort = make_cohort("cohort", (3, 5, 4))
     with pytest.raises(SystemExit) as exit_info:

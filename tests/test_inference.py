@@ -27,7 +27,7 @@ import inference
 import metrics
 import prompts
 import report
-from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL
+from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tiny_metadata
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import evaluation_speed  # noqa: E402
@@ -40,39 +40,6 @@ class NotWeights:
 
     def __init__(self):
         self.payload = "anything"
-
-
-def tiny_metadata(**overrides):
-    classes = prompts.load_prompt_set(None)
-    metadata = {
-        "model_name": TINY_MODEL,
-        "model_config": json.loads(TINY_CONFIG.read_text()),
-        "pretrained": None,
-        "class_folders": prompts.class_folders(classes),
-        "prompts": prompts.prompt_set_to_dict(classes),
-        "preprocess": {"image_size": 64},
-        "epoch": 3,
-        "metrics": {"accuracy": 0.5},
-        "args": {"lr": 1e-3, "batch_size": 16},
-        "logit_scale_mode": "exp",
-    }
-    metadata.update(overrides)
-    return metadata
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    model, _train_tf, _val_tf, _tokenizer = common.create_model(TINY_MODEL, None)
-    return model
-
-
-@pytest.fixture
-def checkpoint(tmp_path, tiny_model):
-    """Our checkpoint format, written by common.save_checkpoint as clip_train.py does."""
-    path = tmp_path / "clip_model_epoch_best.pt"
-    common.save_checkpoint(path, tiny_model, tiny_metadata())
-    return path
 
 
 def run_inference(test_dir, checkpoint, output_dir, *extra, figures=False):
@@ -684,7 +651,6 @@ def test_group_regex_groups_images_by_file_name(make_cohort, checkpoint, tmp_pat
     assert set(read_predictions(out)["group"]) == {"orbital_disease", "healthy_eyes", "non_orbital_disease"}
 
 
-
 def test_group_regex_searches_the_path_then_the_file_name_like_the_split(patient_cohort, checkpoint,
                                                                         tmp_path, capsys):
     """The rule of data_preprocess.py: '(Patient \\d+)' finds the patient folder (the file names,
@@ -700,6 +666,61 @@ def test_group_regex_searches_the_path_then_the_file_name_like_the_split(patient
     (err,) = error_lines(capsys.readouterr().err)
     assert "--group-regex '^(P\\d+)_': grouped none of the 24 images" in err
     assert not (tmp_path / "none").exists()
+
+
+def test_group_regex_on_a_manifest_groups_as_the_split_did(patient_cohort, checkpoint, tmp_path):
+    """A manifest row is searched by its source path, as data_preprocess.py searched it: a regex
+    anchored at the class folder finds the patient (not the split folder's class name)."""
+    import data_preprocess
+    regex = r"^[^/]+/([^/]+)/"  # <class>/<patient>/... in the source; val/<class>/... in the copy
+    split = tmp_path / "split"
+    assert data_preprocess.main(["--data-root", str(patient_cohort.root), "--out-dir", str(split),
+                                 "--val-ratio", "0.3", "--test-ratio", "0.3", "--group-regex", regex,
+                                 "--no-progress"]) == 0
+    manifest = pd.read_csv(split / "manifest.csv")
+    val = manifest[manifest["split"] == "val"]
+    out = tmp_path / "eval"
+    assert run_inference(split / "manifest.csv", checkpoint, out, "--split", "val", "--group-regex", regex) == 0
+    predicted = read_predictions(out)
+    assert dict(zip(predicted["path"], predicted["group"])) == dict(zip(val["path"], val["group"]))
+    assert set(val["group"]) <= set(patient_cohort.patient_of.values())  # patients, not classes
+    assert json.loads((out / "metrics.json").read_text())["n_groups"] == val["group"].nunique()
+
+
+def test_group_regex_that_makes_one_patient_of_all_is_refused(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)  # every name is <class>_1_<k>.jpg
+    assert exit_code(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"_(\d)_") == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "grouped all 7 images into one patient ('1')" in err and not (tmp_path / "out").exists()
+    # a refusal under --anonymize-paths names no image and no group
+    assert exit_code(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"(P\d+)",
+                     "--anonymize-paths") == 2
+    err = capsys.readouterr().err
+    assert "grouped none of the 7 images" in err and "_1_" not in err and ".jpg" not in err
+
+
+def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_path, capsys):
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)  # <class>_1_000.jpg, _001, (_002)
+    assert run_inference(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"_(\d{3})\.") == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "more than one class" in line]
+    assert "2 patient(s) have images in more than one class, e.g. '000'" in warning
+    assert run_inference(test_dir, checkpoint, tmp_path / "anon", "--group-regex", r"_(\d{3})\.",
+                         "--anonymize-paths") == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "more than one class" in line]
+    assert "e.g." not in warning
+
+
+def test_a_class_of_one_patient_is_warned(make_cohort, checkpoint, tmp_path, capsys):
+    """The class-stratified bootstrap never varies a one-patient class: the intervals are too
+    narrow, which the log says (here the regex names the class, not the patient)."""
+    test_dir = make_cohort("external", (2, 3, 2), seed=1)
+    assert run_inference(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"^([a-z_]+)_\d") == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "from one patient" in line]
+    assert "'orbital disease' (2 images), 'healthy eyes' (3 images), 'non-orbital disease' (2 images)" in warning
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["accuracy_ci"][0] == metrics["accuracy_ci"][1]  # what the warning is about
+    assert run_inference(test_dir, checkpoint, tmp_path / "plain") == 0
+    assert "from one patient" not in capsys.readouterr().err
 
 
 # -- comparison with a baseline --------------------------------------------------------------------
@@ -795,7 +816,6 @@ def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkp
     assert run_inference(test_dir, checkpoint, tmp_path / "out", "--wise-ft-alpha", "0.5") == 2
     (err,) = error_lines(capsys.readouterr().err)
     assert "--wise-ft-base" in err and not (tmp_path / "out").exists()
-
 
 
 @pytest.mark.parametrize("recorded, message", [

@@ -404,3 +404,29 @@ def test_custom_text_clip_trains_with_compile(splits, tmp_path, custom_text_conf
                                       str(custom_text_config), "--compile")) == 0
     best = torch.load(tmp_path / "run" / clip_train.BEST_NAME, weights_only=True)
     assert not any("_orig_mod" in k for k in best["state_dict"])
+
+
+def test_wise_ft_base_from_a_recorded_source_model_or_tag(tmp_path, monkeypatch, no_network):
+    """The recorded `pretrained` of a checkpoint is the WiSE-FT base: an hf-hub:/local-dir: model
+    is built from its own spec (its folder's weights, named as the spec), a tag on the
+    checkpoint's architecture (named 'pretrained tag ...'); either is keyed by 'tag:<spec>'."""
+    folder = tmp_path / "start"
+    weights = write_model_folder(folder, seed=3)
+    spec = f"local-dir:{folder}"
+    checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": spec, "state_dict": {}}, "0" * 64)
+    bundle = SimpleNamespace(checkpoint=checkpoint, model_name=common.config_alias(spec))  # as recorded
+    base, label, identity = inference.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
+    assert (label, identity) == (f"`{spec}`", f"tag:{spec}")
+    assert base.keys() == weights.keys() and all(torch.equal(base[k], weights[k]) for k in weights)
+    built = []
+    real_create = common.create_model
+
+    def create(name, pretrained, *args, **kwargs):  # a tag cannot be downloaded here: record it
+        built.append((name, pretrained))
+        return real_create(name, None, *args, **kwargs)
+    monkeypatch.setattr(common, "create_model", create)
+    tagged = inference.Checkpoint("ours", "best.pt", {"pretrained": "some_tag", "state_dict": {}}, "0" * 64)
+    _base, label, identity = inference.wise_ft_base_weights(
+        SimpleNamespace(wise_ft_base=None), SimpleNamespace(checkpoint=tagged, model_name=TINY_MODEL))
+    assert built == [(TINY_MODEL, "some_tag")]
+    assert (label, identity) == ("pretrained tag some_tag", "tag:some_tag")
