@@ -45,6 +45,7 @@ class ExternalPredictions:
     probs: np.ndarray | None  # (N, C) float in `folders` order, NaN rows where failed; None: no prob_ columns
     statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
     answer_column: str  # 'pred_label' or 'answer'
+    rows: list  # the file's row of each image (row 1 = the header), for messages
 
 
 def normalise_answer(text):
@@ -173,7 +174,8 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     if missing:
         raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
                          "images missing); give one row per image")
-    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column)
+    return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column,
+                               [seen[p] for p in cohort_paths])
 
 
 def read_label_map(path, folders):
@@ -260,7 +262,8 @@ def step_probs(answers, n_classes, where):
     disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
                                     != answers.pred_index))
     if disagree.size:
-        raise ValueError(f"{where}: image {answers.paths[disagree[0]]!r}: its "
+        first = min(disagree, key=lambda i: answers.rows[i])  # the first in the file
+        raise ValueError(f"{where}: row {answers.rows[first]}: image {answers.paths[first]!r}: its "
                          f"{answers.answer_column} is not its most probable class; give labels "
                          "that agree with the prob_ columns (or drop the prob_ columns)")
     return answers.probs, True

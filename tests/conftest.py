@@ -84,6 +84,15 @@ class PatientCohort:
                        if folder is None or self.class_of[s] == folder})
 
 
+def write_csv(path, header, rows):
+    """A UTF-8 CSV file of `header` and `rows` (an answer file, metadata, labels); returns path."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def write_cohorts(root, **counts):
     """Synthetic class-folder cohorts root/<name>, seeded 0, 1, 2, ... in the order given:
     write_cohorts(root, train=(4, 4, 4), val=(2, 2, 2), test=(1, 1, 1)). Returns root."""

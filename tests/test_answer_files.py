@@ -18,7 +18,7 @@ import answer_files
 import evaluation
 import inference
 import metrics
-from conftest import REPO_ROOT, tree_state
+from conftest import REPO_ROOT, tree_state, write_csv
 
 ORDER = ["thyroid eye disease", "orbital inflammation", "orbital tumour"]  # --classes
 TRUE = [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -58,10 +58,7 @@ def answers(tmp_path):
             else:
                 rows.append([path, SYNONYMS[pred][(i + s) % len(SYNONYMS[pred])], "ok"])
         files.append(tmp_path / f"step{s + 1}.csv")
-        with open(files[-1], "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "answer", "status"])
-            writer.writerows(rows[::-1])  # another order than the cohort's
+        write_csv(files[-1], ["path", "answer", "status"], rows[::-1])  # another order than the cohort's
     label_map = tmp_path / "map.json"
     label_map.write_text(json.dumps(LABEL_MAP), encoding="utf-8")
     return cohort, files, label_map
@@ -168,12 +165,8 @@ def test_probabilities_in_an_answer_file_give_auroc_and_sorted_class_order(answe
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), size=9)
     pred = probs.argmax(axis=1)
-    path = tmp_path / "probs.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "pred_label", *(f"prob_{c}" for c in sorted_order)])
-        for p, row, k in zip(image_paths(), probs, pred):
-            writer.writerow([p, sorted_order[k], *row])
+    path = write_csv(tmp_path / "probs.csv", ["path", "pred_label", *(f"prob_{c}" for c in sorted_order)],
+                     [[p, sorted_order[k], *row] for p, row, k in zip(image_paths(), probs, pred)])
     out = tmp_path / "out"
     assert inference.main(["--test-dir", str(cohort), "--predictions", str(path), "--output-dir",
                            str(out), "--bootstrap", "0", "--no-figures"]) == 0
@@ -288,12 +281,8 @@ def test_readme_second_step_example_runs_as_written_and_gives_its_table(tmp_path
 
 def test_subgroups_of_an_answer_file_by_hand_without_auroc(answers, tmp_path):
     cohort, files, label_map = answers
-    metadata = tmp_path / "metadata.csv"
     sexes = ["F", "F", "F", "F", "F", "M", "M", "M", "M"]
-    with open(metadata, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "sex"])
-        writer.writerows(zip(image_paths(), sexes))
+    metadata = write_csv(tmp_path / "metadata.csv", ["path", "sex"], zip(image_paths(), sexes))
     out = tmp_path / "out"
     assert run_steps(cohort, files, label_map, out, "--metadata", str(metadata), "--subgroups", "sex") == 0
     table = pd.read_csv(out / "subgroups.csv").set_index("level")
@@ -306,21 +295,20 @@ def test_subgroups_of_an_answer_file_by_hand_without_auroc(answers, tmp_path):
     assert (second.loc["F", "n"], second.loc["F", "accuracy"]) == (4, pytest.approx(1.0))
 
 
-def test_probabilities_that_disagree_with_the_label_are_refused_naming_the_image(answers, tmp_path,
+def test_probabilities_that_disagree_with_the_label_are_refused_naming_row_and_image(answers, tmp_path,
                                                                                   capsys):
     cohort, _files, _map = answers
-    path = tmp_path / "disagree.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "pred_label", *(f"prob_{c}" for c in ORDER)])
-        for i, p in enumerate(image_paths()):
-            probs = [0.1, 0.1, 0.8] if i == 4 else [0.8, 0.1, 0.1]
-            writer.writerow([p, ORDER[0], *probs])  # image 4: label TED, most probable tumour
+    # images 1 and 4: label TED, most probable tumour; rows in reverse, so image 4 comes first,
+    # on row 6 (the header is row 1), and image 1 on row 9: the message names the first in the file
+    rows = [[p, ORDER[0], *([0.1, 0.1, 0.8] if i in (1, 4) else [0.8, 0.1, 0.1])]
+            for i, p in enumerate(image_paths())]
+    path = write_csv(tmp_path / "disagree.csv", ["path", "pred_label", *(f"prob_{c}" for c in ORDER)],
+                     rows[::-1])
     out = tmp_path / "out"
     assert inference.main(["--test-dir", str(cohort), "--predictions", str(path), "--output-dir",
                            str(out)]) == 2
-    assert (f"--predictions {path}: image '{image_paths()[4]}': its pred_label is not its most "
-            "probable class") in capsys.readouterr().err
+    assert (f"--predictions {path}: row 6: image '{image_paths()[4]}': its pred_label is not its "
+            "most probable class") in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -341,11 +329,8 @@ def test_label_map_also_maps_compare_answers_against_a_checkpoint(answers):
 def test_an_answer_file_with_no_scorable_answer_exits_1_after_writing_its_flow(answers, tmp_path,
                                                                               capsys):
     cohort, _files, label_map = answers
-    path = tmp_path / "refusals.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "answer"])
-        writer.writerows([p, "I cannot determine"] for p in image_paths())
+    path = write_csv(tmp_path / "refusals.csv", ["path", "answer"],
+                     ([p, "I cannot determine"] for p in image_paths()))
     out = tmp_path / "out"
     assert inference.main(["--test-dir", str(cohort), "--predictions", str(path), "--label-map",
                            str(label_map), "--output-dir", str(out)]) == 1

@@ -2,26 +2,18 @@
 the clustered McNemar test and the subgroup analysis: known answers and independent
 recomputations (scikit-learn, scipy, statsmodels, explicit loops)."""
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import answer_files
+from conftest import TINY_MODEL, tiny_metadata, tree_state, write_csv
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 PATHS = ["orbital disease/a.png", "healthy eyes/b.png", "healthy eyes/c.png",
          "non-orbital disease/d.png"]
 TRUE = ["orbital disease", "healthy eyes", "healthy eyes", "non-orbital disease"]
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 # -- the reader -----------------------------------------------------------------------------------
@@ -300,8 +292,6 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import prompts  # noqa: E402
-from conftest import TINY_MODEL  # noqa: E402
-from conftest import tiny_metadata  # noqa: E402
 from test_inference import exit_code, run_inference  # noqa: E402
 
 
@@ -540,7 +530,6 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
 ])
 def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path, capsys, extra, message):
     import data_preprocess
-    from conftest import tree_state
     data = make_cohort("data", (4, 6, 5), seed=3)
     meta = write_metadata(data, tmp_path / "meta.csv")
     meta.assign(split="x").to_csv(tmp_path / "reserved.csv", index=False)
