@@ -67,8 +67,8 @@ from evaluation import (DEFAULT_SPLIT, FAILURE_DIR, Cohort, args_record, check_o
 from metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
                      interval_levels, operating_point_metrics, rule_predictions, softmax)
-from report import (flow_counts, format_value, predictions_frame, rare_summary, render_report, resample_notes,
-                    summary_row, write_figures)
+from report import (comparison_resample_notes, flow_counts, format_value, predictions_frame, rare_summary,
+                    render_report, resample_notes, summary_row, unanswered_notes, write_figures)
 
 LOG = logging.getLogger("inference")
 DEFAULT_OUTPUT_DIR = "inference_results"
@@ -745,6 +745,9 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
             [dataclasses.replace(model, pred=model.pred[scored],
                                  probs=None if model.probs is None else model.probs[scored])
              for model in compared], rare, groups, args.bootstrap, args.seed)
+        notes = comparison_resample_notes(comparison) + unanswered_notes(comparison, folders)
+        if notes:  # intervals on fewer resamples than drawn, metrics n/a (see report.md)
+            LOG.warning("comparison: %s (report.md says why)", "; ".join(notes))
     return metrics, op, itd, comparison
 
 

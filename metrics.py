@@ -450,7 +450,8 @@ def mark_unusable(replicates, present):
     unusable = absent.any(axis=1)
     for name in CLASS_AVERAGED:
         replicates[name] = np.where(unusable, np.nan, replicates[name])
-    replicates["f1"] = np.where(absent, np.nan, replicates["f1"])
+    if "f1" in replicates:  # the comparison's replicates carry no per-class F1
+        replicates["f1"] = np.where(absent, np.nan, replicates["f1"])
     return replicates
 
 
@@ -974,7 +975,8 @@ def comparison_rows(name, point, boot, mask, confidence):
     for metric in COMPARISON_METRICS:
         value, ref = finite_or_none(point[1][metric][0]), finite_or_none(point[0][metric][0])
         row = {"model": name, "metric": metric, "n": int(mask.sum()),
-               "n_no_answer": int(len(mask) - mask.sum()), "value": value, "value_ci": None,
+               "n_no_answer": int(len(mask) - mask.sum()), "n_resamples": None,
+               "value": value, "value_ci": None,
                "reference_value": ref, "reference_ci": None,
                "difference": None if value is None or ref is None else ref - value,  # ours - model
                "difference_ci": None, "p_bootstrap": None, "p_mcnemar_exact": None,
@@ -982,7 +984,8 @@ def comparison_rows(name, point, boot, mask, confidence):
                "model_only_correct": None, "reference_only_correct": None}
         if boot is not None and row["difference"] is not None:
             diff = boot[0][metric] - boot[1][metric]
-            row.update(value_ci=percentile_interval(boot[1][metric], confidence),
+            row.update(n_resamples=int(np.isfinite(diff).sum()),  # usable ones: see compare_predictions
+                       value_ci=percentile_interval(boot[1][metric], confidence),
                        reference_ci=percentile_interval(boot[0][metric], confidence),
                        difference_ci=percentile_interval(diff, confidence), p_bootstrap=bootstrap_p(diff))
         rows.append(row)
@@ -998,8 +1001,10 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
     images, by patient when `groups` is given, as `compute_metrics` draws them): an image a model
     did not answer has weight 0 in its replicates. Per model and metric: its value and the
     reference's on those images with percentile CIs, the paired difference (reference - model,
-    positive when our model is better)
-    with its CI and a two-sided bootstrap p; for accuracy McNemar's exact and mid-p tests and,
+    positive when our model is better) with its CI and a two-sided bootstrap p, and how many
+    resamples gave the metric (`n_resamples`: a resample without an answered image of a class
+    gives no class-averaged metric, as in `compute_metrics`; one without an answered rare image no
+    rare-class sensitivity or AUROC; a class it never answered, none at all: `unanswered_classes`); for accuracy McNemar's exact and mid-p tests and,
     with groups, Obuchowski's clustered test; for the rare class's AUROC DeLong's test (images
     independent) when both models have probabilities.
 
@@ -1032,15 +1037,23 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
                    ranking(np.nan_to_num(other.probs)) if has_probs else None)]
         evaluate = lambda weights: [prediction_metrics(weights * mask, cells, n_classes, rare_index,  # noqa: E731
                                                        ranks, positive) for cells, ranks in models]
-        point = evaluate(np.ones((1, n)))
+        # metrics.json's rule on the images the model answered: without an answered image of a class
+        # the cohort holds (in the resample, or at all) there is no balanced accuracy or macro F1
+        # (NaN: left out of the interval and counted in n_resamples; None when never answered),
+        # rather than an average over fewer classes
+        present = positive.any(axis=0)
+        point = [mark_unusable(metric, present) for metric in evaluate(np.ones((1, n)))]
         boot = None
         if n_bootstrap:
             # the resamples of metrics.json: same seed, groups and class strata
             strata = bootstrap_strata(y_true, group_index)
             parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed, strata=strata)]
-            boot = [{key: np.concatenate([part[i][key] for part in parts]) for key in parts[0][i]}
-                    for i in range(2)]
+            boot = [mark_unusable({key: np.concatenate([part[i][key] for part in parts])
+                                   for key in parts[0][i]}, present) for i in range(2)]
         model_rows = comparison_rows(other.name, point, boot, mask, confidence)
+        unanswered = np.flatnonzero(present & ~(positive & mask[:, None]).any(axis=0)).tolist()
+        for row in model_rows:
+            row["unanswered_classes"] = unanswered  # classes of the cohort it answered no image of
         add_paired_tests(model_rows, y_true[mask], reference, other, mask, rare_index,
                          None if groups is None else np.asarray(groups)[mask], has_probs)
         rows += model_rows

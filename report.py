@@ -151,8 +151,9 @@ def summary_row(alpha, folder, metrics, rare_class):
 
 def comparison_frame(comparison):
     """comparison.csv: one row per compared model and metric. `model` names the compared model,
-    `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images, `difference` = ours - model (positive: ours better);
-    each p-value column is named for its test (empty where the test does not apply)."""
+    `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images,
+    `difference` = ours - model (positive: ours better); each p-value column is named for its test
+    (empty where the test does not apply); `ci_n_resamples` counts the resamples the CIs rest on."""
     rows = []
     for row in comparison["rows"]:
         flat = {"model": row["model"], "metric": row["metric"], "n": row["n"],
@@ -166,9 +167,13 @@ def comparison_frame(comparison):
         flat.update({column: row[column] for column in COMPARISON_P_COLUMNS})
         flat.update(ours_only_correct=row["reference_only_correct"],
                     model_only_correct=row["model_only_correct"],
-                    ci_unit="patient" if comparison["bootstrap_unit"] == "group" else "image")
+                    ci_unit="patient" if comparison["bootstrap_unit"] == "group" else "image",
+                    ci_n_resamples=row.get("n_resamples"))
         rows.append(flat)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if len(frame):  # a count, empty where there is no interval (not 2000.0)
+        frame["ci_n_resamples"] = frame["ci_n_resamples"].astype("Int64")
+    return frame
 
 
 def failure_category(status):
@@ -331,6 +336,23 @@ def resample_notes(metrics, folders):
             if used is not None and used < total]
 
 
+def comparison_resample_notes(comparison):
+    """'cnn: balanced accuracy on 1,873 of 2,000 resamples', one per comparison interval with
+    unusable resamples (metrics.compare_predictions: no answered image of a class in them)."""
+    total = comparison.get("n_bootstrap")
+    return [f"{row['model']}: {COMPARISON_LABELS[row['metric']]} on {row['n_resamples']:,} of "
+            f"{total:,} resamples" for row in comparison["rows"]
+            if total and row.get("n_resamples") is not None and row["n_resamples"] < total]
+
+
+def unanswered_notes(comparison, folders):
+    """"reader answered no image of 'healthy eyes'", one per compared model that never answered
+    some class (its balanced accuracy and macro F1 are then undefined, metrics.compare_predictions)."""
+    found = {row["model"]: row.get("unanswered_classes") for row in comparison["rows"]}
+    return [f"{model} answered no image of {', '.join(repr(folders[k]) for k in classes)}"
+            for model, classes in found.items() if classes]
+
+
 def levels_markdown(levels):
     """Which intervals are image-level and which patient-level (metrics.json interval_levels)."""
     return ["Interval levels: " + "; ".join(f"{key}: {value}" for key, value in levels.items()) + "."]
@@ -364,9 +386,8 @@ def operating_markdown(op):
     return lines
 
 
-def comparison_markdown(comparison, sources):
+def comparison_markdown(comparison, sources, folders):
     """The comparison section of report.md: per model and metric, ours minus the model."""
-    n_resamples = comparison.get("n_bootstrap")
     unit = (f"{comparison['n_groups']} patients (cluster bootstrap)"
             if comparison["bootstrap_unit"] == "group" else "images")
     lines = [f"Each model against ours on the images both answered (of {comparison['n']} scored by "
@@ -376,8 +397,9 @@ def comparison_markdown(comparison, sources):
     lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
               "| --- | --- | ---: | --- | --- | --- | --- |"]
     for row in comparison["rows"]:
-        # a bootstrap p of 0 only says p < 2/B
-        tests = [f"{format_p(row[column], n_resamples if column == 'p_bootstrap' else None)} ({label})"
+        # a bootstrap p of 0 only says p < 2/B, B the resamples it rests on
+        floor = {"p_bootstrap": row.get("n_resamples")}
+        tests = [f"{format_p(row[column], floor.get(column))} ({label})"
                  for column, label in COMPARISON_P_COLUMNS.items() if row[column] is not None]
         if row["model_only_correct"] is not None:
             tests.append(f"discordant: ours only {row['reference_only_correct']}, model only "
@@ -390,6 +412,16 @@ def comparison_markdown(comparison, sources):
     if comparison["bootstrap_unit"] == "group":
         lines += ["", "McNemar's exact and mid-p tests treat images as independent; with patients "
                   "the clustered test (Obuchowski 1998) and the bootstrap p respect them."]
+    unanswered = unanswered_notes(comparison, folders)
+    if unanswered:
+        lines += ["", "Balanced accuracy and macro F1 are n/a where a model answered no image of a "
+                  "class (they average over every class): " + "; ".join(unanswered) + "."]
+    notes = comparison_resample_notes(comparison)
+    if notes:
+        lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
+                  "an answered image of a class leaves a class-averaged metric undefined, one "
+                  "without an answered rare-class image its sensitivity and AUROC): "
+                  + "; ".join(notes) + "."]
     return lines
 
 
@@ -571,7 +603,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
             lines += ["", "![sensitivity and specificity by step](sequential.png)"]
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
-        lines += comparison_markdown(comparison, run.get("compared_models", {}))
+        lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
     if subgroups:
         lines += ["", "## Subgroups", ""]
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")

@@ -257,6 +257,93 @@ def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(gro
     assert rows["rare_auroc"]["p_delong"] == pytest.approx(expected)
 
 
+def one_metric(metric, y, pred, probs, rare=0):
+    """One COMPARISON_METRICS value by scikit-learn."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+    return {"accuracy": lambda: accuracy_score(y, pred),
+            "balanced_accuracy": lambda: balanced_accuracy_score(y, pred),
+            "macro_f1": lambda: f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0),
+            "rare_sensitivity": lambda: recall_score(y == rare, pred == rare),
+            "rare_specificity": lambda: recall_score(y != rare, pred != rare),
+            "macro_auroc": lambda: np.mean([roc_auc_score(y == k, probs[:, k]) for k in range(3)]),
+            "rare_auroc": lambda: roc_auc_score(y == rare, probs[:, rare])}[metric]()
+
+
+USABLE_IF = {  # which classes a resample's answered images must hold for each metric
+    "accuracy": (), "rare_specificity": (), "balanced_accuracy": (0, 1, 2), "macro_f1": (0, 1, 2),
+    "macro_auroc": (0, 1, 2), "rare_sensitivity": (0,), "rare_auroc": (0,)}
+
+
+@pytest.mark.parametrize("sparse_class", [0, 2])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_comparison_leaves_out_resamples_without_an_answered_image_of_a_class(sparse_class, grouped):
+    """metrics.json's rule in the comparison: the other model answered 2 images of one class, so
+    some resamples hold no answered image of it. Those give no balanced accuracy, macro F1 or
+    macro AUROC (and, for the rare class, no rare sensitivity or AUROC): left out for both models
+    and counted in n_resamples, instead of an average over two classes."""
+    import metrics
+    import report
+    y, probs_a, probs_b = synthetic_models(seed=3, n=40)
+    rare, n, n_boot = 0, len(y), 200
+    groups = np.array([f"p{i // 2}" for i in range(n)]) if grouped else None
+    pred_b = probs_b.argmax(1)
+    pred_b[np.flatnonzero(y == sparse_class)[2:]] = -1  # answered only two images of the class
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    other = metrics.ComparedModel("mllm", pred_b, np.where(pred_b[:, None] >= 0, probs_b, np.nan))
+    result = metrics.compare_predictions(y, reference, [other], rare, groups, n_boot, seed=5)
+    rows = {row["metric"]: row for row in result["rows"]}
+    keep = pred_b >= 0
+    index = metrics.group_indices(groups, n)
+    weights = np.concatenate(list(metrics.resample_weights(
+        index, n_boot, 5, strata=metrics.bootstrap_strata(y, index))))
+    replay = {metric: ([], []) for metric in rows}  # (model, ours) per usable resample
+    for weight in weights:
+        idx = np.repeat(np.arange(n), weight.astype(int))
+        idx = idx[keep[idx]]
+        for metric, needed in USABLE_IF.items():
+            if set(needed) <= set(y[idx].tolist()):
+                replay[metric][0].append(one_metric(metric, y[idx], pred_b[idx], probs_b[idx]))
+                replay[metric][1].append(one_metric(metric, y[idx], probs_a.argmax(1)[idx], probs_a[idx]))
+    for metric, (theirs, mine) in replay.items():
+        row, diff = rows[metric], np.subtract(mine, theirs)
+        assert row["n_resamples"] == len(diff), metric
+        assert row["value_ci"] == pytest.approx(list(np.percentile(theirs, [2.5, 97.5]))), metric
+        assert row["reference_ci"] == pytest.approx(list(np.percentile(mine, [2.5, 97.5]))), metric
+        assert row["difference_ci"] == pytest.approx(list(np.percentile(diff, [2.5, 97.5]))), metric
+        tied = np.round(diff, 12)  # scikit-learn's ties are off zero by ~1e-16
+        assert row["p_bootstrap"] == pytest.approx(min(1.0, 2 * min(np.mean(tied <= 0), np.mean(tied >= 0))))
+    short = rows["balanced_accuracy"]["n_resamples"]
+    assert 0 < short < n_boot and rows["accuracy"]["n_resamples"] == n_boot  # the case happens
+    assert (rows["rare_sensitivity"]["n_resamples"] < n_boot) == (sparse_class == rare)
+    notes = report.comparison_resample_notes(result)
+    assert f"mllm: balanced accuracy on {short} of {n_boot} resamples" in notes
+    assert rows["accuracy"]["unanswered_classes"] == []
+
+
+def test_a_class_never_answered_leaves_class_averaged_metrics_undefined():
+    """A reader who answered no image of class 2: balanced accuracy and macro F1 are n/a (as
+    macro AUROC), not averages over two classes; one who answered nothing has no metric at all."""
+    import metrics
+    import report
+    y, probs_a, _ = synthetic_models(seed=6, n=40)
+    reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
+    pred = np.where(y == 2, -1, probs_a.argmax(1))
+    silent = metrics.ComparedModel("silent", np.full(len(y), -1), None)
+    result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("partial", pred, None), silent],
+                                         0, None, 50, seed=1)
+    rows = {(row["model"], row["metric"]): row for row in result["rows"]}
+    for metric in ("balanced_accuracy", "macro_f1"):
+        row = rows["partial", metric]
+        assert (row["value"], row["reference_value"], row["difference"], row["difference_ci"]) == (None,) * 4
+    assert rows["partial", "accuracy"]["value"] == pytest.approx(np.mean((pred == y)[pred >= 0]))
+    assert rows["partial", "rare_sensitivity"]["difference"] == 0.0  # the rare class was answered
+    assert rows["partial", "accuracy"]["unanswered_classes"] == [2]
+    assert all(row["value"] is None for (model, _), row in rows.items() if model == "silent")
+    assert report.unanswered_notes(result, FOLDERS) == [
+        "partial answered no image of 'non-orbital disease'",
+        "silent answered no image of 'orbital disease', 'healthy eyes', 'non-orbital disease'"]
+
+
 def test_the_same_model_in_another_class_order_gives_zero_differences():
     """Issue 14 item 1: the same predictions, their probability columns permuted and mapped back
     by folder name, differ from the reference by exactly 0 with no discordant pair."""
@@ -340,6 +427,29 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, c
     report_md = (out / "report.md").read_text()
     assert "## Comparison with other models" in report_md and "McNemar mid-p" in report_md
     assert json.loads((out / "metrics.json").read_text())["compared_models"]["cnn"].startswith("--compare")
+
+
+def test_compare_file_without_most_rare_answers_counts_its_usable_resamples(make_cohort, checkpoint,
+                                                                          tmp_path, capsys):
+    """A reader who answered 1 of the 4 rare images: the rare class is missing from some
+    resamples of the images it answered; comparison.csv says on how many resamples each interval
+    rests, report.md and the log name the short ones."""
+    test_dir = make_cohort("external", (4, 10, 6), seed=1)
+    assert run_inference(test_dir, checkpoint, tmp_path / "first") == 0
+    other = read_csv(tmp_path / "first" / "predictions.csv")[["path", "pred_label", "true_label"]]
+    other["status"] = "ok"
+    other.loc[other.index[other["true_label"] == FOLDERS[0]][1:], "status"] = "failed: no answer"
+    other.to_csv(tmp_path / "reader.csv", index=False)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"reader={tmp_path / 'reader.csv'}") == 0
+    rows = read_csv(out / "comparison.csv").set_index("metric")
+    assert rows.loc["accuracy", "ci_n_resamples"] == 50  # run_inference: --bootstrap 50
+    assert (out / "comparison.csv").read_text().splitlines()[1].endswith(",image,50")  # a count, not 50.0
+    short = int(rows.loc["balanced_accuracy", "ci_n_resamples"])
+    assert 0 < short < 50 and rows.loc["rare_sensitivity", "ci_n_resamples"] == short
+    assert f"reader: balanced accuracy on {short} of 50 resamples" in (out / "report.md").read_text()
+    assert f"comparison: reader: balanced accuracy on {short} of 50 resamples" in capsys.readouterr().err
 
 
 def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
