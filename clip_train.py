@@ -1551,6 +1551,7 @@ def train(args, classes, train_items, val_items, argv):
                      "changed", path, "stopped early" if state["stopped"] else "completed",
                      state["epoch"])
             return 0
+        LOG.info("resumed from %s at epoch %d", path, state["epoch"])  # only once it is accepted
     save_dir = prepare_save_dir(args) if args.rank == 0 else Path(args.save_dir)
     for key, value in ctx["args_dict"].items():  # all in args.json; in the log with debug logging
         LOG.debug("  %s = %s", key, value)
@@ -1688,7 +1689,6 @@ def resume_from(path, model, ctx, state):
                  stopped=bool(checkpoint.get("stopped", False)),
                  finished=bool(checkpoint.get("finished", False)),
                  metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
-    LOG.info("resumed from %s at epoch %d", path, state["epoch"])
     stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
     for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
         recorded = (checkpoint.get("data") or {}).get(flag)

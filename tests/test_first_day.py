@@ -187,7 +187,9 @@ def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, 
     changed = train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--lr", "1e-4",
                          "--batch-size", "8", "--resume", "auto")
     assert clip_train.main(changed) == 2
-    line = error_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "resumed from" not in err  # refused before anything is resumed
+    line = error_line(err)
     assert line == (f"error: --resume {save_dir / clip_train.LAST_NAME}: this command changes "
                     "--batch-size (16 -> 8), --lr (0.001 -> 0.0001) of the run it continues; resume "
                     "with the run's flags, or pass --resume-with-changes if the change is meant")
@@ -200,7 +202,8 @@ def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, 
                                       "--resume", "auto", "--resume-with-changes")) == 0
     last = common.load_checkpoint_file(save_dir / clip_train.LAST_NAME)
     assert (last["epoch"], last["args"]["lr"]) == (3, 1e-4)
-    assert "--resume-with-changes: continuing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume-with-changes: continuing" in err and f"resumed from {save_dir / clip_train.LAST_NAME} at epoch 2" in err
     # the same data from another working folder (relative paths) is no change
     cwd = os.getcwd()
     try:
