@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -277,6 +278,25 @@ def resume_argv(argv):
         elif token != "--overwrite" and not token.startswith("--resume="):
             kept.append(token)
     return kept + ["--resume", "auto"]
+
+
+def resume_command(argv, environ, script="clip_train.py"):
+    """(command, note): the shell command that continues this run (`resume_argv`), launched as this
+    one was: `python SCRIPT ...`, or under torchrun `torchrun --nproc_per_node=N [--nnodes=M]
+    SCRIPT ...`; `note` says what the user must add on several nodes (the rendezvous flags of the
+    original launch), '' otherwise."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return shlex.join(["python", script, *resume_argv(argv)]), ""
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(environ.get("GROUP_WORLD_SIZE", max(world // max(local, 1), 1)))  # torchrun sets it
+    launcher = ["torchrun", f"--nproc_per_node={local}", *([f"--nnodes={nodes}"] if nodes > 1 else [])]
+    note = ""
+    if nodes > 1:
+        note = " (plus your rendezvous flags"
+        note += ("; the nodes ran different numbers of processes: give each its own --nproc_per_node)"
+                 if local * nodes != world else ")")
+    return shlex.join([*launcher, script, *resume_argv(argv)]), note
 
 
 def alpha_list(text):
@@ -1656,14 +1676,14 @@ def describe_changes(changes):
 def report_interrupt(args, argv, state, save_dir):
     """Ctrl-C during training: the last checkpoint (written atomically at the end of each epoch)
     is intact; say where training stopped and the exact command that continues it."""
-    import shlex
-
     if args.rank != 0:
         return EXIT_INTERRUPTED
     if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
-        command = shlex.join(["python", "clip_train.py", *resume_argv(argv)])
+        here = os.path.abspath(__file__)  # this script as reached from the working folder
+        script = min(os.path.relpath(here), here, key=len)
+        command, note = resume_command(argv, os.environ, script)
         print(f"\ninterrupted; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/{args.epochs}. "
-              f"Continue with:\n  {command}", file=sys.stderr)
+              f"Continue with{note}:\n  {command}", file=sys.stderr)
     else:
         print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
               "start again with --overwrite", file=sys.stderr)

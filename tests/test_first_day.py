@@ -178,6 +178,44 @@ def test_resume_argv_known_answers(argv, expected):
     assert clip_train.resume_argv(argv) == expected
 
 
+@pytest.mark.parametrize("environ, launcher, note", [
+    ({}, "python clip_train.py", ""),
+    ({"WORLD_SIZE": "1"}, "python clip_train.py", ""),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node=2 clip_train.py", ""),
+    ({"WORLD_SIZE": "2"}, "torchrun --nproc_per_node=2 clip_train.py", ""),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2"},
+     "torchrun --nproc_per_node=4 --nnodes=2 clip_train.py", " (plus your rendezvous flags)"),
+    ({"WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2"},  # nodes of 4 and 2
+     "torchrun --nproc_per_node=4 --nnodes=2 clip_train.py", "give each its own --nproc_per_node"),
+])
+def test_the_resume_command_is_launched_as_the_run_was(environ, launcher, note):
+    argv = ["--train-dir", "my data/train", "--overwrite", "--epochs", "8"]
+    command, said = clip_train.resume_command(argv, environ)
+    assert command == f"{launcher} --train-dir 'my data/train' --epochs 8 --resume auto"
+    assert note in said and bool(said) == bool(note)
+
+
+def test_the_printed_resume_command_names_the_script_from_the_working_folder(tmp_path, monkeypatch,
+                                                                            capsys):
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / clip_train.LAST_NAME).write_bytes(b"a checkpoint")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for key, value in {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    args = argparse.Namespace(rank=0, epochs=8)
+    code = clip_train.report_interrupt(args, ["--save-dir", "../run"], {"saved_epoch": 3}, save_dir)
+    assert code == clip_train.EXIT_INTERRUPTED
+    *_, heading, command = capsys.readouterr().err.rstrip().splitlines()
+    assert heading.endswith("holds epoch 3/8. Continue with (plus your rendezvous flags):")
+    _launcher, script, rest = re.fullmatch(r"(torchrun --nproc_per_node=4 --nnodes=2) (\S+) (.*)",
+                                           command.strip()).groups()
+    assert (Path.cwd() / script).resolve() == (REPO_ROOT / "clip_train.py").resolve()  # reached from here
+    assert rest == "--save-dir ../run --resume auto"
+
+
 def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, capsys):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
