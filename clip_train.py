@@ -1477,6 +1477,9 @@ def main(argv=None):
     args = parse_args(argv)
     is_main = os.environ.get("RANK", "0") in ("", "0")
     common.configure_logging(logging.INFO if is_main else logging.WARNING)
+    # The figure backend loaded now, not at the end of epoch 1: a Ctrl-C landing while its C
+    # extension loads surfaces as an ImportError with a traceback, not as an interrupt.
+    matplotlib.use("Agg")
     if args.ssa:
         base_argv = strip_ssa_flags(argv)
         for factor in args.ssa:  # every trial's arguments checked before anything is written

@@ -134,21 +134,28 @@ def regex_groups(texts, paths, pattern, anonymized=False):
 
 
 def warn_about_patients(cohort, folders, anonymized=False):
-    """Warn when the patients look misnamed: all of a class's images (two or more) from one
-    patient (the class-stratified bootstrap keeps each class's patient count, so those images
-    never vary between resamples and every interval is too narrow), or patients with images in
-    several classes (possible, but more often a regex that names something else)."""
-    if not cohort.labelled or cohort.groups is None:
+    """Warn when a class rests on one bootstrap unit, or the patients look misnamed. A class whose
+    images are all one image's or one patient's never varies between the class-stratified
+    resamples (each keeps a class's unit count), so every interval that depends on it is too
+    narrow; patients with images in several classes are possible, but more often a regex that
+    names something else."""
+    if not cohort.labelled:
         return
-    labels, groups = cohort.labels(), np.asarray(cohort.groups, dtype=str)
-    single = [f"{folders[k]!r} ({int(np.sum(labels == k))} images)" for k in range(len(folders))
-              if np.sum(labels == k) > 1 and len(set(groups[labels == k])) == 1]
+    labels = cohort.labels()
+    grouped = cohort.groups is not None
+    units = np.asarray(cohort.groups, dtype=str) if grouped else np.arange(len(labels))
+    single = [f"{folders[k]!r} ({int(np.sum(labels == k))} image{'s' if np.sum(labels == k) > 1 else ''})"
+              for k in range(len(folders)) if np.any(labels == k) and len(set(units[labels == k])) == 1]
     if single:
-        LOG.warning("%s: each of the classes %s has all its images from one patient; they never "
-                    "vary between bootstrap resamples, so the intervals are too narrow (check the "
-                    "grouping, or evaluate more patients)", cohort.group_source, ", ".join(single))
+        LOG.warning("%s: each of the classes %s rests on %s; it never varies between bootstrap "
+                    "resamples, so the intervals are too narrow (%s)",
+                    cohort.group_source or "bootstrap of images", ", ".join(single),
+                    "one patient" if grouped else "a single image",
+                    "check the grouping, or evaluate more patients" if grouped else "evaluate more images")
+    if not grouped:
+        return
     classes = {}
-    for group, label in zip(groups.tolist(), labels.tolist()):
+    for group, label in zip(units.tolist(), labels.tolist()):
         classes.setdefault(group, set()).add(label)
     spanning = sorted(group for group, held in classes.items() if len(held) > 1)
     if spanning:
@@ -188,7 +195,8 @@ def collect_cohort(args, folders):
         texts = [source or path for source, path in zip(sources, paths)] if sources else paths
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
-    warn_about_patients(cohort, folders, args.anonymize_paths)
+    if args.bootstrap:  # what the warnings are about
+        warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
 
 

@@ -260,6 +260,19 @@ def test_resume_with_changes_needs_resume(make_cohort, tmp_path, capsys):
     assert "--resume-with-changes needs --resume" in capsys.readouterr().err
 
 
+def test_the_figure_backend_is_loaded_before_any_epoch(tmp_path):
+    """A Ctrl-C that landed while matplotlib's Agg extension first loaded (at the end of epoch 1,
+    for the training curves) came out as an ImportError with a traceback and exit 1 (seen once in
+    this suite); main loads the backend before anything else runs, not at import."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    argv = train_argv(tmp_path / "train", tmp_path / "val", tmp_path / "run")
+    code = ("import sys, clip_train; agg = 'matplotlib.backends.backend_agg'; "
+            "assert agg not in sys.modules; "
+            f"assert clip_train.main({[str(a) for a in argv]!r}) == 2; assert agg in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True)
+
+
 def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_cohort, tmp_path):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"

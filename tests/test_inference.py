@@ -710,17 +710,25 @@ def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_pat
     assert "e.g." not in warning
 
 
-def test_a_class_of_one_patient_is_warned(make_cohort, checkpoint, tmp_path, capsys):
-    """The class-stratified bootstrap never varies a one-patient class: the intervals are too
-    narrow, which the log says (here the regex names the class, not the patient)."""
+def test_a_class_of_one_patient_or_one_image_is_warned(make_cohort, checkpoint, tmp_path, capsys):
+    """The class-stratified bootstrap never varies a class that rests on one unit: its intervals
+    are too narrow, which the log says (here a regex that names the class, not the patient, and a
+    class of one image); --bootstrap 0 has nothing to warn about."""
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
     assert run_inference(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"^([a-z_]+)_\d") == 0
-    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "from one patient" in line]
-    assert "'orbital disease' (2 images), 'healthy eyes' (3 images), 'non-orbital disease' (2 images)" in warning
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "rests on" in line]
+    assert ("each of the classes 'orbital disease' (2 images), 'healthy eyes' (3 images), "
+            "'non-orbital disease' (2 images) rests on one patient") in warning
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["accuracy_ci"][0] == metrics["accuracy_ci"][1]  # what the warning is about
     assert run_inference(test_dir, checkpoint, tmp_path / "plain") == 0
-    assert "from one patient" not in capsys.readouterr().err
+    assert "rests on" not in capsys.readouterr().err
+    lone = make_cohort("lone", (1, 3, 2), seed=1)
+    assert run_inference(lone, checkpoint, tmp_path / "lone_out") == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "rests on" in line]
+    assert "bootstrap of images: each of the classes 'orbital disease' (1 image) rests on a single image" in warning
+    assert run_inference(lone, checkpoint, tmp_path / "lone_out0", "--bootstrap", "0") == 0
+    assert "rests on" not in capsys.readouterr().err
 
 
 # -- comparison with a baseline --------------------------------------------------------------------
