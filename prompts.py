@@ -108,18 +108,23 @@ def parse_prompt_set(data, source="prompt set"):
     return classes
 
 
+def read_json_file(path, error, what):
+    """The parsed JSON of the file at `path`, or `error` (an exception class) naming the file:
+    'no such <what>', or why it is not readable JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not a readable JSON file ({err})") from None
+
+
 def load_prompt_set(path=None):
     """The published prompt set, or the one in the JSON file at `path`."""
     if path is None:
         return parse_prompt_set(PAPER_PROMPT_SET, "published prompt set")
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptSetError(f"{path}: no such prompt file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PromptSetError(f"{path}: not a readable JSON file ({err})") from None
-    return parse_prompt_set(data, str(path))
+    return parse_prompt_set(read_json_file(path, PromptSetError, "prompt file"), str(path))
 
 
 def prompt_set_to_dict(classes):
@@ -208,14 +213,7 @@ def load_label_map(path, folders):
 
 def read_label_map_file(path):
     """The JSON object of a label-map file ({folder: [synonym, ...]}), unchecked."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LabelMapError(f"{path}: no such label map file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LabelMapError(f"{path}: not a readable JSON file ({err})") from None
-    return data
+    return read_json_file(path, LabelMapError, "label map file")
 
 
 def map_answer(text, lookup):

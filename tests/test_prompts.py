@@ -59,3 +59,16 @@ def test_class_order_is_sorted_or_exactly_the_classes_flag():
         prompts.order_classes(found, wanted[:2] + ["tumor"])
     with pytest.raises(ValueError, match="repeated"):
         prompts.order_classes(found, wanted + ["orbital tumour"])
+
+
+@pytest.mark.parametrize("reader, error, missing", [
+    (prompts.load_prompt_set, prompts.PromptSetError, "no such prompt file"),
+    (prompts.read_label_map_file, prompts.LabelMapError, "no such label map file"),
+])
+def test_json_files_are_refused_naming_the_file(tmp_path, reader, error, missing):
+    with pytest.raises(error, match=f"{tmp_path / 'absent.json'}: {missing}$"):
+        reader(tmp_path / "absent.json")
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(error, match=f"{broken}: not a readable JSON file"):
+        reader(broken)
