@@ -19,13 +19,13 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py --quick
+	$(PY) -m benchmarks.run --quick
 
 # Mutation testing (not in CI; tens of minutes on 2 cores): plant one small bug at a time in
 # metrics.py and the training core, run the selection of setup.cfg [mutmut], list the survivors.
-MUTANTS ?= metrics.* clip_train.x_lr_at_step* clip_train.x_class_balanced_weights* \
-	clip_train.x_is_improvement* clip_train.x*DistributedBalancedSampler* clip_train.x_train_sampler* \
-	clip_train.x_resume_from* clip_train.x*LabelAwareClipLoss* clip_train.x*MaskedContrastiveLoss*
+MUTANTS ?= orbital_clip.metrics.* orbital_clip.training.x_lr_at_step* orbital_clip.training.x_class_balanced_weights* \
+	orbital_clip.training.x_is_improvement* orbital_clip.training.x*DistributedBalancedSampler* orbital_clip.training.x_train_sampler* \
+	orbital_clip.training.x_resume_from* orbital_clip.training.x*LabelAwareClipLoss* orbital_clip.training.x*MaskedContrastiveLoss*
 mutate: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)

@@ -20,13 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
-import clip_train  # noqa: E402
-import common  # noqa: E402
-import data_preprocess  # noqa: E402
-import inference  # noqa: E402
-import make_demo_cohort  # noqa: E402
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import split as data_preprocess
+from orbital_clip import scoring as inference
+from demo import make_demo_cohort
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "demo" / "tiny_clip.json"

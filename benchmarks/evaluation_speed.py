@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import evaluation  # noqa: E402
-import inference  # noqa: E402
-import prompts  # noqa: E402
+from orbital_clip import evaluation
+from orbital_clip import scoring as inference
+from orbital_clip import prompts
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 

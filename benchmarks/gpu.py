@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as harness  # noqa: E402
+from benchmarks import run as harness
 
 GPU_DEFAULTS = ["--device", "cuda", "--precision", "bf16", "--batch-size", "200",
                 "--infer-batch-size", "500", "--images", "48", "--repeats", "8",

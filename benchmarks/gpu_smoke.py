@@ -100,8 +100,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("skipped: benchmarks/gpu_smoke.py needs a CUDA GPU (none here); nothing was run")
         return 0
-    sys.path.insert(0, str(REPO_ROOT / "demo"))
-    import make_demo_cohort
+    from demo import make_demo_cohort
     n_gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="gpu_smoke_") as tmp:
         work = Path(tmp)

@@ -16,12 +16,10 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))
-import clip_train  # noqa: E402
-import data_preprocess  # noqa: E402
-import inference  # noqa: E402
-import make_demo_cohort  # noqa: E402
+from orbital_clip import training as clip_train
+from orbital_clip import split as data_preprocess
+from orbital_clip import scoring as inference
+from demo import make_demo_cohort
 
 COHORTS = {  # images per class: orbital (rare), healthy, non-orbital
     "demo (40/120/80, rare 17%)": (40, 120, 80),

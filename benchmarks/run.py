@@ -29,14 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import clip_train  # noqa: E402
-import common  # noqa: E402
-import data_preprocess  # noqa: E402
-import prompts as prompt_sets  # noqa: E402
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import split as data_preprocess
+from orbital_clip import prompts as prompt_sets
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
-import make_demo_cohort  # noqa: E402
+from demo import make_demo_cohort
 
 CAMERA_SIZE_PX = (3000, 2000)  # a 6 MP phone/camera photograph
 JPEG_QUALITY = 90

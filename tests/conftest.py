@@ -15,12 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "demo"))
 
-import common  # noqa: E402
-import make_demo_cohort  # noqa: E402
-import prompts  # noqa: E402
+from orbital_clip import common
+from demo import make_demo_cohort
+from orbital_clip import prompts
 
 TINY_CONFIG = REPO_ROOT / "demo" / "tiny_clip.json"
 TINY_MODEL = TINY_CONFIG.stem

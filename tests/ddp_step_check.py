@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import clip_train  # noqa: E402
-import common  # noqa: E402
-import prompts  # noqa: E402
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import prompts
 
 BATCH = 8  # global
 STEPS = 3

@@ -14,10 +14,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.contingency_tables import cochrans_q, mcnemar
 
-import answer_files
-import evaluation
-import inference
-import metrics
+from orbital_clip import answers as answer_files
+from orbital_clip import evaluation
+from orbital_clip import scoring as inference
+from orbital_clip import metrics
 from conftest import REPO_ROOT, tree_state, write_csv
 
 ORDER = ["thyroid eye disease", "orbital inflammation", "orbital tumour"]  # --classes

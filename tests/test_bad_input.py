@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-import clip_train
-import data_preprocess
-import inference
-import make_demo_cohort
+from orbital_clip import training as clip_train
+from orbital_clip import split as data_preprocess
+from orbital_clip import scoring as inference
+from demo import make_demo_cohort
 from conftest import TINY_CONFIG, tree_state
 
 SCRIPTS = {"data_preprocess": data_preprocess, "clip_train": clip_train, "inference": inference}

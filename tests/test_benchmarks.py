@@ -7,8 +7,7 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_CONFIG
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import run as harness  # noqa: E402
+from benchmarks import run as harness
 
 KEYS = ("train_e2e_over_model", "infer_e2e_over_model", "text_dedup_speedup", "train_bf16_speedup",
         "infer_bf16_speedup", "bf16_prediction_agreement",
@@ -46,7 +45,7 @@ def test_resized_copies_keep_the_short_side(tmp_path):
 
 
 def test_gpu_smoke_parses_its_arguments_and_skips_cleanly_without_a_gpu(tmp_path, capsys):
-    import gpu_smoke
+    from benchmarks import gpu_smoke
     assert gpu_smoke.main(["--cases", "bf16", "torchrun", "--images", "40"]) == 0
     assert "skipped" in capsys.readouterr().out
     args = gpu_smoke.parse_args(["--cases", "torchrun", "compile", "--model-config", str(TINY_CONFIG)])
@@ -93,7 +92,7 @@ def test_bf16_only_measures_precision_and_nothing_else(tmp_path):
 
 
 def test_agreement_metric_differences_walk_every_metric_with_a_ci():
-    import bf16_agreement
+    from benchmarks import bf16_agreement
     fp32 = {"n": 10, "accuracy": 0.8, "accuracy_ci": [0.6, 1.0], "ece": 0.1, "ece_ci": [0.0, 0.2],
             "macro_auroc": None, "macro_auroc_ci": None,
             "per_class": {"orbital disease": {"support": 3, "sensitivity": 0.5, "sensitivity_ci": [0.25, 0.75]}}}

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-import common
-import data_preprocess as dp
-import inference
-import make_demo_cohort
-import prompts
+from orbital_clip import common
+from orbital_clip import split as dp
+from orbital_clip import scoring as inference
+from demo import make_demo_cohort
+from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_labels_csv_cohort
 
 FOLDERS = list(make_demo_cohort.CLASS_FOLDERS)

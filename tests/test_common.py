@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
-import prompts
+from orbital_clip import common
+from orbital_clip import prompts
 
 
 def gradient(width=48, height=32):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import answer_files
+from orbital_clip import answers as answer_files
 from conftest import TINY_MODEL, tiny_metadata, tree_state, write_csv
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
@@ -131,7 +131,7 @@ def test_delong_equals_the_definition_and_sklearn_with_ties():
     positive = rng.random(60) < 0.3
     a = np.round(rng.random(60) + positive * 0.6, 1)  # rounded: many ties
     b = np.round(rng.random(60) + positive * 0.3, 1)
-    result = __import__("metrics").delong_test(positive, a, b)
+    result = __import__("orbital_clip.metrics").metrics.delong_test(positive, a, b)
     auc_a, auc_b, var = delong_by_definition(positive, a, b)
     assert result["auroc_a"] == pytest.approx(roc_auc_score(positive, a)) == pytest.approx(auc_a)
     assert result["auroc_b"] == pytest.approx(roc_auc_score(positive, b)) == pytest.approx(auc_b)
@@ -140,7 +140,7 @@ def test_delong_equals_the_definition_and_sklearn_with_ties():
 
 
 def test_delong_of_identical_scores_has_no_p():
-    import metrics
+    from orbital_clip import metrics
     positive = np.array([1, 0, 1, 0, 0, 1], bool)
     scores = np.array([0.9, 0.1, 0.4, 0.5, 0.2, 0.8])
     result = metrics.delong_test(positive, scores, scores)
@@ -151,7 +151,7 @@ def test_obuchowski_clustered_mcnemar_hand_computed_example():
     """A hand-computed example (the 1998 paper's own data were not at hand): four patients with
     d = A correct - B correct of [1, 0], [1], [-1, 0, 0], [0, 0]: D_k = 1, 1, -1, 0, K = 4;
     X^2 = (K - 1) / K * (sum D_k)^2 / sum D_k^2 = 3/4 * 1 / 3 = 1/4."""
-    import metrics
+    from orbital_clip import metrics
     from scipy.stats import chi2
     correct_a = np.array([1, 1, 1, 0, 1, 1, 0, 0])
     correct_b = np.array([0, 1, 0, 1, 1, 1, 0, 0])
@@ -167,7 +167,7 @@ def test_obuchowski_is_mcnemar_with_one_image_per_patient_and_never_collapses():
     """One image per patient: McNemar's uncorrected chi-square (statsmodels) times (K - 1) / K.
     Every patient favouring one model (the same discordance everywhere) must not give an
     absurdly small p: 10 patients of 2 images, B wrong on one image of 9 of them: 9/10 * 81/9."""
-    import metrics
+    from orbital_clip import metrics
     from statsmodels.stats.contingency_tables import mcnemar
     rng = np.random.default_rng(7)
     correct_a, correct_b = rng.random(60) < 0.7, rng.random(60) < 0.5
@@ -213,7 +213,7 @@ def synthetic_models(seed=0, n=80):
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(grouped):
-    import metrics
+    from orbital_clip import metrics
     from statsmodels.stats.contingency_tables import mcnemar
     y, probs_a, probs_b = synthetic_models()
     n, rare, n_boot = len(y), 0, 40
@@ -281,8 +281,8 @@ def test_comparison_leaves_out_resamples_without_an_answered_image_of_a_class(sp
     some resamples hold no answered image of it. Those give no balanced accuracy, macro F1 or
     macro AUROC (and, for the rare class, no rare sensitivity or AUROC): left out for both models
     and counted in n_resamples, instead of an average over two classes."""
-    import metrics
-    import report
+    from orbital_clip import metrics
+    from orbital_clip import report
     y, probs_a, probs_b = synthetic_models(seed=3, n=40)
     rare, n, n_boot = 0, len(y), 200
     groups = np.array([f"p{i // 2}" for i in range(n)]) if grouped else None
@@ -323,8 +323,8 @@ def test_comparison_leaves_out_resamples_without_an_answered_image_of_a_class(sp
 def test_a_class_never_answered_leaves_class_averaged_metrics_undefined():
     """A reader who answered no image of class 2: balanced accuracy and macro F1 are n/a (as
     macro AUROC), not averages over two classes; one who answered nothing has no metric at all."""
-    import metrics
-    import report
+    from orbital_clip import metrics
+    from orbital_clip import report
     y, probs_a, _ = synthetic_models(seed=6, n=40)
     reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
     pred = np.where(y == 2, -1, probs_a.argmax(1))
@@ -347,7 +347,7 @@ def test_a_class_never_answered_leaves_class_averaged_metrics_undefined():
 def test_the_same_model_in_another_class_order_gives_zero_differences():
     """Issue 14 item 1: the same predictions, their probability columns permuted and mapped back
     by folder name, differ from the reference by exactly 0 with no discordant pair."""
-    import metrics
+    from orbital_clip import metrics
     y, probs_a, _ = synthetic_models(seed=4)
     reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
     result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("same", probs_a.argmax(1), probs_a)],
@@ -360,7 +360,7 @@ def test_the_same_model_in_another_class_order_gives_zero_differences():
 
 
 def test_labels_only_model_has_no_auroc_rows_values():
-    import metrics
+    from orbital_clip import metrics
     y, probs_a, probs_b = synthetic_models(seed=5)
     reference = metrics.ComparedModel("ours", probs_a.argmax(1), probs_a)
     result = metrics.compare_predictions(y, reference, [metrics.ComparedModel("reader", probs_b.argmax(1), None)],
@@ -377,8 +377,8 @@ import json  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
-import prompts  # noqa: E402
+from orbital_clip import common
+from orbital_clip import prompts
 from test_inference import exit_code, run_inference  # noqa: E402
 
 
@@ -501,7 +501,7 @@ def test_compare_spec_errors(make_cohort, checkpoint, tmp_path, capsys, value, m
 # -- subgroups -------------------------------------------------------------------------------------
 
 def test_subgroup_rows_equal_sklearn_wilson_and_a_hand_chi_square():
-    import metrics
+    from orbital_clip import metrics
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
     from statsmodels.stats.proportion import proportion_confint
     y, probs, _ = synthetic_models(seed=9, n=120)
@@ -532,7 +532,7 @@ def test_subgroup_rows_equal_sklearn_wilson_and_a_hand_chi_square():
 
 
 def write_metadata(test_dir, path, seed=0):
-    import make_demo_metadata
+    from demo import make_demo_metadata
     assert make_demo_metadata.main(["--cohort", str(test_dir), "--out", str(path), "--seed", str(seed)]) == 0
     return read_csv(path)
 
@@ -593,7 +593,7 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, checkpoint, tmp
 # -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
 
 def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
-    import data_preprocess
+    from orbital_clip import split as data_preprocess
     data = make_cohort("data", (10, 24, 15), seed=3)
     meta = write_metadata(data, tmp_path / "meta.csv", seed=1)
     out = tmp_path / "split"
@@ -639,7 +639,7 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
     (["--metadata", "twice.csv"], "row 3: path"),
 ])
 def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path, capsys, extra, message):
-    import data_preprocess
+    from orbital_clip import split as data_preprocess
     data = make_cohort("data", (4, 6, 5), seed=3)
     meta = write_metadata(data, tmp_path / "meta.csv")
     meta.assign(split="x").to_csv(tmp_path / "reserved.csv", index=False)
@@ -662,7 +662,7 @@ def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_pa
         make_cohort, checkpoint, tmp_path):
     """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test
     recomputed from the two predictions files and their group column; CIs are patient-level."""
-    import metrics
+    from orbital_clip import metrics
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     first = tmp_path / "first"
     assert run_inference(test_dir, checkpoint, first) == 0

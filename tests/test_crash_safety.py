@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import torch
 
-import clip_train
+from orbital_clip import training as clip_train
 from conftest import REPO_ROOT, TINY_CONFIG
 
 EPOCHS = 6
@@ -79,7 +79,7 @@ def test_sigkill_anywhere_then_resume_matches_a_straight_run(make_cohort, tmp_pa
 def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tmp_path, monkeypatch, capsys):
     import errno
 
-    import common
+    from orbital_clip import common
     train_dir, val_dir = make_cohort("train", (4, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
     assert clip_train.main(argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0

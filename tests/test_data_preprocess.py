@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import common
-import data_preprocess as dp
-import make_demo_cohort
+from orbital_clip import common
+from orbital_clip import split as dp
+from demo import make_demo_cohort
 
-SCRIPT = Path(dp.__file__).resolve()
+SCRIPT = Path(__file__).resolve().parent.parent / "data_preprocess.py"
 FOLDERS = list(make_demo_cohort.CLASS_FOLDERS)
 
 
@@ -720,7 +720,7 @@ def content_multiset(*folders):
 # kill the process mid-move (a child process: the kill must be a real SIGKILL).
 SLOW_MOVE_RUN = """
 import sys, time
-import data_preprocess as dp
+from orbital_clip import split as dp
 settle_move = dp.settle_move
 def slow_settle_move(source, target):
     moved = settle_move(source, target)

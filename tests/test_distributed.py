@@ -15,7 +15,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def run(cmd, tmp_path, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -41,7 +41,7 @@ def test_two_processes_with_accumulation_match_one_process_full_batch(step_resul
     single, ddp = step_results[0][loss], step_results[1][loss]
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
-    import common
+    from orbital_clip import common
     common.register_model_config(TINY_CONFIG)
     torch.manual_seed(0)  # the script's seed: the weights both layouts started from
     initial = common.create_model("tiny_clip", None)[0].state_dict()
@@ -95,7 +95,7 @@ def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_
     # macro-F1 selection. Then --ssa under torchrun: refused before anything is written.
     import open_clip
 
-    import common
+    from orbital_clip import common
     train_dir = make_cohort("train", (2, 3, 3), seed=0)
     val_dir = make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
@@ -116,7 +116,7 @@ def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_
         save_dir / "clip_model_epoch_best.pt", weights_only=True)["state_dict"]["text_projection"])
 
     ssa_dir = tmp_path / "ssa"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(TORCHRUN + [str(REPO_ROOT / "clip_train.py"), *ddp_argv(
         train_dir, val_dir, ssa_dir, "--ssa", "lr=1e-3,1e-4")], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=300)

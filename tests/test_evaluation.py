@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import evaluation
+from orbital_clip import evaluation
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 
@@ -77,6 +77,7 @@ def test_clearing_an_output_folder_removes_only_our_files(tmp_path):
 
 def test_evaluation_modules_import_one_way():
     """evaluation <- answer_files <- inference: the shared parts never import the script."""
-    code = ("import sys, evaluation; assert not {'answer_files', 'inference'} & set(sys.modules); "
-            "import answer_files; assert 'inference' not in sys.modules")
+    code = ("import sys; from orbital_clip import evaluation; "
+            "assert not {'orbital_clip.answers', 'orbital_clip.scoring'} & set(sys.modules); "
+            "from orbital_clip import answers; assert 'orbital_clip.scoring' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)

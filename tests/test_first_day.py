@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 import torch
 
-import clip_train
-import common
-import data_preprocess as dp
-import inference
-import prompts
-from report import format_value
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import split as dp
+from orbital_clip import scoring as inference
+from orbital_clip import prompts
+from orbital_clip.report import format_value
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tree_state
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]

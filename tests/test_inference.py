@@ -21,16 +21,15 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
                              confusion_matrix, f1_score, roc_auc_score)
 from statsmodels.stats.proportion import proportion_confint
 
-import common
-import evaluation
-import inference
-import metrics
-import prompts
-import report
+from orbital_clip import common
+from orbital_clip import evaluation
+from orbital_clip import scoring as inference
+from orbital_clip import metrics
+from orbital_clip import prompts
+from orbital_clip import report
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tiny_metadata
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import evaluation_speed  # noqa: E402
+from benchmarks import evaluation_speed
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 
@@ -412,7 +411,7 @@ def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
 
 
 def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
-    import clip_train
+    from orbital_clip import training as clip_train
     train_dir, val_dir = make_cohort("train", (4, 8, 6), seed=0), make_cohort("val", (2, 4, 3), seed=1)
     save_dir = tmp_path / "run"
     assert clip_train.main(["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir",
@@ -671,7 +670,7 @@ def test_group_regex_searches_the_path_then_the_file_name_like_the_split(patient
 def test_group_regex_on_a_manifest_groups_as_the_split_did(patient_cohort, checkpoint, tmp_path):
     """A manifest row is searched by its source path, as data_preprocess.py searched it: a regex
     anchored at the class folder finds the patient (not the split folder's class name)."""
-    import data_preprocess
+    from orbital_clip import split as data_preprocess
     regex = r"^[^/]+/([^/]+)/"  # <class>/<patient>/... in the source; val/<class>/... in the copy
     split = tmp_path / "split"
     assert data_preprocess.main(["--data-root", str(patient_cohort.root), "--out-dir", str(split),

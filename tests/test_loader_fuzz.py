@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-import common
+from orbital_clip import common
 
 # Hypothesis caches under ./.hypothesis by default; tests never write into the working tree.
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hypothesis-home-")

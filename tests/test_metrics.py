@@ -15,7 +15,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score,
                              brier_score_loss, f1_score, log_loss, matthews_corrcoef, roc_auc_score)
 
-import metrics
+from orbital_clip import metrics
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 Z95 = 1.959963984540054
@@ -468,8 +468,8 @@ def test_mean_nll_is_the_log_loss_of_the_tempered_softmax():
 
 def test_metrics_and_report_import_without_torch():
     """The statistics and the report stay readable and testable without the model stack."""
-    code = ("import sys, metrics, report; "
-            "assert not {'torch', 'open_clip', 'common'} & set(sys.modules), sorted(sys.modules)")
+    code = ("import sys; from orbital_clip import metrics, report; "
+            "assert not {'torch', 'open_clip', 'orbital_clip.common'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import clip_train
-import common
-import inference
-import prompts
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import scoring as inference
+from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL
 
 TINY = json.loads(TINY_CONFIG.read_text())

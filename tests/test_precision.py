@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import clip_train
-import common
-import inference
-from common import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import scoring as inference
+from orbital_clip.common import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
 from conftest import TINY_CONFIG, TINY_MODEL, write_cohorts
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

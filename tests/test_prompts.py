@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import prompts
+from orbital_clip import prompts
 
 SUBTYPES = ["orbital inflammation", "orbital tumour", "thyroid eye disease"]
 MAP = {"thyroid eye disease": ["TED", "Graves orbitopathy", "thyroid-associated orbitopathy"],

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-import metrics
-import report
+from orbital_clip import metrics
+from orbital_clip import report
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 

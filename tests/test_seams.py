@@ -19,12 +19,12 @@ from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
-import clip_train
-import common
-import data_preprocess
-import inference
-import metrics
-import report
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import split as data_preprocess
+from orbital_clip import scoring as inference
+from orbital_clip import metrics
+from orbital_clip import report
 from conftest import TINY_CONFIG, TINY_MODEL
 
 

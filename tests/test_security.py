@@ -9,10 +9,10 @@ import pickle
 import pytest
 import torch
 
-import clip_train
-import common
-import inference
-import prompts
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import scoring as inference
+from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_cohorts
 
 WRITERS = ("torch.save", "torch.save legacy", "pickle.dump")

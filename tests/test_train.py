@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-import clip_train
-import common
-import metrics
-import prompts
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import metrics
+from orbital_clip import prompts
 from conftest import REPO_ROOT, train_argv
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-import common
-import metrics
-import make_demo_cohort
-from baselines import train_cnn
+from orbital_clip import common
+from orbital_clip import metrics
+from demo import make_demo_cohort
+from orbital_clip import cnn as train_cnn
 from conftest import REPO_ROOT, tree_state, write_cohorts
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]  # prompts.py's order
@@ -311,7 +311,7 @@ def test_weights_imagenet_offline_refuses_naming_the_flag_and_the_file(tmp_path,
 
 
 def test_help_runs_as_a_script():
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "baselines" / "train_cnn.py"), "--help"],
+    run = subprocess.run([sys.executable, "-m", "baselines.train_cnn", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "--balanced-sampling" in run.stdout and "vit_b_16" in run.stdout
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import clip_train
-import common
-import prompts
+from orbital_clip import training as clip_train
+from orbital_clip import common
+from orbital_clip import prompts
 from conftest import train_argv
 
 
@@ -352,7 +352,7 @@ def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path,
 
 
 def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_that_alpha():
-    import inference
+    from orbital_clip import scoring as inference
     from types import SimpleNamespace
     model, *_ = common.create_model("tiny_clip", None)
     fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report
 
-import common
-from metrics import subgroup_analysis
-from report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
+from orbital_clip import common
+from orbital_clip.metrics import subgroup_analysis
+from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such

@@ -18,7 +18,7 @@ import seaborn as sns
 from matplotlib.gridspec import GridSpecFromSubplotSpec
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p, reliability_table
+from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p, reliability_table
 
 METRIC_LABELS = {
     "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",

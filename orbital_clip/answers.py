@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-import common
-import prompts as prompt_sets
-from evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_output_dir, clear_previous_outputs,
+from orbital_clip import common
+from orbital_clip import prompts as prompt_sets
+from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_output_dir, clear_previous_outputs,
                         cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
                         make_anonymizer, normalise_relative_path, package_versions, read_csv_rows,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
-from metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
+from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
                      sequential_analysis, without_probability_metrics)
-from report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
+from orbital_clip.report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
                     predictions_frame, render_report, sequential_changes_frame,
                     sequential_frame, write_figures)
 

@@ -1,0 +1,1 @@
+"""Comparators for the fine-tuned CLIP model (run as `python -m baselines.<name>`)."""

@@ -1,0 +1,571 @@
+"""Supervised image-classifier baselines (torchvision CNNs and ViT) for the comparison with CLIP.
+
+Trains a standard classifier with cross-entropy on the same cohort, through the same image loader
+(EXIF, 16-bit, DICOM, draft JPEG decoding) and the same inputs (class folders or manifest.csv) as
+clip_train.py; keeps the epoch with the best validation balanced accuracy; predicts --test-dir
+with it and writes SAVE_DIR/predictions.csv in inference.py's schema (path relative to the test
+folder, true_label, pred_label, prob_<folder> per class, prediction, status), ready for a paired
+comparison.
+
+    $ python -m baselines.train_cnn --arch resnet50 --weights imagenet \\
+          --train-dir dataset_root/train --val-dir dataset_root/val --test-dir external_cohort \\
+          --save-dir baselines_runs/resnet50 --class-weights
+    $ python -m baselines.train_cnn --arch densenet121 --weights ~/weights/densenet121-a639ec97.pth \\
+          --train-dir splits/manifest.csv --val-dir splits/manifest.csv --test-dir splits/manifest.csv \\
+          --save-dir baselines_runs/densenet121 --balanced-sampling
+    $ python -m baselines.train_cnn --arch resnet18 --weights none --image-size 64 --epochs 2 \\
+          --train-dir demo_run/dataset_root/train --val-dir demo_run/dataset_root/val \\
+          --test-dir demo_run/external_cohort --save-dir demo_run/cnn_resnet18
+"""
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from orbital_clip import common
+from orbital_clip import metrics
+from orbital_clip.metrics import is_improvement
+from orbital_clip import prompts as prompt_sets
+from orbital_clip import report
+
+LOG = logging.getLogger("train_cnn")
+# torchvision architecture -> the module holding its ImageNet classification head (replaced by a
+# head with one output per class).
+HEAD_MODULES = {"resnet50": "fc", "densenet121": "classifier", "efficientnet_b0": "classifier.1",
+                "vit_b_16": "heads.head", "resnet18": "fc"}
+ARCHS = tuple(HEAD_MODULES)
+BEST_NAME = "cnn_model_best.pt"
+PREDICTIONS_NAME = "predictions.csv"
+OUTPUT_NAMES = (BEST_NAME, PREDICTIONS_NAME, "metrics.csv", "args.json")
+CHECKPOINT_FORMAT = "orbital-clip-cnn/1"  # not open_clip weights: inference.py does not load it
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation every torchvision ImageNet model expects
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIT_PATCH_PX = 16
+VIT_PRETRAINED_SIZE_PX = 224  # its position embeddings are learnt for a 14 x 14 patch grid
+MIN_IMAGE_SIZE_PX = 32
+# Old torchvision DenseNet checkpoints (also the ImageNet file itself) name layers 'norm.1';
+# torchvision renames them on load in its own builder, so a --weights file needs the same.
+DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+@dataclass
+class Cohorts:
+    """The three labelled image lists ((path, class index) pairs) and the class folders."""
+
+    folders: list
+    train: list
+    val: list
+    test: list
+    test_root: Path  # predictions.csv paths are relative to it (as inference.py writes them)
+
+
+@dataclass
+class WeightsInfo:
+    """Where the starting weights came from, recorded in args.json and the checkpoint."""
+
+    spec: str  # 'imagenet', 'none' or the file given
+    source: str  # e.g. 'ResNet50_Weights.IMAGENET1K_V2', 'random init (seed 2024)', a path
+    head: str  # 'new' (randomly initialised for our classes) or 'loaded'
+
+
+class WeightsError(ValueError):
+    """--weights cannot be used; the message names the flag, the file and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def selection_score(y_true, y_pred):
+    """Validation balanced accuracy (the mean recall over the classes present), the metric that
+    picks the best epoch, computed by metrics.py as for every other report of it."""
+    if len(y_true) == 0:
+        return float("nan")
+    n_classes = int(max(np.max(y_true), np.max(y_pred))) + 1  # absent classes do not count
+    cm = metrics.confusion_matrices(y_true, y_pred, n_classes)
+    return float(metrics.metrics_from_confusion(cm[None])["balanced_accuracy"][0])
+
+
+def class_weight_vector(labels, n_classes):
+    """Cross-entropy weights n / (C * count_c) (scikit-learn's 'balanced'): every class carries
+    the same total weight. Every class must have at least one training image."""
+    from sklearn.utils.class_weight import compute_class_weight
+    return compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(labels))
+
+
+def sample_weights(labels):
+    """Per-image sampling weights proportional to 1 / count of its class: every class is drawn
+    equally often (with replacement)."""
+    from sklearn.utils.class_weight import compute_sample_weight
+    return compute_sample_weight("balanced", np.asarray(labels))
+
+
+def remap_densenet_keys(state_dict):
+    """DenseNet 'denselayerN.norm.1.weight' -> 'denselayerN.norm1.weight' (see DENSENET_OLD_KEY)."""
+    out = {}
+    for key, value in state_dict.items():
+        match = DENSENET_OLD_KEY.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def predictions_frame(cohorts, probs, statuses):
+    """predictions.csv in inference.py's schema: one row per test image in input order; failed
+    rows keep their row with empty pred_label and probabilities and a 'failed: ...' status.
+
+    Args:
+        probs: (N, C) float array in class-folder order, NaN rows where the image failed.
+    """
+    import pandas as pd
+    folders = cohorts.folders
+    ok = np.isfinite(probs).all(axis=1)
+    columns = {
+        "path": [report.relative_path(path, cohorts.test_root) for path, _label in cohorts.test],
+        "true_label": [folders[label] for _path, label in cohorts.test],
+        "pred_label": [folders[int(np.argmax(row))] if good else "" for row, good in zip(probs, ok)],
+    }
+    for k, folder in enumerate(folders):
+        columns[f"prob_{folder}"] = probs[:, k]
+    columns["prediction"] = list(columns["pred_label"])  # the decision: argmax (no threshold here)
+    columns["status"] = list(statuses)
+    return pd.DataFrame(columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and weights
+
+
+def imagenet_weights(arch):
+    """torchvision's recommended ImageNet weights enum of `arch` (e.g. ResNet50_Weights.IMAGENET1K_V2)."""
+    from torchvision.models import get_model_weights
+    return get_model_weights(arch).DEFAULT
+
+
+def imagenet_cache_path(weights):
+    """Where torch looks for a torchvision weights file before downloading it."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def replace_head(model, arch, n_classes):
+    """Swap the ImageNet head for a freshly initialised Linear with `n_classes` outputs."""
+    parent_name, _, child_name = HEAD_MODULES[arch].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child_name)
+    setattr(parent, child_name, torch.nn.Linear(old.in_features, n_classes))
+    return model
+
+
+def load_imagenet(arch):
+    """The architecture with ImageNet weights from torch's cache (downloaded when online);
+    WeightsError naming the file and where to put it when they cannot be had."""
+    from torchvision.models import get_model
+    weights = imagenet_weights(arch)
+    cached = imagenet_cache_path(weights)
+    try:
+        return get_model(arch, weights=weights, progress=False), str(weights)
+    except Exception as err:  # noqa: BLE001 - offline, a proxy or a damaged cache fail in many ways
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        where = "is damaged" if cached.is_file() else "is not in torch's cache"
+        raise WeightsError(
+            f"--weights imagenet: the {arch} ImageNet weights file {where} and could not be "
+            f"downloaded ({reason}); download {weights.url} to {cached} (or set TORCH_HOME), pass "
+            "--weights PATH to a local copy, or --weights none for random initialisation") from None
+
+
+def load_weights_file(model, arch, path, folders):
+    """Load a --weights file (a torchvision/ImageNet state_dict or a checkpoint of this script)
+    into `model`, whose head already has one output per class of `folders`. The file's head is
+    kept only from a checkpoint of ours recording the same class folders in the same order (a
+    head of the right size but unknown classes would be silently wrong); otherwise the new head
+    stays. Returns 'loaded' or 'new'."""
+    try:
+        checkpoint = common.load_checkpoint_file(path)
+        meta = checkpoint if isinstance(checkpoint, dict) else {}
+        if isinstance(meta.get("arch"), str) and meta["arch"] != arch:
+            raise common.CheckpointError(f"{path}: holds architecture {meta['arch']}, not --arch "
+                                         f"{arch}; pass --arch {meta['arch']}")
+        state_dict = common.checkpoint_state_dict(checkpoint, path)
+        if arch == "densenet121":
+            state_dict = remap_densenet_keys(state_dict)
+        own = model.state_dict()
+        head_keys = [k for k in own if k.startswith(HEAD_MODULES[arch] + ".")]
+        head_fits = meta.get("class_folders") == list(folders) and all(
+            k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys)
+        if not head_fits:  # ImageNet's 1000-way head, or other classes: keep the new head
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_MODULES[arch] + ".")}
+            state_dict.update({k: own[k] for k in head_keys})
+        common.load_weights_into(model, state_dict, path, arch, arch_flag="--arch")
+    except common.CheckpointError as err:
+        raise WeightsError(f"--weights {err}") from None
+    return "loaded" if head_fits else "new"
+
+
+def build_model(arch, weights_spec, folders, image_size_px, seed):
+    """(model, WeightsInfo): `arch` with a head of one output per class folder, starting from
+    ImageNet weights, a file, or a seeded random initialisation."""
+    from torchvision.models import get_model
+    torch.manual_seed(seed)  # the new head (and everything with --weights none) is seeded
+    if weights_spec == "imagenet":
+        model, source = load_imagenet(arch)
+        return replace_head(model, arch, len(folders)), WeightsInfo(weights_spec, source, "new")
+    # torchvision builds a ViT for one input size; other sizes only without pretrained weights.
+    extra = {"image_size": image_size_px} if arch == "vit_b_16" else {}
+    model = replace_head(get_model(arch, weights=None, **extra), arch, len(folders))
+    if weights_spec == "none":
+        return model, WeightsInfo("none", f"random init (seed {seed})", "new")
+    head = load_weights_file(model, arch, weights_spec, folders)
+    return model, WeightsInfo(weights_spec, str(weights_spec), head)
+
+
+def make_transforms(image_size_px):
+    """(train, eval) transforms. Training: a mild random crop (80-100% of the area) and a
+    horizontal flip (left and right eyes carry the same labels); evaluation: the shorter side
+    resized to the input size and centre-cropped, as open_clip's validation transform does."""
+    from torchvision import transforms as T
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = T.Compose([T.RandomResizedCrop(image_size_px, scale=(0.8, 1.0)),
+                       T.RandomHorizontalFlip(), *normalize])
+    evaluate = T.Compose([T.Resize(image_size_px), T.CenterCrop(image_size_px), *normalize])
+    return train, evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and prediction
+
+
+def make_loader(items, transform, args, train, generator=None):
+    """DataLoader over common.ImageListDataset; class-balanced draws with --balanced-sampling."""
+    size = args.image_size
+    dataset = common.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
+    sampler = None
+    if train and args.balanced_sampling:
+        weights = torch.as_tensor(sample_weights([label for _path, label in items]), dtype=torch.double)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(items), replacement=True,
+                                                         generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=args.workers, pin_memory=args.device.type == "cuda", generator=generator,
+        worker_init_fn=common.seed_worker, persistent_workers=train and args.workers > 0)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler):
+    """One pass; unreadable images are left out of the loss. Returns (mean loss, images, skipped)."""
+    from tqdm import tqdm
+    model.train()
+    total, seen, skipped = 0.0, 0, 0
+    for images, labels, _indices, ok in tqdm(loader, desc="training", unit="batch", leave=False,
+                                              disable=args.no_progress):
+        ok = ok.bool()
+        skipped += int((~ok).sum())
+        if not ok.any():
+            continue
+        images, labels = images[ok].to(args.device), labels[ok].to(args.device)
+        with common.autocast_context(args.device, args.precision):
+            loss = criterion(model(images).float(), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(labels)
+        seen += len(labels)
+    return total / max(seen, 1), seen, skipped
+
+
+@torch.no_grad()
+def predict(model, loader, args):
+    """Class probabilities (N, C) float64 in dataset order, NaN rows for unreadable images."""
+    model.eval()
+    probs = None
+    for images, _labels, indices, ok in loader:
+        with common.autocast_context(args.device, args.precision):
+            batch = F.softmax(model(images.to(args.device)).float(), dim=1).double().cpu()
+        if probs is None:
+            probs = torch.full((len(loader.dataset), batch.shape[1]), float("nan"), dtype=torch.float64)
+        probs[indices[ok.bool()]] = batch[ok.bool()]
+    return probs.numpy()
+
+
+def validation_metrics(probs, items, class_weights):
+    """val_loss (the training criterion), val_accuracy, val_balanced_accuracy, val_n_failed."""
+    y_true = np.array([label for _path, label in items])
+    ok = np.isfinite(probs).all(axis=1)
+    y_true, scored = y_true[ok], probs[ok]
+    y_pred = scored.argmax(axis=1)
+    log_p = torch.log(torch.from_numpy(scored).clamp_min(1e-12))
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float64)
+    loss = F.nll_loss(log_p, torch.from_numpy(y_true), weight=weight).item() if ok.any() else float("nan")
+    return {"val_loss": loss,
+            "val_accuracy": float((y_pred == y_true).mean()) if ok.any() else float("nan"),
+            "val_balanced_accuracy": selection_score(y_true, y_pred),
+            "val_n_failed": int((~ok).sum())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def weights_spec(text):
+    """argparse type for --weights: 'imagenet', 'none' or a path."""
+    return text.lower() if text.lower() in ("imagenet", "none") else text
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    for flag, split in (("--train-dir", "train"), ("--val-dir", "val"), ("--test-dir", "test")):
+        data.add_argument(flag, required=True, help="folder with one sub-folder per class, or a "
+                          f"manifest.csv of data_preprocess.py (its rows of split '{split}')")
+    data.add_argument("--save-dir", required=True,
+                      help="where the checkpoint, metrics.csv, args.json and predictions.csv go")
+    data.add_argument("--prompts", default=None,
+                      help="JSON prompt set of clip_train.py; only its class folders (and their "
+                           "order) are used, so the baseline has the same classes as the CLIP run")
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", choices=ARCHS, default="resnet50",
+                       help="torchvision architecture (default resnet50; resnet18 is the quick one)")
+    model.add_argument("--weights", type=weights_spec, default="imagenet", metavar="imagenet|none|PATH",
+                       help="starting weights: 'imagenet' (torchvision's, from torch's cache or "
+                            "downloaded), 'none' (random init), or a state_dict file (an ImageNet "
+                            "download, or a checkpoint of this script); the classification head is "
+                            "new unless the file is a checkpoint of ours with the same classes")
+    model.add_argument("--image-size", type=int, default=224,
+                       help="input side in pixels (default 224, what ImageNet weights were trained "
+                            f"at; >= {MIN_IMAGE_SIZE_PX}; vit_b_16 with weights needs exactly 224)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
+    optim.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    optim.add_argument("--lr", type=float, default=1e-4,
+                       help="AdamW peak learning rate, cosine-decayed to 0 over all steps (default "
+                            "1e-4 for fine-tuning; ~1e-3 from random init)")
+    optim.add_argument("--weight-decay", type=float, default=0.01,
+                       help="AdamW decoupled weight decay (default 0.01; 0.01-0.05 usual)")
+    optim.add_argument("--class-weights", action="store_true",
+                       help="weight the cross-entropy by n / (C * count) per class (the rare class "
+                            "counts as much as the others); not with --balanced-sampling")
+    optim.add_argument("--balanced-sampling", action="store_true",
+                       help="draw every class equally often (with replacement); not with "
+                            "--class-weights, which would correct the imbalance twice")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=2024, help="seed for the initial weights and batches")
+    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow a non-empty --save-dir (its files of an earlier run are replaced)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Values and combinations, named by their flag (exit 2 before anything is written)."""
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--image-size", args.image_size, MIN_IMAGE_SIZE_PX)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        parser.error(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
+    if args.class_weights and args.balanced_sampling:
+        parser.error("--class-weights and --balanced-sampling both correct the class imbalance; "
+                     "pass one of them")
+    if args.arch == "vit_b_16":
+        if args.image_size % VIT_PATCH_PX:
+            parser.error(f"--image-size {args.image_size}: vit_b_16 needs a multiple of {VIT_PATCH_PX}")
+        if args.weights != "none" and args.image_size != VIT_PRETRAINED_SIZE_PX:
+            parser.error(f"--image-size {args.image_size}: vit_b_16 with --weights {args.weights} "
+                         f"needs --image-size {VIT_PRETRAINED_SIZE_PX} (or --weights none)")
+    for flag in ("--train-dir", "--val-dir", "--test-dir"):
+        spec = Path(getattr(args, flag[2:].replace("-", "_")))
+        if not spec.exists():
+            parser.error(f"{flag} {spec}: no such folder or manifest.csv")
+        if spec.is_file() and spec.suffix.lower() != ".csv":
+            parser.error(f"{flag} {spec}: a file must be a manifest.csv")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        parser.error(f"--weights {args.weights}: no such file; pass imagenet, none or a weights file")
+    if args.prompts and not Path(args.prompts).is_file():
+        parser.error(f"--prompts {args.prompts}: no such file")
+    save_dir = Path(args.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        parser.error(f"--save-dir {save_dir}: exists and is not a folder")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not args.overwrite:
+        parser.error(f"--save-dir {save_dir}: folder is not empty; pass --overwrite to replace its "
+                     "results, or choose another folder")
+
+
+def load_cohorts(args):
+    """The class folders (prompts.py's registry or --prompts) and the three labelled image lists."""
+    folders = prompt_sets.class_folders(prompt_sets.load_prompt_set(args.prompts))
+    lists = []
+    for flag, spec, split in (("--train-dir", args.train_dir, "train"), ("--val-dir", args.val_dir, "val"),
+                              ("--test-dir", args.test_dir, "test")):
+        try:
+            lists.append(common.load_labelled_items(spec, folders, split))
+        except (common.CohortError, OSError) as err:
+            raise common.CohortError(f"{flag} {err}") from None
+    test_spec = Path(args.test_dir)
+    # As inference.py: paths relative to the test folder, or to the folder of its manifest.
+    test_root = test_spec.parent if test_spec.is_file() else test_spec
+    cohorts = Cohorts(folders, *lists, test_root=test_root)
+    counts = np.bincount([label for _path, label in cohorts.train], minlength=len(folders))
+    if args.class_weights and (counts == 0).any():
+        missing = [folders[k] for k in np.flatnonzero(counts == 0)]
+        raise ValueError(f"--class-weights: class(es) {missing} have no training images in "
+                         f"{args.train_dir}; add images or leave --class-weights off")
+    return cohorts
+
+
+def prepare(args):
+    """Everything that can refuse the run, done before anything is written: device, classes,
+    cohorts, model and weights. Returns (cohorts, model, WeightsInfo)."""
+    args.device = common.resolve_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    common.autocast_context(args.device, args.precision)
+    if args.workers is None:
+        args.workers = common.default_workers(args.device)
+    cohorts = load_cohorts(args)
+    model, weights = build_model(args.arch, args.weights, cohorts.folders, args.image_size, args.seed)
+    return cohorts, model.to(args.device), weights
+
+
+def prepare_save_dir(args):
+    """Create --save-dir; with --overwrite remove our own files of an earlier run first."""
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_NAMES if args.overwrite else ():
+        (save_dir / name).unlink(missing_ok=True)
+    return save_dir
+
+
+def run_record(args, argv, cohorts, weights, class_weights):
+    """args.json in the layout of the other scripts (common.run_record), with the classes, the
+    starting weights, the class weights and the image counts under `run`."""
+    import torchvision
+    record = common.run_record("baselines/train_cnn.py", argv, args, common.plain({
+        "class_folders": cohorts.folders, "weights": vars(weights),
+        "class_weights": None if class_weights is None else class_weights.tolist(),
+        "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)}}))
+    record["environment"]["torchvision"] = torchvision.__version__
+    return record
+
+
+def fit(args, cohorts, model, record, save_dir):
+    """The epoch loop: train, validate, keep the best epoch (strictly higher validation balanced
+    accuracy) as BEST_NAME; metrics.csv rewritten after every epoch. Returns the best epoch."""
+    import pandas as pd
+    train_tf, eval_tf = make_transforms(args.image_size)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = make_loader(cohorts.train, train_tf, args, train=True, generator=generator)
+    val_loader = make_loader(cohorts.val, eval_tf, args, train=False)
+    class_weights = record["run"]["class_weights"]
+    weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=args.device)
+    criterion = torch.nn.CrossEntropyLoss(weight=weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
+    history, best_value, best_epoch = [], None, None
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, seen, skipped = train_one_epoch(model, train_loader, optimizer, scheduler,
+                                                    criterion, args, scaler)
+        metrics = validation_metrics(predict(model, val_loader, args), cohorts.val, class_weights)
+        best = is_improvement(metrics["val_balanced_accuracy"], best_value)
+        if best:
+            best_value, best_epoch = metrics["val_balanced_accuracy"], epoch
+            common.save_checkpoint(save_dir / BEST_NAME, model, common.plain({
+                "format": CHECKPOINT_FORMAT, "arch": args.arch, "class_folders": cohorts.folders,
+                "image_size_px": args.image_size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+                "weights": record["run"]["weights"], "epoch": epoch, "metrics": metrics,
+                "args": record["args"], "argv": record["argv"]}))
+        history.append(common.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
+                              "skipped_images": skipped, "seconds": time.perf_counter() - start,
+                              "is_best": best}))
+        common.atomic_write_csv(save_dir / "metrics.csv", pd.DataFrame(history))
+        LOG.info("epoch %d/%d  loss %.4f  val loss %.4f  val acc %.4f  val bal.acc %.4f  %.1f s%s",
+                 epoch, args.epochs, train_loss, metrics["val_loss"], metrics["val_accuracy"],
+                 metrics["val_balanced_accuracy"], history[-1]["seconds"], "  * best" if best else "")
+    return best_epoch
+
+
+def write_predictions(args, cohorts, model, save_dir):
+    """Predict --test-dir with the best checkpoint's weights; returns the predictions frame."""
+    model.load_state_dict(common.load_state_dict_file(save_dir / BEST_NAME))
+    _train_tf, eval_tf = make_transforms(args.image_size)
+    probs = predict(model, make_loader(cohorts.test, eval_tf, args, train=False), args)
+    failed = np.flatnonzero(~np.isfinite(probs).all(axis=1)).tolist()
+    reasons = common.read_failures(cohorts.test, failed)
+    statuses = [f"failed: {reasons[i]}" if i in reasons else "ok" for i in range(len(probs))]
+    frame = predictions_frame(cohorts, probs, statuses)
+    common.atomic_write_csv(save_dir / PREDICTIONS_NAME, frame)
+    return frame
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    common.configure_logging()
+    LOG.setLevel(logging.INFO)  # common.configure_logging knows the three pipeline scripts only
+    try:
+        cohorts, model, weights = prepare(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    labels = [label for _path, label in cohorts.train]
+    class_weights = class_weight_vector(labels, len(cohorts.folders)) if args.class_weights else None
+    record = run_record(args, argv, cohorts, weights, class_weights)
+    for key, value in record["args"].items():
+        LOG.info("  %s = %s", key, value)
+    LOG.info("== %s (%s), classes %s: %d train / %d val / %d test images, %s (%s) ==", args.arch,
+             weights.source, cohorts.folders, len(cohorts.train), len(cohorts.val), len(cohorts.test),
+             args.device, args.precision)
+    try:
+        save_dir = prepare_save_dir(args)
+        common.atomic_write_json(save_dir / "args.json", record)
+        best_epoch = fit(args, cohorts, model, record, save_dir)
+        if best_epoch is None:
+            print(f"error: no epoch had a validation balanced accuracy (none of the {len(cohorts.val)} "
+                  f"--val-dir images could be read?); see {save_dir / 'metrics.csv'}", file=sys.stderr)
+            return 1
+        frame = write_predictions(args, cohorts, model, save_dir)
+    except common.OutputWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except FloatingPointError as err:
+        print(f"error: {err}; try a lower --lr or --precision fp32", file=sys.stderr)
+        return 1
+    n_ok = int((frame["status"] == "ok").sum())
+    if n_ok == 0:
+        print(f"error: none of the {len(frame)} --test-dir images could be read; the reasons are in "
+              f"the status column of {save_dir / PREDICTIONS_NAME}", file=sys.stderr)
+        return 1
+    accuracy = float((frame["pred_label"] == frame["true_label"])[frame["status"] == "ok"].mean())
+    LOG.info("== done: best epoch %d; test accuracy %.4f on %d of %d images; %s ==", best_epoch,
+             accuracy, n_ok, len(frame), save_dir / PREDICTIONS_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

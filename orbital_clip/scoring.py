@@ -1,0 +1,1093 @@
+"""Evaluate an OpenCLIP model on an external cohort, with the statistics a journal asks for
+(STARD 2015, TRIPOD+AI 2024, CLAIM 2024).
+
+Each class is one embedding: the mean of the normalised text embeddings of its evaluation prompts
+(a prompt ensemble). An image's class probabilities are the softmax of its scaled cosine
+similarities to those embeddings. Labels are the class folder names, matched by name (never by
+sort order); a test folder without class folders is predicted but not scored. An unreadable image
+keeps its row in predictions.csv with a `failed: <reason>` status, is left out of the metrics and
+counted in the flow table and in the intention-to-diagnose line of the report.
+
+--checkpoint takes a checkpoint written by clip_train.py (architecture, classes, prompts, the
+validation operating threshold and temperature come from it), a plain open_clip state_dict as the
+published code saved it (--model-name required), or an open_clip pretrained tag for the zero-shot
+baseline (--model-name required). --test-dir takes class folders, images without class folders,
+or a manifest.csv of data_preprocess.py (rows of --split, default test; its `group` column makes
+the bootstrap resample patients, not images):
+
+    $ python inference.py --test-dir external_cohort \\
+          --checkpoint clip_model_checkpoints/clip_model_epoch_best.pt
+    $ python inference.py --test-dir splits/manifest.csv --checkpoint best.pt \\
+          --baseline datacomp_s34b_b86k --output-dir results_vs_zero_shot --cache-dir emb_cache
+    $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
+          --compare resnet50=runs/resnet50/predictions.csv --metadata meta.csv --subgroups site
+    $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
+          --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
+    $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
+          --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
+
+Writes into --output-dir predictions.csv, metrics.json, per_class_metrics.csv, confusion_matrix.csv,
+classification_report.txt, the figures (roc_curves, pr_curves, calibration, prob_histograms,
+confusion_matrix; .png and .pdf), report.md (each output mapped to the checklist item it serves,
+with a failure analysis in failure_analysis/) and args.json; with --baseline or --compare also
+comparison.csv/.png (and baseline_predictions.csv), with --subgroups subgroups.csv/.png, with
+--wise-ft-alpha a wise_ft_alpha_<a>/ folder per alpha and wise_ft_summary.csv. --predictions
+(answers, no model: answer_files.py) writes the files that need no model; its --compare files are
+later steps of the same reader (sequential.csv, sequential_changes.csv, a step<k>_<name>/ folder
+per step). README "Output files" lists every file.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from tqdm import tqdm
+
+from orbital_clip import common
+from orbital_clip import prompts as prompt_sets
+from orbital_clip.answers import (add_answer_arguments, check_answer_args, check_compare_args, read_compared,
+                          run_answers)
+from orbital_clip.evaluation import (DEFAULT_SPLIT, FAILURE_DIR, Cohort, args_record, check_output_dir,
+                        check_subgroup_args, clear_previous_outputs, clear_previous_run,
+                        cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,
+                        package_versions, score_subgroups, training_overlap, write_failure_analysis,
+                        write_scored_tables, write_subgroup_outputs)
+from orbital_clip.metrics import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED, ComparedModel,
+                     compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
+                     interval_levels, operating_point_metrics, rule_predictions, softmax)
+from orbital_clip.report import (comparison_resample_notes, flow_counts, format_value, predictions_frame, rare_summary,
+                    render_report, resample_notes, summary_row, unanswered_notes, write_figures)
+
+LOG = logging.getLogger("inference")
+DEFAULT_OUTPUT_DIR = "inference_results"
+DEFAULT_BATCH_SIZE = 64
+CACHE_VERSION = 1  # bump when what a cached embedding means changes
+WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.md's failure analysis
+
+
+# ----------------------------------------------------------------------------------------------
+# Records passed between the stages
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A resolved --checkpoint or --baseline."""
+    kind: str  # 'ours' (clip_train.py), 'state_dict' (plain open_clip weights) or 'tag'
+    spec: str  # the path or pretrained tag as given
+    data: dict | None  # the loaded file; None for a tag
+    sha256: str | None  # of the file; None for a tag
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """Everything needed to score one model and to describe it in the outputs."""
+    checkpoint: Checkpoint
+    model_name: str
+    model: torch.nn.Module
+    preprocess: object  # evaluation transform
+    tokenizer: object
+    classes: list  # prompts.ClassPrompts, index order = class index
+    folders: list
+    prompt_source: str
+    logit_scale_mode: str  # 'exp' or 'published-log'
+    operating: dict  # rare-class operating point: class, rare_index, threshold, source, ...
+    temperature: float | None  # fitted on validation by clip_train.py
+    temperature_source: str
+    weights_id: str  # checkpoint SHA-256 or tag:<tag>
+    cache_key: str  # of the embedding cache
+    wise_ft_alpha: float | None = None
+    wise_ft_base: str | None = None
+
+
+@dataclasses.dataclass
+class WiseFT:
+    """The two weight sets WiSE-FT interpolates."""
+    base: dict  # state_dict
+    tuned: dict
+    label: str  # how the base is named in the report
+    identity: str  # SHA-256 or tag:<tag>, part of the cache key
+
+
+@dataclasses.dataclass
+class Scores:
+    """One model's output on the cohort."""
+    logits: np.ndarray  # (N, C) float64, NaN rows where unreadable
+    statuses: list  # 'ok' or 'failed: <reason>' per image
+
+
+@dataclasses.dataclass
+class Setup:
+    """What `prepare` loads before any output is written."""
+    cohort: Cohort
+    model: ModelBundle
+    baseline: ModelBundle | None
+    wise: WiseFT | None
+    anonymize: object  # text -> pseudonym, or None
+    argv: list = dataclasses.field(default_factory=list)  # the command line, for args.json
+    compare: dict = dataclasses.field(default_factory=dict)  # --compare name -> ExternalPredictions
+    subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+    overlap: dict | None = None  # test images also in the checkpoint's train/val (training_overlap)
+
+# ----------------------------------------------------------------------------------------------
+# Loading: checkpoint, model, prompts, images
+
+
+def checkpoint_kind(data):
+    """'ours' (state_dict + metadata), 'state_dict' (plain weights), or None."""
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        ours = str(data.get("format", "")).startswith("orbital-clip/") or "model_name" in data
+        return "ours" if ours else "state_dict"
+    if isinstance(data, dict) and data and all(torch.is_tensor(v) for v in data.values()):
+        return "state_dict"
+    return None
+
+
+def resolve_checkpoint(spec, flag="--checkpoint"):
+    """The Checkpoint of a checkpoint file or an open_clip pretrained tag; an hf-hub:ORG/REPO or
+    local-dir:PATH model counts as a tag (zero-shot weights named, not a file), with the SHA-256 of
+    a local-dir's weights file."""
+    if common.model_source(spec):
+        return resolve_source_model(spec, flag)
+    path = Path(spec)
+    if path.is_file():
+        try:
+            data = common.load_checkpoint_file(path)
+        except common.CheckpointError as err:  # e.g. refused: it would unpickle arbitrary objects
+            raise common.CheckpointError(f"{flag} {err}") from None
+        kind = checkpoint_kind(data)
+        if kind is None:
+            raise common.CheckpointError(f"{flag} {path}: holds no model state_dict (expected a "
+                                         "checkpoint of clip_train.py or a plain open_clip state_dict)")
+        return Checkpoint(kind, str(path), data, common.file_sha256(path))
+    if path.exists():
+        raise common.CheckpointError(f"{flag} {path}: is a folder, not a checkpoint file")
+    if looks_like_file(spec):
+        raise common.CheckpointError(f"{flag} {path}: no such checkpoint file")
+    return Checkpoint("tag", str(spec), None, None)
+
+
+def resolve_source_model(spec, flag):
+    """The checkpoint record of an hf-hub:/local-dir: model (a local-dir is checked here)."""
+    sha256 = None
+    if common.model_source(spec) == "local-dir":
+        try:
+            common.read_model_config(spec)
+            sha256 = common.file_sha256(common.local_dir_weights(spec))
+        except ValueError as err:
+            raise common.CheckpointError(f"{flag} {err}") from None
+    return Checkpoint("tag", str(spec), None, sha256)
+
+
+def looks_like_file(spec):
+    """A weights spec meant as a file (a weights suffix or a folder part), not a pretrained tag."""
+    path = Path(spec)
+    return path.suffix.lower() in WEIGHT_SUFFIXES or len(path.parts) > 1
+
+
+def requested_model_name(args):
+    """--model-name, or the --model-config stem (registered with open_clip on the way)."""
+    config_name = None
+    if args.model_config:
+        config_name, _config = common.register_model_config(args.model_config)
+        if args.model_name and args.model_name != config_name:
+            raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
+                             f"architecture {config_name}")
+    return args.model_name or config_name
+
+
+def resolve_model_name(requested, checkpoint, flag="--model-name", role="--checkpoint"):
+    """The architecture: the checkpoint's own, else `requested` (the value of `flag`)."""
+    if common.model_source(checkpoint.spec) and checkpoint.kind == "tag":  # hf-hub:/local-dir:
+        if requested and requested != checkpoint.spec:
+            raise ValueError(f"{flag} {requested}: {role} {checkpoint.spec} brings its own "
+                             f"architecture; leave {flag} out")
+        return checkpoint.spec
+    if checkpoint.kind != "ours":
+        if not requested:
+            what = "a pretrained tag" if checkpoint.kind == "tag" else "a plain state_dict"
+            raise ValueError(f"{flag} is required: {role} {checkpoint.spec} is {what} "
+                             "without architecture metadata (e.g. --model-name ViT-B-32-256)")
+        return requested
+    data = checkpoint.data
+    name = data.get("model_name")
+    if not isinstance(name, str) or not name:
+        raise common.CheckpointError(f"{checkpoint.spec}: metadata lacks the model_name")
+    if requested and requested != name:
+        raise ValueError(f"{flag} {requested} differs from the architecture {name} stored in "
+                         f"{checkpoint.spec}; leave {flag} out to use the checkpoint's")
+    if isinstance(data.get("model_config"), dict):
+        common.register_model_config_dict(name, data["model_config"])
+    return name
+
+
+def load_weights(model, model_name, checkpoint):
+    """Load a file checkpoint's state_dict into the model, with a clear error when it does not fit."""
+    data = checkpoint.data
+    common.load_weights_into(model, data["state_dict"] if "state_dict" in data else data,
+                             checkpoint.spec, model_name)
+
+
+def eval_transform(model, model_name, pretrained, default):
+    """The evaluation transform the weights were trained with: the pretrained tag's mean, std and
+    resizing when the checkpoint names a tag (as clip_train.py used), else `default`."""
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if isinstance(pretrained, str) else {}
+    base = getattr(model.visual, "preprocess_cfg", None)
+    if not tag_cfg or base is None:
+        return default
+    return image_transform_v2(PreprocessCfg(**merge_preprocess_dict(base, tag_cfg)), is_train=False)
+
+
+def build_model(model_name, checkpoint, device, flag="--checkpoint"):
+    """(model in eval mode, evaluation transform, tokenizer) for a checkpoint file or a tag."""
+    spec = checkpoint.spec
+    if checkpoint.kind == "tag":
+        if model_name in open_clip.list_models():
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if spec not in tags:
+                raise common.CheckpointError(f"{flag} {spec}: not a file, nor a pretrained tag of "
+                                             f"{model_name} (its tags: {', '.join(tags) or 'none'})")
+        try:
+            model, _train_tf, preprocess, tokenizer = common.create_model(model_name, spec, device)
+        except common.MissingPackageError as err:
+            raise common.CheckpointError(f"{flag} {err}") from None
+        except (RuntimeError, OSError, ValueError) as err:
+            raise common.CheckpointError(f"{flag} {spec}: could not load the pretrained weights "
+                                         f"of {model_name} ({str(err).strip().splitlines()[0][:300]}); "
+                                         "offline, pass a local weights file") from None
+        return model.eval(), preprocess, tokenizer
+    # Our checkpoints rebuild from their recorded architecture and preprocessing: an hf-hub: or
+    # local-dir: model needs neither the Hub nor the folder any more.
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    config = data.get("model_config") if isinstance(data.get("model_config"), dict) else None
+    preprocess_cfg = data.get("preprocess_cfg") if isinstance(data.get("preprocess_cfg"), dict) else None
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; weights follow
+    try:
+        model, _train_tf, preprocess, tokenizer = common.create_model(
+            model_name, None, device, model_config=config, preprocess_cfg=preprocess_cfg)
+    except ValueError as err:  # e.g. a missing optional package, a local-dir that is gone
+        raise common.CheckpointError(f"{flag} {err}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    load_weights(model, model_name, checkpoint)
+    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
+    return model.eval(), eval_transform(model, model_name, pretrained, preprocess), tokenizer
+
+
+def load_classes(prompts_path, checkpoint):
+    """(classes, source): --prompts, else the checkpoint's stored prompt set, else the published one."""
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    stored = data.get("class_folders")
+    if prompts_path:
+        try:
+            classes = prompt_sets.load_prompt_set(prompts_path)
+        except prompt_sets.PromptSetError as err:
+            raise prompt_sets.PromptSetError(f"--prompts {err}") from None
+        source = f"--prompts {prompts_path}"
+        if stored and list(stored) != prompt_sets.class_folders(classes):
+            LOG.warning("--prompts classes %s differ from the checkpoint's %s",
+                        prompt_sets.class_folders(classes), list(stored))
+        return classes, source
+    if data.get("prompts"):
+        where = f"{checkpoint.spec} (stored prompts)"
+        return prompt_sets.parse_prompt_set(data["prompts"], where), f"stored in {checkpoint.spec}"
+    classes = prompt_sets.load_prompt_set(None)
+    if stored and list(stored) != prompt_sets.class_folders(classes):
+        raise common.CheckpointError(f"{checkpoint.spec}: trained on classes {list(stored)} but "
+                                     "stores no prompts; pass them with --prompts")
+    return classes, "published prompt set"
+
+
+def stored_calibration(checkpoint, folders, threshold=None):
+    """(operating point dict, temperature or None, temperature source) for one evaluated model.
+
+    The threshold and the temperature were fitted on the VALIDATION split by clip_train.py and
+    are never re-fitted here; `threshold` (--threshold) overrides the stored one (source 'user').
+    """
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    stored = data.get("operating_point") if isinstance(data.get("operating_point"), dict) else {}
+    rare = stored.get("class") if stored.get("class") in folders else folders[0]
+    operating = {"class": rare, "rare_index": folders.index(rare)}
+    value = stored.get("threshold")
+    if stored.get("class") not in (None, rare):  # a threshold of a class not evaluated here
+        value = None
+    if threshold is not None:
+        operating.update(threshold=float(threshold), source="user (--threshold)")
+    elif isinstance(value, (int, float)) and math.isfinite(value):
+        operating.update(threshold=float(value), source="validation",
+                         target_sensitivity=stored.get("target_sensitivity"),
+                         val_sensitivity=finite_or_none(stored.get("val_sensitivity", float("nan"))),
+                         val_specificity=finite_or_none(stored.get("val_specificity", float("nan"))))
+    else:
+        operating.update(threshold=None, source="the checkpoint stores no validation threshold")
+    temperature = data.get("temperature")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        return operating, None, "the checkpoint stores no validation temperature"
+    return operating, float(temperature), "validation (clip_train.py)"
+
+
+def calibration_mismatch(checkpoint, classes, logit_scale_mode):
+    """How the evaluated softmax differs from the one the checkpoint's validation threshold and
+    temperature were fitted under (a list of phrases; empty when it is the same): another logit
+    scale mode (--logit-scale-mode), another class set or other evaluation prompts (--prompts).
+    Each changes every probability, so the stored threshold and temperature no longer apply."""
+    data = checkpoint.data if checkpoint.kind == "ours" else {}
+    changed = []
+    stored_mode = data.get("logit_scale_mode") or "exp"
+    if logit_scale_mode != stored_mode:
+        changed.append(f"logit scale {stored_mode!r} (evaluated: {logit_scale_mode!r})")
+    folders = prompt_sets.class_folders(classes)
+    stored_folders = data.get("class_folders")
+    if stored_folders and list(stored_folders) != folders:
+        changed.append(f"classes {list(stored_folders)} (evaluated: {folders})")
+    elif isinstance(data.get("prompts"), dict):
+        try:
+            stored = prompt_sets.parse_prompt_set(data["prompts"], checkpoint.spec)
+        except prompt_sets.PromptSetError:
+            stored = None
+        if stored is not None and {c.folder: list(c.eval) for c in stored} != {
+                c.folder: list(c.eval) for c in classes}:
+            changed.append("other evaluation prompts (evaluated: --prompts)")
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding cache: re-analysis (other prompts, thresholds, bootstrap sizes) without re-encoding
+
+
+def cache_model_key(weights_id, model_name, preprocess, precision, extra=None):
+    """Hex key of what an image embedding depends on besides the image: the weights (checkpoint
+    SHA-256, pretrained tag, WiSE-FT mix), architecture, preprocessing and precision."""
+    description = json.dumps({"version": CACHE_VERSION, "weights": weights_id, "model": model_name,
+                              "preprocess": repr(preprocess), "precision": precision,
+                              "extra": extra}, sort_keys=True)
+    return hashlib.sha256(description.encode("utf-8")).hexdigest()
+
+
+def image_cache_key(path):
+    """Hex key of one image file: its resolved path, size and modification time (a changed or
+    replaced file gets a new key; no file name is stored in the cache)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    text = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_cache(path):
+    """{image key: (embedding (D,) float32, reason or '')} from a cache file ({} if none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, features, reasons = data["keys"], data["features"], data["reasons"]
+    except (OSError, ValueError, KeyError) as err:
+        LOG.warning("embedding cache %s unreadable (%s); re-encoding", path, err)
+        return {}
+    return {str(k): (features[i], str(reasons[i])) for i, k in enumerate(keys)}
+
+
+def write_cache(path, entries):
+    """Write {key: (embedding, reason)} atomically as .npz (no pickled objects)."""
+    keys = sorted(entries)
+    features = np.stack([entries[k][0] for k in keys]).astype(np.float32)
+    reasons = np.array([entries[k][1] for k in keys], dtype=str)
+    common.atomic_write(path, lambda handle: np.savez(handle, keys=np.array(keys, dtype=str),
+                                                      features=features, reasons=reasons))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+
+
+def encode_items(model, preprocess, items, args):
+    """(features (N, D) float32 normalised, ok (N,) bool, {index: reason}) by encoding images."""
+    image_size_px = common.model_image_size(model)
+    dataset = common.ImageListDataset(items, preprocess, min_side_px=image_size_px,
+                                      image_shape=(3, image_size_px, image_size_px))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+        pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker)
+    progress = lambda batches: tqdm(batches, desc="encoding images", unit="batch",  # noqa: E731
+                                    disable=args.no_progress or None)  # None: only on a terminal
+    with torch.inference_mode():
+        features, ok = common.encode_image_batches(model, loader, args.device, args.precision, progress)
+    ok = ok.numpy()
+    return features.numpy(), ok, common.read_failures(items, np.flatnonzero(~ok).tolist())
+
+
+def image_features(model, preprocess, items, args, cache_key):
+    """Like `encode_items`, but with --cache-dir only the images missing from the cache (new,
+    changed, or never seen with these weights and preprocessing) are read and encoded."""
+    if not args.cache_dir:
+        return encode_items(model, preprocess, items, args)
+    path = Path(args.cache_dir) / f"embeddings_{cache_key[:32]}.npz"
+    cached = read_cache(path)
+    keys = [image_cache_key(item_path) for item_path, _label in items]
+    todo = [i for i, key in enumerate(keys) if key is None or key not in cached]
+    LOG.info("embedding cache %s: %d of %d images cached", path, len(items) - len(todo), len(items))
+    fresh = {}
+    if todo:
+        features, ok, reasons = encode_items(model, preprocess, [items[i] for i in todo], args)
+        for j, i in enumerate(todo):
+            fresh[i] = (features[j], "" if ok[j] else reasons[j])
+            if keys[i] is not None:
+                cached[keys[i]] = fresh[i]
+        Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+        write_cache(path, cached)
+    rows = [fresh[i] if i in fresh else cached[keys[i]] for i in range(len(items))]
+    features = np.stack([row[0] for row in rows]).astype(np.float32)
+    ok = np.array([row[1] == "" for row in rows])
+    return features, ok, {i: row[1] for i, row in enumerate(rows) if row[1]}
+
+
+def score_model(bundle, cohort, args):
+    """The Scores of one model on the cohort: logits (N, C), NaN rows where unreadable."""
+    model, items = bundle.model, cohort.items
+    features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
+    with torch.inference_mode():
+        # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
+        classifier = common.build_zero_shot_classifier(
+            model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
+        # The published code scaled by the raw log temperature; reproduce it only when asked.
+        published = bundle.logit_scale_mode == "published-log"
+        scale = model.logit_scale if published else model.logit_scale.exp()
+        logits = common.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
+                                         scale.float().cpu())
+    logits = logits.double().numpy()  # (N, C)
+    logits[~ok] = np.nan
+    statuses = ["ok" if good else f"failed: {reasons[i]}" for i, good in enumerate(ok)]
+    return Scores(logits, statuses)
+
+
+def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold=None,
+                 flag="--checkpoint"):
+    """Everything needed to score one model: weights loaded, transform, tokenizer, classes,
+    logit scale mode, stored operating point and temperature, and its cache key."""
+    model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
+    folders = prompt_sets.class_folders(classes)
+    stored_mode = (checkpoint.data or {}).get("logit_scale_mode") if checkpoint.kind == "ours" else None
+    mode = args.logit_scale_mode or stored_mode or "exp"
+    operating, temperature, temperature_source = stored_calibration(checkpoint, folders, threshold)
+    changed = calibration_mismatch(checkpoint, classes, mode)
+    if changed and (temperature is not None or operating.get("source") == "validation"):
+        note = "dropped: fitted on validation under " + "; ".join(changed)
+        LOG.warning("%s %s: the stored validation threshold and temperature are not applied (%s)%s",
+                    flag, checkpoint.spec, note,
+                    "; --threshold is applied" if threshold is not None else "")
+        temperature, temperature_source = None, note
+        if threshold is None:
+            operating = dict(operating, threshold=None, source=note)
+    weights_id = checkpoint.sha256 or f"tag:{checkpoint.spec}"
+    return ModelBundle(
+        checkpoint=checkpoint, model_name=model_name, model=model, preprocess=preprocess,
+        tokenizer=tokenizer, classes=classes, folders=folders, prompt_source=prompt_source,
+        logit_scale_mode=mode, operating=operating,
+        temperature=temperature, temperature_source=temperature_source, weights_id=weights_id,
+        cache_key=cache_model_key(weights_id, model_name, preprocess, args.precision))
+
+
+def prepare_baseline(args, model_name, folders):
+    """The --baseline model, scored on the same images; its classes must be the same folders."""
+    checkpoint = resolve_checkpoint(args.baseline, flag="--baseline")
+    own_arch = checkpoint.kind == "ours" or common.model_source(checkpoint.spec)
+    requested = args.baseline_model_name or (None if own_arch else model_name)
+    name = resolve_model_name(requested, checkpoint, "--baseline-model-name", "--baseline")
+    classes, source = load_classes(args.prompts, checkpoint)
+    if set(prompt_sets.class_folders(classes)) != set(folders):
+        raise ValueError(f"--baseline {args.baseline}: classes {prompt_sets.class_folders(classes)} "
+                         f"differ from the model's {folders}; pass a --prompts file for both")
+    return build_bundle(checkpoint, name, classes, source, args, flag="--baseline")
+
+
+def wise_ft_base_weights(args, bundle):
+    """(state_dict, label, identity) of the WiSE-FT base: --wise-ft-base, else the checkpoint's
+    recorded `pretrained` (a local weights file or an open_clip tag)."""
+    checkpoint = bundle.checkpoint
+    if checkpoint.kind == "tag":
+        raise ValueError(f"--wise-ft-alpha: --checkpoint {checkpoint.spec} is a pretrained tag; "
+                         "WiSE-FT needs fine-tuned weights (a checkpoint file)")
+    if args.wise_ft_base:
+        path = Path(args.wise_ft_base)
+        try:
+            weights = common.load_state_dict_file(path)
+        except common.CheckpointError as err:
+            raise common.CheckpointError(f"--wise-ft-base {err}") from None
+        return weights, f"`{path}`", common.file_sha256(path)
+    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
+    if not pretrained:
+        raise ValueError(f"--wise-ft-alpha: {checkpoint.spec} records no pretrained weights "
+                         "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
+    recorded_sha256 = checkpoint.data.get("pretrained_sha256")
+    if Path(pretrained).is_file() and Path(pretrained).is_absolute():
+        sha256 = common.file_sha256(pretrained)
+        if recorded_sha256 and sha256 != recorded_sha256:
+            raise ValueError(f"--wise-ft-alpha: {pretrained} is not the file training started from "
+                             f"(SHA-256 {sha256[:12]}..., recorded {recorded_sha256[:12]}...); pass "
+                             "--wise-ft-base PATH with the original weights")
+        return common.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
+    if Path(pretrained).is_file():  # a relative path recorded before paths were made absolute
+        raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
+                         f"relative path {pretrained}, which may be another file from this folder; "
+                         "pass --wise-ft-base PATH")
+    source = common.model_source(pretrained)  # an hf-hub:/local-dir: model brings its architecture
+    if not source and looks_like_file(pretrained):
+        raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
+                         "on this machine; pass --wise-ft-base PATH")
+    try:
+        base_model, *_ = common.create_model(pretrained if source else bundle.model_name, pretrained)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
+                                     f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
+                                     "offline, pass --wise-ft-base PATH") from None
+    label = f"`{pretrained}`" if source else f"pretrained tag {pretrained}"
+    return common.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
+
+
+def prepare_wise_ft(args, bundle):
+    """The WiseFT weight pair, checked to fit each other."""
+    base, label, identity = wise_ft_base_weights(args, bundle)
+    tuned = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+    base = {k: v for k, v in base.items() if k in tuned} if set(tuned) <= set(base) else base
+    if base.keys() != tuned.keys():
+        example = sorted(set(base) ^ set(tuned))[0]
+        raise common.CheckpointError(f"--wise-ft-base {label}: weights do not fit architecture "
+                                     f"{bundle.model_name} (e.g. key {example!r})")
+    for key, value in tuned.items():
+        if base[key].shape != value.shape:
+            raise common.CheckpointError(f"--wise-ft-base {label}: {key} has shape "
+                                         f"{tuple(base[key].shape)}, the model {tuple(value.shape)}")
+    return WiseFT(base, tuned, label, identity)
+
+
+def wise_ft_bundle(bundle, wise, alpha, args):
+    """The bundle with its model set to (1 - alpha) * base + alpha * fine-tuned weights. The
+    validation threshold and temperature belong to the fine-tuned weights: kept at alpha 1 only."""
+    bundle.model.load_state_dict(common.interpolate_state_dicts(wise.base, wise.tuned, alpha))
+    variant = dataclasses.replace(
+        bundle, wise_ft_alpha=alpha, wise_ft_base=wise.label,
+        cache_key=cache_model_key(bundle.weights_id, bundle.model_name, bundle.preprocess,
+                                  args.precision, {"wise_ft_alpha": alpha, "base": wise.identity}))
+    fitted = stored_wise_ft_calibration(bundle, alpha, args)
+    if alpha != 1.0 and fitted:
+        note = f"validation at WiSE-FT alpha {alpha:g} (clip_train.py --wise-ft-alphas)"
+        temperature = fitted.get("temperature")
+        ok = isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        variant.temperature = float(temperature) if ok else None
+        variant.temperature_source = note
+        threshold = fitted.get("threshold")
+        if args.threshold is None and isinstance(threshold, (int, float)) and math.isfinite(threshold):
+            variant.operating = dict(bundle.operating, threshold=float(threshold), source=note,
+                                     val_sensitivity=finite_or_none(fitted.get("val_sensitivity", float("nan"))),
+                                     val_specificity=finite_or_none(fitted.get("val_specificity", float("nan"))))
+    elif alpha != 1.0:
+        note = "fitted on validation for the fine-tuned weights (alpha 1) only"
+        variant.temperature, variant.temperature_source = None, note
+        if args.threshold is None:
+            variant.operating = dict(bundle.operating, threshold=None, source=note)
+    return variant
+
+
+def stored_wise_ft_calibration(bundle, alpha, args):
+    """Threshold and temperature clip_train.py validated at this WiSE-FT alpha, when the base is
+    the one it used (the recorded pretrained weights, no --wise-ft-base); else None."""
+    checkpoint = bundle.checkpoint
+    if checkpoint.kind != "ours" or args.wise_ft_base:
+        return None
+    stored = (checkpoint.data or {}).get("wise_ft")
+    if not isinstance(stored, dict) or stored.get("base") != "pretrained":
+        return None
+    fitted = (stored.get("calibration") or {}).get(str(float(alpha)))
+    return fitted if isinstance(fitted, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def checkpoint_label(checkpoint):
+    """What --checkpoint named, in words, for the report."""
+    source = common.model_source(checkpoint.spec) if checkpoint.kind == "tag" else None
+    if source:
+        return f"{source} model"
+    return {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
+            "tag": "open_clip pretrained tag"}[checkpoint.kind]
+
+
+def run_info(args, setup, bundle):
+    """What was evaluated, recorded in metrics.json, args.json and report.md."""
+    checkpoint, cohort, operating = bundle.checkpoint, setup.cohort, bundle.operating
+    run = {
+        "checkpoint": checkpoint.spec,
+        "checkpoint_kind": checkpoint_label(checkpoint),
+        "checkpoint_sha256": checkpoint.sha256,
+        "model_name": bundle.model_name,
+        "wise_ft_alpha": bundle.wise_ft_alpha,
+        "wise_ft_base": bundle.wise_ft_base,
+        "class_folders": bundle.folders,
+        "rare_class": operating["class"],
+        "prompts": prompt_sets.prompt_set_to_dict(bundle.classes),
+        "prompt_source": bundle.prompt_source,
+        "logit_scale_mode": bundle.logit_scale_mode,
+        "operating_threshold": operating["threshold"],
+        "operating_threshold_source": operating["source"],
+        # the rule of predictions.csv's `prediction` column (argmax without a threshold)
+        "decision_rule": "threshold" if args.decision_rule == "threshold"
+                         and operating["threshold"] is not None else "argmax",
+        "temperature": bundle.temperature,
+        "temperature_source": bundle.temperature_source,
+        "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
+        "split": cohort.split,
+        "independent_test_set": None if setup.overlap is None else setup.overlap["independent_test_set"],
+        "test_overlap": setup.overlap,
+        "group_source": cohort.group_source,
+        "anonymized": bool(setup.anonymize),
+        "bootstrap": args.bootstrap,
+        "bootstrap_unit": "group" if cohort.groups is not None else "image",
+        "seed": args.seed,
+        "confidence_level": CONFIDENCE_LEVEL,
+        "ece_bins": args.ece_bins,
+        "ece_binning": f"{args.ece_bins} equal-width bins of the max probability, right-closed",
+        "lr_ci_method": "log method (Simel 1991); 0.5 added to each cell when one is 0",
+        "figures": args.figures,
+        "device": str(args.device),
+        "precision": args.precision,
+        "versions": package_versions(),
+    }
+    if setup.baseline is not None:
+        base = setup.baseline
+        run["baseline"] = {"checkpoint": base.checkpoint.spec, "model_name": base.model_name,
+                           "checkpoint_sha256": base.checkpoint.sha256}
+    run["compared_models"] = compared_sources(setup)
+    return run
+
+
+def compared_sources(setup):
+    """{comparison.csv model name: where its predictions came from} for report.md and metrics.json."""
+    sources = {}
+    if setup.baseline is not None:
+        base = setup.baseline
+        sources[f"baseline {base.checkpoint.spec}"] = (
+            f"--baseline, {base.model_name}, scored here on the same images (probability columns "
+            f"mapped by folder name from its class order {base.folders})")
+    for name, external in setup.compare.items():
+        failed = sum(status != "ok" for status in external.statuses)
+        sources[name] = (f"--compare {external.source} (SHA-256 {common.file_sha256(external.source)[:16]}…; "
+                         f"{'labels and probabilities' if external.probs is not None else 'labels only'}; "
+                         f"{failed} rows without an answer)")
+    return sources
+
+
+def compared_models(setup, folders, baseline_scores=None):
+    """ComparedModels over every cohort image: the --baseline (its probability columns mapped to
+    ours by folder name, never by position) and each --compare file."""
+    models = []
+    if baseline_scores is not None:
+        order = [setup.baseline.folders.index(folder) for folder in folders]
+        base_probs = softmax(baseline_scores.logits)[:, order]  # (N, C) in our folder order
+        answered = np.isfinite(base_probs).all(axis=1)
+        models.append(ComparedModel(f"baseline {setup.baseline.checkpoint.spec}",
+                                    np.where(answered, np.nan_to_num(base_probs).argmax(axis=1), -1),
+                                    base_probs))
+    for name, external in setup.compare.items():
+        models.append(ComparedModel(name, external.pred_index, external.probs))
+    return models
+
+
+def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=()):
+    """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort;
+    `compared`: ComparedModels over every cohort image (see `compared_models`)."""
+    folders, operating = bundle.folders, bundle.operating
+    probs = softmax(scores.logits)
+    scored = np.isfinite(probs).all(axis=1)
+    labels = cohort.labels()
+    y_true = labels[scored]
+    groups = cohort.scored_groups(scored)
+    probs_cal = softmax(scores.logits[scored], bundle.temperature) if bundle.temperature else None
+    metrics = compute_metrics(y_true, probs[scored], folders, args.bootstrap, args.seed,
+                              groups=groups, probs_cal=probs_cal, ece_bins=args.ece_bins)
+    for note in resample_notes(metrics, folders):  # e.g. a class missing from some resamples
+        LOG.warning("bootstrap: %s resamples usable (the others lacked an image of a class)", note)
+    if metrics["temperature_scaled"] is not None:
+        metrics["temperature_scaled"] = {"temperature": bundle.temperature,
+                                         "source": bundle.temperature_source,
+                                         **metrics["temperature_scaled"]}
+    rare, threshold = operating["rare_index"], operating["threshold"]
+    op = None
+    if threshold is not None and scored.any():
+        op = {key: value for key, value in operating.items() if key != "rare_index"}
+        op.update(operating_point_metrics(y_true, probs[scored], rare, threshold, groups=groups,
+                                          n_bootstrap=args.bootstrap, seed=args.seed))
+    predicted = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
+    itd = intention_to_diagnose(labels, predicted, rare)
+    if threshold is not None:  # the same line for the validation-threshold rule
+        by_rule = np.where(scored, rule_predictions(np.nan_to_num(probs), rare, threshold), -1)
+        itd.update(intention_to_diagnose(labels, by_rule, rare, prefix="itd_rule"))
+    comparison = None
+    if (baseline_scores is not None or compared) and scored.any():  # nothing to compare on otherwise
+        comparison = compare_predictions(
+            y_true, ComparedModel("ours", probs[scored].argmax(axis=1), probs[scored]),
+            [dataclasses.replace(model, pred=model.pred[scored],
+                                 probs=None if model.probs is None else model.probs[scored])
+             for model in compared], rare, groups, args.bootstrap, args.seed)
+        notes = comparison_resample_notes(comparison) + unanswered_notes(comparison, folders)
+        if notes:  # intervals on fewer resamples than drawn, metrics n/a (see report.md)
+            LOG.warning("comparison: %s (report.md says why)", "; ".join(notes))
+    return metrics, op, itd, comparison
+
+
+def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=None):
+    """Every output file of one model into output_dir; returns metrics (None when unlabelled)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_outputs(output_dir)
+    cohort, folders, anonymize = setup.cohort, bundle.folders, setup.anonymize
+    probs = softmax(scores.logits)
+    probs_cal = softmax(scores.logits, bundle.temperature) if bundle.temperature else None
+    threshold, rare = bundle.operating["threshold"], bundle.operating["rare_index"]
+    rule = rule_predictions(np.nan_to_num(probs), rare, threshold) if threshold is not None else None
+    run = run_info(args, setup, bundle)
+    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
+        cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize, run["decision_rule"]))
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    labels = [label for _path, label in cohort.items]
+    flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
+    metrics = op = itd = comparison = subgroups = failures = None
+    if cohort.labelled:
+        compared = compared_models(setup, folders, baseline_scores)
+        metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
+                                                      compared)
+        n_failed = flow["rows"]["total"]["unreadable"]
+        scored = np.isfinite(probs).all(axis=1)
+        subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args)
+        if args.failure_examples and scored.any():
+            failures = write_failure_analysis(output_dir, cohort, scored, probs,
+                                              args.failure_examples, anonymize)
+        metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
+                   "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
+                   "operating_point": op, **itd, "flow": flow, "comparison": comparison,
+                   "subgroups": subgroups, "failure_analysis": failures, **run}
+        common.atomic_write_json(output_dir / "metrics.json", metrics)
+        if baseline_scores is not None:
+            base = setup.baseline
+            order = [base.folders.index(f) for f in folders]
+            common.atomic_write_csv(output_dir / "baseline_predictions.csv", predictions_frame(
+                cohort, folders, softmax(baseline_scores.logits)[:, order],
+                baseline_scores.statuses, anonymize=anonymize))
+        if metrics["n"]:  # nothing to tabulate or draw when no image could be read
+            y_true = np.asarray(labels)[scored]
+            write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
+                                args.figures)
+            write_subgroup_outputs(output_dir, subgroups, args.figures)
+            if args.figures:
+                write_figures(figure_saver(output_dir), y_true, probs[scored],
+                              None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
+    common.atomic_write_text(output_dir / "report.md", report)
+    return metrics
+
+
+def run_wise_ft(args, setup, baseline_scores):
+    """One full evaluation per alpha in wise_ft_alpha_<a>/ and wise_ft_summary.csv; returns
+    (statuses of the last run, list of metrics)."""
+    bundle, output_dir = setup.model, Path(args.output_dir)
+    rows, results, scores = [], [], None
+    for alpha in args.wise_ft_alpha:
+        LOG.info("== WiSE-FT alpha %g ==", alpha)
+        variant = wise_ft_bundle(bundle, setup.wise, alpha, args)
+        scores = score_model(variant, setup.cohort, args)
+        folder = f"wise_ft_alpha_{alpha:g}"
+        metrics = write_evaluation(output_dir / folder, args, setup, variant, scores, baseline_scores)
+        rows.append(summary_row(alpha, folder, metrics, variant.operating["class"]))
+        results.append(metrics)
+    common.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
+    common.atomic_write_json(output_dir / "args.json", args_record(args, setup))
+    return scores.statuses, results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = common.default_workers(args.device)
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
+    """The command line; `--help` shows every default as '(default: X)'."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--test-dir", required=True,
+                      help="test cohort: one sub-folder per class (scored), images without class "
+                           "folders (predicted only), or a manifest.csv of data_preprocess.py")
+    data.add_argument("--split", default=None,
+                      help=f"with a manifest.csv --test-dir: the rows evaluated (default "
+                           f"{DEFAULT_SPLIT}; no fallback to another split)")
+    data.add_argument("--checkpoint", default=None,
+                      help="checkpoint of clip_train.py, a plain open_clip state_dict (needs "
+                           "--model-name), or for the zero-shot baseline an open_clip pretrained tag "
+                           "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH; or give "
+                           "--predictions instead")
+    data.add_argument("--model-name", default=None,
+                      help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
+                           "with our checkpoints (stored in them), required otherwise (published: "
+                           "ViT-B-32-256)")
+    data.add_argument("--model-config", default=None,
+                      help="JSON of a custom open_clip architecture, registered under the file's "
+                           "stem (which --model-name then defaults to)")
+    data.add_argument("--prompts", default=None,
+                      help="JSON prompt set replacing the checkpoint's stored one (schema in prompts.py); "
+                           "classes are matched to test folders by name")
+    data.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                      help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
+                           "unless --overwrite")
+    add_answer_arguments(parser)  # --predictions, --label-map, --classes
+    compare = parser.add_argument_group("comparison and weight interpolation")
+    compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
+                         help="a second model scored on the same images (a pretrained tag, or "
+                              "hf-hub:ORG/REPO or local-dir:PATH, for a zero-shot baseline, or "
+                              "another checkpoint): paired differences with "
+                              "CIs and McNemar's test in comparison.csv")
+    compare.add_argument("--compare", nargs="+", default=None, metavar="NAME=FILE",
+                         help="predictions of other models or readers on the same cohort (a CNN's "
+                              "predictions.csv, an MLLM's or a clinician's answers): CSV with path "
+                              "(as in our predictions.csv) and pred_label (or answer), optional "
+                              "prob_<folder> per class and status; each becomes rows of "
+                              "comparison.csv against our model (paired CIs, McNemar, DeLong); "
+                              "with --predictions: later steps of the same reader, in order "
+                              "(the sequential table: per class sensitivity and specificity per "
+                              "step, paired changes with McNemar, Cochran's Q)")
+    compare.add_argument("--baseline-model-name", default=None,
+                         help="architecture of a tag or plain state_dict --baseline (default: the "
+                              "model's own)")
+    compare.add_argument("--wise-ft-alpha", type=float, nargs="+", default=None, metavar="A",
+                         help="WiSE-FT: evaluate (1 - A) * base + A * fine-tuned weights for each A "
+                              "in [0, 1], one wise_ft_alpha_<A>/ folder each (0.5 often keeps the "
+                              "zero-shot robustness and most of the fine-tuning gain)")
+    compare.add_argument("--wise-ft-base", default=None, metavar="PATH",
+                         help="WiSE-FT base weights file (default: the checkpoint's recorded "
+                              "pretrained weights)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                     help="images per forward pass (default 64; 256+ is fine on a GPU)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="image-decoding worker processes (default: cores - 1, at most 8, on a GPU; "
+                          "0 = in process, the default on the CPU)")
+    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="image tower precision; features and classifier stay fp32 (auto: bf16 where "
+                          "the hardware multiplies bf16 natively: CUDA with bf16, a CPU with AMX or "
+                          "AVX512-BF16; else fp32. fp32 for exact numbers; fp16 needs CUDA)")
+    run.add_argument("--logit-scale-mode", choices=("exp", "published-log"), default=None,
+                     help="softmax temperature: exp(logit_scale) (correct CLIP), or the raw log value "
+                          "as the published code did (default: the checkpoint's mode, else exp)")
+    run.add_argument("--cache-dir", default=None,
+                     help="cache image embeddings here, keyed by weights, architecture, "
+                          "preprocessing and each file's path, size and mtime: a re-run with other "
+                          "prompts, thresholds or bootstrap sizes encodes no image")
+    run.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                     help="draw the figures (PNG + PDF; default on; --no-figures saves a few seconds)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the evaluation files of an earlier run in --output-dir")
+    privacy = parser.add_argument_group("privacy")
+    privacy.add_argument("--anonymize-paths", action="store_true",
+                         help="write salted SHA-256 hashes instead of image paths (and group ids) in "
+                              "every output; the test folder is written as <anonymized>")
+    privacy.add_argument("--anonymize-salt", default=None,
+                         help="salt of --anonymize-paths (default: random per run, so hashes cannot "
+                              "be linked across runs); never written to any output")
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                       help="percentile-bootstrap resamples for the 95%% CIs (default 2000; under "
+                            "~500 the interval ends move with the seed; 0 = no bootstrap CIs)")
+    stats.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 2024)")
+    stats.add_argument("--group-regex", default=None, metavar="RE",
+                       help=r"resample patients, not images: the first capture group of RE searched "
+                            r"in each image's path relative to the data root (to --test-dir, or a "
+                            r"manifest's source), else in its file name, is its patient, e.g. "
+                            r"'(Patient \d+)' or '^(P\d+)_' (as data_preprocess.py; overrides a "
+                            "manifest's group column; an image that matches neither is its own "
+                            "patient; refused when it matches no image or makes one patient of all)")
+    stats.add_argument("--threshold", type=float, default=None,
+                       help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
+                            "validation one (source 'user'); never tune it on the test cohort")
+    stats.add_argument("--metadata", default=None, metavar="CSV",
+                       help="per-image attributes for --subgroups: a 'path' column as in "
+                            "predictions.csv (or a 'file' column of file names) plus any columns "
+                            "(site, sex, age, ...); rows of images not in the cohort are ignored")
+    stats.add_argument("--subgroups", default=None, metavar="A,B",
+                       help="attributes to report performance by (columns of --metadata, or of a "
+                            "manifest.csv --test-dir), e.g. site,sex: subgroups.csv/.png, a "
+                            "heterogeneity test per attribute, small-n warnings")
+    stats.add_argument("--age-bins", default=None, metavar="EDGES",
+                       help="bin edges for numeric --subgroups attributes, e.g. 0,40,60,120 "
+                            "([0, 40), [40, 60), [60, 120]); a value outside them is refused")
+    stats.add_argument("--failure-examples", type=int, default=DEFAULT_FAILURE_EXAMPLES, metavar="N",
+                       help=f"failure analysis in report.md: the N most confident errors of each true "
+                            f"class with thumbnails in {FAILURE_DIR}/ (default "
+                            f"{DEFAULT_FAILURE_EXAMPLES}; 0 = none, e.g. when no image may leave the "
+                            "hospital)")
+    stats.add_argument("--decision-rule", choices=("argmax", "threshold"), default="argmax",
+                       help="the rule whose decision fills predictions.csv's `prediction` column: "
+                            "'argmax' (the most probable class, as published; default) or "
+                            "'threshold' (the rare class when its probability reaches the "
+                            "validation threshold or --threshold); both stay in pred_label and "
+                            "pred_label_threshold")
+    stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
+                       help="equal-width bins of the expected calibration error (default 10; 10-15 "
+                            "is usual, more bins need more images)")
+    return common.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
+
+
+def check_args(parser, args):
+    """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
+    check_answer_args(parser, args)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
+                             ("--failure-examples", args.failure_examples, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    test_dir = Path(args.test_dir)
+    if test_dir.is_file() and test_dir.suffix.lower() != ".csv" and not common.is_candidate_image(test_dir):
+        parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv or an image")
+    if not test_dir.exists():
+        parser.error(f"--test-dir {test_dir}: no such folder or manifest")
+    if args.split is not None and not test_dir.is_file():
+        parser.error("--split applies to a manifest.csv --test-dir only")
+    for flag, value in (("--model-config", args.model_config), ("--prompts", args.prompts),
+                        ("--wise-ft-base", args.wise_ft_base)):
+        if value and not Path(value).is_file():
+            parser.error(f"{flag} {value}: no such file")
+    if (args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file()
+            and not common.model_source(args.baseline)):
+        parser.error(f"--baseline {args.baseline}: no such file")
+    if args.baseline_model_name and not args.baseline:
+        parser.error("--baseline-model-name needs --baseline")
+    check_compare_args(parser, args)
+    check_subgroup_args(parser, args)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.wise_ft_alpha is not None:
+        bad = [a for a in args.wise_ft_alpha if not 0.0 <= a <= 1.0]
+        if bad:
+            parser.error(f"--wise-ft-alpha values must be in [0, 1], got {bad[0]}")
+        if len({f"{a:g}" for a in args.wise_ft_alpha}) != len(args.wise_ft_alpha):
+            parser.error("--wise-ft-alpha: each alpha once")
+    elif args.wise_ft_base:
+        parser.error("--wise-ft-base needs --wise-ft-alpha")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        parser.error(f"--cache-dir {args.cache_dir}: exists and is not a folder")
+    if args.anonymize_salt is not None and not args.anonymize_paths:
+        parser.error("--anonymize-salt needs --anonymize-paths")
+    if args.group_regex is not None:
+        try:
+            groups = re.compile(args.group_regex).groups
+        except re.error as err:
+            parser.error(f"--group-regex {args.group_regex!r}: not a regular expression ({err})")
+        if groups < 1:
+            parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
+
+
+def prepare(args, argv):
+    """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
+    args.device = common.resolve_device(args.device)
+    args.precision, why = common.resolve_precision(args.precision, args.device)
+    LOG.info("precision %s (%s)", args.precision, why)
+    common.autocast_context(args.device, args.precision)
+    check_output_dir(args.output_dir, args.overwrite)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model_name = resolve_model_name(requested_model_name(args), checkpoint)
+    classes, prompt_source = load_classes(args.prompts, checkpoint)
+    cohort = collect_cohort(args, prompt_sets.class_folders(classes))
+    for flag, given in (("--baseline", args.baseline), ("--compare", args.compare)):
+        if given and not cohort.labelled:
+            raise ValueError(f"{flag}: {args.test_dir} has no class folders, so there is nothing "
+                             "to compare on; give a labelled cohort")
+    compare = read_compared(args, cohort, prompt_sets.class_folders(classes)) if args.compare else {}
+    bundle = build_bundle(checkpoint, model_name, classes, prompt_source, args, args.threshold)
+    if args.decision_rule == "threshold" and bundle.operating["threshold"] is None:
+        raise ValueError(f"--decision-rule threshold: --checkpoint {args.checkpoint} stores no "
+                         "validation threshold; pass --threshold P (0-1) or --decision-rule argmax")
+    salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
+    subgroups = cohort_subgroups(args, cohort)
+    return Setup(cohort=cohort, model=bundle, argv=argv, compare=compare, subgroups=subgroups,
+                 overlap=training_overlap(checkpoint, cohort, args.test_dir),
+                 baseline=prepare_baseline(args, model_name, bundle.folders) if args.baseline else None,
+                 wise=prepare_wise_ft(args, bundle) if args.wise_ft_alpha else None,
+                 anonymize=make_anonymizer(salt) if args.anonymize_paths else None)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    common.configure_logging()
+    LOG.info("== setup ==")
+    for key, value in vars(args).items():
+        LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+    if args.predictions:  # answer files: no model, no device
+        return run_answers(args, argv)
+    try:
+        setup = prepare(args, argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cohort, bundle = setup.cohort, setup.model
+    if 0 < args.bootstrap < 500:
+        LOG.warning("--bootstrap %d: so few resamples give unstable interval ends", args.bootstrap)
+    LOG.info("== predicting %d images: %s, classes %s, %s, logit scale %s, %s %s ==",
+             len(cohort.items), bundle.model_name, bundle.folders,
+             "labelled (scored)" if cohort.labelled else "no class folders (predicted, not scored)",
+             bundle.logit_scale_mode, args.device, args.precision)
+    baseline_scores = score_model(setup.baseline, cohort, args) if setup.baseline else None
+    clear_previous_run(args.output_dir)  # (non-empty only with --overwrite, checked at the start)
+    if setup.wise is not None:
+        statuses, results = run_wise_ft(args, setup, baseline_scores)
+        metrics = results[-1]
+    else:
+        scores = score_model(bundle, cohort, args)
+        statuses = scores.statuses
+        metrics = write_evaluation(args.output_dir, args, setup, bundle, scores, baseline_scores)
+    n_failed = sum(status != "ok" for status in statuses)
+    if n_failed == len(statuses):
+        print(f"error: none of the {len(statuses)} images could be read; the reasons are in the "
+              "status column of predictions.csv", file=sys.stderr)
+        return 1
+    if n_failed:
+        LOG.warning("%d of %d images could not be read; see status in predictions.csv",
+                    n_failed, len(statuses))
+    if metrics is None:
+        LOG.info("== done: %d images predicted, not scored (no class folders); outputs in %s ==",
+                 len(statuses) - n_failed, args.output_dir)
+    else:
+        LOG.info("== done: n %d  accuracy %s  balanced accuracy %s  macro AUROC %s  %s; outputs in %s ==",
+                 metrics["n"], format_value(metrics["accuracy"], metrics["accuracy_ci"]),
+                 format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]),
+                 format_value(metrics["macro_auroc"], metrics["macro_auroc_ci"]),
+                 rare_summary(metrics), args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
