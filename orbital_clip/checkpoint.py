@@ -13,6 +13,10 @@ import torch
 from orbital_clip import outputs
 
 CHECKPOINT_FORMAT = "orbital-clip/1"
+# Bumped when a key changes meaning; a file without the key was written before it existed (0).
+FORMAT_VERSION = 1
+RESUME_KEYS = ("optimizer", "scaler", "rng", "step", "best_value", "best_epoch", "history",
+               "stopped", "finished")
 
 
 class CheckpointError(ValueError):
@@ -123,11 +127,128 @@ def interpolate_state_dicts(base, tuned, alpha):
     return mixed
 
 
+@dataclasses.dataclass
+class TrainingState:
+    """What a resume needs beyond the weights (the last checkpoint of clip_train.py only)."""
+    optimizer: dict
+    scaler: dict
+    rng: list  # one RNG snapshot per process, in rank order
+    step: int
+    best_value: float
+    best_epoch: int | None
+    history: list  # one plain dict per epoch
+    stopped: bool = False  # early-stopped: a resume trains no further
+    finished: bool = False  # final checkpoint and WiSE-FT written: --resume auto changes nothing
+
+
+@dataclasses.dataclass
+class CheckpointRecord:
+    """What our checkpoints hold. Metadata fields are plain data; None means "not recorded" and
+    is not written (readers of the file see the key absent, as in files of older versions)."""
+    state_dict: dict
+    format: str | None = CHECKPOINT_FORMAT  # None: a plain state_dict, no metadata at all
+    format_version: int = FORMAT_VERSION
+    # the architecture and its weights
+    model_name: str | None = None
+    model_config: dict | None = None  # a custom or hf-hub:/local-dir: architecture, rebuilt offline
+    pretrained: str | None = None  # open_clip tag, weights file, or hf-hub:/local-dir: model
+    pretrained_sha256: str | None = None  # of a pretrained file: WiSE-FT refuses another file
+    preprocess: dict | None = None
+    preprocess_cfg: dict | None = None  # open_clip's mean/std/resize of the image tower
+    # classes and how they are scored
+    class_folders: list | None = None
+    prompts: dict | None = None
+    logit_scale_mode: str | None = None
+    operating_point: dict | None = None  # tuned on validation only
+    temperature: float | None = None
+    wise_ft: dict | None = None
+    # the run
+    epoch: int | None = None
+    metrics: dict | None = None
+    select_metric: str | None = None
+    args: dict | None = None
+    argv: list | None = None
+    data: dict | None = None  # train/val folders as absolute paths (overlap check at inference)
+    # baselines/train_cnn.py
+    arch: str | None = None
+    image_size_px: int | None = None
+    normalize: dict | None = None
+    weights: dict | None = None
+    resume: TrainingState | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know
+
+    @property
+    def is_ours(self):
+        """Written by clip_train.py (metadata), not a plain open_clip state_dict."""
+        return str(self.format or "").startswith("orbital-clip/") or self.model_name is not None
+
+
+# Fields read back only when of these types: a damaged or foreign value counts as not recorded.
+FIELD_TYPES = {"model_config": dict, "pretrained": str, "pretrained_sha256": str,
+               "preprocess": dict, "preprocess_cfg": dict, "class_folders": (list, tuple),
+               "prompts": dict, "logit_scale_mode": str, "operating_point": dict, "wise_ft": dict,
+               "metrics": dict, "args": dict, "data": dict, "arch": str, "normalize": dict}
+METADATA_FIELDS = [f.name for f in dataclasses.fields(CheckpointRecord)
+                   if f.name not in ("state_dict", "format", "format_version", "resume", "extra")]
+
+
+def record_from_dict(data, path):
+    """The CheckpointRecord of a loaded checkpoint dict (ours, any version) or a plain
+    state_dict; CheckpointError naming `path` when it holds neither."""
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        known = {"state_dict", "format", "format_version", *METADATA_FIELDS, *RESUME_KEYS}
+        fields = {name: data.get(name) for name in METADATA_FIELDS}
+        for name, types in FIELD_TYPES.items():
+            if not isinstance(fields[name], types):
+                fields[name] = None
+        resume = None
+        if "optimizer" in data:
+            resume = TrainingState(**{key: data.get(key) for key in RESUME_KEYS})
+            resume.stopped, resume.finished = bool(resume.stopped), bool(resume.finished)
+        return CheckpointRecord(
+            state_dict=data["state_dict"], format=data.get("format"),
+            format_version=data.get("format_version", 0), resume=resume,
+            extra={k: v for k, v in data.items() if k not in known}, **fields)
+    if isinstance(data, dict) and data and all(torch.is_tensor(v) for v in data.values()):
+        return CheckpointRecord(state_dict=data, format=None, format_version=0)
+    raise CheckpointError(f"{path}: holds no model state_dict")
+
+
+def record_to_dict(record):
+    """The file's dict: format, format_version, clean state_dict, then the recorded metadata."""
+    payload = {"format": record.format, "format_version": record.format_version,
+               "state_dict": clean_state_dict(record.state_dict)}
+    payload.update({name: getattr(record, name) for name in METADATA_FIELDS
+                    if getattr(record, name) is not None})
+    if record.resume is not None:
+        payload.update(dataclasses.asdict(record.resume))
+    payload.update(record.extra)
+    return payload
+
+
+def read_checkpoint(path):
+    """The CheckpointRecord in a file (ours of any version, a plain state_dict, safetensors),
+    read without unpickling objects."""
+    return record_from_dict(load_checkpoint_file(path), path)
+
+
+def write_checkpoint(path, record):
+    """Write a CheckpointRecord atomically (the one writer of checkpoint files)."""
+    _save(path, record_to_dict(record))
+
+
+def _save(path, payload):
+    outputs.atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
 def save_checkpoint(path, model, metadata):
-    """Write {'state_dict', **metadata} atomically; metadata must be plain data."""
+    """Write {'state_dict', **metadata} atomically; metadata must be plain data.
+
+    Temporary: training.py's writers switch to write_checkpoint at merge, then this goes.
+    """
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": clean_state_dict(model.state_dict())}
     payload.update(metadata)
-    outputs.atomic_write(path, lambda handle: torch.save(payload, handle))
+    _save(path, payload)
 
 
 def save_safetensors(path, model, metadata):

@@ -230,6 +230,33 @@ def create_model(model_name, pretrained=None, device="cpu", model_config=None, p
     return model, preprocess_train, preprocess_val, tokenizer
 
 
+def build_model(model_name, pretrained=None, device="cpu", *, model_config=None,
+                preprocess_cfg=None, flag="--checkpoint", load_error=None, weights_follow=False):
+    """`create_model` with the one error path of the scripts that load a model to use it: a
+    CheckpointError naming `flag` for a missing optional package, an unknown architecture (with
+    its did-you-mean) or a folder that is gone; with `load_error` (detail -> message), weights
+    that cannot be loaded (an unknown tag, offline) are reported by it, else they propagate.
+    `weights_follow`: our weights are loaded next, so open_clip's "initialized randomly" warning
+    would mislead and is silenced."""
+    if weights_follow:
+        logging.disable(logging.WARNING)
+    try:
+        return create_model(model_name, pretrained, device, model_config=model_config,
+                            preprocess_cfg=preprocess_cfg)
+    except MissingPackageError as err:
+        raise checkpoint.CheckpointError(f"{flag} {err}") from None
+    except (RuntimeError, OSError, ValueError) as err:
+        if load_error is None and not isinstance(err, ValueError):
+            raise
+        if load_error is None:
+            raise checkpoint.CheckpointError(f"{flag} {err}") from None
+        text = str(err).strip()
+        raise checkpoint.CheckpointError(load_error(text.splitlines()[0] if text else type(err).__name__)) from None
+    finally:
+        if weights_follow:
+            logging.disable(logging.NOTSET)
+
+
 def pretrained_hub_files(model_name, tag):
     """(Hub repository, [weights file names, preferred first]) open_clip downloads for an
     open_clip pretrained tag, or None when the tag is fetched from a URL or is unknown."""
