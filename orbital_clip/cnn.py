@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orbital_clip import checkpoint as ckpt
 from orbital_clip import common
 from orbital_clip import metrics
 from orbital_clip.metrics import is_improvement
@@ -190,23 +191,22 @@ def load_weights_file(model, arch, path, folders):
     head of the right size but unknown classes would be silently wrong); otherwise the new head
     stays. Returns 'loaded' or 'new'."""
     try:
-        checkpoint = common.load_checkpoint_file(path)
-        meta = checkpoint if isinstance(checkpoint, dict) else {}
-        if isinstance(meta.get("arch"), str) and meta["arch"] != arch:
-            raise common.CheckpointError(f"{path}: holds architecture {meta['arch']}, not --arch "
-                                         f"{arch}; pass --arch {meta['arch']}")
-        state_dict = common.checkpoint_state_dict(checkpoint, path)
+        record = ckpt.read_checkpoint(path)
+        if record.arch is not None and record.arch != arch:
+            raise ckpt.CheckpointError(f"{path}: holds architecture {record.arch}, not --arch "
+                                       f"{arch}; pass --arch {record.arch}")
+        state_dict = ckpt.checkpoint_state_dict(record.state_dict, path)
         if arch == "densenet121":
             state_dict = remap_densenet_keys(state_dict)
         own = model.state_dict()
         head_keys = [k for k in own if k.startswith(HEAD_MODULES[arch] + ".")]
-        head_fits = meta.get("class_folders") == list(folders) and all(
+        head_fits = record.class_folders == list(folders) and all(
             k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys)
         if not head_fits:  # ImageNet's 1000-way head, or other classes: keep the new head
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_MODULES[arch] + ".")}
             state_dict.update({k: own[k] for k in head_keys})
         common.load_weights_into(model, state_dict, path, arch, arch_flag="--arch")
-    except common.CheckpointError as err:
+    except ckpt.CheckpointError as err:
         raise WeightsError(f"--weights {err}") from None
     return "loaded" if head_fits else "new"
 
@@ -494,11 +494,13 @@ def fit(args, cohorts, model, record, save_dir):
         best = is_improvement(metrics["val_balanced_accuracy"], best_value)
         if best:
             best_value, best_epoch = metrics["val_balanced_accuracy"], epoch
-            common.save_checkpoint(save_dir / BEST_NAME, model, common.plain({
-                "format": CHECKPOINT_FORMAT, "arch": args.arch, "class_folders": cohorts.folders,
-                "image_size_px": args.image_size, "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-                "weights": record["run"]["weights"], "epoch": epoch, "metrics": metrics,
-                "args": record["args"], "argv": record["argv"]}))
+            ckpt.write_checkpoint(save_dir / BEST_NAME, ckpt.CheckpointRecord(
+                state_dict=model.state_dict(), format=CHECKPOINT_FORMAT, arch=args.arch,
+                class_folders=list(cohorts.folders), image_size_px=args.image_size,
+                normalize=common.plain({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+                weights=common.plain(record["run"]["weights"]), epoch=epoch,
+                metrics=common.plain(metrics), args=common.plain(record["args"]),
+                argv=common.plain(record["argv"])))
         history.append(common.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                               "skipped_images": skipped, "seconds": time.perf_counter() - start,
                               "is_best": best}))

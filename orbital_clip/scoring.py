@@ -55,7 +55,9 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from tqdm import tqdm
 
+from orbital_clip import checkpoint as ckpt
 from orbital_clip import common
+from orbital_clip import models as model_lib  # `models` is a list of compared models below
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.answers import (add_answer_arguments, check_answer_args, check_compare_args, read_compared,
                           run_answers)
@@ -89,6 +91,11 @@ class Checkpoint:
     spec: str  # the path or pretrained tag as given
     data: dict | None  # the loaded file; None for a tag
     sha256: str | None  # of the file; None for a tag
+    record: ckpt.CheckpointRecord | None = None  # the file as a record (from `data` when not given)
+
+    def __post_init__(self):
+        if self.record is None and self.data is not None and self.kind != "tag":
+            self.record = ckpt.record_from_dict(self.data, self.spec)
 
 
 @dataclasses.dataclass
@@ -221,23 +228,20 @@ def resolve_model_name(requested, checkpoint, flag="--model-name", role="--check
             raise ValueError(f"{flag} is required: {role} {checkpoint.spec} is {what} "
                              "without architecture metadata (e.g. --model-name ViT-B-32-256)")
         return requested
-    data = checkpoint.data
-    name = data.get("model_name")
+    name = checkpoint.record.model_name
     if not isinstance(name, str) or not name:
-        raise common.CheckpointError(f"{checkpoint.spec}: metadata lacks the model_name")
+        raise ckpt.CheckpointError(f"{checkpoint.spec}: metadata lacks the model_name")
     if requested and requested != name:
         raise ValueError(f"{flag} {requested} differs from the architecture {name} stored in "
                          f"{checkpoint.spec}; leave {flag} out to use the checkpoint's")
-    if isinstance(data.get("model_config"), dict):
-        common.register_model_config_dict(name, data["model_config"])
+    if checkpoint.record.model_config is not None:
+        model_lib.register_model_config_dict(name, checkpoint.record.model_config)
     return name
 
 
 def load_weights(model, model_name, checkpoint):
     """Load a file checkpoint's state_dict into the model, with a clear error when it does not fit."""
-    data = checkpoint.data
-    common.load_weights_into(model, data["state_dict"] if "state_dict" in data else data,
-                             checkpoint.spec, model_name)
+    ckpt.load_weights_into(model, checkpoint.record.state_dict, checkpoint.spec, model_name)
 
 
 def eval_transform(model, model_name, pretrained, default):
@@ -257,32 +261,22 @@ def build_model(model_name, checkpoint, device, flag="--checkpoint"):
         if model_name in open_clip.list_models():
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if spec not in tags:
-                raise common.CheckpointError(f"{flag} {spec}: not a file, nor a pretrained tag of "
-                                             f"{model_name} (its tags: {', '.join(tags) or 'none'})")
-        try:
-            model, _train_tf, preprocess, tokenizer = common.create_model(model_name, spec, device)
-        except common.MissingPackageError as err:
-            raise common.CheckpointError(f"{flag} {err}") from None
-        except (RuntimeError, OSError, ValueError) as err:
-            raise common.CheckpointError(f"{flag} {spec}: could not load the pretrained weights "
-                                         f"of {model_name} ({str(err).strip().splitlines()[0][:300]}); "
-                                         "offline, pass a local weights file") from None
+                raise ckpt.CheckpointError(f"{flag} {spec}: not a file, nor a pretrained tag of "
+                                           f"{model_name} (its tags: {', '.join(tags) or 'none'})")
+        model, _train_tf, preprocess, tokenizer = model_lib.build_model(
+            model_name, spec, device, flag=flag,
+            load_error=lambda detail: (f"{flag} {spec}: could not load the pretrained weights of "
+                                       f"{model_name} ({detail[:300]}); offline, pass a local weights file"))
         return model.eval(), preprocess, tokenizer
     # Our checkpoints rebuild from their recorded architecture and preprocessing: an hf-hub: or
     # local-dir: model needs neither the Hub nor the folder any more.
-    data = checkpoint.data if checkpoint.kind == "ours" else {}
-    config = data.get("model_config") if isinstance(data.get("model_config"), dict) else None
-    preprocess_cfg = data.get("preprocess_cfg") if isinstance(data.get("preprocess_cfg"), dict) else None
-    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; weights follow
-    try:
-        model, _train_tf, preprocess, tokenizer = common.create_model(
-            model_name, None, device, model_config=config, preprocess_cfg=preprocess_cfg)
-    except ValueError as err:  # e.g. a missing optional package, a local-dir that is gone
-        raise common.CheckpointError(f"{flag} {err}") from None
-    finally:
-        logging.disable(logging.NOTSET)
+    record = checkpoint.record
+    ours = checkpoint.kind == "ours"
+    model, _train_tf, preprocess, tokenizer = model_lib.build_model(
+        model_name, None, device, model_config=record.model_config if ours else None,
+        preprocess_cfg=record.preprocess_cfg if ours else None, flag=flag, weights_follow=True)
     load_weights(model, model_name, checkpoint)
-    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
+    pretrained = record.pretrained if ours else None
     return model.eval(), eval_transform(model, model_name, pretrained, preprocess), tokenizer
 
 
@@ -529,11 +523,12 @@ def wise_ft_base_weights(args, bundle):
         except common.CheckpointError as err:
             raise common.CheckpointError(f"--wise-ft-base {err}") from None
         return weights, f"`{path}`", common.file_sha256(path)
-    pretrained = checkpoint.data.get("pretrained") if checkpoint.kind == "ours" else None
+    record = checkpoint.record if checkpoint.kind == "ours" else None
+    pretrained = record.pretrained if record else None
     if not pretrained:
         raise ValueError(f"--wise-ft-alpha: {checkpoint.spec} records no pretrained weights "
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
-    recorded_sha256 = checkpoint.data.get("pretrained_sha256")
+    recorded_sha256 = record.pretrained_sha256
     if Path(pretrained).is_file() and Path(pretrained).is_absolute():
         sha256 = common.file_sha256(pretrained)
         if recorded_sha256 and sha256 != recorded_sha256:
@@ -549,12 +544,10 @@ def wise_ft_base_weights(args, bundle):
     if not source and looks_like_file(pretrained):
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")
-    try:
-        base_model, *_ = common.create_model(pretrained if source else bundle.model_name, pretrained)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise common.CheckpointError(f"--wise-ft-alpha: could not load the pretrained weights "
-                                     f"{pretrained} ({str(err).strip().splitlines()[0][:200]}); "
-                                     "offline, pass --wise-ft-base PATH") from None
+    base_model, *_ = model_lib.build_model(
+        pretrained if source else bundle.model_name, pretrained, flag="--wise-ft-alpha:",
+        load_error=lambda detail: (f"--wise-ft-alpha: could not load the pretrained weights "
+                                   f"{pretrained} ({detail[:200]}); offline, pass --wise-ft-base PATH"))
     label = f"`{pretrained}`" if source else f"pretrained tag {pretrained}"
     return common.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
 

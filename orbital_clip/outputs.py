@@ -1,0 +1,162 @@
+"""Outputs: atomic writes (temp file + os.replace), run records (args.json) and plain data."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+class OutputWriteError(OSError):
+    """An output that could not be written (read-only folder, full disk); names the path."""
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(handle) on a temp file beside `path`, then os.replace it into place: a crash
+    or a failed write leaves the previous file as it was. Raises OutputWriteError naming `path`."""
+    path = Path(path)
+    try:
+        _atomic_write(path, write_fn, mode)
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _atomic_write(path, write_fn, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        with os.fdopen(fd, mode) as handle:
+            write_fn(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(path, frame):
+    """A pandas DataFrame to CSV, atomically, without the index."""
+    atomic_write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def atomic_save_figure(fig, path, **kwargs):
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."), **kwargs)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run records: one args.json layout for the three scripts
+
+
+def environment_info():
+    """Package versions, platform, GPU and git commit, recorded next to every run."""
+    import platform
+    import subprocess
+
+    import open_clip
+    import scipy
+    import sklearn
+    import torch
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
+            "torch": torch.__version__, "open_clip": open_clip.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5)
+        info["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def plain(value):
+    """Records, args and metrics as JSON/weights_only-safe primitives (dataclasses and dicts as
+    dicts, tuples as lists, paths and devices as text, numpy scalars as numbers)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    # torch only when something imported it: a torch.device can exist only then, and this module
+    # stays importable (atomic writes, args.json) without loading torch.
+    torch = sys.modules.get("torch")
+    if isinstance(value, Path) or (torch is not None and isinstance(value, torch.device)):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def hide_flag_values(argv, name, replacement):
+    """argv with the value of the flag of argument `name` (--name-with-dashes, an abbreviation of
+    it, as '--flag VALUE' or '--flag=VALUE') replaced; found by position, so another flag that
+    happens to have the same value keeps its own."""
+    flag = "--" + name.replace("_", "-")
+    out, hide_next = [], False
+    for token in argv:
+        if hide_next:
+            out.append(replacement)
+            hide_next = False
+            continue
+        option, eq, _value = token.partition("=")
+        # argparse accepts any unambiguous prefix of a flag ('--anonymize-s' for --anonymize-salt)
+        if option.startswith("--") and len(option) > 2 and flag.startswith(option):
+            if eq:
+                token = option + "=" + replacement
+            else:
+                hide_next = True
+        out.append(token)
+    return out
+
+
+def run_record(script, argv, args, run=None, hidden=None):
+    """The args.json of every script, from which the run can be repeated:
+    {script, cwd (the folder it ran in: relative paths in argv are relative to it), argv (the
+    command-line arguments exactly as given), command (a shell line that repeats the run from
+    cwd), args (every parsed argument, defaults included), environment, run (what the script
+    adds)}.
+
+    `hidden` maps an argument name to the text written instead of its value, in `args` and in
+    `argv` (a secret salt, a path that must not be written); the name "cwd" hides the folder.
+    """
+    import shlex
+
+    def primitive(value):  # numpy scalars as numbers; paths, torch.device and the rest as text
+        return value.item() if isinstance(value, np.generic) else str(value)
+    record_args = json.loads(json.dumps(vars(args), default=primitive))
+    argv = [str(token) for token in argv]
+    hidden = dict(hidden or {})
+    cwd = hidden.pop("cwd", None) or os.getcwd()
+    for name, replacement in hidden.items():
+        if record_args.get(name) is None:
+            continue
+        record_args[name] = replacement
+        argv = hide_flag_values(argv, name, replacement)
+    return {"script": script, "cwd": cwd, "argv": argv,
+            "command": shlex.join(["python", script, *argv]),
+            "args": record_args, "environment": environment_info(),
+            "run": json.loads(json.dumps(run, default=primitive))}
