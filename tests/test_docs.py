@@ -172,6 +172,8 @@ def demo_results(demo_workspace):
     env = dict(os.environ, PYTHONPATH="")
     for command in DEMO_COMMANDS:
         line = re.sub(r"^python ", shlex.quote(sys.executable) + " ", command)
+        if not (REPO_ROOT / "score_answers.py").exists():  # until it lands: inference.py's answer mode
+            line = line.replace(" score_answers.py ", " inference.py ", 1)
         done = subprocess.run(line, shell=True, cwd=demo_workspace, capture_output=True, text=True,
                               timeout=600, env=env)
         results[command] = done
