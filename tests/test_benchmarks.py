@@ -1,39 +1,13 @@
 """The benchmark harness runs end to end (tiny model, tiny sizes) and reports every key."""
 
 import json
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_CONFIG
+from conftest import TINY_CONFIG
 
 from benchmarks import run as harness
 
-KEYS = ("train_e2e_over_model", "infer_e2e_over_model", "text_dedup_speedup", "train_bf16_speedup",
-        "infer_bf16_speedup", "bf16_prediction_agreement",
-        "decode_full_images_per_s", "decode_draft_images_per_s", "decode_pre_resized_images_per_s",
-        "train_model_samples_per_s", "train_compute_efficiency", "matmul_peak_flops", "peak_memory_bytes")
-
-
-def test_harness_reports_all_measures(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",
-                         "--images", "2", "--repeats", "5", "--caption-batch", "24", "--workers", "0",
-                         "--agreement-images", "6", "--json", str(out)]) == 0
-    results = json.loads(out.read_text())
-    for key in KEYS:
-        assert results[key] > 0, key
-    assert results["precision"] == "fp32"  # auto without native bf16 (conftest): the e2e measures in fp32
-    assert results["bf16_agreement_images"] == 6 and results["bf16_prediction_agreement"] <= 1
-    assert results["bf16_feature_cosine_min"] > 0.99
-    for key in ("train", "infer"):  # each speedup is the ratio of the two times it reports
-        fp32, bf16 = results[f"{key}_fp32_{'step' if key == 'train' else 'batch'}_s"], \
-            results[f"{key}_bf16_{'step' if key == 'train' else 'batch'}_s"]
-        assert results[f"{key}_bf16_speedup"] == fp32 / bf16
-    assert 3 <= results["text_unique_captions"] <= 13 and results["text_captions"] == 24  # 13 prompts in all
-    # Draft decoding of a 3000x2000 JPEG to >= 64 px is several times faster than a full decode.
-    assert results["decode_draft_images_per_s"] > 2 * results["decode_full_images_per_s"]
-    assert "| train_e2e_over_model |" in capsys.readouterr().out
 
 
 def test_resized_copies_keep_the_short_side(tmp_path):

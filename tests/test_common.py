@@ -368,15 +368,6 @@ def test_published_prompt_set_shape():
     assert [c.eval for c in classes] == [("orbital disease",), ("no eye disease",), ("non-orbital disease",)]
 
 
-def test_published_prompts_match_the_shared_file():
-    from conftest import REPO_ROOT
-    shared = REPO_ROOT.parent / "shared" / "paper_prompts.json"
-    if not shared.is_file():
-        pytest.skip("../shared/paper_prompts.json is not beside this checkout")
-    expected = prompts.parse_prompt_set(json.loads(shared.read_text()))
-    assert prompts.load_prompt_set() == expected
-
-
 def test_custom_prompt_file_and_errors(tmp_path):
     good = {"classes": [{"folder": "a", "train": ["x a"], "eval": ["a"]},
                         {"folder": "b", "train": ["x b", "y b"], "eval": ["b", "bb"]}]}
