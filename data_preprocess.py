@@ -2,12 +2,13 @@
 
     $ python data_preprocess.py --data-root dataset_root
 
-The command line and the machinery live in orbital_clip/split.py; `--help` lists every flag.
+The command line lives in orbital_clip/split/cli.py, the machinery beside it; `--help` lists
+every flag.
 """
 
 import sys
 
-from orbital_clip.split import main
+from orbital_clip.split.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,6 +32,7 @@ from PIL import Image
 from orbital_clip import training as clip_train
 from orbital_clip import common
 from orbital_clip import split as data_preprocess
+from orbital_clip.split import materialise
 from orbital_clip import prompts as prompt_sets
 
 from demo import make_demo_cohort
@@ -60,7 +61,7 @@ def make_resized_copies(paths, folder, short_side_px):
     `data_preprocess.py --resize-px`."""
     folder.mkdir(parents=True, exist_ok=True)
     for path in paths:
-        data_preprocess.write_resized(path, folder / path.name, short_side_px)
+        materialise.write_resized(path, folder / path.name, short_side_px)
     return [folder / path.name for path in paths]
 
 

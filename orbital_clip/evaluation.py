@@ -10,13 +10,15 @@ import dataclasses
 import hashlib
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report
 
 from orbital_clip import common
+from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
+from orbital_clip.metadata import normalise_relpath as normalise_relative_path  # answers.py's name
+from orbital_clip.patients import none_grouped_message, regex_patients
 from orbital_clip.metrics import subgroup_analysis
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
@@ -112,15 +114,12 @@ def regex_groups(texts, paths, pattern, anonymized=False):
     image that matches neither is its own group ('image:' + its entry of `paths`). Refused
     (CohortError naming the flag) when no image matches or all fall into one patient: either
     would pass off an image bootstrap, or none at all, as a patient-level one."""
-    compiled = re.compile(pattern)
-    found = [common.regex_group(text, compiled)[0] for text in texts]
+    found = [group for group, _where in regex_patients(texts, pattern)]
     patients = {group for group in found if group is not None}
-    example = "" if anonymized else f", e.g. {texts[0]!r}"
     if not patients:
-        raise common.CohortError(
-            f"--group-regex '{pattern}': grouped none of the {len(texts)} images (the regex matches "
-            f"neither the path relative to the data root nor the file name of any{example}); fix "
-            "--group-regex or leave it out for a bootstrap of images")
+        raise common.CohortError(none_grouped_message(
+            f"--group-regex '{pattern}'", len(texts), None if anonymized else texts[0],
+            "a bootstrap of images", root="the data root"))
     if len(patients) == 1 and all(found) and len(texts) > 1:
         raise common.CohortError(
             f"--group-regex '{pattern}': grouped all {len(texts)} images into one patient "
@@ -247,43 +246,6 @@ def training_overlap(checkpoint, cohort, test_spec):
 # --subgroups, --age-bins)
 
 
-def read_csv_rows(path, where, expected="path and pred_label"):
-    """(header, [(line number, {column: cell})]) of a CSV file (an answer file, or --metadata);
-    ValueError naming `where` and the row when malformed; `expected`: the header it needs."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if not header or not any(cell.strip() for cell in header):
-                raise ValueError(f"{where}: row 1: empty file (expected a header with {expected})")
-            header = [cell.strip() for cell in header]
-            if len(set(header)) != len(header):
-                raise ValueError(f"{where}: row 1: a column name appears twice")
-            rows = []
-            for cells in reader:
-                if not any(cell.strip() for cell in cells):
-                    continue  # a blank line, e.g. a trailing newline
-                if len(cells) != len(header):
-                    raise ValueError(f"{where}: row {reader.line_num}: {len(cells)} fields, the "
-                                     f"header has {len(header)} (a malformed CSV)")
-                rows.append((reader.line_num, dict(zip(header, cells))))
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{where}: not a readable UTF-8 CSV ({err})") from None
-    if not rows:
-        raise ValueError(f"{where}: row 2: no data rows")
-    return header, rows
-
-
-def normalise_relative_path(text):
-    """A path cell as predictions.csv writes it: forward slashes, no leading './', no padding."""
-    text = str(text).strip().replace("\\", "/")
-    while text.startswith("./"):
-        text = text[2:]
-    return text
-
-
-MANIFEST_OWN_COLUMNS = {"path", "source", "label", "split", "group", "sha256", "fold", "resized_px",
-                        "sha256_written"}  # not patient attributes
 MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
 MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
 
@@ -342,8 +304,8 @@ def metadata_table(args, cohort):
     paths = cohort.relative_paths()
     if args.metadata:
         where = f"--metadata {args.metadata}"
-        header, rows = read_csv_rows(args.metadata, where, "path or file and the attributes")
-        key = "path" if "path" in header else "file" if "file" in header else None
+        table = read_metadata(args.metadata, where)
+        header, key = table.header, table.key
         if key is None:
             raise ValueError(f"{where}: row 1: needs a 'path' column (as in predictions.csv) or a "
                              f"'file' column of file names, has {header}")
@@ -352,20 +314,18 @@ def metadata_table(args, cohort):
             twice = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"{where}: file name {twice!r} occurs twice in the cohort; give a "
                              "'path' column instead")
-        lookup, seen = {}, {}
-        for line, row in rows:
-            cell = normalise_relative_path(row[key]) if key == "path" else row[key].strip()
-            if cell in seen:
-                raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {seen[cell]}")
-            seen[cell], lookup[cell] = line, row
+        if table.duplicate:
+            line, cell, first = table.duplicate
+            raise ValueError(f"{where}: row {line}: {key} {cell!r} already on row {first}")
+        lookup = {cell: row for cell, (_line, row) in table.rows.items()}
         matched = [lookup.get(p if key == "path" else Path(p).name, {}) for p in paths]
-        columns = [c for c in header if c not in ("path", "file")]
+        columns = table.attributes()
     else:
         where = f"--test-dir {args.test_dir}"
         header, rows = read_csv_rows(args.test_dir, where)
         lookup = {str((Path(args.test_dir).parent / row.get("path", "")).resolve()): row for _l, row in rows}
         matched = [lookup.get(str(Path(path).resolve()), {}) for path, _label in cohort.items]
-        columns = [c for c in header if c not in MANIFEST_OWN_COLUMNS]
+        columns = [c for c in header if c not in RESERVED_COLUMNS]
     if not any(matched):
         raise ValueError(f"{where}: none of its rows names an image of the cohort (paths are relative "
                          "to the test folder, as in predictions.csv)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orbital_clip import training as clip_train
-from orbital_clip import split as data_preprocess
+from orbital_clip.split import cli as data_preprocess
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
 from conftest import TINY_CONFIG, tree_state

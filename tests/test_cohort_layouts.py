@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orbital_clip import common
-from orbital_clip import split as dp
+from orbital_clip.split import cli, grouping as split_grouping
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
 from orbital_clip import prompts
@@ -23,7 +23,7 @@ LABELS_FLAGS = ("--path-col", "filename", "--label-col", "diagnosis")
 
 
 def run(*argv):
-    return dp.main([*map(str, argv), "--no-progress", "--workers", "1"])
+    return cli.main([*map(str, argv), "--no-progress", "--workers", "1"])
 
 
 def read_manifest(out_dir):
@@ -79,23 +79,23 @@ def test_did_you_mean_clause():
 
 
 def test_folder_group_known_answers():
-    assert dp.folder_group("orbital disease/Patient 001/IMG_0002.JPG") == "Patient 001"
-    assert dp.folder_group("orbital disease/Patient 001/left/IMG_0002.JPG") == "Patient 001"
-    assert dp.folder_group("orbital disease/IMG_0002.JPG") is None
+    assert split_grouping.folder_group("orbital disease/Patient 001/IMG_0002.JPG") == "Patient 001"
+    assert split_grouping.folder_group("orbital disease/Patient 001/left/IMG_0002.JPG") == "Patient 001"
+    assert split_grouping.folder_group("orbital disease/IMG_0002.JPG") is None
 
 
 def test_group_images_never_joins_images_by_their_stem():
     paths = [(f"{c}/Patient {p}/IMG_0001.JPG",) * 2 for c, p in (("a", 1), ("a", 2), ("b", 3))]
     paths += [("a/IMG_0001.JPG",) * 2]  # loose in its class folder: no patient folder
-    groups, grouping = dp.group_images(paths, None, None)
+    groups, grouping = split_grouping.group_images(paths, None, None)
     assert groups == [source for source, _ in paths]  # 4 images, 4 groups; the stem is shared
     assert (grouping.rule, grouping.n_groups, grouping.grouped_by) == (None, 4, {})
-    lookup = lambda source, dest: (dp.folder_group(dest), "patient folder")  # noqa: E731
-    groups, grouping = dp.group_images(paths, "--group-from-folder", lookup)
+    lookup = lambda source, dest: (split_grouping.folder_group(dest), "patient folder")  # noqa: E731
+    groups, grouping = split_grouping.group_images(paths, "--group-from-folder", lookup)
     assert groups == ["Patient 1", "Patient 2", "Patient 3", "a/IMG_0001.JPG"]
     assert grouping.grouped_by == {"patient folder": 3} and grouping.ungrouped == ["a/IMG_0001.JPG"]
     assert grouping.n_groups == 4
-    line = dp.grouping_summary(grouping, 4)
+    line = split_grouping.grouping_summary(grouping, 4)
     assert "grouped 3 of 4 images (3 by their patient folder) into 3 group(s)" in line
     assert "1 image(s) are their own group" in line
 
@@ -381,21 +381,21 @@ def test_labels_csv_leaves_unlisted_images_out_with_a_warning(patient_cohort, tm
 def test_parse_args_rejects_layout_combinations(tmp_path, capsys, extra, message):
     (tmp_path / "l.csv").write_text("path,label\n")
     with pytest.raises(SystemExit) as exc:
-        dp.parse_args(["--data-root", str(tmp_path), *[e.format(csv=tmp_path / "l.csv") for e in extra]])
+        cli.parse_args(["--data-root", str(tmp_path), *[e.format(csv=tmp_path / "l.csv") for e in extra]])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_parse_args_labels_column_defaults(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\n")
-    args = dp.parse_args(["--data-root", str(tmp_path), "--labels", str(tmp_path / "l.csv")])
+    args = cli.parse_args(["--data-root", str(tmp_path), "--labels", str(tmp_path / "l.csv")])
     assert (args.path_col, args.label_col, args.group_col) == ("path", "label", None)
-    assert dp.parse_args(["--data-root", str(tmp_path)]).path_col is None
+    assert cli.parse_args(["--data-root", str(tmp_path)]).path_col is None
 
 
 # -- --help ----------------------------------------------------------------------------------
 
 def test_help_shows_every_default_and_groups_the_flags():
-    parser = dp.build_parser()
+    parser = cli.build_parser()
     for action in parser._actions:
         if action.dest == "help":
             continue

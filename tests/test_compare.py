@@ -594,6 +594,7 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, checkpoint, tmp
 
 def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
     from orbital_clip import split as data_preprocess
+    from orbital_clip.split import allocate
     data = make_cohort("data", (10, 24, 15), seed=3)
     meta = write_metadata(data, tmp_path / "meta.csv", seed=1)
     out = tmp_path / "split"
@@ -606,7 +607,7 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
     assert len(joined) == len(meta) and (joined["site"] == joined["site_meta"]).all()
     assert (joined["age"] == joined["age_meta"]).all()
     for (label, site), stratum in manifest.groupby(["label", "site"]):
-        expected = data_preprocess.allocate_split_counts(len(stratum), 0.2, 0.2)
+        expected = allocate.allocate_split_counts(len(stratum), 0.2, 0.2)
         counts = tuple(int((stratum["split"] == s).sum()) for s in ("train", "val", "test"))
         assert counts == expected, (label, site)
     # the manifest's columns drive inference's subgroups directly

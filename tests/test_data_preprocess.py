@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from orbital_clip import common
-from orbital_clip import split as dp
+from orbital_clip.split import allocate, cli, materialise, scan
+from orbital_clip.split import duplicates as split_duplicates
+from orbital_clip.split.records import ARGS_NAME, JOURNAL_NAME, MOVE_LOG_NAME
 from demo import make_demo_cohort
 
 SCRIPT = Path(__file__).resolve().parent.parent / "data_preprocess.py"
@@ -36,7 +38,7 @@ def tree_snapshot(root):
 
 
 def run(*argv):
-    return dp.main([*map(str, argv), "--no-progress"])
+    return cli.main([*map(str, argv), "--no-progress"])
 
 
 def read_manifest(out_dir):
@@ -73,13 +75,13 @@ def write_named_images(root, names_by_class, seed=0):
     (10, 0.0, 0.0, (10, 0, 0)),
 ])
 def test_allocate_split_counts_known_answers(n, val, test, expected):
-    assert dp.allocate_split_counts(n, val, test) == expected
+    assert allocate.allocate_split_counts(n, val, test) == expected
 
 
 @pytest.mark.parametrize("val, test", [(0.2, 0.0), (0.1, 0.1), (0.15, 0.15), (0.3, 0.2), (0.05, 0.0)])
 def test_allocate_split_counts_properties(val, test):
     for n in range(0, 80):
-        counts = dp.allocate_split_counts(n, val, test)
+        counts = allocate.allocate_split_counts(n, val, test)
         quotas = (n * (1 - val - test), n * val, n * test)
         assert sum(counts) == n and min(counts) >= 0
         assert counts[0] >= min(n, 1)
@@ -93,20 +95,20 @@ def test_allocate_split_counts_properties(val, test):
 
 def test_units_of_one_image_fill_the_quotas_exactly():
     sizes = {f"u{i:02d}": 1 for i in range(17)}
-    quotas = dp.allocate_split_counts(17, 0.2, 0.1)
-    assignment = dp.assign_units_to_splits(sizes, quotas, random.Random(0))
+    quotas = allocate.allocate_split_counts(17, 0.2, 0.1)
+    assignment = allocate.assign_units_to_splits(sizes, quotas, random.Random(0))
     assert [list(assignment.values()).count(s) for s in range(3)] == list(quotas)
 
 
 def test_group_allocation_known_answers():
     # quotas (3, 1, 0): the first 2-image group trains, the second must validate
-    assignment = dp.assign_units_to_splits({"a": 2, "b": 2}, (3, 1, 0), random.Random(1))
+    assignment = allocate.assign_units_to_splits({"a": 2, "b": 2}, (3, 1, 0), random.Random(1))
     assert sorted(assignment.values()) == [0, 1]
     # two groups of five, quotas (8, 2, 0): val would stay empty; the minimum rule moves one
-    assignment = dp.assign_units_to_splits({"a": 5, "b": 5}, (8, 2, 0), random.Random(1))
+    assignment = allocate.assign_units_to_splits({"a": 5, "b": 5}, (8, 2, 0), random.Random(1))
     assert sorted(assignment.values()) == [0, 1]
     # a single group always trains
-    assert dp.assign_units_to_splits({"a": 4}, (3, 1, 0), random.Random(1)) == {"a": 0}
+    assert allocate.assign_units_to_splits({"a": 4}, (3, 1, 0), random.Random(1)) == {"a": 0}
 
 
 def test_stratified_group_split_keeps_groups_whole_and_is_deterministic():
@@ -117,9 +119,9 @@ def test_stratified_group_split_keeps_groups_whole_and_is_deterministic():
         for _ in range(rng.randint(1, 4)):
             labels.append(label)
             units.append(f"P{patient:03d}")
-    splits = dp.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
-    assert splits == dp.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
-    assert splits != dp.stratified_group_split(labels, units, 0.2, 0.1, seed=8)
+    splits = allocate.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
+    assert splits == allocate.stratified_group_split(labels, units, 0.2, 0.1, seed=7)
+    assert splits != allocate.stratified_group_split(labels, units, 0.2, 0.1, seed=8)
     for unit in set(units):
         assert len({s for s, u in zip(splits, units) if u == unit}) == 1
     for label in range(3):
@@ -129,9 +131,9 @@ def test_stratified_group_split_keeps_groups_whole_and_is_deterministic():
 def test_mixed_class_group_follows_its_majority():
     labels = [0, 0, 1, 1, 1, 1, 1, 1]
     units = ["mix", "mix", "mix", "b", "c", "d", "e", "f"]
-    splits = dp.stratified_group_split(labels, units, 0.2, 0.0, seed=0)
+    splits = allocate.stratified_group_split(labels, units, 0.2, 0.0, seed=0)
     assert len(set(splits[:3])) == 1  # the group straddling classes 0 and 1 stays whole
-    assert dp.majority_label([0, 1, 1]) == 1 and dp.majority_label([2, 0]) == 0
+    assert allocate.majority_label([0, 1, 1]) == 1 and allocate.majority_label([2, 0]) == 0
 
 
 def test_regex_group_searches_the_path_then_the_file_name():
@@ -148,7 +150,7 @@ def test_regex_group_searches_the_path_then_the_file_name():
 # -- parse_args ------------------------------------------------------------------------------
 
 def test_parse_args_defaults(tmp_path):
-    args = dp.parse_args(["--data-root", str(tmp_path)])
+    args = cli.parse_args(["--data-root", str(tmp_path)])
     assert (args.out_dir, args.val_ratio, args.test_ratio, args.seed, args.mode) == (None, 0.2, 0.0, 2024, "copy")
     assert not args.overwrite and not args.dry_run
 
@@ -166,14 +168,14 @@ def test_parse_args_defaults(tmp_path):
 ])
 def test_parse_args_rejects(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
-        dp.parse_args(["--data-root", str(tmp_path), *extra])
+        cli.parse_args(["--data-root", str(tmp_path), *extra])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_parse_args_rejects_missing_data_root(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        dp.parse_args(["--data-root", str(tmp_path / "nope")])
+        cli.parse_args(["--data-root", str(tmp_path / "nope")])
     assert exc.value.code == 2 and "--data-root" in capsys.readouterr().err
 
 
@@ -255,7 +257,7 @@ def test_same_seed_same_bytes_other_seed_other_split(make_cohort, tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         assert run("--data-root", root, "--out-dir", tmp_path / name, "--seed", seed) == 0
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
-    record = json.loads((tmp_path / "a" / dp.ARGS_NAME).read_text())
+    record = json.loads((tmp_path / "a" / ARGS_NAME).read_text())
     assert record["script"] == "data_preprocess.py" and record["args"]["seed"] == 5
     assert record["argv"] == ["--data-root", str(root), "--out-dir", str(tmp_path / "a"), "--seed", "5",
                               "--no-progress"]
@@ -472,7 +474,7 @@ def test_custom_prompt_classes(tmp_path):
 
 def test_help_in_process(capsys):
     with pytest.raises(SystemExit) as exit_info:  # the process boundary is covered by the real run
-        dp.main(["--help"])
+        cli.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "--data-root" in out and "$ python data_preprocess.py" in out
@@ -491,7 +493,7 @@ def test_real_run_subprocess(make_cohort, tmp_path):
 def test_bad_value_in_process_exits_2_naming_the_flag(make_cohort, capsys):
     cohort = make_cohort("cohort", (3, 5, 4))
     with pytest.raises(SystemExit) as exit_info:
-        dp.main(["--data-root", str(cohort), "--val-ratio", "1.5"])
+        cli.main(["--data-root", str(cohort), "--val-ratio", "1.5"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--val-ratio" in err and "Traceback" not in err
 
@@ -503,18 +505,18 @@ def test_hamming_and_near_duplicate_pairs_known_answers():
     three_bits = bytes([0b0000_0111]) + bytes(7)
     ten_bits = bytes([0xFF, 0b11]) + bytes(6)
     fine_same, fine_far = bytes(32), bytes([0xFF]) * 4 + bytes(28)  # 0 and 32 bits apart
-    matrix = dp.hash_matrix([base, three_bits, ten_bits])
-    assert dp.hamming_distances(matrix, matrix).tolist() == [[0, 3, 10], [3, 0, 7], [10, 7, 0]]
+    matrix = split_duplicates.hash_matrix([base, three_bits, ten_bits])
+    assert split_duplicates.hamming_distances(matrix, matrix).tolist() == [[0, 3, 10], [3, 0, 7], [10, 7, 0]]
     coarse = [base, three_bits, ten_bits, base]
     fine = [fine_same, fine_same, fine_same, fine_far]
     # image 3 matches 0 on 64 bits, but its 256-bit hash is 32 bits away: over 4 * 4 + 8 = 24
-    assert dp.near_duplicate_pairs(coarse, fine, 4) == [(0, 1, 3)]
+    assert split_duplicates.near_duplicate_pairs(coarse, fine, 4) == [(0, 1, 3)]
     # at 7 bits the confirmation allows 4 * 7 + 8 = 36
-    assert dp.near_duplicate_pairs(coarse, fine, 7) == [(0, 1, 3), (0, 3, 0), (1, 2, 7), (1, 3, 3)]
-    assert dp.near_duplicate_pairs(coarse, fine, 0) == []
-    pairs = dp.find_duplicates(["h1", "h2", "h1", "h3"], coarse, fine, 4)
+    assert split_duplicates.near_duplicate_pairs(coarse, fine, 7) == [(0, 1, 3), (0, 3, 0), (1, 2, 7), (1, 3, 3)]
+    assert split_duplicates.near_duplicate_pairs(coarse, fine, 0) == []
+    pairs = split_duplicates.find_duplicates(["h1", "h2", "h1", "h3"], coarse, fine, 4)
     assert pairs == [(2, 0, "exact", 0), (1, 0, "near", 3)]
-    assert dp.merge_linked_units(["a", "b", "c", "d"], [(2, 0), (1, 0)]) == ["a", "a", "a", "d"]
+    assert allocate.merge_linked_units(["a", "b", "c", "d"], [(2, 0), (1, 0)]) == ["a", "a", "a", "d"]
 
 
 def test_near_duplicate_search_is_vectorised_and_blockwise(monkeypatch):
@@ -522,11 +524,11 @@ def test_near_duplicate_search_is_vectorised_and_blockwise(monkeypatch):
     coarse = [rng.bytes(8) for _ in range(300)]
     fine = [bytes(32)] * 300
     coarse[250] = coarse[7]  # a planted pair across blocks
-    monkeypatch.setattr(dp, "HAMMING_BLOCK_ELEMENTS", 64 * 300)  # 64 rows per block
-    assert (7, 250, 0) in dp.near_duplicate_pairs(coarse, fine, 2)
+    monkeypatch.setattr(split_duplicates, "HAMMING_BLOCK_ELEMENTS", 64 * 300)  # 64 rows per block
+    assert (7, 250, 0) in split_duplicates.near_duplicate_pairs(coarse, fine, 2)
     brute = [(i, j, d) for i in range(300) for j in range(i + 1, 300)
              if (d := bin(int.from_bytes(coarse[i], "big") ^ int.from_bytes(coarse[j], "big")).count("1")) <= 12]
-    assert dp.near_duplicate_pairs(coarse, fine, 12) == brute
+    assert split_duplicates.near_duplicate_pairs(coarse, fine, 12) == brute
 
 
 def plant_duplicates(root):
@@ -576,10 +578,10 @@ def test_planted_duplicates_are_reported_and_kept_together(make_cohort, tmp_path
 def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
     root = make_cohort("cohort", (24, 60, 40))  # standardised cartoon eyes: a hard case for pHash
     assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run") == 0
-    records, _ = dp.validate_cohort(root, common.list_class_folder_images(root, FOLDERS)[0],
+    records, _ = scan.validate_cohort(root, common.list_class_folder_images(root, FOLDERS)[0],
                                     FOLDERS, 2, True)
-    pairs = dp.find_duplicates([r.sha256 for r in records], [r.phash for r in records],
-                               [r.phash_fine for r in records], dp.NEAR_DUP_DISTANCE)
+    pairs = split_duplicates.find_duplicates([r.sha256 for r in records], [r.phash for r in records],
+                               [r.phash_fine for r in records], split_duplicates.NEAR_DUP_DISTANCE)
     assert pairs == []
 
 
@@ -587,13 +589,13 @@ def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
 
 def test_assign_folds_known_answers():
     labels = [0] * 5 + [1] * 7
-    folds = dp.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
+    folds = allocate.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
     per_class = [sorted(Counter(f for f, y in zip(folds, labels) if y == c).values()) for c in (0, 1)]
     assert per_class == [[1, 2, 2], [2, 2, 3]]
     assert sorted(Counter(folds).values()) == [4, 4, 4]  # ties go to the emptier fold overall
-    assert folds == dp.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
+    assert folds == allocate.assign_folds(labels, [f"u{i}" for i in range(12)], 3, seed=0)
     units = ["a", "a", "a", "b", "c", "c", "d"]  # groups are never divided
-    folds = dp.assign_folds([0] * 7, units, 2, seed=1)
+    folds = allocate.assign_folds([0] * 7, units, 2, seed=1)
     assert all(len({f for f, u in zip(folds, units) if u == key}) == 1 for key in set(units))
     assert sorted(Counter(folds).values()) == [3, 4]  # a (3) | b, c, d (1 + 2 + 1)
 
@@ -638,7 +640,7 @@ def test_folds_manifest_and_fold_views(tmp_path, capsys):
 ])
 def test_parse_args_rejects_new_combinations(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
-        dp.parse_args(["--data-root", str(tmp_path), *extra])
+        cli.parse_args(["--data-root", str(tmp_path), *extra])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -651,14 +653,14 @@ def test_too_many_folds_is_a_clear_error(tmp_path, capsys):
 # -- --resize-px --------------------------------------------------------------------------------
 
 def test_resize_px_known_answers():
-    assert dp.resized_size((400, 300), 100) == (133, 100)
-    assert dp.resized_size((300, 400), 100) == (100, 133)
-    assert dp.resized_size((1000, 101), 100) == (990, 100)
-    assert dp.resized_name("a/x.JPG", True) == "a/x.JPG"
-    assert dp.resized_name("a/x.tif", False) == "a/x.png"
-    assert dp.resized_name("a/x.jpeg", False) == "a/x.png"
-    assert dp.resized_name("a/x.png", True) == "a/x.jpg"  # a JPEG stored under a .png name
-    assert dp.resized_name("a/scan", False) == "a/scan.png"
+    assert materialise.resized_size((400, 300), 100) == (133, 100)
+    assert materialise.resized_size((300, 400), 100) == (100, 133)
+    assert materialise.resized_size((1000, 101), 100) == (990, 100)
+    assert materialise.resized_name("a/x.JPG", True) == "a/x.JPG"
+    assert materialise.resized_name("a/x.tif", False) == "a/x.png"
+    assert materialise.resized_name("a/x.jpeg", False) == "a/x.png"
+    assert materialise.resized_name("a/x.png", True) == "a/x.jpg"  # a JPEG stored under a .png name
+    assert materialise.resized_name("a/scan", False) == "a/scan.png"
 
 
 def test_resize_px_writes_small_copies_and_records_them(tmp_path):
@@ -720,14 +722,14 @@ def content_multiset(*folders):
 # kill the process mid-move (a child process: the kill must be a real SIGKILL).
 SLOW_MOVE_RUN = """
 import sys, time
-from orbital_clip import split as dp
-settle_move = dp.settle_move
+from orbital_clip.split import cli, materialise
+settle_move = materialise.settle_move
 def slow_settle_move(source, target):
     moved = settle_move(source, target)
     time.sleep(0.02)
     return moved
-dp.settle_move = slow_settle_move
-sys.exit(dp.main(sys.argv[1:]))
+materialise.settle_move = slow_settle_move
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
@@ -744,7 +746,7 @@ def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     try:
         while time.monotonic() < deadline and process.poll() is None:
             moved = [p for s in ("train", "val") for p in (out / s).rglob("*.png")] if out.exists() else []
-            if (out / dp.JOURNAL_NAME).exists() and len(moved) >= 20:
+            if (out / JOURNAL_NAME).exists() and len(moved) >= 20:
                 break
             time.sleep(0.02)
         assert process.poll() is None, "the move finished (or failed) before it could be killed"
@@ -752,13 +754,13 @@ def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert (out / dp.JOURNAL_NAME).exists() and not (out / "manifest.csv").exists()
+    assert (out / JOURNAL_NAME).exists() and not (out / "manifest.csv").exists()
     at_source = [p for p in root.rglob("*") if p.is_file()]
     assert 0 < len(at_source) < len(original)  # interrupted mid-run
     assert content_multiset(root, out / "train", out / "val") == sorted(original.values())
 
     assert run("--data-root", root, "--out-dir", out, "--mode", "move") == 0  # completes the run
-    assert not (out / dp.JOURNAL_NAME).exists() and (out / dp.MOVE_LOG_NAME).exists()
+    assert not (out / JOURNAL_NAME).exists() and (out / MOVE_LOG_NAME).exists()
     assert not [p for p in root.rglob("*") if p.is_file()]
     manifest = read_manifest(out)
     assert len(manifest) == 200 and all(common.file_sha256(out / p) == h for p, h in zip(manifest.path, manifest.sha256))
@@ -773,7 +775,7 @@ def test_interrupted_move_rolls_back_and_refuses_other_modes(make_cohort, tmp_pa
     root = make_cohort("cohort", (3, 5, 4))
     (root / "healthy eyes" / "healthy_eyes_0_000.txt").write_text("sidecar")
     original = tree_snapshot(root)
-    real_settle, calls = dp.settle_move, []
+    real_settle, calls = materialise.settle_move, []
 
     def failing_settle(source, target):
         calls.append(source)
@@ -781,11 +783,11 @@ def test_interrupted_move_rolls_back_and_refuses_other_modes(make_cohort, tmp_pa
             raise OSError(errno.EIO, "Input/output error")
         return real_settle(source, target)
 
-    monkeypatch.setattr(dp, "settle_move", failing_settle)
+    monkeypatch.setattr(materialise, "settle_move", failing_settle)
     assert run("--data-root", root, "--mode", "move") == 1  # OUT = data root
     assert "--rollback" in capsys.readouterr().err
-    monkeypatch.setattr(dp, "settle_move", real_settle)
-    assert (root / dp.JOURNAL_NAME).exists() and len(list((root / "train").rglob("*.jpg"))) >= 1
+    monkeypatch.setattr(materialise, "settle_move", real_settle)
+    assert (root / JOURNAL_NAME).exists() and len(list((root / "train").rglob("*.jpg"))) >= 1
     assert run("--data-root", root) == 2  # a copy run would mix with the half-moved tree
     assert "--rollback" in capsys.readouterr().err
     assert run("--data-root", root, "--rollback") == 0

@@ -22,6 +22,7 @@ from statsmodels.stats.proportion import proportion_confint
 from orbital_clip import training as clip_train
 from orbital_clip import common
 from orbital_clip import split as data_preprocess
+from orbital_clip.split import allocate
 from orbital_clip import scoring as inference
 from orbital_clip import metrics
 from orbital_clip import report
@@ -174,12 +175,12 @@ def test_group_allocation_ties_serve_the_smaller_split_while_it_has_room():
     # split; a -> train (deficit 2 vs -1). Preferring train on ties gives (3, 1) instead.
     units = {"a": 1, "b": 3}
     for seed in range(3):
-        assert split_sizes(data_preprocess.assign_units_to_splits(units, (2, 2, 0), random.Random(seed)),
+        assert split_sizes(allocate.assign_units_to_splits(units, (2, 2, 0), random.Random(seed)),
                            units) == [1, 3, 0]
     # {a:1, b:3, c:3}, quotas (5, 2): 3 -> train (5 > 2); 3 ties (2, 2) -> val; 1 -> train.
     units = {"a": 1, "b": 3, "c": 3}
     for seed in range(3):
-        assert split_sizes(data_preprocess.assign_units_to_splits(units, (5, 2, 0), random.Random(seed)),
+        assert split_sizes(allocate.assign_units_to_splits(units, (5, 2, 0), random.Random(seed)),
                            units) == [4, 3, 0]
 
 
