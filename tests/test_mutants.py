@@ -21,7 +21,7 @@ import inference
 from orbital_clip import common, prompts
 from orbital_clip.evaluation import regex_groups
 from orbital_clip.report import comparison_frame, subgroups_frame
-from orbital_clip.split import assign_folds
+from orbital_clip.split.allocate import assign_folds
 from conftest import TINY_MODEL, tiny_metadata
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]

@@ -31,7 +31,7 @@ class Mutant:
 
 
 MUTANTS = (
-    Mutant("fold-sort-key", "orbital_clip/split.py",
+    Mutant("fold-sort-key", "orbital_clip/split/allocate.py",
            "key=lambda f: (of_class[f], total[f], f))",
            "key=lambda f: (total[f], of_class[f], f))",
            ("tests/test_mutants.py::test_assign_folds_balances_each_class_before_the_fold_totals",)),
