@@ -23,9 +23,9 @@ bench: $(VENV)/.installed
 
 # Mutation testing (not in CI; tens of minutes on 2 cores): plant one small bug at a time in
 # metrics.py and the training core, run the selection of setup.cfg [mutmut], list the survivors.
-MUTANTS ?= orbital_clip.metrics.* orbital_clip.training.x_lr_at_step* orbital_clip.training.x_class_balanced_weights* \
-	orbital_clip.training.x_is_improvement* orbital_clip.training.x*DistributedBalancedSampler* orbital_clip.training.x_train_sampler* \
-	orbital_clip.training.x_resume_from* orbital_clip.training.x*LabelAwareClipLoss* orbital_clip.training.x*MaskedContrastiveLoss*
+MUTANTS ?= orbital_clip.metrics.* orbital_clip.train.schedule.x_lr_at_step* orbital_clip.train.sampling.x_class_balanced_weights* \
+	orbital_clip.train.sampling.x*DistributedBalancedSampler* orbital_clip.train.sampling.x_train_sampler* \
+	orbital_clip.train.state.x_resume_from* orbital_clip.train.losses.x*LabelAwareClipLoss* orbital_clip.train.losses.x*MaskedContrastiveLoss*
 mutate: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)

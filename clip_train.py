@@ -2,12 +2,12 @@
 
     $ python clip_train.py --train-dir dataset_root/train --val-dir dataset_root/val --save-dir runs/clip
 
-The command line and the machinery live in orbital_clip/training.py; `--help` lists every flag.
+The command line and the machinery live in orbital_clip/train/ (main in cli.py); `--help` lists every flag.
 """
 
 import sys
 
-from orbital_clip.training import main
+from orbital_clip.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import cli as train_cli
 from orbital_clip import common
 from orbital_clip import split as data_preprocess
 from orbital_clip import scoring as inference
@@ -72,7 +72,7 @@ def train_tiny(out):
     make_demo_cohort.write_cohort(root, DEMO_COUNTS, 0)
     assert data_preprocess.main(["--data-root", str(root)]) == 0
     save = out / "tiny_checkpoints"
-    assert clip_train.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
+    assert train_cli.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
                             "--save-dir", str(save), "--model-config", str(TINY_CONFIG), "--pretrained",
                             "none", "--batch-size", "32", "--epochs", "20", "--lr", "1e-3",
                             "--weight-decay", "0.1", "--select-metric", "balanced_accuracy",

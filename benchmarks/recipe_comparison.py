@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
 from orbital_clip import split as data_preprocess
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
@@ -33,11 +34,11 @@ def run_recipe(split_root, external, save_dir, recipe, seed, args):
             "--save-dir", str(save_dir), "--model-config", str(ROOT / "demo" / "tiny_clip.json"),
             "--recipe", recipe, "--lr", str(args.lr), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--seed", str(seed), "--workers", "0", "--no-progress"]
-    if clip_train.main(argv) != 0:
+    if train_cli.main(argv) != 0:
         raise RuntimeError(f"training failed: {argv}")
-    metrics = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)["metrics"]
+    metrics = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)["metrics"]
     eval_dir = save_dir / "external_eval"
-    if inference.main(["--test-dir", str(external), "--checkpoint", str(save_dir / clip_train.BEST_NAME),
+    if inference.main(["--test-dir", str(external), "--checkpoint", str(save_dir / train_checkpoints.BEST_NAME),
                        "--output-dir", str(eval_dir), "--bootstrap", "0", "--workers", "0", "--no-figures",
                        "--no-progress"]) != 0:
         raise RuntimeError(f"evaluation failed: {save_dir}")

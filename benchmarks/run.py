@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import losses as train_losses
+from orbital_clip.train import schedule as train_schedule
 from orbital_clip import common
 from orbital_clip import split as data_preprocess
 from orbital_clip.split import materialise
@@ -109,15 +111,15 @@ def training_context(model, tokenizer, classes, device, precision, batch_size):
                               batch_size=batch_size, balanced_sampling=False)
     return {"args": args, "classes": classes, "tokenizer": tokenizer,
             "caption_rng": prompt_sets.new_rng(0), "progress": False,
-            "optimizer": torch.optim.AdamW(clip_train.param_groups(model, 1e-8), lr=1e-8),
+            "optimizer": torch.optim.AdamW(train_schedule.param_groups(model, 1e-8), lr=1e-8),
             "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-            "loss_fn": clip_train.make_loss("clip"), "warmup_steps": 0, "total_steps": 10 ** 9}
+            "loss_fn": train_losses.make_loss("clip"), "warmup_steps": 0, "total_steps": 10 ** 9}
 
 
 def train_step(model, ctx, images, labels):
     captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
     ctx["optimizer"].zero_grad(set_to_none=True)
-    clip_train.accumulate_gradients(model, images, labels, captions, ctx)
+    train_loop.accumulate_gradients(model, images, labels, captions, ctx)
     ctx["optimizer"].step()
     if ctx["args"].device.type == "cuda":
         torch.cuda.synchronize()
@@ -291,13 +293,13 @@ def benchmark_text_dedup(model, tokenizer, opts):
     captions = prompt_sets.sample_train_captions(labels, classes, random.Random(0))
     image_features = torch.nn.functional.normalize(torch.randn(len(captions), model.text_projection.shape[1],
                                                                device=device), dim=-1)
-    loss_fn = clip_train.make_loss("clip")
+    loss_fn = train_losses.make_loss("clip")
     model.train()
 
     def step(dedup):
         model.zero_grad(set_to_none=True)
         with common.autocast_context(device, opts.precision):
-            text = clip_train.encode_captions(model, tokenizer, captions, device, dedup=dedup).float()
+            text = train_loop.encode_captions(model, tokenizer, captions, device, dedup=dedup).float()
             loss = loss_fn(image_features, text, model.logit_scale.exp(), None)
         loss.backward()
         if device.type == "cuda":

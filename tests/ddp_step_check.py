@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import distributed as train_distributed
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import losses as train_losses
 from orbital_clip import common
 from orbital_clip import prompts
 
@@ -25,7 +27,7 @@ STEPS = 3
 def main(out_path, loss_kinds, accum_steps):
     args = argparse.Namespace(device=torch.device("cpu"), batch_size=BATCH, dist_timeout=5.0,
                               precision="fp32", accum_steps=accum_steps, logit_scale_mode="exp")
-    clip_train.init_distributed(args)
+    train_distributed.init_distributed(args)
     common.register_model_config(Path(__file__).resolve().parent.parent / "demo" / "tiny_clip.json")
     results = {kind: run_steps(args, kind) for kind in loss_kinds.split(",")}
     if args.rank == 0:
@@ -43,12 +45,12 @@ def run_steps(args, loss_kind):
     valid = torch.tensor([True, True, True, False, True, True, True, True])
     per_rank = BATCH // args.world_size
     mine = slice(args.rank * per_rank, (args.rank + 1) * per_rank)
-    train_model = clip_train.wrap_for_training(model, argparse.Namespace(compile=False, **vars(args)))
+    train_model = train_distributed.wrap_for_training(model, argparse.Namespace(compile=False, **vars(args)))
     # Plain SGD: the updated weights differ exactly by the gradients (Adam's first step is a
     # sign of the gradient, which amplifies float noise in gradients that are ~0).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False), "tokenizer": tokenizer,
-           "loss_fn": clip_train.make_loss(loss_kind, args.rank, args.world_size)}
+           "loss_fn": train_losses.make_loss(loss_kind, args.rank, args.world_size)}
     losses = []
     for step in range(STEPS):
         images = torch.randn(BATCH, 3, 64, 64, generator=generator)
@@ -56,7 +58,7 @@ def run_steps(args, loss_kind):
         captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(),
                                                  prompts.new_rng(step))
         optimizer.zero_grad()
-        loss = clip_train.accumulate_gradients(train_model, images[mine], labels[mine], captions[mine],
+        loss = train_loop.accumulate_gradients(train_model, images[mine], labels[mine], captions[mine],
                                                ctx, valid=valid[mine])
         optimizer.step()
         losses.append(loss.item())

@@ -12,13 +12,14 @@ import shutil
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
 from orbital_clip.split import cli as data_preprocess
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
 from conftest import TINY_CONFIG, tree_state
 
-SCRIPTS = {"data_preprocess": data_preprocess, "clip_train": clip_train, "inference": inference}
+SCRIPTS = {"data_preprocess": data_preprocess, "clip_train": train_cli, "inference": inference}
 BASE_ARGV = {
     "data_preprocess": ["--data-root", "{cohort}", "--out-dir", "{out}", "--workers", "1", "--no-progress"],
     "clip_train": ["--train-dir", "{cohort}", "--val-dir", "{val}", "--save-dir", "{out}",
@@ -45,14 +46,14 @@ def shared(tmp_path_factory):
     (root / "mini_clip.json").write_text(json.dumps(mini))
     run = root / "run"
     make_demo_cohort.write_cohort(root / "val", (2, 2, 2), 2)  # validation never holds training images
-    assert clip_train.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "val"),
+    assert train_cli.main(["--train-dir", str(root / "cohort"), "--val-dir", str(root / "val"),
                             "--save-dir", str(run), "--model-config", str(TINY_CONFIG), "--lr", "1e-3",
                             "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress"]) == 0
-    best = run / clip_train.BEST_NAME
+    best = run / train_checkpoints.BEST_NAME
     torch.save(torch.load(best, weights_only=True)["state_dict"], root / "plain.pt")
     return {"root": root, "cohort": root / "cohort", "val": root / "val", "unknown": root / "unknown", "empty": root / "empty",
             "mini_config": root / "mini_clip.json", "tiny_config": TINY_CONFIG, "best": best,
-            "last": run / clip_train.LAST_NAME, "plain": root / "plain.pt"}
+            "last": run / train_checkpoints.LAST_NAME, "plain": root / "plain.pt"}
 
 
 @pytest.fixture

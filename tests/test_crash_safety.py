@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import cli as train_cli
 from conftest import REPO_ROOT, TINY_CONFIG
 
 EPOCHS = 6
@@ -82,14 +82,14 @@ def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tm
     from orbital_clip import common
     train_dir, val_dir = make_cohort("train", (4, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    assert train_cli.main(argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
     before = {n: (save_dir / n).read_bytes() for n in ("clip_model_last.pt", "clip_model_epoch_best.pt")}
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(common.os, "fsync", full_disk)
-    code = clip_train.main(argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto"))
+    code = train_cli.main(argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto"))
     assert code == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and str(save_dir) in err and "No space left" in err

@@ -18,7 +18,12 @@ import pandas as pd
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
+from orbital_clip.train import model_setup as train_model_setup
+from orbital_clip.train import options as train_options
+from orbital_clip.train import runner as train_runner
+from orbital_clip.train import state as train_state
 from orbital_clip import common
 from orbital_clip import split as dp
 from orbital_clip import scoring as inference
@@ -101,7 +106,7 @@ def test_training_refuses_validation_images_it_trains_on(patient_cohort, tmp_pat
         # not the same files, the same bytes (the manifest's sha256)
     save_dir = tmp_path / "run"
     before = tree_state(tmp_path)
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 2
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir)) == 2
     line = error_line(capsys.readouterr().err)
     assert line.startswith(f"error: --val-dir {val_dir}: {expected} of its {n_val} images are also "
                            f"training images of --train-dir {train_dir}")
@@ -115,7 +120,7 @@ def trained(patient_cohort, tmp_path):
     root = patient_cohort.root
     train_dir, val_dir = split_cohort(root, "--group-from-folder", "--test-ratio", "0.3")
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir)) == 0
     return root, save_dir
 
 
@@ -163,10 +168,10 @@ def test_changed_training_args_known_answers():
     stored = {"lr": 1e-3, "batch_size": 16, "epochs": 2, "workers": 0, "recipe": "paper", "old_flag": 1}
     current = {"lr": 1e-4, "batch_size": 16, "epochs": 5, "workers": 4, "recipe": "recommended",
                "new_flag": 2}
-    assert clip_train.changed_training_args(stored, current) == [
+    assert train_state.changed_training_args(stored, current) == [
         ("--lr", 1e-3, 1e-4), ("--recipe", "paper", "recommended")]  # epochs, workers: free
-    assert clip_train.changed_training_args(stored, dict(stored)) == []
-    assert clip_train.describe_changes([("--lr", 0.001, 0.0001)]) == "--lr (0.001 -> 0.0001)"
+    assert train_state.changed_training_args(stored, dict(stored)) == []
+    assert train_state.describe_changes([("--lr", 0.001, 0.0001)]) == "--lr (0.001 -> 0.0001)"
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -175,7 +180,7 @@ def test_changed_training_args_known_answers():
     (["--resume=auto", "--seed", "1"], ["--seed", "1", "--resume", "auto"]),
 ])
 def test_resume_argv_known_answers(argv, expected):
-    assert clip_train.resume_argv(argv) == expected
+    assert train_state.resume_argv(argv) == expected
 
 
 @pytest.mark.parametrize("environ, launcher, note", [
@@ -190,7 +195,7 @@ def test_resume_argv_known_answers(argv, expected):
 ])
 def test_the_resume_command_is_launched_as_the_run_was(environ, launcher, note):
     argv = ["--train-dir", "my data/train", "--overwrite", "--epochs", "8"]
-    command, said = clip_train.resume_command(argv, environ)
+    command, said = train_state.resume_command(argv, environ)
     assert command == f"{launcher} --train-dir 'my data/train' --epochs 8 --resume auto"
     assert note in said and bool(said) == bool(note)
 
@@ -199,15 +204,15 @@ def test_the_printed_resume_command_names_the_script_from_the_working_folder(tmp
                                                                             capsys):
     save_dir = tmp_path / "run"
     save_dir.mkdir()
-    (save_dir / clip_train.LAST_NAME).write_bytes(b"a checkpoint")
+    (save_dir / train_checkpoints.LAST_NAME).write_bytes(b"a checkpoint")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     for key, value in {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     args = argparse.Namespace(rank=0, epochs=8)
-    code = clip_train.report_interrupt(args, ["--save-dir", "../run"], {"saved_epoch": 3}, save_dir)
-    assert code == clip_train.EXIT_INTERRUPTED
+    code = train_runner.report_interrupt(args, ["--save-dir", "../run"], {"saved_epoch": 3}, save_dir)
+    assert code == train_runner.EXIT_INTERRUPTED
     *_, heading, command = capsys.readouterr().err.rstrip().splitlines()
     assert heading.endswith("holds epoch 3/8. Continue with (plus your rendezvous flags):")
     _launcher, script, rest = re.fullmatch(r"(torchrun --nproc_per_node=4 --nnodes=2) (\S+) (.*)",
@@ -219,34 +224,34 @@ def test_the_printed_resume_command_names_the_script_from_the_working_folder(tmp
 def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, capsys):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir)) == 0
     before = tree_state(save_dir)
     capsys.readouterr()
     changed = train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--lr", "1e-4",
                          "--batch-size", "8", "--resume", "auto")
-    assert clip_train.main(changed) == 2
+    assert train_cli.main(changed) == 2
     err = capsys.readouterr().err
     assert "resumed from" not in err  # refused before anything is resumed
     line = error_line(err)
-    assert line == (f"error: --resume {save_dir / clip_train.LAST_NAME}: this command changes "
+    assert line == (f"error: --resume {save_dir / train_checkpoints.LAST_NAME}: this command changes "
                     "--batch-size (16 -> 8), --lr (0.001 -> 0.0001) of the run it continues; resume "
                     "with the run's flags, or pass --resume-with-changes if the change is meant")
     assert tree_state(save_dir) == before
     # more epochs (and other workers) is no change: a finished run trains on
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto")) == 0
     assert list(pd.read_csv(save_dir / "metrics.csv").epoch) == [1, 2]
     # asked for: continues with the new flags, which the checkpoint then records
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--lr", "1e-4",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--lr", "1e-4",
                                       "--resume", "auto", "--resume-with-changes")) == 0
-    last = common.load_checkpoint_file(save_dir / clip_train.LAST_NAME)
+    last = common.load_checkpoint_file(save_dir / train_checkpoints.LAST_NAME)
     assert (last["epoch"], last["args"]["lr"]) == (3, 1e-4)
     err = capsys.readouterr().err
-    assert "--resume-with-changes: continuing" in err and f"resumed from {save_dir / clip_train.LAST_NAME} at epoch 2" in err
+    assert "--resume-with-changes: continuing" in err and f"resumed from {save_dir / train_checkpoints.LAST_NAME} at epoch 2" in err
     # the same data from another working folder (relative paths) is no change
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert clip_train.main(train_argv("train", "val", save_dir, "--epochs", "4", "--lr", "1e-4",
+        assert train_cli.main(train_argv("train", "val", save_dir, "--epochs", "4", "--lr", "1e-4",
                                           "--resume", "auto")) == 0
     finally:
         os.chdir(cwd)
@@ -255,7 +260,7 @@ def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, 
 def test_resume_with_changes_needs_resume(make_cohort, tmp_path, capsys):
     cohort = make_cohort()
     with pytest.raises(SystemExit) as exit_info:
-        clip_train.parse_args(train_argv(cohort, cohort, tmp_path / "r", "--resume-with-changes"))
+        train_options.parse_args(train_argv(cohort, cohort, tmp_path / "r", "--resume-with-changes"))
     assert exit_info.value.code == 2
     assert "--resume-with-changes needs --resume" in capsys.readouterr().err
 
@@ -280,13 +285,13 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_coh
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "clip_train.py", *argv], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = save_dir / clip_train.LAST_NAME
+    last = save_dir / train_checkpoints.LAST_NAME
     deadline = time.monotonic() + 300
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == clip_train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert process.returncode == train_runner.EXIT_INTERRUPTED, stderr[-2000:]
     assert "Traceback" not in stderr and "usage:" not in stderr
     checkpoint = common.load_checkpoint_file(last)  # intact: loads with weights_only
     assert 1 <= checkpoint["epoch"] < 8 and not checkpoint["finished"]
@@ -453,7 +458,7 @@ def test_offline_default_model_fails_fast_naming_repository_and_file(make_cohort
     argv = argv[:argv.index("--model-config")] + argv[argv.index("--model-config") + 2:]
     before = tree_state(tmp_path)
     start = time.monotonic()
-    assert clip_train.main(argv) == 2
+    assert train_cli.main(argv) == 2
     assert time.monotonic() - start < 30  # not a minute of download retries
     line = error_line(capsys.readouterr().err)
     assert line == (
@@ -493,7 +498,7 @@ def test_random_init_of_a_stock_architecture_or_at_a_tiny_lr_is_warned(caplog):
     def warnings_for(**kwargs):
         caplog.clear()
         args = argparse.Namespace(**{"model_config": None, "model_name": "ViT-B-32", "lr": 1e-3, **kwargs})
-        clip_train.warn_random_init(model, args)
+        train_model_setup.warn_random_init(model, args)
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
     (stock,) = warnings_for()
@@ -519,7 +524,7 @@ def test_close_model_names_known_answers(name, expected):
 def test_unknown_model_name_suggests_the_open_clip_name(make_cohort, tmp_path, capsys):
     argv = train_argv(make_cohort("train"), make_cohort("val", seed=1), tmp_path / "run")
     argv = argv[:argv.index("--model-config")] + argv[argv.index("--model-config") + 2:]
-    assert clip_train.main(argv + ["--model-name", "ViT-B/32", "--pretrained", "none"]) == 2
+    assert train_cli.main(argv + ["--model-name", "ViT-B/32", "--pretrained", "none"]) == 2
     line = error_line(capsys.readouterr().err)
     assert line.startswith("error: --model-name unknown model 'ViT-B/32': not an open_clip "
                            "architecture; did you mean 'ViT-B-32' or 'ViT-S-32' or 'ViT-M-32'? ")
@@ -542,7 +547,7 @@ def test_a_json_file_as_checkpoint_is_not_a_checkpoint(make_cohort, tmp_path, ca
 
 # -- item 10: --help shows every default; summaries; report figures; the preamble at debug ------
 
-@pytest.mark.parametrize("module", [clip_train, inference])
+@pytest.mark.parametrize("module", [train_options, inference])
 def test_help_shows_every_default(module):
     parser = module.build_parser()
     for action in parser._actions:
@@ -556,7 +561,7 @@ def test_help_shows_every_default(module):
         elif action.default not in (None, []):
             assert f"(default: {action.default}" in action.help, action.option_strings
         assert action.help.count("(default: ") == (0 if action.required else 1), action.option_strings
-    if module is clip_train:
+    if module is train_options:
         lr = parser._option_string_actions["--lr"].help
         assert "(default: 1e-08 with --recipe paper, 1e-05 with recommended)" in lr
         assert "(default: off with --recipe paper, on with recommended)" in \
@@ -590,13 +595,13 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
 
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
     messages = logged("clip_train")
     assert not any(m.startswith("  lr = ") for m in messages)  # the preamble: args.json only
     assert json.loads((save_dir / "args.json").read_text())["args"]["lr"] == 1e-3
     history = pd.read_csv(save_dir / "metrics.csv")
     best = history[history.is_best].iloc[-1]
-    best_ckpt = common.load_checkpoint_file(save_dir / clip_train.BEST_NAME)
+    best_ckpt = common.load_checkpoint_file(save_dir / train_checkpoints.BEST_NAME)
     assert best_ckpt["operating_point"]["threshold"] == pytest.approx(best.operating_threshold)
     assert messages[-1] == (
         f"== done: best accuracy {best.accuracy:.3f} at epoch {best.epoch}; clip_model_epoch_best.pt "
@@ -605,7 +610,7 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
         f"checkpoints and curves in {save_dir} ==")
     capsys.readouterr()
     out = tmp_path / "eval"
-    assert inference.main(["--test-dir", str(val_dir), "--checkpoint", str(save_dir / clip_train.BEST_NAME),
+    assert inference.main(["--test-dir", str(val_dir), "--checkpoint", str(save_dir / train_checkpoints.BEST_NAME),
                            "--output-dir", str(out), "--workers", "0", "--bootstrap", "50",
                            "--no-progress"]) == 0
     messages = logged("inference")
@@ -638,7 +643,7 @@ def test_model_card_holds_data_prompts_recipe_and_validation_cis(make_cohort, tm
     from statsmodels.stats.proportion import proportion_confint
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2")) == 0
     card = (save_dir / "MODEL_CARD.md").read_text()
     for folder, n_train, n_val in zip(FOLDERS, (6, 12, 9), (3, 6, 4)):
         assert f"| {folder} | {n_train} | {n_val} |" in card

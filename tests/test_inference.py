@@ -411,10 +411,10 @@ def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
 
 
 def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
-    from orbital_clip import training as clip_train
+    from orbital_clip.train import cli as train_cli
     train_dir, val_dir = make_cohort("train", (4, 8, 6), seed=0), make_cohort("val", (2, 4, 3), seed=1)
     save_dir = tmp_path / "run"
-    assert clip_train.main(["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir",
+    assert train_cli.main(["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir",
                             str(save_dir), "--model-config", str(TINY_CONFIG), "--pretrained", "none",
                             "--lr", "1e-3", "--batch-size", "16", "--epochs", "1", "--workers", "0",
                             "--no-progress"]) == 0

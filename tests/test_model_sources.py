@@ -14,7 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import losses as train_losses
+from orbital_clip.train import options as train_options
+from orbital_clip.train import shortcuts as train_shortcuts
 from orbital_clip import common
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
@@ -94,13 +99,13 @@ def inexact(image_dropout=(), image_bn=(), text_dropout=(), text_bn=()):
 def test_inexact_modules_per_tower():
     torch.manual_seed(0)
     model = common.create_model(TINY_MODEL, None)[0]
-    assert clip_train.inexact_modules(model) == EXACT
+    assert train_shortcuts.inexact_modules(model) == EXACT
     model.visual.extra = torch.nn.Dropout(0.0)  # p = 0 draws nothing
     model.transformer.extra = torch.nn.Dropout(0.1)
-    assert clip_train.inexact_modules(model) == inexact(text_dropout=["transformer.extra (Dropout p=0.1)"])
+    assert train_shortcuts.inexact_modules(model) == inexact(text_dropout=["transformer.extra (Dropout p=0.1)"])
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.5}}
     name = common.register_model_config_dict("tiny_patch_dropout", cfg)
-    assert clip_train.inexact_modules(common.create_model(name, None)[0]) == inexact(
+    assert train_shortcuts.inexact_modules(common.create_model(name, None)[0]) == inexact(
         image_dropout=["visual.patch_dropout (PatchDropout p=0.5)"])
 
 
@@ -108,27 +113,27 @@ def test_resnet_batch_norm_is_inexact_until_the_tower_is_locked():
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
            "text_cfg": TINY["text_cfg"]}
     model = common.create_model(common.register_model_config_dict("tiny_rn", cfg), None)[0]
-    found = clip_train.inexact_modules(model)
+    found = train_shortcuts.inexact_modules(model)
     assert found["text"] == EXACT["text"] and found["image"]["dropout"] == []
     assert found["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
     model.lock_image_tower()  # parameters frozen, but batch norm still normalises per batch
-    assert clip_train.inexact_modules(model)["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
+    assert train_shortcuts.inexact_modules(model)["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
     model.lock_image_tower(freeze_bn_stats=True)  # FrozenBatchNorm2d: exact again
-    assert clip_train.inexact_modules(model) == EXACT
+    assert train_shortcuts.inexact_modules(model) == EXACT
 
 
 def test_shortcut_plan_known_answers():
-    assert clip_train.shortcut_plan(EXACT, 4, True) == (True, [])
+    assert train_shortcuts.shortcut_plan(EXACT, 4, True) == (True, [])
     hf_text = inexact(text_dropout=["text.transformer.embeddings.dropout (Dropout p=0.1)", "x (Dropout p=0.1)"])
-    dedup, notes = clip_train.shortcut_plan(hf_text, 1, True)
+    dedup, notes = train_shortcuts.shortcut_plan(hf_text, 1, True)
     assert dedup is False and len(notes) == 1
     assert notes[0].startswith("caption deduplication off") and "and 1 more" in notes[0]
-    assert clip_train.shortcut_plan(hf_text, 1, False) == (False, [])  # already off: nothing to say
+    assert train_shortcuts.shortcut_plan(hf_text, 1, False) == (False, [])  # already off: nothing to say
     resnet = inexact(image_bn=["visual.bn1 (BatchNorm2d)"])
-    dedup, notes = clip_train.shortcut_plan(resnet, 2, True)
+    dedup, notes = train_shortcuts.shortcut_plan(resnet, 2, True)
     assert dedup is True and len(notes) == 1 and "batch norm (visual.bn1" in notes[0]
-    assert clip_train.shortcut_plan(resnet, 1, True) == (True, [])
-    dedup, notes = clip_train.shortcut_plan(hf_text, 2, True)
+    assert train_shortcuts.shortcut_plan(resnet, 1, True) == (True, [])
+    dedup, notes = train_shortcuts.shortcut_plan(hf_text, 2, True)
     assert dedup is False and len(notes) == 2 and "replays the random draws" in notes[1]
 
 
@@ -150,9 +155,9 @@ def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, t
     weights = write_model_folder(folder, preprocess_cfg=HALF_PREPROCESS)
     spec = f"local-dir:{folder}"
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--model-name", spec,
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--model-name", spec,
                                       "--lock-image", "--accum-steps", "2")) == 0
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
     assert best["model_name"] == spec and best["pretrained"] == spec
     assert best["model_config"] == TINY
     assert best["preprocess_cfg"]["mean"] == HALF_PREPROCESS["mean"]
@@ -163,18 +168,18 @@ def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, t
 
     # --pretrained FILE with a local-dir architecture: training starts from that file's weights
     again = tmp_path / "again"
-    assert clip_train.main(train_argv(train_dir, val_dir, again, "--model-name", spec, "--pretrained",
-                                      str(save_dir / clip_train.BEST_NAME), "--lock-image", "--lock-text")) == 0
-    final = torch.load(again / clip_train.FINAL_NAME, weights_only=True)
-    assert final["pretrained"] == str(save_dir / clip_train.BEST_NAME)
+    assert train_cli.main(train_argv(train_dir, val_dir, again, "--model-name", spec, "--pretrained",
+                                      str(save_dir / train_checkpoints.BEST_NAME), "--lock-image", "--lock-text")) == 0
+    final = torch.load(again / train_checkpoints.FINAL_NAME, weights_only=True)
+    assert final["pretrained"] == str(save_dir / train_checkpoints.BEST_NAME)
     assert torch.equal(final["state_dict"]["text_projection"], best["state_dict"]["text_projection"])
 
-    assert run_inference(val_dir, save_dir / clip_train.BEST_NAME, tmp_path / "with_folder") == 0
+    assert run_inference(val_dir, save_dir / train_checkpoints.BEST_NAME, tmp_path / "with_folder") == 0
     shutil.rmtree(folder)
-    checkpoint = inference.resolve_checkpoint(str(save_dir / clip_train.BEST_NAME))
+    checkpoint = inference.resolve_checkpoint(str(save_dir / train_checkpoints.BEST_NAME))
     _model, transform, _tok = inference.build_model(spec, checkpoint, torch.device("cpu"))
     assert list(normalize_of(transform).mean) == HALF_PREPROCESS["mean"]  # the folder's, recorded
-    assert run_inference(val_dir, save_dir / clip_train.BEST_NAME, tmp_path / "no_folder") == 0
+    assert run_inference(val_dir, save_dir / train_checkpoints.BEST_NAME, tmp_path / "no_folder") == 0
     np.testing.assert_allclose(prob_columns(tmp_path / "no_folder"), prob_columns(tmp_path / "with_folder"),
                                rtol=0, atol=1e-6)
     metrics = json.loads((tmp_path / "no_folder" / "metrics.json").read_text())
@@ -228,11 +233,11 @@ def test_hf_hub_model_loads_offline_from_the_cache(splits, tmp_path, monkeypatch
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
     assert list(normalize_of(val_tf).mean) == [0.5] * 3
     train_dir, val_dir = splits
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name", spec)) == 0
-    assert run_inference(val_dir, tmp_path / "run" / clip_train.BEST_NAME, tmp_path / "eval") == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name", spec)) == 0
+    assert run_inference(val_dir, tmp_path / "run" / train_checkpoints.BEST_NAME, tmp_path / "eval") == 0
     # a repository that is not in the cache: one line naming the flag and the fix, nothing written
     capsys.readouterr()
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "absent",
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "absent",
                                       "--model-name", "hf-hub:orbital/absent")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --model-name hf-hub:orbital/absent: open_clip_config.json is "
@@ -260,7 +265,7 @@ def test_source_model_refusals(splits, tmp_path, capsys):
     ]
     for extra, flag, message in cases:
         with pytest.raises(SystemExit) as exit_:
-            clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", *extra))
+            train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", *extra))
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"error: {flag}" in err and message in err, err
@@ -270,7 +275,7 @@ def test_source_model_refusals(splits, tmp_path, capsys):
     assert run_inference(val_dir, f"local-dir:{config_only}", tmp_path / "out") == 2
     assert "no weights file" in capsys.readouterr().err
     # --pretrained none: the folder's architecture from random weights, no weights file needed
-    args = clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name",
+    args = train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name",
                                             f"local-dir:{config_only}", "--pretrained", "none"))
     assert args.pretrained == "none"
     assert run_inference(val_dir, f"local-dir:{folder}", tmp_path / "out", "--model-name", "ViT-B-32") == 2
@@ -288,7 +293,7 @@ def test_missing_transformers_refuses_train_and_inference(splits, tmp_path, monk
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": hf_cfg}))
     (folder / "open_clip_model.safetensors").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "transformers", None)
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name", f"local-dir:{folder}")) == 2
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-name", f"local-dir:{folder}")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --model-name local-dir:{folder}: its text tower is the Hugging Face model")
     assert "optional package transformers" in err and "pip install -r requirements-hf.txt" in err
@@ -316,9 +321,9 @@ def accumulated_grads(model, tokenizer, images, labels, captions, accum_steps, d
     args = SimpleNamespace(device=torch.device("cpu"), precision="fp32", accum_steps=accum_steps,
                            logit_scale_mode="exp")
     ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False), "text_dedup": dedup,
-           "tokenizer": tokenizer, "loss_fn": clip_train.make_loss("clip")}
+           "tokenizer": tokenizer, "loss_fn": train_losses.make_loss("clip")}
     model.zero_grad()
-    loss = clip_train.accumulate_gradients(model, images, labels, captions, ctx)
+    loss = train_loop.accumulate_gradients(model, images, labels, captions, ctx)
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -326,7 +331,7 @@ def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
     torch.manual_seed(0)
     model, *_, tokenizer = common.create_model("tiny_custom_text", None)
     assert type(model).__name__ == "CustomTextCLIP"
-    assert clip_train.inexact_modules(model) == EXACT
+    assert train_shortcuts.inexact_modules(model) == EXACT
     images = torch.randn(8, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
     captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
@@ -359,13 +364,13 @@ def test_accumulation_replays_dropout_draws(monkeypatch):
              for c in torch.arange(8).chunk(4)]
     image = torch.cat([f[0] for f in feats])
     text = torch.cat([f[1] for f in feats])
-    clip_train.make_loss("clip")(image, text, model.logit_scale.exp(), labels).backward()
+    train_losses.make_loss("clip")(image, text, model.logit_scale.exp(), labels).backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.manual_seed(123)
     _loss, grads = accumulated_grads(model, tokenizer, images, labels, captions, 4, dedup=False)
     for key in reference:
         assert torch.allclose(grads[key], reference[key], atol=1e-5, rtol=1e-4), key
-    monkeypatch.setattr(clip_train, "set_rng_states", lambda device, states: None)
+    monkeypatch.setattr(train_loop, "set_rng_states", lambda device, states: None)
     torch.manual_seed(123)
     _loss, unreplayed = accumulated_grads(model, tokenizer, images, labels, captions, 4, dedup=False)
     assert not torch.allclose(unreplayed["visual.conv1.weight"], reference["visual.conv1.weight"], atol=1e-5)
@@ -376,20 +381,20 @@ def test_text_dropout_switches_dedup_off_in_the_log(caplog):
     model = common.create_model(TINY_MODEL, None)[0]
     model.transformer.extra = torch.nn.Dropout(0.1)
     with caplog.at_level("WARNING", logger="clip_train"):
-        assert clip_train.configure_exact_shortcuts(model, accum_steps=1) is False
-    assert clip_train.configure_exact_shortcuts(common.create_model(TINY_MODEL, None)[0], 1) is True
+        assert train_shortcuts.configure_exact_shortcuts(model, accum_steps=1) is False
+    assert train_shortcuts.configure_exact_shortcuts(common.create_model(TINY_MODEL, None)[0], 1) is True
     assert "caption deduplication off" in caplog.text and "transformer.extra (Dropout p=0.1)" in caplog.text
 
 
 def test_custom_text_clip_trains_with_accumulation_and_evaluates(splits, tmp_path, custom_text_config):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--model-config", str(custom_text_config),
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--model-config", str(custom_text_config),
                                       "--accum-steps", "2")) == 0
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
     assert best["model_config"] == TINY_CUSTOM
     assert any(k.startswith("text.") for k in best["state_dict"])
-    assert run_inference(val_dir, save_dir / clip_train.BEST_NAME, tmp_path / "eval") == 0
+    assert run_inference(val_dir, save_dir / train_checkpoints.BEST_NAME, tmp_path / "eval") == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 13
 
 
@@ -400,9 +405,9 @@ def _has_compiler():
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on the CPU needs a C/C++ compiler")
 def test_custom_text_clip_trains_with_compile(splits, tmp_path, custom_text_config):
     train_dir, val_dir = splits
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-config",
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-config",
                                       str(custom_text_config), "--compile")) == 0
-    best = torch.load(tmp_path / "run" / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(tmp_path / "run" / train_checkpoints.BEST_NAME, weights_only=True)
     assert not any("_orig_mod" in k for k in best["state_dict"])
 
 

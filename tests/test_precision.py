@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import cli as train_cli
 from orbital_clip import common
 from orbital_clip import scoring as inference
 from orbital_clip.common import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
@@ -114,7 +114,7 @@ def trained(tmp_path_factory):
     write_cohorts(root, train=(8, 12, 10), val=(4, 6, 5), external=(6, 10, 8))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "cpu_native_bf16", lambda: "AMX")
-        code = clip_train.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
+        code = train_cli.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
                                 "--save-dir", str(root / "run"), "--model-config", str(TINY_CONFIG),
                                 "--pretrained", "none", "--lr", "1e-3", "--batch-size", "10",
                                 "--epochs", "2", "--workers", "0", "--no-progress"])

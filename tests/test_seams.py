@@ -19,7 +19,10 @@ from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import sampling as train_sampling
 from orbital_clip import common
 from orbital_clip import split as data_preprocess
 from orbital_clip.split import allocate
@@ -195,12 +198,12 @@ def test_validation_metrics_use_the_rare_column_and_macro_averages(monkeypatch):
     monkeypatch.setattr(common, "encode_image_batches",
                         lambda *a, **k: (torch.zeros(8, 2), torch.ones(8, dtype=torch.bool)))
     monkeypatch.setattr(common, "zero_shot_logits", lambda features, classifier, scale: logits.clone())
-    monkeypatch.setattr(clip_train, "loss_scale", lambda model, mode: torch.tensor(1.0))
+    monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(1.0))
     loader = types.SimpleNamespace(dataset=types.SimpleNamespace(items=[(f"{i}.jpg", y) for i, y in enumerate(labels)]))
     args = types.SimpleNamespace(logit_scale_mode="exp", device="cpu", precision="fp32",
                                  target_sensitivity=1.0)
     ctx = {"args": args, "tokenizer": None, "classes": [types.SimpleNamespace(eval=["x"])] * 3}
-    result = clip_train.validate(torch.nn.Linear(1, 1), loader, ctx)
+    result = train_loop.validate(torch.nn.Linear(1, 1), loader, ctx)
     probs = logits.softmax(dim=1).numpy()
     y_true, y_pred = np.array(labels), probs.argmax(axis=1)
     assert result["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
@@ -217,7 +220,7 @@ def test_validation_metrics_use_the_rare_column_and_macro_averages(monkeypatch):
 
 def test_distributed_balanced_sampler_draws_a_new_order_each_epoch():
     weights = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
-    ranks = [clip_train.DistributedBalancedSampler(weights, 12, rank, 2, seed=7) for rank in (0, 1)]
+    ranks = [train_sampling.DistributedBalancedSampler(weights, 12, rank, 2, seed=7) for rank in (0, 1)]
     orders = {}
     for epoch in (0, 1):
         for sampler in ranks:
@@ -236,25 +239,25 @@ def test_resume_restores_the_step_so_warmup_and_cosine_continue(splits, tmp_path
     epoch would warm up again (lr 1e-3 instead of the cosine's 5e-4 at its last step)."""
     train_dir, val_dir = splits
     schedule = ("--epochs", "2", "--schedule", "cosine", "--warmup", "2")  # 2 steps per epoch
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", *schedule)) == 0
-    real_end = clip_train.end_of_epoch
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "straight", *schedule)) == 0
+    real_end = train_loop.end_of_epoch
 
     def interrupted(*args, **kwargs):  # stop after the first epoch as a crash would
         metrics_row, _stop = real_end(*args, **kwargs)
         return metrics_row, True
 
-    monkeypatch.setattr(clip_train, "end_of_epoch", interrupted)
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", *schedule)) == 0
-    monkeypatch.setattr(clip_train, "end_of_epoch", real_end)
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", *schedule,
+    monkeypatch.setattr(train_loop, "end_of_epoch", interrupted)
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", *schedule)) == 0
+    monkeypatch.setattr(train_loop, "end_of_epoch", real_end)
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", *schedule,
                                       "--resume", "auto")) == 0
     straight = pd.read_csv(tmp_path / "straight" / "metrics.csv")
     resumed = pd.read_csv(tmp_path / "split" / "metrics.csv")
     # 4 steps, warmup 2: step 1 lr 1e-3 (2/2 of warmup), step 3 cosine halfway: 5e-4
     assert straight["lr"].tolist() == pytest.approx([1e-3, 5e-4])
     assert resumed["lr"].tolist() == pytest.approx([1e-3, 5e-4])
-    a = torch.load(tmp_path / "straight" / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "split" / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
+    a = torch.load(tmp_path / "straight" / train_checkpoints.FINAL_NAME, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "split" / train_checkpoints.FINAL_NAME, weights_only=True)["state_dict"]
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
@@ -283,9 +286,9 @@ def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_abso
     (tmp_path / "work").mkdir()
     torch.save(model.state_dict(), tmp_path / "work" / "base.pt")
     monkeypatch.chdir(tmp_path / "work")
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run", "--prompts", str(prompts_file),
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run", "--prompts", str(prompts_file),
                                       "--pretrained", "base.pt", "--wise-ft-alphas", "0.5,1")) == 0
-    best = torch.load(tmp_path / "run" / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(tmp_path / "run" / train_checkpoints.BEST_NAME, weights_only=True)
     assert best["pretrained"] == str(tmp_path / "work" / "base.pt")
     assert best["pretrained_sha256"] == common.file_sha256(tmp_path / "work" / "base.pt")
     assert best["class_folders"] == ["orbital disease", "healthy eyes"]
@@ -298,7 +301,7 @@ def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_abso
     monkeypatch.chdir(tmp_path / "elsewhere")
     torch.save(model.state_dict(), tmp_path / "elsewhere" / "base.pt")  # same name, same bytes: unused
     out = tmp_path / "wise"
-    argv = ["--test-dir", str(test_dir), "--checkpoint", str(tmp_path / "run" / clip_train.BEST_NAME),
+    argv = ["--test-dir", str(test_dir), "--checkpoint", str(tmp_path / "run" / train_checkpoints.BEST_NAME),
             "--workers", "0", "--bootstrap", "0", "--no-progress", "--no-figures",
             "--wise-ft-alpha", "0", "--output-dir", str(out)]
     assert inference.main(argv) == 0
@@ -331,7 +334,7 @@ def test_a_fold_without_the_rare_class_refuses_an_undefined_select_metric(make_c
                                                                           metric):
     manifest, fold = fold_manifest(make_cohort, tmp_path)
     save_dir = tmp_path / "run"
-    code = clip_train.main(train_argv(manifest, manifest, save_dir, "--fold", str(fold),
+    code = train_cli.main(train_argv(manifest, manifest, save_dir, "--fold", str(fold),
                                       "--select-metric", metric, "--patience", "1",
                                       "--wise-ft-alphas", "0.5,1", "--epochs", "2"))
     assert code == 2
@@ -347,9 +350,9 @@ def test_a_metric_undefined_at_validation_time_still_keeps_a_best_checkpoint(mak
     (val_dir / "orbital disease").mkdir(exist_ok=True)
     (val_dir / "orbital disease" / "broken.jpg").write_bytes(b"not an image")
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--select-metric", "rare_sensitivity",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--select-metric", "rare_sensitivity",
                                       "--patience", "1", "--wise-ft-alphas", "0.5,1")) == 0
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
     assert best["epoch"] == 1
     assert (save_dir / "wise_ft_validation.csv").exists()
     assert "validation rare_sensitivity is undefined" in capsys.readouterr().err

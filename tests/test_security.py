@@ -9,7 +9,8 @@ import pickle
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
 from orbital_clip import common
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
@@ -103,9 +104,9 @@ ENTRY_POINTS = {
     "inference --wise-ft-base": (inference, "--wise-ft-base", lambda s, evil, out: inference_argv(
         s, out, "--checkpoint", str(s["root"] / "good.pt"), "--wise-ft-alpha", "0.5",
         "--wise-ft-base", str(evil))),
-    "clip_train --pretrained": (clip_train, "--pretrained", lambda s, evil, out: train_argv(
+    "clip_train --pretrained": (train_cli, "--pretrained", lambda s, evil, out: train_argv(
         s, out, "--pretrained", str(evil))),
-    "clip_train --resume PATH": (clip_train, "--resume", lambda s, evil, out: train_argv(
+    "clip_train --resume PATH": (train_cli, "--resume", lambda s, evil, out: train_argv(
         s, out, "--resume", str(evil))),
 }
 
@@ -133,12 +134,12 @@ def test_resume_auto_refuses_a_malicious_last_checkpoint(malicious, shared, tmp_
     path, marker = malicious
     save_dir = tmp_path / "run"
     save_dir.mkdir()
-    last = save_dir / clip_train.LAST_NAME  # planted where --resume auto looks
+    last = save_dir / train_checkpoints.LAST_NAME  # planted where --resume auto looks
     path.rename(last)
     (save_dir / "args.json").write_text("{}")  # what the earlier run wrote stays as it was
     before = tree_state(tmp_path, shared["root"])
     capsys.readouterr()
-    assert run_main(clip_train, train_argv(shared, save_dir, "--resume", "auto")) == 2
+    assert run_main(train_cli, train_argv(shared, save_dir, "--resume", "auto")) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]

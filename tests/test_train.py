@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import losses as train_losses
+from orbital_clip.train import options as train_options
+from orbital_clip.train import runner as train_runner
+from orbital_clip.train import sampling as train_sampling
+from orbital_clip.train import schedule as train_schedule
+from orbital_clip.train import ssa as train_ssa
 from orbital_clip import common
 from orbital_clip import metrics
 from orbital_clip import prompts
@@ -21,13 +29,13 @@ from conftest import REPO_ROOT, train_argv
 # -- pure functions ------------------------------------------------------------------------------
 
 def test_lr_schedule_known_values():
-    assert clip_train.lr_at_step(0, 1.0, 0, 10, "const") == 1.0
-    assert clip_train.lr_at_step(9, 1.0, 0, 10, "const") == 1.0
-    assert clip_train.lr_at_step(0, 1.0, 4, 14, "cosine") == pytest.approx(0.25)
-    assert clip_train.lr_at_step(3, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
-    assert clip_train.lr_at_step(4, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
-    assert clip_train.lr_at_step(9, 1.0, 4, 14, "cosine") == pytest.approx(0.5)
-    assert clip_train.lr_at_step(14, 1.0, 4, 14, "cosine") == pytest.approx(0.0)
+    assert train_schedule.lr_at_step(0, 1.0, 0, 10, "const") == 1.0
+    assert train_schedule.lr_at_step(9, 1.0, 0, 10, "const") == 1.0
+    assert train_schedule.lr_at_step(0, 1.0, 4, 14, "cosine") == pytest.approx(0.25)
+    assert train_schedule.lr_at_step(3, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
+    assert train_schedule.lr_at_step(4, 1.0, 4, 14, "cosine") == pytest.approx(1.0)
+    assert train_schedule.lr_at_step(9, 1.0, 4, 14, "cosine") == pytest.approx(0.5)
+    assert train_schedule.lr_at_step(14, 1.0, 4, 14, "cosine") == pytest.approx(0.0)
 
 
 def test_unsupported_formats_are_left_out_of_training_with_a_warning_and_count(splits, caplog):
@@ -42,16 +50,16 @@ def test_unsupported_formats_are_left_out_of_training_with_a_warning_and_count(s
                                        "train")
     assert len(items) == 27 + 3
     with caplog.at_level("WARNING", logger="clip_train"):
-        kept = clip_train.drop_unsupported(items, "--train-dir", train_dir)
+        kept = train_runner.drop_unsupported(items, "--train-dir", train_dir)
     assert len(kept) == 28 and (rare / "copy.jfif", 0) in kept
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "--train-dir" in warning and ": 2 file(s)" in warning and "unsupported format .heic" in warning
-    assert clip_train.drop_unsupported(kept, "--train-dir", train_dir) == kept
+    assert train_runner.drop_unsupported(kept, "--train-dir", train_dir) == kept
 
 
 def test_param_groups_exclude_biases_norms_and_logit_scale():
     model, *_ = common.create_model("tiny_clip", None)
-    decay, no_decay = clip_train.param_groups(model, 0.1)
+    decay, no_decay = train_schedule.param_groups(model, 0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay_ids}
     assert "logit_scale" in names
@@ -75,8 +83,8 @@ def test_clip_loss_on_3x3_case_by_hand():
 
 def test_loss_scale_modes():
     model, *_ = common.create_model("tiny_clip", None)
-    assert clip_train.loss_scale(model, "exp").item() == pytest.approx(1 / 0.07, rel=1e-5)
-    assert clip_train.loss_scale(model, "published-log").item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
+    assert train_losses.loss_scale(model, "exp").item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert train_losses.loss_scale(model, "published-log").item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
 
 
 def test_is_improvement_is_strict():
@@ -96,7 +104,7 @@ def test_unique_caption_encoding_is_exact():
     results = []
     for dedup in (False, True):
         model.zero_grad()
-        text = clip_train.encode_captions(model, tokenizer, captions, torch.device("cpu"), dedup=dedup)
+        text = train_loop.encode_captions(model, tokenizer, captions, torch.device("cpu"), dedup=dedup)
         image = model.encode_image(images, normalize=True)
         loss = open_clip.ClipLoss()(image, text, model.logit_scale.exp())
         loss.backward()
@@ -119,7 +127,7 @@ def test_unique_caption_encoding_is_exact():
 def test_parse_args_rejects(splits, tmp_path, capsys, extra, message):
     train_dir, val_dir = splits
     with pytest.raises(SystemExit) as exc:
-        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", *extra))
+        train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "run", *extra))
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -127,12 +135,12 @@ def test_parse_args_rejects(splits, tmp_path, capsys, extra, message):
 
 def test_parse_args_defaults_follow_published_protocol(splits, tmp_path):
     train_dir, val_dir = splits
-    args = clip_train.parse_args(["--train-dir", str(train_dir), "--val-dir", str(val_dir),
+    args = train_options.parse_args(["--train-dir", str(train_dir), "--val-dir", str(val_dir),
                                   "--save-dir", str(tmp_path / "run")])
     assert (args.model_name, args.pretrained) == ("ViT-B-32-256", "datacomp_s34b_b86k")
     assert (args.batch_size, args.epochs, args.lr, args.weight_decay) == (200, 100, 1e-8, 1e-8)
     assert (args.schedule, args.warmup, args.select_metric) == ("const", 0, "accuracy")
-    custom = clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "run"))
+    custom = train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "run"))
     assert (custom.model_name, custom.pretrained) == ("tiny_clip", "none")
 
 
@@ -142,7 +150,7 @@ def test_non_empty_save_dir_is_refused(splits, tmp_path, capsys):
     save_dir.mkdir()
     (save_dir / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit):
-        clip_train.main(train_argv(train_dir, val_dir, save_dir))
+        train_cli.main(train_argv(train_dir, val_dir, save_dir))
     assert "--save-dir" in capsys.readouterr().err
     assert sorted(p.name for p in save_dir.iterdir()) == ["notes.txt"]
 
@@ -150,7 +158,7 @@ def test_non_empty_save_dir_is_refused(splits, tmp_path, capsys):
 def test_unknown_class_folder_is_a_clear_error(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     (train_dir / "cataract").mkdir()
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "run")) == 2
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run")) == 2
     assert "cataract" in capsys.readouterr().err
 
 
@@ -160,7 +168,7 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "3")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     for name in ("clip_model_epoch_best.pt", "clip_model_final.pt", "clip_model_last.pt",
                  "args.json", "metrics.csv", "training_curves.png", "train_log.jsonl"):
         assert (save_dir / name).is_file(), name
@@ -183,7 +191,7 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     assert saved_args["args"]["lr"] == 1e-3 and saved_args["environment"]["torch"] == torch.__version__
     assert saved_args["script"] == "clip_train.py" and saved_args["argv"] == argv
     assert saved_args["run"] == {"train_images": 27, "val_images": 13}
-    reparsed = json.loads(json.dumps(vars(clip_train.parse_args(saved_args["argv"] + ["--overwrite"])), default=str))
+    reparsed = json.loads(json.dumps(vars(train_options.parse_args(saved_args["argv"] + ["--overwrite"])), default=str))
     changed = {k for k, v in reparsed.items() if saved_args["args"].get(k) != v}
     assert changed == {"overwrite", "device", "precision"}, changed  # the last two resolved at run time
 
@@ -192,7 +200,7 @@ def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
     train_dir, val_dir = splits
     runs = []
     for name in ("a", "b"):  # with a worker process: seeded workers, same batches, same weights
-        assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / name, "--epochs", "1",
+        assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / name, "--epochs", "1",
                                           "--workers", "1")) == 0
         runs.append(torch.load(tmp_path / name / "clip_model_final.pt", weights_only=True)["state_dict"])
     torch.manual_seed(2024)
@@ -206,9 +214,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
     train_dir, val_dir = splits
     wise = ("--wise-ft-alphas", "0,0.5,1")  # WiSE-FT's base must stay the initial weights after a resume
     # 1 epoch, then a resume that trains 2 more (several epochs after the restore): 6 epochs in all
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "3", *wise)) == 0
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1")) == 0
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "3",
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "3", *wise)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "3",
                                       "--resume", "auto", *wise)) == 0
     tables = [pd.read_csv(tmp_path / run / "wise_ft_validation.csv") for run in ("straight", "split")]
     pd.testing.assert_frame_equal(*tables, atol=1e-6)
@@ -223,10 +231,10 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
 def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypatch, capsys):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
     before = {n: (save_dir / n).read_bytes() for n in ("clip_model_epoch_best.pt", "clip_model_last.pt")}
-    monkeypatch.setattr(clip_train, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
-    code = clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
+    monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
+    code = train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
     assert code == 1
     assert "non-finite" in capsys.readouterr().err
     for name, data in before.items():
@@ -239,10 +247,10 @@ def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits
     # its best and last checkpoints (27 images, batch 16: two steps per epoch).
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    names = (clip_train.BEST_NAME, clip_train.BEST_SAFETENSORS_NAME, clip_train.LAST_NAME,
+    names = (train_checkpoints.BEST_NAME, train_checkpoints.BEST_SAFETENSORS_NAME, train_checkpoints.LAST_NAME,
              "metrics.csv", "args.json")
     seen, at_injection = [], {}
-    real_batch_features = clip_train.batch_features
+    real_batch_features = train_loop.batch_features
 
     def poisoned_batch_features(model, images, captions, ctx):
         seen.append(len(images))
@@ -252,22 +260,22 @@ def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits
             images[0, 0, 0, 0] = float("nan")
         return real_batch_features(model, images, captions, ctx)
 
-    monkeypatch.setattr(clip_train, "batch_features", poisoned_batch_features)
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 1
+    monkeypatch.setattr(train_loop, "batch_features", poisoned_batch_features)
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 1
     assert len(seen) == 4  # stopped at the poisoned step
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "non-finite training loss" in line and "epoch 2" in line and str(save_dir) in line
     assert {n: common.file_sha256(save_dir / n) for n in names} == at_injection
-    assert not (save_dir / clip_train.FINAL_NAME).exists() and not list(save_dir.glob(".*.tmp"))
+    assert not (save_dir / train_checkpoints.FINAL_NAME).exists() and not list(save_dir.glob(".*.tmp"))
     assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1]
-    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    last = torch.load(save_dir / train_checkpoints.LAST_NAME, weights_only=True)
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
                                       if v.is_floating_point())
 
 
 def test_help_in_process(capsys):
     with pytest.raises(SystemExit) as exit_info:  # the process boundary: the run below
-        clip_train.main(["--help"])
+        train_cli.main(["--help"])
     assert exit_info.value.code == 0 and "--select-metric" in capsys.readouterr().out
 
 
@@ -290,7 +298,7 @@ def test_manifest_input_and_subprocess_entry_point(splits, tmp_path):
 def test_label_aware_loss_on_3x3_case_by_hand():
     features = torch.eye(3)
     labels = torch.tensor([0, 0, 1])
-    loss = clip_train.LabelAwareClipLoss()(features, features, torch.tensor(1.0), labels)
+    loss = train_losses.LabelAwareClipLoss()(features, features, torch.tensor(1.0), labels)
     # Rows 0 and 1 share a class: targets (1/2, 1/2, 0); row 2 is alone. L = log(e + 2).
     big_l = math.log(math.e + 2)
     expected = ((big_l - 0.5) * 2 + (big_l - 1)) / 3
@@ -302,14 +310,14 @@ def test_label_aware_loss_equals_clip_loss_with_distinct_labels():
     image = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     scale = torch.tensor(14.0)
-    aware = clip_train.make_loss("label-aware")(image, text, scale, torch.arange(5))
-    plain_clip = clip_train.make_loss("clip")(image, text, scale, torch.arange(5))
+    aware = train_losses.make_loss("label-aware")(image, text, scale, torch.arange(5))
+    plain_clip = train_losses.make_loss("clip")(image, text, scale, torch.arange(5))
     assert aware.item() == pytest.approx(plain_clip.item(), rel=1e-6)
 
 
 def test_class_balanced_weights_draw_classes_equally():
     labels = [0] * 2 + [1] * 10 + [2] * 8
-    weights = clip_train.class_balanced_weights(labels, 3)
+    weights = train_sampling.class_balanced_weights(labels, 3)
     per_class = [float(weights[np.array(labels) == k].sum()) for k in range(3)]
     assert per_class == pytest.approx([1.0, 1.0, 1.0])
     sampler = torch.utils.data.WeightedRandomSampler(weights, 3000, generator=torch.Generator().manual_seed(0))
@@ -320,14 +328,14 @@ def test_class_balanced_weights_draw_classes_equally():
 def test_recipe_recommended_and_explicit_override(splits, tmp_path):
     train_dir, val_dir = splits
     base = ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(tmp_path / "r")]
-    args = clip_train.parse_args(base + ["--recipe", "recommended"])
+    args = train_options.parse_args(base + ["--recipe", "recommended"])
     assert (args.loss, args.balanced_sampling, args.schedule, args.select_metric) == (
         "label-aware", True, "cosine", "balanced_accuracy")
     assert (args.lr, args.patience, args.warmup) == (1e-5, 10, "5%")
-    args = clip_train.parse_args(base + ["--recipe", "recommended", "--lr", "3e-6", "--no-balanced-sampling",
+    args = train_options.parse_args(base + ["--recipe", "recommended", "--lr", "3e-6", "--no-balanced-sampling",
                                          "--loss", "clip"])
     assert (args.lr, args.balanced_sampling, args.loss) == (3e-6, False, "clip")
-    assert clip_train.warmup_steps("5%", 200) == 10 and clip_train.warmup_steps("7", 200) == 7
+    assert train_schedule.warmup_steps("5%", 200) == 10 and train_schedule.warmup_steps("7", 200) == 7
 
 
 def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
@@ -335,7 +343,7 @@ def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
     save_dir = tmp_path / "run"
     argv = train_argv(train_dir, val_dir, save_dir, "--recipe", "recommended", "--epochs", "30",
                       "--patience", "2", "--lr", "1e-3")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     history = pd.read_csv(save_dir / "metrics.csv")
     best_epoch = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["epoch"]
     assert len(history) < 30  # stopped early
@@ -355,9 +363,9 @@ def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
         args = SimpleNamespace(device=torch.device("cpu"), precision="fp32", accum_steps=accum_steps,
                                logit_scale_mode="exp")
         ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False),
-               "tokenizer": tokenizer, "loss_fn": clip_train.make_loss(loss_kind)}
+               "tokenizer": tokenizer, "loss_fn": train_losses.make_loss(loss_kind)}
         model.zero_grad()
-        losses.append(clip_train.accumulate_gradients(model, images, labels, captions, ctx).item())
+        losses.append(train_loop.accumulate_gradients(model, images, labels, captions, ctx).item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0].keys() == grads[1].keys() and "logit_scale" in grads[0]
@@ -368,7 +376,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
 def test_locked_towers_do_not_move(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--lock-image",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--lock-image",
                                       "--lock-text", "2", "--accum-steps", "2", "--grad-checkpointing")) == 0
     torch.manual_seed(2024)
     initial = common.create_model("tiny_clip", None)[0].state_dict()
@@ -384,14 +392,14 @@ def test_locked_towers_do_not_move(splits, tmp_path):
 def test_ssa_factor_parsing(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     base = train_argv(train_dir, val_dir, tmp_path / "run")
-    args = clip_train.parse_args(base + ["--ssa", "lr=1e-8,1e-6", "--ssa", "batch-size=4,8"])
-    assert args.ssa == [clip_train.SsaFactor("lr", ["1e-8", "1e-6"]),
-                        clip_train.SsaFactor("batch-size", ["4", "8"])]
+    args = train_options.parse_args(base + ["--ssa", "lr=1e-8,1e-6", "--ssa", "batch-size=4,8"])
+    assert args.ssa == [train_options.SsaFactor("lr", ["1e-8", "1e-6"]),
+                        train_options.SsaFactor("batch-size", ["4", "8"])]
     for bad in ("lr", "lr=", "colour=1,2", "lr=fast", "schedule=linear", "save-dir=a,b"):
         with pytest.raises(SystemExit):
-            clip_train.parse_args(base + ["--ssa", bad])
+            train_options.parse_args(base + ["--ssa", bad])
         assert "--ssa" in capsys.readouterr().err
-    assert clip_train.strip_ssa_flags(["--lr", "1", "--ssa", "lr=1,2", "--save-dir", "x", "--ssa=a=1",
+    assert train_ssa.strip_ssa_flags(["--lr", "1", "--ssa", "lr=1,2", "--save-dir", "x", "--ssa=a=1",
                                        "--ssa-keep-all"]) == ["--lr", "1"]
 
 
@@ -400,7 +408,7 @@ def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
     save_dir = tmp_path / "run"
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "2",
                       "--ssa", "lr=1e-9,1e-3", "--ssa", "batch-size=8,16")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     summary = pd.read_csv(save_dir / "ssa" / "summary.csv")
     assert list(summary["factor"]) == ["lr", "lr", "batch-size", "batch-size"]
     assert summary.groupby("stage")["best"].sum().tolist() == [1, 1]
@@ -419,7 +427,7 @@ def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
 def test_checkpoint_stores_operating_point_and_temperature(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1",
                                       "--target-sensitivity", "0.5")) == 0
     best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
     point = best["operating_point"]
@@ -432,7 +440,7 @@ def test_best_weights_also_as_safetensors(splits, tmp_path):
     from safetensors.torch import load_file
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
     best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["state_dict"]
     tensors = load_file(save_dir / "clip_model_epoch_best.safetensors")
     assert tensors.keys() == best.keys() and all(torch.equal(tensors[k], best[k]) for k in best)
@@ -451,7 +459,7 @@ def test_compiled_model_saves_clean_keys():
 def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "2",
                                       "--wise-ft-alphas", "0,0.5,1")) == 0
     best = torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)
     table = pd.read_csv(save_dir / "wise_ft_validation.csv")
@@ -462,4 +470,4 @@ def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
     # alpha = 1 is the best checkpoint itself: its validation accuracy is the recorded one.
     assert table.loc[table["alpha"] == 1.0, "accuracy"].item() == pytest.approx(best["metrics"]["accuracy"])
     with pytest.raises(SystemExit):
-        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "x", "--wise-ft-alphas", "0,1.5"))
+        train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "x", "--wise-ft-alphas", "0,1.5"))

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from orbital_clip import training as clip_train
+from orbital_clip.train import checkpoints as train_checkpoints
+from orbital_clip.train import cli as train_cli
+from orbital_clip.train import loop as train_loop
+from orbital_clip.train import losses as train_losses
+from orbital_clip.train import options as train_options
+from orbital_clip.train import runner as train_runner
+from orbital_clip.train import state as train_state
 from orbital_clip import common
 from orbital_clip import prompts
 from conftest import train_argv
@@ -20,7 +26,7 @@ def file_bytes(folder):
 
 
 def final_weights(save_dir):
-    return torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
+    return torch.load(save_dir / train_checkpoints.FINAL_NAME, weights_only=True)["state_dict"]
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -31,14 +37,14 @@ def test_resume_with_two_workers_equals_a_straight_run(splits, tmp_path):
     # sampler's generator too.
     train_dir, val_dir = splits
     extra = ("--workers", "2", "--balanced-sampling")
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "3", *extra)) == 0
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1", *extra)) == 0
-    assert clip_train.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "3",
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "straight", "--epochs", "3", *extra)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1", *extra)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "3",
                                       "--resume", "auto", *extra)) == 0
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     for key in straight:
         assert torch.allclose(straight[key], resumed[key], atol=1e-5), key
-    one_epoch = torch.load(tmp_path / "split" / clip_train.BEST_NAME, weights_only=True)
+    one_epoch = torch.load(tmp_path / "split" / train_checkpoints.BEST_NAME, weights_only=True)
     assert one_epoch["epoch"] >= 1
 
 
@@ -46,12 +52,12 @@ def test_resuming_a_finished_run_changes_no_file(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--wise-ft-alphas", "0,1")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     before = file_bytes(save_dir)
-    final = torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)
+    final = torch.load(save_dir / train_checkpoints.FINAL_NAME, weights_only=True)
     assert math.isfinite(final["temperature"]) and "accuracy" in final["metrics"]
     capsys.readouterr()
-    assert clip_train.main(argv + ["--resume", "auto"]) == 0
+    assert train_cli.main(argv + ["--resume", "auto"]) == 0
     assert file_bytes(save_dir) == before
     err = capsys.readouterr().err
     assert "finished run" in err and "nothing to do" in err
@@ -63,12 +69,12 @@ def test_resuming_an_early_stopped_run_trains_no_further(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "5", "--patience", "1", "--lr", "1e-12")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1, 2]
-    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    last = torch.load(save_dir / train_checkpoints.LAST_NAME, weights_only=True)
     assert last["stopped"] is True and last["finished"] is True
     before = file_bytes(save_dir)
-    assert clip_train.main(argv + ["--resume", "auto"]) == 0
+    assert train_cli.main(argv + ["--resume", "auto"]) == 0
     assert file_bytes(save_dir) == before
 
 
@@ -78,14 +84,14 @@ def test_rng_snapshot_restores_python_random_and_every_rank_its_own(splits, tmp_
            "generator": torch.Generator().manual_seed(3)}
     import random
     random.seed(11)
-    rank0 = clip_train.rng_snapshot(ctx)
+    rank0 = train_state.rng_snapshot(ctx)
     ctx["caption_rng"].random()
     random.random()
-    rank1 = clip_train.rng_snapshot(ctx)
+    rank1 = train_state.rng_snapshot(ctx)
     expected_python, expected_caption = random.random(), ctx["caption_rng"].random()
     random.seed(0)
     ctx["caption_rng"] = prompts.new_rng(99)
-    clip_train.restore_rng([rank0, rank1], ctx)  # rank 1 takes the second snapshot
+    train_state.restore_rng([rank0, rank1], ctx)  # rank 1 takes the second snapshot
     assert (random.random(), ctx["caption_rng"].random()) == (expected_python, expected_caption)
 
 
@@ -102,11 +108,11 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
 def test_wise_ft_with_macro_f1_stores_the_chosen_alphas_threshold_and_temperature(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--select-metric",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--select-metric",
                                       "macro_f1", "--wise-ft-alphas", "0,0.5,1")) == 0
     table = pd.read_csv(save_dir / "wise_ft_validation.csv")
-    assert set(clip_train.SELECT_METRICS) <= set(table.columns)  # every metric, not only some
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    assert set(train_options.SELECT_METRICS) <= set(table.columns)  # every metric, not only some
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
     wise = best["wise_ft"]
     row = table.set_index("alpha").loc[wise["chosen_alpha"]]
     assert row["macro_f1"] == table["macro_f1"].max()
@@ -138,14 +144,14 @@ def test_compile_in_place_keeps_clean_keys_for_wise_ft_and_custom_text(splits, t
         config.write_text(json.dumps(CUSTOM_TEXT_CONFIG))
         extra = ["--model-config", str(config)]
     save_dir = tmp_path / "run"
-    assert clip_train.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--compile",
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--compile",
                                       "--wise-ft-alphas", "0,1", *extra)) == 0
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
     assert not any("_orig_mod" in key for key in best["state_dict"])
     assert any(key.startswith("text.") for key in best["state_dict"]) == custom_text
     assert best["wise_ft"]["chosen_alpha"] in (0.0, 1.0)
     name = "tiny_custom_text" if custom_text else "tiny_clip"
-    model = open_clip.create_model(name, pretrained=str(save_dir / clip_train.BEST_NAME))
+    model = open_clip.create_model(name, pretrained=str(save_dir / train_checkpoints.BEST_NAME))
     assert torch.equal(model.state_dict()["logit_scale"], best["state_dict"]["logit_scale"])
 
 
@@ -155,18 +161,18 @@ def test_ssa_sweeps_on_off_flags_and_records_a_trial_that_fails(splits, tmp_path
     import json
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    real_train = clip_train.train
+    real_train = train_runner.train
 
     def out_of_memory_at_batch_16(args, *rest):
         if args.batch_size == 16:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_train(args, *rest)
 
-    monkeypatch.setattr(clip_train, "train", out_of_memory_at_batch_16)
+    monkeypatch.setattr(train_runner, "train", out_of_memory_at_batch_16)
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--batch-size", "8", "--grad-checkpointing",
                       "--ssa", "balanced-sampling=true,false", "--ssa", "grad-checkpointing=on,off",
                       "--ssa", "batch-size=16,8")
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     summary = pd.read_csv(save_dir / "ssa" / "summary.csv")
     assert list(summary["value"]) == ["true", "false", "true", "false", "16", "8"]
     failed = summary[summary["value"] == "16"].iloc[0]
@@ -182,7 +188,7 @@ def test_ssa_sweeps_on_off_flags_and_records_a_trial_that_fails(splits, tmp_path
     assert recorded["stage2_grad-checkpointing=true"]["grad_checkpointing"] is True
     best = json.loads((save_dir / "ssa" / "best_args.json").read_text())
     assert best["best_values"]["batch-size"] == "8"
-    assert clip_train.parse_args(best["argv"] + ["--save-dir", str(tmp_path / "again")]).batch_size == 8
+    assert train_options.parse_args(best["argv"] + ["--save-dir", str(tmp_path / "again")]).batch_size == 8
 
 
 def test_ssa_refused_trial_keeps_what_the_user_had(splits, tmp_path, capsys):
@@ -196,7 +202,7 @@ def test_ssa_refused_trial_keeps_what_the_user_had(splits, tmp_path, capsys):
     # The second value passes argparse but the trial refuses it (exit 2): another architecture.
     argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--overwrite",
                       "--ssa", "model-name=tiny_clip,RN50")
-    assert clip_train.main(argv) == 2
+    assert train_cli.main(argv) == 2
     assert "refused its arguments" in capsys.readouterr().err
     assert tree_state(save_dir).keys() == before.keys()
     assert (save_dir / "ssa" / "my_notes.txt").read_text() == "keep me"
@@ -205,7 +211,7 @@ def test_ssa_refused_trial_keeps_what_the_user_had(splits, tmp_path, capsys):
 def test_on_off_ssa_factor_rejects_other_words(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     with pytest.raises(SystemExit) as exc:
-        clip_train.parse_args(train_argv(train_dir, val_dir, tmp_path / "r", "--ssa", "balanced-sampling=maybe"))
+        train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "r", "--ssa", "balanced-sampling=maybe"))
     assert exc.value.code == 2 and "balanced-sampling=true,false" in capsys.readouterr().err
 
 
@@ -217,7 +223,7 @@ def covering_array():
     factors = {
         "loss": ["clip", "label-aware"], "balanced": [True, False], "accum": [1, 2],
         "lock": [None, "image", "text"], "checkpointing": [True, False],
-        "metric": list(clip_train.SELECT_METRICS), "wise_ft": [None, "0,0.5,1"], "patience": [0, 1],
+        "metric": list(train_options.SELECT_METRICS), "wise_ft": [None, "0,0.5,1"], "patience": [0, 1],
         "recipe": ["paper", "recommended"], "fold": [None, 0], "resume": [False, True],
     }
     return [dict(zip(factors, row)) for row in AllPairs(list(factors.values()))]
@@ -253,24 +259,24 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
     argv = train_argv(train_dir, val_dir, save_dir, "--batch-size", "8", *option_argv(row))
     argv += ["--fold", str(row["fold"])] if row["fold"] is not None else []
     if row["resume"]:
-        assert clip_train.main(argv + ["--epochs", "1"]) == 0
+        assert train_cli.main(argv + ["--epochs", "1"]) == 0
         argv += ["--resume", "auto"]
-    assert clip_train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     history = pd.read_csv(save_dir / "metrics.csv")
     assert list(history["epoch"]) == [1, 2] and (history["val_images"] == 6).all()
-    best = torch.load(save_dir / clip_train.BEST_NAME, weights_only=True)
-    last = torch.load(save_dir / clip_train.LAST_NAME, weights_only=True)
+    best = torch.load(save_dir / train_checkpoints.BEST_NAME, weights_only=True)
+    last = torch.load(save_dir / train_checkpoints.LAST_NAME, weights_only=True)
     assert best["select_metric"] == row["metric"] and last["finished"] is True
     values = history[row["metric"]]
     assert best["epoch"] == history.loc[(values.idxmin() if row["metric"] == "val_loss" else values.idxmax()), "epoch"] \
         or values.isna().all()
-    for name in (clip_train.BEST_NAME, clip_train.FINAL_NAME):  # stock open_clip loads both
+    for name in (train_checkpoints.BEST_NAME, train_checkpoints.FINAL_NAME):  # stock open_clip loads both
         stored = torch.load(save_dir / name, weights_only=True)["state_dict"]
         model = open_clip.create_model("tiny_clip", pretrained=str(save_dir / name))
         assert torch.equal(model.state_dict()["text_projection"], stored["text_projection"])
     torch.manual_seed(2024)  # the weights the run started from
     initial = common.create_model("tiny_clip", None)[0].state_dict()
-    final = torch.load(save_dir / clip_train.FINAL_NAME, weights_only=True)["state_dict"]
+    final = torch.load(save_dir / train_checkpoints.FINAL_NAME, weights_only=True)["state_dict"]
     frozen = {"image": "visual.conv1.weight", "text": "token_embedding.weight"}.get(row["lock"])
     if frozen:
         assert torch.equal(initial[frozen], final[frozen])
@@ -294,7 +300,7 @@ def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
     # bf16 autocast on the CPU, whatever common's precision policy for the CPU is.
     monkeypatch.setattr(common, "autocast_context", lambda device, precision: torch.autocast("cpu", torch.bfloat16))
     seen = []
-    real_loss = clip_train.make_loss("clip")
+    real_loss = train_losses.make_loss("clip")
 
     def spy(image, text, scale, labels, valid=None):
         seen.append((torch.is_autocast_enabled("cpu"), image.dtype, text.dtype))
@@ -305,15 +311,15 @@ def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
     ctx = {"args": args, "scaler": torch.amp.GradScaler("cpu", enabled=False), "tokenizer": tokenizer,
            "loss_fn": spy}
     valid = torch.tensor([True, True, False, True, True, True])
-    clip_train.accumulate_gradients(model, images, labels, captions, ctx, valid=valid)
+    train_loop.accumulate_gradients(model, images, labels, captions, ctx, valid=valid)
     assert seen and all(entry == (False, torch.float32, torch.float32) for entry in seen)
     # A masked row is out of the loss: the same as the batch without it.
     image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     scale = torch.tensor(10.0)
     for kind in ("clip", "label-aware"):
-        masked = clip_train.make_loss(kind)(image, text, scale, labels, valid)
-        dropped = clip_train.make_loss(kind)(image[valid], text[valid], scale, labels[valid])
+        masked = train_losses.make_loss(kind)(image, text, scale, labels, valid)
+        dropped = train_losses.make_loss(kind)(image[valid], text[valid], scale, labels[valid])
         assert masked.item() == pytest.approx(dropped.item(), rel=1e-6)
 
 
@@ -323,9 +329,9 @@ def test_configurations_in_which_no_step_can_run_are_refused(n_train, batch, wor
     from types import SimpleNamespace
     args = SimpleNamespace(batch_size=batch, world_size=world, accum_steps=accum, train_dir="cohort")
     with pytest.raises(ValueError) as err:
-        clip_train.check_steps_can_run(n_train, args)
+        train_runner.check_steps_can_run(n_train, args)
     assert str(err.value).startswith(flag)
-    clip_train.check_steps_can_run(20, SimpleNamespace(batch_size=4, world_size=2, accum_steps=2,
+    train_runner.check_steps_can_run(20, SimpleNamespace(batch_size=4, world_size=2, accum_steps=2,
                                                        train_dir="cohort"))  # 2 per process: fine
 
 
@@ -334,7 +340,7 @@ def test_refused_configuration_writes_nothing(make_cohort, tmp_path, capsys):
     train_dir = make_cohort("train", (1, 0, 0), seed=0)
     save_dir = tmp_path / "run"
     before = tree_state(tmp_path)
-    assert clip_train.main(train_argv(train_dir, train_dir, save_dir)) == 2
+    assert train_cli.main(train_argv(train_dir, train_dir, save_dir)) == 2
     assert tree_state(tmp_path) == before
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: --train-dir")
@@ -346,9 +352,9 @@ def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path,
     argv = train_argv(train_dir, val_dir, tmp_path / "run", "--device", "cuda")
     argv.remove("--workers")
     argv.remove("0")
-    assert clip_train.parse_args(argv).workers == 8  # one process: cores - 1, at most 8
+    assert train_options.parse_args(argv).workers == 8  # one process: cores - 1, at most 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert clip_train.parse_args(argv).workers == 3  # 16 cores / 4 processes - 1
+    assert train_options.parse_args(argv).workers == 3  # 16 cores / 4 processes - 1
 
 
 def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_that_alpha():

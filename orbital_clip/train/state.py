@@ -1,0 +1,165 @@
+"""Resuming a run: the RNG states of every process, what a last checkpoint restores, which
+flags a resume may change, and the command that continues an interrupted run."""
+
+import logging
+import random
+import shlex
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orbital_clip import common
+from orbital_clip.train.checkpoints import LAST_NAME
+
+LOG = logging.getLogger("clip_train")  # one logger for the whole training command
+
+
+# Arguments a resume may change without --resume-with-changes: where and how fast it runs, how
+# long (a finished run resumed with more --epochs trains on), and what happens after training.
+# Everything else (lr, batch size, recipe, loss, data, seed, ...) changes the run it continues.
+RESUME_FREE_ARGS = {"save_dir", "resume", "resume_with_changes", "overwrite", "epochs", "workers",
+                    "device", "precision", "no_progress", "dist_timeout", "compile",
+                    "grad_checkpointing", "accum_steps", "wise_ft_alphas", "ssa", "ssa_keep_all",
+                    "world_size", "rank", "local_rank"}
+def new_state():
+    """The state of a run that has not trained yet: what end_of_epoch updates, the last checkpoint
+    records and resume_from restores (`saved_epoch` is added once a last checkpoint exists)."""
+    return {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": [],
+            "stopped": False, "finished": False, "metrics": {}}
+
+
+def rng_snapshot(ctx):
+    """This process's RNG states as tensors and primitives (weights_only-loadable)."""
+    numpy_state = np.random.get_state()
+    snapshot = {
+        "torch": torch.get_rng_state(),
+        "python": common.plain(random.getstate()),
+        "caption_rng": common.plain(ctx["caption_rng"].getstate()),
+        "loader_generator": ctx["generator"].get_state(),
+        "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
+
+
+def gather_rng_snapshots(ctx):
+    """Every process's RNG snapshot, in rank order (rank 0 saves them all: each rank draws its
+    own captions and augmentations, and a resume restores each its own)."""
+    snapshot = rng_snapshot(ctx)
+    world_size = ctx["args"].world_size
+    if world_size <= 1:
+        return [snapshot]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, snapshot)
+    return [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in gathered]
+
+
+def restore_rng(snapshots, ctx):
+    """Restore this rank's snapshot (a single dict: a checkpoint of an older version)."""
+    args = ctx["args"]
+    snapshots = snapshots if isinstance(snapshots, list) else [snapshots]
+    if len(snapshots) != args.world_size:
+        LOG.warning("resume: the checkpoint was written by %d process(es), this run has %d; "
+                    "captions and augmentations will differ from a straight run",
+                    len(snapshots), args.world_size)
+    snapshot = snapshots[args.rank % len(snapshots)]
+    torch.set_rng_state(snapshot["torch"])
+    ctx["generator"].set_state(snapshot["loader_generator"])
+    version, internal, gauss = snapshot["caption_rng"]
+    ctx["caption_rng"].setstate((version, tuple(internal), gauss))
+    if isinstance(snapshot["python"][0], int) and len(snapshot["python"]) == 3:
+        version, internal, gauss = snapshot["python"]
+        random.setstate((version, tuple(internal), gauss))
+    keys = snapshot["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, snapshot["numpy_pos"], 0, 0.0))
+    if "cuda" in snapshot and torch.cuda.is_available():
+        states = snapshot["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def resume_path(args):
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = Path(args.save_dir) / LAST_NAME
+        return path if path.is_file() else None
+    return Path(args.resume)
+
+
+def resume_from(path, model, ctx, state):
+    """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
+    training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
+    checkpoint = common.load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+        raise ValueError("not a resumable checkpoint (no optimizer state); "
+                         f"resume from {LAST_NAME}")
+    if checkpoint.get("model_name") != ctx["args"].model_name:
+        raise ValueError(f"checkpoint architecture {checkpoint.get('model_name')} differs from "
+                         f"--model-name {ctx['args'].model_name}")
+    model.load_state_dict(checkpoint["state_dict"])
+    ctx["optimizer"].load_state_dict(checkpoint["optimizer"])
+    ctx["scaler"].load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["rng"], ctx)
+    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
+                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
+                 stopped=bool(checkpoint.get("stopped", False)),
+                 finished=bool(checkpoint.get("finished", False)),
+                 metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
+    stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
+    for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
+        recorded = (checkpoint.get("data") or {}).get(flag)
+        if recorded and flag in current:
+            stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
+    return changed_training_args(stored, current)
+
+
+def changed_training_args(stored, current):
+    """[(flag, stored value, current value)] of the training arguments that differ between a
+    checkpoint's recorded args and this run's (both plain dicts); keys missing on either side
+    (flags of another version) and RESUME_FREE_ARGS are not compared."""
+    return [(f"--{key.replace('_', '-')}", stored[key], current[key])
+            for key in sorted(set(stored) & set(current) - RESUME_FREE_ARGS)
+            if stored[key] != current[key]]
+
+
+def describe_changes(changes):
+    """'--lr (0.001 -> 0.0001), --batch-size (16 -> 8)'."""
+    return ", ".join(f"{flag} ({old} -> {new})" for flag, old, new in changes)
+
+
+def resume_argv(argv):
+    """argv of the command that continues this run: --overwrite and any --resume dropped,
+    `--resume auto` added (the last checkpoint in --save-dir)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = True
+        elif token != "--overwrite" and not token.startswith("--resume="):
+            kept.append(token)
+    return kept + ["--resume", "auto"]
+
+
+def resume_command(argv, environ, script="clip_train.py"):
+    """(command, note): the shell command that continues this run (`resume_argv`), launched as this
+    one was: `python SCRIPT ...`, or under torchrun `torchrun --nproc_per_node=N [--nnodes=M]
+    SCRIPT ...`; `note` says what the user must add on several nodes (the rendezvous flags of the
+    original launch), '' otherwise."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return shlex.join(["python", script, *resume_argv(argv)]), ""
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(environ.get("GROUP_WORLD_SIZE", max(world // max(local, 1), 1)))  # torchrun sets it
+    launcher = ["torchrun", f"--nproc_per_node={local}", *([f"--nnodes={nodes}"] if nodes > 1 else [])]
+    note = ""
+    if nodes > 1:
+        note = " (plus your rendezvous flags"
+        note += ("; the nodes ran different numbers of processes: give each its own --nproc_per_node)"
+                 if local * nodes != world else ")")
+    return shlex.join([*launcher, script, *resume_argv(argv)]), note
