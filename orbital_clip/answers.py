@@ -54,11 +54,11 @@ def normalise_answer(text):
     return prompt_sets.normalise_answer(str(text))
 
 
-def answer_lookup(folders, label_map, where):
-    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
-    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
-    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
-    return {answer: folders.index(folder) for answer, folder in lookup.items()}
+def answer_index(answer, lookup, folders):
+    """The class index an answer names, or None: prompts.map_answer is the one home of the
+    answer-to-folder rule (never the nearest class)."""
+    folder = prompt_sets.map_answer(answer, lookup)
+    return None if folder is None else folders.index(folder)
 
 
 def external_prob_columns(header, folders, where):
@@ -110,8 +110,9 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         Class folder names; class index = position.
     flag : str
         Named in every error message ('--compare NAME=', '--baseline', ...).
-    label_map : dict folder -> list of str, optional
-        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
+    label_map : dict normalised answer -> folder, optional
+        The lookup of `read_label_map` (prompts.load_label_map: synonyms of each class, case- and
+        whitespace-insensitive; the folder name always counts), parsed once per run.
         Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
         is refused; with it an empty, unmapped or refused answer becomes a failed row with status
         "failed: unmapped answer '<answer>'".
@@ -130,7 +131,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     a true_label that differs from the cohort's.
     """
     where = f"{flag} {path}"
-    lookup = answer_lookup(list(folders), label_map, where)
+    lookup = label_map or prompt_sets.parse_label_map({}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -160,7 +161,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
             statuses[i] = status
             continue
         answer = row[answer_column]
-        index = lookup.get(normalise_answer(answer))
+        index = answer_index(answer, lookup, list(folders))
         if index is None and label_map is None:
             raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
                              "(pass a label map of synonyms to count it as a failed answer)")
@@ -179,15 +180,14 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
 
 
 def read_label_map(path, folders):
-    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    """The --label-map file ({folder: [synonym, ...]}) checked against the classes and parsed
+    once into {normalised answer: folder} (prompts.load_label_map), or None."""
     if not path:
         return None
     try:
-        label_map = prompt_sets.read_label_map_file(path)
-        prompt_sets.parse_label_map(label_map, folders, path)
+        return prompt_sets.load_label_map(path, folders)
     except prompt_sets.LabelMapError as err:
         raise ValueError(f"--label-map {err}") from None
-    return label_map
 
 
 def named_file(spec):
