@@ -118,9 +118,8 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         Class folder names; class index = position.
     flag : str
         Named in every error message ('--compare NAME=', '--baseline', ...).
-    label_map : dict normalised answer -> folder, optional
-        The lookup of `read_label_map` (prompts.load_label_map: synonyms of each class, case- and
-        whitespace-insensitive; the folder name always counts), parsed once per run.
+    label_map : dict folder -> list of str, optional
+        Synonyms of each class (case- and whitespace-insensitive; the folder name always counts).
         Without it an answer must be a folder name (case- and whitespace-insensitive) or the file
         is refused; with it an empty, unmapped or refused answer becomes a failed row with status
         "failed: unmapped answer '<answer>'".
@@ -139,7 +138,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     a true_label that differs from the cohort's.
     """
     where = f"{flag} {path}"
-    lookup = label_map or prompt_sets.parse_label_map({}, list(folders), where)
+    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -188,14 +187,15 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
 
 
 def read_label_map(path, folders):
-    """The --label-map file ({folder: [synonym, ...]}) checked against the classes and parsed
-    once into {normalised answer: folder} (prompts.load_label_map), or None."""
+    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
     if not path:
         return None
     try:
-        return prompt_sets.load_label_map(path, folders)
+        label_map = prompt_sets.read_label_map_file(path)
+        prompt_sets.parse_label_map(label_map, folders, path)
     except prompt_sets.LabelMapError as err:
         raise ValueError(f"--label-map {err}") from None
+    return label_map
 
 
 def named_file(spec):

@@ -207,7 +207,7 @@ def parse_label_map(data, folders, source="label map"):
 
 
 def load_label_map(path, folders):
-    """The lookup of `parse_label_map` from a JSON file: how --label-map is read (once per run)."""
+    """The lookup of `parse_label_map` from a JSON file."""
     return parse_label_map(read_label_map_file(path), folders, str(path))
 
 
