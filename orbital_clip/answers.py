@@ -3,9 +3,16 @@
 An answer file is a CSV with `path` (relative to the cohort root, as in predictions.csv) and
 `pred_label` or `answer` (free text, mapped to a class folder by --label-map), optional
 `prob_<folder>` for every class and `status`. inference.py reads them with --compare (rows of
-comparison.csv against the model); `inference.py --predictions FILE` scores them with no model at
-all (run_answers): the statistics of a checkpoint evaluation, and with --compare files as later
-steps of the same reader, the sequential table (the paper's second step).
+comparison.csv against the model); score_answers.py scores them with no model at all
+(run_answers): the statistics of a checkpoint evaluation, and with --compare files as later
+steps of the same reader, the sequential table (the paper's second step):
+
+    $ python score_answers.py --test-dir subtypes --predictions image=step1.csv \\
+          --label-map label_map.json --classes "orbital tumour,orbital inflammation,thyroid eye disease"
+    $ python score_answers.py --test-dir subtypes --predictions image=step1.csv \\
+          --compare image+symptoms=step2.csv --label-map label_map.json --output-dir second_step
+
+`inference.py --predictions ...` still runs the same scoring, with a deprecation warning.
 """
 
 import dataclasses
@@ -30,6 +37,7 @@ from orbital_clip.report import (flow_counts, format_value, plot_confusion_matri
                     sequential_frame, write_figures)
 
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
+DEPRECATED_ANSWER_MODE = "'inference.py --predictions' is deprecated; use 'python score_answers.py ...'"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,11 +62,11 @@ def normalise_answer(text):
     return prompt_sets.normalise_answer(str(text))
 
 
-def answer_lookup(folders, label_map, where):
-    """{normalised answer: class index}: each folder name, plus its synonyms from `label_map`
-    (prompts.parse_label_map: the one home of the answer-to-folder rule)."""
-    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
-    return {answer: folders.index(folder) for answer, folder in lookup.items()}
+def answer_index(answer, lookup, folders):
+    """The class index an answer names, or None: prompts.map_answer is the one home of the
+    answer-to-folder rule (never the nearest class)."""
+    folder = prompt_sets.map_answer(answer, lookup)
+    return None if folder is None else folders.index(folder)
 
 
 def external_prob_columns(header, folders, where):
@@ -130,7 +138,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     a true_label that differs from the cohort's.
     """
     where = f"{flag} {path}"
-    lookup = answer_lookup(list(folders), label_map, where)
+    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -160,7 +168,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
             statuses[i] = status
             continue
         answer = row[answer_column]
-        index = lookup.get(normalise_answer(answer))
+        index = answer_index(answer, lookup, list(folders))
         if index is None and label_map is None:
             raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
                              "(pass a label map of synonyms to count it as a failed answer)")
@@ -420,14 +428,15 @@ def run_answers(args, argv):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the answer-file flags of inference.py and their checks
+# Command line: the answer-file flags (of score_answers.py, and of inference.py for now) and checks
 
 
-def add_answer_arguments(parser):
-    """inference.py's flags of answer files scored without a model (checked by check_answer_args)."""
+def add_answer_arguments(parser, required=False):
+    """The flags of answer files scored without a model (checked by check_answer_args);
+    --predictions is `required` in score_answers.py, which has no --checkpoint."""
     group = parser.add_argument_group(
         "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
-    group.add_argument("--predictions", default=None, metavar="[NAME=]FILE",
+    group.add_argument("--predictions", default=None, metavar="[NAME=]FILE", required=required,
                        help="score this CSV of answers instead of a --checkpoint: columns path (as "
                             "in predictions.csv, relative to --test-dir), answer or pred_label, "
                             "optional prob_<class> for every class and status; NAME names the "
@@ -481,3 +490,16 @@ def check_answer_args(parser, args):
                      "each step once")
     if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
         parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
+
+
+def main(argv=None):
+    """score_answers.py: score answer files without a model. Returns the exit code."""
+    # scoring_args holds the flags of both commands and imports this module: imported here
+    from orbital_clip import scoring_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = scoring_args.parse_args(argv, __doc__, model=False)
+    common.configure_logging()
+    LOG.info("== setup ==")
+    for key, value in vars(args).items():
+        LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
+    return run_answers(args, argv)

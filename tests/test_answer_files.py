@@ -351,3 +351,38 @@ def test_report_of_answers_words_the_intention_to_diagnose_line_for_answers(answ
             "intervals, images): the answers: "
             "accuracy 0.778 (") in text
     assert "thyroid eye disease sensitivity 0.667 (" in text
+
+
+def output_bytes(folder):
+    """{relative path: bytes} of every output file but args.json (which records its own argv)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "args.json"}
+
+
+def test_score_answers_and_the_deprecated_inference_spelling_write_the_same_bytes(answers, tmp_path, capsys):
+    cohort, files, label_map = answers
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert run_steps(cohort, files, label_map, old, "--group-regex", r"^(P\d+)_") == 0
+    warning = capsys.readouterr().err
+    assert f"warning: {answer_files.DEPRECATED_ANSWER_MODE}" in warning.splitlines()
+    argv = ["--test-dir", str(cohort), "--predictions", f"{STEPS[0]}={files[0]}",
+            "--compare", f"{STEPS[1]}={files[1]}", f"{STEPS[2]}={files[2]}",
+            "--label-map", str(label_map), "--classes", ",".join(ORDER), "--output-dir", str(new),
+            "--bootstrap", "200", "--no-figures", "--group-regex", r"^(P\d+)_"]
+    assert answer_files.main(argv) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert output_bytes(new) == output_bytes(old) and (new / "sequential.csv").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--prompts", "--threshold", "--cache-dir"])
+def test_score_answers_has_no_model_flags(answers, flag, capsys):
+    cohort, files, _label_map = answers
+    with pytest.raises(SystemExit) as exit_info:
+        answer_files.main(["--test-dir", str(cohort), "--predictions", str(files[0]), flag, "x"])
+    assert exit_info.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_score_answers_script_runs_from_the_command_line():
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "score_answers.py"), "--help"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "--predictions" in done.stdout and "--checkpoint " not in done.stdout

@@ -1,0 +1,109 @@
+"""The subgroup analysis (--subgroups): metrics per level of a metadata attribute, small levels
+flagged, and a chi-square test of homogeneity across levels.
+"""
+
+import numpy as np
+from scipy.stats import chi2_contingency
+
+from orbital_clip.metrics.bootstrap import (bootstrap_strata, finite_or_none, group_indices,
+                                            percentile_interval, resample_weights, tie_blocks)
+from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_SEED,
+                                                 proportion, wilson_interval)
+from orbital_clip.metrics.compare import prediction_columns, prediction_metrics
+
+SMALL_SUBGROUP_N = 30  # fewer images in a level: its intervals are wide, flag it in the report
+SMALL_SUBGROUP_RARE_N = 10  # fewer rare-class images: its sensitivity is barely estimable
+
+
+def homogeneity_test(outcome, levels):
+    """Chi-square test that a binary outcome has the same rate in every level (a 2 x L table;
+    images independent). Returns dict chi2, df, p, min_expected (None with fewer than 2 levels
+    holding images or an outcome that never varies)."""
+    outcome, levels = np.asarray(outcome, bool), np.asarray(levels, dtype=str)
+    names = sorted(set(levels.tolist()))
+    table = np.array([[np.sum(outcome & (levels == name)), np.sum(~outcome & (levels == name))]
+                      for name in names], dtype=np.float64)
+    table = table[table.sum(axis=1) > 0]
+    out = {"chi2": None, "df": None, "p": None, "min_expected": None}
+    if len(table) < 2 or (table.sum(axis=0) == 0).any():
+        return out
+    result = chi2_contingency(table, correction=False)
+    out.update(chi2=float(result.statistic), df=int(result.dof), p=float(result.pvalue),
+               min_expected=float(result.expected_freq.min()))
+    return out
+
+
+def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
+                  seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """Per level of one attribute: n, patients, rare-class prevalence, accuracy and balanced
+    accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
+    sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
+    (bootstrap), with a `small_n` flag.
+
+    Parameters
+    ----------
+    y_true : (N,) int; probs : (N, C) float; levels : (N,) str, the attribute's level per image.
+
+    Returns
+    -------
+    list of dicts, one per level in sorted order.
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    levels = np.asarray(levels, dtype=str)
+    pred, n_classes = probs.argmax(axis=1), probs.shape[1]
+    rows = []
+    for level in sorted(set(levels.tolist())):
+        mine = levels == level
+        y, p, hat = y_true[mine], probs[mine], pred[mine]
+        sub_groups = None if groups is None else np.asarray(groups, dtype=str)[mine]
+        index = group_indices(sub_groups, len(y))
+        cells = prediction_columns(y, hat, n_classes)
+        ranks = [tie_blocks(p[:, k]) for k in range(n_classes)]
+        positive = y[:, None] == np.arange(n_classes)
+        evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
+        point = evaluate(np.ones((1, len(y))))
+        parts = ([evaluate(w) for w in resample_weights(index, n_bootstrap, seed,
+                                                        strata=bootstrap_strata(y, index))]
+                 if n_bootstrap else [])
+        rare = y == rare_index
+        tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
+        tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
+        row = {"level": level, "n": int(len(y)), "n_patients": int(index.max()) + 1,
+               "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
+               "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
+               "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}
+        for name in ("accuracy", "balanced_accuracy", "rare_auroc", "macro_auroc"):
+            row[name] = finite_or_none(point[name][0])
+            replicates = np.concatenate([part[name] for part in parts]) if parts else None
+            row[f"{name}_ci"] = (percentile_interval(replicates, confidence)
+                                 if parts and row[name] is not None else None)
+        row["small_n"] = row["n"] < SMALL_SUBGROUP_N or row["n_rare"] < SMALL_SUBGROUP_RARE_N
+        rows.append(row)
+    return rows
+
+
+def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
+                      n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """`subgroup_rows` of each attribute plus its heterogeneity tests: chi-square homogeneity of
+    accuracy across levels and of rare-class sensitivity across levels (among rare images).
+
+    Parameters
+    ----------
+    attributes : dict attribute name -> (N,) str levels
+
+    Returns
+    -------
+    list of dicts: attribute, rows, accuracy_test, rare_sensitivity_test (`homogeneity_test`).
+    """
+    y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
+    correct = probs.argmax(axis=1) == y_true
+    rare = y_true == rare_index
+    out = []
+    for name, levels in attributes.items():
+        levels = np.asarray(levels, dtype=str)
+        out.append({"attribute": name,
+                    "rows": subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap,
+                                          seed, confidence),
+                    "accuracy_test": homogeneity_test(correct, levels),
+                    "rare_sensitivity_test": homogeneity_test(correct[rare], levels[rare])})
+    return out

@@ -1,0 +1,450 @@
+"""report.md (pure: values in, text out): the run header, the metrics, operating-rule, comparison,
+sequential and subgroup sections, the STARD flow, and the reporting-checklist map.
+"""
+
+from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
+from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
+                                        SUBGROUP_COLUMNS, format_value)
+
+
+def failure_markdown(failures, folders):
+    """The failure-analysis section: per true class its most confident errors, thumbnails linked."""
+    lines = ["The most confident errors of each true class (argmax), highest probability of the "
+             "wrong class first: patterns here (image quality, look-alike conditions, label "
+             "errors) are what a reader checks before trusting the metrics.", "",
+             "| true class | rank | image | predicted | p(predicted) | p(true) | file |",
+             "| --- | ---: | --- | --- | ---: | ---: | --- |"]
+    for row in failures:
+        image = f"![error]({row['thumbnail']})" if row.get("thumbnail") else "(not readable)"
+        lines.append(f"| {folders[row['true']]} | {row['rank']} | {image} | {folders[row['pred']]} | "
+                     f"{row['p_pred']:.3f} | {row['p_true']:.3f} | `{row['file']}` |")
+    if not failures:
+        lines = ["No misclassified image: there is no error to analyse."]
+    return lines
+
+
+def flow_markdown(flow):
+    """The flow table (and the reasons) of report.md."""
+    patients = "patients_received" in flow["rows"]["total"]
+    lines = ["| class | received | unreadable (excluded) | scored |"
+             + (" patients received | patients with an unreadable image | patients scored |"
+                if patients else ""),
+             "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
+    for key, row in flow["rows"].items():
+        name = f"**{key}**" if key == "total" else key
+        lines.append(f"| {name} | {row['received']} | {row['unreadable']} | {row['scored']} |"
+                     + (f" {row['patients_received']} | {row['patients_unreadable']} | "
+                        f"{row['patients_scored']} |" if patients else ""))
+    if flow["reasons"]:
+        lines += ["", "Reasons for exclusion: " + "; ".join(
+            f"{reason}: {sum(by_class.values())} ("
+            + ", ".join(f"{k} {v}" for k, v in by_class.items() if v) + ")"
+            for reason, by_class in flow["reasons"].items()) + "."]
+    return lines
+
+
+def metrics_markdown(metrics, folders):
+    """The overall and per-class metric tables of report.md."""
+    scaled = metrics.get("temperature_scaled")
+    lines = ["| metric | value (95% CI) |" + (" temperature-scaled |" if scaled else ""),
+             "| --- | --- |" + (" --- |" if scaled else "")]
+    for name in OVERALL_METRICS:
+        cell = format_value(metrics[name], metrics[name + "_ci"])
+        extra = ""
+        if scaled:
+            extra = (f" {format_value(scaled[name], scaled[name + '_ci'])} |"
+                     if name in CALIBRATION_METRICS else " — |")
+        lines.append(f"| {METRIC_LABELS[name]} | {cell} |{extra}")
+    if scaled:
+        lines += ["", f"Temperature scaling (T = {scaled['temperature']:.3f}, {scaled['source']}) "
+                  "keeps every argmax; only calibration is re-scored."]
+    lines += ["", "| class | n (prevalence) | sensitivity | specificity | PPV | NPV | LR+ | LR− | F1 "
+              "| AUROC | AUPRC (random ranking) |", "| --- " * 11 + "|"]
+    for folder in folders:
+        s = metrics["per_class"][folder]
+        cells = [format_value(s[name], s[name + "_ci"], 2 if name.startswith("lr") else 3)
+                 for name in (*PROPORTIONS, "lr_pos", "lr_neg", "f1", "auroc", "auprc")]
+        for index, name, zero, other in ((4, "lr_pos", "fp", "tp"), (5, "lr_neg", "tn", "fn")):
+            if s[name] is None and s[zero] == 0 and s[other] > 0:  # infinite: no interval either
+                cells[index] = f"∞ ({zero.upper()} = 0)"
+        cells[-1] += f" ({format_value(s['auprc_baseline'])})"
+        lines.append(f"| {folder} | {s['support']} ({format_value(s['prevalence'])}) | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "AUPRC (random ranking): the expected AUPRC of a random ranking of this cohort's "
+              "counts, the chance level (the prevalence is its large-sample limit)."]
+    notes = resample_notes(metrics, folders)
+    if notes:
+        lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
+                  "an image of a class leaves a class-averaged metric, or that class's F1, AUROC "
+                  "and AUPRC, undefined): " + "; ".join(notes) + "."]
+    return lines
+
+
+def resample_notes(metrics, folders):
+    """'macro AUROC 1,873 of 2,000', one per bootstrap interval with unusable resamples."""
+    total = (metrics.get("bootstrap_design") or {}).get("resamples")
+    if not total:
+        return []
+    found = [(METRIC_LABELS[name], metrics.get(f"{name}_ci_n_resamples")) for name in OVERALL_METRICS]
+    for folder in folders:
+        stats = metrics["per_class"][folder]
+        found += [(f"{label} of {folder}", stats.get(f"{name}_ci_n_resamples"))
+                  for name, label in (("f1", "F1"), ("auroc", "AUROC"), ("auprc", "AUPRC"))]
+    return [f"{label} {used:,} of {total:,}" for label, used in found
+            if used is not None and used < total]
+
+
+def comparison_resample_notes(comparison):
+    """'cnn: balanced accuracy on 1,873 of 2,000 resamples', one per comparison interval with
+    unusable resamples (metrics.compare_predictions: no answered image of a class in them)."""
+    total = comparison.get("n_bootstrap")
+    return [f"{row['model']}: {COMPARISON_LABELS[row['metric']]} on {row['n_resamples']:,} of "
+            f"{total:,} resamples" for row in comparison["rows"]
+            if total and row.get("n_resamples") is not None and row["n_resamples"] < total]
+
+
+def unanswered_notes(comparison, folders):
+    """"reader answered no image of 'healthy eyes'", one per compared model that never answered
+    some class (its balanced accuracy and macro F1 are then undefined, metrics.compare_predictions)."""
+    found = {row["model"]: row.get("unanswered_classes") for row in comparison["rows"]}
+    return [f"{model} answered no image of {', '.join(repr(folders[k]) for k in classes)}"
+            for model, classes in found.items() if classes]
+
+
+def levels_markdown(levels):
+    """Which intervals are image-level and which patient-level (metrics.json interval_levels)."""
+    return ["Interval levels: " + "; ".join(f"{key}: {value}" for key, value in levels.items()) + "."]
+
+
+def operating_markdown(op):
+    """Argmax and the validation threshold rule side by side for the rare class."""
+    origin = [f"source: {op['source']}"]
+    if op.get("target_sensitivity") is not None:
+        origin.append(f"target sensitivity {op['target_sensitivity']}")
+    if op.get("val_sensitivity") is not None:
+        origin.append(f"validation sensitivity {format_value(op['val_sensitivity'])}, specificity "
+                      f"{format_value(op.get('val_specificity'))}")
+    patient = "sensitivity_ci_patient" in op["rule"]
+    lines = [f"Rare class **{op['class']}**: positive if p ≥ {op['threshold']:.4f} "
+             f"({'; '.join(origin)}), applied to the uncalibrated probability, never tuned on "
+             "this cohort; otherwise the most probable other class. Intervals: Wilson (images "
+             "as independent)" + ("; sensitivity and specificity also with a patient-level "
+                                  "interval (cluster bootstrap of patients, stratified by class)"
+                                  if patient else "") + ".", "",
+             "| rule | TP | FP | FN | TN | sensitivity | specificity | PPV | NPV |"
+             + (" sensitivity (patient CI) | specificity (patient CI) |" if patient else ""),
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"
+             + (" --- | --- |" if patient else "")]
+    for label, key in (("argmax", "argmax"), (f"p ≥ {op['threshold']:.4f}", "rule")):
+        s = op[key]
+        extra = "".join(f" {format_value(s[n], s[n + '_ci_patient'])} |"
+                        for n in ("sensitivity", "specificity")) if patient else ""
+        lines.append(f"| {label} | {s['tp']} | {s['fp']} | {s['fn']} | {s['tn']} | "
+                     + " | ".join(format_value(s[n], s[n + "_ci"]) for n in PROPORTIONS) + " |" + extra)
+    return lines
+
+
+def comparison_markdown(comparison, sources, folders):
+    """The comparison section of report.md: per model and metric, ours minus the model."""
+    unit = (f"{comparison['n_groups']} patients (cluster bootstrap)"
+            if comparison["bootstrap_unit"] == "group" else "images")
+    lines = [f"Each model against ours on the images both answered (of {comparison['n']} scored by "
+             f"ours): difference = ours − model (positive: ours better), 95% CIs from the same "
+             f"bootstrap resamples of {unit} for every model.", ""]
+    lines += [f"- `{name}`: {source}" for name, source in sources.items()] + [""]
+    lines += ["| model | metric | n | model (95% CI) | ours (95% CI) | ours − model (95% CI) | p (test) |",
+              "| --- | --- | ---: | --- | --- | --- | --- |"]
+    for row in comparison["rows"]:
+        # a bootstrap p of 0 only says p < 2/B, B the resamples it rests on
+        floor = {"p_bootstrap": row.get("n_resamples")}
+        tests = [f"{format_p(row[column], floor.get(column))} ({label})"
+                 for column, label in COMPARISON_P_COLUMNS.items() if row[column] is not None]
+        if row["model_only_correct"] is not None:
+            tests.append(f"discordant: ours only {row['reference_only_correct']}, model only "
+                         f"{row['model_only_correct']}")
+        lines.append(f"| {row['model']} | {COMPARISON_LABELS[row['metric']]} | {row['n']} | "
+                     f"{format_value(row['value'], row['value_ci'])} | "
+                     f"{format_value(row['reference_value'], row['reference_ci'])} | "
+                     f"{format_value(row['difference'], row['difference_ci'])} | "
+                     f"{'; '.join(tests) or '—'} |")
+    if comparison["bootstrap_unit"] == "group":
+        lines += ["", "McNemar's exact and mid-p tests treat images as independent; with patients "
+                  "the clustered test (Obuchowski 1998) and the bootstrap p respect them."]
+    unanswered = unanswered_notes(comparison, folders)
+    if unanswered:
+        lines += ["", "Balanced accuracy and macro F1 are n/a where a model answered no image of a "
+                  "class (they average over every class): " + "; ".join(unanswered) + "."]
+    notes = comparison_resample_notes(comparison)
+    if notes:
+        lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
+                  "an answered image of a class leaves a class-averaged metric undefined, one "
+                  "without an answered rare-class image its sensitivity and AUROC): "
+                  + "; ".join(notes) + "."]
+    return lines
+
+
+# STARD 2015 numbers checked against the published list (Cohen et al., BMJ Open 2016); TRIPOD+AI
+# 2024 numbers against the statement's checklist (Collins et al., BMJ 2024;385:e078378); CLAIM 2024
+# items are named, not numbered: their numbers could not be checked against the published table.
+CHECKLIST_NOTE = ("STARD 2015 and TRIPOD+AI 2024 item numbers as published; CLAIM 2024 items by "
+                  "name (their numbers were not checked against the published table).")
+CHECKLIST_ROWS = (
+    ("Flow table (above), `flow` in metrics.json",
+     "images (and patients, when groups are known) received, unreadable with reasons, scored, by class",
+     "19 flow of participants; 15 indeterminate and 16 missing index test results",
+     "20a flow of participants; 11 missing data",
+     "numbers of patients/examinations included and excluded (flowchart); missing data"),
+    ("[confusion_matrix.png](confusion_matrix.png), confusion_matrix.csv, classification_report.txt",
+     "predicted by true class (counts, row %)",
+     "23 cross tabulation of the index test by the reference standard",
+     "23a model performance", "failure analysis (confusion matrix)"),
+    ("Metric tables (above), metrics.json, per_class_metrics.csv",
+     "accuracy, balanced accuracy, F1, MCC; per class sensitivity, specificity, PPV, NPV, LR±, "
+     "AUROC, AUPRC with 95% CIs, each named image- or patient-level",
+     "14 methods for estimating diagnostic accuracy; 24 estimates and their precision",
+     "12e performance measures; 23a model performance with confidence intervals",
+     "performance metrics; measures of uncertainty; diagnostic accuracy estimates with 95% CIs"),
+    ("[roc_curves.png](roc_curves.png), [pr_curves.png](pr_curves.png)",
+     "one-vs-rest discrimination; operating point marked; random-ranking AUPRC",
+     "24 estimates of diagnostic accuracy", "12e performance plots; 23a model performance",
+     "diagnostic accuracy estimates (ROC analysis)"),
+    ("[calibration.png](calibration.png), Brier / log-loss / ECE",
+     "reliability per class with counts per bin; before and after temperature scaling (the "
+     "temperature was fitted on the development validation split: model development, not updating)",
+     "—", "12e calibration measures and plots; 12c model building (the temperature)",
+     "performance metrics"),
+    ("[prob_histograms.png](prob_histograms.png), operating point table",
+     "model output by true class; pre-specified threshold from validation",
+     "12a index test positivity cut-off, pre-specified", "15 model output and thresholds",
+     "performance metrics"),
+    ("Intention-to-diagnose line", "unreadable images counted as errors (argmax and the rule)",
+     "15 indeterminate results; 16 missing data", "11 missing data", "missing data"),
+    ("comparison.csv, comparison.png (with --baseline or --compare)",
+     "paired differences with CIs, McNemar (clustered with patients), DeLong",
+     "14 methods for comparing measures of diagnostic accuracy",
+     "12e measures to compare models",
+     "comparison with other models; statistical significance"),
+    ("Failure analysis (above), failure_analysis/",
+     "the most confident errors per true class, with thumbnails", "—", "—",
+     "failure analysis of incorrectly classified cases"),
+    ("predictions.csv", "per-image probabilities and status", "—", "15 model output",
+     "—"),
+    ("Header of this report, args.json", "checkpoint SHA-256, model, prompts, thresholds, versions",
+     "10a index test in sufficient detail", "22 model specification; 18f code sharing",
+     "model description; software libraries and versions"),
+)
+
+
+def report_header(run):
+    """What was evaluated: checkpoint, classes, prompts, thresholds, statistics, software."""
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+    mapping = ", ".join(f"{i} = {folder}" for i, folder in enumerate(run["class_folders"]))
+    threshold = run.get("operating_threshold")
+    lines = [f"- checkpoint: `{run['checkpoint']}` ({run['checkpoint_kind']}); SHA-256 "
+             f"`{run['checkpoint_sha256'] or 'n/a (pretrained tag)'}`",
+             f"- model `{run['model_name']}`, logit scale `{run['logit_scale_mode']}`"
+             + (f"; WiSE-FT α = {run['wise_ft_alpha']:g} with base {run['wise_ft_base']}"
+                if run.get("wise_ft_alpha") is not None else ""),
+             f"- classes (index = folder name, matched by name): {mapping}; rare class: "
+             f"**{run['rare_class']}**",
+             f"- prompts ({run['prompt_source']}): " + "; ".join(
+                 f"{c['folder']}: " + ", ".join(f'"{p}"' for p in c["eval"])
+                 for c in run["prompts"]["classes"]),
+             "- operating threshold: " + (f"{threshold:.4f} ({run['operating_threshold_source']})"
+                                          if threshold is not None else
+                                          f"none ({run['operating_threshold_source']}); argmax only"),
+             "- decision rule (the `prediction` column of predictions.csv): " + (
+                 f"**threshold**: {run['rare_class']} when its probability is at least the operating "
+                 "threshold, else the most probable other class (the metrics tables are of argmax; "
+                 "the operating-point section is of this rule)" if run.get("decision_rule") == "threshold"
+                 else "**argmax** (the most probable class)"),
+             "- temperature: " + (f"{run['temperature']:.4f} (fitted on validation at training; "
+                                  "logits / T before the softmax)" if run.get("temperature")
+                                  else f"none ({run['temperature_source']})"),
+             f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
+             + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
+             f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
+             f"{run['bootstrap_unit']}s stratified by class ({run['bootstrap']} resamples, seed "
+             f"{run['seed']}) for the "
+             "overall metrics, F1, AUROC and AUPRC; Wilson intervals for proportions; log method "
+             f"for LR±; ECE over {run['ece_bins']} equal-width bins of the max probability",
+             f"- software: {versions}; device {run['device']}, precision {run['precision']}"]
+    return lines
+
+
+def itd_markdown(itd, rare_class, what="unreadable images", decision="argmax"):
+    """The intention-to-diagnose line(s): `decision` (argmax, or the given answers), and the
+    operating rule when there is one."""
+    rules = [(decision, "itd")] + ([("the operating rule", "itd_rule")]
+                                   if "itd_rule_accuracy" in itd else [])
+    return [f"Intention-to-diagnose ({what} counted as errors, n = {itd['itd_n']}; "
+            "Wilson intervals, images): " + "; ".join(
+                f"{label}: accuracy {format_value(itd[p + '_accuracy'], itd[p + '_accuracy_ci'])}, "
+                f"{rare_class} sensitivity "
+                f"{format_value(itd[p + '_rare_sensitivity'], itd[p + '_rare_sensitivity_ci'])}"
+                for label, p in rules) + "."]
+
+
+def answers_header(run):
+    """What was scored when the predictions come from a file (inference.py --predictions)."""
+    mapping = ", ".join(f"{i} = {folder}" for i, folder in enumerate(run["class_folders"]))
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+    return [f"- answers: `{run['predictions_file']}` (step `{run['step']}`); SHA-256 "
+            f"`{run['predictions_sha256']}`; no model was run here",
+            f"- classes (index = folder name, {run['class_order']}): {mapping}",
+            "- answers to classes: " + (f"label map `{run['label_map']}` (case- and "
+                                        "whitespace-insensitive; an answer it does not map is a "
+                                        "failed row, never guessed)" if run.get("label_map")
+                                        else "answers must be class folder names"),
+            "- probabilities: " + ("given (`prob_<class>` columns): AUROC, AUPRC and calibration "
+                                   "scored" if run["probabilities"] else
+                                   "none: AUROC, AUPRC and calibration are not defined (n/a)"),
+            f"- test cohort: `{run['test_dir']}`" + (f", split {run['split']}" if run.get("split") else "")
+            + ("; paths pseudonymised (salted SHA-256)" if run.get("anonymized") else ""),
+            f"- statistics: {run['confidence_level']:.0%} CIs; percentile bootstrap of "
+            f"{run['bootstrap_unit']}s ({run['bootstrap']} resamples, seed {run['seed']}) for the "
+            "overall metrics and F1; Wilson intervals for proportions; log method for LR±",
+            f"- software: {versions}"]
+
+
+FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalised)"),
+           ("roc_curves.png", "ROC curves per class"), ("pr_curves.png", "Precision-recall curves per class"),
+           ("calibration.png", "Reliability diagram"), ("prob_histograms.png", "Predicted probabilities by class"))
+
+
+def independence_warning(run):
+    """The report's first lines when the test cohort overlaps the checkpoint's training or
+    validation images (evaluation.training_overlap), else none."""
+    overlap = run.get("test_overlap") or {}
+    if run.get("independent_test_set") is not False:
+        return []
+    return [f"> **Warning: not an independent test set.** {overlap['train']} test image(s) are "
+            f"training images and {overlap['val']} are validation images of this checkpoint "
+            "(the same file or the same bytes); the numbers below overstate how it does on new "
+            "patients.", ""]
+
+
+def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
+                  subgroups=None, failures=None, sequential=None):
+    """report.md: one page mapping every output to the reporting checklist item it serves."""
+    answers = run.get("source") == "answer file"
+    header = answers_header(run) if answers else report_header(run)
+    lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + header + [""]
+    if metrics is None:
+        lines += ["No class folders in the test folder: the images were **predicted, not scored**.", ""]
+        lines += flow_markdown(flow)
+        return "\n".join(lines) + "\n"
+    patients = "patients_received" in flow["rows"]["total"]
+    lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
+    lines += flow_markdown(flow) + [""]
+    if itd is not None:
+        what = "failed and unmapped answers" if answers else "unreadable images"
+        lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
+    if not metrics["n"]:
+        return "\n".join(lines + ["No answer could be scored: there is nothing to score." if answers
+                                  else "No image could be read: there is nothing to score."]) + "\n"
+    lines += [f"## Metrics on the {metrics['n']} scored images", ""]
+    if metrics["bootstrap_unit"] == "group":
+        lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap, "
+                  "stratified by class); Wilson intervals treat images as independent.", ""]
+    if metrics.get("interval_levels"):
+        lines += levels_markdown(metrics["interval_levels"]) + [""]
+    lines += metrics_markdown(metrics, folders) + ["", "## Operating point", ""]
+    lines += operating_markdown(operating) if operating else [
+        "The answers are labels: results are for the given labels only (no threshold)." if answers
+        else "The checkpoint stores no validation operating threshold (and none was given with "
+        "--threshold): results are for argmax only."]
+    if sequential is not None:
+        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
+        lines += sequential_markdown(sequential)
+        if run.get("figures", True):
+            lines += ["", "![sensitivity and specificity by step](sequential.png)"]
+    if comparison is not None:
+        lines += ["", "## Comparison with other models", ""]
+        lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
+    if subgroups:
+        lines += ["", "## Subgroups", ""]
+        lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
+    if failures is not None:
+        lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
+    if run.get("figures", True) and not answers:  # an answer file draws only its confusion matrix
+        lines += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES]
+    lines += ["", "## Outputs and the checklist items they serve", "",
+              "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS
+              if failures is not None or not row[0].startswith("Failure analysis")]
+    lines += ["", CHECKLIST_NOTE]
+    if not run.get("figures", True):
+        lines += ["", "Figures were not drawn (--no-figures)."]
+    return "\n".join(lines) + "\n"
+
+
+def sequential_markdown(sequential):
+    """The sequential section of report.md: per class sensitivity and specificity at each step,
+    Cochran's Q across the steps, and the change between consecutive steps."""
+    steps = sequential["steps"]
+    clustered = sequential["bootstrap_unit"] == "group"
+    lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. Each step is scored on the "
+             "images it read (failed readings and unmapped answers excluded, counted in its flow "
+             f"table); a change compares the images both steps read; Cochran's Q uses the "
+             f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
+             f"Bootstrap unit: {sequential['bootstrap_unit']}"
+             + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
+                "few discordant patients it runs small); McNemar and "
+                "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
+                "p-values as approximate)." if clustered else "."), "",
+             "| class | measure | " + " | ".join(steps) + " | Cochran's Q (p) |",
+             "| --- | --- |" + " --- |" * (len(steps) + 1)]
+    omnibus = {(r["class"], r["measure"]): r for r in sequential["omnibus"]}
+    cells = {}
+    for r in sequential["per_step"]:
+        text = f"{format_value(r['value'], r['ci'])} [{r['hits']}/{r['n']}]"
+        cells.setdefault((r["class"], r["measure"]), []).append(text)
+    for (name, measure), values in cells.items():
+        q = omnibus[(name, measure)]
+        test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
+        lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
+    lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
+              "McNemar mid-p (exact) |" + (" clustered p (Obuchowski) |" if clustered else ""),
+              "| --- | --- | --- | ---: | --- | --- | --- |" + (" --- |" if clustered else "")]
+    for r in sequential["changes"]:
+        lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
+                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
+                     f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
+                     f"({format_p(r['p_exact'])}) |"
+                     + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))
+    return lines
+
+
+def heterogeneity_text(test):
+    """'chi-square 3.21, df 1, p 0.073' (with a note when an expected count is under 5)."""
+    if test["p"] is None:
+        return "not testable (one level, or no variation)"
+    text = f"χ² {test['chi2']:.2f}, df {test['df']}, p {format_p(test['p'])}"
+    return text + (" (an expected count < 5: approximate)" if test["min_expected"] < 5 else "")
+
+
+def subgroups_markdown(analysis, rare_class, grouped):
+    """The subgroup section of report.md: one table per attribute, tests and small-n warnings."""
+    ci_note = ("bootstrap of patients within each level" if grouped else "bootstrap of images")
+    lines = [f"Accuracy, balanced accuracy and AUROC with 95% CIs by {ci_note}; {rare_class} "
+             "sensitivity and specificity with Wilson intervals (images independent). "
+             "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
+    for block in analysis:
+        lines += [f"### {block['attribute']}", "",
+                  f"| level | n (patients) | {rare_class} n | accuracy | balanced accuracy | "
+                  "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
+        for row in block["rows"]:
+            warn = " ⚠" if row["small_n"] else ""
+            lines.append(f"| {row['level']}{warn} | {row['n']} ({row['n_patients']}) | {row['n_rare']} | "
+                         + " | ".join(format_value(row[name], row[f"{name}_ci"])
+                                      for name in SUBGROUP_COLUMNS[:5]) + " |")
+        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
+                  f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        small = [row["level"] for row in block["rows"] if row["small_n"]]
+        if small:
+            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 images or fewer than 10 "
+                      f"{rare_class} images; their intervals are wide and a difference between "
+                      "levels is not evidence of a difference in performance.", ""]
+    return lines
