@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 
 from orbital_clip.train import cli as train_cli
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
+from orbital_clip import outputs
 from orbital_clip import split as data_preprocess
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
@@ -83,9 +85,9 @@ def train_tiny(out):
 def random_vit(out, name="ViT-B-32-256"):
     """A plain state_dict of `name` with seeded random weights (what inference.py --checkpoint reads)."""
     torch.manual_seed(0)
-    model, *_ = common.create_model(name, None)
+    model, *_ = models.create_model(name, None)
     path = out / f"{name}_random.pt"
-    torch.save(common.clean_state_dict(model.state_dict()), path)
+    torch.save(ckpt.clean_state_dict(model.state_dict()), path)
     return path
 
 
@@ -129,7 +131,7 @@ def main(argv=None):
                      f"{r['max_difference_over_ci_half_width']:.3f} ({worst['name']}: {worst['fp32']:.4f} vs "
                      f"{worst['bf16']:.4f}, half-width {worst['ci_half_width']:.4f}) |")
     print("\n".join(lines))
-    common.atomic_write_json(out / "bf16_agreement.json", results)
+    outputs.atomic_write_json(out / "bf16_agreement.json", results)
     return 0
 
 

@@ -10,7 +10,6 @@ pre-resized images, batch 200 in bf16 within 16 GiB.
 """
 
 import sys
-from pathlib import Path
 
 import torch
 

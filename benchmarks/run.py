@@ -32,8 +32,12 @@ from PIL import Image
 from orbital_clip.train import loop as train_loop
 from orbital_clip.train import losses as train_losses
 from orbital_clip.train import schedule as train_schedule
-from orbital_clip import common
-from orbital_clip import split as data_preprocess
+from orbital_clip import cli
+from orbital_clip import cohort
+from orbital_clip import images as image_io
+from orbital_clip import models
+from orbital_clip import outputs
+from orbital_clip import zero_shot
 from orbital_clip.split import materialise
 from orbital_clip import prompts as prompt_sets
 
@@ -84,7 +88,7 @@ def decode_rates(paths, short_side_px, resized_paths, repeats):
     rates = {}
     for name, files, min_side in (("full", paths, None), ("draft", paths, short_side_px),
                                   ("pre_resized", resized_paths, short_side_px)):
-        seconds = median_time(lambda: [common.read_image(p, min_side) for p in files[:4]], repeats)
+        seconds = median_time(lambda: [image_io.read_image(p, min_side) for p in files[:4]], repeats)
         rates[f"decode_{name}_images_per_s"] = 4 / seconds
     return rates
 
@@ -147,7 +151,7 @@ def file_loader(files, transform, batch, size, opts):
     """The real loader over `files` = (paths, min_side_px), enough items for the timed steps."""
     paths, min_side = files
     items = looped_items(paths, batch * (opts.repeats + 1))
-    dataset = common.ImageListDataset(items, transform, min_side_px=min_side, image_shape=(3, size, size))
+    dataset = cohort.ImageListDataset(items, transform, min_side_px=min_side, image_shape=(3, size, size))
     return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=opts.workers,
                                        pin_memory=opts.device.type == "cuda",
                                        prefetch_factor=4 if opts.workers else None)
@@ -171,7 +175,7 @@ def benchmark_training(model, tokenizer, transforms, files_by_mode, opts):
     device, batch = opts.device, opts.batch_size
     classes = prompt_sets.load_prompt_set()
     ctx = training_context(model, tokenizer, classes, device, opts.precision, batch)
-    size = common.model_image_size(model)
+    size = models.model_image_size(model)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.tensor([i % 3 for i in range(batch)])
     model.train()
@@ -194,11 +198,11 @@ def benchmark_training(model, tokenizer, transforms, files_by_mode, opts):
 def benchmark_inference(model, transforms, files_by_mode, opts):
     """Model-only vs end-to-end inference images/s, per decode mode."""
     device, batch = opts.device, opts.infer_batch_size
-    size = common.model_image_size(model)
+    size = models.model_image_size(model)
     images = torch.randn(batch, 3, size, size, device=device)
     model.eval()
 
-    encoder = common.image_encoder(model, device, opts.precision)  # the path inference.py runs
+    encoder = zero_shot.image_encoder(model, device, opts.precision)  # the path inference.py runs
 
     def encode(x):
         with torch.inference_mode():
@@ -236,10 +240,10 @@ def interleaved_best(fns, repeats):
 
 def benchmark_bf16_speedups(model, tokenizer, opts):
     """Model-only training step and image-encoding batch, fp32 against bf16 (training: autocast
-    with fp32 master weights; inference: common.image_encoder, the path inference.py runs)."""
+    with fp32 master weights; inference: zero_shot.image_encoder, the path inference.py runs)."""
     device = opts.device
     classes = prompt_sets.load_prompt_set()
-    size = common.model_image_size(model)
+    size = models.model_image_size(model)
     images = torch.randn(opts.batch_size, 3, size, size, device=device)
     labels = torch.tensor([i % 3 for i in range(opts.batch_size)])
     contexts = {p: training_context(model, tokenizer, classes, device, p, opts.batch_size) for p in ("fp32", "bf16")}
@@ -248,7 +252,7 @@ def benchmark_bf16_speedups(model, tokenizer, opts):
                              opts.repeats)
     model.eval()
     batch = torch.randn(opts.infer_batch_size, 3, size, size, device=device)
-    encoders = {p: common.image_encoder(model, device, p) for p in ("fp32", "bf16")}
+    encoders = {p: zero_shot.image_encoder(model, device, p) for p in ("fp32", "bf16")}
 
     def encode(precision):
         with torch.inference_mode():
@@ -270,14 +274,14 @@ def bf16_agreement(model, tokenizer, transform, folder, opts):
     root = Path(folder) / "demo"
     make_demo_cohort.write_cohort(root, opts.agreement_counts, 0)
     classes = prompt_sets.load_prompt_set()
-    items = common.load_labelled_items(str(root), prompt_sets.class_folders(classes), None)
-    size = common.model_image_size(model)
-    dataset = common.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
+    items = cohort.load_labelled_items(str(root), prompt_sets.class_folders(classes), None)
+    size = models.model_image_size(model)
+    dataset = cohort.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.infer_batch_size, num_workers=0)
     model.eval()
     with torch.inference_mode():
-        classifier = common.build_zero_shot_classifier(model, tokenizer, [c.eval for c in classes], opts.device)
-        features = {p: common.encode_image_batches(model, loader, opts.device, p)[0] for p in ("fp32", "bf16")}
+        classifier = zero_shot.build_zero_shot_classifier(model, tokenizer, [c.eval for c in classes], opts.device)
+        features = {p: zero_shot.encode_image_batches(model, loader, opts.device, p)[0] for p in ("fp32", "bf16")}
     preds = {p: (f @ classifier.float().cpu()).argmax(dim=1) for p, f in features.items()}
     cosine = torch.nn.functional.cosine_similarity(features["fp32"], features["bf16"], dim=1)
     return {"bf16_prediction_agreement": float((preds["fp32"] == preds["bf16"]).float().mean()),
@@ -298,7 +302,7 @@ def benchmark_text_dedup(model, tokenizer, opts):
 
     def step(dedup):
         model.zero_grad(set_to_none=True)
-        with common.autocast_context(device, opts.precision):
+        with models.autocast_context(device, opts.precision):
             text = train_loop.encode_captions(model, tokenizer, captions, device, dedup=dedup).float()
             loss = loss_fn(image_features, text, model.logit_scale.exp(), None)
         loss.backward()
@@ -315,7 +319,7 @@ def benchmark_text_dedup(model, tokenizer, opts):
 def training_flops_per_sample(model, tokenizer, opts):
     """FLOPs of one training sample (forward + backward), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
-    size = common.model_image_size(model)
+    size = models.model_image_size(model)
     images = torch.randn(2, 3, size, size, device=opts.device)
     tokens = tokenizer(["orbital eye disease", "no eye disease"]).to(opts.device)
     with FlopCounterMode(display=False) as counter:
@@ -379,33 +383,33 @@ def parse_args(argv=None):
     # the demo cohort's proportions (40 / 120 / 80), at least one image per class
     share = (1, 3, 2)
     args.agreement_counts = tuple(max(1, round(args.agreement_images * k / 6)) for k in share)
-    args.workers = common.default_workers(args.device) if args.workers is None else args.workers
+    args.workers = cli.default_workers(args.device) if args.workers is None else args.workers
     return args
 
 
 def main(argv=None):
     opts = parse_args(argv)
-    opts.device = common.resolve_device(opts.device)
-    opts.precision, why = common.resolve_precision(opts.precision, opts.device)
+    opts.device = models.resolve_device(opts.device)
+    opts.precision, why = models.resolve_precision(opts.precision, opts.device)
     print(f"precision {opts.precision} ({why})", file=sys.stderr)
     torch.manual_seed(0)
     model_name = opts.model_name
     if opts.model_config:
-        model_name, _ = common.register_model_config(opts.model_config)
-    model, train_tf, val_tf, tokenizer = common.create_model(model_name, None, opts.device)
-    size = common.model_image_size(model)
+        model_name, _ = models.register_model_config(opts.model_config)
+    model, train_tf, val_tf, tokenizer = models.create_model(model_name, None, opts.device)
+    size = models.model_image_size(model)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = {"model": model_name, "device": str(opts.device), "precision": opts.precision,
                    "precision_why": why, "batch_size": opts.batch_size, "infer_batch_size": opts.infer_batch_size,
                    "workers": opts.workers, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "cpu_native_bf16": common.cpu_native_bf16()}
+                   "cpu_native_bf16": models.cpu_native_bf16()}
         results.update(benchmark_bf16_speedups(model, tokenizer, opts))
         results.update(bf16_agreement(model, tokenizer, val_tf, tmp, opts))
         if opts.bf16_only:
             print(markdown_table(results))
             if opts.json:
-                common.atomic_write_json(opts.json, results)
+                outputs.atomic_write_json(opts.json, results)
             return 0
         print(f"generating {opts.images} camera JPEGs {CAMERA_SIZE_PX[0]}x{CAMERA_SIZE_PX[1]} ...", file=sys.stderr)
         paths = make_camera_jpegs(Path(tmp) / "camera", opts.images)
@@ -434,7 +438,7 @@ def main(argv=None):
     })
     print(markdown_table(results))
     if opts.json:
-        common.atomic_write_json(opts.json, results)
+        outputs.atomic_write_json(opts.json, results)
     return 0
 
 

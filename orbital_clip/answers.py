@@ -24,12 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import images
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_output_dir, clear_previous_outputs,
                         cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
-                        make_anonymizer, normalise_relative_path, package_versions, read_csv_rows,
+                        make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
+from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
                      sequential_analysis, without_probability_metrics)
 from orbital_clip.report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
@@ -152,7 +155,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     statuses, seen = [None] * n, {}
     for line, row in rows:
         here = f"{where}: row {line}"
-        image = normalise_relative_path(row["path"])
+        image = normalise_relpath(row["path"])
         if image not in position:
             raise ValueError(f"{here}: image {image!r} is not in the cohort (an extra image, or "
                              "a path not relative to the test folder)")
@@ -281,7 +284,7 @@ def read_answer_step(name, path, flag, cohort, folders, label_map):
     """One AnswerStep (the file of `flag`), matched to the cohort by path."""
     answers = read_cohort_answers(path, cohort, folders, flag, label_map)
     probs, has_probs = step_probs(answers, len(folders), f"{flag} {path}")
-    return AnswerStep(name, str(path), flag, answers, probs, has_probs, common.file_sha256(path))
+    return AnswerStep(name, str(path), flag, answers, probs, has_probs, images.file_sha256(path))
 
 
 def prepare_answers(args, argv):
@@ -353,9 +356,9 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     frame = predictions_frame(cohort, folders, step.probs, statuses, anonymize=setup.anonymize)
     if not step.has_probs:  # one-hot columns would pass for probabilities
         frame = frame.drop(columns=[f"prob_{folder}" for folder in folders])
-    common.atomic_write_csv(output_dir / "predictions.csv", frame)
+    outputs.atomic_write_csv(output_dir / "predictions.csv", frame)
     run = answers_run_info(args, setup, step)
-    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    outputs.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, statuses, folders, True)
     metrics, itd = score_answer_step(step, setup, args)
@@ -365,9 +368,9 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
                **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
     if sequential is not None:
         metrics["sequential"] = sequential
-        common.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
-        common.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
-    common.atomic_write_json(output_dir / "metrics.json", metrics)
+        outputs.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
+        outputs.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
+    outputs.atomic_write_json(output_dir / "metrics.json", metrics)
     save = figure_saver(output_dir)
     if metrics["n"]:
         scored = step.answers.pred_index >= 0
@@ -380,7 +383,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
             plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
     if sequential is not None and args.figures:
         plot_sequential(sequential, folders, save)
-    common.atomic_write_text(output_dir / "report.md",
+    outputs.atomic_write_text(output_dir / "report.md",
                              render_report(run, flow, metrics, folders, None, itd, None,
                                            subgroups=subgroups, sequential=sequential))
     return metrics
@@ -498,7 +501,7 @@ def main(argv=None):
     from orbital_clip import scoring_args
     argv = list(sys.argv[1:] if argv is None else argv)
     args = scoring_args.parse_args(argv, __doc__, model=False)
-    common.configure_logging()
+    cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)

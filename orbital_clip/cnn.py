@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from orbital_clip import checkpoint as ckpt
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import cli
+from orbital_clip import cohort
+from orbital_clip import models
+from orbital_clip import outputs
 from orbital_clip import metrics
 from orbital_clip.metrics import is_improvement
 from orbital_clip import prompts as prompt_sets
@@ -205,7 +209,7 @@ def load_weights_file(model, arch, path, folders):
         if not head_fits:  # ImageNet's 1000-way head, or other classes: keep the new head
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_MODULES[arch] + ".")}
             state_dict.update({k: own[k] for k in head_keys})
-        common.load_weights_into(model, state_dict, path, arch, arch_flag="--arch")
+        checkpoint.load_weights_into(model, state_dict, path, arch, arch_flag="--arch")
     except ckpt.CheckpointError as err:
         raise WeightsError(f"--weights {err}") from None
     return "loaded" if head_fits else "new"
@@ -245,9 +249,9 @@ def make_transforms(image_size_px):
 
 
 def make_loader(items, transform, args, train, generator=None):
-    """DataLoader over common.ImageListDataset; class-balanced draws with --balanced-sampling."""
+    """DataLoader over cohort.ImageListDataset; class-balanced draws with --balanced-sampling."""
     size = args.image_size
-    dataset = common.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
+    dataset = cohort.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
     sampler = None
     if train and args.balanced_sampling:
         weights = torch.as_tensor(sample_weights([label for _path, label in items]), dtype=torch.double)
@@ -256,7 +260,7 @@ def make_loader(items, transform, args, train, generator=None):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
         num_workers=args.workers, pin_memory=args.device.type == "cuda", generator=generator,
-        worker_init_fn=common.seed_worker, persistent_workers=train and args.workers > 0)
+        worker_init_fn=cli.seed_worker, persistent_workers=train and args.workers > 0)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler):
@@ -271,7 +275,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler
         if not ok.any():
             continue
         images, labels = images[ok].to(args.device), labels[ok].to(args.device)
-        with common.autocast_context(args.device, args.precision):
+        with models.autocast_context(args.device, args.precision):
             loss = criterion(model(images).float(), labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()}")
@@ -291,7 +295,7 @@ def predict(model, loader, args):
     model.eval()
     probs = None
     for images, _labels, indices, ok in loader:
-        with common.autocast_context(args.device, args.precision):
+        with models.autocast_context(args.device, args.precision):
             batch = F.softmax(model(images.to(args.device)).float(), dim=1).double().cpu()
         if probs is None:
             probs = torch.full((len(loader.dataset), batch.shape[1]), float("nan"), dtype=torch.float64)
@@ -420,9 +424,9 @@ def load_cohorts(args):
     for flag, spec, split in (("--train-dir", args.train_dir, "train"), ("--val-dir", args.val_dir, "val"),
                               ("--test-dir", args.test_dir, "test")):
         try:
-            lists.append(common.load_labelled_items(spec, folders, split))
-        except (common.CohortError, OSError) as err:
-            raise common.CohortError(f"{flag} {err}") from None
+            lists.append(cohort.load_labelled_items(spec, folders, split))
+        except (cohort.CohortError, OSError) as err:
+            raise cohort.CohortError(f"{flag} {err}") from None
     test_spec = Path(args.test_dir)
     # As inference.py: paths relative to the test folder, or to the folder of its manifest.
     test_root = test_spec.parent if test_spec.is_file() else test_spec
@@ -438,12 +442,12 @@ def load_cohorts(args):
 def prepare(args):
     """Everything that can refuse the run, done before anything is written: device, classes,
     cohorts, model and weights. Returns (cohorts, model, WeightsInfo)."""
-    args.device = common.resolve_device(args.device)
+    args.device = models.resolve_device(args.device)
     if args.precision == "auto":
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
-    common.autocast_context(args.device, args.precision)
+    models.autocast_context(args.device, args.precision)
     if args.workers is None:
-        args.workers = common.default_workers(args.device)
+        args.workers = cli.default_workers(args.device)
     cohorts = load_cohorts(args)
     model, weights = build_model(args.arch, args.weights, cohorts.folders, args.image_size, args.seed)
     return cohorts, model.to(args.device), weights
@@ -459,10 +463,10 @@ def prepare_save_dir(args):
 
 
 def run_record(args, argv, cohorts, weights, class_weights):
-    """args.json in the layout of the other scripts (common.run_record), with the classes, the
+    """args.json in the layout of the other scripts (outputs.run_record), with the classes, the
     starting weights, the class weights and the image counts under `run`."""
     import torchvision
-    record = common.run_record("baselines/train_cnn.py", argv, args, common.plain({
+    record = outputs.run_record("baselines/train_cnn.py", argv, args, outputs.plain({
         "class_folders": cohorts.folders, "weights": vars(weights),
         "class_weights": None if class_weights is None else class_weights.tolist(),
         "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)}}))
@@ -497,14 +501,14 @@ def fit(args, cohorts, model, record, save_dir):
             ckpt.write_checkpoint(save_dir / BEST_NAME, ckpt.CheckpointRecord(
                 state_dict=model.state_dict(), format=CHECKPOINT_FORMAT, arch=args.arch,
                 class_folders=list(cohorts.folders), image_size_px=args.image_size,
-                normalize=common.plain({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
-                weights=common.plain(record["run"]["weights"]), epoch=epoch,
-                metrics=common.plain(metrics), args=common.plain(record["args"]),
-                argv=common.plain(record["argv"])))
-        history.append(common.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
+                normalize=outputs.plain({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+                weights=outputs.plain(record["run"]["weights"]), epoch=epoch,
+                metrics=outputs.plain(metrics), args=outputs.plain(record["args"]),
+                argv=outputs.plain(record["argv"])))
+        history.append(outputs.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                               "skipped_images": skipped, "seconds": time.perf_counter() - start,
                               "is_best": best}))
-        common.atomic_write_csv(save_dir / "metrics.csv", pd.DataFrame(history))
+        outputs.atomic_write_csv(save_dir / "metrics.csv", pd.DataFrame(history))
         LOG.info("epoch %d/%d  loss %.4f  val loss %.4f  val acc %.4f  val bal.acc %.4f  %.1f s%s",
                  epoch, args.epochs, train_loss, metrics["val_loss"], metrics["val_accuracy"],
                  metrics["val_balanced_accuracy"], history[-1]["seconds"], "  * best" if best else "")
@@ -513,22 +517,22 @@ def fit(args, cohorts, model, record, save_dir):
 
 def write_predictions(args, cohorts, model, save_dir):
     """Predict --test-dir with the best checkpoint's weights; returns the predictions frame."""
-    model.load_state_dict(common.load_state_dict_file(save_dir / BEST_NAME))
+    model.load_state_dict(checkpoint.load_state_dict_file(save_dir / BEST_NAME))
     _train_tf, eval_tf = make_transforms(args.image_size)
     probs = predict(model, make_loader(cohorts.test, eval_tf, args, train=False), args)
     failed = np.flatnonzero(~np.isfinite(probs).all(axis=1)).tolist()
-    reasons = common.read_failures(cohorts.test, failed)
+    reasons = cohort.read_failures(cohorts.test, failed)
     statuses = [f"failed: {reasons[i]}" if i in reasons else "ok" for i in range(len(probs))]
     frame = predictions_frame(cohorts, probs, statuses)
-    common.atomic_write_csv(save_dir / PREDICTIONS_NAME, frame)
+    outputs.atomic_write_csv(save_dir / PREDICTIONS_NAME, frame)
     return frame
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    common.configure_logging()
-    LOG.setLevel(logging.INFO)  # common.configure_logging knows the three pipeline scripts only
+    cli.configure_logging()
+    LOG.setLevel(logging.INFO)  # cli.configure_logging knows the three pipeline scripts only
     try:
         cohorts, model, weights = prepare(args)
     except (ValueError, OSError) as err:
@@ -545,14 +549,14 @@ def main(argv=None):
              args.device, args.precision)
     try:
         save_dir = prepare_save_dir(args)
-        common.atomic_write_json(save_dir / "args.json", record)
+        outputs.atomic_write_json(save_dir / "args.json", record)
         best_epoch = fit(args, cohorts, model, record, save_dir)
         if best_epoch is None:
             print(f"error: no epoch had a validation balanced accuracy (none of the {len(cohorts.val)} "
                   f"--val-dir images could be read?); see {save_dir / 'metrics.csv'}", file=sys.stderr)
             return 1
         frame = write_predictions(args, cohorts, model, save_dir)
-    except common.OutputWriteError as err:
+    except outputs.OutputWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except FloatingPointError as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orbital_clip import common
+from orbital_clip import outputs
 
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
 CACHE_VERSION = 1  # bump when what a cached embedding means changes
@@ -55,5 +55,5 @@ def write_cache(path, entries):
     keys = sorted(entries)
     features = np.stack([entries[k][0] for k in keys]).astype(np.float32)
     reasons = np.array([entries[k][1] for k in keys], dtype=str)
-    common.atomic_write(path, lambda handle: np.savez(handle, keys=np.array(keys, dtype=str),
+    outputs.atomic_write(path, lambda handle: np.savez(handle, keys=np.array(keys, dtype=str),
                                                       features=features, reasons=reasons))

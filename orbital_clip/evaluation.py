@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report
 
-from orbital_clip import common
+from orbital_clip import cohort as cohort_io
+from orbital_clip import images
+from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
-from orbital_clip.metadata import normalise_relpath as normalise_relative_path  # answers.py's name
 from orbital_clip.patients import none_grouped_message, regex_patients
 from orbital_clip.metrics import subgroup_analysis
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
@@ -66,23 +67,23 @@ def collect_items(test_dir, folders, output_dir):
     """(items, labelled): class-folder images with their class index, or, when no class folder
     exists, every image under test_dir with label -1 (predicted, not scored)."""
     test_dir, output_dir = Path(test_dir), Path(output_dir).resolve()
-    items, unknown = common.list_class_folder_images(test_dir, folders)
+    items, unknown = cohort_io.list_class_folder_images(test_dir, folders)
     unknown = [name for name in unknown if (test_dir / name).resolve() != output_dir]
     known = [folder for folder in folders if (test_dir / folder).is_dir()]
     if known:
         if unknown:
-            raise common.CohortError(
+            raise cohort_io.CohortError(
                 f"--test-dir {test_dir}: folder(s) {', '.join(repr(u) for u in unknown)} are not classes of "
                 f"this model {folders}; move them out, or pass --prompts defining them")
         if not items:
-            raise common.CohortError(f"--test-dir {test_dir}: no images in the class folders {known}")
+            raise cohort_io.CohortError(f"--test-dir {test_dir}: no images in the class folders {known}")
         return items, True
     items = [(path, -1) for path in sorted(test_dir.rglob("*"))
-             if path.is_file() and common.is_candidate_image(path)
+             if path.is_file() and images.is_candidate_image(path)
              and output_dir not in path.resolve().parents
              and not any(part.startswith(".") for part in path.relative_to(test_dir).parts)]
     if not items:
-        raise common.CohortError(f"--test-dir {test_dir}: no images found (and no class folders {folders})")
+        raise cohort_io.CohortError(f"--test-dir {test_dir}: no images found (and no class folders {folders})")
     if unknown:
         LOG.warning("--test-dir %s: none of the class folders %s, only %s: every image is predicted, "
                     "not scored (rename the folders to score them, or pass --prompts defining them)",
@@ -97,9 +98,9 @@ def read_manifest_rows(manifest):
     manifest = Path(manifest)
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    patient_groups, reason = common.manifest_patient_groups(rows)
+    patient_groups, reason = cohort_io.manifest_patient_groups(rows)
     if patient_groups is None:
-        log = LOG.warning if reason == common.STEM_GROUPS_REASON else LOG.info
+        log = LOG.warning if reason == cohort_io.STEM_GROUPS_REASON else LOG.info
         log("%s: %s; the bootstrap resamples images", manifest, reason)
         patient_groups = [""] * len(rows)
     found = {str((manifest.parent / row.get("path", "")).resolve()): (group, row.get("source") or "")
@@ -108,7 +109,7 @@ def read_manifest_rows(manifest):
 
 
 def regex_groups(texts, paths, pattern, anonymized=False):
-    """Each image's patient by --group-regex, with data_preprocess.py's rule (common.regex_group):
+    """Each image's patient by --group-regex, with data_preprocess.py's rule (cohort_io.regex_group):
     the first capture group of `pattern` searched in the image's path relative to the data root
     (`texts`: relative to --test-dir, or a manifest's `source` column), else in its file name; an
     image that matches neither is its own group ('image:' + its entry of `paths`). Refused
@@ -117,11 +118,11 @@ def regex_groups(texts, paths, pattern, anonymized=False):
     found = [group for group, _where in regex_patients(texts, pattern)]
     patients = {group for group in found if group is not None}
     if not patients:
-        raise common.CohortError(none_grouped_message(
+        raise cohort_io.CohortError(none_grouped_message(
             f"--group-regex '{pattern}'", len(texts), None if anonymized else texts[0],
             "a bootstrap of images", root="the data root"))
     if len(patients) == 1 and all(found) and len(texts) > 1:
-        raise common.CohortError(
+        raise cohort_io.CohortError(
             f"--group-regex '{pattern}': grouped all {len(texts)} images into one patient "
             f"({'<anonymized>' if anonymized else repr(patients.pop())}), so no interval could vary; "
             "fix --group-regex (its capture group must name the patient) or leave it out")
@@ -174,9 +175,9 @@ def collect_cohort(args, folders):
         manifest_rows, splits = read_manifest_rows(spec)
         if split not in splits:
             # No silent fallback to another split: evaluating val or train rows must be asked for.
-            raise common.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
+            raise cohort_io.CohortError(f"--test-dir {spec}: no rows of split {split!r} (its splits: "
                                      f"{', '.join(splits) or 'none'}); pass --split to choose one")
-        items = common.load_labelled_items(spec, folders, split)
+        items = cohort_io.load_labelled_items(spec, folders, split)
         cohort = Cohort(items, True, spec.parent, split)
         rows = [manifest_rows.get(str(Path(p).resolve()), ("", "")) for p, _ in items]
         named = any(group for group, _source in rows)
@@ -206,7 +207,7 @@ def cohort_class_names(test_dir, split):
         with open(spec, newline="", encoding="utf-8") as handle:
             return sorted({row.get("label", "") for row in csv.DictReader(handle)
                            if row.get("split") == split} - {""})
-    _items, found = common.list_class_folder_images(spec, [])
+    _items, found = cohort_io.list_class_folder_images(spec, [])
     return found
 
 
@@ -226,12 +227,12 @@ def training_overlap(checkpoint, cohort, test_spec):
     for split in ("train", "val"):
         spec = recorded.get(f"{split}_dir") or args.get(f"{split}_dir")
         try:
-            items = common.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
+            items = cohort_io.load_labelled_items(spec, folders, split, recorded.get("fold", args.get("fold")))
         except (TypeError, ValueError, OSError):  # not recorded, moved, or unreadable
             result["unchecked"].append(split)
             continue
-        known = {**common.manifest_sha256(test_spec), **common.manifest_sha256(spec)}
-        result[split] = len(common.overlapping_images(test_paths, [p for p, _ in items], known))
+        known = {**images.manifest_sha256(test_spec), **images.manifest_sha256(spec)}
+        result[split] = len(images.overlapping_images(test_paths, [p for p, _ in items], known))
     overlapping = result["train"] + result["val"] > 0
     result["independent_test_set"] = False if overlapping else (None if result["unchecked"] else True)
     if overlapping:
@@ -436,29 +437,29 @@ def write_failure_analysis(output_dir, cohort, scored, probs, n_per_class, anony
         row["file"] = anonymize(rel) if anonymize else rel
         row["thumbnail"] = f"{FAILURE_DIR}/true{row['true']}_{row['rank']}.png"
         try:
-            image = common.read_image(path, THUMBNAIL_PX)
-        except common.ImageReadError:  # changed on disk since it was scored
+            image = images.read_image(path, THUMBNAIL_PX)
+        except images.ImageReadError:  # changed on disk since it was scored
             row["thumbnail"] = None
             continue
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         (Path(output_dir) / FAILURE_DIR).mkdir(exist_ok=True)
-        common.atomic_write(Path(output_dir) / row["thumbnail"],
+        outputs.atomic_write(Path(output_dir) / row["thumbnail"],
                             lambda handle, image=image: image.save(handle, format="PNG"))
     return rows
 
 
 def package_versions():
     """The versions named in metrics.json and report.md (args.json has the whole environment)."""
-    info = common.environment_info()
+    info = outputs.environment_info()
     return {name: info[name] for name in ("python", "torch", "open_clip", "sklearn", "numpy", "scipy")}
 
 
 def args_record(args, setup, run=None):
-    """args.json (common.run_record): never the salt, and no test path when anonymising."""
+    """args.json (outputs.run_record): never the salt, and no test path when anonymising."""
     hidden = {"anonymize_salt": "<hidden>"}
     if setup.anonymize:
         hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
-    return common.run_record("inference.py", setup.argv, args, run, hidden)
+    return outputs.run_record("inference.py", setup.argv, args, run, hidden)
 
 
 def score_subgroups(cohort, subgroups, probs, scored, rare_index, args):
@@ -475,7 +476,7 @@ def write_subgroup_outputs(output_dir, subgroups, figures):
     """subgroups.csv (and subgroups.png/.pdf with `figures`)."""
     if subgroups is None:
         return
-    common.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
+    outputs.atomic_write_csv(Path(output_dir) / "subgroups.csv", subgroups_frame(subgroups))
     if figures:
         plot_subgroups(subgroups, figure_saver(output_dir))
 
@@ -483,14 +484,14 @@ def write_subgroup_outputs(output_dir, subgroups, figures):
 def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison, figures=False):
     """per_class_metrics.csv, classification_report.txt, confusion_matrix.csv, comparison.csv
     (and comparison.png with `figures`)."""
-    common.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
+    outputs.atomic_write_csv(output_dir / "per_class_metrics.csv", per_class_frame(metrics, folders))
     report = classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(folders))),
                                    target_names=folders, digits=3, zero_division=0)
-    common.atomic_write_text(output_dir / "classification_report.txt", report)
-    common.atomic_write_csv(output_dir / "confusion_matrix.csv",
+    outputs.atomic_write_text(output_dir / "classification_report.txt", report)
+    outputs.atomic_write_csv(output_dir / "confusion_matrix.csv",
                             confusion_frame(metrics["confusion_matrix"], folders))
     if comparison is not None:
-        common.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        outputs.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
         if figures:
             plot_comparison(comparison, figure_saver(output_dir))
 
@@ -498,5 +499,5 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
 def figure_saver(output_dir):
     """save(fig, file_name, **savefig_kwargs) for report.write_figures: atomic files in output_dir."""
     def save(fig, name, **kwargs):
-        common.atomic_save_figure(fig, Path(output_dir) / name, **kwargs)
+        outputs.atomic_save_figure(fig, Path(output_dir) / name, **kwargs)
     return save

@@ -3,7 +3,7 @@
 
 import re
 
-from orbital_clip import common
+from orbital_clip import cohort
 
 # Why a grouping flag found no patient, by flag; {root} is how the caller names the data root.
 NOTHING_GROUPED = {
@@ -17,9 +17,9 @@ NOTHING_GROUPED = {
 
 def regex_patients(relative_paths, pattern):
     """(group or None, where it matched) per image for --group-regex `pattern` (a string or a
-    compiled regex), by common.regex_group: the path relative to the data root, else the name."""
+    compiled regex), by cohort.regex_group: the path relative to the data root, else the name."""
     compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
-    return [common.regex_group(text, compiled) for text in relative_paths]
+    return [cohort.regex_group(text, compiled) for text in relative_paths]
 
 
 def none_grouped_message(rule, n_images, example, fallback, root="--data-root"):

@@ -38,7 +38,6 @@ per step). README "Output files" lists every file.
 """
 
 import dataclasses
-import json
 import logging
 import math
 import secrets
@@ -53,7 +52,11 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from tqdm import tqdm
 
 from orbital_clip import checkpoint as ckpt
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import cohort as cohort_io
+from orbital_clip import images
+from orbital_clip import outputs
+from orbital_clip import zero_shot
 from orbital_clip import models as model_lib  # `models` is a list of compared models below
 from orbital_clip import prompts as prompt_sets
 from orbital_clip import scoring_args
@@ -160,35 +163,35 @@ def resolve_checkpoint(spec, flag="--checkpoint"):
     """The Checkpoint of a checkpoint file or an open_clip pretrained tag; an hf-hub:ORG/REPO or
     local-dir:PATH model counts as a tag (zero-shot weights named, not a file), with the SHA-256 of
     a local-dir's weights file."""
-    if common.model_source(spec):
+    if model_lib.model_source(spec):
         return resolve_source_model(spec, flag)
     path = Path(spec)
     if path.is_file():
         try:
-            data = common.load_checkpoint_file(path)
-        except common.CheckpointError as err:  # e.g. refused: it would unpickle arbitrary objects
-            raise common.CheckpointError(f"{flag} {err}") from None
+            data = ckpt.load_checkpoint_file(path)
+        except ckpt.CheckpointError as err:  # e.g. refused: it would unpickle arbitrary objects
+            raise ckpt.CheckpointError(f"{flag} {err}") from None
         kind = checkpoint_kind(data)
         if kind is None:
-            raise common.CheckpointError(f"{flag} {path}: holds no model state_dict (expected a "
+            raise ckpt.CheckpointError(f"{flag} {path}: holds no model state_dict (expected a "
                                          "checkpoint of clip_train.py or a plain open_clip state_dict)")
-        return Checkpoint(kind, str(path), data, common.file_sha256(path))
+        return Checkpoint(kind, str(path), data, images.file_sha256(path))
     if path.exists():
-        raise common.CheckpointError(f"{flag} {path}: is a folder, not a checkpoint file")
+        raise ckpt.CheckpointError(f"{flag} {path}: is a folder, not a checkpoint file")
     if looks_like_file(spec):
-        raise common.CheckpointError(f"{flag} {path}: no such checkpoint file")
+        raise ckpt.CheckpointError(f"{flag} {path}: no such checkpoint file")
     return Checkpoint("tag", str(spec), None, None)
 
 
 def resolve_source_model(spec, flag):
     """The checkpoint record of an hf-hub:/local-dir: model (a local-dir is checked here)."""
     sha256 = None
-    if common.model_source(spec) == "local-dir":
+    if model_lib.model_source(spec) == "local-dir":
         try:
-            common.read_model_config(spec)
-            sha256 = common.file_sha256(common.local_dir_weights(spec))
+            model_lib.read_model_config(spec)
+            sha256 = images.file_sha256(model_lib.local_dir_weights(spec))
         except ValueError as err:
-            raise common.CheckpointError(f"{flag} {err}") from None
+            raise ckpt.CheckpointError(f"{flag} {err}") from None
     return Checkpoint("tag", str(spec), None, sha256)
 
 
@@ -202,7 +205,7 @@ def requested_model_name(args):
     """--model-name, or the --model-config stem (registered with open_clip on the way)."""
     config_name = None
     if args.model_config:
-        config_name, _config = common.register_model_config(args.model_config)
+        config_name, _config = model_lib.register_model_config(args.model_config)
         if args.model_name and args.model_name != config_name:
             raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
                              f"architecture {config_name}")
@@ -211,7 +214,7 @@ def requested_model_name(args):
 
 def resolve_model_name(requested, checkpoint, flag="--model-name", role="--checkpoint"):
     """The architecture: the checkpoint's own, else `requested` (the value of `flag`)."""
-    if common.model_source(checkpoint.spec) and checkpoint.kind == "tag":  # hf-hub:/local-dir:
+    if model_lib.model_source(checkpoint.spec) and checkpoint.kind == "tag":  # hf-hub:/local-dir:
         if requested and requested != checkpoint.spec:
             raise ValueError(f"{flag} {requested}: {role} {checkpoint.spec} brings its own "
                              f"architecture; leave {flag} out")
@@ -293,7 +296,7 @@ def load_classes(prompts_path, checkpoint):
         return prompt_sets.parse_prompt_set(data["prompts"], where), f"stored in {checkpoint.spec}"
     classes = prompt_sets.load_prompt_set(None)
     if stored and list(stored) != prompt_sets.class_folders(classes):
-        raise common.CheckpointError(f"{checkpoint.spec}: trained on classes {list(stored)} but "
+        raise ckpt.CheckpointError(f"{checkpoint.spec}: trained on classes {list(stored)} but "
                                      "stores no prompts; pass them with --prompts")
     return classes, "published prompt set"
 
@@ -357,18 +360,18 @@ def calibration_mismatch(checkpoint, classes, logit_scale_mode):
 
 def encode_items(model, preprocess, items, args):
     """(features (N, D) float32 normalised, ok (N,) bool, {index: reason}) by encoding images."""
-    image_size_px = common.model_image_size(model)
-    dataset = common.ImageListDataset(items, preprocess, min_side_px=image_size_px,
+    image_size_px = model_lib.model_image_size(model)
+    dataset = cohort_io.ImageListDataset(items, preprocess, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker)
+        pin_memory=args.device.type == "cuda", worker_init_fn=cli.seed_worker)
     progress = lambda batches: tqdm(batches, desc="encoding images", unit="batch",  # noqa: E731
                                     disable=args.no_progress or None)  # None: only on a terminal
     with torch.inference_mode():
-        features, ok = common.encode_image_batches(model, loader, args.device, args.precision, progress)
+        features, ok = zero_shot.encode_image_batches(model, loader, args.device, args.precision, progress)
     ok = ok.numpy()
-    return features.numpy(), ok, common.read_failures(items, np.flatnonzero(~ok).tolist())
+    return features.numpy(), ok, cohort_io.read_failures(items, np.flatnonzero(~ok).tolist())
 
 
 def image_features(model, preprocess, items, args, cache_key):
@@ -402,12 +405,12 @@ def score_model(bundle, cohort, args):
     features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
     with torch.inference_mode():
         # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
-        classifier = common.build_zero_shot_classifier(
+        classifier = zero_shot.build_zero_shot_classifier(
             model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
         # The published code scaled by the raw log temperature; reproduce it only when asked.
         published = bundle.logit_scale_mode == "published-log"
         scale = model.logit_scale if published else model.logit_scale.exp()
-        logits = common.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
+        logits = zero_shot.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
                                          scale.float().cpu())
     logits = logits.double().numpy()  # (N, C)
     logits[~ok] = np.nan
@@ -445,7 +448,7 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
 def prepare_baseline(args, model_name, folders):
     """The --baseline model, scored on the same images; its classes must be the same folders."""
     checkpoint = resolve_checkpoint(args.baseline, flag="--baseline")
-    own_arch = checkpoint.kind == "ours" or common.model_source(checkpoint.spec)
+    own_arch = checkpoint.kind == "ours" or model_lib.model_source(checkpoint.spec)
     requested = args.baseline_model_name or (None if own_arch else model_name)
     name = resolve_model_name(requested, checkpoint, "--baseline-model-name", "--baseline")
     classes, source = load_classes(args.prompts, checkpoint)
@@ -465,10 +468,10 @@ def wise_ft_base_weights(args, bundle):
     if args.wise_ft_base:
         path = Path(args.wise_ft_base)
         try:
-            weights = common.load_state_dict_file(path)
-        except common.CheckpointError as err:
-            raise common.CheckpointError(f"--wise-ft-base {err}") from None
-        return weights, f"`{path}`", common.file_sha256(path)
+            weights = ckpt.load_state_dict_file(path)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"--wise-ft-base {err}") from None
+        return weights, f"`{path}`", images.file_sha256(path)
     record = checkpoint.record if checkpoint.kind == "ours" else None
     pretrained = record.pretrained if record else None
     if not pretrained:
@@ -476,17 +479,17 @@ def wise_ft_base_weights(args, bundle):
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
     recorded_sha256 = record.pretrained_sha256
     if Path(pretrained).is_file() and Path(pretrained).is_absolute():
-        sha256 = common.file_sha256(pretrained)
+        sha256 = images.file_sha256(pretrained)
         if recorded_sha256 and sha256 != recorded_sha256:
             raise ValueError(f"--wise-ft-alpha: {pretrained} is not the file training started from "
                              f"(SHA-256 {sha256[:12]}..., recorded {recorded_sha256[:12]}...); pass "
                              "--wise-ft-base PATH with the original weights")
-        return common.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
+        return ckpt.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
     if Path(pretrained).is_file():  # a relative path recorded before paths were made absolute
         raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
                          f"relative path {pretrained}, which may be another file from this folder; "
                          "pass --wise-ft-base PATH")
-    source = common.model_source(pretrained)  # an hf-hub:/local-dir: model brings its architecture
+    source = model_lib.model_source(pretrained)  # an hf-hub:/local-dir: model brings its architecture
     if not source and looks_like_file(pretrained):
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")
@@ -495,7 +498,7 @@ def wise_ft_base_weights(args, bundle):
         load_error=lambda detail: (f"--wise-ft-alpha: could not load the pretrained weights "
                                    f"{pretrained} ({detail[:200]}); offline, pass --wise-ft-base PATH"))
     label = f"`{pretrained}`" if source else f"pretrained tag {pretrained}"
-    return common.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
+    return ckpt.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
 
 
 def prepare_wise_ft(args, bundle):
@@ -505,11 +508,11 @@ def prepare_wise_ft(args, bundle):
     base = {k: v for k, v in base.items() if k in tuned} if set(tuned) <= set(base) else base
     if base.keys() != tuned.keys():
         example = sorted(set(base) ^ set(tuned))[0]
-        raise common.CheckpointError(f"--wise-ft-base {label}: weights do not fit architecture "
+        raise ckpt.CheckpointError(f"--wise-ft-base {label}: weights do not fit architecture "
                                      f"{bundle.model_name} (e.g. key {example!r})")
     for key, value in tuned.items():
         if base[key].shape != value.shape:
-            raise common.CheckpointError(f"--wise-ft-base {label}: {key} has shape "
+            raise ckpt.CheckpointError(f"--wise-ft-base {label}: {key} has shape "
                                          f"{tuple(base[key].shape)}, the model {tuple(value.shape)}")
     return WiseFT(base, tuned, label, identity)
 
@@ -517,7 +520,7 @@ def prepare_wise_ft(args, bundle):
 def wise_ft_bundle(bundle, wise, alpha, args):
     """The bundle with its model set to (1 - alpha) * base + alpha * fine-tuned weights. The
     validation threshold and temperature belong to the fine-tuned weights: kept at alpha 1 only."""
-    bundle.model.load_state_dict(common.interpolate_state_dicts(wise.base, wise.tuned, alpha))
+    bundle.model.load_state_dict(ckpt.interpolate_state_dicts(wise.base, wise.tuned, alpha))
     variant = dataclasses.replace(
         bundle, wise_ft_alpha=alpha, wise_ft_base=wise.label,
         cache_key=cache_model_key(bundle.weights_id, bundle.model_name, bundle.preprocess,
@@ -561,7 +564,7 @@ def stored_wise_ft_calibration(bundle, alpha, args):
 
 def checkpoint_label(checkpoint):
     """What --checkpoint named, in words, for the report."""
-    source = common.model_source(checkpoint.spec) if checkpoint.kind == "tag" else None
+    source = model_lib.model_source(checkpoint.spec) if checkpoint.kind == "tag" else None
     if source:
         return f"{source} model"
     return {"ours": "Orbital-CLIP checkpoint", "state_dict": "plain state_dict",
@@ -626,7 +629,7 @@ def compared_sources(setup):
             f"mapped by folder name from its class order {base.folders})")
     for name, external in setup.compare.items():
         failed = sum(status != "ok" for status in external.statuses)
-        sources[name] = (f"--compare {external.source} (SHA-256 {common.file_sha256(external.source)[:16]}…; "
+        sources[name] = (f"--compare {external.source} (SHA-256 {images.file_sha256(external.source)[:16]}…; "
                          f"{'labels and probabilities' if external.probs is not None else 'labels only'}; "
                          f"{failed} rows without an answer)")
     return sources
@@ -701,9 +704,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     threshold, rare = bundle.operating["threshold"], bundle.operating["rare_index"]
     rule = rule_predictions(np.nan_to_num(probs), rare, threshold) if threshold is not None else None
     run = run_info(args, setup, bundle)
-    common.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
+    outputs.atomic_write_csv(output_dir / "predictions.csv", predictions_frame(
         cohort, folders, probs, scores.statuses, probs_cal, rule, anonymize, run["decision_rule"]))
-    common.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
+    outputs.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
     metrics = op = itd = comparison = subgroups = failures = None
@@ -721,11 +724,11 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                    "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison,
                    "subgroups": subgroups, "failure_analysis": failures, **run}
-        common.atomic_write_json(output_dir / "metrics.json", metrics)
+        outputs.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
             order = [base.folders.index(f) for f in folders]
-            common.atomic_write_csv(output_dir / "baseline_predictions.csv", predictions_frame(
+            outputs.atomic_write_csv(output_dir / "baseline_predictions.csv", predictions_frame(
                 cohort, folders, softmax(baseline_scores.logits)[:, order],
                 baseline_scores.statuses, anonymize=anonymize))
         if metrics["n"]:  # nothing to tabulate or draw when no image could be read
@@ -737,7 +740,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
     report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
-    common.atomic_write_text(output_dir / "report.md", report)
+    outputs.atomic_write_text(output_dir / "report.md", report)
     return metrics
 
 
@@ -754,8 +757,8 @@ def run_wise_ft(args, setup, baseline_scores):
         metrics = write_evaluation(output_dir / folder, args, setup, variant, scores, baseline_scores)
         rows.append(summary_row(alpha, folder, metrics, variant.operating["class"]))
         results.append(metrics)
-    common.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
-    common.atomic_write_json(output_dir / "args.json", args_record(args, setup))
+    outputs.atomic_write_csv(output_dir / "wise_ft_summary.csv", pd.DataFrame(rows))
+    outputs.atomic_write_json(output_dir / "args.json", args_record(args, setup))
     return scores.statuses, results
 
 
@@ -770,10 +773,10 @@ def parse_args(argv=None):
 
 def prepare(args, argv):
     """Everything checked and loaded before any output is written (errors: ValueError/OSError)."""
-    args.device = common.resolve_device(args.device)
-    args.precision, why = common.resolve_precision(args.precision, args.device)
+    args.device = model_lib.resolve_device(args.device)
+    args.precision, why = model_lib.resolve_precision(args.precision, args.device)
     LOG.info("precision %s (%s)", args.precision, why)
-    common.autocast_context(args.device, args.precision)
+    model_lib.autocast_context(args.device, args.precision)
     check_output_dir(args.output_dir, args.overwrite)
     checkpoint = resolve_checkpoint(args.checkpoint)
     model_name = resolve_model_name(requested_model_name(args), checkpoint)
@@ -800,7 +803,7 @@ def prepare(args, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    common.configure_logging()
+    cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)

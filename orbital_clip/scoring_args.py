@@ -6,7 +6,9 @@ import argparse
 import re
 from pathlib import Path
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import images
+from orbital_clip import models
 from orbital_clip.answers import add_answer_arguments, check_answer_args, check_compare_args
 from orbital_clip.evaluation import DEFAULT_SPLIT, FAILURE_DIR, check_subgroup_args
 from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED
@@ -41,7 +43,7 @@ def parse_args(argv, description, model=True):
     parser = build_parser(description, model)
     args = parser.parse_args(argv)
     if args.workers is None:
-        args.workers = common.default_workers(args.device)
+        args.workers = cli.default_workers(args.device)
     check_args(parser, args)
     return args
 
@@ -175,7 +177,7 @@ def build_parser(description, model=True):
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
-    return common.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
+    return cli.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
 
 
 def check_args(parser, args):
@@ -187,7 +189,7 @@ def check_args(parser, args):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)
-    if test_dir.is_file() and test_dir.suffix.lower() != ".csv" and not common.is_candidate_image(test_dir):
+    if test_dir.is_file() and test_dir.suffix.lower() != ".csv" and not images.is_candidate_image(test_dir):
         parser.error(f"--test-dir {test_dir}: a file must be a manifest.csv or an image")
     if not test_dir.exists():
         parser.error(f"--test-dir {test_dir}: no such folder or manifest")
@@ -200,7 +202,7 @@ def check_args(parser, args):
     if args.baseline:  # a model flag (never set for answer files): its home is the model builder
         from orbital_clip.scoring import looks_like_file
     if (args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file()
-            and not common.model_source(args.baseline)):
+            and not models.model_source(args.baseline)):
         parser.error(f"--baseline {args.baseline}: no such file")
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
 from demo import make_demo_cohort
 from orbital_clip import prompts
 
 TINY_CONFIG = REPO_ROOT / "demo" / "tiny_clip.json"
 TINY_MODEL = TINY_CONFIG.stem
-common.register_model_config(TINY_CONFIG)
+models.register_model_config(TINY_CONFIG)
 
 
 def tree_state(*roots):
@@ -40,8 +40,8 @@ def tree_state(*roots):
 def cpu_without_native_bf16(monkeypatch):
     """`--precision auto` resolves to fp32 in every test, whatever CPU runs the suite: the tests
     that compare numbers exactly stay exact on AMX/AVX512-BF16 machines too. Tests of bf16 pass
-    `--precision bf16`, or patch `common.cpu_native_bf16` back to a native answer."""
-    monkeypatch.setattr(common, "cpu_native_bf16", lambda: None)
+    `--precision bf16`, or patch `models.cpu_native_bf16` back to a native answer."""
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: None)
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def splits(make_cohort):
     return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
 
 
-# -- a tiny model and our checkpoint of it (common.save_checkpoint, as clip_train.py writes) --------
+# -- a tiny model and our checkpoint of it (ckpt.save_checkpoint, as clip_train.py writes) --------
 
 def tiny_metadata(**overrides):
     """Checkpoint metadata of the tiny model, as clip_train.py records it (`overrides` replace keys)."""
@@ -194,13 +194,13 @@ def tiny_metadata(**overrides):
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    model, _train_tf, _val_tf, _tokenizer = common.create_model(TINY_MODEL, None)
+    model, _train_tf, _val_tf, _tokenizer = models.create_model(TINY_MODEL, None)
     return model
 
 
 @pytest.fixture
 def checkpoint(tmp_path, tiny_model):
-    """Our checkpoint format, written by common.save_checkpoint as clip_train.py does."""
+    """Our checkpoint format, written by ckpt.save_checkpoint as clip_train.py does."""
     path = tmp_path / "clip_model_epoch_best.pt"
-    common.save_checkpoint(path, tiny_model, tiny_metadata())
+    ckpt.save_checkpoint(path, tiny_model, tiny_metadata())
     return path

@@ -17,7 +17,8 @@ import torch
 from orbital_clip.train import distributed as train_distributed
 from orbital_clip.train import loop as train_loop
 from orbital_clip.train import losses as train_losses
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import models
 from orbital_clip import prompts
 
 BATCH = 8  # global
@@ -28,7 +29,7 @@ def main(out_path, loss_kinds, accum_steps):
     args = argparse.Namespace(device=torch.device("cpu"), batch_size=BATCH, dist_timeout=5.0,
                               precision="fp32", accum_steps=accum_steps, logit_scale_mode="exp")
     train_distributed.init_distributed(args)
-    common.register_model_config(Path(__file__).resolve().parent.parent / "demo" / "tiny_clip.json")
+    models.register_model_config(Path(__file__).resolve().parent.parent / "demo" / "tiny_clip.json")
     results = {kind: run_steps(args, kind) for kind in loss_kinds.split(",")}
     if args.rank == 0:
         torch.save(results, out_path)
@@ -39,7 +40,7 @@ def main(out_path, loss_kinds, accum_steps):
 def run_steps(args, loss_kind):
     """STEPS steps from the same seeded model; returns (rank 0's) weights and losses."""
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    model, *_, tokenizer = models.create_model("tiny_clip", None)
     generator = torch.Generator().manual_seed(1)
     labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
     valid = torch.tensor([True, True, True, False, True, True, True, True])
@@ -62,7 +63,7 @@ def run_steps(args, loss_kind):
                                                ctx, valid=valid[mine])
         optimizer.step()
         losses.append(loss.item())
-    return {"state_dict": common.clean_state_dict(model.state_dict()), "losses": losses,
+    return {"state_dict": checkpoint.clean_state_dict(model.state_dict()), "losses": losses,
             "world_size": args.world_size}
 
 

@@ -3,7 +3,6 @@ other address): prompts, dry run, cache, resume after a kill, retries, refusals,
 
 import base64
 import csv
-import hashlib
 import io
 import json
 import random

@@ -11,7 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import cohort
+from orbital_clip import images
+from orbital_clip import models
 from orbital_clip.split import cli, grouping as split_grouping
 from orbital_clip import scoring as inference
 from demo import make_demo_cohort
@@ -55,7 +58,7 @@ def assert_patients_whole(manifest):
     ("healthy eye", "healthy eyes", 1), ("ab", "ba", 1), ("abc", "ca", 3),
 ])
 def test_edit_distance_known_answers(a, b, distance):
-    assert common.edit_distance(a, b) == distance == common.edit_distance(b, a)
+    assert cohort.edit_distance(a, b) == distance == cohort.edit_distance(b, a)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -68,13 +71,13 @@ def test_edit_distance_known_answers(a, b, distance):
     ("healthy eyes", "healthy eyes"),
 ])
 def test_did_you_mean(name, expected):
-    assert common.did_you_mean(name, FOLDERS) == expected
+    assert cohort.did_you_mean(name, FOLDERS) == expected
 
 
 def test_did_you_mean_clause():
-    assert common.did_you_mean_clause(["Orbital disease"], FOLDERS) == " (did you mean 'orbital disease'?)"
-    assert common.did_you_mean_clause(["glaucoma"], FOLDERS) == ""
-    assert common.did_you_mean_clause(["glaucoma", "healthy eye"], FOLDERS) == (
+    assert cohort.did_you_mean_clause(["Orbital disease"], FOLDERS) == " (did you mean 'orbital disease'?)"
+    assert cohort.did_you_mean_clause(["glaucoma"], FOLDERS) == ""
+    assert cohort.did_you_mean_clause(["glaucoma", "healthy eye"], FOLDERS) == (
         " (did you mean 'healthy eyes' for 'healthy eye'?)")
 
 
@@ -108,15 +111,15 @@ def manifest_rows(sources, groups):
 def test_manifest_patient_groups_tells_patients_from_images_and_stems():
     sources = ["a/Patient 1/IMG_0001.JPG", "a/Patient 1/IMG_0002.JPG", "b/Patient 2/IMG_0001.JPG"]
     patients = ["Patient 1", "Patient 1", "Patient 2"]
-    assert common.manifest_patient_groups(manifest_rows(sources, patients)) == (patients, None)
-    groups, reason = common.manifest_patient_groups(manifest_rows(sources, sources))
+    assert cohort.manifest_patient_groups(manifest_rows(sources, patients)) == (patients, None)
+    groups, reason = cohort.manifest_patient_groups(manifest_rows(sources, sources))
     assert groups is None and reason == "each image is its own group"
     # an older manifest: the stem IMG_0001 is shared by two patients, yet it names no patient
     stems = ["IMG_0001", "IMG_0002", "IMG_0001"]
-    assert common.manifest_patient_groups(manifest_rows(sources, stems)) == (None, common.STEM_GROUPS_REASON)
-    assert common.manifest_patient_groups(manifest_rows(sources, ["", "", ""]))[0] is None
+    assert cohort.manifest_patient_groups(manifest_rows(sources, stems)) == (None, cohort.STEM_GROUPS_REASON)
+    assert cohort.manifest_patient_groups(manifest_rows(sources, ["", "", ""]))[0] is None
     no_column = [{k: v for k, v in row.items() if k != "group"} for row in manifest_rows(sources, stems)]
-    assert common.manifest_patient_groups(no_column)[0] is None
+    assert cohort.manifest_patient_groups(no_column)[0] is None
 
 
 # -- patient-folder cohort: grouping ------------------------------------------------------------
@@ -235,8 +238,8 @@ def test_a_misspelt_class_folder_gets_a_suggestion(patient_cohort, tmp_path, cap
     assert "--exclude-folders" in line
     assert tree_state(tmp_path) == before
     # clip_train and inference list class folders through common, with the same suggestion
-    with pytest.raises(common.CohortError, match=re.escape(f"(did you mean '{right}'?)")):
-        common.load_labelled_items(root, FOLDERS, "train")
+    with pytest.raises(cohort.CohortError, match=re.escape(f"(did you mean '{right}'?)")):
+        cohort.load_labelled_items(root, FOLDERS, "train")
 
 
 def test_exclude_folders_leaves_a_folder_out(patient_cohort, tmp_path, capsys):
@@ -274,7 +277,7 @@ def test_labels_csv_layout_splits_by_patient(patient_cohort, tmp_path, capsys):
         assert row.label == patient_cohort.class_of[truth]
         assert row.group == patient_cohort.patient_of[truth].replace("Patient ", "P")
         assert row.path == f"{row.split}/{row.label}/{row.source}"
-        assert common.file_sha256(out / row.path) == row.sha256 == common.file_sha256(patient_cohort.root / truth)
+        assert images.file_sha256(out / row.path) == row.sha256 == images.file_sha256(patient_cohort.root / truth)
     assert_patients_whole(manifest)
     # the same images as class folders, grouped by folder: the same per-class split sizes
     assert run("--data-root", patient_cohort.root, "--out-dir", tmp_path / "folders", "--group-from-folder",
@@ -283,7 +286,7 @@ def test_labels_csv_layout_splits_by_patient(patient_cohort, tmp_path, capsys):
     assert (manifest.groupby(["label", "split"]).size().to_dict()
             == folders.groupby(["label", "split"]).size().to_dict())
     # the manifest feeds training: the rows of a split come back with their classes
-    items = common.load_labelled_items(out / "manifest.csv", FOLDERS, "train")
+    items = cohort.load_labelled_items(out / "manifest.csv", FOLDERS, "train")
     assert sorted((p.name, FOLDERS[y]) for p, y in items) == sorted(
         (r.source, r.label) for r in manifest[manifest.split == "train"].itertuples())
 
@@ -417,10 +420,10 @@ def test_help_shows_every_default_and_groups_the_flags():
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = common.create_model(TINY_MODEL, None)[0]
+    model = models.create_model(TINY_MODEL, None)[0]
     classes = prompts.load_prompt_set(None)
     path = tmp_path / "clip_model_epoch_best.pt"
-    common.save_checkpoint(path, model, {
+    ckpt.save_checkpoint(path, model, {
         "model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
         "pretrained": None, "class_folders": prompts.class_folders(classes),
         "prompts": prompts.prompt_set_to_dict(classes), "preprocess": {"image_size": 64},

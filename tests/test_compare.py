@@ -377,7 +377,8 @@ import json  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
 from orbital_clip import prompts
 from test_inference import exit_code, run_inference  # noqa: E402
 
@@ -459,7 +460,7 @@ def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differ
     classes = prompts.load_prompt_set(None)
     reordered = [classes[0], classes[2], classes[1]]
     checkpoint = tmp_path / "reordered.pt"
-    common.save_checkpoint(checkpoint, tiny_model, tiny_metadata(
+    ckpt.save_checkpoint(checkpoint, tiny_model, tiny_metadata(
         class_folders=prompts.class_folders(reordered), prompts=prompts.prompt_set_to_dict(reordered)))
     plain = tmp_path / "plain.pt"
     torch.save(tiny_model.state_dict(), plain)
@@ -614,8 +615,8 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
     run_args = ["--split", "test", "--subgroups", "site"]
     ckpt = tmp_path / "ours.pt"
     torch.manual_seed(0)
-    model, *_ = common.create_model(TINY_MODEL, None)
-    common.save_checkpoint(ckpt, model, tiny_metadata())
+    model, *_ = models.create_model(TINY_MODEL, None)
+    ckpt.save_checkpoint(ckpt, model, tiny_metadata())
     assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval", *run_args) == 0
     table = read_csv(tmp_path / "eval" / "subgroups.csv")
     test_rows = manifest[manifest["split"] == "test"]

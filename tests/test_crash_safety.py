@@ -79,7 +79,7 @@ def test_sigkill_anywhere_then_resume_matches_a_straight_run(make_cohort, tmp_pa
 def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tmp_path, monkeypatch, capsys):
     import errno
 
-    from orbital_clip import common
+    from orbital_clip import outputs
     train_dir, val_dir = make_cohort("train", (4, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
     assert train_cli.main(argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
@@ -88,7 +88,7 @@ def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tm
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(common.os, "fsync", full_disk)
+    monkeypatch.setattr(outputs.os, "fsync", full_disk)
     code = train_cli.main(argv(train_dir, val_dir, save_dir, "--epochs", "2", "--resume", "auto"))
     assert code == 1
     err = capsys.readouterr().err

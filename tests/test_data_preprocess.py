@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orbital_clip import common
+from orbital_clip import cohort as cohort_io
+from orbital_clip import images
 from orbital_clip.split import allocate, cli, materialise, scan
 from orbital_clip.split import duplicates as split_duplicates
 from orbital_clip.split.records import ARGS_NAME, JOURNAL_NAME, MOVE_LOG_NAME
@@ -33,7 +34,7 @@ def tree_snapshot(root):
         if path.is_symlink():
             snapshot[rel] = f"link -> {os.readlink(path)}"
         elif path.is_file():
-            snapshot[rel] = common.file_sha256(path)
+            snapshot[rel] = images.file_sha256(path)
     return snapshot
 
 
@@ -138,13 +139,13 @@ def test_mixed_class_group_follows_its_majority():
 
 def test_regex_group_searches_the_path_then_the_file_name():
     anchored = re.compile(r"^(P\d+)_")  # written for file names: still works on a nested path
-    assert common.regex_group("healthy eyes/P001_left.jpg", anchored) == ("P001", "file name")
-    assert common.regex_group("healthy eyes/left_P001.jpg", anchored) == (None, None)
+    assert cohort_io.regex_group("healthy eyes/P001_left.jpg", anchored) == ("P001", "file name")
+    assert cohort_io.regex_group("healthy eyes/left_P001.jpg", anchored) == (None, None)
     patient = re.compile(r"(Patient \d+)")  # only the path holds the patient
-    assert common.regex_group("orbital disease/Patient 001/IMG_0002.JPG", patient) == ("Patient 001", "path")
+    assert cohort_io.regex_group("orbital disease/Patient 001/IMG_0002.JPG", patient) == ("Patient 001", "path")
     digits = re.compile(r"(\d+)")  # the path wins: the patient number, not the camera counter
-    assert common.regex_group("orbital disease/Patient 007/IMG_0002.JPG", digits) == ("007", "path")
-    assert common.regex_group("x/a.jpg", re.compile(r"(z*)")) == (None, None)  # empty capture
+    assert cohort_io.regex_group("orbital disease/Patient 007/IMG_0002.JPG", digits) == ("007", "path")
+    assert cohort_io.regex_group("x/a.jpg", re.compile(r"(z*)")) == (None, None)  # empty capture
 
 
 # -- parse_args ------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_split_counts_manifest_and_hashes(make_cohort, tmp_path):
     assert counts == expected
     for row in manifest.itertuples():
         assert row.path == f"{row.split}/{row.source}" and row.source.startswith(row.label + "/")
-        assert common.file_sha256(out / row.path) == row.sha256 == common.file_sha256(root / row.source)
+        assert images.file_sha256(out / row.path) == row.sha256 == images.file_sha256(root / row.source)
         assert row.group == row.source  # no grouping flag: each image is its own group
     for split in ("train", "val"):  # the folders hold exactly the manifest's files
         on_disk = sorted(p.relative_to(out).as_posix() for p in (out / split).rglob("*") if p.is_file())
@@ -230,7 +231,7 @@ def test_source_tree_unchanged(make_cohort, tmp_path, mode):
     assert len(manifest) == 12
     for row in manifest.itertuples():
         target, source = out / row.path, root / row.source
-        assert common.file_sha256(target) == row.sha256
+        assert images.file_sha256(target) == row.sha256
         if mode == "hardlink":
             assert os.path.samefile(target, source) and not target.is_symlink()
         elif mode == "symlink":
@@ -578,7 +579,7 @@ def test_planted_duplicates_are_reported_and_kept_together(make_cohort, tmp_path
 def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
     root = make_cohort("cohort", (24, 60, 40))  # standardised cartoon eyes: a hard case for pHash
     assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run") == 0
-    records, _ = scan.validate_cohort(root, common.list_class_folder_images(root, FOLDERS)[0],
+    records, _ = scan.validate_cohort(root, cohort_io.list_class_folder_images(root, FOLDERS)[0],
                                     FOLDERS, 2, True)
     pairs = split_duplicates.find_duplicates([r.sha256 for r in records], [r.phash for r in records],
                                [r.phash_fine for r in records], split_duplicates.NEAR_DUP_DISTANCE)
@@ -622,8 +623,8 @@ def test_folds_manifest_and_fold_views(tmp_path, capsys):
     assert summary.loc["total images", "fold 0"] == (pool.fold == "0").sum()
     assert summary.loc["groups", "test"] == test.group.nunique()
     for k in range(3):
-        train = common.load_labelled_items(out / "manifest.csv", FOLDERS, "train", fold=k)
-        val = common.load_labelled_items(out / "manifest.csv", FOLDERS, "val", fold=k)
+        train = cohort_io.load_labelled_items(out / "manifest.csv", FOLDERS, "train", fold=k)
+        val = cohort_io.load_labelled_items(out / "manifest.csv", FOLDERS, "val", fold=k)
         assert len(train) + len(val) == len(pool) and not {p for p, _ in train} & {p for p, _ in val}
         assert all(p.is_file() for p, _ in val)
     assert "fold 0" in capsys.readouterr().out
@@ -689,14 +690,14 @@ def test_resize_px_writes_small_copies_and_records_them(tmp_path):
         row = manifest.loc[source]
         written = out / row.path
         assert written.name == name and row.resized_px == resized
-        assert row.sha256 == common.file_sha256(root / source)
-        assert row.sha256_written == common.file_sha256(written)
+        assert row.sha256 == images.file_sha256(root / source)
+        assert row.sha256_written == images.file_sha256(written)
         assert (row.sha256_written == row.sha256) == (resized == "")
         with Image.open(written) as image:
             assert image.size == size and not image.getexif().get(0x0112)
             assert image.format == ("PNG" if name.endswith(".png") else "JPEG")
-    original = common.read_image(root / "orbital disease" / "rotated.jpg").resize((133, 100))
-    copy = common.read_image(out / manifest.loc["orbital disease/rotated.jpg"].path)
+    original = images.read_image(root / "orbital disease" / "rotated.jpg").resize((133, 100))
+    copy = images.read_image(out / manifest.loc["orbital disease/rotated.jpg"].path)
     assert np.abs(np.asarray(original, dtype=int) - np.asarray(copy, dtype=int)).mean() < 4
 
 
@@ -715,7 +716,7 @@ def write_tiny_cohort(root, n_images, sidecars=3):
 
 
 def content_multiset(*folders):
-    return sorted(common.file_sha256(p) for f in folders for p in Path(f).rglob("*") if p.is_file())
+    return sorted(images.file_sha256(p) for f in folders for p in Path(f).rglob("*") if p.is_file())
 
 
 # data_preprocess.main with a monkeypatched settle_move that sleeps after each file, so the test can
@@ -763,7 +764,7 @@ def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     assert not (out / JOURNAL_NAME).exists() and (out / MOVE_LOG_NAME).exists()
     assert not [p for p in root.rglob("*") if p.is_file()]
     manifest = read_manifest(out)
-    assert len(manifest) == 200 and all(common.file_sha256(out / p) == h for p, h in zip(manifest.path, manifest.sha256))
+    assert len(manifest) == 200 and all(images.file_sha256(out / p) == h for p, h in zip(manifest.path, manifest.sha256))
     assert content_multiset(out / "train", out / "val") == sorted(original.values())
 
     assert run("--data-root", root, "--out-dir", out, "--rollback") == 0  # undoes the finished run

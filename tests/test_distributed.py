@@ -41,10 +41,10 @@ def test_two_processes_with_accumulation_match_one_process_full_batch(step_resul
     single, ddp = step_results[0][loss], step_results[1][loss]
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
-    from orbital_clip import common
-    common.register_model_config(TINY_CONFIG)
+    from orbital_clip import models
+    models.register_model_config(TINY_CONFIG)
     torch.manual_seed(0)  # the script's seed: the weights both layouts started from
-    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    initial = models.create_model("tiny_clip", None)[0].state_dict()
     assert not torch.allclose(initial["logit_scale"], single["state_dict"]["logit_scale"])  # trained
     for key, value in single["state_dict"].items():
         assert torch.allclose(value, ddp["state_dict"][key], atol=1e-5), key
@@ -95,7 +95,7 @@ def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_
     # macro-F1 selection. Then --ssa under torchrun: refused before anything is written.
     import open_clip
 
-    from orbital_clip import common
+    from orbital_clip import models
     train_dir = make_cohort("train", (2, 3, 3), seed=0)
     val_dir = make_cohort("val", (2, 2, 2), seed=1)
     save_dir = tmp_path / "run"
@@ -105,9 +105,9 @@ def test_two_processes_one_image_each_train_and_ssa_is_refused(make_cohort, tmp_
         "--recipe", "recommended", "--patience", "0")], tmp_path)
     history = pd.read_csv(save_dir / "metrics.csv")
     assert history["skipped_images"].tolist() == [0] and history["train_loss"].gt(0).all()
-    common.register_model_config(TINY_CONFIG)
+    models.register_model_config(TINY_CONFIG)
     torch.manual_seed(2024)  # the run's seed: the weights it started from
-    initial, *_ = common.create_model("tiny_clip", None)
+    initial, *_ = models.create_model("tiny_clip", None)
     final = torch.load(save_dir / "clip_model_final.pt", weights_only=True)["state_dict"]
     assert not torch.equal(initial.state_dict()["text_projection"], final["text_projection"])
     assert torch.equal(initial.state_dict()["visual.conv1.weight"], final["visual.conv1.weight"])  # locked

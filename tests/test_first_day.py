@@ -24,7 +24,10 @@ from orbital_clip.train import model_setup as train_model_setup
 from orbital_clip.train import options as train_options
 from orbital_clip.train import runner as train_runner
 from orbital_clip.train import state as train_state
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import cli
+from orbital_clip import images
+from orbital_clip import models
 from orbital_clip import split as dp
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
@@ -63,14 +66,14 @@ def test_overlapping_images_known_answers(tmp_path):
     d.write_bytes(b"12345")
     link = tmp_path / "link"
     link.symlink_to(a)
-    assert common.overlapping_images([a], [b, c, d]) == [(a, b)]
-    assert common.overlapping_images([c, d], [a, b]) == []
-    assert common.overlapping_images([link], [a]) == [(link, a)]  # the same file by path
+    assert images.overlapping_images([a], [b, c, d]) == [(a, b)]
+    assert images.overlapping_images([c, d], [a, b]) == []
+    assert images.overlapping_images([link], [a]) == [(link, a)]  # the same file by path
     # digests a manifest already holds are used instead of the files' bytes
     known = {c.resolve(): "x", a.resolve(): "x"}
-    assert common.overlapping_images([c], [a], known) == [(c, a)]
+    assert images.overlapping_images([c], [a], known) == [(c, a)]
     # files of sizes not on the other side are never hashed (a stat each)
-    assert common.overlapping_images([d], [a, b, c], {}) == []
+    assert images.overlapping_images([d], [a, b, c], {}) == []
 
 
 def test_manifest_sha256_maps_resolved_paths(patient_cohort, tmp_path):
@@ -78,11 +81,11 @@ def test_manifest_sha256_maps_resolved_paths(patient_cohort, tmp_path):
     assert dp.main(["--data-root", str(patient_cohort.root), "--out-dir", str(out), "--no-progress",
                     "--workers", "1"]) == 0
     frame = pd.read_csv(out / "manifest.csv")
-    known = common.manifest_sha256(out / "manifest.csv")
+    known = images.manifest_sha256(out / "manifest.csv")
     assert len(known) == len(frame)
     row = frame.iloc[0]
-    assert known[(out / row.path).resolve()] == row.sha256 == common.file_sha256(out / row.path)
-    assert common.manifest_sha256(out) == {}
+    assert known[(out / row.path).resolve()] == row.sha256 == images.file_sha256(out / row.path)
+    assert images.manifest_sha256(out) == {}
 
 
 @pytest.mark.parametrize("case", ["same folder", "data root as train", "manifest val as train"])
@@ -243,7 +246,7 @@ def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, 
     # asked for: continues with the new flags, which the checkpoint then records
     assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--lr", "1e-4",
                                       "--resume", "auto", "--resume-with-changes")) == 0
-    last = common.load_checkpoint_file(save_dir / train_checkpoints.LAST_NAME)
+    last = ckpt.load_checkpoint_file(save_dir / train_checkpoints.LAST_NAME)
     assert (last["epoch"], last["args"]["lr"]) == (3, 1e-4)
     err = capsys.readouterr().err
     assert "--resume-with-changes: continuing" in err and f"resumed from {save_dir / train_checkpoints.LAST_NAME} at epoch 2" in err
@@ -293,7 +296,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_coh
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == train_runner.EXIT_INTERRUPTED, stderr[-2000:]
     assert "Traceback" not in stderr and "usage:" not in stderr
-    checkpoint = common.load_checkpoint_file(last)  # intact: loads with weights_only
+    checkpoint = ckpt.load_checkpoint_file(last)  # intact: loads with weights_only
     assert 1 <= checkpoint["epoch"] < 8 and not checkpoint["finished"]
     command = stderr.rstrip().splitlines()[-1].strip()
     assert stderr.rstrip().splitlines()[-2].endswith(
@@ -304,7 +307,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_coh
     resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    final = common.load_checkpoint_file(last)
+    final = ckpt.load_checkpoint_file(last)
     assert (final["epoch"], final["finished"]) == (8, True)
     assert list(pd.read_csv(save_dir / "metrics.csv").epoch) == list(range(1, 9))
 
@@ -361,7 +364,7 @@ def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_
 
 def tiny_checkpoint(path, threshold=None):
     torch.manual_seed(0)
-    model = common.create_model(TINY_MODEL, None)[0]
+    model = models.create_model(TINY_MODEL, None)[0]
     classes = prompts.load_prompt_set(None)
     meta = {"model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
             "pretrained": None, "class_folders": prompts.class_folders(classes),
@@ -370,7 +373,7 @@ def tiny_checkpoint(path, threshold=None):
     if threshold is not None:
         meta["operating_point"] = {"class": FOLDERS[0], "target_sensitivity": 0.9,
                                    "threshold": threshold, "val_sensitivity": 0.9, "val_specificity": 0.4}
-    common.save_checkpoint(path, model, meta)
+    ckpt.save_checkpoint(path, model, meta)
     return path
 
 
@@ -471,28 +474,28 @@ def test_offline_default_model_fails_fast_naming_repository_and_file(make_cohort
 
 
 def test_hub_probe_and_cache(empty_hf_cache, monkeypatch):
-    assert common.pretrained_hub_files("ViT-B-32-256", "datacomp_s34b_b86k") == (
+    assert models.pretrained_hub_files("ViT-B-32-256", "datacomp_s34b_b86k") == (
         REPO_ID, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-    assert common.pretrained_hub_files("ViT-B-32-256", "no_such_tag") is None  # open_clip reports it
+    assert models.pretrained_hub_files("ViT-B-32-256", "no_such_tag") is None  # open_clip reports it
     for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")  # nothing listens on 443 here
-    assert common.hub_unreachable(timeout_s=2).startswith("no connection to 127.0.0.1")
+    assert models.hub_unreachable(timeout_s=2).startswith("no connection to 127.0.0.1")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
-    assert common.hub_unreachable() is None  # behind a proxy a direct probe proves nothing
+    assert models.hub_unreachable() is None  # behind a proxy a direct probe proves nothing
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert common.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is not None
+    assert models.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is not None
     # a cached copy (the layout huggingface_hub writes) is enough, offline
     repo_cache = empty_hf_cache / "models--laion--CLIP-ViT-B-32-256x256-DataComp-s34B-b86K"
     (repo_cache / "refs").mkdir(parents=True)
     (repo_cache / "refs" / "main").write_text("abc123")
     (repo_cache / "snapshots" / "abc123").mkdir(parents=True)
     (repo_cache / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
-    assert common.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is None
+    assert models.offline_weights_problem("ViT-B-32-256", "datacomp_s34b_b86k") is None
 
 
 def test_random_init_of_a_stock_architecture_or_at_a_tiny_lr_is_warned(caplog):
-    model = common.create_model(TINY_MODEL, None)[0]
+    model = models.create_model(TINY_MODEL, None)[0]
     millions = sum(p.numel() for p in model.parameters()) / 1e6
 
     def warnings_for(**kwargs):
@@ -518,7 +521,7 @@ def test_random_init_of_a_stock_architecture_or_at_a_tiny_lr_is_warned(caplog):
 ])
 def test_close_model_names_known_answers(name, expected):
     import open_clip
-    assert common.close_model_names(name, open_clip.list_models()) == expected
+    assert models.close_model_names(name, open_clip.list_models()) == expected
 
 
 def test_unknown_model_name_suggests_the_open_clip_name(make_cohort, tmp_path, capsys):
@@ -579,7 +582,7 @@ def test_show_defaults_known_answers():
     parser.add_argument("--e", default=None, help="e")
     parser.add_argument("--f", default=1, help="f (default 1; more is slower)")
     parser.add_argument("--g", required=True, help="g")
-    common.show_defaults(parser, {"e": "the checkpoint's"})
+    cli.show_defaults(parser, {"e": "the checkpoint's"})
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["a"] == "a count (default: 3)" and helps["b"] == "b (default: none)"
     assert helps["c"] == "c (default: off)" and helps["d"] == "d (default: 5%%)"
@@ -601,7 +604,7 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
     assert json.loads((save_dir / "args.json").read_text())["args"]["lr"] == 1e-3
     history = pd.read_csv(save_dir / "metrics.csv")
     best = history[history.is_best].iloc[-1]
-    best_ckpt = common.load_checkpoint_file(save_dir / train_checkpoints.BEST_NAME)
+    best_ckpt = ckpt.load_checkpoint_file(save_dir / train_checkpoints.BEST_NAME)
     assert best_ckpt["operating_point"]["threshold"] == pytest.approx(best.operating_threshold)
     assert messages[-1] == (
         f"== done: best accuracy {best.accuracy:.3f} at epoch {best.epoch}; clip_model_epoch_best.pt "

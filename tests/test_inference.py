@@ -21,7 +21,11 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
                              confusion_matrix, f1_score, roc_auc_score)
 from statsmodels.stats.proportion import proportion_confint
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import cli
+from orbital_clip import images as image_io
+from orbital_clip import models
+from orbital_clip import zero_shot
 from orbital_clip import evaluation
 from orbital_clip import scoring as inference
 from orbital_clip import metrics
@@ -94,7 +98,7 @@ def test_parse_args_defaults(cohort):
     args = inference.parse_args(["--test-dir", str(cohort), "--checkpoint", "x.pt"])
     assert (args.output_dir, args.batch_size, args.bootstrap, args.seed) == (
         "inference_results", 64, 2000, 2024)
-    assert args.workers == common.default_workers(args.device) and args.model_name is None
+    assert args.workers == cli.default_workers(args.device) and args.model_name is None
 
 
 # -- real runs ------------------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
         assert stats["specificity"] == pytest.approx((y_pred[~positives] != k).mean())
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
         assert len(result[f"{name}_ci"]) == 2 and result[f"{name}_ci"][0] <= result[f"{name}_ci"][1]
-    assert result["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    assert result["checkpoint_sha256"] == image_io.file_sha256(checkpoint)
     assert result["checkpoint"] == str(checkpoint)
     assert (result["model_name"], result["class_folders"]) == (TINY_MODEL, FOLDERS)
     assert (result["bootstrap"], result["seed"]) == (50, 2024)
@@ -147,7 +151,7 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
         [(y_pred[y_true == k] == k).mean() for k in range(3)])
     assert json.loads((out / "args.json").read_text())["script"] == "inference.py"
     report = (out / "report.md").read_text()
-    assert common.file_sha256(checkpoint) in report and "](confusion_matrix.png)" in report
+    assert image_io.file_sha256(checkpoint) in report and "](confusion_matrix.png)" in report
     assert "| orbital disease | 3 | 0 | 3 |" in report
 
 
@@ -271,17 +275,17 @@ def test_stock_open_clip_loads_our_checkpoint(checkpoint, tiny_model):
 def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_model, tmp_path, mode):
     test_dir = make_cohort("external", (1, 1, 1), seed=2)
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint(path, tiny_model, tiny_metadata(logit_scale_mode=mode))
+    ckpt.save_checkpoint(path, tiny_model, tiny_metadata(logit_scale_mode=mode))
     assert run_inference(test_dir, path, tmp_path / "out") == 0
     frame = read_predictions(tmp_path / "out")
-    _model, _train_tf, preprocess, tokenizer = common.create_model(TINY_MODEL, None)
+    _model, _train_tf, preprocess, tokenizer = models.create_model(TINY_MODEL, None)
     tiny_model.eval()
     with torch.no_grad():
         text = tiny_model.encode_text(tokenizer(["orbital disease", "no eye disease",
                                                  "non-orbital disease"]), normalize=True)
         scale = tiny_model.logit_scale if mode == "published-log" else tiny_model.logit_scale.exp()
         for _index, row in frame.iterrows():
-            image = preprocess(common.read_image(test_dir / row["path"]))[None]
+            image = preprocess(image_io.read_image(test_dir / row["path"]))[None]
             image_features = tiny_model.encode_image(image, normalize=True)
             expected = (scale * image_features @ text.T).softmax(dim=-1)[0].numpy()
             assert row[prob_columns()].to_numpy(dtype=float) == pytest.approx(expected, abs=1e-5)
@@ -436,7 +440,7 @@ OPERATING_POINT = {"class": "orbital disease", "target_sensitivity": 0.9, "thres
 def calibrated_checkpoint(tmp_path, tiny_model):
     """Our checkpoint with the rare-class threshold and temperature clip_train fits on validation."""
     path = tmp_path / "calibrated.pt"
-    common.save_checkpoint(path, tiny_model, tiny_metadata(operating_point=dict(OPERATING_POINT),
+    ckpt.save_checkpoint(path, tiny_model, tiny_metadata(operating_point=dict(OPERATING_POINT),
                                                            temperature=2.0))
     return path
 
@@ -445,7 +449,7 @@ def calibrated_checkpoint(tmp_path, tiny_model):
 def other_weights(tmp_path):
     """A plain state_dict of a differently initialised tiny model (a baseline / WiSE-FT base)."""
     torch.manual_seed(1)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     path = tmp_path / "other.pt"
     torch.save(model.state_dict(), path)
     return path
@@ -768,14 +772,14 @@ def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, chec
     def no_encoding(*_args, **_kwargs):
         raise AssertionError("an image was encoded despite the cache")
 
-    read, real_read = [], common.read_image
+    read, real_read = [], image_io.read_image
 
     def thumbnails_only(path, *args, **kwargs):  # the failure analysis reads its few errors
         read.append(Path(path).relative_to(test_dir).as_posix())
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(common, "encode_image_batches", no_encoding)
-    monkeypatch.setattr(common, "read_image", thumbnails_only)
+    monkeypatch.setattr(zero_shot, "encode_image_batches", no_encoding)
+    monkeypatch.setattr(image_io, "read_image", thumbnails_only)
     assert run_inference(test_dir, checkpoint, tmp_path / "second", "--cache-dir", str(cache)) == 0
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text(), name
@@ -834,7 +838,7 @@ def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkp
 def test_wise_ft_refuses_a_recorded_base_it_cannot_load(recorded, message):
     checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": recorded, "state_dict": {}}, "0" * 64)
     bundle = types.SimpleNamespace(checkpoint=checkpoint, model_name=TINY_MODEL)
-    with pytest.raises((ValueError, common.CheckpointError), match="--wise-ft-alpha") as caught:
+    with pytest.raises((ValueError, ckpt.CheckpointError), match="--wise-ft-alpha") as caught:
         inference.wise_ft_base_weights(types.SimpleNamespace(wise_ft_base=None), bundle)
     assert message in str(caught.value) and "--wise-ft-base PATH" in str(caught.value)
 
@@ -846,7 +850,7 @@ def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, t
     assert run_inference(test_dir, checkpoint, tmp_path / "first", "--seed", "3") == 0
     record = json.loads((tmp_path / "first" / "args.json").read_text())
     assert record["script"] == "inference.py" and record["args"]["seed"] == 3
-    assert record["run"]["checkpoint_sha256"] == common.file_sha256(checkpoint)
+    assert record["run"]["checkpoint_sha256"] == image_io.file_sha256(checkpoint)
     argv = record["argv"]
     argv[argv.index("--output-dir") + 1] = str(tmp_path / "again")
     assert inference.main(argv) == 0

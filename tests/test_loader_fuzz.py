@@ -1,4 +1,4 @@
-"""Property-based fuzzing of common.read_image: whatever the bytes, the loader returns an RGB
+"""Property-based fuzzing of images.read_image: whatever the bytes, the loader returns an RGB
 image or raises ImageReadError with a reason; never another exception, never a hang."""
 
 import atexit
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-from orbital_clip import common
+from orbital_clip import images
 
 # Hypothesis caches under ./.hypothesis by default; tests never write into the working tree.
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hypothesis-home-")
@@ -65,8 +65,8 @@ def read_bytes_as_image(folder, data, suffix):
     path = folder / f"case{next(_counter)}{suffix}"
     path.write_bytes(data)
     try:
-        image = common.read_image(path)
-    except common.ImageReadError as err:
+        image = images.read_image(path)
+    except images.ImageReadError as err:
         assert str(err).strip(), "an ImageReadError needs a reason"
         return None
     finally:

@@ -20,7 +20,8 @@ from orbital_clip.train import loop as train_loop
 from orbital_clip.train import losses as train_losses
 from orbital_clip.train import options as train_options
 from orbital_clip.train import shortcuts as train_shortcuts
-from orbital_clip import common
+from orbital_clip import images as image_io
+from orbital_clip import models
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL
@@ -50,7 +51,7 @@ def write_model_folder(folder, model_cfg=TINY, preprocess_cfg=None, seed=7):
     config = {"model_cfg": model_cfg, **({"preprocess_cfg": preprocess_cfg} if preprocess_cfg else {})}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
-    name = common.register_model_config_dict(f"folder_arch_{seed}", model_cfg)
+    name = models.register_model_config_dict(f"folder_arch_{seed}", model_cfg)
     weights = {k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()}
     save_file(weights, str(folder / "open_clip_model.safetensors"))
     return weights
@@ -80,11 +81,11 @@ def normalize_of(transform):
 # -- pure functions ------------------------------------------------------------------------------
 
 def test_model_source_and_config_alias():
-    assert common.model_source("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224") == "hf-hub"
-    assert common.model_source("local-dir:/models/biomedclip") == "local-dir"
-    assert common.model_source("ViT-B-32-256") is None
-    assert common.config_alias("tiny_clip") == "tiny_clip"
-    a, b = common.config_alias("local-dir:/a/b"), common.config_alias("local-dir:/a_b")
+    assert models.model_source("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224") == "hf-hub"
+    assert models.model_source("local-dir:/models/biomedclip") == "local-dir"
+    assert models.model_source("ViT-B-32-256") is None
+    assert models.config_alias("tiny_clip") == "tiny_clip"
+    a, b = models.config_alias("local-dir:/a/b"), models.config_alias("local-dir:/a_b")
     assert a != b and "/" not in a and ":" not in a  # a file stem, one per source
 
 
@@ -98,21 +99,21 @@ def inexact(image_dropout=(), image_bn=(), text_dropout=(), text_bn=()):
 
 def test_inexact_modules_per_tower():
     torch.manual_seed(0)
-    model = common.create_model(TINY_MODEL, None)[0]
+    model = models.create_model(TINY_MODEL, None)[0]
     assert train_shortcuts.inexact_modules(model) == EXACT
     model.visual.extra = torch.nn.Dropout(0.0)  # p = 0 draws nothing
     model.transformer.extra = torch.nn.Dropout(0.1)
     assert train_shortcuts.inexact_modules(model) == inexact(text_dropout=["transformer.extra (Dropout p=0.1)"])
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.5}}
-    name = common.register_model_config_dict("tiny_patch_dropout", cfg)
-    assert train_shortcuts.inexact_modules(common.create_model(name, None)[0]) == inexact(
+    name = models.register_model_config_dict("tiny_patch_dropout", cfg)
+    assert train_shortcuts.inexact_modules(models.create_model(name, None)[0]) == inexact(
         image_dropout=["visual.patch_dropout (PatchDropout p=0.5)"])
 
 
 def test_resnet_batch_norm_is_inexact_until_the_tower_is_locked():
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
            "text_cfg": TINY["text_cfg"]}
-    model = common.create_model(common.register_model_config_dict("tiny_rn", cfg), None)[0]
+    model = models.create_model(models.register_model_config_dict("tiny_rn", cfg), None)[0]
     found = train_shortcuts.inexact_modules(model)
     assert found["text"] == EXACT["text"] and found["image"]["dropout"] == []
     assert found["image"]["batch_norm"][0] == "visual.bn1 (BatchNorm2d)"
@@ -141,10 +142,10 @@ def test_missing_optional_package_is_named(monkeypatch):
     hf_cfg = {**TINY, "text_cfg": {"hf_model_name": "bert-base-uncased",
                                    "hf_tokenizer_name": "bert-base-uncased", "context_length": 32}}
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    with pytest.raises(common.MissingPackageError, match="optional package transformers.*"
+    with pytest.raises(models.MissingPackageError, match="optional package transformers.*"
                                                          "requirements-hf.txt"):
-        common.check_optional_packages("hf-hub:org/repo", hf_cfg)
-    common.check_optional_packages("tiny_clip", TINY)  # needs nothing optional
+        models.check_optional_packages("hf-hub:org/repo", hf_cfg)
+    models.check_optional_packages("tiny_clip", TINY)  # needs nothing optional
 
 
 # -- local-dir: train, evaluate, and evaluate again without the folder ------------------------------
@@ -198,7 +199,7 @@ def test_local_dir_zero_shot_equals_its_weights_as_a_state_dict(splits, tmp_path
                                rtol=0, atol=1e-6)
     report = (tmp_path / "zero_shot" / "report.md").read_text()
     assert "local-dir model" in report
-    assert common.file_sha256(folder / "open_clip_model.safetensors") in report
+    assert image_io.file_sha256(folder / "open_clip_model.safetensors") in report
     # the same folder as --baseline of itself: zero difference in every paired metric
     assert run_inference(val_dir, spec, tmp_path / "vs_self", "--baseline", spec) == 0
     comparison = pd.read_csv(tmp_path / "vs_self" / "comparison.csv")
@@ -208,7 +209,7 @@ def test_local_dir_zero_shot_equals_its_weights_as_a_state_dict(splits, tmp_path
 def test_local_dir_custom_preprocessing_reaches_both_transforms(tmp_path):
     folder = tmp_path / "tiny"
     write_model_folder(folder, preprocess_cfg=HALF_PREPROCESS)
-    _model, train_tf, val_tf, _tok = common.create_model(f"local-dir:{folder}", f"local-dir:{folder}")
+    _model, train_tf, val_tf, _tok = models.create_model(f"local-dir:{folder}", f"local-dir:{folder}")
     assert list(normalize_of(train_tf).mean) == [0.5] * 3 and list(normalize_of(val_tf).std) == [0.25] * 3
 
 
@@ -229,7 +230,7 @@ def test_hf_hub_model_loads_offline_from_the_cache(splits, tmp_path, monkeypatch
     weights = write_model_folder(tmp_path / "download", preprocess_cfg=HALF_PREPROCESS)
     write_hf_cache(tmp_path / "hf_cache", "orbital/tiny-clip", tmp_path / "download")
     spec = "hf-hub:orbital/tiny-clip"
-    model, _train_tf, val_tf, _tok = common.create_model(spec, spec)
+    model, _train_tf, val_tf, _tok = models.create_model(spec, spec)
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
     assert list(normalize_of(val_tf).mean) == [0.5] * 3
     train_dir, val_dir = splits
@@ -313,7 +314,7 @@ TINY_CUSTOM = {**TINY, "custom_text": True}
 def custom_text_config(tmp_path):
     path = tmp_path / "tiny_custom_text.json"
     path.write_text(json.dumps(TINY_CUSTOM))
-    common.register_model_config(path)
+    models.register_model_config(path)
     return path
 
 
@@ -329,7 +330,7 @@ def accumulated_grads(model, tokenizer, images, labels, captions, accum_steps, d
 
 def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model("tiny_custom_text", None)
+    model, *_, tokenizer = models.create_model("tiny_custom_text", None)
     assert type(model).__name__ == "CustomTextCLIP"
     assert train_shortcuts.inexact_modules(model) == EXACT
     images = torch.randn(8, 3, 64, 64)
@@ -350,9 +351,9 @@ def test_accumulation_replays_dropout_draws(monkeypatch):
     the very features computed per micro-batch in one graph (same RNG stream); without the replay
     the cached negatives come from other draws and it does not."""
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.5}}
-    name = common.register_model_config_dict("tiny_patch_dropout_accum", cfg)
+    name = models.register_model_config_dict("tiny_patch_dropout_accum", cfg)
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model(name, None)
+    model, *_, tokenizer = models.create_model(name, None)
     model.train()
     images = torch.randn(8, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
@@ -378,11 +379,11 @@ def test_accumulation_replays_dropout_draws(monkeypatch):
 
 def test_text_dropout_switches_dedup_off_in_the_log(caplog):
     torch.manual_seed(0)
-    model = common.create_model(TINY_MODEL, None)[0]
+    model = models.create_model(TINY_MODEL, None)[0]
     model.transformer.extra = torch.nn.Dropout(0.1)
     with caplog.at_level("WARNING", logger="clip_train"):
         assert train_shortcuts.configure_exact_shortcuts(model, accum_steps=1) is False
-    assert train_shortcuts.configure_exact_shortcuts(common.create_model(TINY_MODEL, None)[0], 1) is True
+    assert train_shortcuts.configure_exact_shortcuts(models.create_model(TINY_MODEL, None)[0], 1) is True
     assert "caption deduplication off" in caplog.text and "transformer.extra (Dropout p=0.1)" in caplog.text
 
 
@@ -419,17 +420,17 @@ def test_wise_ft_base_from_a_recorded_source_model_or_tag(tmp_path, monkeypatch,
     weights = write_model_folder(folder, seed=3)
     spec = f"local-dir:{folder}"
     checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": spec, "state_dict": {}}, "0" * 64)
-    bundle = SimpleNamespace(checkpoint=checkpoint, model_name=common.config_alias(spec))  # as recorded
+    bundle = SimpleNamespace(checkpoint=checkpoint, model_name=models.config_alias(spec))  # as recorded
     base, label, identity = inference.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
     assert (label, identity) == (f"`{spec}`", f"tag:{spec}")
     assert base.keys() == weights.keys() and all(torch.equal(base[k], weights[k]) for k in weights)
     built = []
-    real_create = common.create_model
+    real_create = models.create_model
 
     def create(name, pretrained, *args, **kwargs):  # a tag cannot be downloaded here: record it
         built.append((name, pretrained))
         return real_create(name, None, *args, **kwargs)
-    monkeypatch.setattr(common, "create_model", create)
+    monkeypatch.setattr(models, "create_model", create)
     tagged = inference.Checkpoint("ours", "best.pt", {"pretrained": "some_tag", "state_dict": {}}, "0" * 64)
     _base, label, identity = inference.wise_ft_base_weights(
         SimpleNamespace(wise_ft_base=None), SimpleNamespace(checkpoint=tagged, model_name=TINY_MODEL))

@@ -7,7 +7,6 @@ the test named for it here.
 Written against stable entry points (the top-level scripts' main, and pure functions imported
 by one name each) so that the package's reorganisation moves only the imports below."""
 
-import json
 import os
 from collections import Counter
 
@@ -18,7 +17,9 @@ import torch
 from PIL import Image
 
 import inference
-from orbital_clip import common, prompts
+from orbital_clip import prompts
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
 from orbital_clip.evaluation import regex_groups
 from orbital_clip.report import comparison_frame, subgroups_frame
 from orbital_clip.split.allocate import assign_folds
@@ -132,9 +133,9 @@ def test_cache_sees_a_replaced_image_of_the_same_size(bmp_cohort, checkpoint, tm
 def test_cache_is_not_shared_between_two_checkpoints(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 3), seed=1)
     torch.manual_seed(1)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     second = tmp_path / "second.pt"
-    common.save_checkpoint(second, model, tiny_metadata())
+    ckpt.save_checkpoint(second, model, tiny_metadata())
     cache = tmp_path / "cache"
     assert run_inference(test_dir, checkpoint, tmp_path / "one", "--cache-dir", cache) == 0
     assert run_inference(test_dir, second, tmp_path / "two", "--cache-dir", cache) == 0
@@ -150,9 +151,9 @@ def test_baseline_in_another_class_order_is_written_under_our_headers(make_cohor
     test_dir = make_cohort("external", (2, 3, 3), seed=1)
     reversed_set = list(reversed(prompts.load_prompt_set(None)))
     torch.manual_seed(1)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     baseline = tmp_path / "reversed.pt"
-    common.save_checkpoint(baseline, model, tiny_metadata(
+    ckpt.save_checkpoint(baseline, model, tiny_metadata(
         class_folders=prompts.class_folders(reversed_set),
         prompts=prompts.prompt_set_to_dict(reversed_set)))
     assert run_inference(test_dir, checkpoint, tmp_path / "pair", "--baseline", baseline) == 0

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from orbital_clip.train import cli as train_cli
-from orbital_clip import common
+from orbital_clip import models
+from orbital_clip import zero_shot
 from orbital_clip import scoring as inference
-from orbital_clip.common import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
+from orbital_clip.models import cpu_native_bf16 as real_cpu_native_bf16  # conftest patches the module's name
 from conftest import TINY_CONFIG, TINY_MODEL, write_cohorts
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -23,10 +24,10 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
                                            ("AVX512-BF16", ("bf16", "CPU with AVX512-BF16")),
                                            (None, ("fp32", "CPU without AMX or AVX512-BF16"))])
 def test_auto_on_the_cpu_follows_the_hardware_check(monkeypatch, isa, expected):
-    monkeypatch.setattr(common, "cpu_native_bf16", lambda: isa)
-    assert common.resolve_precision("auto", CPU) == expected
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: isa)
+    assert models.resolve_precision("auto", CPU) == expected
     for explicit in ("fp32", "bf16"):  # an explicit choice is never overridden by the hardware
-        assert common.resolve_precision(explicit, CPU) == (explicit, f"--precision {explicit}")
+        assert models.resolve_precision(explicit, CPU) == (explicit, f"--precision {explicit}")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -38,10 +39,10 @@ def test_auto_on_cuda_asks_for_native_bf16(monkeypatch, native, expected):
         return native
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    monkeypatch.setattr(common, "cpu_native_bf16", lambda: "AMX")  # the CPU does not decide for CUDA
-    assert common.resolve_precision("auto", CUDA)[0] == expected
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: "AMX")  # the CPU does not decide for CUDA
+    assert models.resolve_precision("auto", CUDA)[0] == expected
     assert asked == [False]  # emulated bf16 (pre-Ampere) is not native
-    assert common.resolve_precision("fp16", CUDA) == ("fp16", "--precision fp16")
+    assert models.resolve_precision("fp16", CUDA) == ("fp16", "--precision fp16")
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "AMX"), (True, False, "AMX"),
@@ -60,13 +61,13 @@ def test_cpu_check_without_torchs_private_functions_says_no(monkeypatch):
 
 def test_auto_in_the_test_suite_is_fp32():
     """conftest pins auto to fp32 so exact comparisons hold on every CPU."""
-    assert common.resolve_precision("auto", CPU)[0] == "fp32"
+    assert models.resolve_precision("auto", CPU)[0] == "fp32"
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     return model.eval()
 
 
@@ -76,8 +77,8 @@ def test_bf16_image_encoder_is_close_to_fp32_and_leaves_the_model_fp32(tiny_mode
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     with torch.inference_mode():
         reference = tiny_model.encode_image(images)
-        fp32 = common.image_encoder(tiny_model, CPU, "fp32")(images)
-        bf16 = common.image_encoder(tiny_model, CPU, "bf16")(images)
+        fp32 = zero_shot.image_encoder(tiny_model, CPU, "fp32")(images)
+        bf16 = zero_shot.image_encoder(tiny_model, CPU, "bf16")(images)
     assert torch.equal(fp32, reference)  # fp32: today's path, bit for bit
     assert bf16.dtype == torch.float32 and bf16.shape == reference.shape
     assert not torch.equal(bf16, reference)  # really computed in bf16
@@ -102,7 +103,7 @@ def test_bf16_encoder_unwraps_a_compiled_tower(tiny_model, monkeypatch):
     model.visual = Wrapper(inner)
     images = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        features = common.image_encoder(model, CPU, "bf16")(images)
+        features = zero_shot.image_encoder(model, CPU, "bf16")(images)
         expected = inner.to(torch.bfloat16)(images.to(torch.bfloat16)).float()
     assert torch.equal(features, expected)
 
@@ -113,7 +114,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
     write_cohorts(root, train=(8, 12, 10), val=(4, 6, 5), external=(6, 10, 8))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "cpu_native_bf16", lambda: "AMX")
+        patch.setattr(models, "cpu_native_bf16", lambda: "AMX")
         code = train_cli.main(["--train-dir", str(root / "train"), "--val-dir", str(root / "val"),
                                 "--save-dir", str(root / "run"), "--model-config", str(TINY_CONFIG),
                                 "--pretrained", "none", "--lr", "1e-3", "--batch-size", "10",
@@ -141,7 +142,7 @@ def test_bf16_inference_agrees_with_fp32_and_records_its_precision(trained, monk
     outputs = {}
     for name, isa, extra in (("fp32", "AMX", ["--precision", "fp32"]), ("auto", "AMX", []),
                              ("bf16", None, ["--precision", "bf16"])):
-        monkeypatch.setattr(common, "cpu_native_bf16", lambda isa=isa: isa)
+        monkeypatch.setattr(models, "cpu_native_bf16", lambda isa=isa: isa)
         out = trained / f"infer_{name}"
         assert inference.main(["--test-dir", str(trained / "external"), "--checkpoint", str(checkpoint),
                                "--output-dir", str(out), "--workers", "0", "--bootstrap", "50",

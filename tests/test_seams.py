@@ -23,7 +23,10 @@ from orbital_clip.train import checkpoints as train_checkpoints
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import loop as train_loop
 from orbital_clip.train import sampling as train_sampling
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import images
+from orbital_clip import models
+from orbital_clip import zero_shot
 from orbital_clip import split as data_preprocess
 from orbital_clip.split import allocate
 from orbital_clip import scoring as inference
@@ -194,10 +197,10 @@ def test_validation_metrics_use_the_rare_column_and_macro_averages(monkeypatch):
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 1.5, 0.0], [0.0, 2.0, 1.0], [0.2, 0.1, 2.0],
                            [1.0, 0.0, 0.5], [0.0, 1.0, 1.2], [0.3, 2.5, 0.0], [0.1, 0.0, 0.2]])
     labels = [0, 0, 1, 2, 1, 2, 1, 1]
-    monkeypatch.setattr(common, "build_zero_shot_classifier", lambda *a: torch.zeros(2, 3))
-    monkeypatch.setattr(common, "encode_image_batches",
+    monkeypatch.setattr(zero_shot, "build_zero_shot_classifier", lambda *a: torch.zeros(2, 3))
+    monkeypatch.setattr(zero_shot, "encode_image_batches",
                         lambda *a, **k: (torch.zeros(8, 2), torch.ones(8, dtype=torch.bool)))
-    monkeypatch.setattr(common, "zero_shot_logits", lambda features, classifier, scale: logits.clone())
+    monkeypatch.setattr(zero_shot, "zero_shot_logits", lambda features, classifier, scale: logits.clone())
     monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(1.0))
     loader = types.SimpleNamespace(dataset=types.SimpleNamespace(items=[(f"{i}.jpg", y) for i, y in enumerate(labels)]))
     args = types.SimpleNamespace(logit_scale_mode="exp", device="cpu", precision="fp32",
@@ -282,7 +285,7 @@ def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_abso
         {"folder": "orbital disease", "train": ["an orbit with disease"], "eval": ["orbital disease"]},
         {"folder": "healthy eyes", "train": ["healthy eyes"], "eval": ["no eye disease"]}]}))
     torch.manual_seed(3)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     (tmp_path / "work").mkdir()
     torch.save(model.state_dict(), tmp_path / "work" / "base.pt")
     monkeypatch.chdir(tmp_path / "work")
@@ -290,7 +293,7 @@ def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_abso
                                       "--pretrained", "base.pt", "--wise-ft-alphas", "0.5,1")) == 0
     best = torch.load(tmp_path / "run" / train_checkpoints.BEST_NAME, weights_only=True)
     assert best["pretrained"] == str(tmp_path / "work" / "base.pt")
-    assert best["pretrained_sha256"] == common.file_sha256(tmp_path / "work" / "base.pt")
+    assert best["pretrained_sha256"] == images.file_sha256(tmp_path / "work" / "base.pt")
     assert best["class_folders"] == ["orbital disease", "healthy eyes"]
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert 0.0 <= history["macro_auroc"].iloc[0] <= 1.0  # defined for two classes
@@ -308,7 +311,7 @@ def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_abso
     assert json.loads((out / "wise_ft_alpha_0" / "metrics.json").read_text())["n"] == 7
     # a different file at the recorded path: refused, naming the flag and the fix
     torch.manual_seed(4)
-    other, *_ = common.create_model(TINY_MODEL, None)
+    other, *_ = models.create_model(TINY_MODEL, None)
     torch.save(other.state_dict(), tmp_path / "work" / "base.pt")
     capsys.readouterr()
     assert inference.main(argv[:-1] + [str(tmp_path / "wise2")]) == 2
@@ -365,16 +368,16 @@ def inference_argv(test_dir, checkpoint, out, *extra):
 
 def test_inference_overwrite_leaves_exactly_one_runs_outputs(make_cohort, tmp_path):
     torch.manual_seed(0)
-    model, *_ = common.create_model(TINY_MODEL, None)
+    model, *_ = models.create_model(TINY_MODEL, None)
     classes = __import__("prompts").load_prompt_set(None)
     checkpoint = tmp_path / "ck.pt"
-    common.save_checkpoint(checkpoint, model, {
+    ckpt.save_checkpoint(checkpoint, model, {
         "model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
         "pretrained": None, "class_folders": [c.folder for c in classes],
         "prompts": __import__("prompts").prompt_set_to_dict(classes), "epoch": 1, "metrics": {},
         "args": {}, "logit_scale_mode": "exp"})
     torch.manual_seed(1)
-    base, *_ = common.create_model(TINY_MODEL, None)
+    base, *_ = models.create_model(TINY_MODEL, None)
     torch.save(base.state_dict(), tmp_path / "base.pt")
     test_dir = make_cohort("external", (2, 2, 2), seed=1)
     out = tmp_path / "out"

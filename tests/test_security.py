@@ -11,7 +11,8 @@ import torch
 
 from orbital_clip.train import checkpoints as train_checkpoints
 from orbital_clip.train import cli as train_cli
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import models
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_cohorts
@@ -32,7 +33,7 @@ class TouchOnUnpickle:
 def write_malicious_checkpoint(path, marker, writer, weights):
     """A file that looks like our checkpoint (real weights, metadata, a last checkpoint's keys)
     with the payload in its metadata."""
-    payload = {"format": common.CHECKPOINT_FORMAT, "state_dict": weights, "model_name": TINY_MODEL,
+    payload = {"format": checkpoint.CHECKPOINT_FORMAT, "state_dict": weights, "model_name": TINY_MODEL,
                "epoch": 1, "optimizer": {}, "metrics": {"note": TouchOnUnpickle(marker)}}
     if writer == "torch.save":
         torch.save(payload, path)
@@ -56,12 +57,12 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("security_inputs")
     write_cohorts(root, train=(4, 4, 4), val=(2, 2, 2), test=(1, 1, 1))
     torch.manual_seed(0)
-    model, *_ = common.create_model(TINY_MODEL, None)
-    common.save_checkpoint(root / "good.pt", model, {
-        "model_name": TINY_MODEL, "model_config": common.register_model_config(TINY_CONFIG)[1],
+    model, *_ = models.create_model(TINY_MODEL, None)
+    checkpoint.save_checkpoint(root / "good.pt", model, {
+        "model_name": TINY_MODEL, "model_config": models.register_model_config(TINY_CONFIG)[1],
         "pretrained": None, "class_folders": prompts.class_folders(prompts.load_prompt_set(None)),
         "prompts": prompts.prompt_set_to_dict(prompts.load_prompt_set(None)), "epoch": 1})
-    return {"root": root, "weights": common.clean_state_dict(model.state_dict())}
+    return {"root": root, "weights": checkpoint.clean_state_dict(model.state_dict())}
 
 
 @pytest.fixture(params=WRITERS)

@@ -20,7 +20,10 @@ from orbital_clip.train import runner as train_runner
 from orbital_clip.train import sampling as train_sampling
 from orbital_clip.train import schedule as train_schedule
 from orbital_clip.train import ssa as train_ssa
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import cohort
+from orbital_clip import images as image_io
+from orbital_clip import models
 from orbital_clip import metrics
 from orbital_clip import prompts
 from conftest import REPO_ROOT, train_argv
@@ -39,14 +42,14 @@ def test_lr_schedule_known_values():
 
 
 def test_unsupported_formats_are_left_out_of_training_with_a_warning_and_count(splits, caplog):
-    # The shared listing rule (common.is_candidate_image) lists a .jfif and a .heic; the .jfif
+    # The shared listing rule (image_io.is_candidate_image) lists a .jfif and a .heic; the .jfif
     # (a JPEG) is kept, the two .heic files are left out with one warning giving their count.
     train_dir, _val_dir = splits
     rare = train_dir / "orbital disease"
     (rare / "copy.jfif").write_bytes(sorted(rare.glob("*.jpg"))[0].read_bytes())
     for name in ("a.heic", "b.HEIC"):
         (rare / name).write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
-    items = common.load_labelled_items(train_dir, prompts.class_folders(prompts.load_prompt_set(None)),
+    items = cohort.load_labelled_items(train_dir, prompts.class_folders(prompts.load_prompt_set(None)),
                                        "train")
     assert len(items) == 27 + 3
     with caplog.at_level("WARNING", logger="clip_train"):
@@ -58,7 +61,7 @@ def test_unsupported_formats_are_left_out_of_training_with_a_warning_and_count(s
 
 
 def test_param_groups_exclude_biases_norms_and_logit_scale():
-    model, *_ = common.create_model("tiny_clip", None)
+    model, *_ = models.create_model("tiny_clip", None)
     decay, no_decay = train_schedule.param_groups(model, 0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay_ids}
@@ -82,7 +85,7 @@ def test_clip_loss_on_3x3_case_by_hand():
 
 
 def test_loss_scale_modes():
-    model, *_ = common.create_model("tiny_clip", None)
+    model, *_ = models.create_model("tiny_clip", None)
     assert train_losses.loss_scale(model, "exp").item() == pytest.approx(1 / 0.07, rel=1e-5)
     assert train_losses.loss_scale(model, "published-log").item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
 
@@ -97,7 +100,7 @@ def test_is_improvement_is_strict():
 
 def test_unique_caption_encoding_is_exact():
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    model, *_, tokenizer = models.create_model("tiny_clip", None)
     captions = ["orbital eye disease", "no eye disease", "orbital eye disease", "no eye disease",
                 "free from eye disease", "orbital eye disease"]
     images = torch.randn(len(captions), 3, 64, 64)
@@ -204,7 +207,7 @@ def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
                                           "--workers", "1")) == 0
         runs.append(torch.load(tmp_path / name / "clip_model_final.pt", weights_only=True)["state_dict"])
     torch.manual_seed(2024)
-    initial, *_ = common.create_model("tiny_clip", None)
+    initial, *_ = models.create_model("tiny_clip", None)
     assert not torch.equal(initial.state_dict()["text_projection"], runs[0]["text_projection"])
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
@@ -255,7 +258,7 @@ def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits
     def poisoned_batch_features(model, images, captions, ctx):
         seen.append(len(images))
         if len(seen) == 4:
-            at_injection.update({n: common.file_sha256(save_dir / n) for n in names})
+            at_injection.update({n: image_io.file_sha256(save_dir / n) for n in names})
             images = images.clone()
             images[0, 0, 0, 0] = float("nan")
         return real_batch_features(model, images, captions, ctx)
@@ -265,7 +268,7 @@ def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits
     assert len(seen) == 4  # stopped at the poisoned step
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "non-finite training loss" in line and "epoch 2" in line and str(save_dir) in line
-    assert {n: common.file_sha256(save_dir / n) for n in names} == at_injection
+    assert {n: image_io.file_sha256(save_dir / n) for n in names} == at_injection
     assert not (save_dir / train_checkpoints.FINAL_NAME).exists() and not list(save_dir.glob(".*.tmp"))
     assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1]
     last = torch.load(save_dir / train_checkpoints.LAST_NAME, weights_only=True)
@@ -354,7 +357,7 @@ def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
 def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
     from types import SimpleNamespace
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    model, *_, tokenizer = models.create_model("tiny_clip", None)
     images = torch.randn(8, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
     captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
@@ -379,7 +382,7 @@ def test_locked_towers_do_not_move(splits, tmp_path):
     assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--lock-image",
                                       "--lock-text", "2", "--accum-steps", "2", "--grad-checkpointing")) == 0
     torch.manual_seed(2024)
-    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    initial = models.create_model("tiny_clip", None)[0].state_dict()
     final = torch.load(save_dir / "clip_model_final.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(initial[k], final[k]) for k in initial if k.startswith("visual."))
     assert torch.equal(initial["token_embedding.weight"], final["token_embedding.weight"])
@@ -450,9 +453,9 @@ def test_best_weights_also_as_safetensors(splits, tmp_path):
 
 
 def test_compiled_model_saves_clean_keys():
-    model, *_ = common.create_model("tiny_clip", None)
+    model, *_ = models.create_model("tiny_clip", None)
     model.visual = torch.compile(model.visual)
-    keys = common.clean_state_dict(model.state_dict()).keys()
+    keys = checkpoint.clean_state_dict(model.state_dict()).keys()
     assert "visual.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
 
 

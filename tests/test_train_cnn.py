@@ -15,7 +15,9 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import cohort as cohort_io
+from orbital_clip import images
 from orbital_clip import metrics
 from demo import make_demo_cohort
 from orbital_clip import cnn as train_cnn
@@ -42,7 +44,7 @@ def model_probs(checkpoint_path, items, image_size_px=32):
     model.eval()
     _train_tf, eval_tf = train_cnn.make_transforms(image_size_px)
     with torch.no_grad():
-        batch = torch.stack([eval_tf(common.read_image(path, image_size_px)) for path, _label in items])
+        batch = torch.stack([eval_tf(images.read_image(path, image_size_px)) for path, _label in items])
         return torch.softmax(model(batch), dim=1).double().numpy()
 
 
@@ -139,7 +141,7 @@ def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tm
     # A checkpoint of ours for the same classes keeps its head too; for other classes (or in
     # another order) of the same count, or as a plain state_dict, it gets a new head.
     ours = tmp_path / "ours.pt"
-    common.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18",
+    ckpt.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18",
                                          "class_folders": FOLDERS})
     again, info = train_cnn.build_model("resnet18", str(ours), FOLDERS, 32, seed=5)
     assert info.head == "loaded"
@@ -170,7 +172,7 @@ def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp
         train_cnn.build_model("efficientnet_b0", str(imagenet_like_file), FOLDERS, 32, seed=0)
     model, _ = train_cnn.build_model("resnet18", "none", FOLDERS, 32, seed=0)
     ours = tmp_path / "ours.pt"
-    common.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
+    ckpt.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
     with pytest.raises(train_cnn.WeightsError, match="holds architecture resnet18, not --arch resnet50"):
         train_cnn.build_model("resnet50", str(ours), FOLDERS, 32, seed=0)
 
@@ -193,7 +195,7 @@ def folder_run(tmp_path_factory):
 def test_end_to_end_predictions_follow_the_best_checkpoint(folder_run):
     root, _argv = folder_run
     frame = pd.read_csv(root / "run" / "predictions.csv", keep_default_na=False)
-    test_items, _ = common.list_class_folder_images(root / "test", FOLDERS)
+    test_items, _ = cohort_io.list_class_folder_images(root / "test", FOLDERS)
     assert len(frame) == len(test_items) == 8
     assert frame["path"].tolist() == [p.relative_to(root / "test").as_posix() for p, _ in test_items]
     assert frame["true_label"].tolist() == [p.split("/")[0] for p in frame["path"]]
@@ -223,7 +225,7 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
     assert checkpoint["format"] == train_cnn.CHECKPOINT_FORMAT and checkpoint["arch"] == "resnet18"
     assert checkpoint["class_folders"] == FOLDERS and checkpoint["argv"] == argv
     # The recorded validation balanced accuracy is sklearn's on the checkpoint's own predictions.
-    val_items, _ = common.list_class_folder_images(root / "val", FOLDERS)
+    val_items, _ = cohort_io.list_class_folder_images(root / "val", FOLDERS)
     y_true = [label for _path, label in val_items]
     y_pred = model_probs(root / "run" / train_cnn.BEST_NAME, val_items).argmax(axis=1)
     expected = balanced_accuracy_score(y_true, y_pred)

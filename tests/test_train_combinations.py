@@ -16,7 +16,10 @@ from orbital_clip.train import losses as train_losses
 from orbital_clip.train import options as train_options
 from orbital_clip.train import runner as train_runner
 from orbital_clip.train import state as train_state
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import cli
+from orbital_clip import models
+from orbital_clip import outputs
 from orbital_clip import prompts
 from conftest import train_argv
 
@@ -96,11 +99,11 @@ def test_rng_snapshot_restores_python_random_and_every_rank_its_own(splits, tmp_
 
 
 def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
-    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
-    assert common.default_workers("cuda") == 8
-    assert common.default_workers("cuda", local_world_size=4) == 3
-    assert common.default_workers("cuda", local_world_size=16) == 0
-    assert common.default_workers("cpu", local_world_size=2) == 0
+    monkeypatch.setattr(outputs.os, "cpu_count", lambda: 16)
+    assert cli.default_workers("cuda") == 8
+    assert cli.default_workers("cuda", local_world_size=4) == 3
+    assert cli.default_workers("cuda", local_world_size=16) == 0
+    assert cli.default_workers("cpu", local_world_size=2) == 0
 
 
 # -- WiSE-FT with every metric, its calibration; --compile ------------------------------------------
@@ -275,7 +278,7 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
         model = open_clip.create_model("tiny_clip", pretrained=str(save_dir / name))
         assert torch.equal(model.state_dict()["text_projection"], stored["text_projection"])
     torch.manual_seed(2024)  # the weights the run started from
-    initial = common.create_model("tiny_clip", None)[0].state_dict()
+    initial = models.create_model("tiny_clip", None)[0].state_dict()
     final = torch.load(save_dir / train_checkpoints.FINAL_NAME, weights_only=True)["state_dict"]
     frozen = {"image": "visual.conv1.weight", "text": "token_embedding.weight"}.get(row["lock"])
     if frozen:
@@ -293,12 +296,12 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
 def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
     from types import SimpleNamespace
     torch.manual_seed(0)
-    model, *_, tokenizer = common.create_model("tiny_clip", None)
+    model, *_, tokenizer = models.create_model("tiny_clip", None)
     images = torch.randn(6, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1, 0, 2])
     captions = prompts.sample_train_captions(labels.tolist(), prompts.load_prompt_set(), prompts.new_rng(0))
     # bf16 autocast on the CPU, whatever common's precision policy for the CPU is.
-    monkeypatch.setattr(common, "autocast_context", lambda device, precision: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(models, "autocast_context", lambda device, precision: torch.autocast("cpu", torch.bfloat16))
     seen = []
     real_loss = train_losses.make_loss("clip")
 
@@ -348,7 +351,7 @@ def test_refused_configuration_writes_nothing(make_cohort, tmp_path, capsys):
 
 def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path, monkeypatch):
     train_dir, val_dir = splits
-    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(outputs.os, "cpu_count", lambda: 16)
     argv = train_argv(train_dir, val_dir, tmp_path / "run", "--device", "cuda")
     argv.remove("--workers")
     argv.remove("0")
@@ -360,7 +363,7 @@ def test_default_workers_under_torchrun_divide_the_nodes_cores(splits, tmp_path,
 def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_that_alpha():
     from orbital_clip import scoring as inference
     from types import SimpleNamespace
-    model, *_ = common.create_model("tiny_clip", None)
+    model, *_ = models.create_model("tiny_clip", None)
     fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}
     checkpoint = inference.Checkpoint("ours", "best.pt", {"wise_ft": {
         "base": "pretrained", "calibration": {"0.5": fitted}}}, "sha")
@@ -369,7 +372,7 @@ def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_th
         classes=[], folders=[], prompt_source="checkpoint", logit_scale_mode="exp",
         operating={"class": "orbital disease", "rare_index": 0, "threshold": 0.6, "source": "validation"},
         temperature=1.2, temperature_source="validation (clip_train.py)", weights_id="w", cache_key="k")
-    state = common.clean_state_dict(model.state_dict())
+    state = ckpt.clean_state_dict(model.state_dict())
     wise = inference.WiseFT(base=state, tuned=state, label="pretrained tag x", identity="tag:x")
     args = SimpleNamespace(precision="fp32", threshold=None, wise_ft_base=None)
     at_half = inference.wise_ft_bundle(bundle, wise, 0.5, args)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from orbital_clip import common
+from orbital_clip import outputs
 
 
 def canonical_json(request):
@@ -34,4 +34,4 @@ def store(cache_dir, key, record):
     """Written atomically as soon as an answer arrives: a kill loses at most the requests in flight."""
     path = cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    common.atomic_write_json(path, record)
+    outputs.atomic_write_json(path, record)

@@ -12,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import images as image_io
+from orbital_clip import outputs
 from orbital_clip.ask import client, runner, steps
 
 LOG = logging.getLogger("ask_models")
@@ -77,7 +79,7 @@ def score(args, step_set, files, output_dir):
     """inference.py --predictions on the answer files, steps in order (the sequential report)."""
     from orbital_clip import scoring  # imported late: it loads torch and open_clip
     label_map = output_dir / "label_map.json"
-    common.atomic_write_json(label_map, step_set.label_map)
+    outputs.atomic_write_json(label_map, step_set.label_map)
     argv = ["--test-dir", str(args.test_dir), "--predictions", f"{files[0][0]}={files[0][1]}",
             "--label-map", str(label_map), "--classes", ",".join(step_set.classes),
             "--output-dir", str(output_dir / "report"), "--overwrite", "--bootstrap", str(args.bootstrap)]
@@ -89,7 +91,7 @@ def score(args, step_set, files, output_dir):
 
 
 def main(argv=None) -> int:
-    common.configure_logging()
+    cli.configure_logging()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     try:
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         settings = {"model": args.model, "temperature": args.temperature, "seed": args.seed,
                     "max_tokens": args.max_tokens}
         planned = runner.plan_requests(step_set, images, metadata, settings)
-    except (ValueError, OSError, common.ImageReadError) as err:
+    except (ValueError, OSError, image_io.ImageReadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     rows = runner.answer_rows(step_set, planned, records)
     files = runner.write_answer_files(output_dir / "answers", step_set, rows)
     summary = runner.summarise(step_set, rows, sent)
-    common.atomic_write_json(output_dir / "summary.json", summary)
+    outputs.atomic_write_json(output_dir / "summary.json", summary)
     LOG.info("sent %d, cached %d; %s", sent, len(planned) - sent, json.dumps(summary["steps"]))
     if args.no_score:
         return 0

@@ -2,11 +2,10 @@
 re-encoded PNG data URL), one call with retries and backoff, the answer record it yields."""
 
 import base64
-import dataclasses
 import io
 import time
 
-from orbital_clip import common
+from orbital_clip import images
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx: the endpoint's trouble, worth another try
 
@@ -18,7 +17,7 @@ class MissingClientError(RuntimeError):
 def encode_image(path):
     """A PNG data URL of the image's pixels only: decoded (EXIF orientation applied) and written
     afresh, so no EXIF, no text chunks and no file name leave the machine."""
-    image = common.read_image(path)  # ImageReadError on an unreadable file
+    image = images.read_image(path)  # ImageReadError on an unreadable file
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # no exif=/pnginfo= given: Pillow writes pixels only
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

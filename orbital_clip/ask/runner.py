@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orbital_clip import common
+from orbital_clip import cohort
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.ask import cache, client, steps
 
@@ -31,7 +32,7 @@ class PlannedRequest:
 
 def list_images(test_dir, classes):
     """[(relative path, file)] of every image under test_dir/<class>/, classes in step-file order."""
-    items, _unknown = common.list_class_folder_images(test_dir, classes)
+    items, _unknown = cohort.list_class_folder_images(test_dir, classes)
     if not items:
         raise steps.StepFileError(f"--test-dir {test_dir}: no images under the step file's class "
                                   f"folders {classes}")
@@ -68,7 +69,7 @@ def write_requests(path, planned):
     for item in planned:
         buffer.write(json.dumps({"step": item.step, "path": item.path, "request_sha256": item.key,
                                  "request": readable_request(item.request)}, ensure_ascii=False) + "\n")
-    common.atomic_write_text(path, buffer.getvalue())
+    outputs.atomic_write_text(path, buffer.getvalue())
 
 
 def is_local_host(base_url):
@@ -136,7 +137,7 @@ def write_answer_files(answers_dir, step_set, rows):
         writer.writeheader()
         writer.writerows(rows[step.name])
         path = answers_dir / answer_file_name(index, step.name)
-        common.atomic_write_text(path, buffer.getvalue())
+        outputs.atomic_write_text(path, buffer.getvalue())
         files.append((step.name, path))
     return files
 

@@ -164,7 +164,7 @@ def failure_category(status):
     its extension ('unsupported format (.heic)'), the detail a reader needs to convert the files;
     'unmapped answer' from "failed: unmapped answer 'text'" (one reason, not one per answer)."""
     reason = status.removeprefix("failed: ")
-    if reason.startswith("unsupported format ("):  # common.UNSUPPORTED_FORMAT
+    if reason.startswith("unsupported format ("):  # images.UNSUPPORTED_FORMAT
         return reason
     return reason.split(" (")[0].split(" '")[0].strip() or "unreadable"
 

@@ -69,7 +69,8 @@ import re
 import sys
 from pathlib import Path, PurePosixPath
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.split.allocate import split_records
 from orbital_clip.split.duplicates import NEAR_DUP_DISTANCE, duplicates_table, report_duplicates
@@ -341,7 +342,7 @@ def write_split(args, root, out_dir, plan):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    common.configure_logging()
+    cli.configure_logging()
     for key, value in vars(args).items():
         LOG.info("  %s = %s", key, value)
     root = Path(args.data_root)
@@ -363,7 +364,7 @@ def main(argv=None):
                                   metadata_columns)
         return render_tables(manifest, rejected, duplicates_table(records, pairs),
                              split_summary(manifest, folders, columns),
-                             common.run_record("data_preprocess.py", argv, args, {
+                             outputs.run_record("data_preprocess.py", argv, args, {
                                  "classes": folders, "images": len(records), "rejected": len(rejected),
                                  "duplicate_pairs": len(pairs), "conflicting_duplicates": conflicts,
                                  "grouping": {"rule": grouping.rule, "grouped_by": grouping.grouped_by,

@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 
-from orbital_clip import common
+from orbital_clip import outputs
 from orbital_clip.metadata import MANIFEST_COLUMNS
 from orbital_clip.split.records import (ARGS_NAME, DUPLICATES_NAME, MANIFEST_NAME, REJECTED_NAME,
                                         SPLITS, SUMMARY_NAME)
@@ -78,4 +78,4 @@ def render_tables(manifest, rejected, duplicates, summary, args_dict):
 def write_tables(out_dir, tables):
     """Each table atomically, in order (see `render_tables`)."""
     for name, text in tables.items():
-        common.atomic_write_text(out_dir / name, text)
+        outputs.atomic_write_text(out_dir / name, text)

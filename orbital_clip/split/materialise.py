@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
-from orbital_clip import common
+from orbital_clip import images
+from orbital_clip import outputs
 from orbital_clip.split.manifest import write_tables
 from orbital_clip.split.records import (ARGS_NAME, JOURNAL_FORMAT, JOURNAL_NAME, LOG, MOVE_LOG_NAME,
                                         OUTPUT_FILES, SPLITS, SplitError)
@@ -152,8 +153,8 @@ def write_resized(source, target, resize_px):
     """Write the shorter-side-resize_px copy of an image (see the module docstring) atomically;
     returns the SHA-256 of the bytes written."""
     try:
-        image = common.read_image(source, min_side_px=resize_px)
-    except common.ImageReadError as err:
+        image = images.read_image(source, min_side_px=resize_px)
+    except images.ImageReadError as err:
         raise SplitError(f"{source}: became unreadable since validation ({err})") from None
     image = image.resize(resized_size(image.size, resize_px), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
@@ -162,7 +163,7 @@ def write_resized(source, target, resize_px):
     else:
         image.save(buffer, "PNG")
     data = buffer.getvalue()
-    common.atomic_write(target, lambda handle: handle.write(data))
+    outputs.atomic_write(target, lambda handle: handle.write(data))
     return hashlib.sha256(data).hexdigest()
 
 
@@ -200,7 +201,7 @@ def write_journal(path, header, moves):
     lines = [json.dumps(header)]
     lines += [json.dumps({"source": str(source), "target": str(target)})
               for source, target in moves]
-    common.atomic_write_text(path, "\n".join(lines) + "\n")
+    outputs.atomic_write_text(path, "\n".join(lines) + "\n")
     fsync_dir(path.parent)
 
 
@@ -223,7 +224,7 @@ def same_file_content(a, b):
     """Two paths holding the same bytes (or two symlinks to the same target)."""
     if os.path.islink(a) or os.path.islink(b):
         return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
-    return common.file_sha256(a) == common.file_sha256(b)
+    return images.file_sha256(a) == images.file_sha256(b)
 
 
 def settle_move(source, target):
@@ -253,7 +254,7 @@ def settle_move(source, target):
         if err.errno != errno.EXDEV:
             raise
         with open(source, "rb") as original:
-            common.atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+            outputs.atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
         shutil.copystat(source, target)
         os.unlink(source)
     return True

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from orbital_clip import common
+from orbital_clip import cohort
 
 LOG = logging.getLogger("data_preprocess")
-SPLITS = common.SPLIT_NAMES  # ("train", "val", "test"); also the split order of manifest rows
+SPLITS = cohort.SPLIT_NAMES  # ("train", "val", "test"); also the split order of manifest rows
 MODES = ("copy", "hardlink", "symlink", "move")
 MANIFEST_NAME = "manifest.csv"
 REJECTED_NAME = "rejected.csv"

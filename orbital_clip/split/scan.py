@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
-from orbital_clip import common
+from orbital_clip import cohort
+from orbital_clip import images
 from orbital_clip.metadata import RESERVED_COLUMNS, normalise_relpath, read_metadata
 from orbital_clip.split.duplicates import perceptual_hashes
 from orbital_clip.split.records import LOG, REJECTED_NAME, SPLITS, ImageCheck, ImageRecord, SplitError
@@ -43,14 +44,14 @@ def scan_cohort(root, out_dir, folders, exclude=()):
     if classes:
         raise SplitError(f"--exclude-folders {classes[0]!r}: is a class folder; to split without "
                          "a class, define the classes with --prompts")
-    items, unknown = common.list_class_folder_images(root, folders)
+    items, unknown = cohort.list_class_folder_images(root, folders)
     if out_dir.resolve().parent == root.resolve():  # an --out-dir inside the data root is ours
         unknown = [name for name in unknown if name != out_dir.name]
     report_excluded_folders(root, exclude, unknown)
     unknown = [name for name in unknown if name not in exclude]
     if unknown:
         raise SplitError(f"--data-root {root}: folder(s) {', '.join(repr(u) for u in unknown)} "
-                         f"are not classes{common.did_you_mean_clause(unknown, folders)}; expected "
+                         f"are not classes{cohort.did_you_mean_clause(unknown, folders)}; expected "
                          f"{folders} (rename it, leave it out with --exclude-folders NAME, or "
                          "define other classes with --prompts)")
     counts = Counter(label for _, label in items)
@@ -72,7 +73,7 @@ def report_excluded_folders(root, exclude, unknown):
             LOG.info("--exclude-folders: left out %s (%d files)", root / name, n_files)
         else:
             LOG.warning("--exclude-folders %r: no such folder in --data-root %s%s", name, root,
-                        common.did_you_mean_clause([name], unknown))
+                        cohort.did_you_mean_clause([name], unknown))
 
 
 def read_labels_table(path, columns):
@@ -85,7 +86,7 @@ def read_labels_table(path, columns):
     for flag, column in columns.items():
         if column not in frame.columns:
             raise SplitError(f"{flag} {column!r}: no such column in --labels {path}"
-                             f"{common.did_you_mean_clause([column], list(frame.columns))}; its "
+                             f"{cohort.did_you_mean_clause([column], list(frame.columns))}; its "
                              f"columns are {list(frame.columns)}")
     return frame
 
@@ -119,7 +120,7 @@ def labelled_rows(frame, columns, folders, where):
         names = sorted(unknown)
         raise SplitError(f"{where}: label(s) "
                          + ", ".join(f"{n!r} (line {unknown[n][0]})" for n in names)
-                         + f" are not classes{common.did_you_mean_clause(names, folders)}; the "
+                         + f" are not classes{cohort.did_you_mean_clause(names, folders)}; the "
                          f"classes are {folders} (fix the labels, or define classes with --prompts)")
     return rows
 
@@ -156,7 +157,7 @@ def warn_unlisted_images(root, out_dir, items, where):
     """Warn about images under --data-root that the --labels CSV does not list (left out)."""
     listed = {os.path.abspath(path) for path, _ in items}
     own = [Path(os.path.abspath(out_dir / name)) for name in SPLITS]
-    unlisted = [p for p in sorted(root.rglob("*")) if p.is_file() and common.is_candidate_image(p)
+    unlisted = [p for p in sorted(root.rglob("*")) if p.is_file() and images.is_candidate_image(p)
                 and os.path.abspath(p) not in listed
                 and not any(d in Path(os.path.abspath(p)).parents for d in own)]
     if unlisted:
@@ -187,9 +188,9 @@ def scan_extra_files(root, folders):
         if not class_dir.is_dir():
             continue
         for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or common.is_candidate_image(path) or common.is_junk_file(path):
+            if not path.is_file() or images.is_candidate_image(path) or images.is_junk_file(path):
                 continue
-            if path.suffix.lower() in common.SIDECAR_EXTENSIONS:
+            if path.suffix.lower() in images.SIDECAR_EXTENSIONS:
                 sidecars[(path.parent, path.stem)].append(path)
             else:
                 others.append(path)
@@ -201,8 +202,8 @@ def scan_flat_sidecars(paths):
     sidecars = defaultdict(list)
     for folder in sorted({path.parent for path in paths}):
         for path in sorted(folder.iterdir()):
-            if (path.is_file() and path.suffix.lower() in common.SIDECAR_EXTENSIONS
-                    and not common.is_junk_file(path)):
+            if (path.is_file() and path.suffix.lower() in images.SIDECAR_EXTENSIONS
+                    and not images.is_junk_file(path)):
                 sidecars[(path.parent, path.stem)].append(path)
     return sidecars, []
 
@@ -214,10 +215,10 @@ def check_image(path):
     is the one hashed, so each file is decoded once.
     """
     try:
-        image = common.read_image(path)
+        image = images.read_image(path)
         phash, phash_fine = perceptual_hashes(image)
-        return ImageCheck(common.file_sha256(path), phash, phash_fine, image.size)
-    except common.ImageReadError as err:
+        return ImageCheck(images.file_sha256(path), phash, phash_fine, image.size)
+    except images.ImageReadError as err:
         return ImageCheck(reason=str(err))
     except OSError as err:
         return ImageCheck(reason=f"cannot read file ({err.strerror or type(err).__name__})")

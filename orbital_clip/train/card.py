@@ -9,7 +9,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from orbital_clip import common
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
 from orbital_clip.train.checkpoints import BEST_NAME
@@ -20,8 +20,8 @@ def write_history(save_dir, history, select_metric):
     history so they always agree with the last checkpoint) and training_curves.png."""
     matplotlib.use("Agg")  # files only, no display
     frame = pd.DataFrame(history)
-    common.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
-    common.atomic_write_text(Path(save_dir) / "train_log.jsonl",
+    outputs.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
+    outputs.atomic_write_text(Path(save_dir) / "train_log.jsonl",
                              "".join(json.dumps(row) + "\n" for row in history))
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train (contrastive)")
@@ -37,7 +37,7 @@ def write_history(save_dir, history, select_metric):
     ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(-0.02, 1.02), title="Validation")
     ax_metric.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    common.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
+    outputs.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
     plt.close(fig)
 
 

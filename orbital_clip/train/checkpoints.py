@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 
 
@@ -30,7 +31,7 @@ def checkpoint_metadata(model, ctx, state, metrics):
         "preprocess_cfg": ctx.get("preprocess_cfg"),  # open_clip's mean/std/resize: rebuilt offline
         "logit_scale_mode": args.logit_scale_mode,
         "epoch": state["epoch"],
-        "metrics": common.plain(metrics),
+        "metrics": outputs.plain(metrics),
         "select_metric": args.select_metric,
         # Tuned on validation only; inference never re-tunes them on the external cohort.
         "operating_point": {"class": ctx["classes"][0].folder,
@@ -57,19 +58,19 @@ def save_last(model, ctx, state, metrics):
         "step": state["step"],
         "best_value": state["best_value"],
         "best_epoch": state["best_epoch"],
-        "history": common.plain(state["history"]),
+        "history": outputs.plain(state["history"]),
         "stopped": bool(state["stopped"]),  # early-stopped: a resume trains no further
         "finished": False,  # set by mark_finished once the final checkpoint is written
     })
-    common.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
+    ckpt.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
 
 
 def mark_finished(path):
     """Record in the last checkpoint that the run is over (final checkpoint, WiSE-FT written):
     `--resume auto` then changes nothing."""
-    checkpoint = common.load_checkpoint_file(path)
+    checkpoint = ckpt.load_checkpoint_file(path)
     checkpoint["finished"] = True
-    common.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+    outputs.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def prepare_save_dir(args):

@@ -6,7 +6,7 @@ import sys
 
 import matplotlib
 
-from orbital_clip import common
+from orbital_clip import cli
 from orbital_clip.train.options import parse_args
 from orbital_clip.train.runner import TrainingRefused, train_run
 from orbital_clip.train.ssa import sweep
@@ -17,7 +17,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     is_main = os.environ.get("RANK", "0") in ("", "0")
-    common.configure_logging(logging.INFO if is_main else logging.WARNING)
+    cli.configure_logging(logging.INFO if is_main else logging.WARNING)
     # The figure backend loaded now, not at the end of epoch 1: a Ctrl-C landing while its C
     # extension loads surfaces as an ImportError with a traceback, not as an interrupt.
     matplotlib.use("Agg")

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import models
+from orbital_clip import outputs
+from orbital_clip import zero_shot
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import fit_temperature, is_improvement, mean_nll, operating_point, selection_metrics
 from orbital_clip.train.card import write_history
@@ -70,14 +73,14 @@ def accumulate_gradients(model, images, labels, captions, ctx, valid=None):
     chunks = torch.arange(len(labels)).chunk(args.accum_steps)
     chunk_captions = [[captions[i] for i in chunk.tolist()] for chunk in chunks]
     if len(chunks) == 1:
-        with common.autocast_context(args.device, args.precision):
+        with models.autocast_context(args.device, args.precision):
             image, text = batch_features(model, images, captions, ctx)
         loss = ctx["loss_fn"](image, text, loss_scale(model, args.logit_scale_mode), labels, valid)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
         return loss.detach()
     cached, rng_before = [], []
-    with torch.no_grad(), common.autocast_context(args.device, args.precision):
+    with torch.no_grad(), models.autocast_context(args.device, args.precision):
         for chunk, caps in zip(chunks, chunk_captions):
             rng_before.append(rng_states(args.device))
             cached.append(batch_features(model, images[chunk], caps, ctx))
@@ -88,7 +91,7 @@ def accumulate_gradients(model, images, labels, captions, ctx, valid=None):
         sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
         set_rng_states(args.device, rng_before[j])  # same dropout draws as the cached pass of chunk j
         with sync:
-            with common.autocast_context(args.device, args.precision):
+            with models.autocast_context(args.device, args.precision):
                 image_j, text_j = batch_features(model, images[chunk], caps, ctx)
             image = torch.cat([image_j if k == j else f[0] for k, f in enumerate(cached)])
             text = torch.cat([text_j if k == j else f[1] for k, f in enumerate(cached)])
@@ -162,12 +165,12 @@ def validate(model, loader, ctx):
     """Zero-shot classification of the validation set with the evaluation-prompt ensemble."""
     args = ctx["args"]
     model.eval()
-    classifier = common.build_zero_shot_classifier(
+    classifier = zero_shot.build_zero_shot_classifier(
         model, ctx["tokenizer"], [c.eval for c in ctx["classes"]], args.device)
-    features, ok = common.encode_image_batches(model, loader, args.device, args.precision)
+    features, ok = zero_shot.encode_image_batches(model, loader, args.device, args.precision)
     labels = torch.as_tensor([label for _path, label in loader.dataset.items])[ok]
     scale = loss_scale(model, args.logit_scale_mode).float().cpu()
-    logits = common.zero_shot_logits(features[ok], classifier.float().cpu(), scale)
+    logits = zero_shot.zero_shot_logits(features[ok], classifier.float().cpu(), scale)
     probs = logits.softmax(dim=1).numpy()
     y_true, logits = labels.numpy(), logits.numpy()
     metrics = selection_metrics(y_true, probs)  # the statistics live in metrics.py, as inference's
@@ -194,8 +197,8 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     if best:
         state["best_value"], state["best_epoch"] = value, state["epoch"]
         meta = checkpoint_metadata(model, ctx, state, metrics)
-        common.save_checkpoint(save_dir / BEST_NAME, model, meta)
-        common.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
+        checkpoint.save_checkpoint(save_dir / BEST_NAME, model, meta)
+        checkpoint.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
             k: meta[k] for k in ("model_name", "model_config", "preprocess_cfg", "pretrained",
                                  "class_folders", "prompts", "epoch", "logit_scale_mode")})
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
@@ -203,7 +206,7 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
-    state["history"].append(common.plain(row))
+    state["history"].append(outputs.plain(row))
     stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)

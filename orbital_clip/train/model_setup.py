@@ -4,7 +4,8 @@ its parameters train."""
 import logging
 from pathlib import Path
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
 
 LOG = logging.getLogger("clip_train")  # one logger for the whole training command
 
@@ -16,32 +17,32 @@ def setup_model(args):
     models, so inference rebuilds the architecture with neither the file, the Hub nor the folder."""
     model_config = None
     if args.model_config:
-        name, model_config = common.register_model_config(args.model_config)
+        name, model_config = models.register_model_config(args.model_config)
         if name != args.model_name:
             raise ValueError(f"--model-name {args.model_name} differs from the --model-config "
                              f"architecture {name}")
     try:
-        config = common.read_model_config(args.model_name) if model_config is None else model_config
-        common.check_optional_packages(args.model_name, config)
+        config = models.read_model_config(args.model_name) if model_config is None else model_config
+        models.check_optional_packages(args.model_name, config)
     except ValueError as err:
         raise ValueError(f"--model-name {err}") from None
-    if common.model_source(args.model_name):
+    if models.model_source(args.model_name):
         model_config = config
     pretrained = None if args.pretrained == "none" else args.pretrained
     if pretrained and Path(pretrained).is_file():
         weights = pretrained_weights(pretrained, args.model_name)
-        model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, None, args.device)
+        model, train_tf, val_tf, tokenizer = models.create_model(args.model_name, None, args.device)
         try:
-            common.load_weights_into(model, weights, pretrained, args.model_name)
-        except common.CheckpointError as err:
+            ckpt.load_weights_into(model, weights, pretrained, args.model_name)
+        except ckpt.CheckpointError as err:
             raise ValueError(f"--pretrained {err}") from None
         return model, train_tf, val_tf, tokenizer, model_config
-    if pretrained and not common.model_source(args.model_name):  # an open_clip tag
-        problem = common.offline_weights_problem(args.model_name, pretrained)
+    if pretrained and not models.model_source(args.model_name):  # an open_clip tag
+        problem = models.offline_weights_problem(args.model_name, pretrained)
         if problem:
             raise ValueError(f"--pretrained {pretrained}: {problem}")
     try:
-        model, train_tf, val_tf, tokenizer = common.create_model(args.model_name, pretrained, args.device)
+        model, train_tf, val_tf, tokenizer = models.create_model(args.model_name, pretrained, args.device)
     except (RuntimeError, OSError) as err:
         if pretrained:  # a tag or the hub/folder's own weights (a file was handled above)
             raise ValueError(f"--pretrained {pretrained}: could not load these weights for "
@@ -56,7 +57,7 @@ def setup_model(args):
 def warn_random_init(model, args):
     """--pretrained none: say when random weights will not become a useful model."""
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    if not args.model_config and not common.model_source(args.model_name):
+    if not args.model_config and not models.model_source(args.model_name):
         LOG.warning("--pretrained none: %s (%.0f M parameters) starts from random weights; CLIP "
                     "needs hundreds of millions of image-text pairs to learn from scratch, a clinical "
                     "cohort does not suffice. Pass an open_clip tag or --pretrained PATH to weights",
@@ -70,13 +71,13 @@ def pretrained_weights(path, model_name):
     """State dict of a --pretrained weights file, loaded without unpickling objects; refused
     (ValueError naming the flag and the file) when unsafe, unreadable or of another architecture."""
     try:
-        checkpoint = common.load_checkpoint_file(path)
+        checkpoint = ckpt.load_checkpoint_file(path)
         recorded = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
         if isinstance(recorded, str) and recorded != model_name:
-            raise common.CheckpointError(f"{path}: holds architecture {recorded}, not --model-name "
+            raise ckpt.CheckpointError(f"{path}: holds architecture {recorded}, not --model-name "
                                          f"{model_name}; pass --model-name {recorded}")
-        return common.checkpoint_state_dict(checkpoint, path)
-    except common.CheckpointError as err:
+        return ckpt.checkpoint_state_dict(checkpoint, path)
+    except ckpt.CheckpointError as err:
         raise ValueError(f"--pretrained {err}") from None
 
 

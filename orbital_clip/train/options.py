@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import models
 from orbital_clip.train.checkpoints import LAST_NAME
 from orbital_clip.train.schedule import RECIPES, resolve_recipe
 
@@ -200,7 +201,7 @@ def build_parser(parser_class=argparse.ArgumentParser):
                           "factors run one after another, each at the best values found so far")
     ssa.add_argument("--ssa-keep-all", action="store_true",
                      help="keep every trial's checkpoints (default: only the winner's)")
-    return common.show_defaults(parser, {
+    return cli.show_defaults(parser, {
         **{dest: recipe_default(dest) for dest in RECIPES["paper"]},
         "model_name": "ViT-B-32-256, or the --model-config stem", "prompts": "the published set",
         "lock_image": "none, the tower trains", "lock_text": "none, the tower trains",
@@ -262,7 +263,7 @@ def validate_args(parser, args):
                      "that run or --overwrite to start a new one there")
     if args.model_name is None:
         args.model_name = Path(args.model_config).stem if args.model_config else "ViT-B-32-256"
-    if common.model_source(args.model_name):
+    if models.model_source(args.model_name):
         validate_source_model(parser, args)
     if args.pretrained is None:
         args.pretrained = DEFAULT_PRETRAINED if (args.model_name == "ViT-B-32-256"
@@ -270,7 +271,7 @@ def validate_args(parser, args):
     if Path(args.pretrained).is_file():  # recorded absolute: inference may run from another folder
         args.pretrained = str(Path(args.pretrained).resolve())
     if args.workers is None:
-        args.workers = common.default_workers(args.device, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        args.workers = cli.default_workers(args.device, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def validate_source_model(parser, args):
@@ -282,11 +283,11 @@ def validate_source_model(parser, args):
                      "pass one of the two")
     if args.pretrained is None:
         args.pretrained = args.model_name  # the repository's / folder's own weights
-    if common.model_source(args.model_name) == "local-dir":
+    if models.model_source(args.model_name) == "local-dir":
         try:
-            common.read_model_config(args.model_name)
+            models.read_model_config(args.model_name)
             if args.pretrained == args.model_name:  # open_clip would start from random weights
-                common.local_dir_weights(args.model_name)
+                models.local_dir_weights(args.model_name)
         except ValueError as err:
             parser.error(f"--model-name {err}")
     if args.pretrained not in ("none", args.model_name) and not Path(args.pretrained).is_file():

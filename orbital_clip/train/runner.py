@@ -11,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orbital_clip import common
+from orbital_clip import checkpoint
+from orbital_clip import cohort
+from orbital_clip import images
+from orbital_clip import models
+from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.train.card import done_summary, model_card
 from orbital_clip.train.checkpoints import (BEST_NAME, FINAL_NAME, LAST_NAME, checkpoint_metadata,
@@ -34,29 +38,29 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 def drop_unsupported(items, flag, spec):
     """The items without the files no reader recognises (a phone .heic), with a warning giving
-    their count: listed by the rule every script shares (common.is_candidate_image), left out
+    their count: listed by the rule every script shares (images.is_candidate_image), left out
     here so they are neither trained on nor skipped anew every epoch."""
-    unsupported = set(common.unsupported_format_files([path for path, _label in items]))
+    unsupported = set(images.unsupported_format_files([path for path, _label in items]))
     if not unsupported:
         return items
     example = sorted(unsupported)[0]
     LOG.warning("%s %s: %d file(s) in a format neither Pillow nor pydicom reads are left out, "
                 "e.g. %s (%s %s); convert them to JPEG or PNG to use them", flag, spec,
-                len(unsupported), example, common.UNSUPPORTED_FORMAT, example.suffix.lower())
+                len(unsupported), example, images.UNSUPPORTED_FORMAT, example.suffix.lower())
     kept = [item for item in items if item[0] not in unsupported]
     if not kept:
-        raise common.CohortError(f"{spec}: no image in a readable format (e.g. {example})")
+        raise cohort.CohortError(f"{spec}: no image in a readable format (e.g. {example})")
     return kept
 
 
 def prepare_run(args):
     """Device, precision, torchrun process group, prompts and the two cohorts."""
-    args.device = common.resolve_device(args.device)
-    args.precision, why = common.resolve_precision(args.precision, args.device)
+    args.device = models.resolve_device(args.device)
+    args.precision, why = models.resolve_precision(args.precision, args.device)
     LOG.info("precision %s (%s)", args.precision, why)
     if args.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for what stays in fp32
-    common.autocast_context(args.device, args.precision)
+    models.autocast_context(args.device, args.precision)
     init_distributed(args)
     classes = prompt_sets.load_prompt_set(args.prompts)
     folders = prompt_sets.class_folders(classes)
@@ -64,10 +68,10 @@ def prepare_run(args):
     items = []
     for flag, spec, split in (("--train-dir", args.train_dir, "train"), ("--val-dir", args.val_dir, "val")):
         try:
-            items.append(drop_unsupported(common.load_labelled_items(spec, folders, split, **fold),
+            items.append(drop_unsupported(cohort.load_labelled_items(spec, folders, split, **fold),
                                           flag, spec))
-        except common.CohortError as err:
-            raise common.CohortError(f"{flag} {err}") from None
+        except cohort.CohortError as err:
+            raise cohort.CohortError(f"{flag} {err}") from None
     train_items, val_items = items
     check_steps_can_run(len(train_items), args)
     check_disjoint_splits(train_items, val_items, args)
@@ -80,8 +84,8 @@ def check_disjoint_splits(train_items, val_items, args):
     the same file, or a copy of it (equal SHA-256), e.g. the data root given as --train-dir
     beside its own val/ folder. Selection and the stored threshold would be tuned on images
     the model trained on."""
-    known = {**common.manifest_sha256(args.train_dir), **common.manifest_sha256(args.val_dir)}
-    pairs = common.overlapping_images([p for p, _ in val_items], [p for p, _ in train_items], known)
+    known = {**images.manifest_sha256(args.train_dir), **images.manifest_sha256(args.val_dir)}
+    pairs = images.overlapping_images([p for p, _ in val_items], [p for p, _ in train_items], known)
     if pairs:
         val_path, train_path = pairs[0]
         raise ValueError(f"--val-dir {args.val_dir}: {len(pairs)} of its {len(val_items)} images are "
@@ -127,13 +131,13 @@ def check_steps_can_run(n_train, args):
 def build_context(args, model, tokenizer, classes, model_config, n_train):
     """Everything the epoch loop needs besides the model and the loaders."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    args_dict = common.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
+    args_dict = outputs.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
     pretrained_file = args.pretrained != "none" and Path(args.pretrained).is_file()
     return {
         "args": args, "args_dict": args_dict,
-        "pretrained_sha256": common.file_sha256(args.pretrained) if pretrained_file else None, "classes": classes, "tokenizer": tokenizer,
-        "model_config": model_config, "image_size_px": common.model_image_size(model),
-        "preprocess_cfg": common.model_preprocess_cfg(model),
+        "pretrained_sha256": images.file_sha256(args.pretrained) if pretrained_file else None, "classes": classes, "tokenizer": tokenizer,
+        "model_config": model_config, "image_size_px": models.model_image_size(model),
+        "preprocess_cfg": models.model_preprocess_cfg(model),
         "generator": torch.Generator().manual_seed(args.seed),
         "caption_rng": prompt_sets.new_rng(args.seed + args.rank), "progress": not args.no_progress and args.rank == 0,
         # fused AdamW: one kernel for all parameters on CUDA
@@ -165,7 +169,7 @@ def train_run(args, argv):
         print("\ninterrupted before the first epoch ended; nothing to resume, run the command again",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except common.OutputWriteError as err:
+    except outputs.OutputWriteError as err:
         print(f"error: {err}; the previous files there are intact", file=sys.stderr)
         return 1
     finally:
@@ -186,7 +190,7 @@ def train(args, classes, train_items, val_items, argv):
     for key, value in ctx["args_dict"].items():  # all in args.json; in the log with debug logging
         LOG.debug("  %s = %s", key, value)
     if args.rank == 0:
-        common.atomic_write_json(save_dir / "args.json", common.run_record(
+        outputs.atomic_write_json(save_dir / "args.json", outputs.run_record(
             "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items)}))
     size = ctx["image_size_px"]
     train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
@@ -236,7 +240,7 @@ def build_run(args, classes, n_train):
     # init): taken before a resume loads the trained ones.
     base_state = None
     if args.wise_ft_alphas:
-        base_state = {k: v.detach().clone() for k, v in common.clean_state_dict(model.state_dict()).items()}
+        base_state = {k: v.detach().clone() for k, v in checkpoint.clean_state_dict(model.state_dict()).items()}
     return model, (train_tf, val_tf), ctx, base_state
 
 
@@ -248,7 +252,7 @@ def resume_run(path, model, ctx, state):
     try:
         changes = resume_from(path, model, ctx, state)
     except (ValueError, KeyError, RuntimeError) as err:
-        detail = str(err) if isinstance(err, common.CheckpointError) else f"{path}: {err}"
+        detail = str(err) if isinstance(err, checkpoint.CheckpointError) else f"{path}: {err}"
         raise TrainingRefused(f"--resume {detail.splitlines()[0]}") from None
     if changes and not args.resume_with_changes:
         raise TrainingRefused(f"--resume {path}: this command changes {describe_changes(changes)} of "
@@ -269,11 +273,11 @@ def finish_run(model, ctx, state, metrics, val_loader, base_state, cohorts):
     """Rank 0 after the last epoch: the final checkpoint, WiSE-FT (with --wise-ft-alphas), the
     last checkpoint marked finished, MODEL_CARD.md; `cohorts` is (classes, train items, val items)."""
     args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
-    common.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+    checkpoint.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
     if base_state is not None and (save_dir / BEST_NAME).exists():
         choose_wise_ft_alpha(model, ctx, val_loader, base_state)
     mark_finished(save_dir / LAST_NAME)
-    common.atomic_write_text(save_dir / "MODEL_CARD.md", model_card(args, *cohorts, state))
+    outputs.atomic_write_text(save_dir / "MODEL_CARD.md", model_card(args, *cohorts, state))
 
 
 def report_interrupt(args, argv, state, save_dir):

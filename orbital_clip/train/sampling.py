@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from orbital_clip import common
+from orbital_clip import cli
+from orbital_clip import cohort
 
 
 def class_balanced_weights(labels, n_classes):
@@ -72,12 +73,12 @@ def make_loader(items, transform, image_size_px, args, shuffle, generator=None, 
     """DataLoader over an ImageListDataset; when shuffling, the sampler draws from `generator`
     (its own: saved and restored on resume) and workers are seeded by EpochWorkerSeed. Class-
     balanced draws with --balanced-sampling (with replacement, one epoch = len(items) draws)."""
-    dataset = common.ImageListDataset(items, transform, min_side_px=image_size_px,
+    dataset = cohort.ImageListDataset(items, transform, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
     if not shuffle:
         return torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-            pin_memory=args.device.type == "cuda", worker_init_fn=common.seed_worker,
+            pin_memory=args.device.type == "cuda", worker_init_fn=cli.seed_worker,
             persistent_workers=args.workers > 0)
     sampler = train_sampler(items, args, generator, n_classes)
     if sampler is None:

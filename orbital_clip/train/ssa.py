@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from orbital_clip import common
+from orbital_clip import outputs
 from orbital_clip.train.checkpoints import BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME
 from orbital_clip.train.options import ArgumentsRefused, parse_args
 from orbital_clip.train.runner import TrainingRefused, prepare_run, train_run
@@ -163,10 +163,10 @@ def run_ssa(argv, args):
         for row in rows:
             if row["stage"] == stage and row["value"] == value:
                 row["best"] = True
-        common.atomic_write_csv(ssa_dir / "summary.csv", pd.DataFrame(rows))
+        outputs.atomic_write_csv(ssa_dir / "summary.csv", pd.DataFrame(rows))
     plot_sensitivity(pd.DataFrame(rows), ssa_dir / "sensitivity.png")
     best_values = {k: v for k, (_f, v) in best.items()}
-    common.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
+    outputs.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
                                                           "argv": ssa_trial_argv(base_argv, list(best.values()))})
     for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
                  "training_curves.png", "args.json"):
@@ -201,5 +201,5 @@ def plot_sensitivity(frame, path):
                ylabel=f"best validation {part['metric'].iloc[0]}")
         ax.legend()
     fig.tight_layout()
-    common.atomic_save_figure(fig, path, dpi=150)
+    outputs.atomic_save_figure(fig, path, dpi=150)
     plt.close(fig)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orbital_clip import common
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import outputs
 from orbital_clip.train.checkpoints import LAST_NAME
 
 LOG = logging.getLogger("clip_train")  # one logger for the whole training command
@@ -34,8 +35,8 @@ def rng_snapshot(ctx):
     numpy_state = np.random.get_state()
     snapshot = {
         "torch": torch.get_rng_state(),
-        "python": common.plain(random.getstate()),
-        "caption_rng": common.plain(ctx["caption_rng"].getstate()),
+        "python": outputs.plain(random.getstate()),
+        "caption_rng": outputs.plain(ctx["caption_rng"].getstate()),
         "loader_generator": ctx["generator"].get_state(),
         "numpy_keys": torch.as_tensor(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
@@ -93,7 +94,7 @@ def resume_path(args):
 def resume_from(path, model, ctx, state):
     """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
     training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
-    checkpoint = common.load_checkpoint_file(path)
+    checkpoint = ckpt.load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
                          f"resume from {LAST_NAME}")
