@@ -4,12 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench mutate clean-demo
+.PHONY: demo test test-fast bench mutate clean-demo
 
-$(VENV)/.installed: requirements.txt
+# requirements-ask.txt (the OpenAI client of ask_models.py) too, so the runner's tests run here.
+$(VENV)/.installed: requirements.txt requirements-ask.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-ask.txt
 	touch $@
 
 demo: $(VENV)/.installed
@@ -17,6 +18,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The fast part (no training runs, torchrun, subprocess kills or benchmarks): for the edit-test loop.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run --quick
