@@ -6,7 +6,8 @@ import numpy as np
 from scipy.stats import chi2_contingency
 
 from orbital_clip.metrics.bootstrap import (bootstrap_strata, finite_or_none, group_indices,
-                                            percentile_interval, resample_weights, tie_blocks)
+                                            mark_unusable, percentile_interval, resample_weights,
+                                            tie_blocks)
 from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_SEED,
                                                  proportion, wilson_interval)
 from orbital_clip.metrics.compare import prediction_columns, prediction_metrics
@@ -61,9 +62,10 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
         ranks = [tie_blocks(p[:, k]) for k in range(n_classes)]
         positive = y[:, None] == np.arange(n_classes)
         evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
-        point = evaluate(np.ones((1, len(y))))
-        parts = ([evaluate(w) for w in resample_weights(index, n_bootstrap, seed,
-                                                        strata=bootstrap_strata(y, index))]
+        # metrics.json's rule: a level without an image of some class has no balanced accuracy
+        point = mark_unusable(evaluate(np.ones((1, len(y)))))
+        parts = ([mark_unusable(evaluate(w)) for w in resample_weights(
+                     index, n_bootstrap, seed, strata=bootstrap_strata(y, index))]
                  if n_bootstrap else [])
         rare = y == rare_index
         tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))

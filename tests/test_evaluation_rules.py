@@ -1,0 +1,105 @@
+"""The evaluation rules of issue 25, each a known-answer cohort run through every path that
+applies it: compute_metrics (checkpoint mode), answer files (score_answers), --compare,
+subgroups. Each test failed on the code before its rule was put in its one home."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orbital_clip import answers as answer_files
+from orbital_clip import metrics
+from conftest import write_csv
+
+CLASSES = ["rare", "common", "healthy"]  # index 0 is the rare class
+
+
+def one_hot(pred, n_classes=3):
+    return np.eye(n_classes)[np.asarray(pred)] * 0.8 + 0.2 / n_classes
+
+
+def write_cohort(root, per_class=4):
+    """Class folders of files never read (answer files are scored, not images); the paths."""
+    paths = []
+    for name in CLASSES:
+        for i in range(per_class):
+            path = root / name / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            paths.append(f"{name}/img{i}.png")
+    return paths
+
+
+def score_answers(tmp_path, rows, *extra, header=("path", "answer", "status")):
+    """Run score_answers on the cohort with one answer file; (exit code, metrics.json or None)."""
+    cohort = tmp_path / "cohort"
+    if not cohort.exists():
+        write_cohort(cohort)
+    answers = write_csv(tmp_path / "answers.csv", list(header), rows)
+    out = tmp_path / "out"
+    code = answer_files.main(["--test-dir", str(cohort), "--predictions", str(answers),
+                              "--classes", ",".join(CLASSES), "--output-dir", str(out),
+                              "--bootstrap", "50", "--no-figures", *extra])
+    found = out / "metrics.json"
+    return code, json.loads(found.read_text()) if found.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. A class with no scored image: class-averaged metrics n/a, with a warning naming it
+
+
+def test_a_class_never_scored_makes_class_averages_na_in_compute_metrics(caplog):
+    # 'healthy' (index 2) has no scored image; rare and common are all right
+    y_true = [0, 0, 1, 1, 1]
+    with caplog.at_level(logging.WARNING):
+        result = metrics.compute_metrics(y_true, one_hot(y_true), CLASSES, n_bootstrap=40, seed=0)
+    assert result["accuracy"] == pytest.approx(1.0)
+    for name in ("balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc"):
+        assert result[name] is None and result[f"{name}_ci"] is None, name
+    assert result["unscored_classes"] == ["healthy"]
+    assert "healthy" in caplog.text and "balanced_accuracy" in caplog.text
+    row = result["per_class"]["healthy"]
+    assert row["support"] == 0 and row["specificity"] is None and row["npv"] is None
+    assert row["f1"] is None and row["lr_neg"] is None
+
+
+def test_every_class_scored_keeps_the_class_averages(caplog):
+    y_true = [0, 1, 1, 2, 2]
+    with caplog.at_level(logging.WARNING):
+        result = metrics.compute_metrics(y_true, one_hot([0, 1, 2, 2, 2]), CLASSES, n_bootstrap=0)
+    assert result["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert result["unscored_classes"] == [] and "no scored image" not in caplog.text
+
+
+def test_an_answer_file_that_answers_no_image_of_a_class_gives_no_class_averages(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    rows = [[p, p.split("/")[0], "ok"] if not p.startswith("healthy")
+            else [p, "", "failed: refused to answer"] for p in paths]
+    code, result = score_answers(tmp_path, rows)
+    assert code == 0 and result["accuracy"] == pytest.approx(1.0)
+    assert result["balanced_accuracy"] is None and result["macro_f1"] is None
+    assert result["unscored_classes"] == ["healthy"]
+    assert result["per_class"]["healthy"]["specificity"] is None
+
+
+def test_a_subgroup_level_holding_one_class_reports_no_balanced_accuracy():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    levels = np.array(["A", "A", "B", "B", "B", "B"])  # level A holds only the rare class
+    rows = {row["level"]: row for row in
+            metrics.subgroup_rows(y_true, one_hot(y_true), levels, n_bootstrap=30, seed=0)}
+    assert rows["A"]["accuracy"] == pytest.approx(1.0)
+    assert rows["A"]["balanced_accuracy"] is None and rows["A"]["balanced_accuracy_ci"] is None
+    assert rows["B"]["balanced_accuracy"] is None  # no rare image in B either
+
+
+def test_a_compared_reader_who_answers_no_image_of_a_class_gets_no_class_averages():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    ours = metrics.ComparedModel("ours", y_true.copy(), one_hot(y_true))
+    reader = metrics.ComparedModel("reader", np.array([0, 0, 1, 1, -1, -1]), None)
+    rows = metrics.compare_predictions(y_true, ours, [reader], n_bootstrap=30, seed=0)["rows"]
+    by_metric = {row["metric"]: row for row in rows}
+    assert by_metric["balanced_accuracy"]["value"] is None
+    assert by_metric["accuracy"]["value"] == pytest.approx(1.0)
+    assert by_metric["accuracy"]["unanswered_classes"] == [2]
