@@ -103,3 +103,38 @@ def test_a_compared_reader_who_answers_no_image_of_a_class_gets_no_class_average
     assert by_metric["balanced_accuracy"]["value"] is None
     assert by_metric["accuracy"]["value"] == pytest.approx(1.0)
     assert by_metric["accuracy"]["unanswered_classes"] == [2]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Answer-file probabilities must sum to 1 (refused with the row number)
+
+
+def probability_rows(paths, bad_row=None):
+    """Right answers with probabilities 0.8/0.1/0.1; the cohort row `bad_row` gives 1.0 to its
+    class and 0.999 to the others (the issue's file that scored log-loss and ECE 0.000)."""
+    rows = []
+    for i, path in enumerate(paths):
+        k = CLASSES.index(path.split("/")[0])
+        p = [0.999] * 3 if i == bad_row else [0.1] * 3
+        p[k] = 1.0 if i == bad_row else 0.8
+        rows.append([path, CLASSES[k], "ok", *p])
+    return rows
+
+
+PROB_HEADER = ("path", "answer", "status", *(f"prob_{c}" for c in CLASSES))
+
+
+def test_answer_file_probabilities_that_do_not_sum_to_one_are_refused_with_the_row(tmp_path, capsys):
+    paths = write_cohort(tmp_path / "cohort")
+    code, result = score_answers(tmp_path, probability_rows(paths, bad_row=5), header=PROB_HEADER)
+    err = capsys.readouterr().err
+    assert code == 2 and result is None
+    assert "row 7" in err and "sum to 2.998" in err  # row 1 is the header
+
+
+def test_answer_file_probabilities_rounded_to_three_decimals_are_accepted(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    rows = [[p, a, s, "0.333", "0.333", "0.333"] if i == 0 else [p, a, s, *probs]
+            for i, (p, a, s, *probs) in enumerate(probability_rows(paths))]
+    code, result = score_answers(tmp_path, rows, header=PROB_HEADER)
+    assert code == 0 and result["n"] == 12 and result["log_loss"] is not None
