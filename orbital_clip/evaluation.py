@@ -91,6 +91,20 @@ def collect_items(test_dir, folders, output_dir):
     return items, False
 
 
+def refuse_duplicate_rows(manifest, rows):
+    """CohortError naming both rows (row 1 = the header) when two rows of a manifest.csv name the
+    same image: checkpoint mode would count it twice and answer files could not match it. Every
+    evaluation path reads a manifest through `read_manifest_rows`, so this is the one check."""
+    seen = {}
+    for line, row in enumerate(rows, start=2):
+        image = str((manifest.parent / (row.get("path") or "")).resolve())
+        if image in seen:
+            raise cohort_io.CohortError(
+                f"--test-dir {manifest}: row {line}: image {row.get('path')!r} already on row "
+                f"{seen[image]}; give one row per image")
+        seen[image] = line
+
+
 def read_manifest_rows(manifest):
     """({resolved path: (group, source)}, sorted splits) of a manifest.csv: each row's patient
     ('' when the group column does not name patients; then the bootstrap resamples images) and its
@@ -98,6 +112,7 @@ def read_manifest_rows(manifest):
     manifest = Path(manifest)
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    refuse_duplicate_rows(manifest, rows)
     patient_groups, reason = cohort_io.manifest_patient_groups(rows)
     if patient_groups is None:
         log = LOG.warning if reason == cohort_io.STEM_GROUPS_REASON else LOG.info

@@ -138,3 +138,43 @@ def test_answer_file_probabilities_rounded_to_three_decimals_are_accepted(tmp_pa
             for i, (p, a, s, *probs) in enumerate(probability_rows(paths))]
     code, result = score_answers(tmp_path, rows, header=PROB_HEADER)
     assert code == 0 and result["n"] == 12 and result["log_loss"] is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. A duplicated manifest row is refused with both row numbers, in checkpoint and answer mode
+
+
+def duplicated_manifest(root, folders):
+    """A manifest.csv of test rows (files never read) whose 5th data row repeats the 2nd."""
+    rows = []
+    for name in folders:
+        for i in range(2):
+            path = root / "images" / name / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            rows.append([f"images/{name}/img{i}.png", name, "test"])
+    rows.insert(4, rows[1])  # on file row 6 (row 1 is the header), first on row 3
+    return write_csv(root / "manifest.csv", ["path", "label", "split"], rows)
+
+
+def test_a_duplicated_manifest_row_is_refused_in_answer_mode(tmp_path, capsys):
+    manifest = duplicated_manifest(tmp_path, CLASSES)
+    answers = write_csv(tmp_path / "answers.csv", ["path", "answer"],
+                        [[f"images/{c}/img{i}.png", c] for c in CLASSES for i in range(2)])
+    out = tmp_path / "out"
+    code = answer_files.main(["--test-dir", str(manifest), "--predictions", str(answers),
+                              "--classes", ",".join(CLASSES), "--output-dir", str(out)])
+    assert code == 2 and not out.exists()
+    assert "row 6: image 'images/rare/img1.png' already on row 3" in capsys.readouterr().err
+
+
+def test_a_duplicated_manifest_row_is_refused_in_checkpoint_mode(tmp_path, checkpoint, capsys):
+    from conftest import tiny_metadata
+    from orbital_clip import scoring
+    manifest = duplicated_manifest(tmp_path, tiny_metadata()["class_folders"])
+    out = tmp_path / "out"
+    code = scoring.main(["--checkpoint", str(checkpoint), "--test-dir", str(manifest),
+                         "--output-dir", str(out), "--device", "cpu"])
+    first = tiny_metadata()["class_folders"][0]
+    assert code == 2 and not (out / "metrics.json").exists()
+    assert f"row 6: image 'images/{first}/img1.png' already on row 3" in capsys.readouterr().err
