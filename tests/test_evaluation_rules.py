@@ -178,3 +178,26 @@ def test_a_duplicated_manifest_row_is_refused_in_checkpoint_mode(tmp_path, check
     first = tiny_metadata()["class_folders"][0]
     assert code == 2 and not (out / "metrics.json").exists()
     assert f"row 6: image 'images/{first}/img1.png' already on row 3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. "n (patients)" prints no patient count when no groups are given
+
+
+def test_subgroups_without_groups_print_no_patient_count(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    sites = write_csv(tmp_path / "metadata.csv", ["path", "site"],
+                      [[p, "north" if i % 2 else "south"] for i, p in enumerate(paths)])
+    rows = [[p, p.split("/")[0], "ok"] for p in paths]
+    code, result = score_answers(tmp_path, rows, "--metadata", str(sites), "--subgroups", "site")
+    assert code == 0
+    assert [row["n_patients"] for row in result["subgroups"][0]["rows"]] == [None, None]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| north ⚠ | 6 | 2 |" in report and "6 (6)" not in report and "n (patients)" not in report
+
+
+def test_subgroups_with_groups_print_the_patient_count():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    rows = metrics.subgroup_rows(y_true, one_hot(y_true), np.array(["A"] * 6),
+                                 groups=np.array(["p1", "p1", "p2", "p3", "p4", "p4"]), n_bootstrap=0)
+    assert rows[0]["n_patients"] == 4

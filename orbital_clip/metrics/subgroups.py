@@ -36,7 +36,7 @@ def homogeneity_test(outcome, levels):
 
 def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
                   seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
-    """Per level of one attribute: n, patients, rare-class prevalence, accuracy and balanced
+    """Per level of one attribute: n, patients (None without `groups`: not the image count), rare-class prevalence, accuracy and balanced
     accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
     sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
     (bootstrap), with a `small_n` flag.
@@ -70,7 +70,7 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
         rare = y == rare_index
         tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
         tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
-        row = {"level": level, "n": int(len(y)), "n_patients": int(index.max()) + 1,
+        row = {"level": level, "n": int(len(y)), "n_patients": None if groups is None else int(index.max()) + 1,
                "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
                "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
                "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}
