@@ -264,6 +264,7 @@ def training_overlap(checkpoint, cohort, test_spec):
 
 MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
 MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
+MAX_NON_NUMERIC_SHARE = 0.2  # up to this share of words ('NA') in a numeric column: missing cells
 
 
 def parse_bins(text):
@@ -292,10 +293,19 @@ def as_number(text):
 
 
 def attribute_levels(name, values, edges, paths, where):
-    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
+    """Each image's level of one attribute: empty -> 'missing' (and so, with a warning, a few
+    non-numeric cells of a numeric column: up to MAX_NON_NUMERIC_SHARE); numeric values binned by
     --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
     given = [v.strip() for v in values if v.strip()]
-    numeric = bool(given) and all(as_number(v) is not None for v in given)
+    words = [v for v in given if as_number(v) is None]
+    # a numeric column with a few non-numeric cells ('NA', 'unknown') stays numeric, those cells
+    # missing: never one level per value, nor --age-bins silently ignored
+    numeric = bool(given) and len(words) <= MAX_NON_NUMERIC_SHARE * len(given)
+    if numeric and words:
+        LOG.warning("--subgroups %s: %d of %d values in %s are not numbers (e.g. %r); counted as "
+                    "level '%s'", name, len(words), len(given), where, words[0], MISSING_LEVEL)
+        values = ["" if as_number(v.strip()) is None else v for v in values]
+        given = [v for v in given if as_number(v) is not None]
     if not numeric or edges is None:
         if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
             raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "

@@ -201,3 +201,30 @@ def test_subgroups_with_groups_print_the_patient_count():
     rows = metrics.subgroup_rows(y_true, one_hot(y_true), np.array(["A"] * 6),
                                  groups=np.array(["p1", "p1", "p2", "p3", "p4", "p4"]), n_bootstrap=0)
     assert rows[0]["n_patients"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. A numeric metadata column with a few 'NA' cells is binned, those cells 'missing', warned
+
+
+def test_a_numeric_column_with_a_few_na_cells_is_binned_with_them_missing(tmp_path, capfd):
+    paths = write_cohort(tmp_path / "cohort")
+    ages = [str(20 + 5 * i) for i in range(len(paths))]  # 12 distinct ages
+    ages[3], ages[7] = "NA", "unknown"
+    metadata = write_csv(tmp_path / "metadata.csv", ["path", "age"], zip(paths, ages))
+    rows = [[p, p.split("/")[0], "ok"] for p in paths]
+    code, result = score_answers(tmp_path, rows, "--metadata", str(metadata),
+                                 "--subgroups", "age", "--age-bins", "0,50,120")
+    log = capfd.readouterr().err
+    assert code == 0
+    levels = {row["level"]: row["n"] for row in result["subgroups"][0]["rows"]}
+    # ages 20..75 by 5 without 35 and 55: below 50 20,25,30,40,45; from 50 on 50,60,65,70,75
+    assert levels == {"[0, 50)": 5, "[50, 120]": 5, "missing": 2}
+    assert "--subgroups age: 2 of 12 values" in log and "'NA'" in log
+
+
+def test_a_word_column_stays_categorical():
+    from orbital_clip import evaluation
+    levels = evaluation.attribute_levels("site", ["north", "south", "1", ""], None,
+                                         ["a", "b", "c", "d"], "meta.csv")
+    assert levels == ["north", "south", "1", "missing"]
