@@ -41,6 +41,9 @@ from orbital_clip.report import (flow_counts, format_value, plot_confusion_matri
 
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
 DEPRECATED_ANSWER_MODE = "'inference.py --predictions' is deprecated; use 'python score_answers.py ...'"
+# rounding 3 to 6 classes to 3 decimals moves a sum by at most ~0.003; 0.01 allows that and
+# refuses scores that are not a distribution (independent sigmoids, a 1.0 beside 0.999s)
+PROBABILITY_SUM_TOLERANCE = 0.01
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,13 +93,19 @@ def external_prob_columns(header, folders, where):
 
 
 def parse_probabilities(cells, where):
-    """(C,) floats of one ok row, each finite and in [0, 1]."""
+    """(C,) floats of one ok row, each finite and in [0, 1], summing to 1 within
+    PROBABILITY_SUM_TOLERANCE (refused, not renormalised: a row that gives 1.0 to one class and
+    0.999 to the others is not a distribution, and its log-loss and ECE would be meaningless)."""
     try:
         values = np.array([float(cell) for cell in cells], dtype=np.float64)
     except ValueError:
         raise ValueError(f"{where}: probabilities {cells} are not all numbers") from None
     if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
         raise ValueError(f"{where}: probabilities {cells} must be numbers in [0, 1]")
+    if abs(values.sum() - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ValueError(f"{where}: probabilities {cells} sum to {values.sum():.4g}, not 1 (within "
+                         f"{PROBABILITY_SUM_TOLERANCE}); give each row's class probabilities (a "
+                         "softmax), not independent scores")
     return values
 
 

@@ -91,6 +91,20 @@ def collect_items(test_dir, folders, output_dir):
     return items, False
 
 
+def refuse_duplicate_rows(manifest, rows):
+    """CohortError naming both rows (row 1 = the header) when two rows of a manifest.csv name the
+    same image: checkpoint mode would count it twice and answer files could not match it. Every
+    evaluation path reads a manifest through `read_manifest_rows`, so this is the one check."""
+    seen = {}
+    for line, row in enumerate(rows, start=2):
+        image = str((manifest.parent / (row.get("path") or "")).resolve())
+        if image in seen:
+            raise cohort_io.CohortError(
+                f"--test-dir {manifest}: row {line}: image {row.get('path')!r} already on row "
+                f"{seen[image]}; give one row per image")
+        seen[image] = line
+
+
 def read_manifest_rows(manifest):
     """({resolved path: (group, source)}, sorted splits) of a manifest.csv: each row's patient
     ('' when the group column does not name patients; then the bootstrap resamples images) and its
@@ -98,6 +112,7 @@ def read_manifest_rows(manifest):
     manifest = Path(manifest)
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    refuse_duplicate_rows(manifest, rows)
     patient_groups, reason = cohort_io.manifest_patient_groups(rows)
     if patient_groups is None:
         log = LOG.warning if reason == cohort_io.STEM_GROUPS_REASON else LOG.info
@@ -249,6 +264,7 @@ def training_overlap(checkpoint, cohort, test_spec):
 
 MISSING_LEVEL = "missing"  # the level of an image whose attribute cell is empty or absent
 MAX_NUMERIC_LEVELS = 10  # a numeric attribute with more distinct values needs --age-bins
+MAX_NON_NUMERIC_SHARE = 0.2  # up to this share of words ('NA') in a numeric column: missing cells
 
 
 def parse_bins(text):
@@ -277,10 +293,19 @@ def as_number(text):
 
 
 def attribute_levels(name, values, edges, paths, where):
-    """Each image's level of one attribute: empty -> 'missing'; numeric values binned by
+    """Each image's level of one attribute: empty -> 'missing' (and so, with a warning, a few
+    non-numeric cells of a numeric column: up to MAX_NON_NUMERIC_SHARE); numeric values binned by
     --age-bins (refused outside the bins, or unbinned with more than MAX_NUMERIC_LEVELS values)."""
     given = [v.strip() for v in values if v.strip()]
-    numeric = bool(given) and all(as_number(v) is not None for v in given)
+    words = [v for v in given if as_number(v) is None]
+    # a numeric column with a few non-numeric cells ('NA', 'unknown') stays numeric, those cells
+    # missing: never one level per value, nor --age-bins silently ignored
+    numeric = bool(given) and len(words) <= MAX_NON_NUMERIC_SHARE * len(given)
+    if numeric and words:
+        LOG.warning("--subgroups %s: %d of %d values in %s are not numbers (e.g. %r); counted as "
+                    "level '%s'", name, len(words), len(given), where, words[0], MISSING_LEVEL)
+        values = ["" if as_number(v.strip()) is None else v for v in values]
+        given = [v for v in given if as_number(v) is not None]
     if not numeric or edges is None:
         if numeric and len(set(given)) > MAX_NUMERIC_LEVELS:
             raise ValueError(f"--subgroups {name}: {where} holds {len(set(given))} numeric values; "

@@ -613,18 +613,18 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
         assert counts == expected, (label, site)
     # the manifest's columns drive inference's subgroups directly
     run_args = ["--split", "test", "--subgroups", "site"]
-    ckpt = tmp_path / "ours.pt"
+    ours = tmp_path / "ours.pt"  # not `ckpt`: that name is the checkpoint module
     torch.manual_seed(0)
     model, *_ = models.create_model(TINY_MODEL, None)
-    ckpt.save_checkpoint(ckpt, model, tiny_metadata())
-    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval", *run_args) == 0
+    ckpt.save_checkpoint(ours, model, tiny_metadata())
+    assert run_inference(out / "manifest.csv", ours, tmp_path / "eval", *run_args) == 0
     table = read_csv(tmp_path / "eval" / "subgroups.csv")
     test_rows = manifest[manifest["split"] == "test"]
     assert dict(zip(table["level"], table["n"])) == test_rows["site"].value_counts().to_dict()
     # in combination: a manifest cohort, --compare of that run's own predictions.csv (paths
     # relative to the manifest's folder), --subgroups and --anonymize-paths
     own = tmp_path / "eval" / "predictions.csv"
-    assert run_inference(out / "manifest.csv", ckpt, tmp_path / "eval2", *run_args,
+    assert run_inference(out / "manifest.csv", ours, tmp_path / "eval2", *run_args,
                          "--compare", f"same={own}", "--anonymize-paths") == 0
     comparison = read_csv(tmp_path / "eval2" / "comparison.csv")
     assert (comparison["difference"].dropna() == 0).all() and comparison["difference"].notna().any()

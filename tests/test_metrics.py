@@ -79,7 +79,9 @@ def test_undefined_proportions_are_none_not_zero():
     assert stats["support"] == 0
     assert stats["sensitivity"] is None and stats["sensitivity_ci"] is None
     assert stats["ppv"] is None and stats["ppv_ci"] is None
-    assert stats["specificity"] == 1.0 and stats["npv"] == 1.0
+    # no image of the class: its row is counts only, not a specificity and NPV of 1.000 (issue 25)
+    assert stats["specificity"] is None and stats["npv"] is None and stats["f1"] is None
+    assert (stats["tn"], stats["fp"]) == (4, 0)
 
 
 @pytest.mark.parametrize("seed, absent", [(0, None), (1, 2), (2, 0)])
@@ -116,7 +118,10 @@ def test_compute_metrics_with_an_absent_class_gives_none_not_a_crash():
     result = metrics.compute_metrics(y_true, probs, FOLDERS, n_bootstrap=100, seed=0)
     rare = result["per_class"]["orbital disease"]
     assert rare["support"] == 0 and rare["sensitivity"] is None and rare["auroc"] is None
-    assert rare["auroc_ci"] is None and rare["specificity"] == pytest.approx(6 / 7)
+    # counts kept (1 false positive of 7), rates n/a: no rare image was scored (issue 25)
+    assert rare["auroc_ci"] is None and rare["specificity"] is None and rare["fp"] == 1
+    assert result["balanced_accuracy"] is None and result["macro_f1"] is None
+    assert result["unscored_classes"] == ["orbital disease"]
     assert result["macro_auroc"] is None and result["macro_auroc_ci"] is None
     assert result["per_class"]["healthy eyes"]["auroc"] == pytest.approx(
         roc_auc_score(y_true == 1, probs[:, 1]))

@@ -2,6 +2,7 @@
 bootstrap, weighted AUROC/AUPRC with ties, and `compute_metrics`, which every scoring path calls.
 """
 
+import logging
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from orbital_clip.metrics.classification import (CLASS_AVERAGED, CONFIDENCE_LEVE
                                                  confusion_matrices, metrics_from_confusion,
                                                  per_class_metrics)
 
+LOG = logging.getLogger(__name__)
 BOOTSTRAP_CHUNK = 256  # replicates evaluated together: memory ~ CHUNK x N numbers per array
 
 
@@ -195,18 +197,34 @@ def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK, stra
         yield counts[:, group_index].astype(np.float64)
 
 
-def mark_unusable(replicates, present):
-    """Replicates in place: a resample without an image of a class the cohort has gives no
-    balanced accuracy, macro F1 or F1 of that class (NaN: unusable, left out of the interval and
-    counted), instead of averaging over fewer classes or scoring the absent class 0. AUROC and
-    AUPRC of such a class are NaN already (no positive image)."""
-    absent = (replicates["support"] == 0) & present[None, :]  # (B, C)
+def mark_unusable(replicates, present=None):
+    """Replicates (or a point estimate, B = 1) in place: one without an image of a declared class
+    gives no class-averaged metric (CLASS_AVERAGED) and no F1 of that class (NaN: unusable, left
+    out of the interval and counted), instead of averaging over fewer classes or scoring the
+    absent class 0. Every evaluation path (metrics.json, --compare, subgroups) calls this.
+
+    Parameters
+    ----------
+    replicates : dict name -> (B,) or (B, C) arrays, with "support" (B, C)
+    present : (C,) bool, optional
+        The classes that must be present; every declared class when None (the rule).
+    """
+    support = replicates["support"]
+    present = np.ones(support.shape[1], bool) if present is None else np.asarray(present, bool)
+    absent = (support == 0) & present[None, :]  # (B, C)
     unusable = absent.any(axis=1)
     for name in CLASS_AVERAGED:
-        replicates[name] = np.where(unusable, np.nan, replicates[name])
+        if name in replicates:
+            replicates[name] = np.where(unusable, np.nan, replicates[name])
     if "f1" in replicates:  # the comparison's replicates carry no per-class F1
         replicates["f1"] = np.where(absent, np.nan, replicates["f1"])
     return replicates
+
+
+def unscored_classes(y_true, class_names):
+    """The declared classes with no scored image (their class-averaged metrics are n/a)."""
+    support = np.bincount(np.asarray(y_true, np.int64), minlength=len(class_names))
+    return [name for name, count in zip(class_names, support) if count == 0]
 
 
 def bootstrap_replicates(prepared_list, group_index, n_bootstrap, seed, stratify=True):
@@ -224,8 +242,8 @@ def bootstrap_replicates(prepared_list, group_index, n_bootstrap, seed, stratify
         for store, prepared in zip(parts, prepared_list):
             for name, values in weighted_metrics(weights, prepared).items():
                 store.setdefault(name, []).append(values)
-    return [mark_unusable({name: np.concatenate(values) for name, values in store.items()},
-                          positive.any(axis=0)) for store in parts]
+    return [mark_unusable({name: np.concatenate(values) for name, values in store.items()})
+            for store in parts]
 
 
 def percentile_interval(values, confidence=CONFIDENCE_LEVEL):
@@ -251,7 +269,7 @@ def finite_or_none(value):
 
 def empty_metrics(class_names):
     """metrics.json skeleton when no image could be scored: every value None."""
-    metrics = {"n": 0}
+    metrics = {"n": 0, "unscored_classes": list(class_names)}
     for name in OVERALL_METRICS:
         metrics[name], metrics[f"{name}_ci"], metrics[f"{name}_ci_n_resamples"] = None, None, None
     metrics["per_class"] = {name: {} for name in class_names}
@@ -308,7 +326,12 @@ def compute_metrics(y_true, probs, class_names, n_bootstrap=DEFAULT_BOOTSTRAP, s
     if n == 0:
         return metrics
     prepared = prepare_scores(y_true, probs, ece_bins, probs_cal)
-    point = weighted_metrics(np.ones((1, n)), prepared)
+    point = mark_unusable(weighted_metrics(np.ones((1, n)), prepared))
+    metrics["unscored_classes"] = unscored_classes(y_true, class_names)
+    if metrics["unscored_classes"]:  # e.g. a reader who answered no image of the class
+        LOG.warning("no scored image of class(es) %s: %s are n/a (an average over the other "
+                    "classes would pass for one over all)", ", ".join(metrics["unscored_classes"]),
+                    ", ".join(CLASS_AVERAGED))
     boot = bootstrap_replicates([prepared], group_index, n_bootstrap, seed)[0] if n_bootstrap else None
 
     def estimate(store, key, name, column=None):

@@ -15,7 +15,10 @@ CONFIDENCE_LEVEL = 0.95
 OVERALL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "mcc",
                    "macro_auroc", "macro_auprc", "brier", "log_loss", "ece")
 PROPORTIONS = ("sensitivity", "specificity", "ppv", "npv")
-CLASS_AVERAGED = ("balanced_accuracy", "macro_f1")  # undefined when a resample lacks a class
+# Averages over the declared classes: undefined (n/a) when the scored images, or a resample of
+# them, lack a class, rather than an average over fewer classes (balanced accuracy) or one that
+# scores the absent class 0 (macro F1). `bootstrap.mark_unusable` applies the rule.
+CLASS_AVERAGED = ("balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,11 +108,19 @@ def likelihood_ratios(tp, fp, fn, tn, confidence=CONFIDENCE_LEVEL):
 def per_class_metrics(cm, k, confidence=CONFIDENCE_LEVEL):
     """One-vs-rest statistics of class k from a confusion matrix: support, prevalence, counts,
     sensitivity, specificity, PPV, NPV (each with its Wilson interval), LR+ and LR- (log-method
-    intervals) and F1 (None where a class is never true nor predicted)."""
+    intervals) and F1 (None where a class is never true nor predicted).
+
+    A class with no true image (support 0) gets counts only: every rate, interval and LR is None
+    (n/a), not a specificity of 1.000 that no image of the class earned."""
     tp, fp, fn, tn = one_vs_rest_counts(cm, k)
     total = tp + fp + fn + tn
     stats = {"support": tp + fn, "prevalence": proportion(tp + fn, total),
              "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    if tp + fn == 0:
+        for name in ("sensitivity", "specificity", "ppv", "npv", "lr_pos", "lr_neg"):
+            stats[name], stats[f"{name}_ci"] = None, None
+        stats["f1"] = None
+        return stats
     for name, hits, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
                           ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
         stats[name] = proportion(hits, n)

@@ -248,21 +248,20 @@ def compare_predictions(y_true, reference, others, rare_index=0, groups=None,
                    ranking(np.nan_to_num(other.probs)) if has_probs else None)]
         evaluate = lambda weights: [prediction_metrics(weights * mask, cells, n_classes, rare_index,  # noqa: E731
                                                        ranks, positive) for cells, ranks in models]
-        # metrics.json's rule on the images the model answered: without an answered image of a class
-        # the cohort holds (in the resample, or at all) there is no balanced accuracy or macro F1
-        # (NaN: left out of the interval and counted in n_resamples; None when never answered),
-        # rather than an average over fewer classes
-        present = positive.any(axis=0)
-        point = [mark_unusable(metric, present) for metric in evaluate(np.ones((1, n)))]
+        # metrics.json's rule (`mark_unusable`) on the images the model answered: without an
+        # answered image of a declared class (in the resample, or at all) there is no balanced
+        # accuracy or macro F1 (NaN: left out of the interval and counted in n_resamples; None
+        # when never answered), rather than an average over fewer classes
+        point = [mark_unusable(metric) for metric in evaluate(np.ones((1, n)))]
         boot = None
         if n_bootstrap:
             # the resamples of metrics.json: same seed, groups and class strata
             strata = bootstrap_strata(y_true, group_index)
             parts = [evaluate(w) for w in resample_weights(group_index, n_bootstrap, seed, strata=strata)]
             boot = [mark_unusable({key: np.concatenate([part[i][key] for part in parts])
-                                   for key in parts[0][i]}, present) for i in range(2)]
+                                   for key in parts[0][i]}) for i in range(2)]
         model_rows = comparison_rows(other.name, point, boot, mask, confidence)
-        unanswered = np.flatnonzero(present & ~(positive & mask[:, None]).any(axis=0)).tolist()
+        unanswered = np.flatnonzero(~(positive & mask[:, None]).any(axis=0)).tolist()
         for row in model_rows:
             row["unanswered_classes"] = unanswered  # classes of the cohort it answered no image of
         add_paired_tests(model_rows, y_true[mask], reference, other, mask, rare_index,

@@ -6,7 +6,8 @@ import numpy as np
 from scipy.stats import chi2_contingency
 
 from orbital_clip.metrics.bootstrap import (bootstrap_strata, finite_or_none, group_indices,
-                                            percentile_interval, resample_weights, tie_blocks)
+                                            mark_unusable, percentile_interval, resample_weights,
+                                            tie_blocks)
 from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_SEED,
                                                  proportion, wilson_interval)
 from orbital_clip.metrics.compare import prediction_columns, prediction_metrics
@@ -35,7 +36,7 @@ def homogeneity_test(outcome, levels):
 
 def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
                   seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
-    """Per level of one attribute: n, patients, rare-class prevalence, accuracy and balanced
+    """Per level of one attribute: n, patients (None without `groups`: not the image count), rare-class prevalence, accuracy and balanced
     accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
     sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
     (bootstrap), with a `small_n` flag.
@@ -61,14 +62,15 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
         ranks = [tie_blocks(p[:, k]) for k in range(n_classes)]
         positive = y[:, None] == np.arange(n_classes)
         evaluate = lambda w: prediction_metrics(w, cells, n_classes, rare_index, ranks, positive)  # noqa: E731
-        point = evaluate(np.ones((1, len(y))))
-        parts = ([evaluate(w) for w in resample_weights(index, n_bootstrap, seed,
-                                                        strata=bootstrap_strata(y, index))]
+        # metrics.json's rule: a level without an image of some class has no balanced accuracy
+        point = mark_unusable(evaluate(np.ones((1, len(y)))))
+        parts = ([mark_unusable(evaluate(w)) for w in resample_weights(
+                     index, n_bootstrap, seed, strata=bootstrap_strata(y, index))]
                  if n_bootstrap else [])
         rare = y == rare_index
         tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
         tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
-        row = {"level": level, "n": int(len(y)), "n_patients": int(index.max()) + 1,
+        row = {"level": level, "n": int(len(y)), "n_patients": None if groups is None else int(index.max()) + 1,
                "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
                "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
                "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}

@@ -433,11 +433,12 @@ def subgroups_markdown(analysis, rare_class, grouped):
              "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
     for block in analysis:
         lines += [f"### {block['attribute']}", "",
-                  f"| level | n (patients) | {rare_class} n | accuracy | balanced accuracy | "
+                  f"| level | {'n (patients)' if grouped else 'n (images)'} | {rare_class} n | accuracy | balanced accuracy | "
                   "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
         for row in block["rows"]:
             warn = " ⚠" if row["small_n"] else ""
-            lines.append(f"| {row['level']}{warn} | {row['n']} ({row['n_patients']}) | {row['n_rare']} | "
+            count = row["n"] if row["n_patients"] is None else f"{row['n']} ({row['n_patients']})"
+            lines.append(f"| {row['level']}{warn} | {count} | {row['n_rare']} | "
                          + " | ".join(format_value(row[name], row[f"{name}_ci"])
                                       for name in SUBGROUP_COLUMNS[:5]) + " |")
         lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "

@@ -1,0 +1,230 @@
+"""The evaluation rules of issue 25, each a known-answer cohort run through every path that
+applies it: compute_metrics (checkpoint mode), answer files (score_answers), --compare,
+subgroups. Each test failed on the code before its rule was put in its one home."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orbital_clip import answers as answer_files
+from orbital_clip import metrics
+from conftest import write_csv
+
+CLASSES = ["rare", "common", "healthy"]  # index 0 is the rare class
+
+
+def one_hot(pred, n_classes=3):
+    return np.eye(n_classes)[np.asarray(pred)] * 0.8 + 0.2 / n_classes
+
+
+def write_cohort(root, per_class=4):
+    """Class folders of files never read (answer files are scored, not images); the paths."""
+    paths = []
+    for name in CLASSES:
+        for i in range(per_class):
+            path = root / name / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            paths.append(f"{name}/img{i}.png")
+    return paths
+
+
+def score_answers(tmp_path, rows, *extra, header=("path", "answer", "status")):
+    """Run score_answers on the cohort with one answer file; (exit code, metrics.json or None)."""
+    cohort = tmp_path / "cohort"
+    if not cohort.exists():
+        write_cohort(cohort)
+    answers = write_csv(tmp_path / "answers.csv", list(header), rows)
+    out = tmp_path / "out"
+    code = answer_files.main(["--test-dir", str(cohort), "--predictions", str(answers),
+                              "--classes", ",".join(CLASSES), "--output-dir", str(out),
+                              "--bootstrap", "50", "--no-figures", *extra])
+    found = out / "metrics.json"
+    return code, json.loads(found.read_text()) if found.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. A class with no scored image: class-averaged metrics n/a, with a warning naming it
+
+
+def test_a_class_never_scored_makes_class_averages_na_in_compute_metrics(caplog):
+    # 'healthy' (index 2) has no scored image; rare and common are all right
+    y_true = [0, 0, 1, 1, 1]
+    with caplog.at_level(logging.WARNING):
+        result = metrics.compute_metrics(y_true, one_hot(y_true), CLASSES, n_bootstrap=40, seed=0)
+    assert result["accuracy"] == pytest.approx(1.0)
+    for name in ("balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc"):
+        assert result[name] is None and result[f"{name}_ci"] is None, name
+    assert result["unscored_classes"] == ["healthy"]
+    assert "healthy" in caplog.text and "balanced_accuracy" in caplog.text
+    row = result["per_class"]["healthy"]
+    assert row["support"] == 0 and row["specificity"] is None and row["npv"] is None
+    assert row["f1"] is None and row["lr_neg"] is None
+
+
+def test_every_class_scored_keeps_the_class_averages(caplog):
+    y_true = [0, 1, 1, 2, 2]
+    with caplog.at_level(logging.WARNING):
+        result = metrics.compute_metrics(y_true, one_hot([0, 1, 2, 2, 2]), CLASSES, n_bootstrap=0)
+    assert result["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert result["unscored_classes"] == [] and "no scored image" not in caplog.text
+
+
+def test_an_answer_file_that_answers_no_image_of_a_class_gives_no_class_averages(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    rows = [[p, p.split("/")[0], "ok"] if not p.startswith("healthy")
+            else [p, "", "failed: refused to answer"] for p in paths]
+    code, result = score_answers(tmp_path, rows)
+    assert code == 0 and result["accuracy"] == pytest.approx(1.0)
+    assert result["balanced_accuracy"] is None and result["macro_f1"] is None
+    assert result["unscored_classes"] == ["healthy"]
+    assert result["per_class"]["healthy"]["specificity"] is None
+
+
+def test_a_subgroup_level_holding_one_class_reports_no_balanced_accuracy():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    levels = np.array(["A", "A", "B", "B", "B", "B"])  # level A holds only the rare class
+    rows = {row["level"]: row for row in
+            metrics.subgroup_rows(y_true, one_hot(y_true), levels, n_bootstrap=30, seed=0)}
+    assert rows["A"]["accuracy"] == pytest.approx(1.0)
+    assert rows["A"]["balanced_accuracy"] is None and rows["A"]["balanced_accuracy_ci"] is None
+    assert rows["B"]["balanced_accuracy"] is None  # no rare image in B either
+
+
+def test_a_compared_reader_who_answers_no_image_of_a_class_gets_no_class_averages():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    ours = metrics.ComparedModel("ours", y_true.copy(), one_hot(y_true))
+    reader = metrics.ComparedModel("reader", np.array([0, 0, 1, 1, -1, -1]), None)
+    rows = metrics.compare_predictions(y_true, ours, [reader], n_bootstrap=30, seed=0)["rows"]
+    by_metric = {row["metric"]: row for row in rows}
+    assert by_metric["balanced_accuracy"]["value"] is None
+    assert by_metric["accuracy"]["value"] == pytest.approx(1.0)
+    assert by_metric["accuracy"]["unanswered_classes"] == [2]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Answer-file probabilities must sum to 1 (refused with the row number)
+
+
+def probability_rows(paths, bad_row=None):
+    """Right answers with probabilities 0.8/0.1/0.1; the cohort row `bad_row` gives 1.0 to its
+    class and 0.999 to the others (the issue's file that scored log-loss and ECE 0.000)."""
+    rows = []
+    for i, path in enumerate(paths):
+        k = CLASSES.index(path.split("/")[0])
+        p = [0.999] * 3 if i == bad_row else [0.1] * 3
+        p[k] = 1.0 if i == bad_row else 0.8
+        rows.append([path, CLASSES[k], "ok", *p])
+    return rows
+
+
+PROB_HEADER = ("path", "answer", "status", *(f"prob_{c}" for c in CLASSES))
+
+
+def test_answer_file_probabilities_that_do_not_sum_to_one_are_refused_with_the_row(tmp_path, capsys):
+    paths = write_cohort(tmp_path / "cohort")
+    code, result = score_answers(tmp_path, probability_rows(paths, bad_row=5), header=PROB_HEADER)
+    err = capsys.readouterr().err
+    assert code == 2 and result is None
+    assert "row 7" in err and "sum to 2.998" in err  # row 1 is the header
+
+
+def test_answer_file_probabilities_rounded_to_three_decimals_are_accepted(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    rows = [[p, a, s, "0.333", "0.333", "0.333"] if i == 0 else [p, a, s, *probs]
+            for i, (p, a, s, *probs) in enumerate(probability_rows(paths))]
+    code, result = score_answers(tmp_path, rows, header=PROB_HEADER)
+    assert code == 0 and result["n"] == 12 and result["log_loss"] is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. A duplicated manifest row is refused with both row numbers, in checkpoint and answer mode
+
+
+def duplicated_manifest(root, folders):
+    """A manifest.csv of test rows (files never read) whose 5th data row repeats the 2nd."""
+    rows = []
+    for name in folders:
+        for i in range(2):
+            path = root / "images" / name / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            rows.append([f"images/{name}/img{i}.png", name, "test"])
+    rows.insert(4, rows[1])  # on file row 6 (row 1 is the header), first on row 3
+    return write_csv(root / "manifest.csv", ["path", "label", "split"], rows)
+
+
+def test_a_duplicated_manifest_row_is_refused_in_answer_mode(tmp_path, capsys):
+    manifest = duplicated_manifest(tmp_path, CLASSES)
+    answers = write_csv(tmp_path / "answers.csv", ["path", "answer"],
+                        [[f"images/{c}/img{i}.png", c] for c in CLASSES for i in range(2)])
+    out = tmp_path / "out"
+    code = answer_files.main(["--test-dir", str(manifest), "--predictions", str(answers),
+                              "--classes", ",".join(CLASSES), "--output-dir", str(out)])
+    assert code == 2 and not out.exists()
+    assert "row 6: image 'images/rare/img1.png' already on row 3" in capsys.readouterr().err
+
+
+def test_a_duplicated_manifest_row_is_refused_in_checkpoint_mode(tmp_path, checkpoint, capsys):
+    from conftest import tiny_metadata
+    from orbital_clip import scoring
+    manifest = duplicated_manifest(tmp_path, tiny_metadata()["class_folders"])
+    out = tmp_path / "out"
+    code = scoring.main(["--checkpoint", str(checkpoint), "--test-dir", str(manifest),
+                         "--output-dir", str(out), "--device", "cpu"])
+    first = tiny_metadata()["class_folders"][0]
+    assert code == 2 and not (out / "metrics.json").exists()
+    assert f"row 6: image 'images/{first}/img1.png' already on row 3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. "n (patients)" prints no patient count when no groups are given
+
+
+def test_subgroups_without_groups_print_no_patient_count(tmp_path):
+    paths = write_cohort(tmp_path / "cohort")
+    sites = write_csv(tmp_path / "metadata.csv", ["path", "site"],
+                      [[p, "north" if i % 2 else "south"] for i, p in enumerate(paths)])
+    rows = [[p, p.split("/")[0], "ok"] for p in paths]
+    code, result = score_answers(tmp_path, rows, "--metadata", str(sites), "--subgroups", "site")
+    assert code == 0
+    assert [row["n_patients"] for row in result["subgroups"][0]["rows"]] == [None, None]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| north ⚠ | 6 | 2 |" in report and "6 (6)" not in report and "n (patients)" not in report
+
+
+def test_subgroups_with_groups_print_the_patient_count():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    rows = metrics.subgroup_rows(y_true, one_hot(y_true), np.array(["A"] * 6),
+                                 groups=np.array(["p1", "p1", "p2", "p3", "p4", "p4"]), n_bootstrap=0)
+    assert rows[0]["n_patients"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. A numeric metadata column with a few 'NA' cells is binned, those cells 'missing', warned
+
+
+def test_a_numeric_column_with_a_few_na_cells_is_binned_with_them_missing(tmp_path, capfd):
+    paths = write_cohort(tmp_path / "cohort")
+    ages = [str(20 + 5 * i) for i in range(len(paths))]  # 12 distinct ages
+    ages[3], ages[7] = "NA", "unknown"
+    metadata = write_csv(tmp_path / "metadata.csv", ["path", "age"], zip(paths, ages))
+    rows = [[p, p.split("/")[0], "ok"] for p in paths]
+    code, result = score_answers(tmp_path, rows, "--metadata", str(metadata),
+                                 "--subgroups", "age", "--age-bins", "0,50,120")
+    log = capfd.readouterr().err
+    assert code == 0
+    levels = {row["level"]: row["n"] for row in result["subgroups"][0]["rows"]}
+    # ages 20..75 by 5 without 35 and 55: below 50 20,25,30,40,45; from 50 on 50,60,65,70,75
+    assert levels == {"[0, 50)": 5, "[50, 120]": 5, "missing": 2}
+    assert "--subgroups age: 2 of 12 values" in log and "'NA'" in log
+
+
+def test_a_word_column_stays_categorical():
+    from orbital_clip import evaluation
+    levels = evaluation.attribute_levels("site", ["north", "south", "1", ""], None,
+                                         ["a", "b", "c", "d"], "meta.csv")
+    assert levels == ["north", "south", "1", "missing"]
