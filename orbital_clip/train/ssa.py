@@ -44,7 +44,7 @@ def strip_ssa_flags(argv):
             skip -= 1
             continue
         name = token.split("=", 1)[0]
-        if name in ("--ssa", "--out-dir"):
+        if name in ("--ssa", "--out-dir", "--save-dir"):
             skip = 0 if "=" in token else 1
             continue
         if name == "--ssa-keep-all":
