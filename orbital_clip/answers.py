@@ -10,7 +10,7 @@ steps of the same reader, the sequential table (the paper's second step):
     $ python score_answers.py --test-dir subtypes --predictions image=step1.csv \\
           --label-map label_map.json --classes "orbital tumour,orbital inflammation,thyroid eye disease"
     $ python score_answers.py --test-dir subtypes --predictions image=step1.csv \\
-          --compare image+symptoms=step2.csv --label-map label_map.json --output-dir second_step
+          --compare image+symptoms=step2.csv --label-map label_map.json --out-dir second_step
 
 `inference.py --predictions ...` still runs the same scoring, with a deprecation warning.
 """
@@ -457,7 +457,7 @@ def add_answer_arguments(parser, required=False):
                        help="with --predictions or --compare: {class folder: [synonym, ...]}, "
                             "matched case- and whitespace-insensitively; an answer it does not map "
                             "is a failed row (status 'failed: unmapped answer ...'), never guessed")
-    group.add_argument("--classes", default=None, metavar="A,B,C",
+    group.add_argument("--classes", action=cli.SpaceList, join=",", default=None, metavar="FOLDER",
                        help="with --predictions: class folders in index order (default: sorted "
                             "by name); index 0 is the class of the intention-to-diagnose line")
 

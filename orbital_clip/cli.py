@@ -1,7 +1,12 @@
-"""What every script's command line shares: help texts with defaults, logging, DataLoader workers."""
+"""What every script's command line shares: the shared flags (one name, help and default each),
+old spellings that warn, list flags, --config files, help texts with defaults, logging, workers."""
 
+import argparse
+import json
 import logging
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +43,8 @@ def show_defaults(parser, unset=None):
     ArgumentDefaultsHelpFormatter would print 'None' for those and repeat stated defaults."""
     unset = unset or {}
     for action in parser._actions:
-        if not action.help or action.dest == "help" or "(default:" in action.help:
+        if (not action.help or action.help == argparse.SUPPRESS or action.dest == "help"
+                or "(default:" in action.help or "(required)" in action.help):
             continue
         if action.required:
             action.help += " (required)"
@@ -64,3 +70,158 @@ def configure_logging(level=logging.INFO):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
     for name in ("clip_train", "inference", "data_preprocess"):
         logging.getLogger(name).setLevel(level)
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags every script shares: one name, one help, one default each (where the meaning is the
+# same), added by each parser through these functions.
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("bf16: autocast, fp32 master weights; auto: bf16 where the hardware multiplies "
+                  "bf16 natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32; fp32 "
+                  "for exact, reproducible numbers; fp16 needs CUDA")
+WORKERS_HELP = ("DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the "
+                "CPU, where workers only take cores from the model)")
+DEFAULT_SEED = 2024
+
+
+def warn_deprecated(old, new):
+    """The one-line deprecation warning of an old spelling, on stderr."""
+    print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+class DeprecatedSpelling(argparse.Action):
+    """An old spelling of a flag (hidden from --help): warns, then stores into the new flag's
+    dest as the new flag would (`new` is its action, whose type and nargs it copied)."""
+
+    def __init__(self, option_strings, dest, new=None, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_deprecated(option_string, self.new.option_strings[0])
+        self.new(parser, namespace, values, self.new.option_strings[0])
+
+
+def add_old_spellings(group, new_action, *old_flags):
+    """Accept `old_flags` as hidden, warning aliases of `new_action`'s flag."""
+    for old in old_flags:
+        group.add_argument(old, action=DeprecatedSpelling, new=new_action, dest=new_action.dest,
+                           nargs=new_action.nargs, type=new_action.type, default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+
+
+class SpaceList(argparse.Action):
+    """A list flag, space-separated (`nargs="+"`): `--flag A B`. The old comma form (`--flag A,B`)
+    still works, with a warning. `item` converts each element (ValueError/ArgumentTypeError
+    refuse it); with `join`, the list is stored joined by it (for code that reads 'A,B')."""
+
+    def __init__(self, option_strings, dest, item=str, join=None, **kwargs):
+        self.item, self.join = item, join
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any("," in token for token in values):
+            spaced = " ".join(v for token in values for v in token.split(",") if v.strip())
+            print(f"warning: {option_string} A,B (commas) is deprecated; use {option_string} "
+                  f"{spaced}", file=sys.stderr)
+        tokens = [v.strip() for token in values for v in token.split(",") if v.strip()]
+        try:
+            items = [self.item(v) for v in tokens]
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentError(self, f"{' '.join(values)!r}: {err}") from None
+        if not items:
+            raise argparse.ArgumentError(self, "expected at least one value")
+        setattr(namespace, self.dest, self.join.join(tokens) if self.join else items)
+
+
+def add_out_dir(group, dest="out_dir", old=(), **kwargs):
+    """`--out-dir DIR`, the output folder of every script (`old` spellings warn and still work);
+    `dest` is the name the script's code reads it by."""
+    kwargs.setdefault("metavar", "DIR")
+    if kwargs.pop("required", False):
+        # argparse counts a required flag as given only under its own name: the new and the old
+        # spellings form a required either-or group, which --help shows as the new one alone
+        group = group.add_mutually_exclusive_group(required=True)
+        kwargs["help"] += " (required)"
+    action = group.add_argument("--out-dir", dest=dest, **kwargs)
+    add_old_spellings(group, action, *old)
+    return action
+
+
+def add_device(group):
+    return group.add_argument("--device", default=None,
+                              help="cuda, cuda:1, cpu (default: cuda when available)")
+
+
+def add_precision(group, help=PRECISION_HELP):
+    return group.add_argument("--precision", choices=PRECISIONS, default="auto", help=help)
+
+
+def add_workers(group, help=WORKERS_HELP):
+    return group.add_argument("--workers", type=int, default=None, metavar="N", help=help)
+
+
+def add_seed(group, help="seed of every random choice; the same seed repeats the run"):
+    return group.add_argument("--seed", type=int, default=DEFAULT_SEED, help=help)
+
+
+def add_overwrite(group, help="allow a non-empty --out-dir (a new run's files replace the old)"):
+    return group.add_argument("--overwrite", action="store_true", help=help)
+
+
+def add_prompts(group, help="JSON prompt set replacing the published one (schema in prompts.py)"):
+    return group.add_argument("--prompts", default=None, metavar="JSON", help=help)
+
+
+def add_model_flags(group, name_help, config_help="JSON of a custom open_clip architecture; "
+                    "registered under the file's stem", pretrained_help=None):
+    """--model-name and --model-config (and --pretrained when `pretrained_help` is given)."""
+    group.add_argument("--model-name", default=None, help=name_help)
+    group.add_argument("--model-config", default=None, metavar="JSON", help=config_help)
+    if pretrained_help:
+        group.add_argument("--pretrained", default=None, help=pretrained_help)
+
+
+def canonical_argv(parser, argv):
+    """argv with every deprecated spelling replaced by its flag's canonical one (for args.json
+    and for code that rewrites argv, such as the SSA sweep); no warning here."""
+    old = {flag: action.new.option_strings[0] for action in parser._actions
+           if isinstance(action, DeprecatedSpelling) for flag in action.option_strings}
+    out = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        out.append(old[name] + eq + value if name in old else token)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# --config FILE: flag defaults from a JSON (or YAML) file; the command line overrides them
+
+
+def read_config(path):
+    """{dest: value} of a config file: JSON, or YAML when the name ends in .yaml/.yml."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        import yaml  # pyyaml: installed with open_clip's dependencies
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("expected a mapping of flag names to values")
+    return {str(key).lstrip("-").replace("-", "_"): value for key, value in data.items()}
+
+
+def apply_config(parser, path, flag="--config"):
+    """Set `parser`'s defaults from config file `path` (keys are flag names, with - or _);
+    a key that names no flag, or a file that cannot be read, is a parser.error naming both."""
+    try:
+        values = read_config(path)
+    except Exception as err:  # OSError, json's ValueError, yaml.YAMLError (not a ValueError)
+        parser.error(f"{flag} {path}: {err}")
+    dests = {action.dest for action in parser._actions if action.dest != "help"}
+    for key in values:
+        if key not in dests:
+            parser.error(f"{flag} {path}: unknown key {key!r} (not a flag of this script)")
+    parser.set_defaults(**values)
+    return values

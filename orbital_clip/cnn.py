@@ -9,13 +9,13 @@ comparison.
 
     $ python -m baselines.train_cnn --arch resnet50 --weights imagenet \\
           --train-dir dataset_root/train --val-dir dataset_root/val --test-dir external_cohort \\
-          --save-dir baselines_runs/resnet50 --class-weights
+          --out-dir baselines_runs/resnet50 --class-weights
     $ python -m baselines.train_cnn --arch densenet121 --weights ~/weights/densenet121-a639ec97.pth \\
           --train-dir splits/manifest.csv --val-dir splits/manifest.csv --test-dir splits/manifest.csv \\
-          --save-dir baselines_runs/densenet121 --balanced-sampling
+          --out-dir baselines_runs/densenet121 --balanced-sampling
     $ python -m baselines.train_cnn --arch resnet18 --weights none --image-size 64 --epochs 2 \\
           --train-dir demo_run/dataset_root/train --val-dir demo_run/dataset_root/val \\
-          --test-dir demo_run/external_cohort --save-dir demo_run/cnn_resnet18
+          --test-dir demo_run/external_cohort --out-dir demo_run/cnn_resnet18
 """
 
 import argparse
@@ -333,11 +333,10 @@ def parse_args(argv=None):
     for flag, split in (("--train-dir", "train"), ("--val-dir", "val"), ("--test-dir", "test")):
         data.add_argument(flag, required=True, help="folder with one sub-folder per class, or a "
                           f"manifest.csv of data_preprocess.py (its rows of split '{split}')")
-    data.add_argument("--save-dir", required=True,
-                      help="where the checkpoint, metrics.csv, args.json and predictions.csv go")
-    data.add_argument("--prompts", default=None,
-                      help="JSON prompt set of clip_train.py; only its class folders (and their "
-                           "order) are used, so the baseline has the same classes as the CLIP run")
+    cli.add_out_dir(data, dest="save_dir", old=("--save-dir", "--output-dir"), required=True,
+                    help="where the checkpoint, metrics.csv, args.json and predictions.csv go")
+    cli.add_prompts(data, help="JSON prompt set of clip_train.py; only its class folders (and "
+                               "their order) are used, so the baseline has the same classes as the CLIP run")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", choices=ARCHS, default="resnet50",
                        help="torchvision architecture (default resnet50; resnet18 is the quick one)")
@@ -364,14 +363,11 @@ def parse_args(argv=None):
                        help="draw every class equally often (with replacement); not with "
                             "--class-weights, which would correct the imbalance twice")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=2024, help="seed for the initial weights and batches")
-    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
-    run.add_argument("--workers", type=int, default=None,
-                     help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="allow a non-empty --save-dir (its files of an earlier run are replaced)")
+    cli.add_seed(run, help="seed for the initial weights and batches")
+    cli.add_device(run)
+    cli.add_precision(run, help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    cli.add_workers(run)
+    cli.add_overwrite(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -411,9 +407,9 @@ def check_args(parser, args):
         parser.error(f"--prompts {args.prompts}: no such file")
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
-        parser.error(f"--save-dir {save_dir}: exists and is not a folder")
+        parser.error(f"--out-dir {save_dir}: exists and is not a folder")
     if save_dir.is_dir() and any(save_dir.iterdir()) and not args.overwrite:
-        parser.error(f"--save-dir {save_dir}: folder is not empty; pass --overwrite to replace its "
+        parser.error(f"--out-dir {save_dir}: folder is not empty; pass --overwrite to replace its "
                      "results, or choose another folder")
 
 
@@ -454,7 +450,7 @@ def prepare(args):
 
 
 def prepare_save_dir(args):
-    """Create --save-dir; with --overwrite remove our own files of an earlier run first."""
+    """Create --out-dir; with --overwrite remove our own files of an earlier run first."""
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_NAMES if args.overwrite else ():

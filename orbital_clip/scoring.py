@@ -18,20 +18,20 @@ the bootstrap resample patients, not images):
     $ python inference.py --test-dir external_cohort \\
           --checkpoint clip_model_checkpoints/clip_model_epoch_best.pt
     $ python inference.py --test-dir splits/manifest.csv --checkpoint best.pt \\
-          --baseline datacomp_s34b_b86k --output-dir results_vs_zero_shot --cache-dir emb_cache
+          --baseline datacomp_s34b_b86k --out-dir results_vs_zero_shot --cache-dir emb_cache
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
           --compare resnet50=runs/resnet50/predictions.csv --metadata meta.csv --subgroups site
     $ python inference.py --test-dir external_cohort --checkpoint best.pt \\
-          --wise-ft-alpha 0 0.25 0.5 0.75 1 --output-dir wise_ft --anonymize-paths
+          --wise-ft-alphas 0 0.25 0.5 0.75 1 --out-dir wise_ft --anonymize-paths
     $ python inference.py --test-dir subtypes --predictions image=step1.csv \\
           --compare image+symptoms=step2.csv --label-map label_map.json   # answers, no model
 
-Writes into --output-dir predictions.csv, metrics.json, per_class_metrics.csv, confusion_matrix.csv,
+Writes into --out-dir predictions.csv, metrics.json, per_class_metrics.csv, confusion_matrix.csv,
 classification_report.txt, the figures (roc_curves, pr_curves, calibration, prob_histograms,
 confusion_matrix; .png and .pdf), report.md (each output mapped to the checklist item it serves,
 with a failure analysis in failure_analysis/) and args.json; with --baseline or --compare also
 comparison.csv/.png (and baseline_predictions.csv), with --subgroups subgroups.csv/.png, with
---wise-ft-alpha a wise_ft_alpha_<a>/ folder per alpha and wise_ft_summary.csv. --predictions
+--wise-ft-alphas a wise_ft_alpha_<a>/ folder per alpha and wise_ft_summary.csv. --predictions
 (answers, no model: answer_files.py) writes the files that need no model; its --compare files are
 later steps of the same reader (sequential.csv, sequential_changes.csv, a step<k>_<name>/ folder
 per step). README "Output files" lists every file.

@@ -11,7 +11,7 @@ from orbital_clip import images
 from orbital_clip import models
 from orbital_clip.answers import add_answer_arguments, check_answer_args, check_compare_args
 from orbital_clip.evaluation import DEFAULT_SPLIT, FAILURE_DIR, check_subgroup_args
-from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS, DEFAULT_SEED
+from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS
 
 DEFAULT_OUTPUT_DIR = "inference_results"
 DEFAULT_BATCH_SIZE = 64
@@ -19,7 +19,7 @@ DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.m
 # Flags that need a model: score_answers.py has none of them (inference.py --predictions refuses
 # the ones a user could mean, and ignores the others)
 MODEL_FLAGS = ("--checkpoint", "--model-name", "--model-config", "--prompts", "--baseline",
-               "--baseline-model-name", "--wise-ft-alpha", "--wise-ft-base", "--batch-size",
+               "--baseline-model-name", "--wise-ft-alphas", "--wise-ft-base", "--batch-size",
                "--workers", "--device", "--precision", "--logit-scale-mode", "--cache-dir",
                "--threshold", "--failure-examples", "--decision-rule")
 
@@ -68,19 +68,18 @@ def build_parser(description, model=True):
                            "--model-name), or for the zero-shot baseline an open_clip pretrained tag "
                            "(with --model-name) or hf-hub:ORG/REPO or local-dir:PATH; or give "
                            "--predictions instead")
-    data.add_argument("--model-name", default=None,
-                      help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
-                           "with our checkpoints (stored in them), required otherwise (published: "
-                           "ViT-B-32-256)")
-    data.add_argument("--model-config", default=None,
-                      help="JSON of a custom open_clip architecture, registered under the file's "
-                           "stem (which --model-name then defaults to)")
-    data.add_argument("--prompts", default=None,
-                      help="JSON prompt set replacing the checkpoint's stored one (schema in prompts.py); "
-                           "classes are matched to test folders by name")
-    data.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
-                      help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
-                           "unless --overwrite")
+    cli.add_model_flags(
+        data, name_help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH; optional "
+                        "with our checkpoints (stored in them), required otherwise (published: "
+                        "ViT-B-32-256)",
+        config_help="JSON of a custom open_clip architecture, registered under the file's stem "
+                    "(which --model-name then defaults to)")
+    cli.add_prompts(data, help="JSON prompt set replacing the checkpoint's stored one (schema in "
+                               "prompts.py); classes are matched to test folders by name")
+    cli.add_out_dir(data, dest="output_dir", old=("--output-dir", "--save-dir"),
+                    default=DEFAULT_OUTPUT_DIR,
+                    help=f"where the outputs go (default {DEFAULT_OUTPUT_DIR}); must be new or empty "
+                         "unless --overwrite")
     add_answer_arguments(parser, required=not model)  # --predictions, --label-map, --classes
     compare = group("comparison and weight interpolation")
     compare.add_argument("--baseline", default=None, metavar="TAG|PATH",
@@ -100,22 +99,22 @@ def build_parser(description, model=True):
     compare.add_argument("--baseline-model-name", default=None,
                          help="architecture of a tag or plain state_dict --baseline (default: the "
                               "model's own)")
-    compare.add_argument("--wise-ft-alpha", type=float, nargs="+", default=None, metavar="A",
+    wise = compare.add_argument("--wise-ft-alphas", action=cli.SpaceList, item=float,
+                                dest="wise_ft_alpha", default=None, metavar="A",
                          help="WiSE-FT: evaluate (1 - A) * base + A * fine-tuned weights for each A "
                               "in [0, 1], one wise_ft_alpha_<A>/ folder each (0.5 often keeps the "
                               "zero-shot robustness and most of the fine-tuning gain)")
+    if wise is not None:  # score_answers.py has no model, and so no WiSE-FT
+        cli.add_old_spellings(compare, wise, "--wise-ft-alpha")
     compare.add_argument("--wise-ft-base", default=None, metavar="PATH",
                          help="WiSE-FT base weights file (default: the checkpoint's recorded "
                               "pretrained weights)")
     run = group("running")
     run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                      help="images per forward pass (default 64; 256+ is fine on a GPU)")
-    run.add_argument("--workers", type=int, default=None,
-                     help="image-decoding worker processes (default: cores - 1, at most 8, on a GPU; "
-                          "0 = in process, the default on the CPU)")
-    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="image tower precision; features and classifier stay fp32 (auto: bf16 where "
+    cli.add_workers(run)
+    cli.add_device(run)
+    cli.add_precision(run, help="image tower precision; features and classifier stay fp32 (auto: bf16 where "
                           "the hardware multiplies bf16 natively: CUDA with bf16, a CPU with AMX or "
                           "AVX512-BF16; else fp32. fp32 for exact numbers; fp16 needs CUDA)")
     run.add_argument("--logit-scale-mode", choices=("exp", "published-log"), default=None,
@@ -128,8 +127,7 @@ def build_parser(description, model=True):
     run.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                      help="draw the figures (PNG + PDF; default on; --no-figures saves a few seconds)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the evaluation files of an earlier run in --output-dir")
+    cli.add_overwrite(run, help="replace the evaluation files of an earlier run in --out-dir")
     privacy = group("privacy")
     privacy.add_argument("--anonymize-paths", action="store_true",
                          help="write salted SHA-256 hashes instead of image paths (and group ids) in "
@@ -141,7 +139,7 @@ def build_parser(description, model=True):
     stats.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                        help="percentile-bootstrap resamples for the 95%% CIs (default 2000; under "
                             "~500 the interval ends move with the seed; 0 = no bootstrap CIs)")
-    stats.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default 2024)")
+    cli.add_seed(stats, help="bootstrap seed (default 2024)")
     stats.add_argument("--group-regex", default=None, metavar="RE",
                        help=r"resample patients, not images: the first capture group of RE searched "
                             r"in each image's path relative to the data root (to --test-dir, or a "
@@ -156,12 +154,12 @@ def build_parser(description, model=True):
                        help="per-image attributes for --subgroups: a 'path' column as in "
                             "predictions.csv (or a 'file' column of file names) plus any columns "
                             "(site, sex, age, ...); rows of images not in the cohort are ignored")
-    stats.add_argument("--subgroups", default=None, metavar="A,B",
+    stats.add_argument("--subgroups", action=cli.SpaceList, join=",", default=None, metavar="NAME",
                        help="attributes to report performance by (columns of --metadata, or of a "
-                            "manifest.csv --test-dir), e.g. site,sex: subgroups.csv/.png, a "
+                            "manifest.csv --test-dir), e.g. site sex: subgroups.csv/.png, a "
                             "heterogeneity test per attribute, small-n warnings")
-    stats.add_argument("--age-bins", default=None, metavar="EDGES",
-                       help="bin edges for numeric --subgroups attributes, e.g. 0,40,60,120 "
+    stats.add_argument("--age-bins", action=cli.SpaceList, join=",", default=None, metavar="EDGE",
+                       help="bin edges for numeric --subgroups attributes, e.g. 0 40 60 120 "
                             "([0, 40), [40, 60), [60, 120]); a value outside them is refused")
     stats.add_argument("--failure-examples", type=int, default=DEFAULT_FAILURE_EXAMPLES, metavar="N",
                        help=f"failure analysis in report.md: the N most confident errors of each true "
@@ -213,11 +211,11 @@ def check_args(parser, args):
     if args.wise_ft_alpha is not None:
         bad = [a for a in args.wise_ft_alpha if not 0.0 <= a <= 1.0]
         if bad:
-            parser.error(f"--wise-ft-alpha values must be in [0, 1], got {bad[0]}")
+            parser.error(f"--wise-ft-alphas values must be in [0, 1], got {bad[0]}")
         if len({f"{a:g}" for a in args.wise_ft_alpha}) != len(args.wise_ft_alpha):
-            parser.error("--wise-ft-alpha: each alpha once")
+            parser.error("--wise-ft-alphas: each alpha once")
     elif args.wise_ft_base:
-        parser.error("--wise-ft-base needs --wise-ft-alpha")
+        parser.error("--wise-ft-base needs --wise-ft-alphas")
     if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
         parser.error(f"--cache-dir {args.cache_dir}: exists and is not a folder")
     if args.anonymize_salt is not None and not args.anonymize_paths:

@@ -159,7 +159,7 @@ def patient_cohort(make_patient_cohort):
 
 def train_argv(train_dir, val_dir, save_dir, *extra):
     """clip_train.py arguments of a 2-epoch tiny-model run (the training tests' base command)."""
-    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--save-dir", str(save_dir),
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--out-dir", str(save_dir),
             "--model-config", str(TINY_CONFIG), "--lr", "1e-3", "--batch-size", "16",
             "--epochs", "2", "--workers", "0", "--no-progress", *extra]
 

@@ -154,7 +154,7 @@ def test_non_empty_save_dir_is_refused(splits, tmp_path, capsys):
     (save_dir / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit):
         train_cli.main(train_argv(train_dir, val_dir, save_dir))
-    assert "--save-dir" in capsys.readouterr().err
+    assert "--out-dir" in capsys.readouterr().err
     assert sorted(p.name for p in save_dir.iterdir()) == ["notes.txt"]
 
 

@@ -82,7 +82,7 @@ def score(args, step_set, files, output_dir):
     outputs.atomic_write_json(label_map, step_set.label_map)
     argv = ["--test-dir", str(args.test_dir), "--predictions", f"{files[0][0]}={files[0][1]}",
             "--label-map", str(label_map), "--classes", ",".join(step_set.classes),
-            "--output-dir", str(output_dir / "report"), "--overwrite", "--bootstrap", str(args.bootstrap)]
+            "--out-dir", str(output_dir / "report"), "--overwrite", "--bootstrap", str(args.bootstrap)]
     if len(files) > 1:
         argv += ["--compare", *[f"{name}={path}" for name, path in files[1:]]]
     if args.group_regex:

@@ -103,9 +103,8 @@ def build_parser():
     data.add_argument("--data-root", required=True, metavar="DIR",
                       help="folder with one sub-folder per class (names from --prompts), or the "
                            "folder the --labels paths are relative to (required)")
-    data.add_argument("--prompts", default=None, metavar="JSON",
-                      help="JSON prompt set whose 'folder' names are the classes (default: the "
-                           "published three classes)")
+    cli.add_prompts(data, help="JSON prompt set whose 'folder' names are the classes (default: "
+                               "the published three classes)")
     data.add_argument("--exclude-folders", nargs="+", default=[], metavar="NAME",
                       help="sub-folders of --data-root that are not classes and are left out, "
                            "e.g. 'unknown' 'to sort' (default: none; any other folder that is "
@@ -138,8 +137,7 @@ def build_parser():
     split.add_argument("--stratify-by", default=None, metavar="COLUMN",
                           help="stratify the split by class x this --metadata column, e.g. site, "
                                "so every site keeps its share in each split (default: class only)")
-    split.add_argument("--seed", type=int, default=2024,
-                       help="shuffling seed (default: 2024); the same seed gives the same split")
+    cli.add_seed(split, help="shuffling seed (default: 2024); the same seed gives the same split")
     add_grouping_arguments(parser)
     audit = parser.add_argument_group("leakage audit")
     audit.add_argument("--near-dup-distance", type=int, default=NEAR_DUP_DISTANCE, metavar="BITS",
@@ -149,9 +147,10 @@ def build_parser():
                             "above ~8 unrelated photographs start to match")
     add_output_arguments(parser)
     running = parser.add_argument_group("running")
-    running.add_argument("--workers", type=int, default=None, metavar="N",
-                         help="threads that read, hash and resize images (default: the number "
-                              "of cores, at most 8)")
+    threads = running.add_argument("--threads", type=int, default=None, metavar="N",
+                                   help="threads that read, hash and resize images (default: the "
+                                        "number of cores, at most 8)")
+    cli.add_old_spellings(running, threads, "--workers")  # --workers is DataLoader processes elsewhere
     running.add_argument("--no-progress", action="store_true",
                          help="no tqdm progress bars (default: off)")
     return parser
@@ -180,9 +179,9 @@ def add_grouping_arguments(parser):
 def add_output_arguments(parser):
     """Where and how the split is written."""
     output = parser.add_argument_group("output")
-    output.add_argument("--out-dir", default=None, metavar="DIR",
-                        help="where train/, val/, test/ and manifest.csv go (default: --data-root; "
-                             "its split folders are never rescanned as classes)")
+    cli.add_out_dir(output, old=("--output-dir", "--save-dir"), default=None,
+                    help="where train/, val/, test/ and manifest.csv go (default: --data-root; "
+                         "its split folders are never rescanned as classes)")
     output.add_argument("--mode", choices=MODES, default="copy",
                         help="copy (source untouched), hardlink (no extra space, same file "
                              "system), symlink (absolute links), move (the published behaviour: "
@@ -191,9 +190,8 @@ def add_output_arguments(parser):
                         help="write copies whose shorter side is N px (e.g. 2x the model input: "
                              "448 for 224) instead of the originals; --mode copy only (default: "
                              "none: the original bytes)")
-    output.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier split in --out-dir: its train/val/test folders "
-                             "and our CSVs; class folders are never touched (default: off)")
+    cli.add_overwrite(output, help="replace an earlier split in --out-dir: its train/val/test "
+                                   "folders and our CSVs; class folders are never touched (default: off)")
     output.add_argument("--dry-run", action="store_true",
                         help="read, check and plan as a real run would (refusals included), "
                              "print the table and file count, write nothing (default: off)")
@@ -250,10 +248,10 @@ def validate_args(parser, args):
                          f"--mode {args.mode}")
     if args.rollback and args.overwrite:
         parser.error("--rollback undoes a move run; it does not combine with --overwrite")
-    if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1)
-    elif args.workers < 1:
-        parser.error(f"--workers {args.workers}: must be >= 1")
+    if args.threads is None:
+        args.threads = min(8, os.cpu_count() or 1)
+    elif args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
 
 
 def validate_labels_args(parser, args):
@@ -293,7 +291,7 @@ def prepare_split(args, root, out_dir):
     if args.mode == "hardlink":
         check_hardlink_possible(root, out_dir)
     LOG.info("== validating %d image files ==", len(items))
-    records, rejected = validate_cohort(root, items, folders, args.workers, args.no_progress or None,
+    records, rejected = validate_cohort(root, items, folders, args.threads, args.no_progress or None,
                                         flat=bool(args.labels))
     if args.metadata:
         attach_metadata(records, args.metadata, args.stratify_by)
@@ -333,7 +331,7 @@ def write_split(args, root, out_dir, plan):
     if args.mode == "move":
         move_split(root, out_dir, jobs, tables_for(records), args.no_progress or None)
         return
-    materialise(jobs, args.mode, args.workers, args.no_progress or None)
+    materialise(jobs, args.mode, args.threads, args.no_progress or None)
     for record in records:
         record.sha256_written = record.sha256_written or record.sha256
     write_tables(out_dir, tables_for(records))
@@ -342,6 +340,7 @@ def write_split(args, root, out_dir, plan):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    argv = cli.canonical_argv(build_parser(), argv)  # args.json spells the flags' current names
     cli.configure_logging()
     for key, value in vars(args).items():
         LOG.info("  %s = %s", key, value)

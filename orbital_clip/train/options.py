@@ -22,30 +22,31 @@ epoch the model classifies the validation set zero-shot (the class embedding is 
 evaluation prompts) and the best epoch is kept. The defaults reproduce the published protocol.
 
     $ python clip_train.py --train-dir "dataset_root/train" --val-dir "dataset_root/val" \\
-          --save-dir "clip_model_checkpoints" --model-name "ViT-B-32-256" --batch-size 200 \\
+          --out-dir "clip_model_checkpoints" --model-name "ViT-B-32-256" --batch-size 200 \\
           --epochs 100 --lr 1e-8
     $ python clip_train.py --train-dir dataset_root/manifest.csv --val-dir dataset_root/manifest.csv \\
-          --save-dir runs/demo --model-config demo/tiny_clip.json --pretrained none --lr 1e-3
-    $ python clip_train.py ... --save-dir runs/demo --resume auto
+          --out-dir runs/demo --model-config demo/tiny_clip.json --pretrained none --lr 1e-3
+    $ python clip_train.py ... --out-dir runs/demo --resume auto
 """
 DEFAULT_PRETRAINED = "datacomp_s34b_b86k"  # the only tag of ViT-B-32-256
 SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity",
                   "val_loss")
 SSA_BOOLEAN_WORDS = {"true": "true", "false": "false", "on": "true", "off": "false", "yes": "true",
                      "no": "false", "1": "true", "0": "false"}
-SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--save-dir", "--ssa", "--ssa-keep-all", "--resume",
+SSA_FORBIDDEN = {"--train-dir", "--val-dir", "--out-dir", "--save-dir", "--config", "--ssa",
+                 "--ssa-keep-all", "--resume",
                  "--select-metric", "--overwrite", "--help"}
 
 
-def alpha_list(text):
-    """argparse type: comma-separated WiSE-FT mixing weights in [0, 1]."""
+def mixing_weight(text):
+    """One WiSE-FT mixing weight in [0, 1] (an element of --wise-ft-alphas)."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5,1, got {text!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers like 0 0.5 1, got {text!r}") from None
+    if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"mixing weights must lie in [0, 1], got {text!r}")
-    return values
+    return value
 
 
 def warmup_spec(text):
@@ -82,9 +83,20 @@ def parse_args(argv=None, exit_on_error=True):
     """Parsed and checked arguments; a refusal exits with status 2 (or, with exit_on_error=False,
     raises ArgumentsRefused after the same message)."""
     parser = build_parser(argparse.ArgumentParser if exit_on_error else RefusingParser)
+    apply_config_flag(parser, argv)
     args = parser.parse_args(argv)
     validate_args(parser, args)
     return args
+
+
+def apply_config_flag(parser, argv):
+    """--config FILE: its values become the parser's defaults, so flags given on the command line
+    win (and the recipe fills only what neither set)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        cli.apply_config(parser, known.config)
 
 
 def recipe_default(dest):
@@ -105,27 +117,27 @@ def build_parser(parser_class=argparse.ArgumentParser):
                       help="folder with one sub-folder per class, or a manifest.csv (rows of split 'train')")
     data.add_argument("--val-dir", required=True,
                       help="folder with one sub-folder per class, or a manifest.csv (rows of split 'val')")
-    data.add_argument("--save-dir", required=True, help="where checkpoints, metrics and figures go")
-    data.add_argument("--prompts", default=None,
-                      help="JSON prompt set replacing the published one (schema in prompts.py)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model-name", default=None,
-                       help="open_clip architecture, "
-                          "or hf-hub:ORG/REPO or local-dir:PATH (architecture and weights from a Hub "
-                          "repository or a downloaded folder; HF text towers need requirements-hf.txt)")
-    model.add_argument("--model-config", default=None,
-                       help="JSON of a custom open_clip architecture; registered under the file's stem")
-    model.add_argument("--pretrained", default=None,
-                       help="open_clip tag, local weights file, or 'none' for random init "
-                            f"(default: {DEFAULT_PRETRAINED} for ViT-B-32-256; the repository's or "
-                            "folder's own weights for hf-hub:/local-dir:; none otherwise)")
+    cli.add_out_dir(data, dest="save_dir", old=("--save-dir",), required=True,
+                    help="where checkpoints, metrics and figures go")
+    cli.add_prompts(data)
+    data.add_argument("--config", default=None, metavar="FILE",
+                      help="JSON (or .yaml) of flag defaults, e.g. configs/recommended.json: keys are "
+                           "flag names (lr, batch-size, ...); flags on the command line override it")
+    cli.add_model_flags(
+        parser.add_argument_group("model"),
+        name_help="open_clip architecture, or hf-hub:ORG/REPO or local-dir:PATH (architecture and "
+                  "weights from a Hub repository or a downloaded folder; HF text towers need "
+                  "requirements-hf.txt)",
+        pretrained_help="open_clip tag, local weights file, or 'none' for random init "
+                        f"(default: {DEFAULT_PRETRAINED} for ViT-B-32-256; the repository's or "
+                        "folder's own weights for hf-hub:/local-dir:; none otherwise)")
     optim = parser.add_argument_group("optimisation (defaults = published protocol)")
     optim.add_argument("--batch-size", type=int, default=200,
                        help="images per step (published 200); contrastive loss needs >= 2")
     optim.add_argument("--epochs", type=int, default=100, help="passes over the training set (published 100)")
     optim.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
-                       help="'paper' (default) reproduces the published protocol; 'recommended' "
-                            "sets label-aware loss, balanced sampling, lr 1e-5, 5%% warmup + cosine, "
+                       help="configs/NAME.json: 'paper' (default) reproduces the published "
+                            "protocol; 'recommended' sets label-aware loss, balanced sampling, lr 1e-5, 5%% warmup + cosine, "
                             "weight decay 0.1, selection by balanced accuracy, patience 10. "
                             "Flags given explicitly override the recipe")
     optim.add_argument("--lr", type=float, default=None,
@@ -166,24 +178,20 @@ def build_parser(parser_class=argparse.ArgumentParser):
     optim.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute activations in backward: much less memory, ~30%% slower")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=2024, help="seed for weights, batches and captions")
-    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="bf16: autocast, fp32 master weights; auto: bf16 where the hardware multiplies "
-                          "bf16 natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32; "
-                          "fp32 for exact, reproducible numbers")
-    run.add_argument("--workers", type=int, default=None,
-                     help="DataLoader worker processes (default: cores - 1, at most 8, on a GPU; 0 on the CPU, "
-                          "where workers only take cores from the model)")
+    cli.add_seed(run)
+    cli.add_device(run)
+    cli.add_precision(run)
+    cli.add_workers(run)
     run.add_argument("--resume", default=None,
-                     help=f"'auto' (SAVE_DIR/{LAST_NAME} if present) or a checkpoint path")
+                     help=f"'auto' (OUT_DIR/{LAST_NAME} if present) or a checkpoint path")
     run.add_argument("--resume-with-changes", action="store_true",
                      help="let --resume continue with training flags (lr, batch size, recipe, ...) "
                           "that differ from the run's; without it such a resume is refused")
-    run.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir (a new run)")
-    optim.add_argument("--wise-ft-alphas", type=alpha_list, default=None, metavar="A,B,...",
+    cli.add_overwrite(run)
+    optim.add_argument("--wise-ft-alphas", action=cli.SpaceList, item=mixing_weight, default=None,
+                       metavar="A",
                        help="after training, evaluate WiSE-FT weights (1-a)*start + a*best on "
-                            "validation for each a (e.g. 0,0.25,0.5,0.75,1) and record the best a in "
+                            "validation for each a (e.g. 0 0.25 0.5 0.75 1) and record the best a in "
                             "the best checkpoint (its weights stay the fine-tuned ones)")
     run.add_argument("--dist-timeout", type=float, default=30.0,
                      help="torchrun: minutes a process waits for the others before the job fails "
@@ -255,11 +263,11 @@ def validate_args(parser, args):
         parser.error("--resume-with-changes needs --resume")
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
-        parser.error(f"--save-dir {save_dir}: exists and is not a folder")
+        parser.error(f"--out-dir {save_dir}: exists and is not a folder")
     other_rank = os.environ.get("RANK", "0") not in ("", "0")  # rank 0 may already be writing
     if (save_dir.is_dir() and any(save_dir.iterdir()) and not (args.resume or args.overwrite)
             and not other_rank):
-        parser.error(f"--save-dir {save_dir}: folder is not empty; pass --resume auto to continue "
+        parser.error(f"--out-dir {save_dir}: folder is not empty; pass --resume auto to continue "
                      "that run or --overwrite to start a new one there")
     if args.model_name is None:
         args.model_name = Path(args.model_config).stem if args.model_config else "ViT-B-32-256"

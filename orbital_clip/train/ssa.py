@@ -37,14 +37,14 @@ def ssa_trial_argv(base_argv, settings):
 
 
 def strip_ssa_flags(argv):
-    """argv without --ssa/--ssa-keep-all and without --save-dir (each trial gets its own)."""
+    """argv without --ssa/--ssa-keep-all and without --out-dir (each trial gets its own)."""
     kept, skip = [], 0
     for i, token in enumerate(argv):
         if skip:
             skip -= 1
             continue
         name = token.split("=", 1)[0]
-        if name in ("--ssa", "--save-dir"):
+        if name in ("--ssa", "--out-dir", "--save-dir"):
             skip = 0 if "=" in token else 1
             continue
         if name == "--ssa-keep-all":
@@ -107,7 +107,7 @@ def sweep(argv, args):
     for factor in args.ssa:  # every trial's arguments checked before anything is written
         for value in factor.values:
             parse_args(ssa_trial_argv(base_argv, [(factor, value)]) + [
-                "--save-dir", str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
+                "--out-dir", str(Path(args.save_dir) / "ssa" / "trials" / "check"), "--overwrite"])
     try:  # the cohorts and prompts once, before anything is written (exit 2 as a plain run)
         prepare_run(args)
     except (ValueError, OSError) as err:
@@ -145,7 +145,7 @@ def run_ssa(argv, args):
             fixed = [setting for k, setting in best.items() if k != name]
             trial = ssa_trial_argv(base_argv, fixed + [(factor, value)])
             start = time.perf_counter()
-            code, reason = run_trial(trial + ["--save-dir", str(trial_dir), "--overwrite"])
+            code, reason = run_trial(trial + ["--out-dir", str(trial_dir), "--overwrite"])
             if code == 2:
                 raise SsaUsageError(f"SSA stage {stage}, --{name} {value}: the trial refused its "
                                     "arguments (message above); nothing kept")
