@@ -273,7 +273,7 @@ def finish_run(model, ctx, state, metrics, val_loader, base_state, cohorts):
     """Rank 0 after the last epoch: the final checkpoint, WiSE-FT (with --wise-ft-alphas), the
     last checkpoint marked finished, MODEL_CARD.md; `cohorts` is (classes, train items, val items)."""
     args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
-    checkpoint.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+    checkpoint.write_checkpoint(save_dir / FINAL_NAME, checkpoint_metadata(model, ctx, state, metrics))
     if base_state is not None and (save_dir / BEST_NAME).exists():
         choose_wise_ft_alpha(model, ctx, val_loader, base_state)
     mark_finished(save_dir / LAST_NAME)

@@ -94,25 +94,25 @@ def resume_path(args):
 def resume_from(path, model, ctx, state):
     """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
     training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
-    checkpoint = ckpt.load_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+    record = ckpt.read_checkpoint(path)
+    resume = record.resume
+    if resume is None:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
                          f"resume from {LAST_NAME}")
-    if checkpoint.get("model_name") != ctx["args"].model_name:
-        raise ValueError(f"checkpoint architecture {checkpoint.get('model_name')} differs from "
+    if record.model_name != ctx["args"].model_name:
+        raise ValueError(f"checkpoint architecture {record.model_name} differs from "
                          f"--model-name {ctx['args'].model_name}")
-    model.load_state_dict(checkpoint["state_dict"])
-    ctx["optimizer"].load_state_dict(checkpoint["optimizer"])
-    ctx["scaler"].load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint["rng"], ctx)
-    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
-                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
-                 stopped=bool(checkpoint.get("stopped", False)),
-                 finished=bool(checkpoint.get("finished", False)),
-                 metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
-    stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
+    model.load_state_dict(record.state_dict)
+    ctx["optimizer"].load_state_dict(resume.optimizer)
+    ctx["scaler"].load_state_dict(resume.scaler)
+    restore_rng(resume.rng, ctx)
+    state.update(epoch=record.epoch, step=resume.step, best_value=resume.best_value,
+                 best_epoch=resume.best_epoch, history=list(resume.history),
+                 stopped=resume.stopped, finished=resume.finished,
+                 metrics=dict(record.metrics or {}), saved_epoch=record.epoch)
+    stored, current = dict(record.args or {}), dict(ctx["args_dict"])
     for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
-        recorded = (checkpoint.get("data") or {}).get(flag)
+        recorded = (record.data or {}).get(flag)
         if recorded and flag in current:
             stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
     return changed_training_args(stored, current)
