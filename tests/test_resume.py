@@ -36,6 +36,27 @@ def max_abs_difference(a, b):
 
 
 @pytest.mark.slow
+def test_each_epoch_starts_from_the_same_random_state_after_a_resume(large_splits, tmp_path, monkeypatch):
+    # Validation must not draw from the global generator between the RNG snapshot and the next
+    # epoch (its DataLoader drew its base seed there): a resume would start epoch 2 from another
+    # state, and with --workers 0 the augmentations of the main process follow it.
+    train_dir, val_dir = large_splits
+    real_epoch, states = train_loop.train_one_epoch, []
+
+    def recording(model, loader, state, ctx):
+        states.append((state["epoch"], torch.get_rng_state().clone()))
+        return real_epoch(model, loader, state, ctx)
+
+    monkeypatch.setattr(train_loop, "train_one_epoch", recording)
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "straight")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--epochs", "1")) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "split", "--resume", "auto")) == 0
+    (straight_epoch_2,), (resumed_epoch_2,) = [[s for e, s in states[i:j] if e == 1]
+                                               for i, j in ((0, 2), (3, 4))]
+    assert torch.equal(straight_epoch_2, resumed_epoch_2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_resume_is_bit_identical_on_images_where_crops_vary(large_splits, tmp_path, workers):
     train_dir, val_dir = large_splits
