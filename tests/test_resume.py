@@ -3,6 +3,8 @@ augmentation draws really vary (images well above the tiny model's 64 px input, 
 RandomResizedCrop draw changes the crop), at --workers 0 and 2 and after a Ctrl-C; and
 --resume-with-changes, where each changed flag takes effect or is refused by name."""
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -88,3 +90,42 @@ def test_resume_after_ctrl_c_in_epoch_2_is_bit_identical(large_splits, tmp_path,
     assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto")) == 0
     assert max_abs_difference(weights(tmp_path / "straight"), weights(save_dir)) == 0.0
     assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1, 2, 3]
+
+
+# -- --resume-with-changes: each changed flag takes effect or is refused by name -------------------
+
+def file_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_changes_a_resume_cannot_apply_are_refused_by_name_before_anything_is_written(splits, tmp_path,
+                                                                                      capsys):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
+    before = file_bytes(save_dir)
+    for change in (("--select-metric", "balanced_accuracy"), ("--lock-image",)):
+        capsys.readouterr()
+        code = train_cli.main(train_argv(train_dir, val_dir, save_dir, "--resume", "auto",
+                                         "--resume-with-changes", *change))
+        err = capsys.readouterr().err
+        assert code == 2 and f"{change[0]} (" in err and "cannot change on resume" in err
+        assert "Traceback" not in err and file_bytes(save_dir) == before
+
+
+@pytest.mark.slow
+def test_changed_batch_size_continues_the_schedule_and_weight_decay_is_applied(splits, tmp_path):
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    common = ("--schedule", "cosine", "--warmup", "0")
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--batch-size", "8",
+                                     *common)) == 0
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--resume", "auto", "--resume-with-changes",
+                                     "--weight-decay", "0.5", *common)) == 0
+    lr = pd.read_csv(save_dir / "metrics.csv").set_index("epoch")["lr"]
+    # 27 images: 4 steps at batch 8 (epoch 1), then 2 per epoch at batch 16: epoch 2 runs steps
+    # 2 and 3 of 4 (not 4 and 5, past the end of the cosine: lr 0); the last step's lr is logged
+    assert lr[2] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 3 / 4)))
+    groups = ckpt.read_checkpoint(save_dir / train_checkpoints.LAST_NAME).resume.optimizer["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]

@@ -27,7 +27,7 @@ from orbital_clip.train.model_setup import configure_trainable, setup_model
 from orbital_clip.train.sampling import make_loader
 from orbital_clip.train.schedule import param_groups, warmup_steps
 from orbital_clip.train.shortcuts import configure_exact_shortcuts
-from orbital_clip.train.state import describe_changes, new_state, resume_command, resume_from, resume_path
+from orbital_clip.train.state import apply_changes, describe_changes, new_state, resume_command, resume_from, resume_path
 from orbital_clip.train.wise_ft import choose_wise_ft_alpha
 
 LOG = logging.getLogger("clip_train")  # one logger for the whole training command
@@ -259,6 +259,7 @@ def resume_run(path, model, ctx, state):
                               "the run it continues; resume with the run's flags, or pass "
                               "--resume-with-changes if the change is meant")
     if changes:
+        apply_changes(changes, ctx, state)
         LOG.warning("--resume-with-changes: continuing %s with %s", path, describe_changes(changes))
     if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
         LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
