@@ -4,9 +4,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "orbital_clip"
-# train/'s writers switch to checkpoint.write_checkpoint next; then these expected exceptions go
-# these expected exceptions (mark_finished and choose_wise_ft_alpha rewrite a loaded checkpoint).
-EXPECTED_TORCH_SAVE = {"train/checkpoints.py": 1, "train/wise_ft.py": 1}
+EXPECTED_TORCH_SAVE = {}
 
 
 def call_sites(pattern):

@@ -3,8 +3,6 @@ run's outputs with --overwrite."""
 
 from pathlib import Path
 
-import torch
-
 from orbital_clip import checkpoint as ckpt
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
@@ -17,60 +15,57 @@ LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + histo
 
 
 def checkpoint_metadata(model, ctx, state, metrics):
-    """Plain-data description of the run stored in every checkpoint."""
+    """The CheckpointRecord of the model now: weights plus the plain-data description of the run
+    stored in every checkpoint."""
     args = ctx["args"]
-    return {
-        "model_name": args.model_name,
-        "model_config": ctx["model_config"],
-        "pretrained": None if args.pretrained == "none" else str(args.pretrained),
+    return ckpt.CheckpointRecord(
+        state_dict=model.state_dict(),
+        model_name=args.model_name,
+        model_config=ctx["model_config"],
+        pretrained=None if args.pretrained == "none" else str(args.pretrained),
         # The file's identity: inference's WiSE-FT refuses a different file found at that path.
-        "pretrained_sha256": ctx.get("pretrained_sha256"),
-        "class_folders": prompt_sets.class_folders(ctx["classes"]),
-        "prompts": prompt_sets.prompt_set_to_dict(ctx["classes"]),
-        "preprocess": {"image_size": ctx["image_size_px"]},
-        "preprocess_cfg": ctx.get("preprocess_cfg"),  # open_clip's mean/std/resize: rebuilt offline
-        "logit_scale_mode": args.logit_scale_mode,
-        "epoch": state["epoch"],
-        "metrics": outputs.plain(metrics),
-        "select_metric": args.select_metric,
+        pretrained_sha256=ctx.get("pretrained_sha256"),
+        class_folders=prompt_sets.class_folders(ctx["classes"]),
+        prompts=prompt_sets.prompt_set_to_dict(ctx["classes"]),
+        preprocess={"image_size": ctx["image_size_px"]},
+        preprocess_cfg=ctx.get("preprocess_cfg"),  # open_clip's mean/std/resize: rebuilt offline
+        logit_scale_mode=args.logit_scale_mode,
+        epoch=state["epoch"],
+        metrics=outputs.plain(metrics),
+        select_metric=args.select_metric,
         # Tuned on validation only; inference never re-tunes them on the external cohort.
-        "operating_point": {"class": ctx["classes"][0].folder,
-                            "target_sensitivity": args.target_sensitivity,
-                            "threshold": metrics.get("operating_threshold"),
-                            "val_sensitivity": metrics.get("operating_val_sensitivity"),
-                            "val_specificity": metrics.get("operating_val_specificity")},
-        "temperature": metrics.get("temperature"),
-        "args": ctx["args_dict"],
+        operating_point={"class": ctx["classes"][0].folder,
+                         "target_sensitivity": args.target_sensitivity,
+                         "threshold": metrics.get("operating_threshold"),
+                         "val_sensitivity": metrics.get("operating_val_sensitivity"),
+                         "val_specificity": metrics.get("operating_val_specificity")},
+        temperature=metrics.get("temperature"),
+        args=ctx["args_dict"],
         # Where the model was trained and validated, as absolute paths: inference flags a test
         # cohort that overlaps them ("not an independent test set") from any working folder.
-        "data": {"train_dir": str(Path(args.train_dir).resolve()),
-                 "val_dir": str(Path(args.val_dir).resolve()), "fold": args.fold},
-    }
+        data={"train_dir": str(Path(args.train_dir).resolve()),
+              "val_dir": str(Path(args.val_dir).resolve()), "fold": args.fold},
+    )
 
 
 def save_last(model, ctx, state, metrics):
     """Resumable checkpoint: weights, optimizer, scaler, RNG states, history, best so far."""
-    meta = checkpoint_metadata(model, ctx, state, metrics)
-    meta.update({
-        "optimizer": ctx["optimizer"].state_dict(),
-        "scaler": ctx["scaler"].state_dict(),
-        "rng": ctx["rng_snapshots"],
-        "step": state["step"],
-        "best_value": state["best_value"],
-        "best_epoch": state["best_epoch"],
-        "history": outputs.plain(state["history"]),
-        "stopped": bool(state["stopped"]),  # early-stopped: a resume trains no further
-        "finished": False,  # set by mark_finished once the final checkpoint is written
-    })
-    ckpt.save_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, model, meta)
+    record = checkpoint_metadata(model, ctx, state, metrics)
+    record.resume = ckpt.TrainingState(
+        optimizer=ctx["optimizer"].state_dict(), scaler=ctx["scaler"].state_dict(),
+        rng=ctx["rng_snapshots"], step=state["step"], best_value=state["best_value"],
+        best_epoch=state["best_epoch"], history=outputs.plain(state["history"]),
+        stopped=bool(state["stopped"]),  # early-stopped: a resume trains no further
+        finished=False)  # set by mark_finished once the final checkpoint is written
+    ckpt.write_checkpoint(Path(ctx["args"].save_dir) / LAST_NAME, record)
 
 
 def mark_finished(path):
     """Record in the last checkpoint that the run is over (final checkpoint, WiSE-FT written):
     `--resume auto` then changes nothing."""
-    checkpoint = ckpt.load_checkpoint_file(path)
-    checkpoint["finished"] = True
-    outputs.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+    record = ckpt.read_checkpoint(path)
+    record.resume.finished = True
+    ckpt.write_checkpoint(path, record)
 
 
 def prepare_save_dir(args):

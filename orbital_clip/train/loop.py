@@ -196,11 +196,11 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
         best = True
     if best:
         state["best_value"], state["best_epoch"] = value, state["epoch"]
-        meta = checkpoint_metadata(model, ctx, state, metrics)
-        checkpoint.save_checkpoint(save_dir / BEST_NAME, model, meta)
+        record = checkpoint_metadata(model, ctx, state, metrics)
+        checkpoint.write_checkpoint(save_dir / BEST_NAME, record)
         checkpoint.save_safetensors(save_dir / BEST_SAFETENSORS_NAME, model, {
-            k: meta[k] for k in ("model_name", "model_config", "preprocess_cfg", "pretrained",
-                                 "class_folders", "prompts", "epoch", "logit_scale_mode")})
+            k: getattr(record, k) for k in ("model_name", "model_config", "preprocess_cfg", "pretrained",
+                                            "class_folders", "prompts", "epoch", "logit_scale_mode")})
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,

@@ -71,12 +71,12 @@ def pretrained_weights(path, model_name):
     """State dict of a --pretrained weights file, loaded without unpickling objects; refused
     (ValueError naming the flag and the file) when unsafe, unreadable or of another architecture."""
     try:
-        checkpoint = ckpt.load_checkpoint_file(path)
-        recorded = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
+        record = ckpt.read_checkpoint(path)
+        recorded = record.model_name
         if isinstance(recorded, str) and recorded != model_name:
             raise ckpt.CheckpointError(f"{path}: holds architecture {recorded}, not --model-name "
                                          f"{model_name}; pass --model-name {recorded}")
-        return ckpt.checkpoint_state_dict(checkpoint, path)
+        return ckpt.checkpoint_state_dict(record.state_dict, path)
     except ckpt.CheckpointError as err:
         raise ValueError(f"--pretrained {err}") from None
 

@@ -27,7 +27,7 @@ from orbital_clip.train.model_setup import configure_trainable, setup_model
 from orbital_clip.train.sampling import make_loader
 from orbital_clip.train.schedule import param_groups, warmup_steps
 from orbital_clip.train.shortcuts import configure_exact_shortcuts
-from orbital_clip.train.state import describe_changes, new_state, resume_command, resume_from, resume_path
+from orbital_clip.train.state import apply_changes, describe_changes, new_state, resume_command, resume_from, resume_path
 from orbital_clip.train.wise_ft import choose_wise_ft_alpha
 
 LOG = logging.getLogger("clip_train")  # one logger for the whole training command
@@ -259,6 +259,7 @@ def resume_run(path, model, ctx, state):
                               "the run it continues; resume with the run's flags, or pass "
                               "--resume-with-changes if the change is meant")
     if changes:
+        apply_changes(changes, ctx, state)
         LOG.warning("--resume-with-changes: continuing %s with %s", path, describe_changes(changes))
     if state["finished"] and (state["stopped"] or state["epoch"] >= args.epochs):
         LOG.info("--resume: %s is a finished run (%s at epoch %d); nothing to do, no file "
@@ -273,7 +274,7 @@ def finish_run(model, ctx, state, metrics, val_loader, base_state, cohorts):
     """Rank 0 after the last epoch: the final checkpoint, WiSE-FT (with --wise-ft-alphas), the
     last checkpoint marked finished, MODEL_CARD.md; `cohorts` is (classes, train items, val items)."""
     args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
-    checkpoint.save_checkpoint(save_dir / FINAL_NAME, model, checkpoint_metadata(model, ctx, state, metrics))
+    checkpoint.write_checkpoint(save_dir / FINAL_NAME, checkpoint_metadata(model, ctx, state, metrics))
     if base_state is not None and (save_dir / BEST_NAME).exists():
         choose_wise_ft_alpha(model, ctx, val_loader, base_state)
     mark_finished(save_dir / LAST_NAME)

@@ -76,10 +76,13 @@ def make_loader(items, transform, image_size_px, args, shuffle, generator=None, 
     dataset = cohort.ImageListDataset(items, transform, min_side_px=image_size_px,
                                       image_shape=(3, image_size_px, image_size_px))
     if not shuffle:
+        # A generator of its own: without one, every pass (validation after each epoch) draws its
+        # workers' base seed from the global generator, after the epoch's RNG snapshot, and a
+        # resumed epoch would start from another random state than a straight one.
         return torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
             pin_memory=args.device.type == "cuda", worker_init_fn=cli.seed_worker,
-            persistent_workers=args.workers > 0)
+            generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
     sampler = train_sampler(items, args, generator, n_classes)
     if sampler is None:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)

@@ -23,6 +23,42 @@ RESUME_FREE_ARGS = {"save_dir", "resume", "resume_with_changes", "overwrite", "e
                     "device", "precision", "no_progress", "dist_timeout", "compile",
                     "grad_checkpointing", "accum_steps", "wise_ft_alphas", "ssa", "ssa_keep_all",
                     "world_size", "rank", "local_rank"}
+# Training flags that --resume-with-changes cannot apply to the run it continues: refused by name
+# before anything is written (each with why and what to do), never accepted then ignored.
+# Flags not listed here take effect: --lr (every step sets it), --weight-decay (re-applied to the
+# restored optimiser groups, see `apply_changes`), --batch-size (the schedule continues from the
+# fraction of training done), and the rest of the recorded args.
+REFUSED_CHANGES = {
+    "--select-metric": "the best checkpoint holds the best epoch under the old metric and the "
+                       "other epochs' weights are gone; train a new run with --overwrite",
+    "--lock-image": "the restored optimiser holds the parameter groups of the old lock; train a "
+                    "new run with --overwrite (or --pretrained PATH to the last checkpoint)",
+    "--lock-text": "the restored optimiser holds the parameter groups of the old lock; train a "
+                   "new run with --overwrite (or --pretrained PATH to the last checkpoint)",
+}
+
+
+def refused_changes(changes, stopped):
+    """The message refusing `changes` ([(flag, old, new)]) that a resume cannot apply, or None;
+    `stopped`: the run stopped early, so a changed --patience would be ignored."""
+    for flag, old, new in changes:
+        if flag in REFUSED_CHANGES:
+            return f"{flag} ({old} -> {new}) cannot change on resume: {REFUSED_CHANGES[flag]}"
+        if flag == "--patience" and stopped:
+            return (f"--patience ({old} -> {new}) cannot change on resume: the run already stopped "
+                    "early, a resume trains no further; train a new run with --overwrite")
+    return None
+
+
+def apply_changes(changes, ctx, state):
+    """Make the accepted changes take effect on the restored optimiser and step counter."""
+    flags = {flag for flag, _old, _new in changes}
+    if "--weight-decay" in flags:  # load_state_dict restored the old groups' decay
+        ctx["optimizer"].param_groups[0]["weight_decay"] = ctx["args"].weight_decay
+    if "--batch-size" in flags:  # continue the schedule from the fraction of training done
+        state["step"] = state["epoch"] * ctx["steps_per_epoch"]
+
+
 def new_state():
     """The state of a run that has not trained yet: what end_of_epoch updates, the last checkpoint
     records and resume_from restores (`saved_epoch` is added once a last checkpoint exists)."""
@@ -94,28 +130,34 @@ def resume_path(args):
 def resume_from(path, model, ctx, state):
     """Load weights, optimizer, scaler, RNG and history from a last checkpoint; returns the
     training arguments this run changes (changed_training_args, [] for an older checkpoint)."""
-    checkpoint = ckpt.load_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+    record = ckpt.read_checkpoint(path)
+    resume = record.resume
+    if resume is None:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
                          f"resume from {LAST_NAME}")
-    if checkpoint.get("model_name") != ctx["args"].model_name:
-        raise ValueError(f"checkpoint architecture {checkpoint.get('model_name')} differs from "
+    if record.model_name != ctx["args"].model_name:
+        raise ValueError(f"checkpoint architecture {record.model_name} differs from "
                          f"--model-name {ctx['args'].model_name}")
-    model.load_state_dict(checkpoint["state_dict"])
-    ctx["optimizer"].load_state_dict(checkpoint["optimizer"])
-    ctx["scaler"].load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint["rng"], ctx)
-    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"], best_value=checkpoint["best_value"],
-                 best_epoch=checkpoint["best_epoch"], history=list(checkpoint["history"]),
-                 stopped=bool(checkpoint.get("stopped", False)),
-                 finished=bool(checkpoint.get("finished", False)),
-                 metrics=dict(checkpoint.get("metrics") or {}), saved_epoch=checkpoint["epoch"])
-    stored, current = dict(checkpoint.get("args") or {}), dict(ctx["args_dict"])
+    stored, current = dict(record.args or {}), dict(ctx["args_dict"])
     for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
-        recorded = (checkpoint.get("data") or {}).get(flag)
+        recorded = (record.data or {}).get(flag)
         if recorded and flag in current:
             stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
-    return changed_training_args(stored, current)
+    changes = changed_training_args(stored, current)
+    if changes and not ctx["args"].resume_with_changes:
+        return changes  # refused by the caller, before anything is loaded or written
+    # Before the optimiser loads: a changed lock would otherwise fail in torch's own words.
+    if changes and (refusal := refused_changes(changes, resume.stopped)) is not None:
+        raise ValueError(refusal)
+    model.load_state_dict(record.state_dict)
+    ctx["optimizer"].load_state_dict(resume.optimizer)
+    ctx["scaler"].load_state_dict(resume.scaler)
+    restore_rng(resume.rng, ctx)
+    state.update(epoch=record.epoch, step=resume.step, best_value=resume.best_value,
+                 best_epoch=resume.best_epoch, history=list(resume.history),
+                 stopped=resume.stopped, finished=resume.finished,
+                 metrics=dict(record.metrics or {}), saved_epoch=record.epoch)
+    return changes
 
 
 def changed_training_args(stored, current):
