@@ -31,7 +31,7 @@ def synthetic_evaluation(n, root, seed=0):
     cohort = evaluation.Cohort([(Path(root) / FOLDERS[c] / f"img_{i:05d}.jpg", int(c))
                                for i, c in enumerate(y_true)], True, Path(root))
     bundle = inference.ModelBundle(
-        checkpoint=inference.Checkpoint("ours", "synthetic.pt", {}, "0" * 64), model_name="tiny_clip",
+        checkpoint=inference.Checkpoint("ours", "synthetic.pt", {"state_dict": {}}, "0" * 64), model_name="tiny_clip",
         model=None, preprocess=None, tokenizer=None, classes=prompts.load_prompt_set(None),
         folders=FOLDERS, prompt_source="published", logit_scale_mode="exp",
         operating={"class": FOLDERS[0], "rare_index": 0, "threshold": 0.2, "source": "validation"},

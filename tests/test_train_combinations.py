@@ -365,7 +365,7 @@ def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_th
     from types import SimpleNamespace
     model, *_ = models.create_model("tiny_clip", None)
     fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}
-    checkpoint = inference.Checkpoint("ours", "best.pt", {"wise_ft": {
+    checkpoint = inference.Checkpoint("ours", "best.pt", {"state_dict": {}, "wise_ft": {
         "base": "pretrained", "calibration": {"0.5": fitted}}}, "sha")
     bundle = inference.ModelBundle(
         checkpoint=checkpoint, model_name="tiny_clip", model=model, preprocess=None, tokenizer=None,
