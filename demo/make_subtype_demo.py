@@ -8,9 +8,12 @@ label map and the handling of unmapped answers. Two images (left and right eye) 
 
     $ python demo/make_subtype_demo.py --out demo_run/subtypes
     $ python demo/make_subtype_demo.py --out demo_run/subtypes --answers-dir demo/subtypes
+    $ python demo/make_subtype_demo.py --out demo_run/subtypes --metadata demo_run/subtypes_metadata.csv
 
 The second line also rewrites the shipped files demo/subtypes/step{1,2,3}.csv and label_map.json
-(the same seed gives the same bytes).
+(the same seed gives the same bytes). The third also writes a metadata file of made-up age, sex,
+race and symptoms per patient (both eyes alike; race left blank for some, as clinics often do),
+the columns the paper's step prompts name (ask_models.py --metadata).
 """
 
 import argparse
@@ -37,6 +40,15 @@ LABEL_MAP = {"thyroid eye disease": ["TED", "Graves orbitopathy", "thyroid-assoc
 REFUSALS = ("I cannot determine the diagnosis from this information.",
             "Unable to say; please consult an ophthalmologist.", "")
 SEED = 24  # a draw with one or two unmapped answers per step
+METADATA_SEED = 7  # its own stream: the images and answers are the same with or without --metadata
+# Made-up presentations, typical of each subtype in textbooks; not patient data.
+SYMPTOMS = {"thyroid eye disease": ("bilateral proptosis and eyelid retraction", "gritty eyes and double vision",
+                                    "staring appearance, worse in the morning"),
+            "orbital inflammation": ("painful swelling of one eyelid", "pain on eye movement and redness",
+                                     "sudden periorbital pain and swelling"),
+            "orbital tumour": ("slowly progressive painless proptosis", "painless displacement of one eye",
+                               "blurred vision and a fullness behind the eye")}
+RACES = ("White", "Black", "Asian", "Hispanic", "")
 
 
 def cohort_paths(subtype):
@@ -96,6 +108,24 @@ def write_images(out_dir, seed=SEED):
     return count
 
 
+def write_metadata(path, seed=METADATA_SEED):
+    """path, age, sex, race, symptoms for every image; one draw per patient (both eyes alike)."""
+    rng = random.Random(seed)
+    rows = []
+    for subtype in SUBTYPES:
+        paths = cohort_paths(subtype)
+        for left, right in zip(paths[::2], paths[1::2]):
+            patient = [rng.randint(18, 85), rng.choice(("female", "male")), rng.choice(RACES),
+                       rng.choice(SYMPTOMS[subtype])]
+            rows += [[left, *patient], [right, *patient]]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["path", "age", "sex", "race", "symptoms"])
+        writer.writerows(rows)
+    return len(rows)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +133,8 @@ def parse_args(argv):
     parser.add_argument("--answers-dir", default=None,
                         help="also write the answer files and label map here (demo/subtypes holds "
                              "the shipped ones)")
+    parser.add_argument("--metadata", default=None,
+                        help="also write a metadata CSV here (age, sex, race, symptoms per image)")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         parser.error(f"--out {args.out}: folder exists and is not empty")
@@ -116,6 +148,8 @@ def main(argv=None):
     if args.answers_dir:
         write_answers(args.answers_dir)
         print(f"wrote {', '.join(f'{s}.csv' for s in STEPS)} and label_map.json to {args.answers_dir}")
+    if args.metadata:
+        print(f"wrote age, sex, race and symptoms of {write_metadata(args.metadata)} images to {args.metadata}")
     return 0
 
 
