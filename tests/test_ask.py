@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from demo import make_demo_cohort
-from orbital_clip.ask import cache, cli, runner, steps
+from orbital_clip.ask import cache, cli, client, runner, steps
 from orbital_clip import scoring
 
 pytest.importorskip("openai")
@@ -77,8 +77,10 @@ class Server:
                 if action == "stall":
                     time.sleep(1.0)  # past the client's --timeout-s: the client has given up
                     return
-                if action in (429, 500):
+                if action in (400, 401, 429, 500):
                     return self.reply(action, {"error": {"message": "try later"}})
+                if isinstance(action, tuple):  # (status, headers)
+                    return self.reply(action[0], {"error": {"message": "try later"}}, action[1])
                 time.sleep(server.delay_s)
                 key = cache.request_key(body)
                 if action == "malformed":
@@ -90,9 +92,11 @@ class Server:
                                               "message": {"role": "assistant", "content": answer_for(key)}}],
                                  "usage": {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103}})
 
-            def reply(self, status, payload):
+            def reply(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -170,7 +174,7 @@ def test_full_run_retries_privacy_and_report_matches_scoring_by_hand(cohort, tmp
     root, meta, paths = cohort
     s = server(plan={1: 429, 2: 500, 3: "stall", 4: "malformed"})
     out = tmp_path / "run"
-    assert cli.main(run_args(root, meta, out, s.url, "--concurrency", "1")) in (0, 1)
+    assert cli.main(run_args(root, meta, out, s.url, "--concurrency", "1")) == 1  # a failed request
     summary = json.loads((out / "summary.json").read_text())
     failed = sum(st["failed"] for st in summary["steps"].values())
     assert failed == 1  # the malformed answer (not retried, not cached)
@@ -237,3 +241,42 @@ def test_resume_after_kill_sends_each_request_once(cohort, tmp_path, server):
     assert cli.main(run_args(root, meta, out, s.url, "--no-score")) == 0
     assert len(s.answered) == total and all(v == 1 for v in s.answered.values())
     assert s.received == total + 1  # the one blocked when the run was killed, asked again
+
+
+def test_retry_after_is_honoured(server):
+    s = server(plan={1: (429, {"Retry-After": "3"}), 2: (503, {"retry-after-ms": "1500"})})
+    endpoint = client.make_client(s.url, "not-needed", 5)
+    waits = []
+    request = client.build_request("m", "", "hi", "data:image/png;base64,AAAA", 0.0, 1, 8)
+    record = client.send_with_retries(endpoint, request, 3, 0.01, sleep=waits.append)
+    assert record["status"] == "ok" and record["attempts"] == 3
+    assert waits == [3.0, 1.5]  # the server's wait, not the 0.01 s backoff
+
+
+def test_wrong_key_stops_sending_and_scores_nothing(cohort, tmp_path, server, capsys):
+    root, meta, paths = cohort
+    s = server(plan={1: 401})
+    out = tmp_path / "run"
+    assert cli.main(run_args(root, meta, out, s.url, "--concurrency", "1")) == 2
+    assert s.received == 1  # not every image of the cohort uploaded to a host that refused the key
+    assert "HTTP 401" in capsys.readouterr().err and not (out / "report").exists()
+    assert cli.main(run_args(root, meta, out, s.url, "--no-score")) == 0  # the rerun sends the rest
+    assert s.received == 1 + 3 * len(paths)
+
+
+def test_a_failed_request_is_reported_and_the_exit_code_says_so(cohort, tmp_path, server, capsys):
+    root, meta, paths = cohort
+    s = server(plan={1: 400})
+    assert cli.main(run_args(root, meta, tmp_path / "run", s.url, "--no-score")) == 1
+    n = 3 * len(paths)
+    err = capsys.readouterr().err
+    assert f"1 of {n} requests failed" in err
+    assert f"sent {n}, from the cache 0" in err  # the runner's own log lines are shown  # the runner's own log lines are shown
+
+
+def test_icc_profile_text_does_not_leave_the_machine(tmp_path):
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() + b"MRN-12345 Jane Doe"
+    Image.new("RGB", (32, 24), (120, 80, 60)).save(tmp_path / "a.jpg", icc_profile=icc)
+    png = base64.b64decode(client.encode_image(tmp_path / "a.jpg").split(",", 1)[1])
+    assert b"iCCP" not in png and not Image.open(io.BytesIO(png)).info.get("icc_profile")

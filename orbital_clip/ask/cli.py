@@ -43,7 +43,7 @@ def parse_args(argv=None):
     endpoint.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default 5)")
     endpoint.add_argument("--backoff-s", type=float, default=2.0, help="first retry wait in seconds, doubled each time")
     endpoint.add_argument("--timeout-s", type=float, default=120.0, help="per-request timeout in seconds")
-    scoring = parser.add_argument_group("scoring (inference.py --predictions)")
+    scoring = parser.add_argument_group("scoring (score_answers.py)")
     scoring.add_argument("--group-regex", default=None, metavar="RE", help="patients, as in inference.py")
     scoring.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     scoring.add_argument("--no-score", action="store_true", help="collect the answers, do not score")
@@ -76,22 +76,23 @@ def api_key(args):
 
 
 def score(args, step_set, files, output_dir):
-    """inference.py --predictions on the answer files, steps in order (the sequential report)."""
-    from orbital_clip import scoring  # imported late: it loads torch and open_clip
+    """score_answers.py on the answer files, steps in order (the sequential report)."""
+    from orbital_clip import answers  # imported late: it loads torch
     label_map = output_dir / "label_map.json"
     outputs.atomic_write_json(label_map, step_set.label_map)
     argv = ["--test-dir", str(args.test_dir), "--predictions", f"{files[0][0]}={files[0][1]}",
-            "--label-map", str(label_map), "--classes", ",".join(step_set.classes),
+            "--label-map", str(label_map), "--classes", *step_set.classes,
             "--out-dir", str(output_dir / "report"), "--overwrite", "--bootstrap", str(args.bootstrap)]
     if len(files) > 1:
         argv += ["--compare", *[f"{name}={path}" for name, path in files[1:]]]
     if args.group_regex:
         argv += ["--group-regex", args.group_regex]
-    return scoring.main(argv)
+    return answers.main(argv)
 
 
 def main(argv=None) -> int:
     cli.configure_logging()
+    LOG.setLevel(logging.INFO)  # configure_logging raises only the scorer's loggers to INFO
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     try:
@@ -126,10 +127,23 @@ def main(argv=None) -> int:
     files = runner.write_answer_files(output_dir / "answers", step_set, rows)
     summary = runner.summarise(step_set, rows, sent)
     outputs.atomic_write_json(output_dir / "summary.json", summary)
-    LOG.info("sent %d, cached %d; %s", sent, len(planned) - sent, json.dumps(summary["steps"]))
+    cached = sum(1 for item in planned if records[item.key].get("from_cache"))
+    LOG.info("sent %d, from the cache %d; %s", sent, cached, json.dumps(summary["steps"]))
+    fatal = next((r["status"] for r in records.values() if r.get("fatal")), None)
+    if fatal:
+        print(f"error: {fatal.removeprefix('failed: ')} from {args.base_url}: the key (--api-key-env "
+              f"{args.api_key_env}), the access or --model {args.model!r} is wrong; stopped sending, "
+              "nothing scored (rerun to send the rest)", file=sys.stderr)
+        return 2
+    failed = sum(step["failed"] for step in summary["steps"].values())
+    if failed:
+        print(f"warning: {failed} of {len(planned)} requests failed (status column of answers/, "
+              "summary.json); rerun the same command to ask only them again. Until then the report "
+              "counts them as failed rows (errors in intention-to-diagnose)", file=sys.stderr)
     if args.no_score:
-        return 0
-    return score(args, step_set, files, output_dir)
+        return 1 if failed else 0
+    code = score(args, step_set, files, output_dir)
+    return code or (1 if failed else 0)
 
 
 if __name__ == "__main__":

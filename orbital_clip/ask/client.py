@@ -2,12 +2,16 @@
 re-encoded PNG data URL), one call with retries and backoff, the answer record it yields."""
 
 import base64
+import email.utils
 import io
+import math
 import time
 
 from orbital_clip import images
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx: the endpoint's trouble, worth another try
+FATAL_STATUS = {401, 403, 404}  # a wrong key, no access, no such model: every request would fail
+MAX_RETRY_AFTER_S = 300.0  # a longer Retry-After is treated as this (the run stays bounded)
 
 
 class MissingClientError(RuntimeError):
@@ -18,8 +22,10 @@ def encode_image(path):
     """A PNG data URL of the image's pixels only: decoded (EXIF orientation applied) and written
     afresh, so no EXIF, no text chunks and no file name leave the machine."""
     image = images.read_image(path)  # ImageReadError on an unreadable file
+    image = image.copy()
+    image.info.clear()  # Pillow's PNG writer copies info["icc_profile"] (free text inside) otherwise
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # no exif=/pnginfo= given: Pillow writes pixels only
+    image.save(buffer, format="PNG")  # no exif=/pnginfo=/icc_profile given: pixels only
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -51,6 +57,33 @@ def is_retryable(err):
     return type(err).__name__ in {"APITimeoutError", "APIConnectionError"}
 
 
+def is_fatal(err):
+    """401, 403, 404: the key, the access or the model name is wrong; no request can succeed."""
+    return getattr(err, "status_code", None) in FATAL_STATUS
+
+
+def retry_after_s(err):
+    """The server's Retry-After (retry-after-ms, seconds or an HTTP date) of an error, or None."""
+    headers = getattr(getattr(err, "response", None), "headers", None)
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value) if name == "retry-after" else None
+            if parsed is None:
+                continue
+            seconds = email.utils.mktime_tz(parsed) - time.time()
+        if math.isnan(seconds):
+            continue
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    return None
+
+
 def answer_record(response, latency_s, attempts):
     """{status, answer, refusal, tokens, ...} of one completed response; a response without a
     text answer is 'failed: malformed response' (not cached, so a rerun asks again)."""
@@ -76,7 +109,8 @@ def answer_record(response, latency_s, attempts):
 
 def send_with_retries(client, request, max_retries, backoff_s, sleep=time.sleep):
     """One request, retried with exponential backoff (backoff_s, 2*backoff_s, ...) on a
-    retryable error; a record with status 'failed: ...' once they are spent."""
+    retryable error, waiting at least the server's Retry-After; a record with status
+    'failed: ...' once they are spent ('fatal': True on 401/403/404)."""
     started = time.monotonic()
     for attempt in range(1, max_retries + 2):
         try:
@@ -88,9 +122,9 @@ def send_with_retries(client, request, max_retries, backoff_s, sleep=time.sleep)
             if type(err).__name__ == "APIResponseValidationError":  # a 200 whose body is no completion
                 reason = "malformed response"
             if not is_retryable(err):
-                return {"status": f"failed: {reason}", "attempts": attempt,
+                return {"status": f"failed: {reason}", "attempts": attempt, "fatal": is_fatal(err),
                         "latency_s": round(time.monotonic() - started, 3)}
             if attempt > max_retries:
                 return {"status": f"failed: {reason} after {attempt} attempts", "attempts": attempt,
                         "latency_s": round(time.monotonic() - started, 3)}
-            sleep(backoff_s * 2 ** (attempt - 1))
+            sleep(max(backoff_s * 2 ** (attempt - 1), retry_after_s(err) or 0.0))

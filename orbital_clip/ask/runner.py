@@ -10,6 +10,7 @@ import io
 import ipaddress
 import json
 import re
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -85,7 +86,8 @@ def is_local_host(base_url):
 
 def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff_s):
     """{key: record} for every request: from the cache, else sent (at most `concurrency` at
-    once); each answer is cached as it arrives. Returns (records, number sent)."""
+    once); each answer is cached as it arrives. A 401/403/404 (wrong key, access or model) stops
+    the run: the requests not yet sent are failed rows 'not sent'. Returns (records, number sent)."""
     records, todo = {}, {}
     for item in planned:
         cached = cache.load_cached(cache_dir, item.key)
@@ -93,15 +95,21 @@ def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff
             records[item.key] = {**cached, "from_cache": True}
         else:
             todo.setdefault(item.key, item)  # the same request twice is sent once
+    stop = threading.Event()  # set by a 401/403/404: no further image leaves the machine
     def ask(item):
+        if stop.is_set():
+            return item.key, {"status": "failed: not sent (the run stopped on an earlier error)",
+                              "attempts": 0, "latency_s": 0, "not_sent": True}
         record = client.send_with_retries(endpoint, item.request, max_retries, backoff_s)
+        if record.get("fatal"):
+            stop.set()
         if record["status"] == "ok":
             cache.store(cache_dir, item.key, record)
         return item.key, record
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
         for key, record in pool.map(ask, todo.values()):
             records[key] = {**record, "from_cache": False}
-    return records, len(todo)
+    return records, sum(1 for key in todo if not records[key].get("not_sent"))
 
 
 def answer_rows(step_set, planned, records):
