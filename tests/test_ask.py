@@ -280,3 +280,12 @@ def test_icc_profile_text_does_not_leave_the_machine(tmp_path):
     Image.new("RGB", (32, 24), (120, 80, 60)).save(tmp_path / "a.jpg", icc_profile=icc)
     png = base64.b64decode(client.encode_image(tmp_path / "a.jpg").split(",", 1)[1])
     assert b"iCCP" not in png and not Image.open(io.BytesIO(png)).info.get("icc_profile")
+
+
+def test_a_local_base_url_ignores_the_proxy_environment(cohort, tmp_path, server, monkeypatch):
+    root, meta, paths = cohort
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a closed port: a proxied request fails
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    s = server()
+    assert cli.main(run_args(root, meta, tmp_path / "run", s.url, "--no-score", "--max-retries", "0")) == 0
+    assert s.received == 3 * len(paths)

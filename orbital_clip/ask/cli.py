@@ -117,7 +117,8 @@ def main(argv=None) -> int:
               "the approvals of docs/second-step-runner.md, then pass --yes", file=sys.stderr)
         return 2
     try:
-        endpoint = client.make_client(args.base_url, api_key(args), args.timeout_s)
+        endpoint = client.make_client(args.base_url, api_key(args), args.timeout_s,
+                                     local=runner.is_local_host(args.base_url))
     except (ValueError, client.MissingClientError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

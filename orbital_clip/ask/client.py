@@ -39,14 +39,17 @@ def build_request(model, system, text, data_url, temperature, seed, max_tokens):
             "max_tokens": max_tokens}
 
 
-def make_client(base_url, api_key, timeout_s):
-    """The official openai client, without its own retries (ours are counted and flag-driven)."""
+def make_client(base_url, api_key, timeout_s, local=False):
+    """The official openai client, without its own retries (ours are counted and flag-driven).
+    For a `local` (loopback) base URL the environment's HTTP(S)_PROXY is ignored: a request the
+    user was told goes to this machine must not leave it through a proxy."""
     try:
         import openai  # optional: only the sending run needs it
     except ImportError:
         raise MissingClientError("the 'openai' package is not installed; pip install -r "
                                  "requirements-ask.txt (--dry-run works without it)") from None
-    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+    extra = {"http_client": openai.DefaultHttpxClient(trust_env=False)} if local else {}
+    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0, **extra)
 
 
 def is_retryable(err):
