@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from orbital_clip import evaluation
+from orbital_clip import model_loading
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
 
@@ -31,7 +32,7 @@ def synthetic_evaluation(n, root, seed=0):
     cohort = evaluation.Cohort([(Path(root) / FOLDERS[c] / f"img_{i:05d}.jpg", int(c))
                                for i, c in enumerate(y_true)], True, Path(root))
     bundle = inference.ModelBundle(
-        checkpoint=inference.Checkpoint("ours", "synthetic.pt", {"state_dict": {}}, "0" * 64), model_name="tiny_clip",
+        checkpoint=model_loading.Checkpoint("ours", "synthetic.pt", {"state_dict": {}}, "0" * 64), model_name="tiny_clip",
         model=None, preprocess=None, tokenizer=None, classes=prompts.load_prompt_set(None),
         folders=FOLDERS, prompt_source="published", logit_scale_mode="exp",
         operating={"class": FOLDERS[0], "rare_index": 0, "threshold": 0.2, "source": "validation"},

@@ -28,12 +28,41 @@ LOG = logging.getLogger("inference")  # a part of the inference.py command, logg
 DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
 FAILURE_DIR = "failure_analysis"  # thumbnails of the most confident errors (report.md)
 THUMBNAIL_PX = 160  # longer side of a thumbnail
-OUTPUT_NAMES = ("predictions.csv", "baseline_predictions.csv", "metrics.json",
-                "per_class_metrics.csv", "comparison.csv", "classification_report.txt",
-                "confusion_matrix.csv", "report.md", "args.json", "wise_ft_summary.csv",
-                "sequential.csv", "sequential_changes.csv", "subgroups.csv",
-                *(f"{name}.{ext}" for name in (*FIGURE_NAMES, "comparison", "sequential", "subgroups")
-                  for ext in ("png", "pdf")))
+
+
+def _figure(stem, what):
+    """A figure's two files (.png for reading, .pdf for print)."""
+    return tuple(outputs.OutputFile(f"{stem}.{ext}", what) for ext in ("png", "pdf"))
+
+
+# Everything inference.py (and score_answers.py) writes into --out-dir, declared once:
+# --overwrite clears the files marked so (in each wise_ft_alpha_<alpha>/ folder too), and
+# docs/outputs.md lists them all.
+OUTPUTS = (
+    outputs.OutputFile("predictions.csv", "one row per image"),
+    outputs.OutputFile("metrics.json", "every metric with its CI"),
+    outputs.OutputFile("per_class_metrics.csv", "one-vs-rest metrics per class"),
+    outputs.OutputFile("classification_report.txt", "scikit-learn's report"),
+    outputs.OutputFile("confusion_matrix.csv", "counts"),
+    *(f for stem in FIGURE_NAMES for f in _figure(stem, "report.figures")),
+    outputs.OutputFile("report.md", "the report"),
+    outputs.OutputFile(f"{FAILURE_DIR}/", "thumbnails of the most confident errors (cleared below)",
+                       cleared_by_overwrite=False),
+    outputs.OutputFile("comparison.csv", "--baseline/--compare"),
+    *_figure("comparison", "--baseline/--compare"),
+    outputs.OutputFile("baseline_predictions.csv", "--baseline"),
+    outputs.OutputFile("subgroups.csv", "--subgroups"),
+    *_figure("subgroups", "--subgroups"),
+    outputs.OutputFile("sequential.csv", "score_answers.py --compare"),
+    outputs.OutputFile("sequential_changes.csv", "score_answers.py --compare"),
+    *_figure("sequential", "score_answers.py --compare"),
+    outputs.OutputFile("step<k>_<name>/", "score_answers.py --compare: a later step's outputs",
+                       cleared_by_overwrite=False),
+    outputs.OutputFile("wise_ft_alpha_<alpha>/", "--wise-ft-alphas: one alpha's outputs (cleared below)",
+                       cleared_by_overwrite=False),
+    outputs.OutputFile("wise_ft_summary.csv", "--wise-ft-alphas"),
+    outputs.OutputFile("args.json", "the run record"),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +452,7 @@ def check_output_dir(output_dir, overwrite):
 
 def clear_previous_outputs(output_dir):
     """Remove our own files of an earlier run (so no stale metrics.json outlives an unlabelled run)."""
-    for name in OUTPUT_NAMES:
+    for name in outputs.cleared_files(OUTPUTS):
         path = Path(output_dir) / name
         if path.is_file():
             path.unlink()

@@ -160,3 +160,49 @@ def run_record(script, argv, args, run=None, hidden=None):
             "command": shlex.join(["python", script, *argv]),
             "args": record_args, "environment": environment_info(),
             "run": json.loads(json.dumps(run, default=primitive))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Each script's declared outputs: the one list that --overwrite clears, SSA copies, and
+# docs/outputs.md documents (tests/test_outputs_declared.py holds the three together).
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFile:
+    """One output of a script. `name` is a file name, a folder (ending in "/"), or either with a
+    <placeholder> for a family of them (`wise_ft_alpha_<alpha>/`), spelled as docs/outputs.md does."""
+    name: str
+    what: str  # the writer, or under which flag it appears
+    cleared_by_overwrite: bool = True  # removed by --overwrite before the new run writes
+    copied_by_ssa: bool = False  # clip_train.py --ssa: copied from the winning trial's folder
+
+    @property
+    def is_plain_file(self):
+        """A single file (not a folder, not a family): the kind a clearing loop can unlink by name."""
+        return not self.name.endswith("/") and "<" not in self.name
+
+    def matches(self, relative_path):
+        """Whether a written path (POSIX, relative to the output folder) is this output."""
+        import fnmatch
+        import re
+        pattern = re.sub(r"<[^>]+>", "*", self.name)
+        if pattern.endswith("/"):
+            return fnmatch.fnmatchcase(relative_path, pattern + "*")
+        return fnmatch.fnmatchcase(relative_path, pattern)
+
+
+def cleared_files(declared):
+    """The plain file names of `declared` that --overwrite removes."""
+    return tuple(o.name for o in declared if o.cleared_by_overwrite and o.is_plain_file)
+
+
+def ssa_copied_files(declared):
+    """The plain file names of `declared` that SSA copies from the winning trial."""
+    return tuple(o.name for o in declared if o.copied_by_ssa and o.is_plain_file)
+
+
+def undeclared(folder, declared):
+    """Files under `folder` (POSIX paths relative to it) that no declared output matches."""
+    folder = Path(folder)
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [path for path in written if not any(o.matches(path) for o in declared)]

@@ -198,7 +198,7 @@ def check_args(parser, args):
         if value and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file")
     if args.baseline:  # a model flag (never set for answer files): its home is the model builder
-        from orbital_clip.scoring import looks_like_file
+        from orbital_clip.model_loading import looks_like_file
     if (args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file()
             and not models.model_source(args.baseline)):
         parser.error(f"--baseline {args.baseline}: no such file")

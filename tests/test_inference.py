@@ -24,6 +24,7 @@ from statsmodels.stats.proportion import proportion_confint
 from orbital_clip import checkpoint as ckpt
 from orbital_clip import cli
 from orbital_clip import images as image_io
+from orbital_clip import model_loading
 from orbital_clip import models
 from orbital_clip import zero_shot
 from orbital_clip import evaluation
@@ -836,10 +837,10 @@ def test_wise_ft_without_recorded_base_asks_for_wise_ft_base(make_cohort, checkp
     ("local-dir:/nowhere/biomedclip", "could not load the pretrained weights local-dir:/nowhere/biomedclip"),
 ])
 def test_wise_ft_refuses_a_recorded_base_it_cannot_load(recorded, message):
-    checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": recorded, "state_dict": {}}, "0" * 64)
+    checkpoint = model_loading.Checkpoint("ours", "best.pt", {"pretrained": recorded, "state_dict": {}}, "0" * 64)
     bundle = types.SimpleNamespace(checkpoint=checkpoint, model_name=TINY_MODEL)
     with pytest.raises((ValueError, ckpt.CheckpointError), match="--wise-ft-alpha") as caught:
-        inference.wise_ft_base_weights(types.SimpleNamespace(wise_ft_base=None), bundle)
+        model_loading.wise_ft_base_weights(types.SimpleNamespace(wise_ft_base=None), bundle)
     assert message in str(caught.value) and "--wise-ft-base PATH" in str(caught.value)
 
 

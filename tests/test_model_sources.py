@@ -21,6 +21,7 @@ from orbital_clip.train import losses as train_losses
 from orbital_clip.train import options as train_options
 from orbital_clip.train import shortcuts as train_shortcuts
 from orbital_clip import images as image_io
+from orbital_clip import model_loading
 from orbital_clip import models
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
@@ -177,8 +178,8 @@ def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, t
 
     assert run_inference(val_dir, save_dir / train_checkpoints.BEST_NAME, tmp_path / "with_folder") == 0
     shutil.rmtree(folder)
-    checkpoint = inference.resolve_checkpoint(str(save_dir / train_checkpoints.BEST_NAME))
-    _model, transform, _tok = inference.build_model(spec, checkpoint, torch.device("cpu"))
+    checkpoint = model_loading.resolve_checkpoint(str(save_dir / train_checkpoints.BEST_NAME))
+    _model, transform, _tok = model_loading.build_model(spec, checkpoint, torch.device("cpu"))
     assert list(normalize_of(transform).mean) == HALF_PREPROCESS["mean"]  # the folder's, recorded
     assert run_inference(val_dir, save_dir / train_checkpoints.BEST_NAME, tmp_path / "no_folder") == 0
     np.testing.assert_allclose(prob_columns(tmp_path / "no_folder"), prob_columns(tmp_path / "with_folder"),
@@ -419,9 +420,9 @@ def test_wise_ft_base_from_a_recorded_source_model_or_tag(tmp_path, monkeypatch,
     folder = tmp_path / "start"
     weights = write_model_folder(folder, seed=3)
     spec = f"local-dir:{folder}"
-    checkpoint = inference.Checkpoint("ours", "best.pt", {"pretrained": spec, "state_dict": {}}, "0" * 64)
+    checkpoint = model_loading.Checkpoint("ours", "best.pt", {"pretrained": spec, "state_dict": {}}, "0" * 64)
     bundle = SimpleNamespace(checkpoint=checkpoint, model_name=models.config_alias(spec))  # as recorded
-    base, label, identity = inference.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
+    base, label, identity = model_loading.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
     assert (label, identity) == (f"`{spec}`", f"tag:{spec}")
     assert base.keys() == weights.keys() and all(torch.equal(base[k], weights[k]) for k in weights)
     built = []
@@ -431,8 +432,8 @@ def test_wise_ft_base_from_a_recorded_source_model_or_tag(tmp_path, monkeypatch,
         built.append((name, pretrained))
         return real_create(name, None, *args, **kwargs)
     monkeypatch.setattr(models, "create_model", create)
-    tagged = inference.Checkpoint("ours", "best.pt", {"pretrained": "some_tag", "state_dict": {}}, "0" * 64)
-    _base, label, identity = inference.wise_ft_base_weights(
+    tagged = model_loading.Checkpoint("ours", "best.pt", {"pretrained": "some_tag", "state_dict": {}}, "0" * 64)
+    _base, label, identity = model_loading.wise_ft_base_weights(
         SimpleNamespace(wise_ft_base=None), SimpleNamespace(checkpoint=tagged, model_name=TINY_MODEL))
     assert built == [(TINY_MODEL, "some_tag")]
     assert (label, identity) == ("pretrained tag some_tag", "tag:some_tag")

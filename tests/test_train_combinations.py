@@ -18,6 +18,7 @@ from orbital_clip.train import runner as train_runner
 from orbital_clip.train import state as train_state
 from orbital_clip import checkpoint as ckpt
 from orbital_clip import cli
+from orbital_clip import model_loading
 from orbital_clip import models
 from orbital_clip import outputs
 from orbital_clip import prompts
@@ -365,7 +366,7 @@ def test_inference_wise_ft_applies_the_threshold_and_temperature_validated_at_th
     from types import SimpleNamespace
     model, *_ = models.create_model("tiny_clip", None)
     fitted = {"threshold": 0.31, "val_sensitivity": 0.9, "val_specificity": 0.8, "temperature": 1.7}
-    checkpoint = inference.Checkpoint("ours", "best.pt", {"state_dict": {}, "wise_ft": {
+    checkpoint = model_loading.Checkpoint("ours", "best.pt", {"state_dict": {}, "wise_ft": {
         "base": "pretrained", "calibration": {"0.5": fitted}}}, "sha")
     bundle = inference.ModelBundle(
         checkpoint=checkpoint, model_name="tiny_clip", model=model, preprocess=None, tokenizer=None,

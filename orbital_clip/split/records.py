@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from orbital_clip import cohort
+from orbital_clip import outputs
 
 LOG = logging.getLogger("data_preprocess")
 SPLITS = cohort.SPLIT_NAMES  # ("train", "val", "test"); also the split order of manifest rows
@@ -19,9 +20,22 @@ ARGS_NAME = "split_args.json"
 JOURNAL_NAME = ".move_journal.jsonl"  # present only while a --mode move run is unfinished
 MOVE_LOG_NAME = "move_log.jsonl"  # the journal of a finished move run, for --rollback
 JOURNAL_FORMAT = "orbital-clip-move-journal/1"
-# what --overwrite removes
-OUTPUT_FILES = (MANIFEST_NAME, REJECTED_NAME, DUPLICATES_NAME, SUMMARY_NAME, ARGS_NAME,
-                MOVE_LOG_NAME)
+# Everything data_preprocess.py writes into --out-dir, declared once: --overwrite removes the
+# split folders (materialise.remove_previous_outputs) and the files marked so; docs/outputs.md
+# lists them all.
+OUTPUTS = (
+    *(outputs.OutputFile(f"{split}/<class>/", "the split images and their sidecars")
+      for split in SPLITS),
+    outputs.OutputFile(MANIFEST_NAME, "one row per image"),
+    outputs.OutputFile(REJECTED_NAME, "files that are not readable images"),
+    outputs.OutputFile(DUPLICATES_NAME, "exact and near duplicates"),
+    outputs.OutputFile(SUMMARY_NAME, "images per class and split"),
+    outputs.OutputFile(ARGS_NAME, "the run record"),
+    outputs.OutputFile(MOVE_LOG_NAME, "--mode move: the finished move's journal, for --rollback"),
+    outputs.OutputFile(JOURNAL_NAME, "--mode move: present only while a move is unfinished",
+                       cleared_by_overwrite=False),
+)
+OUTPUT_FILES = outputs.cleared_files(OUTPUTS)  # what --overwrite removes besides the split folders
 
 
 class SplitError(ValueError):

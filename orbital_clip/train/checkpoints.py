@@ -13,6 +13,24 @@ BEST_SAFETENSORS_NAME = "clip_model_epoch_best.safetensors"  # the same weights,
 FINAL_NAME = "clip_model_final.pt"
 LAST_NAME = "clip_model_last.pt"  # resumable: weights + optimizer + RNG + history
 
+# Everything clip_train.py writes into --out-dir, declared once: --overwrite clears the files
+# marked so, SSA copies the winner's, docs/outputs.md lists them all.
+OUTPUTS = (
+    outputs.OutputFile(BEST_NAME, "best epoch on --select-metric", copied_by_ssa=True),
+    outputs.OutputFile(BEST_SAFETENSORS_NAME, "the best weights without pickle", copied_by_ssa=True),
+    outputs.OutputFile(FINAL_NAME, "weights after the last epoch", copied_by_ssa=True),
+    outputs.OutputFile(LAST_NAME, "resumable state", copied_by_ssa=True),
+    outputs.OutputFile("args.json", "the run record", copied_by_ssa=True),
+    outputs.OutputFile("metrics.csv", "one row per epoch (card.py)", copied_by_ssa=True),
+    outputs.OutputFile("train_log.jsonl", "one JSON line per epoch (card.py)"),
+    outputs.OutputFile("training_curves.png", "loss and metrics per epoch (card.py)", copied_by_ssa=True),
+    outputs.OutputFile("MODEL_CARD.md", "the model card (card.py)"),
+    outputs.OutputFile("wise_ft_validation.csv", "--wise-ft-alphas: validation metrics per alpha (wise_ft.py)"),
+    # the sweep's own record; each SSA run rewrites its tables, and trials/ may hold kept checkpoints
+    outputs.OutputFile("ssa/", "--ssa: summary.csv, sensitivity.png, best_args.json, trials/ (ssa.py)",
+                       cleared_by_overwrite=False),
+)
+
 
 def checkpoint_metadata(model, ctx, state, metrics):
     """The CheckpointRecord of the model now: weights plus the plain-data description of the run
@@ -75,7 +93,6 @@ def prepare_save_dir(args):
     for stale in save_dir.glob(".*.tmp"):  # temp files of writes a killed run never finished
         stale.unlink()
     if args.overwrite and not args.resume:
-        for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
-                     "training_curves.png", "args.json", "train_log.jsonl", "MODEL_CARD.md"):
+        for name in outputs.cleared_files(OUTPUTS):
             (save_dir / name).unlink(missing_ok=True)
     return save_dir

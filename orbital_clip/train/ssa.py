@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from orbital_clip import outputs
-from orbital_clip.train.checkpoints import BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME
+from orbital_clip.train.checkpoints import OUTPUTS
 from orbital_clip.train.options import ArgumentsRefused, parse_args
 from orbital_clip.train.runner import TrainingRefused, prepare_run, train_run
 
@@ -168,8 +168,7 @@ def run_ssa(argv, args):
     best_values = {k: v for k, (_f, v) in best.items()}
     outputs.atomic_write_json(ssa_dir / "best_args.json", {"best_values": best_values,
                                                           "argv": ssa_trial_argv(base_argv, list(best.values()))})
-    for name in (BEST_NAME, BEST_SAFETENSORS_NAME, FINAL_NAME, LAST_NAME, "metrics.csv",
-                 "training_curves.png", "args.json"):
+    for name in outputs.ssa_copied_files(OUTPUTS):
         if (winner_dir / name).exists():
             shutil.copy2(winner_dir / name, Path(args.save_dir) / name)
     if not args.ssa_keep_all:
