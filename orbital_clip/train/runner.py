@@ -147,6 +147,7 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
         "loss_fn": make_loss(args.loss, args.rank, args.world_size),
         "warmup_steps": warmup_steps(args.warmup, steps_per_epoch * args.epochs),
         "total_steps": steps_per_epoch * args.epochs, "steps_per_epoch": steps_per_epoch,
+        "n_train": n_train,
     }
 
 
