@@ -257,8 +257,13 @@ def make_loader(items, transform, args, train, generator=None):
         weights = torch.as_tensor(sample_weights([label for _path, label in items]), dtype=torch.double)
         sampler = torch.utils.data.WeightedRandomSampler(weights, len(items), replacement=True,
                                                          generator=generator)
+    # A training batch of one image cannot be batch-normalised (one value per channel on a 1x1
+    # map at small input sizes), so a last batch that would hold one is dropped; its image is
+    # drawn again in another epoch's shuffle. Evaluation keeps every image.
+    drop_last = train and len(items) > 1 and len(items) % args.batch_size == 1
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=drop_last,
         num_workers=args.workers, pin_memory=args.device.type == "cuda", generator=generator,
         worker_init_fn=cli.seed_worker, persistent_workers=train and args.workers > 0)
 

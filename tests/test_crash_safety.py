@@ -9,6 +9,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 
 from orbital_clip.train import cli as train_cli
@@ -96,3 +97,31 @@ def test_full_disk_keeps_previous_checkpoints_and_names_the_path(make_cohort, tm
     for name, data in before.items():
         assert (save_dir / name).read_bytes() == data
     assert not list(save_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_wise_ft_says_resume_auto_and_that_completes_the_run(make_cohort, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A Ctrl-C in the WiSE-FT step after the last epoch (issue 26, defect 8): the message names
+    `--resume auto`, and that command runs the step without training another epoch."""
+    from orbital_clip.train import runner
+    train_dir, val_dir = make_cohort("train", (4, 4, 4), seed=0), make_cohort("val", (2, 2, 2), seed=1)
+    save_dir = tmp_path / "run"
+    run_argv = argv(train_dir, val_dir, save_dir, "--epochs", "1", "--wise-ft-alphas", "0.5", "1")
+    real_wise_ft = runner.choose_wise_ft_alpha
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "choose_wise_ft_alpha", interrupted)
+    assert train_cli.main(run_argv) == runner.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "WiSE-FT" in err and "--resume auto" in err and "nothing to resume" not in err
+    assert not (save_dir / "wise_ft_validation.csv").exists()
+
+    monkeypatch.setattr(runner, "choose_wise_ft_alpha", real_wise_ft)
+    assert train_cli.main(runner_resume := [*run_argv, "--resume", "auto"]) == 0, runner_resume
+    assert pd.read_csv(save_dir / "metrics.csv")["epoch"].tolist() == [1]  # no epoch trained again
+    assert pd.read_csv(save_dir / "wise_ft_validation.csv")["alpha"].tolist() == [0.5, 1.0]
+    assert torch.load(save_dir / "clip_model_epoch_best.pt", weights_only=True)["wise_ft"]["chosen_alpha"] in (0.5, 1.0)
+    assert (save_dir / "MODEL_CARD.md").exists()

@@ -237,6 +237,23 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
     assert record["run"]["weights"] == {"spec": "none", "source": "random init (seed 2024)", "head": "new"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [[], ["--balanced-sampling"]])
+def test_a_cohort_that_leaves_a_last_batch_of_one_trains(tmp_path, sampling):
+    """9 training images at batch 8 leave one image over; batch norm on resnet18's 1x1 feature map
+    at 32 px cannot normalise one value per channel, so that batch is dropped (issue 26, defect 7)."""
+    write_cohorts(tmp_path, train=(2, 4, 3), val=(1, 1, 1), test=(1, 1, 1))
+    argv = cohort_argv(tmp_path / "train", tmp_path / "val", tmp_path / "test", tmp_path / "run",
+                       "--epochs", "1", *sampling)
+    assert train_cnn.main(argv) == 0
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"].tolist() == [1]
+    items, _ = cohort_io.list_class_folder_images(tmp_path / "train", FOLDERS)
+    args = Namespace(image_size=32, batch_size=8, workers=0, device=torch.device("cpu"),
+                     balanced_sampling=bool(sampling))
+    loader = train_cnn.make_loader(items, None, args, train=True, generator=torch.Generator())
+    assert len(loader) == 1  # one batch of 8; the ninth image waits for the next epoch's shuffle
+
+
 def test_manifest_weights_file_class_weights_custom_classes_and_tie_rule(tmp_path, imagenet_like_file,
                                                                          monkeypatch):
     """Manifest input for all three splits, --weights FILE, --class-weights, a --prompts class set in

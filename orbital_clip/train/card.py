@@ -13,6 +13,7 @@ from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
 from orbital_clip.train.checkpoints import BEST_NAME
+from orbital_clip.train.health import describe_signs
 
 
 def write_history(save_dir, history, select_metric):
@@ -44,6 +45,26 @@ def write_history(save_dir, history, select_metric):
 def done_summary(state, args):
     """The last line's numbers: the best epoch's --select-metric and the rare-class threshold
     stored with it (validation sensitivity and specificity), rounded for reading."""
+    return "; ".join([best_summary(state, args), *run_warnings(state)])
+
+
+def run_warnings(state):
+    """What went wrong, in words: the collapse signs of the last epoch, and a best epoch whose
+    rare-class validation sensitivity (argmax) is 0. [] for a healthy run."""
+    history = state["history"]
+    warnings = []
+    if history and history[-1].get("collapse"):
+        warnings.append("WARNING " + describe_signs(history[-1]["collapse"].split()))
+    row = next((r for r in history if r["epoch"] == state["best_epoch"]), {})
+    if row.get("rare_sensitivity") == 0:
+        warnings.append(f"WARNING the best epoch ({state['best_epoch']}) finds no rare-class "
+                        "validation image (sensitivity 0.000 by argmax); try --select-metric "
+                        "balanced_accuracy or rare_sensitivity, or --recipe recommended")
+    return warnings
+
+
+def best_summary(state, args):
+    """The best epoch's --select-metric and its stored rare-class threshold, rounded for reading."""
     if state["best_epoch"] is None:
         return "no epoch improved on the start"
     row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
@@ -94,6 +115,7 @@ def model_card(args, classes, train_items, val_items, state):
               f"sensitivity >= {args.target_sensitivity:g}: sensitivity "
               f"{proportion_with_ci(row.get('operating_val_sensitivity'), n_rare)}, specificity "
               f"{proportion_with_ci(row.get('operating_val_specificity'), n_val - n_rare)}",
+              "", "## Warnings", "", *([f"- {w}" for w in run_warnings(state)] or ["- none"]),
               "", "## Intended use and limits", "",
               "- Research use: triage support studies of the classes above on images like the training "
               "ones; not a medical device, not for diagnosis without a clinician.",

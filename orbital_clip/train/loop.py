@@ -18,6 +18,7 @@ from orbital_clip.metrics import fit_temperature, is_improvement, mean_nll, oper
 from orbital_clip.train.card import write_history
 from orbital_clip.train.checkpoints import BEST_NAME, BEST_SAFETENSORS_NAME, checkpoint_metadata, save_last
 from orbital_clip.train.distributed import global_sums
+from orbital_clip.train.health import chance_loss, collapse_signs, describe_signs
 from orbital_clip.train.losses import LOGIT_SCALE_MAX, loss_scale, unwrap
 from orbital_clip.train.sampling import EpochWorkerSeed
 from orbital_clip.train.schedule import lr_at_step
@@ -178,6 +179,7 @@ def validate(model, loader, ctx):
     metrics["val_images"] = int(ok.sum())
     metrics.update(operating_point(y_true, probs[:, 0], args.target_sensitivity))
     metrics["temperature"] = fit_temperature(logits, y_true)
+    metrics["predicted_classes"] = int(len(set(probs.argmax(axis=1).tolist())))  # 1: collapsed
     return metrics
 
 
@@ -206,7 +208,11 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
+    signs = collapse_signs([*state["history"], row], chance_loss(ctx["n_train"], args.batch_size))
+    row["collapse"] = " ".join(signs)  # empty for a healthy epoch
     state["history"].append(outputs.plain(row))
+    if signs:
+        LOG.warning("epoch %d: %s", state["epoch"], describe_signs(signs))
     stop = bool(args.patience) and state["epoch"] - (state["best_epoch"] or 0) >= args.patience
     state["stopped"] = stop  # recorded in the last checkpoint: a resume does not train on
     save_last(model, ctx, state, metrics)

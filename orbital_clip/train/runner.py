@@ -147,6 +147,7 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
         "loss_fn": make_loss(args.loss, args.rank, args.world_size),
         "warmup_steps": warmup_steps(args.warmup, steps_per_epoch * args.epochs),
         "total_steps": steps_per_epoch * args.epochs, "steps_per_epoch": steps_per_epoch,
+        "n_train": n_train,
     }
 
 
@@ -209,8 +210,11 @@ def train(args, classes, train_items, val_items, argv):
               "--lr or --precision fp32.", file=sys.stderr)
         return 1
     if args.rank == 0:
-        finish_run(model, ctx, state, metrics, val_loader, base_state,
-                   (classes, train_items, val_items))
+        try:
+            finish_run(model, ctx, state, metrics, val_loader, base_state,
+                       (classes, train_items, val_items))
+        except KeyboardInterrupt:
+            return report_interrupt(args, argv, state, save_dir, after_training=True)
     LOG.info("== done: %s; checkpoints and curves in %s ==", done_summary(state, args), save_dir)
     return 0
 
@@ -281,9 +285,11 @@ def finish_run(model, ctx, state, metrics, val_loader, base_state, cohorts):
     outputs.atomic_write_text(save_dir / "MODEL_CARD.md", model_card(args, *cohorts, state))
 
 
-def report_interrupt(args, argv, state, save_dir):
-    """Ctrl-C during training: the last checkpoint (written atomically at the end of each epoch)
-    is intact; say where training stopped and the exact command that continues it."""
+def report_interrupt(args, argv, state, save_dir, after_training=False):
+    """Ctrl-C during training, or in the steps after it (the final checkpoint, WiSE-FT, the model
+    card): the last checkpoint (written atomically at the end of each epoch, marked finished only
+    once those steps are done) is intact; say where the run stopped and the exact command that
+    continues it (after the last epoch, `--resume auto` trains nothing and redoes those steps)."""
     if args.rank != 0:
         return EXIT_INTERRUPTED
     if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
@@ -291,8 +297,11 @@ def report_interrupt(args, argv, state, save_dir):
         here = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "clip_train.py"))
         script = min(os.path.relpath(here), here, key=len)
         command, note = resume_command(argv, os.environ, script)
-        print(f"\ninterrupted; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/{args.epochs}. "
-              f"Continue with{note}:\n  {command}", file=sys.stderr)
+        what = "during training"
+        if after_training:
+            what = f"after training, while writing {'WiSE-FT, ' if args.wise_ft_alphas else ''}the final files"
+        print(f"\ninterrupted {what}; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/"
+              f"{args.epochs}. Continue with{note}:\n  {command}", file=sys.stderr)
     else:
         print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
               "start again with --overwrite", file=sys.stderr)
