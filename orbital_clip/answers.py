@@ -349,7 +349,8 @@ def score_answer_subgroups(setup, step, args):
     """evaluation.score_subgroups on the rows a step answered; AUROC only where the file gives
     probabilities."""
     analysis = score_subgroups(setup.cohort, setup.subgroups, step.probs,
-                               step.answers.pred_index >= 0, 0, args)
+                               step.answers.pred_index >= 0, 0, args, step.answers.pred_index,
+                               "the answer file's label")
     for row in (row for attribute in analysis or () for row in attribute["rows"]):
         if not step.has_probs:  # a one-hot column ranks nothing
             row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None, macro_auroc_ci=None)

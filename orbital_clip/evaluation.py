@@ -516,14 +516,19 @@ def args_record(args, setup, run=None):
     return outputs.run_record("inference.py", setup.argv, args, run, hidden)
 
 
-def score_subgroups(cohort, subgroups, probs, scored, rare_index, args):
+def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=None,
+                    decision_rule="argmax"):
     """metrics.subgroup_analysis of --subgroups (`subgroups`: attribute -> level per image) on the
-    images of the mask `scored`, or None without it."""
+    images of the mask `scored`, or None without it. `pred` (N,): the class the declared
+    `decision_rule` decides per image (argmax of `probs` without it); each attribute's block
+    names the rule, so subgroups.csv says which rule its accuracies follow."""
     if not subgroups:
         return None
     attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in subgroups.items()}
-    return subgroup_analysis(cohort.labels()[scored], probs[scored], attributes, rare_index,
-                             cohort.scored_groups(scored), args.bootstrap, args.seed)
+    analysis = subgroup_analysis(cohort.labels()[scored], probs[scored], attributes, rare_index,
+                                 cohort.scored_groups(scored), args.bootstrap, args.seed,
+                                 pred=None if pred is None else np.asarray(pred)[scored])
+    return [dict(block, decision_rule=decision_rule) for block in analysis]
 
 
 def write_subgroup_outputs(output_dir, subgroups, figures):

@@ -402,9 +402,8 @@ def run_info(args, setup, bundle):
         "logit_scale_mode": bundle.logit_scale_mode,
         "operating_threshold": operating["threshold"],
         "operating_threshold_source": operating["source"],
-        # the rule of predictions.csv's `prediction` column (argmax without a threshold)
-        "decision_rule": "threshold" if args.decision_rule == "threshold"
-                         and operating["threshold"] is not None else "argmax",
+        # the rule of predictions.csv's `prediction` column, comparison.csv and subgroups.csv
+        "decision_rule": declared_rule(args, operating),
         "temperature": bundle.temperature,
         "temperature_source": bundle.temperature_source,
         "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),
@@ -465,6 +464,23 @@ def compared_models(setup, folders, baseline_scores=None):
     return models
 
 
+def declared_rule(args, operating):
+    """The --decision-rule in force: 'threshold' only when a threshold is known, else 'argmax'."""
+    return ("threshold" if args.decision_rule == "threshold" and operating["threshold"] is not None
+            else "argmax")
+
+
+def decided_predictions(probs, operating, rule):
+    """(N,) the class `rule` decides per image (-1 where an image was not scored): the one rule
+    behind predictions.csv's `prediction`, comparison.csv's `ours` and subgroups.csv."""
+    scored = np.isfinite(probs).all(axis=1)
+    if rule == "threshold":
+        decided = rule_predictions(np.nan_to_num(probs), operating["rare_index"], operating["threshold"])
+    else:
+        decided = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+    return np.where(scored, decided, -1)
+
+
 def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=()):
     """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort;
     `compared`: ComparedModels over every cohort image (see `compared_models`)."""
@@ -496,11 +512,14 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
         itd.update(intention_to_diagnose(labels, by_rule, rare, prefix="itd_rule"))
     comparison = None
     if (baseline_scores is not None or compared) and scored.any():  # nothing to compare on otherwise
+        rule = declared_rule(args, operating)
+        decided = decided_predictions(probs, operating, rule)[scored]
         comparison = compare_predictions(
-            y_true, ComparedModel("ours", probs[scored].argmax(axis=1), probs[scored]),
+            y_true, ComparedModel("ours", decided, probs[scored]),
             [dataclasses.replace(model, pred=model.pred[scored],
                                  probs=None if model.probs is None else model.probs[scored])
              for model in compared], rare, groups, args.bootstrap, args.seed)
+        comparison["decision_rule"] = rule
         notes = comparison_resample_notes(comparison) + unanswered_notes(comparison, folders)
         if notes:  # intervals on fewer resamples than drawn, metrics n/a (see report.md)
             LOG.warning("comparison: %s (report.md says why)", "; ".join(notes))
@@ -530,7 +549,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                                                       compared)
         n_failed = flow["rows"]["total"]["unreadable"]
         scored = np.isfinite(probs).all(axis=1)
-        subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args)
+        subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args,
+                                    decided_predictions(probs, bundle.operating, run["decision_rule"]),
+                                    run["decision_rule"])
         if args.failure_examples and scored.any():
             failures = write_failure_analysis(output_dir, cohort, scored, probs,
                                               args.failure_examples, anonymize)

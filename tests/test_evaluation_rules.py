@@ -228,3 +228,45 @@ def test_a_word_column_stays_categorical():
     levels = evaluation.attribute_levels("site", ["north", "south", "1", ""], None,
                                          ["a", "b", "c", "d"], "meta.csv")
     assert levels == ["north", "south", "1", "missing"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The declared --decision-rule decides comparison.csv and subgroups.csv, and each names it
+
+
+def rare_sensitivity(y_true, pred):
+    rare = np.asarray(y_true) == 0
+    return float(np.mean(np.asarray(pred)[rare] == 0))
+
+
+@pytest.mark.slow
+def test_the_threshold_rule_decides_the_comparison_and_subgroup_tables(make_cohort, checkpoint, tmp_path):
+    from test_inference import run_inference
+    test_dir = make_cohort("external", (6, 8, 6), seed=3)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, checkpoint, first) == 0
+    ours = pd.read_csv(first / "predictions.csv", keep_default_na=False)
+    folders = [c.removeprefix("prob_") for c in ours.columns if c.startswith("prob_")]
+    probs = ours[[f"prob_{f}" for f in folders]].to_numpy()
+    y = ours["true_label"].map(folders.index).to_numpy()
+    cut = float(np.median(probs[:, 0]))  # a threshold at which the two rules disagree
+    others = probs.copy()
+    others[:, 0] = -1
+    by_rule = np.where(probs[:, 0] >= cut, 0, others.argmax(axis=1))
+    assert rare_sensitivity(y, by_rule) != rare_sensitivity(y, probs.argmax(axis=1))
+    reader = ours[["path"]].assign(answer=[folders[k] for k in y])  # a reader who is always right
+    reader.to_csv(tmp_path / "reader.csv", index=False)
+    sites = write_csv(tmp_path / "sites.csv", ["path", "site"], [[p, "one"] for p in ours["path"]])
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--threshold", repr(cut), "--decision-rule",
+                         "threshold", "--compare", f"reader={tmp_path / 'reader.csv'}",
+                         "--metadata", str(sites), "--subgroups", "site") == 0
+    comparison = pd.read_csv(out / "comparison.csv").set_index("metric")
+    assert comparison.loc["rare_sensitivity", "ours_value"] == pytest.approx(rare_sensitivity(y, by_rule))
+    assert comparison.loc["accuracy", "ours_value"] == pytest.approx(np.mean(by_rule == y))
+    assert set(comparison["decision_rule"]) == {"threshold"}
+    subgroups = pd.read_csv(out / "subgroups.csv")
+    assert subgroups.loc[0, "rare_sensitivity"] == pytest.approx(rare_sensitivity(y, by_rule))
+    assert subgroups.loc[0, "accuracy"] == pytest.approx(np.mean(by_rule == y))
+    assert subgroups.loc[0, "decision_rule"] == "threshold"
+    assert json.loads((out / "metrics.json").read_text())["decision_rule"] == "threshold"

@@ -35,7 +35,7 @@ def homogeneity_test(outcome, levels):
 
 
 def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
-                  seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+                  seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL, pred=None):
     """Per level of one attribute: n, patients (None without `groups`: not the image count), rare-class prevalence, accuracy and balanced
     accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
     sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
@@ -44,6 +44,8 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
     Parameters
     ----------
     y_true : (N,) int; probs : (N, C) float; levels : (N,) str, the attribute's level per image.
+    pred : (N,) int, optional
+        The decided class per image (the declared decision rule); argmax of `probs` without it.
 
     Returns
     -------
@@ -51,7 +53,8 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
     """
     y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
     levels = np.asarray(levels, dtype=str)
-    pred, n_classes = probs.argmax(axis=1), probs.shape[1]
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, np.int64)
+    n_classes = probs.shape[1]
     rows = []
     for level in sorted(set(levels.tolist())):
         mine = levels == level
@@ -85,27 +88,31 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
 
 
 def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
-                      n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+                      n_bootstrap=DEFAULT_BOOTSTRAP, seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL,
+                      pred=None):
     """`subgroup_rows` of each attribute plus its heterogeneity tests: chi-square homogeneity of
     accuracy across levels and of rare-class sensitivity across levels (among rare images).
 
     Parameters
     ----------
     attributes : dict attribute name -> (N,) str levels
+    pred : (N,) int, optional
+        The decided class per image (the declared decision rule); argmax of `probs` without it.
 
     Returns
     -------
     list of dicts: attribute, rows, accuracy_test, rare_sensitivity_test (`homogeneity_test`).
     """
     y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
-    correct = probs.argmax(axis=1) == y_true
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, np.int64)
+    correct = pred == y_true
     rare = y_true == rare_index
     out = []
     for name, levels in attributes.items():
         levels = np.asarray(levels, dtype=str)
         out.append({"attribute": name,
                     "rows": subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap,
-                                          seed, confidence),
+                                          seed, confidence, pred),
                     "accuracy_test": homogeneity_test(correct, levels),
                     "rare_sensitivity_test": homogeneity_test(correct[rare], levels[rare])})
     return out

@@ -136,10 +136,12 @@ def comparison_frame(comparison):
     """comparison.csv: one row per compared model and metric. `model` names the compared model,
     `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images,
     `difference` = ours - model (positive: ours better); each p-value column is named for its test
-    (empty where the test does not apply); `ci_n_resamples` counts the resamples the CIs rest on."""
+    (empty where the test does not apply); `ci_n_resamples` counts the resamples the CIs rest on;
+    `decision_rule` names the rule that decided our model's predictions."""
     rows = []
     for row in comparison["rows"]:
-        flat = {"model": row["model"], "metric": row["metric"], "n": row["n"],
+        flat = {"model": row["model"], "metric": row["metric"],
+                "decision_rule": comparison.get("decision_rule"), "n": row["n"],
                 "n_no_answer": row["n_no_answer"]}
         for key, ci_key, name in (("value", "value_ci", "model_value"),
                                   ("reference_value", "reference_ci", "ours_value"),
@@ -274,11 +276,13 @@ SUBGROUP_COLUMNS = ("accuracy", "balanced_accuracy", "rare_sensitivity", "rare_s
 
 def subgroups_frame(analysis):
     """subgroups.csv: one row per attribute level, each interval as <name>_ci_low/_ci_high, and
-    the attribute's heterogeneity p-values repeated on its rows."""
+    the attribute's heterogeneity p-values repeated on its rows; `decision_rule` names the rule
+    that decided the predictions its accuracies and sensitivities count."""
     rows = []
     for block in analysis:
         for row in block["rows"]:
-            flat = {"attribute": block["attribute"], "level": row["level"], "n": row["n"],
+            flat = {"attribute": block["attribute"], "decision_rule": block.get("decision_rule"),
+                    "level": row["level"], "n": row["n"],
                     "n_patients": row["n_patients"], "n_rare": row["n_rare"],
                     "prevalence": row["prevalence"]}
             for name in SUBGROUP_COLUMNS:
