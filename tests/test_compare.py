@@ -212,6 +212,7 @@ def synthetic_models(seed=0, n=80):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.slow
 def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(grouped):
     from orbital_clip import metrics
     from statsmodels.stats.contingency_tables import mcnemar
@@ -276,6 +277,7 @@ USABLE_IF = {  # which classes a resample's answered images must hold for each m
 
 @pytest.mark.parametrize("sparse_class", [0, 2])
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.slow
 def test_comparison_leaves_out_resamples_without_an_answered_image_of_a_class(sparse_class, grouped):
     """metrics.json's rule in the comparison: the other model answered 2 images of one class, so
     some resamples hold no answered image of it. Those give no balanced accuracy, macro F1 or
@@ -538,6 +540,7 @@ def write_metadata(test_dir, path, seed=0):
     return read_csv(path)
 
 
+@pytest.mark.slow
 def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     meta = write_metadata(test_dir, tmp_path / "meta.csv")

@@ -481,6 +481,7 @@ def test_help_in_process(capsys):
     assert "--data-root" in out and "$ python data_preprocess.py" in out
 
 
+@pytest.mark.slow
 def test_real_run_subprocess(make_cohort, tmp_path):
     make_cohort("cohort", (3, 5, 4))
     result = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--out-dir", "splits",
@@ -734,6 +735,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     import signal
     import time

@@ -395,6 +395,7 @@ def test_help_in_process(capsys):
     assert exit_info.value.code == 0 and "$ python inference.py" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
     script = str(REPO_ROOT / "inference.py")
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
@@ -414,6 +415,7 @@ def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
     assert "](roc_curves.png)" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
     from orbital_clip.train import cli as train_cli
     train_dir, val_dir = make_cohort("train", (4, 8, 6), seed=0), make_cohort("val", (2, 4, 3), seed=1)
@@ -494,6 +496,7 @@ def test_outputs_of_a_calibrated_checkpoint(make_cohort, calibrated_checkpoint, 
     assert "itd_accuracy" in result and result["itd_accuracy"] == pytest.approx(result["accuracy"])
 
 
+@pytest.mark.slow
 def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_cohort, calibrated_checkpoint,
                                                                        tmp_path):
     first = make_cohort("external_a", (3, 12, 7), seed=1)
@@ -509,6 +512,7 @@ def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_coho
     assert (op["threshold"], op["source"]) == (0.5, "user (--threshold)")
 
 
+@pytest.mark.slow
 def test_another_softmax_drops_the_stored_threshold_and_temperature(make_cohort, calibrated_checkpoint,
                                                                    tmp_path, capsys):
     test_dir = make_cohort("external", (3, 6, 4), seed=1)
@@ -713,6 +717,7 @@ def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_pat
     assert "e.g." not in warning
 
 
+@pytest.mark.slow
 def test_a_class_of_one_patient_or_one_image_is_warned(make_cohort, checkpoint, tmp_path, capsys):
     """The class-stratified bootstrap never varies a class that rests on one unit: its intervals
     are too narrow, which the log says (here a regex that names the class, not the patient, and a
@@ -800,6 +805,7 @@ def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, chec
 
 # -- WiSE-FT ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_wise_ft_alpha_0_is_the_base_and_1_the_fine_tuned(make_cohort, checkpoint, other_weights, tmp_path):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
     out = tmp_path / "wise"
@@ -858,6 +864,7 @@ def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, t
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
     (test_dir / "healthy eyes" / "Doe_John_1961.jpg").write_bytes(b"garbage, not a picture")
@@ -917,6 +924,7 @@ def test_user_errors_exit_2_and_write_nothing(make_cohort, checkpoint, tmp_path,
 
 # -- the whole evaluation on a large synthetic cohort (its timing: benchmarks/evaluation_speed.py) ---
 
+@pytest.mark.slow
 def test_full_evaluation_of_a_synthetic_cohort_with_2000_resamples(tmp_path):
     """Everything after the embeddings (metrics, 2000 bootstrap resamples, tables, the figures as
     PNG and PDF, the report), checked on values; the 10-second budget for 5,000 images is a

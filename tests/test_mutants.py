@@ -112,6 +112,7 @@ def bmp_cohort(make_cohort):
     return root
 
 
+@pytest.mark.slow
 def test_cache_sees_a_replaced_image_of_the_same_size(bmp_cohort, checkpoint, tmp_path):
     cache = tmp_path / "cache"
     assert run_inference(bmp_cohort, checkpoint, tmp_path / "first", "--cache-dir", cache) == 0

@@ -237,6 +237,7 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
     assert record["run"]["weights"] == {"spec": "none", "source": "random init (seed 2024)", "head": "new"}
 
 
+@pytest.mark.slow
 def test_manifest_weights_file_class_weights_custom_classes_and_tie_rule(tmp_path, imagenet_like_file,
                                                                          monkeypatch):
     """Manifest input for all three splits, --weights FILE, --class-weights, a --prompts class set in
@@ -306,6 +307,7 @@ def test_weights_imagenet_offline_refuses_naming_the_flag_and_the_file(tmp_path,
     assert tree_state(cohort, tmp_path / "run") == before and not list(hub.rglob("*.pth"))
 
 
+@pytest.mark.slow
 def test_help_runs_as_a_script():
     run = subprocess.run([sys.executable, "-m", "baselines.train_cnn", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)
