@@ -389,6 +389,7 @@ def read_csv(path):
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
+@pytest.mark.slow
 def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, checkpoint, tmp_path):
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
     test_dir = make_cohort("external", (4, 10, 6), seed=1)
@@ -432,6 +433,7 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, c
     assert json.loads((out / "metrics.json").read_text())["compared_models"]["cnn"].startswith("--compare")
 
 
+@pytest.mark.slow
 def test_compare_file_without_most_rare_answers_counts_its_usable_resamples(make_cohort, checkpoint,
                                                                           tmp_path, capsys):
     """A reader who answered 1 of the 4 rare images: the rare class is missing from some
@@ -455,6 +457,7 @@ def test_compare_file_without_most_rare_answers_counts_its_usable_resamples(make
     assert f"comparison: reader: balanced accuracy on {short} of 50 resamples" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
         make_cohort, tmp_path, tiny_model):
     """Issue 14 item 1: a checkpoint whose stored prompt set lists (orbital, non-orbital,
@@ -596,6 +599,7 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, checkpoint, tmp
 
 # -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
 
+@pytest.mark.slow
 def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
     from orbital_clip import split as data_preprocess
     from orbital_clip.split import allocate
@@ -663,6 +667,7 @@ def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path,
     assert not (tmp_path / "split").exists() and tree_state(data) == before
 
 
+@pytest.mark.slow
 def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_patients(
         make_cohort, checkpoint, tmp_path):
     """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test

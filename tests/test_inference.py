@@ -155,6 +155,7 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
     assert "| orbital disease | 3 | 0 | 3 |" in report
 
 
+@pytest.mark.slow
 def test_rare_class_is_row_0_of_confusion_matrix_and_report(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 12, 7), seed=1)
     out = tmp_path / "results"
@@ -173,6 +174,7 @@ def test_rare_class_is_row_0_of_confusion_matrix_and_report(make_cohort, checkpo
     assert rows[2][:2] == ["healthy", "eyes"] and rows[2][-1] == "12"
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_a_failed_row_and_shifts_nothing(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)
     clean_out, dirty_out = tmp_path / "clean", tmp_path / "dirty"
@@ -242,6 +244,7 @@ def test_no_readable_image_writes_the_reasons_and_exits_1(checkpoint, tmp_path, 
     assert (metrics["n"], metrics["n_failed"], metrics["accuracy"]) == (0, 2, None)
 
 
+@pytest.mark.slow
 def test_plain_state_dict_gives_identical_predictions(make_cohort, checkpoint, tiny_model, tmp_path,
                                                       capsys):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
@@ -272,6 +275,7 @@ def test_stock_open_clip_loads_our_checkpoint(checkpoint, tiny_model):
 
 
 @pytest.mark.parametrize("mode", ["exp", "published-log"])
+@pytest.mark.slow
 def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_model, tmp_path, mode):
     test_dir = make_cohort("external", (1, 1, 1), seed=2)
     path = tmp_path / "ckpt.pt"
@@ -292,6 +296,7 @@ def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_m
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["logit_scale_mode"] == mode
 
 
+@pytest.mark.slow
 def test_classes_are_matched_by_folder_name_not_order(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
     reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
@@ -600,6 +605,7 @@ def write_manifest(root, val_every=4):
     return root / "manifest.csv"
 
 
+@pytest.mark.slow
 def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, checkpoint, tmp_path, capsys):
     manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
     out = tmp_path / "out"
@@ -618,6 +624,7 @@ def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, 
     assert not (tmp_path / "train").exists()
 
 
+@pytest.mark.slow
 def test_failure_analysis_shows_the_most_confident_errors_with_thumbnails(make_cohort, checkpoint,
                                                                            tmp_path):
     manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
@@ -706,6 +713,7 @@ def test_group_regex_that_makes_one_patient_of_all_is_refused(make_cohort, check
     assert "grouped none of the 7 images" in err and "_1_" not in err and ".jpg" not in err
 
 
+@pytest.mark.slow
 def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_path, capsys):
     test_dir = make_cohort("external", (2, 3, 2), seed=1)  # <class>_1_000.jpg, _001, (_002)
     assert run_inference(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"_(\d{3})\.") == 0
@@ -741,6 +749,7 @@ def test_a_class_of_one_patient_or_one_image_is_warned(make_cohort, checkpoint, 
 
 # -- comparison with a baseline --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoint, other_weights, tmp_path):
     test_dir = make_cohort("external", (3, 8, 5), seed=1)
     out = tmp_path / "out"
@@ -766,6 +775,7 @@ def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoin
 
 # -- the embedding cache ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, checkpoint, tmp_path,
                                                                monkeypatch):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)

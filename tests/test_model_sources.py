@@ -331,6 +331,7 @@ def accumulated_grads(model, tokenizer, images, labels, captions, accum_steps, d
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
     torch.manual_seed(0)
     model, *_, tokenizer = models.create_model("tiny_custom_text", None)

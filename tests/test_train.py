@@ -463,6 +463,7 @@ def test_best_weights_also_as_safetensors(splits, tmp_path):
     assert torch.equal(model.state_dict()["text_projection"], best["text_projection"])
 
 
+@pytest.mark.slow
 def test_compiled_model_saves_clean_keys():
     model, *_ = models.create_model("tiny_clip", None)
     model.visual = torch.compile(model.visual)

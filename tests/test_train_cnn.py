@@ -127,6 +127,7 @@ def imagenet_like_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tmp_path):
     source = torch.load(imagenet_like_file, weights_only=True)
     model, info = train_cnn.build_model("resnet18", str(imagenet_like_file), FOLDERS, 32, seed=0)
@@ -156,6 +157,7 @@ def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tm
 
 
 @pytest.mark.parametrize("arch", train_cnn.ARCHS)
+@pytest.mark.slow
 def test_every_architecture_gets_a_head_with_one_output_per_class(arch):
     model, info = train_cnn.build_model(arch, "none", FOLDERS[:2], 32, seed=0)
     head = model.get_submodule(train_cnn.HEAD_MODULES[arch])

@@ -301,6 +301,7 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
 
 # -- the loss: fp32 outside autocast, failed rows masked; refused configurations --------------------
 
+@pytest.mark.slow
 def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
     from types import SimpleNamespace
     torch.manual_seed(0)
