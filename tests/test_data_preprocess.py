@@ -577,6 +577,7 @@ def test_planted_duplicates_are_reported_and_kept_together(make_cohort, tmp_path
     assert pd.read_csv(tmp_path / "exact" / "duplicates.csv").kind.tolist() == ["exact", "exact"]
 
 
+@pytest.mark.slow
 def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
     root = make_cohort("cohort", (24, 60, 40))  # standardised cartoon eyes: a hard case for pHash
     assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run") == 0

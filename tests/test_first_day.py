@@ -426,6 +426,7 @@ def test_prediction_column_follows_the_decision_rule(make_cohort, tmp_path, caps
     assert user.prediction.tolist() == by_hand_rule
 
 
+@pytest.mark.slow
 def test_a_single_image_is_a_test_dir(make_cohort, tmp_path, capsys):
     image = next((make_cohort("external", (1, 1, 1)) / "healthy eyes").iterdir())
     checkpoint = tiny_checkpoint(tmp_path / "c.pt")

@@ -350,6 +350,7 @@ def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
             assert torch.allclose(grads[name], reference[name], atol=1e-5, rtol=1e-4), (accum_steps, dedup, name)
 
 
+@pytest.mark.slow
 def test_accumulation_replays_dropout_draws(monkeypatch):
     """With patch dropout, the accumulated gradient equals the gradient of the full-batch loss of
     the very features computed per micro-batch in one graph (same RNG stream); without the replay

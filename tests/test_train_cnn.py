@@ -168,6 +168,7 @@ def test_every_architecture_gets_a_head_with_one_output_per_class(arch):
     assert info.head == "new"
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp_path):
     with pytest.raises(train_cnn.WeightsError, match=r"^--weights .*weights do not fit architecture "
                                                      r"efficientnet_b0.*pass the --arch"):
