@@ -220,7 +220,6 @@ SLOW_FIXTURES = {  # fixture name: what its setup does before the test starts
 SLOW_MODULES = {  # test module: why every test in it is slow
     "test_distributed": "each test starts torchrun (2 processes)",
     "test_crash_safety": "SIGKILLs clip_train.py subprocesses and resumes them",
-    "test_benchmark_measures": "runs the benchmark harness",
 }
 DISTRIBUTED_MODULES = {"test_distributed"}
 

@@ -15,6 +15,7 @@ KEYS = ("train_e2e_over_model", "infer_e2e_over_model", "text_dedup_speedup", "t
         "train_model_samples_per_s", "train_compute_efficiency", "matmul_peak_flops", "peak_memory_bytes")
 
 
+@pytest.mark.slow
 def test_harness_reports_all_measures_without_timing_assertions(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",
