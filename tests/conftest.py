@@ -204,3 +204,32 @@ def checkpoint(tmp_path, tiny_model):
     path = tmp_path / "clip_model_epoch_best.pt"
     ckpt.save_checkpoint(path, tiny_model, tiny_metadata())
     return path
+
+
+# -- markers: what `make test-fast` (pytest -m "not slow") leaves out; docs/testing.md ----------------
+# A rule here rather than a decorator on each test, so a new test that uses one of these fixtures or
+# lands in one of these modules is slow without anyone remembering to say so. Tests that train or
+# start a script in their own body carry an explicit @pytest.mark.slow instead.
+SLOW_FIXTURES = {  # fixture name: what its setup does before the test starts
+    "trained": "trains a tiny CLIP (test_first_day, test_precision)",
+    "folder_run": "trains the CNN baseline (test_train_cnn)",
+    "run": "trains the CNN baseline with a scripted score (test_cnn_schedule)",
+    "demo_workspace": "runs the demo's scripts in a scratch clone (test_docs)",
+    "step_results": "starts torchrun and a plain process (test_distributed)",
+}
+SLOW_MODULES = {  # test module: why every test in it is slow
+    "test_distributed": "each test starts torchrun (2 processes)",
+    "test_crash_safety": "SIGKILLs clip_train.py subprocesses and resumes them",
+}
+DISTRIBUTED_MODULES = {"test_distributed"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` the tests that use a SLOW_FIXTURES fixture or live in a SLOW_MODULES module, and
+    `distributed` those of DISTRIBUTED_MODULES."""
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        if module in SLOW_MODULES or SLOW_FIXTURES.keys() & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if module in DISTRIBUTED_MODULES:
+            item.add_marker(pytest.mark.distributed)

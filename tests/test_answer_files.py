@@ -250,6 +250,7 @@ def test_shipped_demo_answer_files_are_what_the_generator_writes(tmp_path):
     assert len(list((tmp_path / "cohort").rglob("*.jpg"))) == 36
 
 
+@pytest.mark.slow
 def test_docs_second_step_example_runs_as_written_and_gives_its_table(tmp_path):
     section = (REPO_ROOT / "docs" / "second-step.md").read_text(encoding="utf-8")
     block = section.split("\n```sh\n", 1)[1].split("\n```", 1)[0]
@@ -382,6 +383,7 @@ def test_score_answers_has_no_model_flags(answers, flag, capsys):
     assert exit_info.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_score_answers_script_runs_from_the_command_line():
     done = subprocess.run([sys.executable, str(REPO_ROOT / "score_answers.py"), "--help"],
                           cwd=REPO_ROOT, capture_output=True, text=True)

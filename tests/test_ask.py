@@ -170,6 +170,7 @@ def test_missing_metadata_is_an_error_naming_image_and_column(cohort, tmp_path, 
     assert "needs metadata column 'symptoms'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_full_run_retries_privacy_and_report_matches_scoring_by_hand(cohort, tmp_path, server):
     root, meta, paths = cohort
     s = server(plan={1: 429, 2: 500, 3: "stall", 4: "malformed"})
@@ -203,6 +204,7 @@ def test_full_run_retries_privacy_and_report_matches_scoring_by_hand(cohort, tmp
         assert (out / "report" / name).read_bytes() == (by_hand / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_changed_prompt_is_a_new_request_and_cache_is_reused(cohort, tmp_path, server):
     root, meta, paths = cohort
     s = server()
@@ -224,6 +226,7 @@ def test_non_local_host_needs_yes(cohort, tmp_path, capsys):
     assert runner.is_local_host("http://localhost:8000/v1") and not runner.is_local_host("http://10.0.0.1/v1")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_sends_each_request_once(cohort, tmp_path, server):
     root, meta, paths = cohort
     total = 3 * len(paths)

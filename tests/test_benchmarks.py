@@ -55,6 +55,7 @@ def test_agreement_counts_keep_the_demo_proportions():
     assert harness.parse_args(["--agreement-images", "3"]).agreement_counts == (1, 2, 1)
 
 
+@pytest.mark.slow
 def test_bf16_only_measures_precision_and_nothing_else(tmp_path):
     out = tmp_path / "bf16.json"
     assert harness.main(["--model-config", str(TINY_CONFIG), "--batch-size", "2", "--infer-batch-size", "2",

@@ -438,6 +438,7 @@ def evaluate(manifest, checkpoint, out):
     return json.loads((out / "metrics.json").read_text()), (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_inference_bootstraps_images_unless_the_manifest_names_patients(patient_cohort, checkpoint,
                                                                           tmp_path, capsys):
     root = patient_cohort.root

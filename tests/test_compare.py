@@ -212,6 +212,7 @@ def synthetic_models(seed=0, n=80):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.slow
 def test_compare_predictions_equals_sklearn_and_an_explicit_paired_bootstrap(grouped):
     from orbital_clip import metrics
     from statsmodels.stats.contingency_tables import mcnemar
@@ -276,6 +277,7 @@ USABLE_IF = {  # which classes a resample's answered images must hold for each m
 
 @pytest.mark.parametrize("sparse_class", [0, 2])
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.slow
 def test_comparison_leaves_out_resamples_without_an_answered_image_of_a_class(sparse_class, grouped):
     """metrics.json's rule in the comparison: the other model answered 2 images of one class, so
     some resamples hold no answered image of it. Those give no balanced accuracy, macro F1 or
@@ -387,6 +389,7 @@ def read_csv(path):
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
+@pytest.mark.slow
 def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, checkpoint, tmp_path):
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
     test_dir = make_cohort("external", (4, 10, 6), seed=1)
@@ -430,6 +433,7 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, c
     assert json.loads((out / "metrics.json").read_text())["compared_models"]["cnn"].startswith("--compare")
 
 
+@pytest.mark.slow
 def test_compare_file_without_most_rare_answers_counts_its_usable_resamples(make_cohort, checkpoint,
                                                                           tmp_path, capsys):
     """A reader who answered 1 of the 4 rare images: the rare class is missing from some
@@ -453,6 +457,7 @@ def test_compare_file_without_most_rare_answers_counts_its_usable_resamples(make
     assert f"comparison: reader: balanced accuracy on {short} of 50 resamples" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differences(
         make_cohort, tmp_path, tiny_model):
     """Issue 14 item 1: a checkpoint whose stored prompt set lists (orbital, non-orbital,
@@ -538,6 +543,7 @@ def write_metadata(test_dir, path, seed=0):
     return read_csv(path)
 
 
+@pytest.mark.slow
 def test_subgroups_end_to_end_equal_hand_counts_from_the_files(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (6, 12, 9), seed=1)
     meta = write_metadata(test_dir, tmp_path / "meta.csv")
@@ -593,6 +599,7 @@ def test_subgroup_refusals_exit_2_and_write_nothing(make_cohort, checkpoint, tmp
 
 # -- data_preprocess.py --metadata / --stratify-by ----------------------------------------------
 
+@pytest.mark.slow
 def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tmp_path):
     from orbital_clip import split as data_preprocess
     from orbital_clip.split import allocate
@@ -660,6 +667,7 @@ def test_split_metadata_refusals_exit_2_and_write_nothing(make_cohort, tmp_path,
     assert not (tmp_path / "split").exists() and tree_state(data) == before
 
 
+@pytest.mark.slow
 def test_with_patient_groups_mcnemar_is_clustered_and_the_bootstrap_resamples_patients(
         make_cohort, checkpoint, tmp_path):
     """--group-regex makes patients of 3-4 images: p_mcnemar_clustered equals Obuchowski's test

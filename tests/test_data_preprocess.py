@@ -481,6 +481,7 @@ def test_help_in_process(capsys):
     assert "--data-root" in out and "$ python data_preprocess.py" in out
 
 
+@pytest.mark.slow
 def test_real_run_subprocess(make_cohort, tmp_path):
     make_cohort("cohort", (3, 5, 4))
     result = subprocess.run([sys.executable, str(SCRIPT), "--data-root", "cohort", "--out-dir", "splits",
@@ -576,6 +577,7 @@ def test_planted_duplicates_are_reported_and_kept_together(make_cohort, tmp_path
     assert pd.read_csv(tmp_path / "exact" / "duplicates.csv").kind.tolist() == ["exact", "exact"]
 
 
+@pytest.mark.slow
 def test_demo_cohort_has_no_false_near_duplicates(make_cohort, tmp_path):
     root = make_cohort("cohort", (24, 60, 40))  # standardised cartoon eyes: a hard case for pHash
     assert run("--data-root", root, "--out-dir", tmp_path / "out", "--dry-run") == 0
@@ -734,6 +736,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_move_killed_midway_loses_nothing_resumes_and_rolls_back(tmp_path):
     import signal
     import time

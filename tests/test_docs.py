@@ -180,7 +180,6 @@ def demo_results(demo_workspace):
     return results
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", DEMO_COMMANDS)
 def test_doc_demo_command_runs_as_written(command, demo_results, demo_workspace):
     done = demo_results[command]

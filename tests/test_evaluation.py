@@ -75,6 +75,7 @@ def test_clearing_an_output_folder_removes_only_our_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
 
 
+@pytest.mark.slow
 def test_evaluation_modules_import_one_way():
     """evaluation <- answer_files <- inference: the shared parts never import the script."""
     code = ("import sys; from orbital_clip import evaluation; "

@@ -225,6 +225,7 @@ def test_the_printed_resume_command_names_the_script_from_the_working_folder(tmp
     assert rest == "--save-dir ../run --resume auto"
 
 
+@pytest.mark.slow
 def test_a_resume_with_changed_training_flags_is_refused(make_cohort, tmp_path, capsys):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
@@ -269,6 +270,7 @@ def test_resume_with_changes_needs_resume(make_cohort, tmp_path, capsys):
     assert "--resume-with-changes needs --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_figure_backend_is_loaded_before_any_epoch(tmp_path):
     """A Ctrl-C that landed while matplotlib's Agg extension first loaded (at the end of epoch 1,
     for the training curves) came out as an ImportError with a traceback and exit 1 (seen once in
@@ -282,6 +284,7 @@ def test_the_figure_backend_is_loaded_before_any_epoch(tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_resume_command(make_cohort, tmp_path):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     save_dir = tmp_path / "run"
@@ -340,6 +343,7 @@ def run_logged(argv, log_path, tty=False):
     return process.wait(timeout=600)
 
 
+@pytest.mark.slow
 def test_log_files_get_no_progress_bars_and_one_line_per_epoch(make_cohort, tmp_path):
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)
     argv = [t for t in train_argv(train_dir, val_dir, tmp_path / "run", "--epochs", "2")
@@ -378,6 +382,7 @@ def tiny_checkpoint(path, threshold=None):
     return path
 
 
+@pytest.mark.slow
 def test_prediction_column_follows_the_decision_rule(make_cohort, tmp_path, capsys):
     test_dir = make_cohort("external", (4, 8, 6), seed=3)
     plain = tiny_checkpoint(tmp_path / "plain.pt")
@@ -421,6 +426,7 @@ def test_prediction_column_follows_the_decision_rule(make_cohort, tmp_path, caps
     assert user.prediction.tolist() == by_hand_rule
 
 
+@pytest.mark.slow
 def test_a_single_image_is_a_test_dir(make_cohort, tmp_path, capsys):
     image = next((make_cohort("external", (1, 1, 1)) / "healthy eyes").iterdir())
     checkpoint = tiny_checkpoint(tmp_path / "c.pt")
@@ -595,6 +601,7 @@ def test_show_defaults_known_answers():
     assert "(default: 5%)" in parser.format_help()
 
 
+@pytest.mark.slow
 def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, capsys):
     def logged(name):  # main() configures logging to stderr itself (caplog's handler is replaced)
         return [line.split(f" {name}: ", 1)[1] for line in capsys.readouterr().err.splitlines()
@@ -646,6 +653,7 @@ def test_summaries_figures_and_a_preamble_only_at_debug(make_cohort, tmp_path, c
 
 # -- item 11: MODEL_CARD.md beside the checkpoints -------------------------------------------------
 
+@pytest.mark.slow
 def test_model_card_holds_data_prompts_recipe_and_validation_cis(make_cohort, tmp_path):
     from statsmodels.stats.proportion import proportion_confint
     train_dir, val_dir = make_cohort("train", (6, 12, 9), 0), make_cohort("val", (3, 6, 4), 1)

@@ -156,6 +156,7 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
     assert "| orbital disease | 3 | 0 | 3 |" in report
 
 
+@pytest.mark.slow
 def test_rare_class_is_row_0_of_confusion_matrix_and_report(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 12, 7), seed=1)
     out = tmp_path / "results"
@@ -174,6 +175,7 @@ def test_rare_class_is_row_0_of_confusion_matrix_and_report(make_cohort, checkpo
     assert rows[2][:2] == ["healthy", "eyes"] and rows[2][-1] == "12"
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_a_failed_row_and_shifts_nothing(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)
     clean_out, dirty_out = tmp_path / "clean", tmp_path / "dirty"
@@ -243,6 +245,7 @@ def test_no_readable_image_writes_the_reasons_and_exits_1(checkpoint, tmp_path, 
     assert (metrics["n"], metrics["n_failed"], metrics["accuracy"]) == (0, 2, None)
 
 
+@pytest.mark.slow
 def test_plain_state_dict_gives_identical_predictions(make_cohort, checkpoint, tiny_model, tmp_path,
                                                       capsys):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
@@ -273,6 +276,7 @@ def test_stock_open_clip_loads_our_checkpoint(checkpoint, tiny_model):
 
 
 @pytest.mark.parametrize("mode", ["exp", "published-log"])
+@pytest.mark.slow
 def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_model, tmp_path, mode):
     test_dir = make_cohort("external", (1, 1, 1), seed=2)
     path = tmp_path / "ckpt.pt"
@@ -293,6 +297,7 @@ def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_m
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["logit_scale_mode"] == mode
 
 
+@pytest.mark.slow
 def test_classes_are_matched_by_folder_name_not_order(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
     reversed_set = prompts.prompt_set_to_dict(list(reversed(prompts.load_prompt_set(None))))
@@ -396,6 +401,7 @@ def test_help_in_process(capsys):
     assert exit_info.value.code == 0 and "$ python inference.py" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
     script = str(REPO_ROOT / "inference.py")
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
@@ -415,6 +421,7 @@ def test_a_real_subprocess_run(make_cohort, checkpoint, tmp_path):
     assert "](roc_curves.png)" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_clip_train_evaluates_with_its_own_metadata(make_cohort, tmp_path):
     from orbital_clip.train import cli as train_cli
     train_dir, val_dir = make_cohort("train", (4, 8, 6), seed=0), make_cohort("val", (2, 4, 3), seed=1)
@@ -495,6 +502,7 @@ def test_outputs_of_a_calibrated_checkpoint(make_cohort, calibrated_checkpoint, 
     assert "itd_accuracy" in result and result["itd_accuracy"] == pytest.approx(result["accuracy"])
 
 
+@pytest.mark.slow
 def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_cohort, calibrated_checkpoint,
                                                                        tmp_path):
     first = make_cohort("external_a", (3, 12, 7), seed=1)
@@ -510,6 +518,7 @@ def test_operating_threshold_comes_from_validation_not_the_test_cohort(make_coho
     assert (op["threshold"], op["source"]) == (0.5, "user (--threshold)")
 
 
+@pytest.mark.slow
 def test_another_softmax_drops_the_stored_threshold_and_temperature(make_cohort, calibrated_checkpoint,
                                                                    tmp_path, capsys):
     test_dir = make_cohort("external", (3, 6, 4), seed=1)
@@ -597,6 +606,7 @@ def write_manifest(root, val_every=4):
     return root / "manifest.csv"
 
 
+@pytest.mark.slow
 def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, checkpoint, tmp_path, capsys):
     manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
     out = tmp_path / "out"
@@ -615,6 +625,7 @@ def test_manifest_split_and_group_column_drive_a_cluster_bootstrap(make_cohort, 
     assert not (tmp_path / "train").exists()
 
 
+@pytest.mark.slow
 def test_failure_analysis_shows_the_most_confident_errors_with_thumbnails(make_cohort, checkpoint,
                                                                            tmp_path):
     manifest = write_manifest(make_cohort("splits", (4, 8, 6), seed=1))
@@ -703,6 +714,7 @@ def test_group_regex_that_makes_one_patient_of_all_is_refused(make_cohort, check
     assert "grouped none of the 7 images" in err and "_1_" not in err and ".jpg" not in err
 
 
+@pytest.mark.slow
 def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_path, capsys):
     test_dir = make_cohort("external", (2, 3, 2), seed=1)  # <class>_1_000.jpg, _001, (_002)
     assert run_inference(test_dir, checkpoint, tmp_path / "out", "--group-regex", r"_(\d{3})\.") == 0
@@ -714,6 +726,7 @@ def test_patients_in_several_classes_are_warned(make_cohort, checkpoint, tmp_pat
     assert "e.g." not in warning
 
 
+@pytest.mark.slow
 def test_a_class_of_one_patient_or_one_image_is_warned(make_cohort, checkpoint, tmp_path, capsys):
     """The class-stratified bootstrap never varies a class that rests on one unit: its intervals
     are too narrow, which the log says (here a regex that names the class, not the patient, and a
@@ -737,6 +750,7 @@ def test_a_class_of_one_patient_or_one_image_is_warned(make_cohort, checkpoint, 
 
 # -- comparison with a baseline --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoint, other_weights, tmp_path):
     test_dir = make_cohort("external", (3, 8, 5), seed=1)
     out = tmp_path / "out"
@@ -762,6 +776,7 @@ def test_baseline_comparison_is_paired_on_the_same_images(make_cohort, checkpoin
 
 # -- the embedding cache ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, checkpoint, tmp_path,
                                                                monkeypatch):
     test_dir = make_cohort("external", (3, 5, 4), seed=1)
@@ -801,6 +816,7 @@ def test_cache_reanalysis_encodes_no_image_and_changes_nothing(make_cohort, chec
 
 # -- WiSE-FT ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_wise_ft_alpha_0_is_the_base_and_1_the_fine_tuned(make_cohort, checkpoint, other_weights, tmp_path):
     test_dir = make_cohort("external", (2, 4, 3), seed=1)
     out = tmp_path / "wise"
@@ -859,6 +875,7 @@ def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, t
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_anonymized_outputs_contain_no_file_name(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 2), seed=1)
     (test_dir / "healthy eyes" / "Doe_John_1961.jpg").write_bytes(b"garbage, not a picture")
@@ -918,6 +935,7 @@ def test_user_errors_exit_2_and_write_nothing(make_cohort, checkpoint, tmp_path,
 
 # -- the whole evaluation on a large synthetic cohort (its timing: benchmarks/evaluation_speed.py) ---
 
+@pytest.mark.slow
 def test_full_evaluation_of_a_synthetic_cohort_with_2000_resamples(tmp_path):
     """Everything after the embeddings (metrics, 2000 bootstrap resamples, tables, the figures as
     PNG and PDF, the report), checked on values; the 10-second budget for 5,000 images is a

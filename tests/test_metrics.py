@@ -485,6 +485,7 @@ def test_mean_nll_is_the_log_loss_of_the_tempered_softmax():
     assert metrics.mean_nll([[0.0, 0.0]], [1]) == pytest.approx(math.log(2))
 
 
+@pytest.mark.slow
 def test_metrics_and_report_import_without_torch():
     """The statistics and the report stay readable and testable without the model stack."""
     code = ("import sys; from orbital_clip import metrics, report; "

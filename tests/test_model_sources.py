@@ -151,6 +151,7 @@ def test_missing_optional_package_is_named(monkeypatch):
 
 # -- local-dir: train, evaluate, and evaluate again without the folder ------------------------------
 
+@pytest.mark.slow
 def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, tmp_path, no_network):
     train_dir, val_dir = splits
     folder = tmp_path / "models" / "tiny"
@@ -188,6 +189,7 @@ def test_local_dir_trains_evaluates_and_its_checkpoint_needs_no_folder(splits, t
     assert metrics["n"] == 13
 
 
+@pytest.mark.slow
 def test_local_dir_zero_shot_equals_its_weights_as_a_state_dict(splits, tmp_path, no_network):
     _train_dir, val_dir = splits
     folder = tmp_path / "tiny"
@@ -224,6 +226,7 @@ def write_hf_cache(cache, repo_id, source_folder, commit="0123456789abcdef012345
     shutil.copytree(source_folder, repo / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_hf_hub_model_loads_offline_from_the_cache(splits, tmp_path, monkeypatch, no_network, capsys):
     import huggingface_hub.constants as hf_constants
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
@@ -329,6 +332,7 @@ def accumulated_grads(model, tokenizer, images, labels, captions, accum_steps, d
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
     torch.manual_seed(0)
     model, *_, tokenizer = models.create_model("tiny_custom_text", None)
@@ -347,6 +351,7 @@ def test_custom_text_clip_dedup_and_accumulation_are_exact(custom_text_config):
             assert torch.allclose(grads[name], reference[name], atol=1e-5, rtol=1e-4), (accum_steps, dedup, name)
 
 
+@pytest.mark.slow
 def test_accumulation_replays_dropout_draws(monkeypatch):
     """With patch dropout, the accumulated gradient equals the gradient of the full-batch loss of
     the very features computed per micro-batch in one graph (same RNG stream); without the replay
@@ -388,6 +393,7 @@ def test_text_dropout_switches_dedup_off_in_the_log(caplog):
     assert "caption deduplication off" in caplog.text and "transformer.extra (Dropout p=0.1)" in caplog.text
 
 
+@pytest.mark.slow
 def test_custom_text_clip_trains_with_accumulation_and_evaluates(splits, tmp_path, custom_text_config):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -405,6 +411,7 @@ def _has_compiler():
 
 
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on the CPU needs a C/C++ compiler")
+@pytest.mark.slow
 def test_custom_text_clip_trains_with_compile(splits, tmp_path, custom_text_config):
     train_dir, val_dir = splits
     assert train_cli.main(train_argv(train_dir, val_dir, tmp_path / "run", "--model-config",

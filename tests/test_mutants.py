@@ -112,6 +112,7 @@ def bmp_cohort(make_cohort):
     return root
 
 
+@pytest.mark.slow
 def test_cache_sees_a_replaced_image_of_the_same_size(bmp_cohort, checkpoint, tmp_path):
     cache = tmp_path / "cache"
     assert run_inference(bmp_cohort, checkpoint, tmp_path / "first", "--cache-dir", cache) == 0
@@ -130,6 +131,7 @@ def test_cache_sees_a_replaced_image_of_the_same_size(bmp_cohort, checkpoint, tm
     np.testing.assert_allclose(cached.to_numpy(), fresh.to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cache_is_not_shared_between_two_checkpoints(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 3), seed=1)
     torch.manual_seed(1)
@@ -147,6 +149,7 @@ def test_cache_is_not_shared_between_two_checkpoints(make_cohort, checkpoint, tm
 
 # -- inference: baseline_predictions.csv in our class order ---------------------------------------
 
+@pytest.mark.slow
 def test_baseline_in_another_class_order_is_written_under_our_headers(make_cohort, checkpoint, tmp_path):
     test_dir = make_cohort("external", (2, 3, 3), seed=1)
     reversed_set = list(reversed(prompts.load_prompt_set(None)))

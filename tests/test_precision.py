@@ -71,6 +71,7 @@ def tiny_model():
     return model.eval()
 
 
+@pytest.mark.slow
 def test_bf16_image_encoder_is_close_to_fp32_and_leaves_the_model_fp32(tiny_model):
     torch.manual_seed(1)
     images = torch.randn(6, 3, 64, 64)

@@ -189,6 +189,7 @@ def test_sequential_tables_and_markdown_carry_the_hand_values():
     assert "the 7 of 9 images read at every step" in text
 
 
+@pytest.mark.slow
 def test_sequential_figure_is_drawn_from_the_per_step_values(tmp_path):
     saved = {}
 

@@ -236,6 +236,7 @@ def test_distributed_balanced_sampler_draws_a_new_order_each_epoch():
     assert orders[0] != orders[1]
 
 
+@pytest.mark.slow
 def test_resume_restores_the_step_so_warmup_and_cosine_continue(splits, tmp_path, monkeypatch):
     """An interrupted run (stopped after epoch 1 of 2) resumed: the learning rate of epoch 2 and
     the final weights equal a straight run's. With the step counter restarted at 0 the resumed
@@ -272,6 +273,7 @@ def splits(make_cohort):
 
 # -- the four combinations of issue 19 -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_class_prompts_train_and_a_relative_pretrained_file_is_recorded_absolute(
         make_cohort, tmp_path, monkeypatch, capsys):
     """--prompts with two classes trains and validates (macro AUROC is the binary AUROC), and a
@@ -346,6 +348,7 @@ def test_a_fold_without_the_rare_class_refuses_an_undefined_select_metric(make_c
     assert not save_dir.exists()  # refused before anything is written
 
 
+@pytest.mark.slow
 def test_a_metric_undefined_at_validation_time_still_keeps_a_best_checkpoint(make_cohort, tmp_path, capsys):
     """The validation folder has a rare image, but it is unreadable: rare sensitivity is NaN at
     every epoch. The run keeps the first epoch as best (with a warning), WiSE-FT still runs."""
@@ -366,6 +369,7 @@ def inference_argv(test_dir, checkpoint, out, *extra):
             "--workers", "0", "--bootstrap", "0", "--no-progress", "--no-figures", *extra]
 
 
+@pytest.mark.slow
 def test_inference_overwrite_leaves_exactly_one_runs_outputs(make_cohort, tmp_path):
     torch.manual_seed(0)
     model, *_ = models.create_model(TINY_MODEL, None)

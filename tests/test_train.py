@@ -167,6 +167,7 @@ def test_unknown_class_folder_is_a_clear_error(splits, tmp_path, capsys):
 
 # -- real runs -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -199,6 +200,7 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     assert changed == {"overwrite", "device", "precision"}, changed  # the last two resolved at run time
 
 
+@pytest.mark.slow
 def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
     train_dir, val_dir = splits
     runs = []
@@ -213,6 +215,7 @@ def test_training_moves_weights_and_seed_reproduces(splits, tmp_path):
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
     train_dir, val_dir = splits
     wise = ("--wise-ft-alphas", "0,0.5,1")  # WiSE-FT's base must stay the initial weights after a resume
@@ -231,6 +234,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
     assert list(history["epoch"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypatch, capsys):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -244,6 +248,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypat
         assert (save_dir / name).read_bytes() == data
 
 
+@pytest.mark.slow
 def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits, tmp_path, monkeypatch,
                                                                          capsys):
     # One uninterrupted run; a NaN pixel enters the second batch of epoch 2, after epoch 1 wrote
@@ -282,6 +287,7 @@ def test_help_in_process(capsys):
     assert exit_info.value.code == 0 and "--select-metric" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_manifest_input_and_subprocess_entry_point(splits, tmp_path):
     train_dir, val_dir = splits
     rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "split": split}
@@ -341,6 +347,7 @@ def test_recipe_recommended_and_explicit_override(splits, tmp_path):
     assert train_schedule.warmup_steps("5%", 200) == 10 and train_schedule.warmup_steps("7", 200) == 7
 
 
+@pytest.mark.slow
 def test_recommended_recipe_trains_with_early_stopping(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -376,6 +383,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(loss_kind):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow
 def test_locked_towers_do_not_move(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -406,6 +414,7 @@ def test_ssa_factor_parsing(splits, tmp_path, capsys):
                                        "--ssa-keep-all"]) == ["--lr", "1"]
 
 
+@pytest.mark.slow
 def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -427,6 +436,7 @@ def test_ssa_runs_stages_and_keeps_the_winner(splits, tmp_path):
     assert not list((save_dir / "ssa" / "trials").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_checkpoint_stores_operating_point_and_temperature(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -439,6 +449,7 @@ def test_checkpoint_stores_operating_point_and_temperature(splits, tmp_path):
     assert best["temperature"] > 0
 
 
+@pytest.mark.slow
 def test_best_weights_also_as_safetensors(splits, tmp_path):
     from safetensors.torch import load_file
     train_dir, val_dir = splits
@@ -452,6 +463,7 @@ def test_best_weights_also_as_safetensors(splits, tmp_path):
     assert torch.equal(model.state_dict()["text_projection"], best["text_projection"])
 
 
+@pytest.mark.slow
 def test_compiled_model_saves_clean_keys():
     model, *_ = models.create_model("tiny_clip", None)
     model.visual = torch.compile(model.visual)
@@ -459,6 +471,7 @@ def test_compiled_model_saves_clean_keys():
     assert "visual.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
 
 
+@pytest.mark.slow
 def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"

@@ -127,6 +127,7 @@ def imagenet_like_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tmp_path):
     source = torch.load(imagenet_like_file, weights_only=True)
     model, info = train_cnn.build_model("resnet18", str(imagenet_like_file), FOLDERS, 32, seed=0)
@@ -156,6 +157,7 @@ def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tm
 
 
 @pytest.mark.parametrize("arch", train_cnn.ARCHS)
+@pytest.mark.slow
 def test_every_architecture_gets_a_head_with_one_output_per_class(arch):
     model, info = train_cnn.build_model(arch, "none", FOLDERS[:2], 32, seed=0)
     head = model.get_submodule(train_cnn.HEAD_MODULES[arch])
@@ -166,6 +168,7 @@ def test_every_architecture_gets_a_head_with_one_output_per_class(arch):
     assert info.head == "new"
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp_path):
     with pytest.raises(train_cnn.WeightsError, match=r"^--weights .*weights do not fit architecture "
                                                      r"efficientnet_b0.*pass the --arch"):
@@ -237,6 +240,7 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
     assert record["run"]["weights"] == {"spec": "none", "source": "random init (seed 2024)", "head": "new"}
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", [[], ["--balanced-sampling"]])
 def test_a_cohort_that_leaves_a_last_batch_of_one_trains(tmp_path, sampling):
@@ -323,6 +327,7 @@ def test_weights_imagenet_offline_refuses_naming_the_flag_and_the_file(tmp_path,
     assert tree_state(cohort, tmp_path / "run") == before and not list(hub.rglob("*.pth"))
 
 
+@pytest.mark.slow
 def test_help_runs_as_a_script():
     run = subprocess.run([sys.executable, "-m", "baselines.train_cnn", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)

@@ -35,6 +35,7 @@ def final_weights(save_dir):
 
 # -- resume ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_with_two_workers_equals_a_straight_run(splits, tmp_path):
     # Workers draw augmentations (random resized crops of the train transform) and the sampler
     # permutes: both must continue exactly after a resume. Balanced sampling draws from the
@@ -52,6 +53,7 @@ def test_resume_with_two_workers_equals_a_straight_run(splits, tmp_path):
     assert one_epoch["epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_no_file(splits, tmp_path, capsys):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -67,6 +69,7 @@ def test_resuming_a_finished_run_changes_no_file(splits, tmp_path, capsys):
     assert "finished run" in err and "nothing to do" in err
 
 
+@pytest.mark.slow
 def test_resuming_an_early_stopped_run_trains_no_further(splits, tmp_path):
     # lr 1e-12 leaves the weights (and so the validation accuracy) unchanged: epoch 2 is not
     # strictly better, patience 1 stops the run there.
@@ -109,6 +112,7 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
 
 # -- WiSE-FT with every metric, its calibration; --compile ------------------------------------------
 
+@pytest.mark.slow
 def test_wise_ft_with_macro_f1_stores_the_chosen_alphas_threshold_and_temperature(splits, tmp_path):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
@@ -135,6 +139,7 @@ CUSTOM_TEXT_CONFIG = {  # a tiny CustomTextCLIP (the class SigLIP and HF-text mo
 
 
 @pytest.mark.parametrize("custom_text", [False, True])
+@pytest.mark.slow
 def test_compile_in_place_keeps_clean_keys_for_wise_ft_and_custom_text(splits, tmp_path, monkeypatch,
                                                                         custom_text):
     import functools
@@ -161,6 +166,7 @@ def test_compile_in_place_keeps_clean_keys_for_wise_ft_and_custom_text(splits, t
 
 # -- SSA: on/off factors, a failing trial, refusal ----------------------------------------------------
 
+@pytest.mark.slow
 def test_ssa_sweeps_on_off_flags_and_records_a_trial_that_fails(splits, tmp_path, monkeypatch):
     import json
     train_dir, val_dir = splits
@@ -195,6 +201,7 @@ def test_ssa_sweeps_on_off_flags_and_records_a_trial_that_fails(splits, tmp_path
     assert train_options.parse_args(best["argv"] + ["--save-dir", str(tmp_path / "again")]).batch_size == 8
 
 
+@pytest.mark.slow
 def test_ssa_refused_trial_keeps_what_the_user_had(splits, tmp_path, capsys):
     from conftest import tree_state
     train_dir, val_dir = splits
@@ -255,6 +262,7 @@ def fold_cohort(make_cohort, tmp_path):
 
 @pytest.mark.parametrize("row", covering_array(), ids=lambda row: "-".join(
     f"{k}={v}" for k, v in row.items() if v not in (None, False, 0, 1, "paper", "clip")))
+@pytest.mark.slow
 def test_training_options_in_pairs(fold_cohort, tmp_path, row):
     train_dir, val_dir, manifest = fold_cohort
     if row["fold"] is not None:
@@ -294,6 +302,7 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
 
 # -- the loss: fp32 outside autocast, failed rows masked; refused configurations --------------------
 
+@pytest.mark.slow
 def test_loss_runs_in_fp32_outside_autocast_and_masks_failed_rows(monkeypatch):
     from types import SimpleNamespace
     torch.manual_seed(0)
