@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,13 @@ class SpaceList(argparse.Action):
         super().__init__(option_strings, dest, nargs="+", **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        tokens = [v.strip() for token in values for v in token.split(",")]
         if any("," in token for token in values):
-            spaced = " ".join(v for token in values for v in token.split(",") if v.strip())
+            spaced = " ".join(shlex.quote(v) for v in tokens if v)  # a command that runs as printed
             print(f"warning: {option_string} A,B (commas) is deprecated; use {option_string} "
                   f"{spaced}", file=sys.stderr)
-        tokens = [v.strip() for token in values for v in token.split(",") if v.strip()]
+        if "" in tokens:  # 'a,,b' or a trailing comma: a typo, never an empty class or value
+            raise argparse.ArgumentError(self, f"{' '.join(values)!r}: an empty item")
         try:
             items = [self.item(v) for v in tokens]
         except (ValueError, argparse.ArgumentTypeError) as err:

@@ -211,7 +211,7 @@ def test_answer_paths_that_do_not_match_the_cohort_are_refused_naming_file_and_r
     (["--predictions", "{a}", "--prompts", "{a}"], "--prompts needs a model (--checkpoint)"),
     (["--predictions", "{a}", "--threshold", "0.5"], "--threshold needs a model"),
     (["--predictions", "{a}", "--label-map", "missing.json"], "--label-map missing.json: no such file"),
-    (["--predictions", "{a}", "--classes", "a,,b"], "--classes 'a,,b': expected folder names"),
+    (["--predictions", "{a}", "--classes", "a,,b"], "--classes: 'a,,b': an empty item"),
 ])
 def test_answer_flag_combinations_are_refused(answers, argv, message, capsys):
     cohort, files, label_map = answers
@@ -368,7 +368,7 @@ def test_score_answers_and_the_deprecated_inference_spelling_write_the_same_byte
     assert f"warning: {answer_files.DEPRECATED_ANSWER_MODE}" in warning.splitlines()
     argv = ["--test-dir", str(cohort), "--predictions", f"{STEPS[0]}={files[0]}",
             "--compare", f"{STEPS[1]}={files[1]}", f"{STEPS[2]}={files[2]}",
-            "--label-map", str(label_map), "--classes", ",".join(ORDER), "--output-dir", str(new),
+            "--label-map", str(label_map), "--classes", *ORDER, "--out-dir", str(new),
             "--bootstrap", "200", "--no-figures", "--group-regex", r"^(P\d+)_"]
     assert answer_files.main(argv) == 0
     assert "deprecated" not in capsys.readouterr().err

@@ -22,7 +22,7 @@ from conftest import TINY_CONFIG, tree_state
 SCRIPTS = {"data_preprocess": data_preprocess, "clip_train": train_cli, "inference": inference}
 BASE_ARGV = {
     "data_preprocess": ["--data-root", "{cohort}", "--out-dir", "{out}", "--workers", "1", "--no-progress"],
-    "clip_train": ["--train-dir", "{cohort}", "--val-dir", "{val}", "--save-dir", "{out}",
+    "clip_train": ["--train-dir", "{cohort}", "--val-dir", "{val}", "--out-dir", "{out}",
                    "--model-config", "{tiny_config}", "--lr", "1e-3", "--batch-size", "4",
                    "--epochs", "1", "--workers", "0", "--no-progress"],
     "inference": ["--test-dir", "{cohort}", "--checkpoint", "{best}", "--output-dir", "{out}",
@@ -156,8 +156,8 @@ ROWS = [
     row(CT, ["--train-dir", "{empty}"], "--train-dir", "{empty}", id="train-dir empty"),
     row(CT, ["--val-dir", "{empty}"], "--val-dir", "{empty}", id="val-dir empty"),
     row(CT, ["--train-dir", "{unknown}"], "--train-dir", "cataract", id="train-dir unknown class folder"),
-    row(CT, ["--save-dir", "{used}"], "--save-dir", "{used}", id="save-dir not empty"),
-    row(CT, ["--save-dir", "{file}"], "--save-dir", "{file}", id="save-dir is a file"),
+    row(CT, ["--out-dir", "{used}"], "--out-dir", "{used}", id="out-dir not empty"),
+    row(CT, ["--out-dir", "{file}"], "--out-dir", "{file}", id="out-dir is a file"),
     row(CT, ["--model-config", "{missing_json}"], "--model-config", id="model-config missing"),
     row(CT, ["--model-name", "ViT-B-32"], "--model-name", "ViT-B-32", "tiny_clip", id="model-name not the config's"),
     row(CT, ["--prompts", "{missing_json}"], "--prompts", id="prompts missing"),

@@ -2,6 +2,7 @@
 grouping by folder, by a regex on the path, by a labels CSV; the flat-folder + labels-CSV layout;
 misspelt and extra class folders; --help defaults; and how inference reads the manifest's groups."""
 
+import argparse
 import json
 import re
 import shutil
@@ -400,7 +401,7 @@ def test_parse_args_labels_column_defaults(tmp_path):
 def test_help_shows_every_default_and_groups_the_flags():
     parser = cli.build_parser()
     for action in parser._actions:
-        if action.dest == "help":
+        if action.dest == "help" or action.help == argparse.SUPPRESS:  # hidden: deprecated spellings
             continue
         assert "(default: " in action.help or "(required)" in action.help, action.option_strings
         if action.default not in (None, False, []):

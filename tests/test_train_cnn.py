@@ -30,7 +30,7 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batc
 
 def cohort_argv(train, val, test, save_dir, *extra):
     return ["--train-dir", str(train), "--val-dir", str(val), "--test-dir", str(test),
-            "--save-dir", str(save_dir), *TINY, *extra]
+            "--out-dir", str(save_dir), *TINY, *extra]
 
 
 def model_probs(checkpoint_path, items, image_size_px=32):
@@ -241,7 +241,6 @@ def test_end_to_end_best_epoch_metrics_and_records(folder_run):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [[], ["--balanced-sampling"]])
 def test_a_cohort_that_leaves_a_last_batch_of_one_trains(tmp_path, sampling):
     """9 training images at batch 8 leave one image over; batch norm on resnet18's 1x1 feature map
@@ -381,8 +380,8 @@ REFUSALS = [
     (["--weights", "{root}/foreign.pt"], ["--weights", "{root}/foreign.pt", "--arch"]),
     (["--weights", "{root}/pickled.pt"], ["--weights", "{root}/pickled.pt", "refused"]),
     (["--prompts", "{root}/missing.json"], ["--prompts"]),
-    (["--save-dir", "{root}/used"], ["--save-dir", "{root}/used", "--overwrite"]),
-    (["--save-dir", "{root}/notes.txt"], ["--save-dir", "{root}/notes.txt"]),
+    (["--out-dir", "{root}/used"], ["--out-dir", "{root}/used", "--overwrite"]),
+    (["--out-dir", "{root}/notes.txt"], ["--out-dir", "{root}/notes.txt"]),
 ]
 
 
