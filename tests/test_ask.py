@@ -135,7 +135,7 @@ def server():
 
 
 def run_args(root, meta, out, url, *extra):
-    return ["--test-dir", str(root), "--metadata", str(meta), "--output-dir", str(out),
+    return ["--test-dir", str(root), "--metadata", str(meta), "--out-dir", str(out),
             "--base-url", url, "--model", "local-vlm", "--backoff-s", "0.01", "--timeout-s", "0.5",
             "--bootstrap", "50", "--group-regex", r"_(P\d+)_", *extra]
 
@@ -199,7 +199,7 @@ def test_full_run_retries_privacy_and_report_matches_scoring_by_hand(cohort, tmp
     assert scoring.main(["--test-dir", str(root), "--predictions", f"image={files[0]}", "--compare",
                          f"image+demographics={files[1]}", f"image+demographics+symptoms={files[2]}",
                          "--label-map", str(out / "label_map.json"), "--classes", ",".join(SUBTYPES),
-                         "--output-dir", str(by_hand), "--bootstrap", "50", "--group-regex", r"_(P\d+)_"]) == 0
+                         "--out-dir", str(by_hand), "--bootstrap", "50", "--group-regex", r"_(P\d+)_"]) == 0
     for name in ("sequential.csv", "sequential_changes.csv", "predictions.csv"):
         assert (out / "report" / name).read_bytes() == (by_hand / name).read_bytes()
 

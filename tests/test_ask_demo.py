@@ -16,7 +16,7 @@ def test_dry_run_on_the_subtype_demo_writes_every_step_for_every_image(tmp_path)
     subprocess.run([sys.executable, str(REPO_ROOT / "demo" / "make_subtype_demo.py"), "--out", str(cohort),
                     "--metadata", str(metadata)], check=True, capture_output=True)
     assert ask_models.main(["--test-dir", str(cohort), "--metadata", str(metadata),
-                            "--output-dir", str(tmp_path / "ask"), "--dry-run"]) == 0
+                            "--out-dir", str(tmp_path / "ask"), "--dry-run"]) == 0
     requests = [json.loads(line) for line in (tmp_path / "ask" / "requests.jsonl").read_text().splitlines()]
     images = sorted(p.relative_to(cohort).as_posix() for p in cohort.rglob("*.jpg"))
     assert len(images) == 36

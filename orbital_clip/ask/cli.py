@@ -1,7 +1,7 @@
 """ask_models.py: ask a multimodal chat model about every image at every step, then score.
 
-    $ python ask_models.py --test-dir demo_run/subtypes --metadata meta.csv --output-dir runs/ask --dry-run
-    $ python ask_models.py --test-dir demo_run/subtypes --metadata meta.csv --output-dir runs/ask \
+    $ python ask_models.py --test-dir demo_run/subtypes --metadata meta.csv --out-dir runs/ask --dry-run
+    $ python ask_models.py --test-dir demo_run/subtypes --metadata meta.csv --out-dir runs/ask \
           --base-url http://127.0.0.1:8000/v1 --model Qwen2-VL-7B-Instruct --group-regex '_(P\\d+)_'
 """
 
@@ -27,8 +27,9 @@ def parse_args(argv=None):
                         "the columns the step templates name (age, sex, race, symptoms, ...)")
     parser.add_argument("--steps", default=str(steps.PAPER_STEPS),
                         help="step definition JSON (default: the paper's three steps, shipped)")
-    parser.add_argument("--output-dir", required=True, help="requests.jsonl, cache/, answers/, "
-                        "summary.json, report/; rerunning into the same folder sends only what is missing")
+    cli.add_out_dir(parser, dest="output_dir", old=("--output-dir",), required=True,
+                    help="requests.jsonl, cache/, answers/, summary.json, report/; rerunning into the "
+                         "same folder sends only what is missing")
     parser.add_argument("--dry-run", action="store_true", help="write requests.jsonl and stop (read and approve the prompts)")
     endpoint = parser.add_argument_group("endpoint (any OpenAI-compatible chat-completions server)")
     endpoint.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1 (vLLM), https://api.openai.com/v1")
