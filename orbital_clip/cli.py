@@ -222,9 +222,38 @@ def apply_config(parser, path, flag="--config"):
         values = read_config(path)
     except Exception as err:  # OSError, json's ValueError, yaml.YAMLError (not a ValueError)
         parser.error(f"{flag} {path}: {err}")
-    dests = {action.dest for action in parser._actions if action.dest != "help"}
-    for key in values:
-        if key not in dests:
+    # the flag each key sets: the shown spelling, not a hidden deprecated one sharing its dest
+    actions = {}
+    for action in parser._actions:
+        if action.dest != "help" and (action.dest not in actions or action.help != argparse.SUPPRESS):
+            actions[action.dest] = action
+    checked = {}
+    for key, value in values.items():
+        if key not in actions:
             parser.error(f"{flag} {path}: unknown key {key!r} (not a flag of this script)")
-    parser.set_defaults(**values)
-    return values
+        try:
+            checked[key] = config_value(parser, actions[key], value)
+        except argparse.ArgumentError as err:
+            parser.error(f"{flag} {path}: key {key!r}: {err.message}")
+    parser.set_defaults(**checked)
+    return checked
+
+
+def config_value(parser, action, value):
+    """`value` from a config file checked and converted as the flag itself would be on the command
+    line (type, choices, list items, ranges): a config file is no way round a flag's checks."""
+    if action.nargs == 0:  # store_true / BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise argparse.ArgumentError(action, f"{value!r}: expected true or false")
+        return value
+    tokens = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if isinstance(action, SpaceList):
+        namespace = argparse.Namespace()
+        action(parser, namespace, tokens, action.option_strings[0])
+        return getattr(namespace, action.dest)
+    if action.type is None and action.choices is None and not isinstance(value, (list, tuple, dict)):
+        return value  # a plain-text flag read later by its own parser (e.g. --warmup 0 or 5%)
+    if action.nargs in (None, "?") and len(tokens) != 1:
+        raise argparse.ArgumentError(action, f"{value!r}: expected one value")
+    # argparse's own conversion and choices check (the private helper every parse goes through)
+    return parser._get_values(action, tokens)

@@ -12,6 +12,7 @@ from orbital_clip import answers, cli, cnn, scoring, scoring_args
 from orbital_clip.split import cli as split_cli
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import options as train_options
+from orbital_clip.train.options import warmup_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"data_preprocess": split_cli.main, "clip_train": train_cli.main,
@@ -178,6 +179,8 @@ def test_recipe_flag_and_config_file_give_the_recipe(recipe, expected, tmp_path)
     assert {key: getattr(by_flag, key) for key in expected} == expected
     by_file = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"),
                           "--config", str(REPO_ROOT / "configs" / f"{recipe}.json"))
+    # a config value goes through its flag's own parser, as `--warmup 0` would ('0', the same spec)
+    expected = {**expected, "warmup": warmup_spec(str(expected["warmup"]))}
     assert {key: getattr(by_file, key) for key in expected} == expected
 
 
@@ -206,7 +209,13 @@ def test_config_in_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text, why", [('{"learning_rate": 1}', "unknown key 'learning_rate'"),
-                                       ("[1, 2]", "expected a mapping"), ("{lr: ", "")])
+                                       ("[1, 2]", "expected a mapping"), ("{lr: ", ""),
+                                       # a value is checked as the flag would check it (review, issue 24)
+                                       ('{"loss": "nonsense"}', "key 'loss': invalid choice"),
+                                       ('{"precision": "fp64"}', "key 'precision': invalid choice"),
+                                       ('{"epochs": 2.5}', "key 'epochs': invalid int value"),
+                                       ('{"wise_ft_alphas": [0.5, 3]}', "must lie in [0, 1]"),
+                                       ('{"balanced_sampling": "yes"}', "expected true or false")])
 def test_bad_config_is_refused_naming_file_and_key(text, why, tmp_path, capsys):
     config = write(tmp_path / "bad.json", text)
     with pytest.raises(SystemExit) as done:
