@@ -203,3 +203,35 @@ def wise_ft_base_weights(args, bundle):
                                    f"{pretrained} ({detail[:200]}); offline, pass --wise-ft-base PATH"))
     label = f"`{pretrained}`" if source else f"pretrained tag {pretrained}"
     return ckpt.clean_state_dict(base_model.state_dict()), label, f"tag:{pretrained}"
+
+
+# ----------------------------------------------------------------------------------------------
+# A linear-probe checkpoint (linear_probe.py): our checkpoint of the frozen model whose `linear_probe`
+# entry holds a linear head; inference scores the image features with it instead of the prompts.
+
+PROBE_KEY = "linear_probe"
+
+
+def linear_head(checkpoint):
+    """(weight (C, D), bias (C,)) float64 tensors of a linear-probe checkpoint, else None; a
+    CheckpointError naming the file when the head is damaged."""
+    record = checkpoint.record if checkpoint.kind == "ours" else None
+    head = record.extra.get(PROBE_KEY) if record is not None else None
+    if head is None:
+        return None
+    weight, bias = (head.get(k) if isinstance(head, dict) else None for k in ("weight", "bias"))
+    n_classes = len(record.class_folders or [])
+    if not (torch.is_tensor(weight) and torch.is_tensor(bias) and weight.ndim == 2
+            and bias.shape == (weight.shape[0],) and weight.shape[0] == n_classes):
+        raise ckpt.CheckpointError(f"{checkpoint.spec}: its {PROBE_KEY} head is not a (classes, "
+                                   f"features) weight and a (classes,) bias for {n_classes} classes")
+    return weight.double(), bias.double()
+
+
+def linear_head_logits(features, head):
+    """Logits (N, C) float64 of L2-normalised image features (N, D) under a linear head: the one
+    rule the probe is fitted, validated and evaluated by (scikit-learn's decision_function)."""
+    weight, bias = head
+    features = torch.as_tensor(features).double()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features @ weight.T + bias

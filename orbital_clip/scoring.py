@@ -59,8 +59,9 @@ from orbital_clip import models as model_lib  # `models` is a list of compared m
 from orbital_clip import prompts as prompt_sets
 from orbital_clip import scoring_args
 from orbital_clip.answers import DEPRECATED_ANSWER_MODE, read_compared, run_answers
-from orbital_clip.model_loading import (Checkpoint, build_model, requested_model_name,
-                                        resolve_checkpoint, resolve_model_name, wise_ft_base_weights)
+from orbital_clip.model_loading import (Checkpoint, build_model, linear_head, linear_head_logits,
+                                        requested_model_name, resolve_checkpoint,
+                                        resolve_model_name, wise_ft_base_weights)
 from orbital_clip.embedding_cache import cache_model_key, image_cache_key, read_cache, write_cache
 from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         clear_previous_outputs, clear_previous_run,
@@ -260,6 +261,9 @@ def score_model(bundle, cohort, args):
     """The Scores of one model on the cohort: logits (N, C), NaN rows where unreadable."""
     model, items = bundle.model, cohort.items
     features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
+    head = linear_head(bundle.checkpoint)
+    if head is not None:  # a linear probe (linear_probe.py): its head replaces the prompts
+        return scores_from_logits(linear_head_logits(features, head).numpy(), ok, reasons)
     with torch.inference_mode():
         # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
         classifier = zero_shot.build_zero_shot_classifier(
@@ -269,7 +273,11 @@ def score_model(bundle, cohort, args):
         scale = model.logit_scale if published else model.logit_scale.exp()
         logits = zero_shot.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
                                          scale.float().cpu())
-    logits = logits.double().numpy()  # (N, C)
+    return scores_from_logits(logits.double().numpy(), ok, reasons)
+
+
+def scores_from_logits(logits, ok, reasons):
+    """Scores of logits (N, C): NaN rows and a `failed: <reason>` status where unreadable."""
     logits[~ok] = np.nan
     statuses = ["ok" if good else f"failed: {reasons[i]}" for i, good in enumerate(ok)]
     return Scores(logits, statuses)

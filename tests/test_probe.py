@@ -1,0 +1,174 @@
+"""linear_probe.py: the probe's fit against scikit-learn, its C sweep, its refusals, and its
+checkpoint scored by inference.py exactly as the probe computes it (as --checkpoint and as
+--baseline)."""
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from orbital_clip import checkpoint as ckpt
+from orbital_clip import probe
+from orbital_clip import prompts
+from orbital_clip import scoring
+from orbital_clip.metrics import softmax
+from orbital_clip.model_loading import PROBE_KEY, linear_head, resolve_checkpoint
+from conftest import TINY_CONFIG, tree_state
+
+
+def separable_features(n_per_class, n_classes, dim=8, seed=0, spread=0.6):
+    """L2-normalised features of `n_classes` noisy directions, and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    x = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_head_reproduces_scikit_learn_probabilities(n_classes):
+    """The stored head, applied by model_loading's rule, gives LogisticRegression's predict_proba
+    (two classes: sklearn keeps one row, the head two)."""
+    x, y = separable_features(7, n_classes)
+    weight, bias = probe.fit_logistic(x, y, n_classes, c=2.0, seed=0)
+    reference = LogisticRegression(C=2.0, class_weight="balanced", max_iter=2000).fit(x, y)
+    assert weight.shape == (n_classes, x.shape[1]) and bias.shape == (n_classes,)
+    np.testing.assert_allclose(softmax(probe.head_logits(x, weight, bias)),
+                               reference.predict_proba(x), atol=1e-6)
+
+
+def test_class_weights_are_balanced():
+    """An imbalanced training set: the fit equals sklearn's with class_weight='balanced', not
+    the unweighted one (whose probabilities lean to the large class)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([0] * 5 + [1] * 35)
+    weight, bias = probe.fit_logistic(x, y, 2, c=1.0, seed=0)
+    balanced = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(x, y)
+    plain = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+    ours = softmax(probe.head_logits(x, weight, bias))
+    np.testing.assert_allclose(ours, balanced.predict_proba(x), atol=1e-6)
+    assert np.abs(ours - plain.predict_proba(x)).max() > 0.05
+
+
+def test_fit_refuses_a_missing_class():
+    x, y = separable_features(3, 2)
+    with pytest.raises(ValueError, match=r"class index \[2\]"):
+        probe.fit_logistic(x, y, 3, c=1.0, seed=0)
+
+
+def test_sweep_selects_the_best_validation_balanced_accuracy_then_the_lower_loss():
+    """The selected row is the highest validation balanced accuracy, ties broken by the lower
+    loss; its head is the one refitted at that C. Small C collapses to the prior here, so the
+    choice is not the grid's first or last by accident."""
+    x, y = separable_features(12, 3, seed=2, spread=1.2)
+    vx, vy = separable_features(8, 3, seed=2, spread=1.2)
+    fit = probe.sweep_c(x, y, vx, vy, 3, probe.C_GRID, seed=0)
+    table = pd.DataFrame(fit.sweep)
+    assert table["selected"].sum() == 1
+    best = table[table["val_balanced_accuracy"] == table["val_balanced_accuracy"].max()]
+    chosen = table[table["selected"]].iloc[0]
+    assert chosen["val_loss"] == best["val_loss"].min()
+    assert fit.c == chosen["c"]
+    assert table["val_balanced_accuracy"].nunique() > 1  # the sweep really chose something
+    weight, bias = probe.fit_logistic(x, y, 3, fit.c, 0)
+    np.testing.assert_allclose(fit.weight, weight)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "x.pt", "--pretrained", "none"], "give one"),
+    ([], "give --checkpoint PATH"),
+    (["--pretrained", "none", "--c-grid", "1", "0"], "--c-grid"),
+    (["--pretrained", "none", "--target-sensitivity", "1.5"], "--target-sensitivity"),
+])
+def test_parse_args_refuses(splits, tmp_path, extra, message, capsys):
+    train, val = splits
+    with pytest.raises(SystemExit) as exit_info:
+        probe.parse_args(["--train-dir", str(train), "--val-dir", str(val),
+                          "--out-dir", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def probe_argv(train, val, out_dir, *extra):
+    """A tiny-model probe on random-init features (seeded), fp32."""
+    return ["--train-dir", str(train), "--val-dir", str(val), "--out-dir", str(out_dir),
+            "--model-config", str(TINY_CONFIG), "--pretrained", "none", "--precision", "fp32",
+            "--workers", "0", "--no-progress", "--c-grid", "0.1", "10", "1000", *extra]
+
+
+@pytest.mark.slow
+def test_refused_out_dir_writes_nothing(splits, tmp_path, capsys):
+    train, val = splits
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    before = tree_state(out)
+    assert probe.main(probe_argv(train, val, out)) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert tree_state(out) == before
+
+
+@pytest.mark.slow
+def test_probe_checkpoint_is_scored_by_inference_as_the_probe_computes(
+        splits, make_cohort, checkpoint, tmp_path):
+    """linear_probe.py -> inference.py --checkpoint (and --baseline): predictions.csv holds
+    scikit-learn's probabilities of a probe refitted here at the selected C on the same frozen
+    features, in folder order; without the head hook inference would score the prompts."""
+    train, val = splits
+    test = make_cohort("test", (3, 4, 3), seed=5)
+    out = tmp_path / "probe"
+    assert probe.main(probe_argv(train, val, out)) == 0
+    record = ckpt.read_checkpoint(out / probe.PROBE_NAME)
+    sweep = pd.read_csv(out / "c_sweep.csv")
+    assert list(sweep["c"]) == [0.1, 10.0, 1000.0] and sweep["selected"].sum() == 1
+    assert record.extra[PROBE_KEY]["c"] == sweep.loc[sweep["selected"], "c"].iloc[0]
+    assert record.operating_point["class"] == record.class_folders[0]
+
+    args = probe.parse_args(probe_argv(train, val, out))
+    args.device, args.precision = torch.device("cpu"), "fp32"
+    frozen = probe.load_frozen_model(args)
+    folders = record.class_folders
+    train_items, _val_items = probe.load_split_items(args, folders)
+    train_x, train_y = probe.split_features(frozen, train_items, args, "--train-dir")
+    reference = LogisticRegression(C=record.extra[PROBE_KEY]["c"], class_weight="balanced",
+                                   max_iter=2000).fit(train_x, train_y)
+    test_items = probe.load_split_items(argparse.Namespace(train_dir=test, val_dir=test), folders)[0]
+    test_x, _ = probe.split_features(frozen, test_items, args, "--test-dir")
+    expected = pd.DataFrame(reference.predict_proba(test_x), columns=[f"prob_{f}" for f in folders])
+    expected["path"] = [str(p.relative_to(test)) for p, _label in test_items]
+
+    run = tmp_path / "eval"
+    assert scoring.main(["--test-dir", str(test), "--checkpoint", str(out / probe.PROBE_NAME),
+                         "--out-dir", str(run), "--precision", "fp32", "--bootstrap", "0",
+                         "--no-figures", "--no-progress", "--workers", "0"]) == 0
+    predicted = pd.read_csv(run / "predictions.csv").merge(expected, on="path", suffixes=("", "_ref"))
+    assert len(predicted) == len(test_items)
+    for folder in folders:
+        np.testing.assert_allclose(predicted[f"prob_{folder}"], predicted[f"prob_{folder}_ref"], atol=1e-5)
+    assert json.loads((run / "metrics.json").read_text())["operating_threshold_source"] == "validation"
+
+    both = tmp_path / "vs_probe"  # the probe as --baseline of a fine-tuned checkpoint: comparison rows
+    assert scoring.main(["--test-dir", str(test), "--checkpoint", str(checkpoint), "--baseline",
+                         str(out / probe.PROBE_NAME), "--out-dir", str(both), "--precision", "fp32",
+                         "--bootstrap", "0", "--no-figures", "--no-progress", "--workers", "0"]) == 0
+    baseline = pd.read_csv(both / "baseline_predictions.csv").merge(expected, on="path", suffixes=("", "_ref"))
+    np.testing.assert_allclose(baseline[f"prob_{folders[0]}"], baseline[f"prob_{folders[0]}_ref"], atol=1e-5)
+    assert (pd.read_csv(both / "comparison.csv")["model"] == f"baseline {out / probe.PROBE_NAME}").any()
+
+
+def test_a_damaged_head_is_refused_naming_the_file(tmp_path, tiny_model):
+    """A probe entry whose head does not fit the classes is a CheckpointError, not a wrong score."""
+    classes = prompts.load_prompt_set(None)
+    record = ckpt.CheckpointRecord(state_dict=tiny_model.state_dict(), model_name="tiny_clip",
+                                   class_folders=prompts.class_folders(classes),
+                                   extra={PROBE_KEY: {"weight": torch.zeros(2, 64), "bias": torch.zeros(2)}})
+    path = tmp_path / "bad_probe.pt"
+    ckpt.write_checkpoint(path, record)
+    with pytest.raises(ckpt.CheckpointError, match="bad_probe.pt"):
+        linear_head(resolve_checkpoint(str(path)))
