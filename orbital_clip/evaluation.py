@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report
 
+from orbital_clip.explain import EXPLAIN_PREFIX  # --explain maps share failure_analysis/
 from orbital_clip import cohort as cohort_io
 from orbital_clip import images
 from orbital_clip import outputs
@@ -457,7 +458,7 @@ def clear_previous_outputs(output_dir):
         if path.is_file():
             path.unlink()
     failures = Path(output_dir) / FAILURE_DIR
-    for path in failures.glob("true*_*.png"):  # our thumbnails only
+    for path in [*failures.glob("true*_*.png"), *failures.glob(f"{EXPLAIN_PREFIX}*.png")]:  # ours
         path.unlink()
     if failures.is_dir() and not failures.is_symlink() and not any(failures.iterdir()):
         failures.rmdir()  # an empty folder of ours would look like a failure analysis

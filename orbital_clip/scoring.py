@@ -551,6 +551,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     labels = [label for _path, label in cohort.items]
     flow = flow_counts(labels, scores.statuses, folders, cohort.labelled, cohort.groups)
     metrics = op = itd = comparison = subgroups = failures = None
+    explained = []
     if cohort.labelled:
         compared = compared_models(setup, folders, baseline_scores)
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
@@ -563,6 +564,10 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         if args.failure_examples and scored.any():
             failures = write_failure_analysis(output_dir, cohort, scored, probs,
                                               args.failure_examples, anonymize)
+        if args.explain and scored.any():  # Grad-CAM maps of errors and correct cases (explain.py)
+            from orbital_clip.explain import write_explanations
+            explained = write_explanations(output_dir, bundle, cohort, scored, probs, args.explain,
+                                           args.device, anonymize)
         metrics = {"n": metrics.pop("n"), "n_received": len(labels), "n_failed": n_failed, **metrics,
                    "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison,
@@ -583,6 +588,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
     report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
+    report = report.rstrip("\n") + "\n" + "\n".join(explained) + "\n" if explained else report
     outputs.atomic_write_text(output_dir / "report.md", report)
     return metrics
 

@@ -21,7 +21,7 @@ DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.m
 MODEL_FLAGS = ("--checkpoint", "--model-name", "--model-config", "--prompts", "--baseline",
                "--baseline-model-name", "--wise-ft-alphas", "--wise-ft-base", "--batch-size",
                "--workers", "--device", "--precision", "--logit-scale-mode", "--cache-dir",
-               "--threshold", "--failure-examples", "--decision-rule")
+               "--threshold", "--failure-examples", "--decision-rule", "--explain")
 
 
 class AnswerFlags:
@@ -166,6 +166,11 @@ def build_parser(description, model=True):
                             f"class with thumbnails in {FAILURE_DIR}/ (default "
                             f"{DEFAULT_FAILURE_EXAMPLES}; 0 = none, e.g. when no image may leave the "
                             "hospital)")
+    stats.add_argument("--explain", type=int, default=0, metavar="N",
+                       help=f"Grad-CAM maps (captum) of the image tower for the predicted and the true "
+                            f"class of the N most confident errors and of each class's most confident "
+                            f"correct image, over the original image, in {FAILURE_DIR}/ and report.md "
+                            "(default 0 = none; a few seconds per image on a CPU)")
     stats.add_argument("--decision-rule", choices=("argmax", "threshold"), default="argmax",
                        help="the rule whose decision fills predictions.csv's `prediction` column: "
                             "'argmax' (the most probable class, as published; default) or "
@@ -183,7 +188,8 @@ def check_args(parser, args):
     check_answer_args(parser, args)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
-                             ("--failure-examples", args.failure_examples, 0)):
+                             ("--failure-examples", args.failure_examples, 0),
+                             ("--explain", args.explain, 0)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     test_dir = Path(args.test_dir)
