@@ -23,6 +23,7 @@ import torch
 from orbital_clip import checkpoint as ckpt
 from orbital_clip import cli
 from orbital_clip import cohort as cohort_io
+from orbital_clip import fewshot
 from orbital_clip import models as model_lib
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
@@ -42,6 +43,9 @@ PROBE_NAME = "linear_probe.pt"
 OUTPUTS = (
     outputs.OutputFile(PROBE_NAME, "the frozen model with the probe's head: inference.py --checkpoint"),
     outputs.OutputFile("c_sweep.csv", "validation metrics per C; the selected row marked"),
+    outputs.OutputFile("fewshot.csv", "--few-shot: test metrics per k and draw, zero-shot as k 0"),
+    outputs.OutputFile("fewshot.png", "--few-shot: the metric against k, spread over draws"),
+    outputs.OutputFile("fewshot.pdf", "--few-shot: the same figure, vector"),
     outputs.OutputFile("args.json", "the run record"),
 )
 
@@ -183,6 +187,14 @@ def load_split_items(args, folders):
     return items
 
 
+def test_split_items(args, folders):
+    """[(path, label)] of --test-dir (class folders or a manifest's 'test' rows)."""
+    try:
+        return cohort_io.load_labelled_items(args.test_dir, folders, "test")
+    except cohort_io.CohortError as err:
+        raise ValueError(f"--test-dir {err}") from None
+
+
 def probe_record(frozen, fit, classes, val_logits, val_y, args, argv):
     """The CheckpointRecord of the frozen model with the probe's head, validated as clip_train.py
     validates its checkpoints (operating threshold and temperature on the validation split)."""
@@ -243,6 +255,16 @@ def build_parser(description=__doc__):
                        help="rare-class sensitivity the validation operating threshold keeps, in "
                             "(0, 1] (default 0.9, as clip_train.py)")
     cli.add_seed(probe)
+    curves = parser.add_argument_group("few-shot curves")
+    curves.add_argument("--few-shot", action=cli.SpaceList, item=fewshot.parse_k, default=None,
+                        metavar="K", help="also fit the probe on K images per class (e.g. 1 2 4 8 16 "
+                                          "all; a class with fewer gives all it has) and score each "
+                                          "on --test-dir: fewshot.csv/.png with zero-shot as k 0")
+    curves.add_argument("--draws", type=int, default=fewshot.DEFAULT_DRAWS,
+                        help="seeded draws per k (default 5; 'all' has one)")
+    curves.add_argument("--test-dir", default=None,
+                        help="with --few-shot: the cohort the curves are scored on (class folders, "
+                             "or a manifest.csv's 'test' rows)")
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     cli.add_workers(run)
@@ -285,6 +307,14 @@ def check_args(parser, args):
         parser.error(f"--c-grid: every C must be a positive number, got {args.c_grid}")
     if not 0.0 < args.target_sensitivity <= 1.0:
         parser.error(f"--target-sensitivity must be in (0, 1], got {args.target_sensitivity}")
+    if args.few_shot and not args.test_dir:
+        parser.error("--few-shot needs --test-dir (the cohort the curves are scored on)")
+    if args.test_dir and not args.few_shot:
+        parser.error("--test-dir is read by --few-shot only; score the probe with inference.py")
+    if args.test_dir and not Path(args.test_dir).exists():
+        parser.error(f"--test-dir {args.test_dir}: no such folder or manifest")
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is None:
@@ -342,6 +372,11 @@ def main(argv=None):
         "linear_probe.py", argv, args, {"selected_c": fit.c, "model_name": frozen.model_name,
                                         "weights": frozen.weights_id, "n_train": len(train_y),
                                         "n_val": len(val_y)}))
+    if args.few_shot:
+        LOG.info("== few-shot curves: k %s, %d draws ==", " ".join(args.few_shot), args.draws)
+        test_items = test_split_items(args, record.class_folders)
+        test = split_features(frozen, test_items, args, "--test-dir")
+        fewshot.write_curves(out_dir, args, frozen, classes, (train_x, train_y), (val_x, val_y), test)
     chosen = next(row for row in fit.sweep if row["selected"])
     LOG.info("== done: C %g, validation balanced accuracy %.3f, loss %.3f; evaluate with "
              "inference.py --checkpoint %s ==", fit.c, chosen["val_balanced_accuracy"],

@@ -12,6 +12,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from orbital_clip import checkpoint as ckpt
+from orbital_clip import fewshot
 from orbital_clip import probe
 from orbital_clip import prompts
 from orbital_clip import scoring
@@ -80,11 +81,25 @@ def test_sweep_selects_the_best_validation_balanced_accuracy_then_the_lower_loss
     np.testing.assert_allclose(fit.weight, weight)
 
 
+def test_few_shot_draws_cap_at_what_a_class_holds():
+    """k per class without replacement, all of a smaller class; seeded; 'all' takes everything."""
+    labels = np.array([0, 0, 1, 1, 1, 2, 1, 0])
+    index, per_class = fewshot.draw_few_shot(labels, "2", 3, np.random.default_rng(0))
+    assert per_class == [2, 2, 1] and len(set(index)) == 5
+    assert np.bincount(labels[index], minlength=3).tolist() == [2, 2, 1]
+    again, _ = fewshot.draw_few_shot(labels, "2", 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(index, again)
+    everything, per_class = fewshot.draw_few_shot(labels, "all", 3, np.random.default_rng(1))
+    assert everything.tolist() == list(range(8)) and per_class == [3, 4, 1]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint", "x.pt", "--pretrained", "none"], "give one"),
     ([], "give --checkpoint PATH"),
     (["--pretrained", "none", "--c-grid", "1", "0"], "--c-grid"),
     (["--pretrained", "none", "--target-sensitivity", "1.5"], "--target-sensitivity"),
+    (["--pretrained", "none", "--few-shot", "1", "2"], "--few-shot needs --test-dir"),
+    (["--pretrained", "none", "--few-shot", "0"], "--few-shot"),
 ])
 def test_parse_args_refuses(splits, tmp_path, extra, message, capsys):
     train, val = splits
@@ -123,7 +138,8 @@ def test_probe_checkpoint_is_scored_by_inference_as_the_probe_computes(
     train, val = splits
     test = make_cohort("test", (3, 4, 3), seed=5)
     out = tmp_path / "probe"
-    assert probe.main(probe_argv(train, val, out)) == 0
+    assert probe.main(probe_argv(train, val, out, "--few-shot", "1", "8", "all", "--draws", "2",
+                                 "--test-dir", str(test))) == 0
     record = ckpt.read_checkpoint(out / probe.PROBE_NAME)
     sweep = pd.read_csv(out / "c_sweep.csv")
     assert list(sweep["c"]) == [0.1, 10.0, 1000.0] and sweep["selected"].sum() == 1
@@ -151,7 +167,17 @@ def test_probe_checkpoint_is_scored_by_inference_as_the_probe_computes(
     assert len(predicted) == len(test_items)
     for folder in folders:
         np.testing.assert_allclose(predicted[f"prob_{folder}"], predicted[f"prob_{folder}_ref"], atol=1e-5)
-    assert json.loads((run / "metrics.json").read_text())["operating_threshold_source"] == "validation"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["operating_threshold_source"] == "validation"
+
+    # few-shot: zero-shot once, 2 draws of k 1 and 8 (class 0 has 6: capped), 'all' once, and
+    # the 'all' probe is the checkpoint's (the same test balanced accuracy as inference reports)
+    curves = pd.read_csv(out / "fewshot.csv", dtype={"k": str})
+    assert list(curves["k"]) == ["0", "1", "1", "8", "8", "all"]
+    assert list(curves["k_per_class"][1:]) == ["1 1 1", "1 1 1", "6 8 8", "6 8 8", "6 12 9"]
+    assert list(curves["capped"]) == [False, False, False, True, True, False]
+    assert curves["test_balanced_accuracy"].iloc[-1] == pytest.approx(metrics["balanced_accuracy"])
+    assert (out / "fewshot.png").stat().st_size > 1000
 
     both = tmp_path / "vs_probe"  # the probe as --baseline of a fine-tuned checkpoint: comparison rows
     assert scoring.main(["--test-dir", str(test), "--checkpoint", str(checkpoint), "--baseline",
