@@ -27,10 +27,17 @@ $PY clip_train.py --train-dir "$OUT/dataset_root/train" --val-dir "$OUT/dataset_
   --batch-size 32 --epochs 20 --lr 1e-3 --weight-decay 0.1 --select-metric balanced_accuracy \
   --precision fp32
 
-echo "== 4/4 external evaluation of the best checkpoint"
+echo "== 4/4 external evaluation of the best checkpoint (with heatmaps of its top errors)"
 $PY inference.py --test-dir "$OUT/external_cohort" \
   --checkpoint "$OUT/clip_model_checkpoints/clip_model_epoch_best.pt" \
-  --output-dir "$OUT/inference_results" --precision fp32
+  --output-dir "$OUT/inference_results" --precision fp32 --explain 3
+
+echo "== baseline: a linear probe on the frozen (random-init) tiny tower, its few-shot curve and evaluation"
+$PY linear_probe.py --train-dir "$OUT/dataset_root/train" --val-dir "$OUT/dataset_root/val" \
+  --model-config demo/tiny_clip.json --pretrained none --out-dir "$OUT/linear_probe" --precision fp32 \
+  --few-shot 1 2 4 8 16 all --draws 3 --test-dir "$OUT/external_cohort"
+$PY inference.py --test-dir "$OUT/external_cohort" --checkpoint "$OUT/linear_probe/linear_probe.pt" \
+  --out-dir "$OUT/linear_probe_results" --precision fp32
 
 echo
 echo "Demo finished. Look at:"
@@ -39,3 +46,4 @@ echo "  $OUT/clip_model_checkpoints/training_curves.png  training curves"
 echo "  $OUT/inference_results/report.md                 the evaluation report"
 echo "  $OUT/inference_results/metrics.json, per_class_metrics.csv   metrics with 95% CIs"
 echo "  $OUT/inference_results/confusion_matrix.png, roc_curves.png, pr_curves.png, calibration.png"
+echo "  $OUT/linear_probe/fewshot.png, $OUT/linear_probe_results/report.md   the linear-probe baseline"
