@@ -35,7 +35,7 @@ $PY inference.py --test-dir "$OUT/external_cohort" \
 echo "== baseline: a linear probe on the frozen (random-init) tiny tower, its few-shot curve and evaluation"
 $PY linear_probe.py --train-dir "$OUT/dataset_root/train" --val-dir "$OUT/dataset_root/val" \
   --model-config demo/tiny_clip.json --pretrained none --out-dir "$OUT/linear_probe" --precision fp32 \
-  --few-shot 1 2 4 8 16 all --draws 3 --test-dir "$OUT/external_cohort"
+  --few-shot 1 2 4 8 16 all --draws 3 --test-dir "$OUT/external_cohort" --c-grid 10 100 1000 10000 100000
 $PY inference.py --test-dir "$OUT/external_cohort" --checkpoint "$OUT/linear_probe/linear_probe.pt" \
   --out-dir "$OUT/linear_probe_results" --precision fp32
 

@@ -247,7 +247,7 @@ def save_case_figure(case, path, folders, resize_mode, save):
                                          f"{folders[k]}") for k in case.maps]
     with figure_style() as plt:
         aspect = image.height / image.width
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.2 * aspect + 0.5),
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.2 * aspect + 0.3),
                                  squeeze=False)
         for ax, (k, title) in zip(axes[0], panels):
             if k is None:

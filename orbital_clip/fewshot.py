@@ -103,7 +103,7 @@ def plot_curves(table, folders, counts, save):
                 ax.axhline(float(zero.iloc[0]), ls="--", color="gray", label="zero-shot")
             ax.set_xticks(xs, list(grouped.mean().index))
             ax.set_xlabel("training images per class (k)")
-            ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+            ax.set_ylabel("test " + metric.replace("_", " ").replace("auroc", "AUROC"))
             ax.legend(loc="lower right")
         capped = [f"{f} (n={n})" for f, n in zip(folders, counts) if any(
             k != "all" and int(k) > n for k in ks)]

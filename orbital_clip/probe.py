@@ -351,6 +351,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cli.configure_logging()
+    LOG.setLevel(logging.INFO)  # configure_logging knows the other scripts' loggers only
     LOG.info("== setup ==")
     try:
         classes, frozen, (train_x, train_y), (val_x, val_y) = prepare(args)

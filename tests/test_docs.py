@@ -27,7 +27,8 @@ SKIP_MARK = "# not run by tests:"
 # Each entry-point script is a thin module exposing main(argv): parse through it, not through the
 # package's internals, so that a move inside orbital_clip/ cannot break this test.
 SCRIPT_MODULES = {name: name[:-3] for name in ("data_preprocess.py", "clip_train.py", "inference.py",
-                                               "score_answers.py", "prompts.py", "ask_models.py")}
+                                               "score_answers.py", "prompts.py", "ask_models.py",
+                                               "linear_probe.py")}
 README_MAX_LINES = 250
 
 
