@@ -365,6 +365,8 @@ def main(argv=None):
         LOG.warning("selected C %g is at an end of --c-grid: widen the grid", fit.c)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in outputs.cleared_files(OUTPUTS):  # --overwrite: no fewshot.csv of an earlier run stays
+        (out_dir / name).unlink(missing_ok=True)
     val_logits = head_logits(val_x, fit.weight, fit.bias)
     record = probe_record(frozen, fit, classes, val_logits, val_y, args, argv)
     ckpt.write_checkpoint(out_dir / PROBE_NAME, record)

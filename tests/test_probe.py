@@ -4,6 +4,7 @@ checkpoint scored by inference.py exactly as the probe computes it (as --checkpo
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -198,3 +199,39 @@ def test_a_damaged_head_is_refused_naming_the_file(tmp_path, tiny_model):
     ckpt.write_checkpoint(path, record)
     with pytest.raises(ckpt.CheckpointError, match="bad_probe.pt"):
         linear_head(resolve_checkpoint(str(path)))
+
+
+@pytest.mark.slow
+def test_local_dir_probe_needs_no_folder_at_inference(splits, make_cohort, tmp_path):
+    """A probe of a local-dir: model records its architecture: inference scores the checkpoint
+    after the folder is gone, with the same probabilities as before."""
+    from test_model_sources import write_model_folder
+    train, val = splits
+    test = make_cohort("test", (2, 2, 2), seed=5)
+    write_model_folder(tmp_path / "model")
+    spec = f"local-dir:{tmp_path / 'model'}"
+    out = tmp_path / "probe"
+    argv = probe_argv(train, val, out)
+    argv[argv.index("--model-config"):argv.index("--model-config") + 4] = [
+        "--model-name", spec, "--pretrained", spec]
+    assert probe.main(argv) == 0
+    runs = []
+    for name in ("with_folder", "without_folder"):
+        if name == "without_folder":
+            shutil.rmtree(tmp_path / "model")
+        assert scoring.main(["--test-dir", str(test), "--checkpoint", str(out / probe.PROBE_NAME),
+                             "--out-dir", str(tmp_path / name), "--precision", "fp32", "--bootstrap",
+                             "0", "--no-figures", "--no-progress", "--workers", "0"]) == 0
+        runs.append(pd.read_csv(tmp_path / name / "predictions.csv"))
+    prob = [c for c in runs[0].columns if c.startswith("prob_")]
+    np.testing.assert_allclose(runs[0][prob], runs[1][prob], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_help_runs_as_a_script():
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    done = subprocess.run([sys.executable, "linear_probe.py", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--c-grid" in done.stdout and "--few-shot" in done.stdout
