@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from orbital_clip import evaluation, outputs
+from orbital_clip import evaluation, outputs, probe
 from orbital_clip.split import records as split_records
 from orbital_clip.train import checkpoints as train_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DECLARED = {"data_preprocess.py": split_records.OUTPUTS, "clip_train.py": train_checkpoints.OUTPUTS,
-            "inference.py": evaluation.OUTPUTS}
+            "inference.py": evaluation.OUTPUTS, "linear_probe.py": probe.OUTPUTS}
 
 
 def documented_outputs(markdown, script):
