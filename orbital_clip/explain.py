@@ -264,31 +264,101 @@ def save_case_figure(case, path, folders, resize_mode, save):
 def write_explanations(output_dir, bundle, cohort, scored, probs, n_errors, device, anonymize=None):
     """Maps of the N most confident errors and the most confident correct image per class into
     failure_analysis/, and the report.md section (a list of lines) that shows them."""
+    index = np.flatnonzero(scored)
+    items = [cohort.items[i] for i in index]
+    cases = explain_cohort(bundle, items, cohort.labels()[index], probs[index], n_errors, device)
+    resize_mode = (getattr(bundle.model.visual, "preprocess_cfg", None) or {}).get("resize_mode", "shortest")
+    return write_case_figures(output_dir, cases, items, bundle.folders, resize_mode,
+                              f"the {bundle.model_name} image tower", cohort.root, anonymize)
+
+
+def write_case_figures(output_dir, cases, items, folders, resize_mode, what, root, anonymize=None):
+    """One figure per ExplainedCase in output_dir/failure_analysis/ (earlier maps removed) and
+    the markdown section listing them; `what` names the model in its text."""
     from orbital_clip.evaluation import FAILURE_DIR, figure_saver
     from orbital_clip.report.tables import relative_path
     folder = Path(output_dir) / FAILURE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{EXPLAIN_PREFIX}*.png"):
         old.unlink()
-    index = np.flatnonzero(scored)
-    items = [cohort.items[i] for i in index]
-    cases = explain_cohort(bundle, items, cohort.labels()[index], probs[index], n_errors, device)
-    resize_mode = (getattr(bundle.model.visual, "preprocess_cfg", None) or {}).get("resize_mode", "shortest")
     lines = ["", "## What the model looked at (--explain)", "",
-             f"Grad-CAM maps (captum) of the {bundle.model_name} image tower for the score of the "
-             "predicted and of the true class, over the original image; a dashed box marks the "
-             "central part the model saw (the rest was cropped away before it). Red: where the "
-             "class score's gradient meets strong activations. A map is coarse (one cell per "
-             "patch or feature-map position) and shows where evidence was read, not why; see "
-             "docs/baselines.md.", "",
+             f"Grad-CAM maps (captum) of {what} for the score of the predicted and of the true "
+             "class, over the original image; a dashed box marks the central part the model saw "
+             "(the rest was cropped away before it). Red: where the class score's gradient meets "
+             "strong activations. A map is coarse (one cell per patch or feature-map position) and "
+             "shows where evidence was read, not why; see docs/baselines.md.", "",
              "| case | image | true | predicted | p(predicted) | file |", "| --- | --- | --- | --- | ---: | --- |"]
     for case in cases:
         path = items[case.index][0]
-        name = save_case_figure(case, path, bundle.folders, resize_mode, figure_saver(folder))
-        rel = relative_path(path, cohort.root)
+        name = save_case_figure(case, path, folders, resize_mode, figure_saver(folder))
+        rel = relative_path(path, root)
         lines.append(f"| {case.kind} {case.rank} | ![map]({FAILURE_DIR}/{name}) | "
-                     f"{bundle.folders[case.true]} | {bundle.folders[case.pred]} | "
+                     f"{folders[case.true]} | {folders[case.pred]} | "
                      f"{case.confidence:.3f} | `{anonymize(rel) if anonymize else rel}` |")
     if not cases:
         lines.append("| – | no readable image to explain | | | | |")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The CNN baselines: python -m orbital_clip.explain --cnn-run DIR --test-dir DIR --explain N
+
+
+def explain_cnn_run(run_dir, test_dir, n_errors, out_dir, device="cpu"):
+    """Maps of a baselines.train_cnn run (its cnn_model_best.pt and predictions.csv, whose paths
+    are relative to `test_dir`) into out_dir/failure_analysis/ and out_dir/explain.md."""
+    import pandas as pd
+    from orbital_clip import checkpoint as ckpt
+    from orbital_clip import cnn
+    from orbital_clip import outputs
+    record = ckpt.read_checkpoint(Path(run_dir) / cnn.BEST_NAME)
+    folders, arch = list(record.class_folders), record.arch
+    model = cnn.build_model(arch, Path(run_dir) / cnn.BEST_NAME, folders, record.image_size_px, 0)[0]
+    model = model.to(device).eval()
+    frame = pd.read_csv(Path(run_dir) / cnn.PREDICTIONS_NAME)
+    frame = frame[(frame["status"] == "ok") & frame["true_label"].isin(folders)].reset_index(drop=True)
+    items = [(Path(test_dir) / path, folders.index(label)) for path, label in zip(frame["path"], frame["true_label"])]
+    probs = frame[[f"prob_{f}" for f in folders]].to_numpy()
+    y_true = np.array([label for _path, label in items])
+    transform = cnn.make_transforms(record.image_size_px)[1]
+    cases, tensors = [], []
+    for row, kind, rank in cases_to_explain(y_true, probs, n_errors):
+        tensors.append(transform(images.read_image(items[row][0])))
+        pred = int(probs[row].argmax())
+        cases.append(ExplainedCase(row, kind, rank, int(y_true[row]), pred, float(probs[row, pred]), {}))
+    layer = cnn_cam_layer(model, arch)
+    for attribute in ("pred", "true") if cases else ():
+        targets = [getattr(case, attribute) for case in cases]
+        for case, cam in zip(cases, grad_cam(model, layer, torch.stack(tensors).to(device), targets)):
+            case.maps.setdefault(getattr(case, attribute), cam)
+    lines = write_case_figures(out_dir, cases, items, folders, "shortest", f"the {arch} baseline", test_dir)
+    outputs.atomic_write_text(Path(out_dir) / "explain.md", "\n".join(lines).lstrip() + "\n")
+    return cases
+
+
+def main(argv=None):
+    """python -m orbital_clip.explain: Grad-CAM maps of a CNN baseline's run."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Grad-CAM maps of a baselines.train_cnn run")
+    parser.add_argument("--cnn-run", required=True, help="the --out-dir of python -m baselines.train_cnn")
+    parser.add_argument("--test-dir", required=True, help="the --test-dir that run predicted")
+    parser.add_argument("--explain", type=int, default=3, metavar="N",
+                        help="the N most confident errors (and each class's most confident correct image)")
+    parser.add_argument("--out-dir", required=True, help="where explain.md and failure_analysis/ go")
+    args = parser.parse_args(argv)
+    if args.explain < 1:
+        parser.error(f"--explain must be >= 1, got {args.explain}")
+    for flag, value in (("--cnn-run", args.cnn_run), ("--test-dir", args.test_dir)):
+        if not Path(value).is_dir():
+            parser.error(f"{flag} {value}: no such folder")
+    try:
+        explain_cnn_run(args.cnn_run, args.test_dir, args.explain, args.out_dir)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

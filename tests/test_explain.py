@@ -137,3 +137,27 @@ def test_inference_explain_writes_maps_and_the_report_section(make_cohort, check
         assert (out / png).stat().st_size > 1000
     written = sorted(p.name for p in (out / "failure_analysis").glob("explain_*"))
     assert written == sorted(png.split("/")[1] for _k, _r, png, *_rest in rows)
+
+
+@pytest.mark.slow
+def test_cnn_run_maps_follow_its_predictions(tmp_path):
+    """python -m orbital_clip.explain on a baselines.train_cnn run: one figure per case chosen
+    from its predictions.csv, listed in explain.md with the true and predicted class."""
+    from orbital_clip import cnn
+    from conftest import write_cohorts
+    from test_train_cnn import cohort_argv
+    write_cohorts(tmp_path, train=(3, 6, 4), val=(2, 3, 3), test=(3, 4, 3))
+    assert cnn.main(cohort_argv(tmp_path / "train", tmp_path / "val", tmp_path / "test",
+                                tmp_path / "run", "--epochs", "1")) == 0
+    assert explain.main(["--cnn-run", str(tmp_path / "run"), "--test-dir", str(tmp_path / "test"),
+                         "--explain", "2", "--out-dir", str(tmp_path / "maps")]) == 0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    folders = [c[len("prob_"):] for c in predictions.columns if c.startswith("prob_")]
+    expected = explain.cases_to_explain(predictions["true_label"].map(folders.index).to_numpy(),
+                                        predictions[[f"prob_{f}" for f in folders]].to_numpy(), 2)
+    text = (tmp_path / "maps" / "explain.md").read_text()
+    rows = re.findall(r"^\| (error|correct) (\d) \| !\[map\]\((failure_analysis/[^)]+)\) \| ([^|]+) \| "
+                      r"([^|]+) \|.*`([^`]+)` \|$", text, flags=re.M)
+    assert [(k, str(r)) for _i, k, r in expected] == [(k, r) for k, r, *_ in rows]
+    assert [predictions["path"][i] for i, _k, _r in expected] == [row[-1] for row in rows]
+    assert all((tmp_path / "maps" / row[2]).stat().st_size > 1000 for row in rows)
