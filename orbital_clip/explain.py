@@ -14,7 +14,6 @@ coarse (grid of patches or the last feature map) and a partial account, not a se
 
 import contextlib
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
