@@ -33,8 +33,9 @@ from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_o
                         make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
-from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
-                     sequential_analysis, without_probability_metrics)
+from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
+                     interval_levels, label_probs, sequential_analysis, with_class_patient_intervals,
+                     without_probability_metrics)
 from orbital_clip.report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
                     predictions_frame, render_report, sequential_changes_frame,
                     sequential_frame, write_figures)
@@ -342,6 +343,11 @@ def score_answer_step(step, setup, args):
                               args.seed, groups=setup.cohort.scored_groups(scored), ece_bins=args.ece_bins)
     if not step.has_probs:
         metrics = without_probability_metrics(metrics)
+    grouped = setup.cohort.groups is not None
+    metrics = with_class_patient_intervals(  # as a checkpoint's: the same function, same numbers
+        {**metrics, "interval_levels": interval_levels(grouped, args.bootstrap)}, labels[scored],
+        step.answers.pred_index[scored], setup.folders, setup.cohort.scored_groups(scored),
+        args.bootstrap, args.seed)
     return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
 
 
@@ -370,7 +376,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     run = answers_run_info(args, setup, step)
     outputs.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
-    flow = flow_counts(labels, statuses, folders, True)
+    flow = flow_counts(labels, statuses, folders, True, cohort.groups)
     metrics, itd = score_answer_step(step, setup, args)
     subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
     metrics = {"n": metrics.pop("n"), "n_received": len(labels),

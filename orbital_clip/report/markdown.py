@@ -60,9 +60,12 @@ def metrics_markdown(metrics, folders):
                   "keeps every argmax; only calibration is re-scored."]
     lines += ["", "| class | n (prevalence) | sensitivity | specificity | PPV | NPV | LR+ | LR− | F1 "
               "| AUROC | AUPRC (random ranking) |", "| --- " * 11 + "|"]
+    patient = any("sensitivity_ci_patient" in metrics["per_class"][f] for f in folders)
     for folder in folders:
         s = metrics["per_class"][folder]
-        cells = [format_value(s[name], s[name + "_ci"], 2 if name.startswith("lr") else 3)
+        # with patients, sensitivity and specificity show their patient-level interval
+        cells = [format_value(s[name], s.get(name + "_ci_patient", s[name + "_ci"]),
+                              2 if name.startswith("lr") else 3)
                  for name in (*PROPORTIONS, "lr_pos", "lr_neg", "f1", "auroc", "auprc")]
         for index, name, zero, other in ((4, "lr_pos", "fp", "tp"), (5, "lr_neg", "tn", "fn")):
             if s[name] is None and s[zero] == 0 and s[other] > 0:  # infinite: no interval either
@@ -72,6 +75,10 @@ def metrics_markdown(metrics, folders):
                      + " | ".join(cells) + " |")
     lines += ["", "AUPRC (random ranking): the expected AUPRC of a random ranking of this cohort's "
               "counts, the chance level (the prevalence is its large-sample limit)."]
+    if patient:
+        lines += ["", "Sensitivity and specificity intervals are patient-level (cluster bootstrap of "
+                  "patients, stratified by class); their image-level Wilson intervals are in "
+                  "per_class_metrics.csv (sensitivity_ci_low/_high)."]
     notes = resample_notes(metrics, folders)
     if notes:
         lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "

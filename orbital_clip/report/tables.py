@@ -87,7 +87,7 @@ def per_class_frame(metrics, folders):
     for folder in folders:
         row = {"class": folder}
         for key, value in metrics["per_class"][folder].items():
-            if key.endswith("_ci"):
+            if key.endswith(("_ci", "_ci_patient")):  # sensitivity_ci_patient: with patients
                 row[f"{key}_low"], row[f"{key}_high"] = value if value else (None, None)
             else:
                 row[key] = value

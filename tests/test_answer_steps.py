@@ -1,0 +1,99 @@
+"""Answer files with patients, and the second step counted as a reader would (issue 25 items 6
+and 11): known-answer cohorts whose wrong answers are the ones the issue reports."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orbital_clip import answers as answer_files
+from orbital_clip import metrics
+from conftest import write_csv
+
+SUBTYPES = ["thyroid eye disease", "orbital inflammation", "orbital tumour"]
+
+
+def write_cohort(root, paths):
+    """Files at `paths` under root/cohort (answers are scored, images never read)."""
+    cohort = root / "cohort"
+    for path in paths:
+        (cohort / path).parent.mkdir(parents=True, exist_ok=True)
+        (cohort / path).write_bytes(b"not read")
+    return cohort
+
+
+def two_rare_patients(root):
+    """Thyroid eye disease in 2 patients: P1 with 20 photos all answered right, P2 with 1 photo
+    answered wrong (20/21 = 0.952, Wilson 0.773-0.992); the other subtypes 4 patients of 2 photos,
+    all right. Returns (cohort, answer file)."""
+    rows = [(f"{SUBTYPES[0]}/P1_{i}.png", SUBTYPES[0]) for i in range(20)]
+    rows.append((f"{SUBTYPES[0]}/P2_0.png", SUBTYPES[1]))
+    for k in (1, 2):
+        rows += [(f"{SUBTYPES[k]}/P{10 * k + p}_{i}.png", SUBTYPES[k]) for p in range(4) for i in range(2)]
+    cohort = write_cohort(root, [path for path, _ in rows])
+    return cohort, write_csv(root / "answers.csv", ["path", "answer"], rows)
+
+
+def score(cohort, answers, out, *extra):
+    return answer_files.main(["--test-dir", str(cohort), "--predictions", str(answers),
+                              "--classes", *SUBTYPES, "--out-dir", str(out),
+                              "--bootstrap", "400", "--seed", "1", "--no-figures", *extra])
+
+
+def test_answer_file_sensitivity_with_patients_gets_the_patient_level_interval(tmp_path):
+    cohort, answers = two_rare_patients(tmp_path)
+    assert score(cohort, answers, tmp_path / "out", "--group-regex", r"^(P\d+)_") == 0
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    ted = result["per_class"][SUBTYPES[0]]
+    assert ted["sensitivity"] == pytest.approx(20 / 21)
+    assert ted["sensitivity_ci"] == pytest.approx([0.773, 0.992], abs=1e-3)  # Wilson: images
+    # two patients resampled: P1 twice (1.0), P2 twice (0.0) each about a quarter of the time
+    assert ted["sensitivity_ci_patient"] == [0.0, 1.0]
+    assert ted["sensitivity_ci_patient_n_resamples"] == 400
+    assert result["interval_levels"]["per_class sensitivity_ci_patient, specificity_ci_patient"].startswith("patient")
+    assert result["interval_levels"]["overall <metric>_ci"].startswith("patient")
+    total = result["flow"]["rows"]["total"]
+    assert (total["patients_received"], result["flow"]["rows"][SUBTYPES[0]]["patients_scored"]) == (10, 2)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "0.952 (0.000–1.000)" in report and "patients received" in report
+    table = pd.read_csv(tmp_path / "out" / "per_class_metrics.csv")
+    assert table.loc[0, "sensitivity_ci_patient_low"] == 0.0
+
+
+def test_class_patient_intervals_are_the_operating_points_function():
+    """The one home: class k's patient interval is patient_level_intervals of 'predicted k',
+    the function behind the checkpoint path's operating point (same seed, same resamples)."""
+    rng = np.random.default_rng(4)
+    y_true = np.repeat([0, 1, 2], 12)
+    y_pred = np.where(rng.random(36) < 0.7, y_true, (y_true + 1) % 3)
+    groups = np.array([f"P{i // 3}" for i in range(36)])
+    base = metrics.compute_metrics(y_true, metrics.label_probs(y_pred, 3), SUBTYPES, 0)
+    out = metrics.with_class_patient_intervals(base, y_true, y_pred, SUBTYPES, groups, 300, seed=5)
+    for k, name in enumerate(SUBTYPES):
+        op = metrics.operating_point_metrics(y_true, metrics.label_probs(y_pred, 3), k, 2.0,
+                                             groups=groups, n_bootstrap=300, seed=5)
+        assert out["per_class"][name]["sensitivity_ci_patient"] == op["argmax"]["sensitivity_ci_patient"]
+        assert out["per_class"][name]["specificity_ci_patient"] == op["argmax"]["specificity_ci_patient"]
+    assert metrics.with_class_patient_intervals(base, y_true, y_pred, SUBTYPES, None, 300) is base
+
+
+@pytest.mark.slow
+def test_a_checkpoints_predictions_scored_as_an_answer_file_get_the_same_patient_intervals(
+        patient_cohort, checkpoint, tmp_path):
+    """Invariance across paths: the same predictions, scored as a checkpoint and as an answer
+    file, give every class the same patient-level sensitivity and specificity intervals."""
+    from orbital_clip import scoring
+    common = ["--test-dir", str(patient_cohort.root), "--group-regex", r"(Patient \d+)",
+              "--bootstrap", "200", "--no-figures"]
+    assert scoring.main([*common, "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "ckpt"),
+                         "--workers", "0", "--no-progress"]) == 0
+    by_checkpoint = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    folders = by_checkpoint["class_folders"]
+    assert answer_files.main([*common, "--predictions", str(tmp_path / "ckpt" / "predictions.csv"),
+                              "--classes", *folders, "--out-dir", str(tmp_path / "answers")]) == 0
+    by_answers = json.loads((tmp_path / "answers" / "metrics.json").read_text())
+    for folder in folders:
+        for key in ("sensitivity", "sensitivity_ci_patient", "specificity_ci_patient"):
+            assert by_answers["per_class"][folder][key] == by_checkpoint["per_class"][folder][key]
+    assert by_answers["interval_levels"] == by_checkpoint["interval_levels"]
