@@ -97,3 +97,92 @@ def test_a_checkpoints_predictions_scored_as_an_answer_file_get_the_same_patient
         for key in ("sensitivity", "sensitivity_ci_patient", "specificity_ci_patient"):
             assert by_answers["per_class"][folder][key] == by_checkpoint["per_class"][folder][key]
     assert by_answers["interval_levels"] == by_checkpoint["interval_levels"]
+
+
+# The second step counted as a reader would (item 11): 10 thyroid-eye-disease images, 4 of which
+# the model never names a subtype for ("no orbital disease", "none of these", "conjunctivitis")
+NOT_ORBITAL = ["No orbital disease detected", "none of these"]
+STEP_NAMES = ["image", "image+demographics", "image+demographics+symptoms"]
+
+
+def ted_answers(step):
+    """TED images 0-5 answered at every step (4, 5, then 6 of them right), 6-9 never with a
+    subtype: 6 and 7 declared outcomes, 8 and 9 unmapped (one answer in two spellings)."""
+    right = 4 + step
+    answers = [SUBTYPES[0] if i < right else SUBTYPES[1 + (i % 2)] for i in range(6)]
+    return answers + [NOT_ORBITAL[0], NOT_ORBITAL[1], "conjunctivitis", "Conjunctivitis."]
+
+
+def second_step(root):
+    """Cohort (TED 10, the others 5 each, one image per patient), three answer files, a label
+    map declaring 'not orbital' as an outcome. Returns (cohort, files, label map)."""
+    paths = [f"{SUBTYPES[0]}/P{i}.png" for i in range(10)]
+    paths += [f"{SUBTYPES[k]}/P{10 * k + i}.png" for k in (1, 2) for i in range(5)]
+    cohort = write_cohort(root, paths)
+    files = []
+    for step in range(3):
+        answers = ted_answers(step) + [SUBTYPES[1]] * 5 + [SUBTYPES[2]] * 5
+        files.append(write_csv(root / f"step{step + 1}.csv", ["path", "answer"], list(zip(paths, answers))))
+    label_map = root / "map.json"
+    label_map.write_text(json.dumps({SUBTYPES[0]: ["TED"], "outcomes": {"not orbital": NOT_ORBITAL}}))
+    return cohort, files, label_map
+
+
+def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
+    cohort, files, label_map = second_step(tmp_path)
+    out = tmp_path / "out"
+    assert answer_files.main([
+        "--test-dir", str(cohort), "--predictions", f"{STEP_NAMES[0]}={files[0]}",
+        "--compare", f"{STEP_NAMES[1]}={files[1]}", f"{STEP_NAMES[2]}={files[2]}",
+        "--label-map", str(label_map), "--classes", *SUBTYPES, "--out-dir", str(out),
+        "--bootstrap", "200", "--no-figures"]) == 0
+
+    def ted_sensitivity(name):
+        table = pd.read_csv(out / name)
+        rows = table[(table["class"] == SUBTYPES[0]) & (table["measure"] == "sensitivity")]
+        return [(int(h), int(n)) for h, n in zip(rows["hits"], rows["n"])], set(table["analysis"])
+
+    # primary: 0.4 -> 0.5 -> 0.6 on all 10; answered only (secondary): 0.667 -> 0.833 -> 1.0 on 6
+    assert ted_sensitivity("sequential.csv") == ([(4, 10), (5, 10), (6, 10)], {"intention-to-diagnose"})
+    assert ted_sensitivity("sequential_answered.csv") == ([(4, 6), (5, 6), (6, 6)], {"answered only"})
+    for name, n, difference in (("sequential_changes.csv", 10, 0.1),
+                                ("sequential_answered_changes.csv", 6, 1 / 6)):
+        changes = pd.read_csv(out / name)
+        row = changes[(changes["class"] == SUBTYPES[0]) & (changes["measure"] == "sensitivity")
+                      & (changes["to_step"] == STEP_NAMES[1]) & changes["test"].str.startswith("McNemar")]
+        # the paired change rests on the images of the per-step table above it
+        assert (int(row["n"].iloc[0]), int(row["gained"].iloc[0])) == (n, 1)
+        assert row["difference"].iloc[0] == pytest.approx(difference)
+    matrix = pd.read_csv(out / "confusion_matrix_itd.csv").set_index("true_label")
+    assert list(matrix.columns) == [*SUBTYPES, "not orbital", answer_files.UNMAPPED_OUTCOME]
+    assert matrix.loc[SUBTYPES[0]].tolist() == [4, 1, 1, 2, 2]
+    assert matrix.loc[SUBTYPES[1]].tolist() == [0, 5, 0, 0, 0]
+    unmapped = pd.read_csv(out / "unmapped_answers.csv")
+    assert unmapped.to_dict("records") == [{"answer": "conjunctivitis", "n": 2}]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["itd_rare_sensitivity"] == pytest.approx(0.4)
+    assert result["sequential"]["n_complete"] == 20 and result["sequential_answered"]["n_complete"] == 16
+    report = (out / "report.md").read_text()
+    assert "unreadable (excluded)" not in report and "no class answer" in report
+    assert "## Answers outside the options" in report and "2 × `conjunctivitis`" in report
+    assert "Primary (intention-to-diagnose): all 20 images" in report
+    assert "Secondary (answered only): the 16 of 20 images" in report
+
+
+def test_an_outcome_that_names_a_class_is_refused_naming_the_label_map(tmp_path, capsys):
+    cohort, files, label_map = second_step(tmp_path)
+    label_map.write_text(json.dumps({SUBTYPES[0]: ["TED"], "outcomes": {"not orbital": ["TED"]}}))
+    assert answer_files.main(["--test-dir", str(cohort), "--predictions", str(files[0]),
+                              "--label-map", str(label_map), "--classes", *SUBTYPES,
+                              "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "outcome 'not orbital': 'TED' names the class 'thyroid eye disease'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_step_file_declares_not_orbital_as_an_outcome():
+    from orbital_clip import prompts
+    from orbital_clip.ask import steps
+    step_set = steps.load_steps(steps.PAPER_STEPS)
+    outcomes = prompts.parse_outcomes(step_set.label_map, step_set.classes)
+    assert outcomes[prompts.normalise_answer("No orbital disease detected")] == "not orbital / none of these"

@@ -113,9 +113,11 @@ def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff
 
 
 def answer_rows(step_set, planned, records):
-    """{step: [row]} of the answer CSVs: the raw answer beside the label it maps to (the scorer's
-    rule, prompts.parse_label_map), or '' when it maps to none."""
+    """{step: [row]} of the answer CSVs: the raw answer beside the label or declared outcome it
+    maps to (the scorer's rule, prompts.parse_label_map and parse_outcomes), or '' when none."""
     lookup = prompt_sets.parse_label_map(step_set.label_map, step_set.classes, step_set.source)
+    # a declared outcome ('not orbital') is mapped too: it is an answer, not an unmapped one
+    lookup.update(prompt_sets.parse_outcomes(step_set.label_map, step_set.classes, step_set.source))
     rows = collections.defaultdict(list)
     for item in planned:
         record = records[item.key]

@@ -74,9 +74,10 @@ def scrub(text, names):
     return text
 
 
-def confusion_frame(cm, folders):
-    """The confusion matrix as a DataFrame: rows true, columns predicted, folder names as headers."""
-    frame = pd.DataFrame(np.asarray(cm, dtype=np.int64), columns=list(folders))
+def confusion_frame(cm, folders, columns=None):
+    """The confusion matrix as a DataFrame: rows true, columns predicted, folder names as headers
+    (`columns`: the classes then an answer file's outcomes outside them)."""
+    frame = pd.DataFrame(np.asarray(cm, dtype=np.int64), columns=list(columns or folders))
     frame.insert(0, "true_label", list(folders))
     return frame
 
