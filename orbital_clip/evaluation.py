@@ -19,7 +19,8 @@ from orbital_clip import cohort as cohort_io
 from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
-from orbital_clip.patients import none_grouped_message, regex_patients
+from orbital_clip.patients import (folder_groups, none_grouped_message, patient_folder_example,
+                                   regex_patients)
 from orbital_clip.metrics import subgroup_analysis
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
@@ -245,9 +246,28 @@ def collect_cohort(args, folders):
         texts = [source or path for source, path in zip(sources, paths)] if sources else paths
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
+    group_patient_folders(args, cohort, sources)
     if args.bootstrap:  # what the warnings are about
         warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
+
+
+def group_patient_folders(args, cohort, sources):
+    """--group-from-folder: each image's patient is its folder under the class folder (the rule
+    of data_preprocess.py, patients.folder_patient); without any grouping, a warning when the
+    class folders hold sub-folders, which usually are patients."""
+    if not cohort.labelled:
+        return
+    paths = cohort.relative_paths()
+    texts = [source or path for source, path in zip(sources, paths)] if sources else paths
+    if getattr(args, "group_from_folder", False):
+        cohort.groups = folder_groups(texts, paths, args.anonymize_paths)
+        cohort.group_source = "--group-from-folder"
+    elif cohort.groups is None and args.bootstrap and patient_folder_example(texts):
+        example = "" if args.anonymize_paths else f" (e.g. {patient_folder_example(texts)!r})"
+        LOG.warning("--test-dir: the class folders hold sub-folders%s; if they are patients, pass "
+                    "--group-from-folder: the bootstrap now resamples images, and its intervals are "
+                    "too narrow when a patient has several images", example)
 
 
 def cohort_class_names(test_dir, split):
