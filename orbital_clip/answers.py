@@ -539,7 +539,8 @@ def run_answers(args, argv):
         folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
         metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None,
                                           columns)
-        if not metrics["n"]:
+        # no class named, but declared outcomes ('not orbital' on every image) are a result
+        if not metrics["n"] and not any(o in setup.outcomes for o in step.answers.outcomes):
             empty.append(step.file)
         LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
                  metrics["n_received"], metrics["n_failed"],

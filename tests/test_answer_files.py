@@ -352,7 +352,7 @@ def test_an_answer_file_with_no_scorable_answer_exits_1_after_writing_its_flow(a
     assert f"no answer of {path} could be scored" in capsys.readouterr().err
     result = json.loads((out / "metrics.json").read_text())
     assert (result["n"], result["n_failed"], result["itd_accuracy"]) == (0, 9, 0.0)
-    assert "No answer could be scored" in (out / "report.md").read_text()
+    assert "No answer named a class" in (out / "report.md").read_text()
 
 
 def test_report_of_answers_words_the_intention_to_diagnose_line_for_answers(answers, tmp_path):

@@ -186,3 +186,19 @@ def test_the_shipped_step_file_declares_not_orbital_as_an_outcome():
     step_set = steps.load_steps(steps.PAPER_STEPS)
     outcomes = prompts.parse_outcomes(step_set.label_map, step_set.classes)
     assert outcomes[prompts.normalise_answer("No orbital disease detected")] == "not orbital / none of these"
+
+
+def test_not_orbital_on_every_image_is_a_result_not_a_failure(tmp_path):
+    """A model that answers the declared outcome for every confirmed case has sensitivity 0 by
+    intention to diagnose: exit 0, the outcome column in report.md; not 'nothing could be scored'."""
+    cohort, files, label_map = second_step(tmp_path)
+    paths = pd.read_csv(files[0])["path"]
+    answers = write_csv(tmp_path / "none.csv", ["path", "answer"], [[p, NOT_ORBITAL[0]] for p in paths])
+    out = tmp_path / "out"
+    assert answer_files.main(["--test-dir", str(cohort), "--predictions", str(answers),
+                              "--label-map", str(label_map), "--classes", *SUBTYPES,
+                              "--out-dir", str(out), "--no-figures"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["n"], result["itd_rare_sensitivity"]) == (0, 0.0)
+    assert result["answers_outside_options"]["confusion_matrix_itd"][0] == [0, 0, 0, 10]
+    assert "| thyroid eye disease | 0 | 0 | 0 | 10 |" in (out / "report.md").read_text()

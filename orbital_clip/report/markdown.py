@@ -356,8 +356,12 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
                 else "unreadable images")
         lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
     if not metrics["n"]:
-        return "\n".join(lines + ["No answer could be scored: there is nothing to score." if answers
-                                  else "No image could be read: there is nothing to score."]) + "\n"
+        # answers that all name no class are still a reading: show what they named
+        shown = ["", "## Answers outside the options", ""] + outside_markdown(outside, folders) \
+            if outside is not None else []
+        return "\n".join(lines + ["No answer named a class: there is nothing to score on answered "
+                                  "rows." if answers else "No image could be read: there is nothing "
+                                  "to score."] + shown) + "\n"
     lines += [f"## Metrics on the {metrics['n']} " + ("images answered with a class (answered only: "
               "secondary to the intention-to-diagnose line)" if answers else "scored images"), ""]
     if metrics["bootstrap_unit"] == "group":
