@@ -327,3 +327,17 @@ def test_a_hosted_key_in_the_environment_is_not_sent_to_a_loopback_server_unless
     assert t.keys and all(k == "Bearer sk-hosted-secret" for k in t.keys)
     record = json.loads((tmp_path / "b" / "args.json").read_text())
     assert record["run"]["api_key_env"] == "OPENAI_API_KEY" and "sk-hosted" not in json.dumps(record)
+
+
+def test_group_from_folder_reaches_the_scorer_and_is_refused_with_a_regex(tmp_path, monkeypatch, capsys):
+    from orbital_clip import answers
+    seen = []
+    monkeypatch.setattr(answers, "main", lambda argv: seen.append(argv) or 0)
+    args = cli.parse_args(["--test-dir", "t", "--out-dir", str(tmp_path), "--dry-run", "--group-from-folder"])
+    step_set = steps.load_steps(steps.PAPER_STEPS)
+    assert cli.score(args, step_set, [("image", tmp_path / "a.csv")], tmp_path) == 0
+    assert seen[0][-1] == "--group-from-folder"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--test-dir", "t", "--out-dir", "o", "--dry-run", "--group-from-folder",
+                        "--group-regex", "(P)"])
+    assert "--group-from-folder and --group-regex" in capsys.readouterr().err

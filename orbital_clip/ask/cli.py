@@ -51,11 +51,15 @@ def parse_args(argv=None):
     endpoint.add_argument("--timeout-s", type=float, default=120.0, help="per-request timeout in seconds")
     scoring = parser.add_argument_group("scoring (score_answers.py)")
     scoring.add_argument("--group-regex", default=None, metavar="RE", help="patients, as in inference.py")
+    scoring.add_argument("--group-from-folder", action="store_true",
+                         help="patients are the folders under the class folders, as in inference.py")
     scoring.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     scoring.add_argument("--no-score", action="store_true", help="collect the answers, do not score")
     args = parser.parse_args(argv)
     if not args.dry_run and not (args.base_url and args.model):
         parser.error("give --base-url and --model (or --dry-run to only write the requests)")
+    if args.group_regex is not None and args.group_from_folder:
+        parser.error("--group-from-folder and --group-regex both name patients; give one of them")
     if not 1 <= args.concurrency <= 64:
         parser.error(f"--concurrency must be in 1..64, got {args.concurrency}")
     if args.max_retries < 0 or args.backoff_s < 0 or args.timeout_s <= 0:
@@ -96,6 +100,8 @@ def score(args, step_set, files, output_dir):
         argv += ["--compare", *[f"{name}={path}" for name, path in files[1:]]]
     if args.group_regex:
         argv += ["--group-regex", args.group_regex]
+    if args.group_from_folder:
+        argv += ["--group-from-folder"]
     return answers.main(argv)
 
 
