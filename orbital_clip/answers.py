@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from orbital_clip import cli
 from orbital_clip import images
@@ -33,9 +34,11 @@ from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_o
                         make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
-from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
-                     sequential_analysis, without_probability_metrics)
-from orbital_clip.report import (flow_counts, format_value, plot_confusion_matrices, plot_sequential,
+from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
+                     interval_levels, label_probs, sequential_analysis, with_class_patient_intervals,
+                     without_probability_metrics)
+from orbital_clip.report import (confusion_frame, flow_counts, format_value, plot_confusion_matrices,
+                    plot_sequential,
                     predictions_frame, render_report, sequential_changes_frame,
                     sequential_frame, write_figures)
 
@@ -44,6 +47,10 @@ DEPRECATED_ANSWER_MODE = "'inference.py --predictions' is deprecated; use 'pytho
 # rounding 3 to 6 classes to 3 decimals moves a sum by at most ~0.003; 0.01 allows that and
 # refuses scores that are not a distribution (independent sigmoids, a 1.0 beside 0.999s)
 PROBABILITY_SUM_TOLERANCE = 0.01
+# What a row that names no class counts as, besides the label map's declared outcomes: each is
+# an outcome of the reading (a miss of the true class in the intention-to-diagnose tables)
+UNMAPPED_OUTCOME = "answer not in the label map"
+FAILED_OUTCOME = "no answer (failed)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +67,9 @@ class ExternalPredictions:
     statuses: list  # 'ok', or 'failed: <reason>' (the file's own, or 'failed: unmapped answer ...')
     answer_column: str  # 'pred_label' or 'answer'
     rows: list  # the file's row of each image (row 1 = the header), for messages
+    # per image: None (a class answer), a declared outcome, UNMAPPED_OUTCOME or FAILED_OUTCOME
+    outcomes: list = dataclasses.field(default_factory=list)
+    raw_answers: list = dataclasses.field(default_factory=list)  # the answer as written ('' if failed)
 
 
 def normalise_answer(text):
@@ -151,6 +161,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     """
     where = f"{flag} {path}"
     lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    declared = prompt_sets.parse_outcomes(label_map or {}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -161,7 +172,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     n = len(cohort_paths)
     pred_index = np.full(n, -1, dtype=np.int64)
     probs = None if prob_columns is None else np.full((n, len(folders)), np.nan)
-    statuses, seen = [None] * n, {}
+    statuses, seen, outcomes, raw = [None] * n, {}, [FAILED_OUTCOME] * n, [""] * n
     for line, row in rows:
         here = f"{where}: row {line}"
         image = normalise_relpath(row["path"])
@@ -180,14 +191,19 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
             statuses[i] = status
             continue
         answer = row[answer_column]
+        raw[i] = str(answer or "").strip()
         index = answer_index(answer, lookup, list(folders))
         if index is None and label_map is None:
             raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
                              "(pass a label map of synonyms to count it as a failed answer)")
-        if index is None:
-            statuses[i] = f"failed: unmapped answer {answer.strip()!r}"
+        outcome = declared.get(prompt_sets.normalise_answer(answer)) if index is None else None
+        if outcome is not None:  # declared: an answer a reader gives, not a failure to read
+            statuses[i], outcomes[i] = f"outside the options: {outcome}", outcome
             continue
-        pred_index[i], statuses[i] = index, "ok"
+        if index is None:
+            statuses[i], outcomes[i] = f"failed: unmapped answer {answer.strip()!r}", UNMAPPED_OUTCOME
+            continue
+        pred_index[i], statuses[i], outcomes[i] = index, "ok", None
         if prob_columns is not None:
             probs[i] = parse_probabilities([row[c].strip() for c in prob_columns], here)
     missing = [p for p in cohort_paths if p not in seen]
@@ -195,7 +211,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         raise ValueError(f"{where}: no row for image {missing[0]!r} ({len(missing)} cohort "
                          "images missing); give one row per image")
     return ExternalPredictions(str(path), list(cohort_paths), pred_index, probs, statuses, answer_column,
-                               [seen[p] for p in cohort_paths])
+                               [seen[p] for p in cohort_paths], outcomes, raw)
 
 
 def read_label_map(path, folders):
@@ -247,6 +263,68 @@ def read_cohort_answers(path, cohort, folders, flag, label_map):
 
 
 # ----------------------------------------------------------------------------------------------
+# Answers outside the options: counted as a reader counts them (issue 25 item 11)
+
+
+def outcome_columns(declared, steps):
+    """The outcomes after the classes in a step's full confusion matrix: the label map's declared
+    outcomes (always, so every step has the same columns), then UNMAPPED_OUTCOME and
+    FAILED_OUTCOME where some step has such a row."""
+    found = {outcome for step in steps for outcome in step.answers.outcomes}
+    return list(declared) + [o for o in (UNMAPPED_OUTCOME, FAILED_OUTCOME) if o in found]
+
+
+def outcome_confusion(labels, answers, n_classes, outcomes):
+    """(C, C + len(outcomes)) counts of every image received: rows the true class, columns the
+    class answered, then each outcome (an answer that names no class is its own column)."""
+    cm = np.zeros((n_classes, n_classes + len(outcomes)), dtype=np.int64)
+    for label, pred, outcome in zip(labels, answers.pred_index, answers.outcomes):
+        cm[label, pred if pred >= 0 else n_classes + outcomes.index(outcome)] += 1
+    return cm
+
+
+def unmapped_answers(answers):
+    """[{answer, n}] of the distinct answers the label map does not map (the same answer up to
+    case and spaces once, as first written), most frequent first: what the label map may add."""
+    counts, shown = {}, {}
+    for outcome, text in zip(answers.outcomes, answers.raw_answers):
+        if outcome == UNMAPPED_OUTCOME:
+            key = normalise_answer(text)
+            counts[key] = counts.get(key, 0) + 1
+            shown.setdefault(key, text)
+    return [{"answer": shown[key], "n": n}
+            for key, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+
+def sequential_readings(setup, args):
+    """(primary, secondary) sequential tables of the steps. Primary, intention-to-diagnose: every
+    image received at every step, an answer that names no class (an outcome outside the
+    options, an unmapped answer, no answer) a miss of the true class; secondary: the images
+    answered with a class at every step. Each table's per-step rows and paired changes rest on
+    the same images, which its `population` names."""
+    labels, folders, steps = setup.cohort.labels(), setup.folders, setup.steps
+    answered = np.stack([s.answers.pred_index for s in steps])  # (S, N), -1: no class named
+    names, n = [s.name for s in steps], len(labels)
+    # an index past the classes: never a hit of sensitivity, and not a call of another class
+    missed = np.where(answered >= 0, answered, len(folders))
+    primary = sequential_analysis(labels, missed, folders, names, setup.cohort.groups,
+                                  args.bootstrap, args.seed)
+    complete = (answered >= 0).all(axis=0)
+    secondary = sequential_analysis(labels, np.where(complete, answered, -1), folders, names,
+                                    setup.cohort.groups, args.bootstrap, args.seed)
+    primary["population"] = (f"Primary (intention-to-diagnose): all {n} images received, at "
+                             "every step; an answer that names no class (an outcome outside the "
+                             "options, an unmapped answer, no answer) is a miss of the true class "
+                             "(and not a call of any other); the per-step rows and the paired "
+                             "changes rest on these same images")
+    secondary["population"] = (f"Secondary (answered only): the {int(complete.sum())} of {n} "
+                               "images answered with a class at every step; the per-step rows and "
+                               "the paired changes rest on these same images")
+    primary["analysis"], secondary["analysis"] = "intention-to-diagnose", "answered only"
+    return primary, secondary
+
+
+# ----------------------------------------------------------------------------------------------
 # Scoring answer files without a model (--predictions, steps with --compare)
 
 
@@ -271,6 +349,7 @@ class AnswerSetup:
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)
     subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+    outcomes: list = dataclasses.field(default_factory=list)  # the label map's, in its order
 
 
 def step_probs(answers, n_classes, where):
@@ -313,8 +392,9 @@ def prepare_answers(args, argv):
     steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
              for name, path, flag in specs]
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
+    declared = prompt_sets.parse_outcomes(label_map or {}, folders)
     return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
-                       argv, cohort_subgroups(args, cohort))
+                       argv, cohort_subgroups(args, cohort), list(dict.fromkeys(declared.values())))
 
 
 def answers_run_info(args, setup, step):
@@ -342,6 +422,11 @@ def score_answer_step(step, setup, args):
                               args.seed, groups=setup.cohort.scored_groups(scored), ece_bins=args.ece_bins)
     if not step.has_probs:
         metrics = without_probability_metrics(metrics)
+    grouped = setup.cohort.groups is not None
+    metrics = with_class_patient_intervals(  # as a checkpoint's: the same function, same numbers
+        {**metrics, "interval_levels": interval_levels(grouped, args.bootstrap)}, labels[scored],
+        step.answers.pred_index[scored], setup.folders, setup.cohort.scored_groups(scored),
+        args.bootstrap, args.seed)
     return metrics, intention_to_diagnose(labels, step.answers.pred_index, 0)
 
 
@@ -357,8 +442,40 @@ def score_answer_subgroups(setup, step, args):
     return analysis
 
 
-def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
-    """Every output of one answer file that needs no model (and the sequential table, once)."""
+def write_outside_outputs(output_dir, setup, step, columns, figures):
+    """confusion_matrix_itd.csv (and .png), unmapped_answers.csv: every image's answer, the
+    outcomes outside the classes in columns of their own; returns metrics.json's record."""
+    folders = setup.folders
+    cm = outcome_confusion(setup.cohort.labels(), step.answers, len(folders), columns)
+    unmapped = unmapped_answers(step.answers)
+    outputs.atomic_write_csv(output_dir / "confusion_matrix_itd.csv",
+                             confusion_frame(cm, folders, folders + columns))
+    outputs.atomic_write_csv(output_dir / "unmapped_answers.csv",
+                             pd.DataFrame(unmapped, columns=["answer", "n"]))
+    if figures:
+        plot_confusion_matrices([(f"every image, answers outside the options as columns: {step.name}", cm)],
+                                folders, figure_saver(output_dir), stem="confusion_matrix_itd",
+                                columns=folders + columns, xlabel="answer")
+    return {"columns": folders + columns, "confusion_matrix_itd": cm.tolist(),
+            "unmapped_answers": unmapped}
+
+
+def write_sequential_outputs(output_dir, sequential, answered, folders, figures):
+    """sequential*.csv (and .png): the primary intention-to-diagnose table and the secondary
+    answered-only one, each row naming its analysis."""
+    for stem, table in (("sequential", sequential), ("sequential_answered", answered)):
+        for suffix, frame in (("", sequential_frame(table)), ("_changes", sequential_changes_frame(table))):
+            frame.insert(0, "analysis", table["analysis"])
+            outputs.atomic_write_csv(output_dir / f"{stem}{suffix}.csv", frame)
+        if figures:
+            plot_sequential(table, folders, figure_saver(output_dir), stem=stem, population=(
+                "Primary: intention-to-diagnose, every image (no class named = a miss)"
+                if table is sequential else "Secondary: answered only (images answered at every step)"))
+
+
+def write_answer_evaluation(output_dir, args, setup, step, sequential=None, columns=()):
+    """Every output of one answer file that needs no model (and the sequential tables, once:
+    `sequential` = (primary, answered only)); `columns`: the outcome columns (`outcome_columns`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clear_previous_outputs(output_dir)
@@ -370,16 +487,18 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     run = answers_run_info(args, setup, step)
     outputs.atomic_write_json(output_dir / "args.json", args_record(args, setup, run))
     labels = [label for _path, label in cohort.items]
-    flow = flow_counts(labels, statuses, folders, True)
+    flow = flow_counts(labels, statuses, folders, True, cohort.groups)
     metrics, itd = score_answer_step(step, setup, args)
     subgroups = score_answer_subgroups(setup, step, args) if metrics["n"] else None
+    outside = write_outside_outputs(output_dir, setup, step, list(columns), args.figures)
     metrics = {"n": metrics.pop("n"), "n_received": len(labels),
                "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
-               **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
+               **itd, "flow": flow, "comparison": None, "subgroups": subgroups,
+               "answers_outside_options": outside, **run}
+    primary, answered = sequential or (None, None)
     if sequential is not None:
-        metrics["sequential"] = sequential
-        outputs.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
-        outputs.atomic_write_csv(output_dir / "sequential_changes.csv", sequential_changes_frame(sequential))
+        metrics["sequential"], metrics["sequential_answered"] = primary, answered
+        write_sequential_outputs(output_dir, primary, answered, folders, args.figures)
     outputs.atomic_write_json(output_dir / "metrics.json", metrics)
     save = figure_saver(output_dir)
     if metrics["n"]:
@@ -390,12 +509,12 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
         if args.figures and step.has_probs:
             write_figures(save, y_true, probs, None, folders, metrics, None, 0)
         elif args.figures:
-            plot_confusion_matrices([(f"answers: {step.name}", metrics["confusion_matrix"])], folders, save)
-    if sequential is not None and args.figures:
-        plot_sequential(sequential, folders, save)
+            plot_confusion_matrices([(f"answered with a class only (secondary): {step.name}",
+                                      metrics["confusion_matrix"])], folders, save)
     outputs.atomic_write_text(output_dir / "report.md",
                              render_report(run, flow, metrics, folders, None, itd, None,
-                                           subgroups=subgroups, sequential=sequential))
+                                           subgroups=subgroups, sequential=primary, outside=outside,
+                                           sequential_answered=answered))
     return metrics
 
 
@@ -412,24 +531,23 @@ def run_answers(args, argv):
         print(f"error: {err}", file=sys.stderr)
         return 2
     steps, folders = setup.steps, setup.folders
-    sequential = None
-    if len(steps) > 1:
-        answered = np.stack([s.answers.pred_index for s in steps])
-        sequential = sequential_analysis(setup.cohort.labels(), answered, folders, [s.name for s in steps],
-                                         setup.cohort.groups, args.bootstrap, args.seed)
+    sequential = sequential_readings(setup, args) if len(steps) > 1 else None
+    columns = outcome_columns(setup.outcomes, steps)
     output_dir, empty = Path(args.output_dir), []
     for i, step in enumerate(steps):
         LOG.info("== step %d/%d: %s (%s) ==", i + 1, len(steps), step.name, step.answers.source)
         folder = output_dir if i == 0 else output_dir / step_folder(i, step.name)
-        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None)
-        if not metrics["n"]:
+        metrics = write_answer_evaluation(folder, args, setup, step, sequential if i == 0 else None,
+                                          columns)
+        # no class named, but declared outcomes ('not orbital' on every image) are a result
+        if not metrics["n"] and not any(o in setup.outcomes for o in step.answers.outcomes):
             empty.append(step.file)
         LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
                  metrics["n_received"], metrics["n_failed"],
                  format_value(metrics["accuracy"], metrics["accuracy_ci"]),
                  format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
     if sequential is not None:
-        for row in sequential["omnibus"]:
+        for row in sequential[0]["omnibus"]:  # the primary (intention-to-diagnose) table
             LOG.info("  Cochran's Q %-28s %-11s %s", row["class"], row["measure"],
                      "n/a" if row["q"] is None else f"{row['q']:.2f} (p {format_p(row['p_value'])})")
     LOG.info("== done: outputs in %s ==", output_dir)

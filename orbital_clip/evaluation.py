@@ -20,7 +20,8 @@ from orbital_clip import cohort as cohort_io
 from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
-from orbital_clip.patients import none_grouped_message, regex_patients
+from orbital_clip.patients import (folder_groups, none_grouped_message, patient_folder_example,
+                                   regex_patients)
 from orbital_clip.metrics import subgroup_analysis
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
@@ -57,6 +58,12 @@ OUTPUTS = (
     outputs.OutputFile("sequential.csv", "score_answers.py --compare"),
     outputs.OutputFile("sequential_changes.csv", "score_answers.py --compare"),
     *_figure("sequential", "score_answers.py --compare"),
+    outputs.OutputFile("sequential_answered.csv", "score_answers.py --compare (secondary)"),
+    outputs.OutputFile("sequential_answered_changes.csv", "score_answers.py --compare (secondary)"),
+    *_figure("sequential_answered", "score_answers.py --compare (secondary)"),
+    outputs.OutputFile("confusion_matrix_itd.csv", "score_answers.py: every image, outcome columns"),
+    *_figure("confusion_matrix_itd", "score_answers.py"),
+    outputs.OutputFile("unmapped_answers.csv", "score_answers.py: answers the label map does not map"),
     outputs.OutputFile("step<k>_<name>/", "score_answers.py --compare: a later step's outputs",
                        cleared_by_overwrite=False),
     outputs.OutputFile("wise_ft_alpha_<alpha>/", "--wise-ft-alphas: one alpha's outputs (cleared below)",
@@ -240,9 +247,28 @@ def collect_cohort(args, folders):
         texts = [source or path for source, path in zip(sources, paths)] if sources else paths
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
+    group_patient_folders(args, cohort, sources)
     if args.bootstrap:  # what the warnings are about
         warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
+
+
+def group_patient_folders(args, cohort, sources):
+    """--group-from-folder: each image's patient is its folder under the class folder (the rule
+    of data_preprocess.py, patients.folder_patient); without any grouping, a warning when the
+    class folders hold sub-folders, which usually are patients."""
+    if not cohort.labelled:
+        return
+    paths = cohort.relative_paths()
+    texts = [source or path for source, path in zip(sources, paths)] if sources else paths
+    if getattr(args, "group_from_folder", False):
+        cohort.groups = folder_groups(texts, paths, args.anonymize_paths)
+        cohort.group_source = "--group-from-folder"
+    elif cohort.groups is None and args.bootstrap and patient_folder_example(texts):
+        example = "" if args.anonymize_paths else f" (e.g. {patient_folder_example(texts)!r})"
+        LOG.warning("--test-dir: the class folders hold sub-folders%s; if they are patients, pass "
+                    "--group-from-folder: the bootstrap now resamples images, and its intervals are "
+                    "too narrow when a patient has several images", example)
 
 
 def cohort_class_names(test_dir, split):

@@ -1,9 +1,14 @@
-"""The --group-regex rule, shared by the split (data_preprocess.py) and the evaluation
-(inference.py): which images a regex names a patient for, and the refusal when it names none."""
+"""The patient rules shared by the split (data_preprocess.py) and the evaluation (inference.py,
+score_answers.py): --group-regex (which images a regex names a patient for), --group-from-folder
+(the patient folder under the class folder), and the refusal when a flag groups no image."""
 
+import logging
 import re
+from pathlib import PurePosixPath
 
 from orbital_clip import cohort
+
+LOG = logging.getLogger("inference")  # used by the evaluation's folder grouping, logged as such
 
 # Why a grouping flag found no patient, by flag; {root} is how the caller names the data root.
 NOTHING_GROUPED = {
@@ -36,3 +41,34 @@ def none_grouped_message(rule, n_images, example, fallback, root="--data-root"):
     shown = "" if example is None else f", e.g. {example!r}"
     return (f"{rule}: grouped none of the {n_images} images ({how}{shown}); fix {flag} or leave "
             f"it out for {fallback}")
+
+
+def folder_patient(relative_path):
+    """--group-from-folder: the patient folder of an image, the first folder below its class
+    folder ('orbital disease/Patient 001/IMG_0002.JPG' -> 'Patient 001'), or None for a file
+    directly in it. `relative_path`: relative to the data root (the class folder comes first)."""
+    parts = PurePosixPath(relative_path).parts
+    return parts[1] if len(parts) > 2 else None
+
+
+def patient_folder_example(relative_paths):
+    """'class/sub-folder' of the first image below a sub-folder of its class folder (a layout
+    that suggests patient folders), or None when every image sits in its class folder."""
+    return next((PurePosixPath(p).parent.as_posix() for p in relative_paths if folder_patient(p)), None)
+
+
+def folder_groups(texts, paths, anonymized=False):
+    """Each image's patient by --group-from-folder for the evaluation: `folder_patient` of its
+    path relative to the data root (`texts`: relative to --test-dir, or a manifest's `source`);
+    an image directly in its class folder is its own group ('image:' + its entry of `paths`).
+    Refused (CohortError) when no image sits in a patient folder."""
+    found = [folder_patient(text) for text in texts]
+    if not any(found):
+        raise cohort.CohortError(none_grouped_message(
+            "--group-from-folder", len(texts), None if anonymized else texts[0],
+            "a bootstrap of images", root="--test-dir"))
+    n_found = sum(group is not None for group in found)
+    LOG.info("--group-from-folder grouped %d of %d images into %d patient folder(s)%s", n_found,
+             len(texts), len({g for g in found if g}),
+             "" if n_found == len(texts) else "; each of the others is its own group")
+    return [group if group is not None else f"image:{path}" for group, path in zip(found, paths)]

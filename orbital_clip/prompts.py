@@ -184,11 +184,16 @@ def normalise_answer(text):
 def parse_label_map(data, folders, source="label map"):
     """{normalised answer: folder} from `{folder: [synonym, ...]}`; every folder also answers to
     its own name. A key that is not a class, a synonym of two classes or a non-string is refused:
-    a guessed mapping would silently move answers between classes."""
+    a guessed mapping would silently move answers between classes. The OUTCOMES_KEY entry
+    (answers outside the classes) is checked by `parse_outcomes` and left out of the lookup."""
     if not isinstance(data, dict):
         raise LabelMapError(f"{source}: expected an object {{folder: [synonym, ...]}}")
     lookup = {normalise_answer(folder): folder for folder in folders}
+    if OUTCOMES_KEY in data and OUTCOMES_KEY not in folders:
+        parse_outcomes(data, folders, source)
     for folder, synonyms in data.items():
+        if folder == OUTCOMES_KEY and folder not in folders:
+            continue
         if folder not in folders:
             raise LabelMapError(f"{source}: label map names {folder!r}, not a class of {list(folders)}")
         synonyms = [synonyms] if isinstance(synonyms, str) else synonyms
@@ -203,6 +208,41 @@ def parse_label_map(data, folders, source="label map"):
                 raise LabelMapError(f"{source}: label map answer {synonym!r} names two classes "
                                     f"({lookup[key]!r} and {folder!r})")
             lookup[key] = folder
+    return lookup
+
+
+# A label map's declared answers outside the classes ("none of these", "not orbital"): an
+# outcome a reader can give, counted as a miss of the true class, never as a class
+OUTCOMES_KEY = "outcomes"
+
+
+def parse_outcomes(data, folders, source="label map"):
+    """{normalised answer: outcome name} of a label map's `"outcomes": {name: [answer, ...]}`
+    ({} without one); each outcome also answers to its own name. An outcome named like a class,
+    or an answer that also names a class or another outcome, is refused."""
+    outcomes = data.get(OUTCOMES_KEY) if isinstance(data, dict) and OUTCOMES_KEY not in folders else None
+    if outcomes is None:
+        return {}
+    if not isinstance(outcomes, dict):
+        raise LabelMapError(f"{source}: {OUTCOMES_KEY!r} must be an object {{outcome: [answer, ...]}}, "
+                            'e.g. {"not orbital": ["no orbital disease", "none of these"]}')
+    classes = {normalise_answer(folder): folder for folder in folders}
+    for folder, synonyms in data.items():
+        if folder != OUTCOMES_KEY and isinstance(synonyms, list):
+            classes.update({normalise_answer(s): folder for s in synonyms if isinstance(s, str)})
+    lookup = {}
+    for name, answers in outcomes.items():
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not all(isinstance(a, str) and normalise_answer(a) for a in answers):
+            raise LabelMapError(f"{source}: outcome {name!r} must map to a list of non-empty strings")
+        for answer in [name, *answers]:
+            key = normalise_answer(answer)
+            if key in classes:
+                raise LabelMapError(f"{source}: outcome {name!r}: {answer!r} names the class "
+                                    f"{classes[key]!r}; an outcome is an answer outside the classes")
+            if lookup.get(key, name) != name:
+                raise LabelMapError(f"{source}: {answer!r} names two outcomes ({lookup[key]!r} and {name!r})")
+            lookup[key] = name
     return lookup
 
 

@@ -70,7 +70,8 @@ from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         write_scored_tables, write_subgroup_outputs)
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
-                     interval_levels, operating_point_metrics, rule_predictions, softmax)
+                     interval_levels, operating_point_metrics, rule_predictions, softmax,
+                     with_class_patient_intervals)
 from orbital_clip.report import (comparison_resample_notes, flow_counts, format_value, predictions_frame, rare_summary,
                     render_report, resample_notes, summary_row, unanswered_notes, write_figures)
 
@@ -572,6 +573,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
                    "interval_levels": interval_levels(cohort.groups is not None, args.bootstrap),
                    "operating_point": op, **itd, "flow": flow, "comparison": comparison,
                    "subgroups": subgroups, "failure_analysis": failures, **run}
+        metrics = with_class_patient_intervals(  # per-class sensitivity by patient: one home
+            metrics, cohort.labels()[scored], np.nan_to_num(probs, nan=-1.0).argmax(axis=1)[scored],
+            folders, cohort.scored_groups(scored), args.bootstrap, args.seed)
         outputs.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline

@@ -147,6 +147,11 @@ def build_parser(description, model=True):
                             r"'(Patient \d+)' or '^(P\d+)_' (as data_preprocess.py; overrides a "
                             "manifest's group column; an image that matches neither is its own "
                             "patient; refused when it matches no image or makes one patient of all)")
+    stats.add_argument("--group-from-folder", action="store_true",
+                       help="resample patients, not images: each image's patient is the folder "
+                            "under its class folder (class/PATIENT/IMG_0001.JPG; a manifest's "
+                            "source path), as data_preprocess.py --group-from-folder; an image "
+                            "directly in its class folder is its own patient")
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
@@ -226,6 +231,8 @@ def check_args(parser, args):
         parser.error(f"--cache-dir {args.cache_dir}: exists and is not a folder")
     if args.anonymize_salt is not None and not args.anonymize_paths:
         parser.error("--anonymize-salt needs --anonymize-paths")
+    if args.group_from_folder and args.group_regex is not None:
+        parser.error("--group-from-folder and --group-regex both name patients; give one of them")
     if args.group_regex is not None:
         try:
             groups = re.compile(args.group_regex).groups

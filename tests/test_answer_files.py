@@ -86,17 +86,30 @@ def test_three_answer_files_give_the_hand_computed_sequential_table(answers, tmp
     cohort, files, label_map = answers
     out = tmp_path / "out"
     assert run_steps(cohort, files, label_map, out, "--group-regex", r"^(P\d+)_") == 0
+    # primary (intention-to-diagnose): every image, no class named = a miss (images 2 and 4)
     steps = pd.read_csv(out / "sequential.csv")
     sens = steps[steps["measure"] == "sensitivity"].set_index(["class", "step"])
-    hand = {("thyroid eye disease", STEPS[0]): (1, 3), ("thyroid eye disease", STEPS[1]): (2, 2),
+    hand = {("thyroid eye disease", STEPS[0]): (1, 3), ("thyroid eye disease", STEPS[1]): (2, 3),
             ("thyroid eye disease", STEPS[2]): (3, 3), ("orbital inflammation", STEPS[0]): (2, 3),
-            ("orbital inflammation", STEPS[1]): (3, 3), ("orbital inflammation", STEPS[2]): (1, 2),
+            ("orbital inflammation", STEPS[1]): (3, 3), ("orbital inflammation", STEPS[2]): (1, 3),
             ("orbital tumour", STEPS[0]): (1, 3), ("orbital tumour", STEPS[1]): (2, 3),
             ("orbital tumour", STEPS[2]): (3, 3)}
     for key, (hits, n) in hand.items():
         assert (sens.loc[key, "hits"], sens.loc[key, "n"]) == (hits, n), key
         assert sens.loc[key, "ci_low"] == pytest.approx(metrics.wilson_interval(hits, n)[0])
-    changes = pd.read_csv(out / "sequential_changes.csv")
+    assert set(steps["analysis"]) == {"intention-to-diagnose"}
+    itd = pd.read_csv(out / "sequential_changes.csv").set_index(["class", "measure", "to_step"])
+    ted = itd.loc[("thyroid eye disease", "sensitivity", STEPS[1])]  # images 0-2: [1,0,0] -> [1,1,0]
+    assert (ted["n"], ted["gained"], ted["lost"]) == (3, 1, 0)
+    assert ted["difference"] == pytest.approx(1 / 3)
+    # secondary (answered only): the 7 images answered at every step, in both tables
+    steps = pd.read_csv(out / "sequential_answered.csv")
+    sens = steps[steps["measure"] == "sensitivity"].set_index(["class", "step"])
+    hand = {("thyroid eye disease", STEPS[0]): (1, 2), ("thyroid eye disease", STEPS[1]): (2, 2),
+            ("orbital inflammation", STEPS[2]): (1, 2), ("orbital tumour", STEPS[1]): (2, 3)}
+    for key, (hits, n) in hand.items():
+        assert (sens.loc[key, "hits"], sens.loc[key, "n"]) == (hits, n), key
+    changes = pd.read_csv(out / "sequential_answered_changes.csv")
     mc = changes[changes["test"].str.startswith("McNemar")].set_index(["class", "measure", "to_step"])
     ted = mc.loc[("thyroid eye disease", "sensitivity", STEPS[1])]  # images 0, 1: 1/2 -> 2/2
     assert (ted["n"], ted["difference"], ted["gained"], ted["lost"]) == (2, 0.5, 1, 0)
@@ -124,7 +137,7 @@ def test_three_answer_files_give_the_hand_computed_sequential_table(answers, tmp
     assert q.loc[("thyroid eye disease", "sensitivity"), "statistic"] == pytest.approx(2.0)
     result = json.loads((out / "metrics.json").read_text())
     assert result["sequential"]["bootstrap_unit"] == "group"  # --group-regex reaches the steps
-    assert result["sequential"]["n_complete"] == 7
+    assert (result["sequential"]["n_complete"], result["sequential_answered"]["n_complete"]) == (9, 7)
 
 
 def test_each_step_is_scored_as_for_a_checkpoint_with_failed_rows_counted(answers, tmp_path):
@@ -339,7 +352,7 @@ def test_an_answer_file_with_no_scorable_answer_exits_1_after_writing_its_flow(a
     assert f"no answer of {path} could be scored" in capsys.readouterr().err
     result = json.loads((out / "metrics.json").read_text())
     assert (result["n"], result["n_failed"], result["itd_accuracy"]) == (0, 9, 0.0)
-    assert "No answer could be scored" in (out / "report.md").read_text()
+    assert "No answer named a class" in (out / "report.md").read_text()
 
 
 def test_report_of_answers_words_the_intention_to_diagnose_line_for_answers(answers, tmp_path):
@@ -348,7 +361,7 @@ def test_report_of_answers_words_the_intention_to_diagnose_line_for_answers(answ
     assert run_steps(cohort, files, label_map, out) == 0
     text = (out / "step2_image+demographics" / "report.md").read_text()
     # 9 received, the unmapped answer a miss: 7 right of 9 (all but images 2 and 8); TED 2 of 3
-    assert ("Intention-to-diagnose (failed and unmapped answers counted as errors, n = 9; Wilson "
+    assert ("Intention-to-diagnose (answers naming no class (an outcome outside the options, unmapped, failed) counted as errors, n = 9; Wilson "
             "intervals, images): the answers: "
             "accuracy 0.778 (") in text
     assert "thyroid eye disease sensitivity 0.667 (" in text

@@ -55,7 +55,7 @@ class Server:
 
     def __init__(self, plan=None, delay_s=0.0):
         self.plan, self.delay_s, self.lock = plan or {}, delay_s, threading.Lock()
-        self.received, self.answered, self.bodies = 0, {}, []
+        self.received, self.answered, self.bodies, self.keys = 0, {}, [], []
         self.release = threading.Event()
         server = self
 
@@ -70,6 +70,7 @@ class Server:
                     server.received += 1
                     n = server.received
                     server.bodies.append(raw)
+                    server.keys.append(self.headers.get("Authorization"))
                 action = server.plan.get(n)
                 if action == "block":
                     server.release.wait(30)
@@ -292,3 +293,51 @@ def test_a_local_base_url_ignores_the_proxy_environment(cohort, tmp_path, server
     s = server()
     assert cli.main(run_args(root, meta, tmp_path / "run", s.url, "--no-score", "--max-retries", "0")) == 0
     assert s.received == 3 * len(paths)
+
+
+def test_args_json_records_the_run_and_a_dry_run_without_model_hashes_no_placeholder(cohort, tmp_path):
+    """issue 31 leftovers: ask_models.py writes args.json (outputs.run_record, as every script);
+    --dry-run without --model records 'no model' and no request_sha256, never the hash of a
+    made-up model name that no real run would send."""
+    root, meta, _paths = cohort
+    out = tmp_path / "dry"
+    argv = ["--test-dir", str(root), "--metadata", str(meta), "--out-dir", str(out), "--dry-run"]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "args.json").read_text())
+    assert record["script"] == "ask_models.py" and record["argv"] == argv
+    assert record["run"]["model"] == cli.NO_MODEL and record["args"]["model"] is None
+    lines = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert lines and all(l["request_sha256"] is None and l["request"]["model"] is None for l in lines)
+    with_model = tmp_path / "named"
+    assert cli.main([*argv[:-3], "--out-dir", str(with_model), "--dry-run", "--model", "m"]) == 0
+    keys = [json.loads(l)["request_sha256"] for l in (with_model / "requests.jsonl").read_text().splitlines()]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
+
+
+def test_a_hosted_key_in_the_environment_is_not_sent_to_a_loopback_server_unless_asked(
+        cohort, tmp_path, server, monkeypatch):
+    root, meta, _paths = cohort
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-hosted-secret")
+    s = server()
+    assert cli.main(run_args(root, meta, tmp_path / "a", s.url, "--no-score")) == 0
+    assert s.keys and not any("sk-hosted-secret" in (k or "") for k in s.keys)
+    t = server()
+    assert cli.main(run_args(root, meta, tmp_path / "b", t.url, "--no-score",
+                             "--api-key-env", "OPENAI_API_KEY")) == 0
+    assert t.keys and all(k == "Bearer sk-hosted-secret" for k in t.keys)
+    record = json.loads((tmp_path / "b" / "args.json").read_text())
+    assert record["run"]["api_key_env"] == "OPENAI_API_KEY" and "sk-hosted" not in json.dumps(record)
+
+
+def test_group_from_folder_reaches_the_scorer_and_is_refused_with_a_regex(tmp_path, monkeypatch, capsys):
+    from orbital_clip import answers
+    seen = []
+    monkeypatch.setattr(answers, "main", lambda argv: seen.append(argv) or 0)
+    args = cli.parse_args(["--test-dir", "t", "--out-dir", str(tmp_path), "--dry-run", "--group-from-folder"])
+    step_set = steps.load_steps(steps.PAPER_STEPS)
+    assert cli.score(args, step_set, [("image", tmp_path / "a.csv")], tmp_path) == 0
+    assert seen[0][-1] == "--group-from-folder"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--test-dir", "t", "--out-dir", "o", "--dry-run", "--group-from-folder",
+                        "--group-regex", "(P)"])
+    assert "--group-from-folder and --group-regex" in capsys.readouterr().err

@@ -18,6 +18,8 @@ from orbital_clip import outputs
 from orbital_clip.ask import client, runner, steps
 
 LOG = logging.getLogger("ask_models")
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # a hosted endpoint's key, read only for non-local hosts
+NO_MODEL = "no model (--dry-run without --model)"  # recorded instead of a made-up model name
 
 
 def parse_args(argv=None):
@@ -34,8 +36,11 @@ def parse_args(argv=None):
     endpoint = parser.add_argument_group("endpoint (any OpenAI-compatible chat-completions server)")
     endpoint.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1 (vLLM), https://api.openai.com/v1")
     endpoint.add_argument("--model", default=None, help="model name the endpoint serves")
-    endpoint.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                          help="environment variable holding the key (never a flag value or a file)")
+    endpoint.add_argument("--api-key-env", default=None, metavar="NAME",
+                          help=f"environment variable holding the key (never a flag value or a "
+                               f"file; default {DEFAULT_API_KEY_ENV}). A loopback --base-url gets "
+                               "a key only when this flag is given: a hosted key in the "
+                               "environment is never sent to a local server unasked")
     endpoint.add_argument("--yes", action="store_true", help="needed to send images to a non-local host")
     endpoint.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     endpoint.add_argument("--seed", type=int, default=2024, help="sampling seed where the endpoint takes one")
@@ -46,13 +51,15 @@ def parse_args(argv=None):
     endpoint.add_argument("--timeout-s", type=float, default=120.0, help="per-request timeout in seconds")
     scoring = parser.add_argument_group("scoring (score_answers.py)")
     scoring.add_argument("--group-regex", default=None, metavar="RE", help="patients, as in inference.py")
+    scoring.add_argument("--group-from-folder", action="store_true",
+                         help="patients are the folders under the class folders, as in inference.py")
     scoring.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     scoring.add_argument("--no-score", action="store_true", help="collect the answers, do not score")
     args = parser.parse_args(argv)
     if not args.dry_run and not (args.base_url and args.model):
         parser.error("give --base-url and --model (or --dry-run to only write the requests)")
-    if args.model is None:
-        args.model = "<model>"  # dry run: the request shows where the name goes
+    if args.group_regex is not None and args.group_from_folder:
+        parser.error("--group-from-folder and --group-regex both name patients; give one of them")
     if not 1 <= args.concurrency <= 64:
         parser.error(f"--concurrency must be in 1..64, got {args.concurrency}")
     if args.max_retries < 0 or args.backoff_s < 0 or args.timeout_s <= 0:
@@ -68,12 +75,17 @@ def privacy_notice(args, planned):
 
 
 def api_key(args):
-    key = os.environ.get(args.api_key_env)
+    """The key to send: a loopback server gets one only when --api-key-env names it (a hosted
+    key such as OPENAI_API_KEY, set for other work, must not leave for a local process that may
+    log it); a remote one the variable's value, required."""
+    local = runner.is_local_host(args.base_url)
+    if local and args.api_key_env is None:
+        return "not-needed"  # local servers ignore it, the client insists on one
+    name = args.api_key_env or DEFAULT_API_KEY_ENV
+    key = os.environ.get(name)
     if key:
         return key
-    if runner.is_local_host(args.base_url):
-        return "not-needed"  # local servers ignore it, the client insists on one
-    raise ValueError(f"--api-key-env {args.api_key_env}: the environment variable is not set")
+    raise ValueError(f"--api-key-env {name}: the environment variable is not set")
 
 
 def score(args, step_set, files, output_dir):
@@ -88,12 +100,24 @@ def score(args, step_set, files, output_dir):
         argv += ["--compare", *[f"{name}={path}" for name, path in files[1:]]]
     if args.group_regex:
         argv += ["--group-regex", args.group_regex]
+    if args.group_from_folder:
+        argv += ["--group-from-folder"]
     return answers.main(argv)
+
+
+def run_record(argv, args, step_set):
+    """args.json: the command line and every argument (outputs.run_record, as every script);
+    the key's variable is named, its value never read here."""
+    return outputs.run_record("ask_models.py", argv, args, run={
+        "steps_file": step_set.source.removeprefix("--steps "), "model": args.model or NO_MODEL,
+        "api_key_env": None if runner.is_local_host(args.base_url) and args.api_key_env is None
+        else (args.api_key_env or DEFAULT_API_KEY_ENV)})
 
 
 def main(argv=None) -> int:
     cli.configure_logging()
     LOG.setLevel(logging.INFO)  # configure_logging raises only the scorer's loggers to INFO
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     try:
@@ -107,9 +131,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     output_dir.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write_json(output_dir / "args.json", run_record(argv, args, step_set))
     runner.write_requests(output_dir / "requests.jsonl", planned)
     LOG.info("wrote %d requests (%d steps x %d images) to %s", len(planned), len(step_set.steps),
              len(images), output_dir / "requests.jsonl")
+    if args.model is None:
+        LOG.info("no --model: the requests carry no model and no request_sha256 (the cache key "
+                 "includes the model); pass --model to see the keys a real run uses")
     if args.dry_run:
         return 0
     print(privacy_notice(args, planned), file=sys.stderr)
@@ -134,7 +162,7 @@ def main(argv=None) -> int:
     fatal = next((r["status"] for r in records.values() if r.get("fatal")), None)
     if fatal:
         print(f"error: {fatal.removeprefix('failed: ')} from {args.base_url}: the key (--api-key-env "
-              f"{args.api_key_env}), the access or --model {args.model!r} is wrong; stopped sending, "
+              f"{args.api_key_env or DEFAULT_API_KEY_ENV}), the access or --model {args.model!r} is wrong; stopped sending, "
               "nothing scored (rerun to send the rest)", file=sys.stderr)
         return 2
     failed = sum(step["failed"] for step in summary["steps"].values())

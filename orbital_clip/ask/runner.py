@@ -27,7 +27,7 @@ ANSWER_COLUMNS = ["path", "answer", "mapped_label", "status", "refusal", "prompt
 class PlannedRequest:
     step: str
     path: str  # relative to the cohort root; stays on this machine (never in `request`)
-    key: str  # sha256 of the canonical request JSON
+    key: str | None  # sha256 of the canonical request JSON; None without a model (a dry run)
     request: dict
 
 
@@ -51,7 +51,9 @@ def plan_requests(step_set, images, metadata, settings):
             urls[rel] = client.encode_image(file)
         request = client.build_request(settings["model"], step_set.system, text, urls[rel],
                                        settings["temperature"], settings["seed"], settings["max_tokens"])
-        planned.append(PlannedRequest(step.name, rel, cache.request_key(request), request))
+        # no model (a dry run): no key, rather than the hash of a request no run will send
+        key = cache.request_key(request) if settings["model"] else None
+        planned.append(PlannedRequest(step.name, rel, key, request))
     return planned
 
 
@@ -113,9 +115,11 @@ def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff
 
 
 def answer_rows(step_set, planned, records):
-    """{step: [row]} of the answer CSVs: the raw answer beside the label it maps to (the scorer's
-    rule, prompts.parse_label_map), or '' when it maps to none."""
+    """{step: [row]} of the answer CSVs: the raw answer beside the label or declared outcome it
+    maps to (the scorer's rule, prompts.parse_label_map and parse_outcomes), or '' when none."""
     lookup = prompt_sets.parse_label_map(step_set.label_map, step_set.classes, step_set.source)
+    # a declared outcome ('not orbital') is mapped too: it is an answer, not an unmapped one
+    lookup.update(prompt_sets.parse_outcomes(step_set.label_map, step_set.classes, step_set.source))
     rows = collections.defaultdict(list)
     for item in planned:
         record = records[item.key]

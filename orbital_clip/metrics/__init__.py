@@ -30,6 +30,7 @@ from orbital_clip.metrics.bootstrap import (BOOTSTRAP_CHUNK, tie_blocks, weighte
                                             interval_levels)
 from orbital_clip.metrics.operating import (rule_predictions, binary_summary,
                                             operating_point_metrics, patient_level_intervals,
+                                            with_class_patient_intervals,
                                             intention_to_diagnose, operating_point, is_improvement,
                                             selection_metrics)
 from orbital_clip.metrics.compare import (mcnemar_test, format_p, COMPARISON_METRICS,
@@ -56,7 +57,7 @@ __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_MET
            "percentile_interval", "finite_or_none", "empty_metrics", "compute_metrics",
            "bootstrap_design", "expected_random_average_precision", "interval_levels",
            "rule_predictions", "binary_summary", "operating_point_metrics",
-           "patient_level_intervals", "intention_to_diagnose", "operating_point", "is_improvement",
+           "patient_level_intervals", "with_class_patient_intervals", "intention_to_diagnose", "operating_point", "is_improvement",
            "selection_metrics", "mcnemar_test", "format_p", "COMPARISON_METRICS",
            "delong_placements", "delong_test", "obuchowski_test", "prediction_columns",
            "prediction_metrics", "bootstrap_p", "ComparedModel", "comparison_rows",

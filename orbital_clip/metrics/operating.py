@@ -93,6 +93,30 @@ def patient_level_intervals(positive, predicted, y_true, group_index, n_bootstra
     return out
 
 
+CLASS_PATIENT_LEVELS = "per_class sensitivity_ci_patient, specificity_ci_patient"
+
+
+def with_class_patient_intervals(metrics, y_true, y_pred, class_names, groups, n_bootstrap,
+                                 seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL):
+    """`metrics` (of `compute_metrics`, with `interval_levels`) with a patient-level interval
+    beside each class's Wilson sensitivity and specificity: `patient_level_intervals` of the
+    rule 'predicted k' for class k, the function behind the operating point's patient intervals.
+    One home for every evaluation path (a checkpoint, an answer file), so the same predictions
+    get the same intervals whichever path scored them. Without groups or resamples: unchanged
+    (a Wilson interval already counts images)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if groups is None or not n_bootstrap or len(y_true) == 0:
+        return metrics
+    group_index = group_indices(groups, len(y_true))
+    per_class = {name: {**metrics["per_class"][name],
+                        **patient_level_intervals(y_true == k, y_pred == k, y_true, group_index,
+                                                  n_bootstrap, seed, confidence)}
+                 for k, name in enumerate(class_names)}
+    levels = {**(metrics.get("interval_levels") or {}), CLASS_PATIENT_LEVELS: (
+        f"patient (cluster bootstrap of patients stratified by class, {n_bootstrap} resamples)")}
+    return {**metrics, "per_class": per_class, "interval_levels": levels}
+
+
 def intention_to_diagnose(y_true, y_pred, rare_index, confidence=CONFIDENCE_LEVEL, prefix="itd"):
     """Accuracy and rare-class sensitivity over every image received, an unreadable image
     (y_pred -1) counting as an error (STARD's intention-to-diagnose analysis). Keys start with

@@ -67,26 +67,35 @@ def wrap(name, width=16):
     return textwrap.fill(name, width, break_long_words=False, break_on_hyphens=False)
 
 
-def plot_confusion_matrices(matrices, folders, save):
-    """One heatmap per (title, matrix): colour by row %, each cell its count and row %."""
+def plot_confusion_matrices(matrices, folders, save, stem="confusion_matrix", columns=None,
+                            xlabel="predicted class"):
+    """One heatmap per (title, matrix): colour by row %, each cell its count and row %.
+    `columns`: the column labels when they are not `folders` (an answer file's outcomes outside
+    the classes, one column each after the classes)."""
+    columns = list(folders) if columns is None else list(columns)
     with figure_style() as plt:
-        fig, axes = panel_grid(plt, len(matrices), height_in=PANEL_WIDTH_IN)
+        if len(columns) > len(folders):  # outcome columns: panels widened to keep cells square
+            fig, axes = plt.subplots(len(matrices), 1, squeeze=False, figsize=(
+                PANEL_WIDTH_IN * len(columns) / len(folders), PANEL_WIDTH_IN * len(matrices)))
+            axes = list(axes[:, 0])
+        else:
+            fig, axes = panel_grid(plt, len(matrices), height_in=PANEL_WIDTH_IN)
         for ax, (title, cm) in zip(axes, matrices):
             cm = np.asarray(cm, dtype=np.int64)
             support = cm.sum(axis=1, keepdims=True)
             with np.errstate(invalid="ignore", divide="ignore"):
                 row_pct = np.where(support > 0, 100.0 * cm / support, np.nan)
             annot = np.array([[f"{cm[i, j]}\n{row_pct[i, j]:.1f}%" if support[i, 0] else f"{cm[i, j]}\n–"
-                               for j in range(len(folders))] for i in range(len(folders))])
-            labels = [wrap(f, 9) for f in folders]
+                               for j in range(len(columns))] for i in range(len(folders))])
             sns.heatmap(np.nan_to_num(row_pct), annot=annot, fmt="", cmap="Blues", vmin=0, vmax=100,
-                        xticklabels=labels, yticklabels=labels, linewidths=0.5, square=True,
+                        xticklabels=[wrap(f, 9) for f in columns],
+                        yticklabels=[wrap(f, 9) for f in folders], linewidths=0.5, square=True,
                         cbar_kws={"label": "% of the true class", "shrink": 0.7},
                         annot_kws={"fontsize": FONT_PT}, ax=ax)
-            ax.set(xlabel="predicted class", ylabel="true class", title=title)
+            ax.set(xlabel=xlabel, ylabel="true class", title=title)
             plt.setp(ax.get_xticklabels(), rotation=0)
             plt.setp(ax.get_yticklabels(), rotation=0, va="center")
-        save_figure(plt, fig, save, "confusion_matrix")
+        save_figure(plt, fig, save, stem)
 
 
 def mark_operating_points(ax, points, kind):
@@ -243,8 +252,9 @@ def write_figures(save, y_true, probs, probs_cal, folders, metrics, operating, r
     plot_prob_histograms(y_true, probs, folders, operating, rare_index, save)
 
 
-def plot_sequential(sequential, folders, save):
-    """Per class sensitivity (left) and specificity (right) against step, Wilson 95% CIs."""
+def plot_sequential(sequential, folders, save, stem="sequential", population=None):
+    """Per class sensitivity (left) and specificity (right) against step, Wilson 95% CIs;
+    `population` (which images, e.g. 'all 40 images, non-answers as misses') heads the figure."""
     steps = sequential["steps"]
     x = np.arange(len(steps))
     with figure_style() as plt:
@@ -264,7 +274,9 @@ def plot_sequential(sequential, folders, save):
             # '+' joins what each step adds (image+demographics): one line per part, no overlap
             ax.set_xticks(x, ["\n+".join(wrap(part, 14) for part in s.split("+")) for s in steps])
             ax.legend(loc="best", frameon=False)
-        save_figure(plt, fig, save, "sequential")
+        if population:
+            fig.suptitle(population)
+        save_figure(plt, fig, save, stem)
 
 
 def forest_rows(rows, label_of, value_key, ci_key):

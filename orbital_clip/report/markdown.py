@@ -23,10 +23,12 @@ def failure_markdown(failures, folders):
     return lines
 
 
-def flow_markdown(flow):
-    """The flow table (and the reasons) of report.md."""
+def flow_markdown(flow, answers=False):
+    """The flow table (and the reasons) of report.md; for `answers` (an answer file) a row that
+    names no class is an answer outside the options, not an unreadable image."""
     patients = "patients_received" in flow["rows"]["total"]
-    lines = ["| class | received | unreadable (excluded) | scored |"
+    lines = [("| class | received | no class answer (outside the options, unmapped or failed) | "
+              "answered with a class |" if answers else "| class | received | unreadable (excluded) | scored |")
              + (" patients received | patients with an unreadable image | patients scored |"
                 if patients else ""),
              "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
@@ -36,7 +38,9 @@ def flow_markdown(flow):
                      + (f" {row['patients_received']} | {row['patients_unreadable']} | "
                         f"{row['patients_scored']} |" if patients else ""))
     if flow["reasons"]:
-        lines += ["", "Reasons for exclusion: " + "; ".join(
+        lines += ["", ("Answers that name no class (misses in the intention-to-diagnose tables, "
+                       "left out of the answered-only ones): " if answers else "Reasons for exclusion: ")
+                  + "; ".join(
             f"{reason}: {sum(by_class.values())} ("
             + ", ".join(f"{k} {v}" for k, v in by_class.items() if v) + ")"
             for reason, by_class in flow["reasons"].items()) + "."]
@@ -60,9 +64,12 @@ def metrics_markdown(metrics, folders):
                   "keeps every argmax; only calibration is re-scored."]
     lines += ["", "| class | n (prevalence) | sensitivity | specificity | PPV | NPV | LR+ | LR− | F1 "
               "| AUROC | AUPRC (random ranking) |", "| --- " * 11 + "|"]
+    patient = any("sensitivity_ci_patient" in metrics["per_class"][f] for f in folders)
     for folder in folders:
         s = metrics["per_class"][folder]
-        cells = [format_value(s[name], s[name + "_ci"], 2 if name.startswith("lr") else 3)
+        # with patients, sensitivity and specificity show their patient-level interval
+        cells = [format_value(s[name], s.get(name + "_ci_patient", s[name + "_ci"]),
+                              2 if name.startswith("lr") else 3)
                  for name in (*PROPORTIONS, "lr_pos", "lr_neg", "f1", "auroc", "auprc")]
         for index, name, zero, other in ((4, "lr_pos", "fp", "tp"), (5, "lr_neg", "tn", "fn")):
             if s[name] is None and s[zero] == 0 and s[other] > 0:  # infinite: no interval either
@@ -72,6 +79,10 @@ def metrics_markdown(metrics, folders):
                      + " | ".join(cells) + " |")
     lines += ["", "AUPRC (random ranking): the expected AUPRC of a random ranking of this cohort's "
               "counts, the chance level (the prevalence is its large-sample limit)."]
+    if patient:
+        lines += ["", "Sensitivity and specificity intervals are patient-level (cluster bootstrap of "
+                  "patients, stratified by class); their image-level Wilson intervals are in "
+                  "per_class_metrics.csv (sensitivity_ci_low/_high)."]
     notes = resample_notes(metrics, folders)
     if notes:
         lines += ["", "Intervals resting on fewer usable resamples than drawn (a resample without "
@@ -325,8 +336,11 @@ def independence_warning(run):
 
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  subgroups=None, failures=None, sequential=None):
-    """report.md: one page mapping every output to the reporting checklist item it serves."""
+                  subgroups=None, failures=None, sequential=None, outside=None,
+                  sequential_answered=None):
+    """report.md: one page mapping every output to the reporting checklist item it serves.
+    `outside` (answer files): the outcome columns and unmapped answers (`outside_markdown`);
+    `sequential_answered`: the secondary, answered-only sequential table."""
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
     lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + header + [""]
@@ -336,14 +350,20 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         return "\n".join(lines) + "\n"
     patients = "patients_received" in flow["rows"]["total"]
     lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
-    lines += flow_markdown(flow) + [""]
+    lines += flow_markdown(flow, answers) + [""]
     if itd is not None:
-        what = "failed and unmapped answers" if answers else "unreadable images"
+        what = ("answers naming no class (an outcome outside the options, unmapped, failed)" if answers
+                else "unreadable images")
         lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
     if not metrics["n"]:
-        return "\n".join(lines + ["No answer could be scored: there is nothing to score." if answers
-                                  else "No image could be read: there is nothing to score."]) + "\n"
-    lines += [f"## Metrics on the {metrics['n']} scored images", ""]
+        # answers that all name no class are still a reading: show what they named
+        shown = ["", "## Answers outside the options", ""] + outside_markdown(outside, folders) \
+            if outside is not None else []
+        return "\n".join(lines + ["No answer named a class: there is nothing to score on answered "
+                                  "rows." if answers else "No image could be read: there is nothing "
+                                  "to score."] + shown) + "\n"
+    lines += [f"## Metrics on the {metrics['n']} " + ("images answered with a class (answered only: "
+              "secondary to the intention-to-diagnose line)" if answers else "scored images"), ""]
     if metrics["bootstrap_unit"] == "group":
         lines += [f"Bootstrap resamples {metrics['n_groups']} patient groups (cluster bootstrap, "
                   "stratified by class); Wilson intervals treat images as independent.", ""]
@@ -354,11 +374,17 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "The answers are labels: results are for the given labels only (no threshold)." if answers
         else "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
+    if outside is not None:
+        lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
     if sequential is not None:
         lines += ["", "## Sequential readings: what each added piece of information changes", ""]
         lines += sequential_markdown(sequential)
         if run.get("figures", True):
             lines += ["", "![sensitivity and specificity by step](sequential.png)"]
+    if sequential_answered is not None:
+        lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
+        if run.get("figures", True):
+            lines += ["", "![answered only: sensitivity and specificity by step](sequential_answered.png)"]
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
@@ -385,9 +411,10 @@ def sequential_markdown(sequential):
     Cochran's Q across the steps, and the change between consecutive steps."""
     steps = sequential["steps"]
     clustered = sequential["bootstrap_unit"] == "group"
-    lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. Each step is scored on the "
-             "images it read (failed readings and unmapped answers excluded, counted in its flow "
-             f"table); a change compares the images both steps read; Cochran's Q uses the "
+    population = sequential.get("population") or (
+        "Each step is scored on the images it read (failed readings and unmapped answers excluded, "
+        "counted in its flow table); a change compares the images both steps read")
+    lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. {population}; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
              f"Bootstrap unit: {sequential['bootstrap_unit']}"
              + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
@@ -414,6 +441,28 @@ def sequential_markdown(sequential):
                      f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
                      f"({format_p(r['p_exact'])}) |"
                      + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))
+    return lines
+
+
+def outside_markdown(outside, folders):
+    """The answers-outside-the-options section: every image's answer by true class (the classes,
+    then each outcome), and the distinct unmapped answers with their counts."""
+    columns = outside["columns"]
+    lines = ["Every image received, by what the answer named: a class, an outcome the label map "
+             "declares outside the classes, an answer it does not map, or no answer. Each of the "
+             "last counts as a miss of the true class in the intention-to-diagnose line and the "
+             "primary sequential table (confusion_matrix_itd.csv).", "",
+             "| true class | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    lines += [f"| {folder} | " + " | ".join(str(v) for v in row) + " |"
+              for folder, row in zip(folders, outside["confusion_matrix_itd"])]
+    unmapped = outside["unmapped_answers"]
+    lines += ["", (f"{sum(r['n'] for r in unmapped)} answer(s) the label map does not map, "
+                   f"{len(unmapped)} distinct (unmapped_answers.csv; add each to a class or to "
+                   "`outcomes` in the label map):" if unmapped else
+                   "Every answer was mapped to a class or a declared outcome.")]
+    lines += [f"- {r['n']} × `{r['answer'] or '(empty)'}`" for r in unmapped[:20]]
+    if len(unmapped) > 20:
+        lines.append(f"- … {len(unmapped) - 20} more in unmapped_answers.csv")
     return lines
 
 

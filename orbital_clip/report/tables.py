@@ -74,9 +74,10 @@ def scrub(text, names):
     return text
 
 
-def confusion_frame(cm, folders):
-    """The confusion matrix as a DataFrame: rows true, columns predicted, folder names as headers."""
-    frame = pd.DataFrame(np.asarray(cm, dtype=np.int64), columns=list(folders))
+def confusion_frame(cm, folders, columns=None):
+    """The confusion matrix as a DataFrame: rows true, columns predicted, folder names as headers
+    (`columns`: the classes then an answer file's outcomes outside them)."""
+    frame = pd.DataFrame(np.asarray(cm, dtype=np.int64), columns=list(columns or folders))
     frame.insert(0, "true_label", list(folders))
     return frame
 
@@ -87,7 +88,7 @@ def per_class_frame(metrics, folders):
     for folder in folders:
         row = {"class": folder}
         for key, value in metrics["per_class"][folder].items():
-            if key.endswith("_ci"):
+            if key.endswith(("_ci", "_ci_patient")):  # sensitivity_ci_patient: with patients
                 row[f"{key}_low"], row[f"{key}_high"] = value if value else (None, None)
             else:
                 row[key] = value

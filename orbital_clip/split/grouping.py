@@ -3,19 +3,13 @@ refusal of a flag that groups no image, and the group of each image."""
 
 import re
 from collections import Counter, defaultdict
-from pathlib import PurePosixPath
 
 import pandas as pd
 
 from orbital_clip.metadata import normalise_relpath
+from orbital_clip.patients import folder_patient as folder_group  # the rule inference uses too
 from orbital_clip.patients import none_grouped_message, regex_patients
 from orbital_clip.split.records import LOG, Grouping, SplitError
-
-def folder_group(dest):
-    """The patient folder of an image: the first folder below its class folder ('orbital
-    disease/Patient 001/IMG_0002.JPG' -> 'Patient 001'), or None for a file directly in it."""
-    parts = PurePosixPath(dest).parts
-    return parts[1] if len(parts) > 2 else None
 
 
 def group_images(paths, rule, lookup):
