@@ -32,6 +32,7 @@ from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_o
                         cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
                         make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
+from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose, label_probs,
                      sequential_analysis, without_probability_metrics)
@@ -376,6 +377,8 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
     metrics = {"n": metrics.pop("n"), "n_received": len(labels),
                "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
                **itd, "flow": flow, "comparison": None, "subgroups": subgroups, **run}
+    metrics["journal"] = journal_statistics(labels, step.probs if step.has_probs else None,  # issue 28
+                                            step.answers.pred_index, [], cohort.groups, 0, None, folders, args)
     if sequential is not None:
         metrics["sequential"] = sequential
         outputs.atomic_write_csv(output_dir / "sequential.csv", sequential_frame(sequential))
@@ -387,6 +390,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None):
         y_true, probs = np.asarray(labels)[scored], step.probs[scored]
         write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
         write_subgroup_outputs(output_dir, subgroups, args.figures)
+        write_journal_outputs(output_dir, metrics["journal"], args.figures)
         if args.figures and step.has_probs:
             write_figures(save, y_true, probs, None, folders, metrics, None, 0)
         elif args.figures:

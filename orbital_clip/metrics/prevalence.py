@@ -50,6 +50,8 @@ def predictive_values_at_prevalence(tp, fn, tn, fp, prevalence, confidence=CONFI
     ppv_se = math.sqrt((1 - sens) / (sens * n1) + spec / ((1 - spec) * n0))
     npv_logit = -prior + math.log(spec) - math.log(1 - sens)
     npv_se = math.sqrt(sens / ((1 - sens) * n1) + (1 - spec) / (spec * n0))
-    out["ppv_ci"] = [expit(ppv_logit - z * ppv_se), expit(ppv_logit + z * ppv_se)]
-    out["npv_ci"] = [expit(npv_logit - z * npv_se), expit(npv_logit + z * npv_se)]
+    if out["ppv"] is not None:  # no positive call at all: no PPV, and no interval for it
+        out["ppv_ci"] = [expit(ppv_logit - z * ppv_se), expit(ppv_logit + z * ppv_se)]
+    if out["npv"] is not None:
+        out["npv_ci"] = [expit(npv_logit - z * npv_se), expit(npv_logit + z * npv_se)]
     return out
