@@ -67,7 +67,7 @@ def test_exact_clustered_mcnemar_is_the_exact_mcnemar_with_one_image_per_patient
     a, b = rng.random(30) < 0.7, rng.random(30) < 0.5
     result = clustered.clustered_mcnemar_exact(a, b, np.arange(30).astype(str))
     discordant = int(np.sum(a != b))
-    assert result["method"] == "exact" and result["n_discordant_patients"] == discordant
+    assert result["n_discordant_patients"] == discordant
     assert result["p"] == pytest.approx(binomtest(int(np.sum(a & ~b)), discordant, 0.5).pvalue)
 
 
@@ -77,17 +77,27 @@ def test_exact_clustered_mcnemar_hand_computed_example():
     a = np.array([1, 1, 1, 0, 1, 1], bool)
     b = np.array([0, 0, 0, 1, 1, 1], bool)
     result = clustered.clustered_mcnemar_exact(a, b, ["x", "x", "y", "z", "w", "w"])
-    assert result["n_discordant_patients"] == 3 and result["method"] == "exact"
+    assert result["n_discordant_patients"] == 3 and result["method"] == "exact sign-flip"
     assert result["p"] == pytest.approx(6 / 8)
 
 
-def test_permutation_form_approaches_the_exact_binomial_with_many_discordant_patients():
+def test_exact_sign_flip_stays_exact_with_many_discordant_patients():
+    """120 patients, one image each: the convolution gives the binomial test exactly, where
+    enumerating 2^k sign patterns would be impossible."""
     rng = np.random.default_rng(3)
     a, b = rng.random(120) < 0.7, rng.random(120) < 0.5
-    result = clustered.clustered_mcnemar_exact(a, b, np.arange(120).astype(str), n_permutations=20_000)
-    assert result["method"] == "permutation"
+    result = clustered.clustered_mcnemar_exact(a, b, np.arange(120).astype(str))
     exact = binomtest(int(np.sum(a & ~b)), int(np.sum(a != b)), 0.5).pvalue
-    assert result["p"] == pytest.approx(exact, abs=0.01)
+    assert result["p"] == pytest.approx(exact, rel=1e-9)
+
+
+def test_sign_flip_distribution_of_patient_sums_by_enumeration():
+    """D = (3, 1, 2, 2, 1): the convolution equals the 32 sign patterns counted one by one."""
+    sums = np.array([3, 1, 2, 2, 1])
+    values, prob = clustered.sign_flip_distribution(sums)
+    patterns = np.array(np.meshgrid(*[[1, -1]] * 5)).reshape(5, -1).T @ sums
+    for value, p in zip(values, prob):
+        assert p == pytest.approx(np.mean(patterns == value))
 
 
 # ---- 2. intention to diagnose: abstentions are errors, each model's abstention rate

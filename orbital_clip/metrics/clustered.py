@@ -1,21 +1,17 @@
 """Paired tests when images come in patients: Obuchowski's (1997) clustered DeLong variance of
-an AUROC and of the difference of two correlated AUROCs, and an exact (sign-flip permutation)
-form of the clustered McNemar test for when few patients are discordant. Pure: arrays in, plain
+an AUROC and of the difference of two correlated AUROCs, and an exact (sign-flip) form of the
+clustered McNemar test for when few patients are discordant. Pure: arrays in, plain
 dicts out; the plain DeLong and Obuchowski's large-sample McNemar live in `compare`.
 """
 
-import itertools
 import math
 
 import numpy as np
 from scipy.stats import norm
 
 from orbital_clip.metrics.bootstrap import group_indices
-from orbital_clip.metrics.classification import DEFAULT_SEED
 from orbital_clip.metrics.compare import delong_placements
 
-EXACT_MAX_DISCORDANT = 20  # 2^20 sign patterns enumerated; above, a Monte-Carlo permutation test
-DEFAULT_PERMUTATIONS = 100_000  # Monte-Carlo resamples above EXACT_MAX_DISCORDANT (SE of p < 0.0016)
 
 
 def cluster_components(positive, scores, group_index, n_groups):
@@ -77,35 +73,40 @@ def clustered_delong_test(positive, scores_a, scores_b, groups):
     return out
 
 
-def clustered_mcnemar_exact(correct_a, correct_b, groups, n_permutations=DEFAULT_PERMUTATIONS,
-                            seed=DEFAULT_SEED):
+def sign_flip_distribution(sums):
+    """Exact null distribution of sum(s_k D_k) over independent fair signs s_k = +-1, for integer
+    D_k: (values, probabilities), built by convolution (one patient at a time), so it stays
+    exact for any number of patients (O(K x sum|D_k|) rather than 2^K patterns)."""
+    sums = np.abs(np.asarray(sums, np.int64))
+    total = int(sums.sum())
+    prob = np.zeros(2 * total + 1)
+    prob[total] = 1.0  # index total is a sum of 0
+    for d in sums:
+        prob = 0.5 * (np.roll(prob, d) + np.roll(prob, -d))  # no wrap: |partial sum| <= total
+    return np.arange(-total, total + 1), prob
+
+
+def clustered_mcnemar_exact(correct_a, correct_b, groups):
     """Exact clustered McNemar: under 'no difference' the two models' answers are exchangeable
     within a patient, so each patient's D_k = sum(correct_a - correct_b) keeps or flips its sign
-    with probability 1/2. p = P(|sum of signed D_k| >= |observed sum|), enumerated over every sign
-    pattern of the discordant patients (D_k != 0) up to EXACT_MAX_DISCORDANT, else estimated from
-    `n_permutations` random patterns (counting the observed one). With one image per patient
-    this is the exact two-sided McNemar (binomial) test.
+    with probability 1/2. p = P(|sum of signed D_k| >= |observed sum|) from the exact sign-flip
+    distribution (`sign_flip_distribution`). With one image per patient this is the exact
+    two-sided McNemar (binomial) test.
 
     Returns
     -------
-    dict: difference (mean over images), n_discordant_patients, p, method ('exact' or
-    'permutation'); p is None without a discordant patient.
+    dict: difference (mean over images), n_discordant_patients, p, method ('exact sign-flip');
+    p is None without a discordant patient.
     """
-    d = np.asarray(correct_a, float) - np.asarray(correct_b, float)
+    d = np.asarray(correct_a, np.int64) - np.asarray(correct_b, np.int64)
     index = group_indices(groups, len(d))
-    sums = np.bincount(index, d)
+    sums = np.bincount(index, d).round().astype(np.int64) if len(d) else np.zeros(0, np.int64)
     sums = sums[sums != 0]
     out = {"difference": float(d.mean()) if len(d) else None,
            "n_discordant_patients": int(len(sums)), "p": None, "method": None}
     if not len(sums):
         return out
-    observed = abs(sums.sum()) - 1e-9  # ties with the observed sum count as extreme
-    if len(sums) <= EXACT_MAX_DISCORDANT:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(sums))))
-        out.update(p=float(np.mean(np.abs(signs @ sums) >= observed)), method="exact")
-    else:
-        rng = np.random.default_rng(seed)
-        signs = rng.choice((1.0, -1.0), size=(n_permutations, len(sums)))
-        hits = int(np.sum(np.abs(signs @ sums) >= observed))
-        out.update(p=(hits + 1) / (n_permutations + 1), method="permutation")
+    values, prob = sign_flip_distribution(sums)
+    extreme = np.abs(values) >= abs(int(sums.sum()))  # as extreme as observed, either direction
+    out.update(p=float(min(1.0, prob[extreme].sum())), method="exact sign-flip")
     return out

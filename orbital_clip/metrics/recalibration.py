@@ -9,6 +9,7 @@ statsmodels; the tests check every number against statsmodels' Logit and GLM wit
 import math
 
 import numpy as np
+from scipy.special import expit
 from scipy.stats import norm
 
 from orbital_clip.metrics.classification import CONFIDENCE_LEVEL
@@ -34,7 +35,7 @@ def fit_logistic(y, design, offset=None):
     offset = np.zeros(len(y)) if offset is None else np.asarray(offset, np.float64)
     coef = np.zeros(design.shape[1])
     for _ in range(MAX_ITER):
-        mu = 1.0 / (1.0 + np.exp(-(design @ coef + offset)))
+        mu = expit(design @ coef + offset)
         info = design.T @ (design * (mu * (1.0 - mu))[:, None])
         try:
             step = np.linalg.solve(info, design.T @ (y - mu))
