@@ -39,8 +39,8 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
     out = tmp_path / "out"
     assert run_inference(patient_cohort.root, checkpoint, out, "--group-regex", PATIENT_RE,
                          "--compare", f"a={tmp_path / 'a.csv'}", f"b={tmp_path / 'b.csv'}",
-                         "--threshold", "0.1", "--prevalence", "0.01", "--ci-method",
-                         "clopper-pearson", figures=True) == 0
+                         "--threshold", "0.1", "--decision-rule", "threshold", "--prevalence", "0.01",
+                         "--ci-method", "clopper-pearson", figures=True) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     journal, rare = metrics["journal"], metrics["rare_class"]
     folders = metrics["class_folders"]
@@ -87,6 +87,12 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
     b = readers["b"].set_index("path").loc[ours["path"]]
     b_pred = np.where(b["status"] == "ok", b["pred_label"].map(folders.index), -1)
     assert itd.loc["b", "itd_accuracy"] == pytest.approx(np.mean(b_pred == y))
+    # ours in the comparison is the declared rule (p >= 0.1), the per-class table argmax
+    rule = probs[:, k] >= 0.1
+    decided = np.where(rule, k, pred)
+    assert itd.loc["ours", "itd_accuracy"] == pytest.approx(np.mean(decided == y))
+    assert itd.loc["ours", "itd_rare_sensitivity"] == pytest.approx(rule[positive].mean())
+    assert rule[positive].mean() != called[positive].mean()  # the two rules differ here
     primary = pd.read_csv(out / "primary_endpoint.csv").set_index("model")
     raw = [itd.loc[m, "p_rare_sensitivity"] for m in ("a", "b")]
     assert primary.loc[["a", "b"], "p"].tolist() == pytest.approx(raw)
@@ -98,3 +104,34 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
                     "### Decision curve", "### Intention-to-diagnose comparison and primary endpoint",
                     "Holm", "patient CI", "exploratory", "PPV"):
         assert heading in report
+
+
+@pytest.mark.slow
+def test_score_answers_writes_the_journal_tables_of_an_answer_file(patient_cohort, checkpoint, tmp_path):
+    """score_answers.py (an answer file, no model): --prevalence and the patient-level table
+    follow the file's answers; no comparison without compared models."""
+    from orbital_clip import answers
+    first = tmp_path / "first"
+    assert run_inference(patient_cohort.root, checkpoint, first, "--group-regex", PATIENT_RE) == 0
+    ours = pd.read_csv(first / "predictions.csv", keep_default_na=False)
+    reader = reader_file(ours, tmp_path / "a.csv", [0, 3, 5, 9, 12, 20], [2], 0)
+    out = tmp_path / "answers"
+    assert answers.main(["--test-dir", str(patient_cohort.root), "--predictions", f"a={tmp_path / 'a.csv'}",
+                         "--out-dir", str(out), "--group-regex", PATIENT_RE, "--bootstrap", "50",
+                         "--prevalence", "0.05", "--no-figures"]) == 0
+    folders = json.loads((out / "metrics.json").read_text())["class_folders"]
+    reader = reader.set_index("path").loc[ours["path"]]
+    y = ours["true_label"].map(folders.index).to_numpy()
+    answered = (reader["status"] == "ok").to_numpy()
+    pred = reader["pred_label"].map(folders.index).to_numpy()
+    positive, called = (y == 0)[answered], (pred == 0)[answered]
+    se, sp = (positive & called).sum() / positive.sum(), (~positive & ~called).sum() / (~positive).sum()
+    row = pd.read_csv(out / "prevalence.csv").iloc[0]
+    assert row["rule"] == "argmax" and row["sensitivity"] == pytest.approx(se)
+    if se > 0 or sp < 1:
+        assert row["npv"] == pytest.approx(sp * 0.95 / (sp * 0.95 + (1 - se) * 0.05))
+    table = pd.read_csv(out / "per_class_intervals.csv").set_index(["class", "metric"])
+    assert table.loc[(folders[0], "specificity"), "value"] == pytest.approx(sp)
+    assert table.loc[(folders[0], "specificity"), "ci_patient_unit"].startswith("patient")
+    assert not (out / "itd_comparison.csv").exists()
+    assert "### Per-class metrics with patient-level intervals" in (out / "report.md").read_text()
