@@ -311,3 +311,58 @@ def test_per_class_intervals_equal_the_operating_points_patient_bootstrap_and_wi
         for metric in ("sensitivity", "specificity"):
             assert by[(name, metric)]["ci_patient"] == pytest.approx(expected[f"{metric}_ci_patient"])
         assert by[(name, "ppv")]["ci_patient_unit"].startswith("patient")
+
+
+# ---- the flags: refused by name (exit 2), accepted values reach args
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prevalence", "0"], "--prevalence must be in (0, 1)"),
+    (["--prevalence", "1"], "--prevalence must be in (0, 1)"),
+    (["--fixed-specificity", "0"], "--fixed-specificity must be in (0, 1]"),
+    (["--fixed-sensitivity", "1.5"], "--fixed-sensitivity must be in (0, 1]"),
+    (["--ci-method", "wald"], "--ci-method"),
+])
+def test_journal_flags_are_refused_by_name(tmp_path, extra, message, capsys):
+    from orbital_clip import scoring as inference
+    with pytest.raises(SystemExit) as exit_info:
+        inference.parse_args(["--test-dir", str(tmp_path), "--checkpoint", "x.pt", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_journal_flags_reach_both_commands(tmp_path):
+    from orbital_clip import scoring as inference
+    from orbital_clip import scoring_args
+    argv = ["--test-dir", str(tmp_path), "--prevalence", "0.02", "--ci-method", "clopper-pearson",
+            "--fixed-specificity", "0.95"]
+    model = inference.parse_args(argv + ["--checkpoint", "x.pt"])
+    answers = scoring_args.build_parser("", model=False).parse_args(argv + ["--predictions", "a.csv"])
+    for args in (model, answers):
+        assert (args.prevalence, args.ci_method, args.fixed_specificity, args.fixed_sensitivity) == (
+            0.02, "clopper-pearson", 0.95, 0.9)
+
+
+# ---- invariance: the order of the rows and the names of the patients change nothing
+
+
+def test_patient_level_numbers_do_not_move_when_rows_are_permuted_and_patients_renamed():
+    rng = np.random.default_rng(10)
+    groups = np.repeat(np.arange(25), 2)
+    y = np.repeat(rng.integers(0, 3, 25), 2)
+    pred = np.where(rng.random(50) < 0.7, y, rng.integers(0, 3, 50))
+    score = rng.random(50) + 0.4 * (y == 0)
+    names = np.array([f"P{g:02d}" for g in groups])
+    perm = rng.permutation(50)
+    renamed = np.array([f"Q{g:02d}" for g in groups])  # same sort order, other names
+    first = patient_level.per_class_intervals(y, pred, ["a", "b", "c"], names, 200, seed=4)
+    second = patient_level.per_class_intervals(y[perm], pred[perm], ["a", "b", "c"], renamed[perm], 200, seed=4)
+    assert np.allclose([r["ci_patient"] for r in first], [r["ci_patient"] for r in second])
+    other_b = score * 0.5 + rng.random(50) * 0.5
+    one = clustered.clustered_delong_test(y == 0, score, other_b, names)
+    two = clustered.clustered_delong_test((y == 0)[perm], score[perm], other_b[perm], renamed[perm])
+    assert two["se"] == pytest.approx(one["se"]) and two["p"] == pytest.approx(one["p"])
+    mc = clustered.clustered_mcnemar_exact(pred == y, (pred == y)[::-1], names)
+    mc2 = clustered.clustered_mcnemar_exact((pred == y)[perm], (pred == y)[::-1][perm], renamed[perm])
+    assert mc["p"] == pytest.approx(mc2["p"])
