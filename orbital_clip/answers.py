@@ -33,6 +33,7 @@ from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_o
                         cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
                         make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs)
+from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
                      interval_levels, label_probs, sequential_analysis, with_class_patient_intervals,
@@ -495,6 +496,8 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None, colu
                "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
                **itd, "flow": flow, "comparison": None, "subgroups": subgroups,
                "answers_outside_options": outside, **run}
+    metrics["journal"] = journal_statistics(labels, step.probs if step.has_probs else None,  # issue 28
+                                            step.answers.pred_index, [], cohort.groups, 0, None, folders, args)
     primary, answered = sequential or (None, None)
     if sequential is not None:
         metrics["sequential"], metrics["sequential_answered"] = primary, answered
@@ -506,6 +509,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None, colu
         y_true, probs = np.asarray(labels)[scored], step.probs[scored]
         write_scored_tables(output_dir, y_true, probs, folders, metrics, None)
         write_subgroup_outputs(output_dir, subgroups, args.figures)
+        write_journal_outputs(output_dir, metrics["journal"], args.figures)
         if args.figures and step.has_probs:
             write_figures(save, y_true, probs, None, folders, metrics, None, 0)
         elif args.figures:
@@ -530,7 +534,7 @@ def run_answers(args, argv):
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    steps, folders = setup.steps, setup.folders
+    steps = setup.steps
     sequential = sequential_readings(setup, args) if len(steps) > 1 else None
     columns = outcome_columns(setup.outcomes, steps)
     output_dir, empty = Path(args.output_dir), []

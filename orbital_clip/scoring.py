@@ -63,6 +63,7 @@ from orbital_clip.model_loading import (Checkpoint, build_model, linear_head, li
                                         requested_model_name, resolve_checkpoint,
                                         resolve_model_name, wise_ft_base_weights)
 from orbital_clip.embedding_cache import cache_model_key, image_cache_key, read_cache, write_cache
+from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         clear_previous_outputs, clear_previous_run,
                         cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,
@@ -576,6 +577,10 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         metrics = with_class_patient_intervals(  # per-class sensitivity by patient: one home
             metrics, cohort.labels()[scored], np.nan_to_num(probs, nan=-1.0).argmax(axis=1)[scored],
             folders, cohort.scored_groups(scored), args.bootstrap, args.seed)
+        metrics["journal"] = journal_statistics(  # issue 28: argmax per class, the declared rule compared
+            labels, probs, np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1), compared,
+            cohort.groups, rare, threshold, folders, args,
+            decided_predictions(probs, bundle.operating, run["decision_rule"]))
         outputs.atomic_write_json(output_dir / "metrics.json", metrics)
         if baseline_scores is not None:
             base = setup.baseline
@@ -588,6 +593,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             write_scored_tables(output_dir, y_true, probs[scored], folders, metrics, comparison,
                                 args.figures)
             write_subgroup_outputs(output_dir, subgroups, args.figures)
+            write_journal_outputs(output_dir, metrics["journal"], args.figures)
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)

@@ -12,9 +12,11 @@ from orbital_clip import models
 from orbital_clip.answers import add_answer_arguments, check_answer_args, check_compare_args
 from orbital_clip.evaluation import DEFAULT_SPLIT, FAILURE_DIR, check_subgroup_args
 from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS
+from orbital_clip.metrics.intervals import CI_METHODS
 
 DEFAULT_OUTPUT_DIR = "inference_results"
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_FIXED_POINT = 0.9  # --fixed-specificity / --fixed-sensitivity: a common screening target
 DEFAULT_FAILURE_EXAMPLES = 3  # most confident errors per true class in report.md's failure analysis
 # Flags that need a model: score_answers.py has none of them (inference.py --predictions refuses
 # the ones a user could mean, and ignores the others)
@@ -185,12 +187,43 @@ def build_parser(description, model=True):
     stats.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS,
                        help="equal-width bins of the expected calibration error (default 10; 10-15 "
                             "is usual, more bins need more images)")
+    add_journal_arguments(stats)
     return cli.show_defaults(parser, {"model_name": "the checkpoint's", "prompts": "the checkpoint's"})
+
+
+def add_journal_arguments(stats):
+    """The flags of the statistics a journal asks for (issue 28; docs/statistics.md)."""
+    stats.add_argument("--prevalence", type=float, default=None, metavar="P",
+                       help="clinical prevalence of the rare class in (0, 1), e.g. 0.01: PPV and "
+                            "NPV at that prevalence from the cohort's sensitivity and specificity "
+                            "(Mercaldo logit intervals) in prevalence.csv; a test cohort enriched "
+                            "with rare cases overstates the PPV a clinic will see")
+    stats.add_argument("--ci-method", choices=CI_METHODS, default="wilson",
+                       help="interval of a proportion in the journal tables (per-class, abstention, "
+                            "intention to diagnose, fixed points): wilson (default; good coverage "
+                            "at small n) or clopper-pearson (exact, conservative; asked for by some "
+                            "journals with few events)")
+    for metric, other in (("specificity", "sensitivity"), ("sensitivity", "specificity")):
+        stats.add_argument(f"--fixed-{metric}", type=float, default=DEFAULT_FIXED_POINT, metavar="S",
+                           help=f"report the rare class's {other} at the threshold giving {metric} "
+                                f">= S, in (0, 1] (default {DEFAULT_FIXED_POINT}; choose it "
+                                "clinically before looking at the test cohort)")
+
+
+def check_journal_args(parser, args):
+    """--prevalence in (0, 1), --fixed-specificity and --fixed-sensitivity in (0, 1]."""
+    if args.prevalence is not None and not 0.0 < args.prevalence < 1.0:
+        parser.error(f"--prevalence must be in (0, 1), e.g. 0.01, got {args.prevalence:g}")
+    for flag, value in (("--fixed-specificity", args.fixed_specificity),
+                        ("--fixed-sensitivity", args.fixed_sensitivity)):
+        if not 0.0 < value <= 1.0:
+            parser.error(f"{flag} must be in (0, 1], got {value:g}")
 
 
 def check_args(parser, args):
     """Every rejected value or combination, named by its flag (exit 2, nothing written)."""
     check_answer_args(parser, args)
+    check_journal_args(parser, args)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--bootstrap", args.bootstrap, 0), ("--ece-bins", args.ece_bins, 2),
                              ("--failure-examples", args.failure_examples, 0),

@@ -330,3 +330,30 @@ def plot_subgroups(analysis, save):
             panels.append((title, labels, values, lows, highs))
     if panels:
         plot_forest(panels, save, "subgroups", "value (95% CI); * small subgroup")
+
+
+def plot_decision_curve(curve, rare_class, save):
+    """decision_curve.png: net benefit of 'p(rare) >= pt' against treat-all and treat-none across
+    threshold probabilities pt, the stored operating threshold marked (Vickers & Elkin 2006)."""
+    threshold = np.asarray(curve["threshold"])
+    model, treat_all = np.asarray(curve["net_benefit"]), np.asarray(curve["treat_all"])
+    odds = threshold[0] / (1 - threshold[0])
+    prevalence = (treat_all[0] + odds) / (1 + odds)  # treat-all = prev - (1 - prev) * odds, inverted
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(PANEL_WIDTH_IN * 1.4, PANEL_HEIGHT_IN))
+        ax.axhline(0.0, color="grey", lw=0.9, label="treat none")  # drawn first: the model on top
+        ax.plot(threshold, treat_all, color="C1", linestyle="--", label="treat all")
+        ax.plot(threshold, model, color="C0", label=f"model (p({rare_class}) >= pt)")
+        if curve.get("operating_threshold") is not None:
+            ax.axvline(curve["operating_threshold"], color="C3", lw=0.9, linestyle=":",
+                       label=f"operating threshold {curve['operating_threshold']:.2f}")
+        top = max(float(np.nanmax(model)), prevalence, 0.01)
+        operating = curve.get("operating_threshold") or 0.0
+        # a rare class's decisions are taken at low pt; the CSV holds every threshold up to 0.99
+        right = 0.5 if operating <= 0.4 else 1.0
+        ax.set(xlim=(0, right), ylim=(-0.25 * top, 1.15 * top), xlabel="threshold probability pt",
+               ylabel="net benefit", title=f"decision curve: {rare_class}")
+        handles, labels = ax.get_legend_handles_labels()
+        order = [2, 1, 0] + list(range(3, len(handles)))  # the model first, as it is read
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper right", frameon=False)
+        save_figure(plt, fig, save, "decision_curve")

@@ -3,6 +3,7 @@ sequential and subgroup sections, the STARD flow, and the reporting-checklist ma
 """
 
 from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
+from orbital_clip.report.journal import journal_markdown
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
                                         SUBGROUP_COLUMNS, format_value)
 
@@ -388,6 +389,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
+    lines += journal_markdown(metrics.get("journal"), run.get("figures", True))  # issue 28
     if subgroups:
         lines += ["", "## Subgroups", ""]
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
