@@ -105,6 +105,19 @@ COMPARISON_P_COLUMNS = {  # comparison.csv column -> what the p-value is, for re
     "p_delong": "DeLong (images independent)"}
 
 
+def short_model_name(name, max_chars=56):
+    """A model's name for a figure or table row: a checkpoint path keeps its last folder and file
+    ('baseline runs/zs/clip_model_epoch_best.pt' -> 'baseline zs/clip_model_epoch_best.pt'), as
+    every run's best checkpoint has the same file name; longer names are cut in the middle."""
+    prefix, _, rest = name.rpartition(" ") if "/" in name or "\\" in name else ("", "", name)
+    parts = rest.replace("\\", "/").rstrip("/").split("/")
+    short = (prefix + " " if prefix else "") + "/".join(parts[-2:])
+    if len(short) > max_chars:
+        keep = (max_chars - 1) // 2
+        short = short[:keep] + "…" + short[-keep:]
+    return short
+
+
 def rare_summary(metrics):
     """The rare class in inference.py's last log line, at the stored operating point (else under
     argmax): 'orbital disease sensitivity 0.750 (...)  specificity 0.900 (...) at p >= 0.312'."""

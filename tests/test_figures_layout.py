@@ -1,0 +1,180 @@
+"""Every figure the report writes, for 2, 3, 4 and 6 classes with long clinical names: no text
+box overlaps another or leaves the figure, no legend covers data, axis labels or ticks; proportion
+axes stay in [0, 1]; model names are short; each figure has a vector PDF beside its PNG."""
+
+import numpy as np
+import pytest
+from matplotlib.lines import Line2D
+
+from orbital_clip import metrics, report
+
+LONG_NAMES = ["thyroid eye disease with compressive optic neuropathy",
+              "healthy eyes without any orbital or ocular finding",
+              "non-orbital disease of the anterior segment",
+              "idiopathic orbital inflammation (orbital pseudotumour)",
+              "lymphoproliferative lesion of the orbit and adnexa",
+              "cavernous venous malformation of the orbit"]
+CLASS_COUNTS = (2, 3, 4, 6)
+TOLERANCE_PX = 1.0  # anti-aliasing: boxes that touch by a pixel do not collide
+
+
+def example(n_classes, seed=0, n_per_class=25):
+    """Labels, softmax probabilities (some signal, some errors), metrics with CIs, an operating point."""
+    rng = np.random.default_rng(seed)
+    y_true = np.repeat(np.arange(n_classes), n_per_class)
+    logits = rng.normal(size=(len(y_true), n_classes))
+    logits[np.arange(len(y_true)), y_true] += 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    folders = LONG_NAMES[:n_classes]
+    result = metrics.compute_metrics(y_true, probs, folders, n_bootstrap=30, probs_cal=probs ** 0.8
+                                     / (probs ** 0.8).sum(axis=1, keepdims=True))
+    operating = dict(metrics.operating_point_metrics(y_true, probs, 0, 0.3), threshold=0.3,
+                     source="validation", **{"class": folders[0]})
+    return y_true, probs, folders, result, operating
+
+
+def overlaps(a, b, tolerance=TOLERANCE_PX):
+    """Whether two display boxes share more than `tolerance` pixels each way."""
+    return (min(a.x1, b.x1) - max(a.x0, b.x0) > tolerance
+            and min(a.y1, b.y1) - max(a.y0, b.y0) > tolerance)
+
+
+def text_boxes(fig, renderer):
+    """(description, box) of every drawn non-empty text outside legends: titles, axis labels,
+    the tick labels matplotlib draws (those in view), texts in axes and on the figure."""
+    texts = list(fig.texts) + [t for t in (getattr(fig, "_suptitle", None),) if t is not None]
+    for ax in fig.axes:
+        if not ax.get_visible() or not ax.axison and not ax.texts:
+            continue
+        texts += [ax.title, ax._left_title, ax._right_title, *ax.texts]
+        if ax.axison:
+            for axis in (ax.xaxis, ax.yaxis):
+                texts += [axis.label, axis.get_offset_text()]
+                texts += [label for tick in axis._update_ticks() for label in (tick.label1, tick.label2)
+                          if tick.get_visible() and label.get_visible()]
+    return [(repr(t.get_text())[:50], t.get_window_extent(renderer)) for t in texts
+            if t.get_visible() and t.get_text().strip()]
+
+
+def legends(fig):
+    return [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+
+
+def line_points(line, steps=40):
+    """Display coordinates along a line (each segment sampled), so a legend over a segment shows."""
+    xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy) < 2:
+        return xy
+    t = np.linspace(0, 1, steps)[:, None, None]
+    return (xy[:-1][None] * (1 - t) + xy[1:][None] * t).reshape(-1, 2)
+
+
+def layout_problems(fig):
+    """Every collision in a drawn figure, in words ([] for a clean figure)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    problems = []
+    texts = text_boxes(fig, renderer)
+    boxes = texts + [(f"legend of {i}", legend.get_window_extent(renderer))
+                     for i, legend in enumerate(legends(fig))]
+    for name, box in boxes:
+        if (box.x0 < page.x0 - TOLERANCE_PX or box.y0 < page.y0 - TOLERANCE_PX
+                or box.x1 > page.x1 + TOLERANCE_PX or box.y1 > page.y1 + TOLERANCE_PX):
+            problems.append(f"{name} leaves the figure")
+    for i, (name_a, a) in enumerate(boxes):
+        for name_b, b in boxes[i + 1:]:
+            if overlaps(a, b):
+                problems.append(f"{name_a} overlaps {name_b}")
+    for legend in legends(fig):
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if line.get_visible() and line not in legend.legend_handles:
+                    inside = line_points(line)
+                    inside = inside[(inside[:, 0] > box.x0 + TOLERANCE_PX) & (inside[:, 0] < box.x1 - TOLERANCE_PX)
+                                    & (inside[:, 1] > box.y0 + TOLERANCE_PX) & (inside[:, 1] < box.y1 - TOLERANCE_PX)]
+                    if len(inside):
+                        problems.append(f"a legend covers the data line {line.get_label()!r}")
+    return problems
+
+
+class Checked:
+    """A `save` for the plot functions: checks each figure's layout once, records what was saved."""
+
+    def __init__(self):
+        self.saved, self.problems, self.figures = [], {}, {}
+
+    def __call__(self, fig, name, **kwargs):
+        stem = name.rsplit(".", 1)[0]
+        if stem not in self.problems:
+            self.problems[stem] = layout_problems(fig)
+            self.figures[stem] = fig
+        self.saved.append(name)
+
+
+def draw_every_figure(n_classes, save):
+    """Every figure of report.figures for one class count, through `save`."""
+    y_true, probs, folders, result, operating = example(n_classes)
+    probs_cal = probs ** 0.8 / (probs ** 0.8).sum(axis=1, keepdims=True)
+    report.write_figures(save, y_true, probs, None, folders, result, operating, 0)
+    report.plot_calibration(y_true, probs, probs_cal, folders, result["ece_bins"], save)
+    steps = ["image", "image+demographics", "image+demographics+symptoms"]
+    preds = np.array([np.where(np.random.default_rng(s).random(len(y_true)) < 0.7, y_true,
+                               (y_true + 1) % n_classes) for s in range(3)])
+    report.plot_sequential(metrics.sequential_analysis(y_true, preds, folders, steps, n_bootstrap=0),
+                           folders, save)
+    others = [metrics.ComparedModel("baseline /data/runs/zero_shot_vit_b32/clip_model_epoch_best.pt",
+                                    probs[::-1].argmax(axis=1), probs[::-1]),
+              metrics.ComparedModel("resnet50", np.roll(probs, 1, axis=0).argmax(axis=1), None)]
+    report.plot_comparison(metrics.compare_predictions(
+        y_true, metrics.ComparedModel("ours", probs.argmax(axis=1), probs), others, n_bootstrap=30), save)
+    perfect = np.eye(n_classes)[y_true] * 0.9 + 0.1 / n_classes  # AUROC 1 in every level
+    sites = np.where(np.arange(len(y_true)) % 2, "Moorfields Eye Hospital, London", "site B")
+    report.plot_subgroups(metrics.subgroup_analysis(y_true, perfect, {"site": sites}, n_bootstrap=30), save)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+def test_no_text_collides_and_no_legend_covers_data(n_classes):
+    save = Checked()
+    draw_every_figure(n_classes, save)
+    assert set(save.problems) >= {*report.FIGURE_NAMES, "sequential", "comparison", "subgroups"}
+    assert {stem: found for stem, found in save.problems.items() if found} == {}
+    for stem in save.problems:  # a vector PDF beside each PNG
+        assert {f"{stem}.png", f"{stem}.pdf"} <= set(save.saved)
+
+
+@pytest.mark.slow
+def test_proportion_axes_stay_in_0_1_and_model_names_are_short():
+    save = Checked()
+    draw_every_figure(3, save)
+    for ax in save.figures["subgroups"].axes:
+        low, high = ax.get_xlim()
+        assert 0 <= low < high <= 1 and high - low >= 0.2 - 1e-9, (ax.get_title(), low, high)
+    labels = [t.get_text() for ax in save.figures["comparison"].axes for t in ax.get_yticklabels()]
+    assert "/data/runs" not in " ".join(labels)
+    assert any("zero_shot_vit_b32" in label for label in labels) and "resnet50" in labels
+
+
+def test_the_overlap_check_sees_a_legend_over_data_and_colliding_labels():
+    """The checker itself: a legend over a curve and two tick labels on top of each other."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(3, 3))
+    ax.plot([0, 1], [0.5, 0.5], label="a long legend entry that covers the middle")
+    ax.legend(loc="center")
+    ax.set_xticks([0.5, 0.51], ["first label", "second label"])
+    found = layout_problems(fig)
+    plt.close(fig)
+    assert any("covers the data line" in p for p in found)
+    assert any("'first label' overlaps 'second label'" in p for p in found)
+
+
+def test_short_model_name():
+    assert report.short_model_name("resnet50") == "resnet50"
+    assert (report.short_model_name("baseline /data/runs/zs_vit/clip_model_epoch_best.pt")
+            == "baseline zs_vit/clip_model_epoch_best.pt")
+    assert len(report.short_model_name("x" * 80)) <= 56
