@@ -178,3 +178,18 @@ def test_short_model_name():
     assert (report.short_model_name("baseline /data/runs/zs_vit/clip_model_epoch_best.pt")
             == "baseline zs_vit/clip_model_epoch_best.pt")
     assert len(report.short_model_name("x" * 80)) <= 56
+
+
+@pytest.mark.slow
+def test_training_curves_legends_cover_no_data(tmp_path, monkeypatch):
+    from orbital_clip.train import card
+    found = {}
+    monkeypatch.setattr(card.outputs, "atomic_save_figure",
+                        lambda fig, path, **kwargs: found.setdefault(path.name, layout_problems(fig)))
+    rng = np.random.default_rng(0)
+    history = [{"epoch": e, "train_loss": 2.5 - 0.1 * e, "val_loss": 1.2 - 0.05 * e,
+                "accuracy": 0.5 + 0.04 * e, "balanced_accuracy": 0.45 + 0.045 * e,
+                "macro_f1": 0.4 + 0.05 * e, "macro_auroc": 0.6 + 0.03 * e + rng.uniform(0, 0.02),
+                "rare_sensitivity": 0.1 + 0.08 * e, "is_best": e == 8} for e in range(1, 11)]
+    card.write_history(tmp_path, history, "balanced_accuracy")
+    assert found == {"training_curves.png": []}
