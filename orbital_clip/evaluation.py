@@ -555,6 +555,12 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
             plot_comparison(comparison, figure_saver(output_dir))
 
 
+def written_figures(output_dir):
+    """The PNG figures in output_dir, read from disk after the figures are drawn, so that
+    report.md embeds each figure written and links none that was not (report.render_report)."""
+    return sorted(path.name for path in Path(output_dir).glob("*.png"))
+
+
 def figure_saver(output_dir):
     """save(fig, file_name, **savefig_kwargs) for report.write_figures: atomic files in output_dir."""
     def save(fig, name, **kwargs):

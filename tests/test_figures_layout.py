@@ -2,11 +2,14 @@
 box overlaps another or leaves the figure, no legend covers data, axis labels or ticks; proportion
 axes stay in [0, 1]; model names are short; each figure has a vector PDF beside its PNG."""
 
+import re
+
 import numpy as np
 import pytest
 from matplotlib.lines import Line2D
 
 from orbital_clip import metrics, report
+from test_answer_files import answers, run_steps  # noqa: F401 (a fixture: labels-only answer files)
 
 LONG_NAMES = ["thyroid eye disease with compressive optic neuropathy",
               "healthy eyes without any orbital or ocular finding",
@@ -26,8 +29,7 @@ def example(n_classes, seed=0, n_per_class=25):
     logits[np.arange(len(y_true)), y_true] += 1.5
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     folders = LONG_NAMES[:n_classes]
-    result = metrics.compute_metrics(y_true, probs, folders, n_bootstrap=30, probs_cal=probs ** 0.8
-                                     / (probs ** 0.8).sum(axis=1, keepdims=True))
+    result = metrics.compute_metrics(y_true, probs, folders, n_bootstrap=30)
     operating = dict(metrics.operating_point_metrics(y_true, probs, 0, 0.3), threshold=0.3,
                      source="validation", **{"class": folders[0]})
     return y_true, probs, folders, result, operating
@@ -193,3 +195,58 @@ def test_training_curves_legends_cover_no_data(tmp_path, monkeypatch):
                 "rare_sensitivity": 0.1 + 0.08 * e, "is_best": e == 8} for e in range(1, 11)]
     card.write_history(tmp_path, history, "balanced_accuracy")
     assert found == {"training_curves.png": []}
+
+
+# -- report.md embeds every figure written and links no other ---------------------------------------
+
+PNG_LINK = re.compile(r"\]\(([^)]+\.png)\)")
+
+
+def assert_report_matches_figures(folder):
+    """Every PNG in `folder` is embedded in its report.md and every linked PNG exists there."""
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    linked = {name for name in PNG_LINK.findall(text) if "/" not in name}  # thumbnails live below
+    written = {path.name for path in folder.glob("*.png")}
+    assert linked == written, (folder, linked ^ written)
+    for name in written:
+        assert f"]({name})" in text and f"![" in text.split(f"]({name})")[0].rsplit("\n", 1)[-1]
+
+
+def test_report_embeds_exactly_the_figures_it_is_given():
+    y_true, probs, folders, result, operating = example(3)
+    run = {"source": "answer file", "predictions_file": "a.csv", "step": "image", "predictions_sha256": "0",
+           "class_order": "as given", "class_folders": folders, "probabilities": False, "test_dir": "t",
+           "confidence_level": 0.95, "bootstrap_unit": "image", "bootstrap": 0, "seed": 0,
+           "versions": {}, "rare_class": folders[0], "figures": True}
+    flow = report.flow_counts(list(y_true), ["ok"] * len(y_true), folders, True)
+    for written in ([], ["confusion_matrix.png"], ["confusion_matrix.png", "roc_curves.png", "comparison.png"]):
+        text = report.render_report(run, flow, result, folders, figures_written=written)
+        assert set(PNG_LINK.findall(text)) == set(written)
+        assert ("calibration.png (not drawn)" in text) and ("## Figures" in text) == bool(written)
+
+
+@pytest.mark.slow
+def test_answer_mode_report_links_only_the_figures_it_drew(answers, tmp_path):
+    """Labels only: a confusion matrix and the sequential figure, no ROC/PR/calibration links."""
+    cohort, files, label_map = answers
+    out = tmp_path / "out"
+    assert run_steps(cohort, files, label_map, out, "--figures") == 0
+    assert {p.name for p in out.glob("*.png")} == {"confusion_matrix.png", "sequential.png"}
+    for folder in [out, *[p for p in out.iterdir() if p.is_dir()]]:
+        if (folder / "report.md").is_file():
+            assert_report_matches_figures(folder)
+
+
+@pytest.mark.slow
+def test_checkpoint_report_embeds_comparison_and_subgroup_figures(make_cohort, checkpoint, tmp_path):
+    from test_compare import write_metadata
+    from test_inference import run_inference
+    test_dir = make_cohort("external", (4, 8, 6), seed=1)
+    write_metadata(test_dir, tmp_path / "meta.csv")
+    first = tmp_path / "first"
+    assert run_inference(test_dir, checkpoint, first) == 0
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"again={first / 'predictions.csv'}",
+                         "--metadata", str(tmp_path / "meta.csv"), "--subgroups", "site", figures=True) == 0
+    assert {"comparison.png", "subgroups.png", "roc_curves.png"} <= {p.name for p in out.glob("*.png")}
+    assert_report_matches_figures(out)

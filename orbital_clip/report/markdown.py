@@ -2,6 +2,8 @@
 sequential and subgroup sections, the STARD flow, and the reporting-checklist map.
 """
 
+import re
+
 from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
                                         SUBGROUP_COLUMNS, format_value)
@@ -219,7 +221,7 @@ CHECKLIST_ROWS = (
      "performance metrics"),
     ("Intention-to-diagnose line", "unreadable images counted as errors (argmax and the rule)",
      "15 indeterminate results; 16 missing data", "11 missing data", "missing data"),
-    ("comparison.csv, comparison.png (with --baseline or --compare)",
+    ("comparison.csv, [comparison.png](comparison.png) (with --baseline or --compare)",
      "paired differences with CIs, McNemar (clustered with patients), DeLong",
      "14 methods for comparing measures of diagnostic accuracy",
      "12e measures to compare models",
@@ -310,6 +312,22 @@ def answers_header(run):
 FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalised)"),
            ("roc_curves.png", "ROC curves per class"), ("pr_curves.png", "Precision-recall curves per class"),
            ("calibration.png", "Reliability diagram"), ("prob_histograms.png", "Predicted probabilities by class"))
+SECTION_FIGURES = {"sequential.png": "sensitivity and specificity by step",  # in their own section
+                   "comparison.png": "ours minus each model, 95% CIs",
+                   "subgroups.png": "metrics by subgroup, 95% CIs"}
+
+
+def embedded(name, written):
+    """['', '![title](name)'] when the figure was written, else []: report.md shows no broken image."""
+    title = dict(FIGURES).get(name) or SECTION_FIGURES.get(name, name)
+    return ["", f"![{title}]({name})"] if name in written else []
+
+
+def link_written(text, written):
+    """A checklist cell with links only to figures that were written: '[x.png](x.png)' of a
+    figure not drawn becomes 'x.png (not drawn)'."""
+    return re.sub(r"\[([^\]]+\.png)\]\(\1\)",
+                  lambda m: m.group(0) if m.group(1) in written else f"{m.group(1)} (not drawn)", text)
 
 
 def independence_warning(run):
@@ -325,8 +343,11 @@ def independence_warning(run):
 
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  subgroups=None, failures=None, sequential=None):
-    """report.md: one page mapping every output to the reporting checklist item it serves."""
+                  subgroups=None, failures=None, sequential=None, figures_written=()):
+    """report.md: one page mapping every output to the reporting checklist item it serves.
+    `figures_written`: the PNG file names in the output folder (evaluation.written_figures):
+    the report embeds each of them and links no other figure."""
+    written = set(figures_written)
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
     lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + header + [""]
@@ -356,23 +377,23 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "--threshold): results are for argmax only."]
     if sequential is not None:
         lines += ["", "## Sequential readings: what each added piece of information changes", ""]
-        lines += sequential_markdown(sequential)
-        if run.get("figures", True):
-            lines += ["", "![sensitivity and specificity by step](sequential.png)"]
+        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
+        lines += embedded("comparison.png", written)
     if subgroups:
         lines += ["", "## Subgroups", ""]
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
+        lines += embedded("subgroups.png", written)
     if failures is not None:
         lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
-    if run.get("figures", True) and not answers:  # an answer file draws only its confusion matrix
-        lines += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES]
+    if written & set(dict(FIGURES)):
+        lines += ["", "## Figures"] + [line for name, _title in FIGURES for line in embedded(name, written)]
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS
+    lines += [f"| {link_written(' | '.join(row), written)} |" for row in CHECKLIST_ROWS
               if failures is not None or not row[0].startswith("Failure analysis")]
     lines += ["", CHECKLIST_NOTE]
     if not run.get("figures", True):
