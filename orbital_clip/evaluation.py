@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import classification_report
 
 from orbital_clip import cohort as cohort_io
@@ -21,6 +22,7 @@ from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import none_grouped_message, regex_patients
 from orbital_clip.metrics import subgroup_analysis
+from orbital_clip.report.table1 import table1, table1_markdown
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 
@@ -46,6 +48,8 @@ OUTPUTS = (
     outputs.OutputFile("confusion_matrix.csv", "counts"),
     *(f for stem in FIGURE_NAMES for f in _figure(stem, "report.figures")),
     outputs.OutputFile("report.md", "the report"),
+    outputs.OutputFile("table1.csv", "Table 1 of the cohort by class"),
+    outputs.OutputFile("table1.md", "Table 1 in Markdown"),
     outputs.OutputFile(f"{FAILURE_DIR}/", "thumbnails of the most confident errors (cleared below)",
                        cleared_by_overwrite=False),
     outputs.OutputFile("comparison.csv", "--baseline/--compare"),
@@ -553,6 +557,34 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
         outputs.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
         if figures:
             plot_comparison(comparison, figure_saver(output_dir))
+
+
+def write_cohort_table1(output_dir, args, cohort, folders):
+    """table1.csv and table1.md of the evaluated cohort by class (report.table1), with the
+    --metadata columns (or a manifest --test-dir's own) as characteristics; returns the Markdown
+    lines for report.md. Patients are the cohort's groups, else each image is its own."""
+    paths = cohort.relative_paths()
+    frame = pd.DataFrame({"label": [folders[k] if k >= 0 else "unlabelled" for _p, k in cohort.items],
+                          "group": cohort.groups if cohort.groups is not None else paths})
+    attributes = {}
+    if args.metadata or Path(args.test_dir).is_file():
+        try:
+            attributes = metadata_table(args, cohort)[1]
+        except ValueError:  # a manifest without extra columns naming these images: counts only
+            attributes = {}
+    frame = frame.assign(**{f"{name}": values for name, values in attributes.items()
+                            if name not in ("label", "group")})
+    strata = [f for f in folders if f in set(frame["label"])] + (["unlabelled"] if not cohort.labelled else [])
+    table = table1(frame, folders, "label", [c for c in attributes if c not in ("label", "group")],
+                   args.table1_continuous, strata=strata)
+    note = ("Patients: " + (f"the groups of {cohort.group_source}" if cohort.groups is not None
+                            else "unknown, each image counted as its own patient")
+            + "; an attribute counts each patient once per column.")
+    lines = table1_markdown(table, "class", note)
+    outputs.atomic_write_csv(Path(output_dir) / "table1.csv", table)
+    outputs.atomic_write_text(Path(output_dir) / "table1.md",
+                              "\n".join(["# Table 1: the evaluated cohort", "", *lines]) + "\n")
+    return lines
 
 
 def written_figures(output_dir):

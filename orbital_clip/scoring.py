@@ -66,7 +66,8 @@ from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         clear_previous_outputs, clear_previous_run,
                         cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,
                         package_versions, score_subgroups, training_overlap, write_failure_analysis,
-                        write_scored_tables, write_subgroup_outputs, written_figures)
+                        write_scored_tables, write_subgroup_outputs, written_figures,
+                        write_cohort_table1)
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
                      interval_levels, operating_point_metrics, rule_predictions, softmax)
@@ -574,8 +575,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
+    cohort_table = write_cohort_table1(output_dir, args, cohort, folders)
     report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures,
-                           figures_written=written_figures(output_dir))
+                           figures_written=written_figures(output_dir), table1=cohort_table)
     outputs.atomic_write_text(output_dir / "report.md", report)
     return metrics
 

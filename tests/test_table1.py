@@ -91,3 +91,25 @@ def test_data_preprocess_writes_table1_equal_to_hand_counts_of_the_manifest(make
         assert cell(table, "sex", "F", split) == f"{women} ({100 * women / len(groups):.1f}%)"
     assert cell(table, "age", "missing", "overall") == f"1 ({100 / len(patients):.1f}%)"
     assert "| patients |" in (out / "table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_inference_writes_table1_of_the_external_cohort_with_its_metadata(make_cohort, checkpoint, tmp_path):
+    from test_compare import write_metadata
+    from test_inference import run_inference
+    test_dir = make_cohort("external", (4, 8, 6), seed=1)
+    meta = write_metadata(test_dir, tmp_path / "meta.csv")
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--metadata", str(tmp_path / "meta.csv"),
+                         "--subgroups", "site") == 0
+    table = pd.read_csv(out / "table1.csv", dtype=str, keep_default_na=False)
+    preds = pd.read_csv(out / "predictions.csv").merge(meta, on="path")
+    folders = list(table.columns[2:-1])
+    assert [cell(table, "images", "n", f) for f in folders] == [str((preds["true_label"] == f).sum()) for f in folders]
+    for site, n in preds["site"].value_counts().items():  # no groups: each image its own patient
+        assert cell(table, "site", site, "overall") == f"{n} ({100 * n / len(preds):.1f}%)"
+    ages = preds["age"].dropna()
+    q1, median, q3 = np.percentile(ages, [25, 50, 75])
+    assert cell(table, "age, median [IQR]", "", "overall") == f"{median:.1f} [{q1:.1f}, {q3:.1f}]"
+    report_md = (out / "report.md").read_text()
+    assert "## Table 1" in report_md and (out / "table1.md").read_text().count("| site: site ") == len(preds["site"].unique())

@@ -343,10 +343,11 @@ def independence_warning(run):
 
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
-                  subgroups=None, failures=None, sequential=None, figures_written=()):
+                  subgroups=None, failures=None, sequential=None, figures_written=(), table1=None):
     """report.md: one page mapping every output to the reporting checklist item it serves.
     `figures_written`: the PNG file names in the output folder (evaluation.written_figures):
-    the report embeds each of them and links no other figure."""
+    the report embeds each of them and links no other figure. `table1`: Table 1's Markdown lines
+    (evaluation.write_cohort_table1), a section after the flow."""
     written = set(figures_written)
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
@@ -358,6 +359,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     patients = "patients_received" in flow["rows"]["total"]
     lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
     lines += flow_markdown(flow) + [""]
+    if table1:
+        lines += ["## Table 1: characteristics of the cohort (STARD 20)", "", *table1, ""]
     if itd is not None:
         what = "failed and unmapped answers" if answers else "unreadable images"
         lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
