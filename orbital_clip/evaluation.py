@@ -23,6 +23,8 @@ from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import none_grouped_message, regex_patients
 from orbital_clip.metrics import subgroup_analysis
 from orbital_clip.report.table1 import table1, table1_markdown
+from orbital_clip.report.tables import table2_frame
+from orbital_clip.report.markdown import table2_markdown
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 
@@ -53,6 +55,8 @@ OUTPUTS = (
     outputs.OutputFile(f"{FAILURE_DIR}/", "thumbnails of the most confident errors (cleared below)",
                        cleared_by_overwrite=False),
     outputs.OutputFile("comparison.csv", "--baseline/--compare"),
+    outputs.OutputFile("table2.csv", "--baseline/--compare: one row per model"),
+    outputs.OutputFile("table2.md", "--baseline/--compare: Table 2 in Markdown"),
     *_figure("comparison", "--baseline/--compare"),
     outputs.OutputFile("baseline_predictions.csv", "--baseline"),
     outputs.OutputFile("subgroups.csv", "--subgroups"),
@@ -555,8 +559,17 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
                             confusion_frame(metrics["confusion_matrix"], folders))
     if comparison is not None:
         outputs.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        write_table2(output_dir, comparison)
         if figures:
             plot_comparison(comparison, figure_saver(output_dir))
+
+
+def write_table2(output_dir, comparison):
+    """table2.csv and table2.md: one row per model (report.table2_frame, from comparison.csv's numbers)."""
+    table = table2_frame(comparison)
+    outputs.atomic_write_csv(Path(output_dir) / "table2.csv", table)
+    outputs.atomic_write_text(Path(output_dir) / "table2.md", "\n".join(
+        ["# Table 2: each model against ours", "", *table2_markdown(table, comparison.get("n_bootstrap"))]) + "\n")
 
 
 def write_cohort_table1(output_dir, args, cohort, folders):

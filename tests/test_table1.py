@@ -10,6 +10,7 @@ from orbital_clip.report.table1 import table1, table1_markdown
 from conftest import write_csv
 
 FOLDERS = ["a", "b"]
+COMPARISON_P = ("p_bootstrap", "p_mcnemar_exact", "p_mcnemar_mid", "p_mcnemar_clustered", "p_delong")
 
 
 def small_frame():
@@ -113,3 +114,65 @@ def test_inference_writes_table1_of_the_external_cohort_with_its_metadata(make_c
     assert cell(table, "age, median [IQR]", "", "overall") == f"{median:.1f} [{q1:.1f}, {q3:.1f}]"
     report_md = (out / "report.md").read_text()
     assert "## Table 1" in report_md and (out / "table1.md").read_text().count("| site: site ") == len(preds["site"].unique())
+
+
+# -- Table 2: one row per model, every number a comparison.csv cell ------------------------------
+
+def assert_table2_equals_comparison(table2, comparison):
+    """Each model's row of table2 against its comparison.csv rows, metric by metric."""
+    assert table2["model"].tolist()[0] == "ours"
+    assert table2["model"].tolist()[1:] == list(dict.fromkeys(comparison["model"]))
+    for _i, r in comparison.iterrows():
+        row = table2.set_index("model").loc[r["model"]]
+        m = r["metric"]
+        for mine, theirs in ((m, "model_value"), (f"{m}_ci_low", "model_ci_low"),
+                             (f"{m}_difference", "difference"),
+                             (f"{m}_difference_ci_high", "difference_ci_high")):
+            assert row[mine] == pytest.approx(r[theirs], nan_ok=True), (r["model"], mine)
+        test = row[f"{m}_p_test"]
+        if isinstance(test, str):
+            assert row[f"{m}_p"] == pytest.approx(r[test])
+        else:  # no test applies (no difference): every p column of comparison.csv is empty
+            assert r[list(COMPARISON_P)].isna().all() and np.isnan(row[f"{m}_p"])
+        widest = comparison[comparison["metric"] == m].sort_values("n").iloc[-1]
+        assert table2.set_index("model").loc["ours", m] == pytest.approx(widest["ours_value"], nan_ok=True)
+
+
+def test_table2_cells_are_comparison_cells_and_p_follows_the_test_rule():
+    from orbital_clip import metrics
+    from orbital_clip.report import comparison_frame, table2_frame, table2_markdown
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 12)
+    probs = rng.dirichlet(np.ones(3), len(y))
+    probs[np.arange(len(y)), y] += 0.5
+    probs /= probs.sum(axis=1, keepdims=True)
+    other = np.roll(probs, 3, axis=0)
+    labels_only = np.where(rng.random(len(y)) < 0.8, y, (y + 1) % 3)
+    labels_only[5] = -1  # one image without an answer
+    comparison = metrics.compare_predictions(
+        y, metrics.ComparedModel("ours", probs.argmax(axis=1), probs),
+        [metrics.ComparedModel("cnn", other.argmax(axis=1), other),
+         metrics.ComparedModel("reader", labels_only, None)], n_bootstrap=200)
+    table = table2_frame(comparison)
+    assert_table2_equals_comparison(table, comparison_frame(comparison))
+    row = table.set_index("model")
+    assert row.loc["cnn", "accuracy_p_test"] == "p_mcnemar_mid" and row.loc["cnn", "rare_auroc_p_test"] == "p_delong"
+    assert row.loc["cnn", "macro_f1_p_test"] == "p_bootstrap" and row.loc["ours", "n"] == 36
+    text = "\n".join(table2_markdown(table, 200))
+    assert text.count("\n| ") == 4 and "| reader | 35 |" in text
+
+
+@pytest.mark.slow
+def test_inference_table2_equals_its_comparison_csv(make_cohort, checkpoint, tmp_path):
+    from test_inference import run_inference
+    test_dir = make_cohort("external", (4, 8, 6), seed=1)
+    first = tmp_path / "first"
+    assert run_inference(test_dir, checkpoint, first) == 0
+    other = pd.read_csv(first / "predictions.csv")
+    other.loc[:4, "pred_label"] = other.loc[:4, "true_label"]  # another model: five answers changed
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"other={tmp_path / 'other.csv'}") == 0
+    table2 = pd.read_csv(out / "table2.csv")
+    assert_table2_equals_comparison(table2, pd.read_csv(out / "comparison.csv"))
+    assert "### Table 2" in (out / "report.md").read_text() and "| other | 18 |" in (out / "table2.md").read_text()

@@ -6,7 +6,8 @@ import re
 
 from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
-                                        SUBGROUP_COLUMNS, format_value)
+                                        SUBGROUP_COLUMNS, format_value, short_model_name,
+                                        table2_frame, PRIMARY_P_ORDER)
 
 
 def failure_markdown(failures, folders):
@@ -383,6 +384,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         lines += sequential_markdown(sequential) + embedded("sequential.png", written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
+        lines += ["### Table 2: one row per model", ""]
+        lines += table2_markdown(table2_frame(comparison), comparison.get("n_bootstrap")) + [""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
         lines += embedded("comparison.png", written)
     if subgroups:
@@ -473,3 +476,36 @@ def subgroups_markdown(analysis, rare_class, grouped):
                       f"{rare_class} images; their intervals are wide and a difference between "
                       "levels is not evidence of a difference in performance.", ""]
     return lines
+
+
+def number(value):
+    """None for an empty table2.csv cell (NaN), else the float."""
+    return None if value is None or value != value else float(value)
+
+
+def table2_markdown(table, n_bootstrap=None):
+    """Table 2 (`table2_frame`): one row per model, per metric its value (95% CI) and, for each
+    other model, ours − model (95% CI) and the primary p with its test."""
+    if not len(table):
+        return []
+    metrics = [m for m in COMPARISON_LABELS if m in table.columns]
+    lines = ["| model | n | " + " | ".join(COMPARISON_LABELS[m] for m in metrics) + " |",
+             "| --- | ---: |" + " --- |" * len(metrics)]
+    tests = set()
+    for row in table.to_dict("records"):
+        cells = []
+        for m in metrics:
+            ci = (number(row[f"{m}_ci_low"]), number(row[f"{m}_ci_high"]))
+            cell = format_value(number(row[m]), None if ci[0] is None else ci)
+            if row["model"] != "ours" and number(row.get(f"{m}_difference")) is not None:
+                d_ci = (number(row[f"{m}_difference_ci_low"]), number(row[f"{m}_difference_ci_high"]))
+                floor = n_bootstrap if row[f"{m}_p_test"] == "p_bootstrap" else None
+                cell += (f"; ours − model {format_value(number(row[f'{m}_difference']), None if d_ci[0] is None else d_ci)}"
+                         f", p {format_p(number(row[f'{m}_p']), floor)}")
+                tests.add(row[f"{m}_p_test"])
+            cells.append(cell)
+        lines.append(f"| {short_model_name(row['model'])} | {row['n']} | " + " | ".join(cells) + " |")
+    named = [COMPARISON_P_COLUMNS[t] for t in PRIMARY_P_ORDER if t in tests]
+    return lines + ["", "p: " + ", ".join(named) + " (the first that applies: the clustered McNemar with "
+                    "patients, McNemar's mid-p for accuracy, DeLong for the rare-class AUROC, else the "
+                    "paired bootstrap); every number is a cell of comparison.csv."]
