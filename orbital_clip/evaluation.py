@@ -21,7 +21,7 @@ from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import none_grouped_message, regex_patients
-from orbital_clip.metrics import subgroup_analysis
+from orbital_clip.metrics import ComparedModel, compare_predictions, subgroup_analysis
 from orbital_clip.report.table1 import table1, table1_markdown
 from orbital_clip.report.tables import table2_frame
 from orbital_clip.report.markdown import table2_markdown
@@ -57,6 +57,7 @@ OUTPUTS = (
     outputs.OutputFile("comparison.csv", "--baseline/--compare"),
     outputs.OutputFile("table2.csv", "--baseline/--compare: one row per model"),
     outputs.OutputFile("table2.md", "--baseline/--compare: Table 2 in Markdown"),
+    outputs.OutputFile("table2_by_site.csv", "--compare with --subgroups site: Table 2 per site"),
     *_figure("comparison", "--baseline/--compare"),
     outputs.OutputFile("baseline_predictions.csv", "--baseline"),
     outputs.OutputFile("subgroups.csv", "--subgroups"),
@@ -564,12 +565,42 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
             plot_comparison(comparison, figure_saver(output_dir))
 
 
+SITE_ATTRIBUTE = "site"  # the --subgroups attribute whose levels get a Table 2 each
+
+
+def compare_by_site(subgroups, scored, y_true, decided, probs, compared, rare, groups, args):
+    """{site: compare_predictions on that site's scored images} when --subgroups names `site`,
+    else None: Table 2 per site for every model (the same resampling as the pooled one)."""
+    if not subgroups or SITE_ATTRIBUTE not in subgroups:
+        return None
+    sites = np.asarray(subgroups[SITE_ATTRIBUTE], dtype=str)[scored]
+    out = {}
+    for site in sorted(set(sites)):
+        mask = sites == site
+        others = [dataclasses.replace(model, pred=model.pred[scored][mask],
+                                      probs=None if model.probs is None else model.probs[scored][mask])
+                  for model in compared]
+        out[site] = compare_predictions(
+            y_true[mask], ComparedModel("ours", decided[mask], probs[mask]), others, rare,
+            None if groups is None else np.asarray(groups)[mask], args.bootstrap, args.seed)
+    return out
+
+
 def write_table2(output_dir, comparison):
-    """table2.csv and table2.md: one row per model (report.table2_frame, from comparison.csv's numbers)."""
+    """table2.csv and table2.md: one row per model (report.table2_frame, from comparison.csv's
+    numbers); with sites (`compare_by_site`) table2_by_site.csv and a table per site in table2.md."""
     table = table2_frame(comparison)
     outputs.atomic_write_csv(Path(output_dir) / "table2.csv", table)
-    outputs.atomic_write_text(Path(output_dir) / "table2.md", "\n".join(
-        ["# Table 2: each model against ours", "", *table2_markdown(table, comparison.get("n_bootstrap"))]) + "\n")
+    lines = ["# Table 2: each model against ours", "", *table2_markdown(table, comparison.get("n_bootstrap"))]
+    by_site = comparison.get("by_site") or {}
+    if by_site:
+        frames = [table2_frame(site_comparison).assign(**{SITE_ATTRIBUTE: site})
+                  for site, site_comparison in by_site.items()]
+        outputs.atomic_write_csv(Path(output_dir) / "table2_by_site.csv", pd.concat(frames, ignore_index=True))
+        for site, site_comparison in by_site.items():
+            lines += ["", f"## {SITE_ATTRIBUTE} = {site}", "",
+                      *table2_markdown(table2_frame(site_comparison), site_comparison.get("n_bootstrap"))]
+    outputs.atomic_write_text(Path(output_dir) / "table2.md", "\n".join(lines) + "\n")
 
 
 def write_cohort_table1(output_dir, args, cohort, folders):

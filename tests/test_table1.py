@@ -176,3 +176,31 @@ def test_inference_table2_equals_its_comparison_csv(make_cohort, checkpoint, tmp
     table2 = pd.read_csv(out / "table2.csv")
     assert_table2_equals_comparison(table2, pd.read_csv(out / "comparison.csv"))
     assert "### Table 2" in (out / "report.md").read_text() and "| other | 18 |" in (out / "table2.md").read_text()
+
+
+@pytest.mark.slow
+def test_table2_per_site_holds_each_models_accuracy_on_that_sites_images(make_cohort, checkpoint, tmp_path):
+    from test_compare import write_metadata
+    from test_inference import run_inference
+    test_dir = make_cohort("external", (4, 8, 6), seed=1)
+    meta = write_metadata(test_dir, tmp_path / "meta.csv")
+    first = tmp_path / "first"
+    assert run_inference(test_dir, checkpoint, first) == 0
+    other = pd.read_csv(first / "predictions.csv")
+    other.loc[:6, "pred_label"] = other.loc[:6, "true_label"]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "out"
+    assert run_inference(test_dir, checkpoint, out, "--compare", f"other={tmp_path / 'other.csv'}",
+                         "--metadata", str(tmp_path / "meta.csv"), "--subgroups", "site") == 0
+    by_site = pd.read_csv(out / "table2_by_site.csv")
+    ours = pd.read_csv(out / "predictions.csv").merge(meta, on="path")
+    theirs = other.set_index("path").loc[ours["path"]]
+    assert sorted(by_site["site"].unique()) == sorted(meta["site"].dropna().unique())
+    for site, block in by_site.groupby("site"):
+        mine = (ours["site"] == site).to_numpy()
+        truth = ours["true_label"].to_numpy()[mine]
+        row = block.set_index("model")
+        assert row.loc["ours", "accuracy"] == pytest.approx((ours["prediction"].to_numpy()[mine] == truth).mean())
+        assert row.loc["other", "accuracy"] == pytest.approx((theirs["pred_label"].to_numpy()[mine] == truth).mean())
+        assert row.loc["other", "n"] == mine.sum()
+    assert "## site = site A" in (out / "table2.md").read_text()
