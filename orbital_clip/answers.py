@@ -32,7 +32,8 @@ from orbital_clip import prompts as prompt_sets
 from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_output_dir, clear_previous_outputs,
                         cohort_class_names, cohort_subgroups, collect_cohort, figure_saver,
                         make_anonymizer, package_versions,
-                        score_subgroups, write_scored_tables, write_subgroup_outputs)
+                        score_subgroups, write_scored_tables, write_subgroup_outputs,
+                        written_figures)
 from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
@@ -518,7 +519,8 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None, colu
     outputs.atomic_write_text(output_dir / "report.md",
                              render_report(run, flow, metrics, folders, None, itd, None,
                                            subgroups=subgroups, sequential=primary, outside=outside,
-                                           sequential_answered=answered))
+                                           sequential_answered=answered,
+                                           figures_written=written_figures(output_dir)))
     return metrics
 
 

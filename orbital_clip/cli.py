@@ -169,6 +169,13 @@ def add_seed(group, help="seed of every random choice; the same seed repeats the
     return group.add_argument("--seed", type=int, default=DEFAULT_SEED, help=help)
 
 
+def add_table1_continuous(group):
+    """--table1-continuous: how Table 1 (report.table1) summarises a numeric attribute such as age."""
+    return group.add_argument("--table1-continuous", choices=("median", "mean"), default="median",
+                              help="Table 1's numeric attributes (age): median [IQR], robust to the "
+                                   "skewed ages of clinic cohorts, or mean (SD) (default: median)")
+
+
 def add_overwrite(group, help="allow a non-empty --out-dir (a new run's files replace the old)"):
     return group.add_argument("--overwrite", action="store_true", help=help)
 

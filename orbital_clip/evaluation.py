@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import classification_report
 
 from orbital_clip.explain import EXPLAIN_PREFIX  # --explain maps share failure_analysis/
@@ -22,8 +23,11 @@ from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import (folder_groups, none_grouped_message, patient_folder_example,
                                    regex_patients)
-from orbital_clip.metrics import subgroup_analysis
+from orbital_clip.metrics import ComparedModel, compare_predictions, subgroup_analysis
 from orbital_clip.metrics import clustered, decision, itd, patient_level, prevalence, recalibration
+from orbital_clip.report.table1 import table1, table1_markdown
+from orbital_clip.report.tables import table2_frame
+from orbital_clip.report.markdown import table2_markdown
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 from orbital_clip.report import journal as journal_report
@@ -51,9 +55,14 @@ OUTPUTS = (
     outputs.OutputFile("confusion_matrix.csv", "counts"),
     *(f for stem in FIGURE_NAMES for f in _figure(stem, "report.figures")),
     outputs.OutputFile("report.md", "the report"),
+    outputs.OutputFile("table1.csv", "Table 1 of the cohort by class"),
+    outputs.OutputFile("table1.md", "Table 1 in Markdown"),
     outputs.OutputFile(f"{FAILURE_DIR}/", "thumbnails of the most confident errors (cleared below)",
                        cleared_by_overwrite=False),
     outputs.OutputFile("comparison.csv", "--baseline/--compare"),
+    outputs.OutputFile("table2.csv", "--baseline/--compare: one row per model"),
+    outputs.OutputFile("table2.md", "--baseline/--compare: Table 2 in Markdown"),
+    outputs.OutputFile("table2_by_site.csv", "--compare with --subgroups site: Table 2 per site"),
     *_figure("comparison", "--baseline/--compare"),
     outputs.OutputFile("baseline_predictions.csv", "--baseline"),
     outputs.OutputFile("subgroups.csv", "--subgroups"),
@@ -591,8 +600,81 @@ def write_scored_tables(output_dir, y_true, probs, folders, metrics, comparison,
                             confusion_frame(metrics["confusion_matrix"], folders))
     if comparison is not None:
         outputs.atomic_write_csv(output_dir / "comparison.csv", comparison_frame(comparison))
+        write_table2(output_dir, comparison)
         if figures:
             plot_comparison(comparison, figure_saver(output_dir))
+
+
+SITE_ATTRIBUTE = "site"  # the --subgroups attribute whose levels get a Table 2 each
+
+
+def compare_by_site(subgroups, scored, y_true, decided, probs, compared, rare, groups, args):
+    """{site: compare_predictions on that site's scored images} when --subgroups names `site`,
+    else None: Table 2 per site for every model (the same resampling as the pooled one)."""
+    if not subgroups or SITE_ATTRIBUTE not in subgroups:
+        return None
+    sites = np.asarray(subgroups[SITE_ATTRIBUTE], dtype=str)[scored]
+    out = {}
+    for site in sorted(set(sites)):
+        mask = sites == site
+        others = [dataclasses.replace(model, pred=model.pred[scored][mask],
+                                      probs=None if model.probs is None else model.probs[scored][mask])
+                  for model in compared]
+        out[site] = compare_predictions(
+            y_true[mask], ComparedModel("ours", decided[mask], probs[mask]), others, rare,
+            None if groups is None else np.asarray(groups)[mask], args.bootstrap, args.seed)
+    return out
+
+
+def write_table2(output_dir, comparison):
+    """table2.csv and table2.md: one row per model (report.table2_frame, from comparison.csv's
+    numbers); with sites (`compare_by_site`) table2_by_site.csv and a table per site in table2.md."""
+    table = table2_frame(comparison)
+    outputs.atomic_write_csv(Path(output_dir) / "table2.csv", table)
+    lines = ["# Table 2: each model against ours", "", *table2_markdown(table, comparison.get("n_bootstrap"))]
+    by_site = comparison.get("by_site") or {}
+    if by_site:
+        frames = [table2_frame(site_comparison).assign(**{SITE_ATTRIBUTE: site})
+                  for site, site_comparison in by_site.items()]
+        outputs.atomic_write_csv(Path(output_dir) / "table2_by_site.csv", pd.concat(frames, ignore_index=True))
+        for site, site_comparison in by_site.items():
+            lines += ["", f"## {SITE_ATTRIBUTE} = {site}", "",
+                      *table2_markdown(table2_frame(site_comparison), site_comparison.get("n_bootstrap"))]
+    outputs.atomic_write_text(Path(output_dir) / "table2.md", "\n".join(lines) + "\n")
+
+
+def write_cohort_table1(output_dir, args, cohort, folders):
+    """table1.csv and table1.md of the evaluated cohort by class (report.table1), with the
+    --metadata columns (or a manifest --test-dir's own) as characteristics; returns the Markdown
+    lines for report.md. Patients are the cohort's groups, else each image is its own."""
+    paths = cohort.relative_paths()
+    frame = pd.DataFrame({"label": [folders[k] if k >= 0 else "unlabelled" for _p, k in cohort.items],
+                          "group": cohort.groups if cohort.groups is not None else paths})
+    attributes = {}
+    if args.metadata or Path(args.test_dir).is_file():
+        try:
+            attributes = metadata_table(args, cohort)[1]
+        except ValueError:  # a manifest without extra columns naming these images: counts only
+            attributes = {}
+    frame = frame.assign(**{f"{name}": values for name, values in attributes.items()
+                            if name not in ("label", "group")})
+    strata = [f for f in folders if f in set(frame["label"])] + (["unlabelled"] if not cohort.labelled else [])
+    table = table1(frame, folders, "label", [c for c in attributes if c not in ("label", "group")],
+                   args.table1_continuous, strata=strata)
+    note = ("Patients: " + (f"the groups of {cohort.group_source}" if cohort.groups is not None
+                            else "unknown, each image counted as its own patient")
+            + "; an attribute counts each patient once per column.")
+    lines = table1_markdown(table, "class", note)
+    outputs.atomic_write_csv(Path(output_dir) / "table1.csv", table)
+    outputs.atomic_write_text(Path(output_dir) / "table1.md",
+                              "\n".join(["# Table 1: the evaluated cohort", "", *lines]) + "\n")
+    return lines
+
+
+def written_figures(output_dir):
+    """The PNG figures in output_dir, read from disk after the figures are drawn, so that
+    report.md embeds each figure written and links none that was not (report.render_report)."""
+    return sorted(path.name for path in Path(output_dir).glob("*.png"))
 
 
 def figure_saver(output_dir):

@@ -68,7 +68,8 @@ from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         clear_previous_outputs, clear_previous_run,
                         cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,
                         package_versions, score_subgroups, training_overlap, write_failure_analysis,
-                        write_scored_tables, write_subgroup_outputs)
+                        write_scored_tables, write_subgroup_outputs, written_figures,
+                        write_cohort_table1, compare_by_site)
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, ComparedModel,
                      compare_predictions, compute_metrics, finite_or_none, intention_to_diagnose,
                      interval_levels, operating_point_metrics, rule_predictions, softmax,
@@ -491,7 +492,7 @@ def decided_predictions(probs, operating, rule):
     return np.where(scored, decided, -1)
 
 
-def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=()):
+def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=(), subgroups=None):
     """(metrics, operating point, intention-to-diagnose, comparison) of a labelled cohort;
     `compared`: ComparedModels over every cohort image (see `compared_models`)."""
     folders, operating = bundle.folders, bundle.operating
@@ -530,6 +531,8 @@ def score_labelled(bundle, scores, cohort, args, baseline_scores=None, compared=
                                  probs=None if model.probs is None else model.probs[scored])
              for model in compared], rare, groups, args.bootstrap, args.seed)
         comparison["decision_rule"] = rule
+        comparison["by_site"] = compare_by_site(subgroups, scored, y_true, decided, probs[scored],
+                                                compared, rare, groups, args)
         notes = comparison_resample_notes(comparison) + unanswered_notes(comparison, folders)
         if notes:  # intervals on fewer resamples than drawn, metrics n/a (see report.md)
             LOG.warning("comparison: %s (report.md says why)", "; ".join(notes))
@@ -557,7 +560,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
     if cohort.labelled:
         compared = compared_models(setup, folders, baseline_scores)
         metrics, op, itd, comparison = score_labelled(bundle, scores, cohort, args, baseline_scores,
-                                                      compared)
+                                                      compared, setup.subgroups)
         n_failed = flow["rows"]["total"]["unreadable"]
         scored = np.isfinite(probs).all(axis=1)
         subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args,
@@ -597,7 +600,9 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
             if args.figures:
                 write_figures(figure_saver(output_dir), y_true, probs[scored],
                               None if probs_cal is None else probs_cal[scored], folders, metrics, op, rare)
-    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures)
+    cohort_table = write_cohort_table1(output_dir, args, cohort, folders)
+    report = render_report(run, flow, metrics, folders, op, itd, comparison, subgroups, failures,
+                           figures_written=written_figures(output_dir), table1=cohort_table)
     report = report.rstrip("\n") + "\n" + "\n".join(explained) + "\n" if explained else report
     outputs.atomic_write_text(output_dir / "report.md", report)
     return metrics

@@ -157,6 +157,7 @@ def build_parser(description, model=True):
     stats.add_argument("--threshold", type=float, default=None,
                        help="rare-class operating threshold in [0, 1] replacing the checkpoint's "
                             "validation one (source 'user'); never tune it on the test cohort")
+    cli.add_table1_continuous(stats)
     stats.add_argument("--metadata", default=None, metavar="CSV",
                        help="per-image attributes for --subgroups: a 'path' column as in "
                             "predictions.csv (or a 'file' column of file names) plus any columns "

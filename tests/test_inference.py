@@ -152,7 +152,7 @@ def test_metrics_equal_sklearn_recomputed_from_predictions(make_cohort, checkpoi
         [(y_pred[y_true == k] == k).mean() for k in range(3)])
     assert json.loads((out / "args.json").read_text())["script"] == "inference.py"
     report = (out / "report.md").read_text()
-    assert image_io.file_sha256(checkpoint) in report and "](confusion_matrix.png)" in report
+    assert image_io.file_sha256(checkpoint) in report and "confusion_matrix.png (not drawn)" in report  # --no-figures: no link
     assert "| orbital disease | 3 | 0 | 3 |" in report
 
 

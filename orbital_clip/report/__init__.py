@@ -12,21 +12,21 @@ from orbital_clip.report.tables import (METRIC_LABELS, relative_path, prediction
                                         comparison_frame, failure_category, flow_counts,
                                         most_confident_errors, sequential_frame,
                                         sequential_changes_frame, SUBGROUP_COLUMNS, subgroups_frame,
-                                        format_value)
+                                        format_value, short_model_name, table2_frame, primary_p)
 from orbital_clip.report.markdown import (failure_markdown, flow_markdown, metrics_markdown,
                                           resample_notes, comparison_resample_notes,
                                           unanswered_notes, levels_markdown, operating_markdown,
                                           comparison_markdown, CHECKLIST_NOTE, CHECKLIST_ROWS,
                                           report_header, itd_markdown, answers_header, FIGURES,
                                           independence_warning, render_report, sequential_markdown,
-                                          heterogeneity_text, subgroups_markdown)
+                                          heterogeneity_text, subgroups_markdown, table2_markdown)
 from orbital_clip.report.figures import (FIGURE_NAMES, PANEL_WIDTH_IN, PANEL_HEIGHT_IN, FONT_PT,
                                          FIGURE_DPI, figure_style, panel_grid, save_figure, wrap,
                                          plot_confusion_matrices, mark_operating_points,
                                          operating_markers, plot_roc_curves, plot_pr_curves,
                                          plot_calibration, plot_prob_histograms, write_figures,
                                          plot_sequential, forest_rows, plot_forest, plot_comparison,
-                                         plot_subgroups)
+                                         plot_subgroups, legend_below, proportion_limits)
 
 __all__ = ["METRIC_LABELS", "relative_path", "predictions_frame", "scrub", "confusion_frame",
            "per_class_frame", "COMPARISON_LABELS", "COMPARISON_P_COLUMNS", "rare_summary",
@@ -42,4 +42,4 @@ __all__ = ["METRIC_LABELS", "relative_path", "predictions_frame", "scrub", "conf
            "wrap", "plot_confusion_matrices", "mark_operating_points", "operating_markers",
            "plot_roc_curves", "plot_pr_curves", "plot_calibration", "plot_prob_histograms",
            "write_figures", "plot_sequential", "forest_rows", "plot_forest", "plot_comparison",
-           "plot_subgroups"]
+           "plot_subgroups", "short_model_name", "table2_frame", "primary_p", "table2_markdown", "legend_below", "proportion_limits"]

@@ -2,10 +2,13 @@
 sequential and subgroup sections, the STARD flow, and the reporting-checklist map.
 """
 
+import re
+
 from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
 from orbital_clip.report.journal import journal_markdown
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
-                                        SUBGROUP_COLUMNS, format_value)
+                                        SUBGROUP_COLUMNS, format_value, short_model_name,
+                                        table2_frame, PRIMARY_P_ORDER)
 
 
 def failure_markdown(failures, folders):
@@ -231,7 +234,7 @@ CHECKLIST_ROWS = (
      "performance metrics"),
     ("Intention-to-diagnose line", "unreadable images counted as errors (argmax and the rule)",
      "15 indeterminate results; 16 missing data", "11 missing data", "missing data"),
-    ("comparison.csv, comparison.png (with --baseline or --compare)",
+    ("comparison.csv, [comparison.png](comparison.png) (with --baseline or --compare)",
      "paired differences with CIs, McNemar (clustered with patients), DeLong",
      "14 methods for comparing measures of diagnostic accuracy",
      "12e measures to compare models",
@@ -322,6 +325,25 @@ def answers_header(run):
 FIGURES = (("confusion_matrix.png", "Confusion matrices (counts and row-normalised)"),
            ("roc_curves.png", "ROC curves per class"), ("pr_curves.png", "Precision-recall curves per class"),
            ("calibration.png", "Reliability diagram"), ("prob_histograms.png", "Predicted probabilities by class"))
+SECTION_FIGURES = {"sequential.png": "sensitivity and specificity by step",  # in their own section
+                   "comparison.png": "ours minus each model, 95% CIs",
+                   "sequential_answered.png": "answered only: sensitivity and specificity by step",
+                   "confusion_matrix_itd.png": "every image: classes and outcomes outside them",
+                   "decision_curve.png": "net benefit of the rare-class rule",
+                   "subgroups.png": "metrics by subgroup, 95% CIs"}
+
+
+def embedded(name, written):
+    """['', '![title](name)'] when the figure was written, else []: report.md shows no broken image."""
+    title = dict(FIGURES).get(name) or SECTION_FIGURES.get(name, name)
+    return ["", f"![{title}]({name})"] if name in written else []
+
+
+def link_written(text, written):
+    """A checklist cell with links only to figures that were written: '[x.png](x.png)' of a
+    figure not drawn becomes 'x.png (not drawn)'."""
+    return re.sub(r"\[([^\]]+\.png)\]\(\1\)",
+                  lambda m: m.group(0) if m.group(1) in written else f"{m.group(1)} (not drawn)", text)
 
 
 def independence_warning(run):
@@ -338,10 +360,14 @@ def independence_warning(run):
 
 def render_report(run, flow, metrics, folders, operating=None, itd=None, comparison=None,
                   subgroups=None, failures=None, sequential=None, outside=None,
-                  sequential_answered=None):
+                  sequential_answered=None, figures_written=(), table1=None):
     """report.md: one page mapping every output to the reporting checklist item it serves.
     `outside` (answer files): the outcome columns and unmapped answers (`outside_markdown`);
-    `sequential_answered`: the secondary, answered-only sequential table."""
+    `sequential_answered`: the secondary, answered-only sequential table.
+    `figures_written`: the PNG file names in the output folder (evaluation.written_figures):
+    the report embeds each of them and links no other figure. `table1`: Table 1's Markdown lines
+    (evaluation.write_cohort_table1), a section after the flow."""
+    written = set(figures_written)
     answers = run.get("source") == "answer file"
     header = answers_header(run) if answers else report_header(run)
     lines = ["# Orbital-CLIP evaluation", ""] + independence_warning(run) + header + [""]
@@ -352,6 +378,8 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     patients = "patients_received" in flow["rows"]["total"]
     lines += [f"## Flow of images{' and patients' if patients else ''} (STARD 19)", ""]
     lines += flow_markdown(flow, answers) + [""]
+    if table1:
+        lines += ["## Table 1: characteristics of the cohort (STARD 20)", "", *table1, ""]
     if itd is not None:
         what = ("answers naming no class (an outcome outside the options, unmapped, failed)" if answers
                 else "unreadable images")
@@ -359,7 +387,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if not metrics["n"]:
         # answers that all name no class are still a reading: show what they named
         shown = ["", "## Answers outside the options", ""] + outside_markdown(outside, folders) \
-            if outside is not None else []
+            + embedded("confusion_matrix_itd.png", written) if outside is not None else []
         return "\n".join(lines + ["No answer named a class: there is nothing to score on answered "
                                   "rows." if answers else "No image could be read: there is nothing "
                                   "to score."] + shown) + "\n"
@@ -377,30 +405,32 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "--threshold): results are for argmax only."]
     if outside is not None:
         lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
+        lines += embedded("confusion_matrix_itd.png", written)
     if sequential is not None:
         lines += ["", "## Sequential readings: what each added piece of information changes", ""]
-        lines += sequential_markdown(sequential)
-        if run.get("figures", True):
-            lines += ["", "![sensitivity and specificity by step](sequential.png)"]
+        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
     if sequential_answered is not None:
         lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
-        if run.get("figures", True):
-            lines += ["", "![answered only: sensitivity and specificity by step](sequential_answered.png)"]
+        lines += embedded("sequential_answered.png", written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
+        lines += ["### Table 2: one row per model", ""]
+        lines += table2_markdown(table2_frame(comparison), comparison.get("n_bootstrap")) + [""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)
-    lines += journal_markdown(metrics.get("journal"), run.get("figures", True))  # issue 28
+        lines += embedded("comparison.png", written)
+    lines += journal_markdown(metrics.get("journal"), "decision_curve.png" in written)  # issue 28
     if subgroups:
         lines += ["", "## Subgroups", ""]
         lines += subgroups_markdown(subgroups, run["rare_class"], metrics["bootstrap_unit"] == "group")
+        lines += embedded("subgroups.png", written)
     if failures is not None:
         lines += ["", "## Failure analysis", ""] + failure_markdown(failures, folders)
-    if run.get("figures", True) and not answers:  # an answer file draws only its confusion matrix
-        lines += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES]
+    if written & set(dict(FIGURES)):
+        lines += ["", "## Figures"] + [line for name, _title in FIGURES for line in embedded(name, written)]
     lines += ["", "## Outputs and the checklist items they serve", "",
               "| output | content | STARD 2015 | TRIPOD+AI 2024 | CLAIM 2024 |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(row)} |" for row in CHECKLIST_ROWS
+    lines += [f"| {link_written(' | '.join(row), written)} |" for row in CHECKLIST_ROWS
               if failures is not None or not row[0].startswith("Failure analysis")]
     lines += ["", CHECKLIST_NOTE]
     if not run.get("figures", True):
@@ -500,3 +530,36 @@ def subgroups_markdown(analysis, rare_class, grouped):
                       f"{rare_class} images; their intervals are wide and a difference between "
                       "levels is not evidence of a difference in performance.", ""]
     return lines
+
+
+def number(value):
+    """None for an empty table2.csv cell (NaN), else the float."""
+    return None if value is None or value != value else float(value)
+
+
+def table2_markdown(table, n_bootstrap=None):
+    """Table 2 (`table2_frame`): one row per model, per metric its value (95% CI) and, for each
+    other model, ours − model (95% CI) and the primary p with its test."""
+    if not len(table):
+        return []
+    metrics = [m for m in COMPARISON_LABELS if m in table.columns]
+    lines = ["| model | n | " + " | ".join(COMPARISON_LABELS[m] for m in metrics) + " |",
+             "| --- | ---: |" + " --- |" * len(metrics)]
+    tests = set()
+    for row in table.to_dict("records"):
+        cells = []
+        for m in metrics:
+            ci = (number(row[f"{m}_ci_low"]), number(row[f"{m}_ci_high"]))
+            cell = format_value(number(row[m]), None if ci[0] is None else ci)
+            if row["model"] != "ours" and number(row.get(f"{m}_difference")) is not None:
+                d_ci = (number(row[f"{m}_difference_ci_low"]), number(row[f"{m}_difference_ci_high"]))
+                floor = n_bootstrap if row[f"{m}_p_test"] == "p_bootstrap" else None
+                cell += (f"; ours − model {format_value(number(row[f'{m}_difference']), None if d_ci[0] is None else d_ci)}"
+                         f", p {format_p(number(row[f'{m}_p']), floor)}")
+                tests.add(row[f"{m}_p_test"])
+            cells.append(cell)
+        lines.append(f"| {short_model_name(row['model'])} | {row['n']} | " + " | ".join(cells) + " |")
+    named = [COMPARISON_P_COLUMNS[t] for t in PRIMARY_P_ORDER if t in tests]
+    return lines + ["", "p: " + ", ".join(named) + " (the first that applies: the clustered McNemar with "
+                    "patients, McNemar's mid-p for accuracy, DeLong for the rare-class AUROC, else the "
+                    "paired bootstrap); every number is a cell of comparison.csv."]

@@ -106,6 +106,19 @@ COMPARISON_P_COLUMNS = {  # comparison.csv column -> what the p-value is, for re
     "p_delong": "DeLong (images independent)"}
 
 
+def short_model_name(name, max_chars=56):
+    """A model's name for a figure or table row: a checkpoint path keeps its last folder and file
+    ('baseline runs/zs/clip_model_epoch_best.pt' -> 'baseline zs/clip_model_epoch_best.pt'), as
+    every run's best checkpoint has the same file name; longer names are cut in the middle."""
+    prefix, _, rest = name.rpartition(" ") if "/" in name or "\\" in name else ("", "", name)
+    parts = rest.replace("\\", "/").rstrip("/").split("/")
+    short = (prefix + " " if prefix else "") + "/".join(parts[-2:])
+    if len(short) > max_chars:
+        keep = (max_chars - 1) // 2
+        short = short[:keep] + "…" + short[-keep:]
+    return short
+
+
 def rare_summary(metrics):
     """The rare class in inference.py's last log line, at the stored operating point (else under
     argmax): 'orbital disease sensitivity 0.750 (...)  specificity 0.900 (...) at p >= 0.312'."""
@@ -295,3 +308,49 @@ def subgroups_frame(analysis):
                         p_heterogeneity_rare_sensitivity=block["rare_sensitivity_test"]["p"])
             rows.append(flat)
     return pd.DataFrame(rows)
+
+
+# Table 2: one row per model, from comparison.csv's own frame, so every cell is one of its numbers
+PRIMARY_P_ORDER = ("p_mcnemar_clustered", "p_mcnemar_mid", "p_delong", "p_bootstrap")  # first present
+
+
+def primary_p(row):
+    """(p, test column) of a comparison row: the clustered McNemar with patients, else McNemar's
+    mid-p for accuracy, DeLong for the rare-class AUROC, else the paired bootstrap."""
+    for column in PRIMARY_P_ORDER:
+        value = row.get(column)
+        if value is not None and not pd.isna(value):
+            return float(value), column
+    return None, None
+
+
+def table2_frame(comparison):
+    """table2.csv: one row per model ('ours' first), per metric its value and CI and, for each
+    other model, ours − model with its CI and the primary p (`primary_p`). Built from
+    `comparison_frame(comparison)`, so every number is a comparison.csv cell; ours is its
+    `ours_value` on the most images any comparison used (the same on every row when each model
+    answered every image)."""
+    frame = comparison_frame(comparison)
+    if not len(frame):
+        return pd.DataFrame()
+    metrics = [m for m in COMPARISON_LABELS if m in set(frame["metric"])]
+    widest = frame.loc[frame.groupby("metric")["n"].idxmax()].set_index("metric")
+    ours = {"model": "ours", "n": int(widest["n"].max())}
+    for m in metrics:
+        ours.update({m: widest.loc[m, "ours_value"], f"{m}_ci_low": widest.loc[m, "ours_ci_low"],
+                     f"{m}_ci_high": widest.loc[m, "ours_ci_high"]})
+    rows = [ours]
+    for model, block in frame.groupby("model", sort=False):
+        row = {"model": model, "n": int(block["n"].max())}
+        for m, r in block.set_index("metric").iterrows():
+            p, test = primary_p(r.to_dict())
+            row.update({m: r["model_value"], f"{m}_ci_low": r["model_ci_low"],
+                        f"{m}_ci_high": r["model_ci_high"], f"{m}_difference": r["difference"],
+                        f"{m}_difference_ci_low": r["difference_ci_low"],
+                        f"{m}_difference_ci_high": r["difference_ci_high"], f"{m}_p": p,
+                        f"{m}_p_test": test})
+        rows.append(row)
+    columns = ["model", "n"] + [c for m in metrics for c in (
+        m, f"{m}_ci_low", f"{m}_ci_high", f"{m}_difference", f"{m}_difference_ci_low",
+        f"{m}_difference_ci_high", f"{m}_p", f"{m}_p_test")]
+    return pd.DataFrame(rows, columns=columns)

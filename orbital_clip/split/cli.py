@@ -76,6 +76,7 @@ from orbital_clip.split.allocate import split_records
 from orbital_clip.split.duplicates import NEAR_DUP_DISTANCE, duplicates_table, report_duplicates
 from orbital_clip.split.grouping import check_grouping, folder_group, grouping_rule, grouping_summary
 from orbital_clip.split.manifest import (build_manifest, render_tables, split_summary, splits_in_play,
+                                         with_table1,
                                          summary_columns, write_tables)
 from orbital_clip.split.materialise import (check_destination, check_hardlink_possible, materialise,
                                             move_split, plan_jobs, plan_resizing, recover_move,
@@ -192,6 +193,7 @@ def add_output_arguments(parser):
                              "none: the original bytes)")
     cli.add_overwrite(output, help="replace an earlier split in --out-dir: its train/val/test "
                                    "folders and our CSVs; class folders are never touched (default: off)")
+    cli.add_table1_continuous(output)
     output.add_argument("--dry-run", action="store_true",
                         help="read, check and plan as a real run would (refusals included), "
                              "print the table and file count, write nothing (default: off)")
@@ -361,14 +363,15 @@ def main(argv=None):
     def tables_for(records):
         manifest = build_manifest(records, folders, bool(args.folds), bool(args.resize_px),
                                   metadata_columns)
-        return render_tables(manifest, rejected, duplicates_table(records, pairs),
+        return with_table1(render_tables(manifest, rejected, duplicates_table(records, pairs),
                              split_summary(manifest, folders, columns),
                              outputs.run_record("data_preprocess.py", argv, args, {
                                  "classes": folders, "images": len(records), "rejected": len(rejected),
                                  "duplicate_pairs": len(pairs), "conflicting_duplicates": conflicts,
                                  "grouping": {"rule": grouping.rule, "grouped_by": grouping.grouped_by,
                                               "ungrouped": len(grouping.ungrouped),
-                                              "groups": grouping.n_groups}}))
+                                              "groups": grouping.n_groups}})),
+                           manifest, folders, columns, metadata_columns, args.table1_continuous)
 
     manifest = build_manifest(records, folders, bool(args.folds), metadata_columns=metadata_columns)
     summary = split_summary(manifest, folders, columns)

@@ -7,8 +7,9 @@ import pandas as pd
 
 from orbital_clip import outputs
 from orbital_clip.metadata import MANIFEST_COLUMNS
+from orbital_clip.report.table1 import table1, table1_markdown
 from orbital_clip.split.records import (ARGS_NAME, DUPLICATES_NAME, MANIFEST_NAME, REJECTED_NAME,
-                                        SPLITS, SUMMARY_NAME)
+                                        SPLITS, SUMMARY_NAME, TABLE1_CSV_NAME, TABLE1_MD_NAME)
 
 def build_manifest(records, folders, folds=False, resized=False, metadata_columns=()):
     """Manifest rows in a stable order: split, then class index, then source path. `fold` with
@@ -31,12 +32,33 @@ def build_manifest(records, folders, folds=False, resized=False, metadata_column
     return pd.DataFrame(rows, columns=columns)
 
 
-def split_summary(manifest, folders, columns):
-    """Images per class and split (or fold: columns "fold k") with totals, plus a last row of
-    groups per split."""
+def summary_bucket(manifest):
+    """Each image's column in the split tables: its split, or with --folds "fold k" (test: test)."""
     bucket = manifest["split"]
     if "fold" in manifest.columns:
         bucket = bucket.where(manifest["fold"] == "", "fold " + manifest["fold"])
+    return bucket
+
+
+def with_table1(tables, manifest, folders, columns, metadata_columns, style):
+    """`tables` with table1.csv and table1.md (report.table1: by split or fold, the --metadata
+    columns as characteristics) inserted before the manifest, which stays last."""
+    frame = manifest.assign(split=summary_bucket(manifest))
+    table = table1(frame, folders, "split", metadata_columns, style, strata=columns)
+    note = ("Patients are the manifest's groups (each image its own group when the split was not "
+            "grouped); an attribute counts each patient once per column.")
+    text = "\n".join(["# Table 1: the cohort by split", "", *table1_markdown(table, "split", note)]) + "\n"
+    out = {name: body for name, body in tables.items() if name != MANIFEST_NAME}
+    out[TABLE1_CSV_NAME] = table.to_csv(index=False, lineterminator="\n")
+    out[TABLE1_MD_NAME] = text
+    out[MANIFEST_NAME] = tables[MANIFEST_NAME]
+    return out
+
+
+def split_summary(manifest, folders, columns):
+    """Images per class and split (or fold: columns "fold k") with totals, plus a last row of
+    groups per split."""
+    bucket = summary_bucket(manifest)
     rows = []
     for folder in folders:
         of_class = bucket[manifest["label"] == folder]

@@ -16,6 +16,7 @@ MANIFEST_NAME = "manifest.csv"
 REJECTED_NAME = "rejected.csv"
 DUPLICATES_NAME = "duplicates.csv"
 SUMMARY_NAME = "split_summary.csv"
+TABLE1_CSV_NAME, TABLE1_MD_NAME = "table1.csv", "table1.md"  # report.table1, by split
 ARGS_NAME = "split_args.json"
 JOURNAL_NAME = ".move_journal.jsonl"  # present only while a --mode move run is unfinished
 MOVE_LOG_NAME = "move_log.jsonl"  # the journal of a finished move run, for --rollback
@@ -30,6 +31,8 @@ OUTPUTS = (
     outputs.OutputFile(REJECTED_NAME, "files that are not readable images"),
     outputs.OutputFile(DUPLICATES_NAME, "exact and near duplicates"),
     outputs.OutputFile(SUMMARY_NAME, "images per class and split"),
+    outputs.OutputFile(TABLE1_CSV_NAME, "Table 1: patients, images, classes and --metadata attributes by split"),
+    outputs.OutputFile(TABLE1_MD_NAME, "Table 1 in Markdown"),
     outputs.OutputFile(ARGS_NAME, "the run record"),
     outputs.OutputFile(MOVE_LOG_NAME, "--mode move: the finished move's journal, for --rollback"),
     outputs.OutputFile(JOURNAL_NAME, "--mode move: present only while a move is unfinished",

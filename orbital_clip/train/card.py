@@ -12,6 +12,7 @@ import pandas as pd
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
+from orbital_clip.report.figures import legend_below
 from orbital_clip.train.checkpoints import BEST_NAME
 from orbital_clip.train.health import describe_signs
 
@@ -24,11 +25,11 @@ def write_history(save_dir, history, select_metric):
     outputs.atomic_write_csv(Path(save_dir) / "metrics.csv", frame)
     outputs.atomic_write_text(Path(save_dir) / "train_log.jsonl",
                              "".join(json.dumps(row) + "\n" for row in history))
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 5.2))
     ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train (contrastive)")
     ax_loss.plot(frame["epoch"], frame["val_loss"], marker="o", label="validation (zero-shot CE)")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_loss.legend()
+    legend_below(ax_loss)  # below the axes: a legend inside covers some epoch's values
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "rare_sensitivity"):
         ax_metric.plot(frame["epoch"], frame[name], marker=".", label=name.replace("_", " "))
     best = frame[frame["is_best"]]
@@ -36,7 +37,7 @@ def write_history(save_dir, history, select_metric):
         ax_metric.axvline(best["epoch"].iloc[-1], color="grey", linestyle="--",
                           label=f"best ({select_metric})")
     ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(-0.02, 1.02), title="Validation")
-    ax_metric.legend(fontsize=8, loc="lower right")
+    legend_below(ax_metric, fontsize=8)
     fig.tight_layout()
     outputs.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
     plt.close(fig)
