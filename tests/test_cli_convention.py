@@ -15,6 +15,7 @@ from orbital_clip.train import options as train_options
 from orbital_clip.train.options import warmup_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "orbital_clip" / "configs"  # the one copy, shipped as package data
 ENTRY_POINTS = {"data_preprocess": split_cli.main, "clip_train": train_cli.main,
                 "inference": scoring.main, "score_answers": answers.main,
                 "train_cnn": cnn.main}
@@ -169,8 +170,8 @@ def test_wise_ft_alphas_out_of_range_is_refused_by_name(tmp_path, capsys):
 
 
 def test_recipe_files_are_the_built_in_recipes():
-    assert json.loads((REPO_ROOT / "configs" / "paper.json").read_text()) == PAPER
-    assert json.loads((REPO_ROOT / "configs" / "recommended.json").read_text()) == RECOMMENDED
+    assert json.loads((RECIPE_DIR / "paper.json").read_text()) == PAPER
+    assert json.loads((RECIPE_DIR / "recommended.json").read_text()) == RECOMMENDED
 
 
 @pytest.mark.parametrize("recipe, expected", [("paper", PAPER), ("recommended", RECOMMENDED)])
@@ -178,7 +179,7 @@ def test_recipe_flag_and_config_file_give_the_recipe(recipe, expected, tmp_path)
     by_flag = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--recipe", recipe)
     assert {key: getattr(by_flag, key) for key in expected} == expected
     by_file = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"),
-                          "--config", str(REPO_ROOT / "configs" / f"{recipe}.json"))
+                          "--config", str(RECIPE_DIR / f"{recipe}.json"))
     # a config value goes through its flag's own parser, as `--warmup 0` would ('0', the same spec)
     expected = {**expected, "warmup": warmup_spec(str(expected["warmup"]))}
     assert {key: getattr(by_file, key) for key in expected} == expected
