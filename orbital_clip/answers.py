@@ -271,6 +271,7 @@ class AnswerSetup:
     anonymize: object  # text -> pseudonym, or None
     argv: list = dataclasses.field(default_factory=list)
     subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
+    script: str = "score_answers.py"  # the entry point that ran (args.json)
 
 
 def step_probs(answers, n_classes, where):
@@ -404,10 +405,11 @@ def step_folder(index, name):
     return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
 
 
-def run_answers(args, argv):
-    """inference.py --predictions: score answer files, no model. Returns the exit code."""
+def run_answers(args, argv, script="score_answers.py"):
+    """Score answer files, no model (score_answers.py, or `script` inference.py's deprecated
+    --predictions mode). Returns the exit code."""
     try:
-        setup = prepare_answers(args, argv)
+        setup = dataclasses.replace(prepare_answers(args, argv), script=script)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -511,6 +513,8 @@ def main(argv=None):
     from orbital_clip import scoring_args
     argv = list(sys.argv[1:] if argv is None else argv)
     args = scoring_args.parse_args(argv, __doc__, model=False)
+    # args.json spells the flags' current names (--out-dir, not --output-dir)
+    argv = cli.canonical_argv(scoring_args.build_parser(__doc__, model=False), argv)
     cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():

@@ -513,7 +513,7 @@ def args_record(args, setup, run=None):
     hidden = {"anonymize_salt": "<hidden>"}
     if setup.anonymize:
         hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
-    return outputs.run_record("inference.py", setup.argv, args, run, hidden)
+    return outputs.run_record(setup.script, setup.argv, args, run, hidden)
 
 
 def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=None,

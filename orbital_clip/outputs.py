@@ -140,6 +140,8 @@ def run_record(script, argv, args, run=None, hidden=None):
     cwd), args (every parsed argument, defaults included), environment, run (what the script
     adds)}.
 
+    `script` is the file run (`clip_train.py`), or a module run with `python -m` named without
+    `.py` (`baselines.train_cnn`), so that `command` repeats the run as it was started.
     `hidden` maps an argument name to the text written instead of its value, in `args` and in
     `argv` (a secret salt, a path that must not be written); the name "cwd" hides the folder.
     """
@@ -157,7 +159,8 @@ def run_record(script, argv, args, run=None, hidden=None):
         record_args[name] = replacement
         argv = hide_flag_values(argv, name, replacement)
     return {"script": script, "cwd": cwd, "argv": argv,
-            "command": shlex.join(["python", script, *argv]),
+            "command": shlex.join(["python", *([script] if script.endswith(".py") else ["-m", script]),
+                                   *argv]),
             "args": record_args, "environment": environment_info(),
             "run": json.loads(json.dumps(run, default=primitive))}
 

@@ -120,6 +120,7 @@ class Scores:
 @dataclasses.dataclass
 class Setup:
     """What `prepare` loads before any output is written."""
+    script = "inference.py"  # the entry point that ran (args.json); not a field: always this one
     cohort: Cohort
     model: ModelBundle
     baseline: ModelBundle | None
@@ -638,13 +639,14 @@ def prepare(args, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    argv = cli.canonical_argv(scoring_args.build_parser(__doc__), argv)  # current spellings in args.json
     cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
     if args.predictions:  # answer files: no model, no device
         print(f"warning: {DEPRECATED_ANSWER_MODE}", file=sys.stderr)
-        return run_answers(args, argv)
+        return run_answers(args, argv, script="inference.py")
     try:
         setup = prepare(args, argv)
     except (ValueError, OSError) as err:

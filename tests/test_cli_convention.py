@@ -4,6 +4,7 @@
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from orbital_clip.split import cli as split_cli
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import options as train_options
 from orbital_clip.train.options import warmup_spec
+from conftest import write_cohorts, write_csv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "orbital_clip" / "configs"  # the one copy, shipped as package data
@@ -224,3 +226,50 @@ def test_bad_config_is_refused_naming_file_and_key(text, why, tmp_path, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert f"--config {config}" in err and why in err
+
+
+# args.json names the entry point that ran and spells the flags' current names, in every script
+# (train and split: test_args_json_argv_spells_the_new_name and their own end-to-end tests)
+
+
+def answer_cohort(tmp_path):
+    """Two class folders (files that are never read: answers are scored, not images) and an
+    answer file for them."""
+    rows = []
+    for label in ("a", "b"):
+        for i in range(3):
+            path = tmp_path / "cohort" / label / f"{label}{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            rows.append([f"{label}/{label}{i}.png", label if i else "b"])
+    write_csv(tmp_path / "answers.csv", ["path", "pred_label"], rows)
+    return ["--test-dir", str(tmp_path / "cohort"), "--predictions", f"step1={tmp_path / 'answers.csv'}",
+            "--bootstrap", "0", "--no-figures"]
+
+
+@pytest.mark.parametrize("main, script", [(answers.main, "score_answers.py"),
+                                          (scoring.main, "inference.py")])  # its deprecated mode
+def test_answer_scoring_records_its_script_and_the_new_spelling(main, script, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*answer_cohort(tmp_path), "--output-dir", str(out)]) == 0
+    record = json.loads((out / "args.json").read_text())
+    assert record["script"] == script
+    assert record["argv"][-2:] == ["--out-dir", str(out)]
+    assert record["command"].startswith(f"python {script} --test-dir ")
+    assert "--output-dir is deprecated; use --out-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_cnn_records_its_module_and_the_new_spelling(tmp_path):
+    write_cohorts(tmp_path, train=(2, 2, 2), val=(1, 1, 1), test=(1, 1, 1))
+    out = tmp_path / "run"
+    argv = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"),
+            "--test-dir", str(tmp_path / "test"), "--save-dir", str(out), "--arch", "resnet18",
+            "--weights", "none", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+            "--no-progress"]
+    assert cnn.main(argv) == 0
+    record = json.loads((out / "args.json").read_text())
+    canonical = [token.replace("--save-dir", "--out-dir") for token in argv]
+    assert record["script"] == "baselines.train_cnn" and record["argv"] == canonical
+    # the file cannot be run alone (it imports the package): the command repeats `python -m`
+    assert shlex.split(record["command"]) == ["python", "-m", "baselines.train_cnn", *canonical]
