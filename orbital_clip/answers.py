@@ -110,11 +110,11 @@ def parse_probabilities(cells, where):
 
 
 def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
-                              true_labels=None):
+                              true_labels=None, lookup=None):
     """Read another model's or reader's answers and match them to the cohort by path.
 
     Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
-    label_map=None, true_labels=None) -> ExternalPredictions.
+    label_map=None, true_labels=None, lookup=None) -> ExternalPredictions.
 
     Parameters
     ----------
@@ -137,6 +137,9 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         "failed: unmapped answer '<answer>'".
     true_labels : list of str, optional
         The cohort's true folder per image, checked against a `true_label` column.
+    lookup : dict, optional
+        The label map already parsed ({normalised answer: folder}, prompts.load_label_map), in
+        place of `label_map`: the scripts parse their --label-map once for every file.
 
     Returns
     -------
@@ -150,7 +153,9 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     a true_label that differs from the cohort's.
     """
     where = f"{flag} {path}"
-    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    mapped = lookup is not None or label_map is not None  # unknown answers fail rows, not the file
+    if lookup is None:
+        lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -181,7 +186,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
             continue
         answer = row[answer_column]
         index = answer_index(answer, lookup, list(folders))
-        if index is None and label_map is None:
+        if index is None and not mapped:
             raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
                              "(pass a label map of synonyms to count it as a failed answer)")
         if index is None:
@@ -199,15 +204,14 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
 
 
 def read_label_map(path, folders):
-    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    """The --label-map file parsed once (prompts.load_label_map: {normalised answer: folder},
+    checked against the classes), or None without one."""
     if not path:
         return None
     try:
-        label_map = prompt_sets.read_label_map_file(path)
-        prompt_sets.parse_label_map(label_map, folders, path)
+        return prompt_sets.load_label_map(path, folders)
     except prompt_sets.LabelMapError as err:
         raise ValueError(f"--label-map {err}") from None
-    return label_map
 
 
 def named_file(spec):
@@ -235,14 +239,15 @@ def parse_compare_specs(values):
 def read_compared(args, cohort, folders):
     """{name: ExternalPredictions} of --compare, matched to the cohort (ValueError: exit 2)."""
     specs, _bad, _why = parse_compare_specs(args.compare)
-    label_map = read_label_map(args.label_map, folders)
-    return {name: read_cohort_answers(path, cohort, folders, f"--compare {name}=", label_map)
+    lookup = read_label_map(args.label_map, folders)
+    return {name: read_cohort_answers(path, cohort, folders, f"--compare {name}=", lookup)
             for name, path in specs.items()}
 
 
-def read_cohort_answers(path, cohort, folders, flag, label_map):
-    """read_external_predictions matched to a labelled Cohort (its paths and true labels)."""
-    return read_external_predictions(path, cohort.relative_paths(), folders, flag, label_map,
+def read_cohort_answers(path, cohort, folders, flag, lookup):
+    """read_external_predictions matched to a labelled Cohort (its paths and true labels);
+    `lookup`: the parsed --label-map (read_label_map) or None."""
+    return read_external_predictions(path, cohort.relative_paths(), folders, flag, lookup=lookup,
                                      true_labels=[folders[label] for _path, label in cohort.items])
 
 
@@ -290,9 +295,9 @@ def step_probs(answers, n_classes, where):
     return answers.probs, True
 
 
-def read_answer_step(name, path, flag, cohort, folders, label_map):
+def read_answer_step(name, path, flag, cohort, folders, lookup):
     """One AnswerStep (the file of `flag`), matched to the cohort by path."""
-    answers = read_cohort_answers(path, cohort, folders, flag, label_map)
+    answers = read_cohort_answers(path, cohort, folders, flag, lookup)
     probs, has_probs = step_probs(answers, len(folders), f"{flag} {path}")
     return AnswerStep(name, str(path), flag, answers, probs, has_probs, images.file_sha256(path))
 
@@ -306,12 +311,12 @@ def prepare_answers(args, argv):
         raise ValueError(f"--test-dir {args.test_dir}: no class folders; answers are scored against "
                          "the class folders (or a manifest's labels) of the cohort")
     folders = prompt_sets.order_classes(found, args.classes.split(",") if args.classes else None)
-    label_map = read_label_map(args.label_map, folders)
+    lookup = read_label_map(args.label_map, folders)
     cohort = collect_cohort(args, folders)
     compared, _bad, _why = parse_compare_specs(args.compare)
     specs = [(*named_file(args.predictions), "--predictions")] + [
         (name, path, f"--compare {name}=") for name, path in (compared or {}).items()]
-    steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
+    steps = [read_answer_step(name, path, flag, cohort, folders, lookup)
              for name, path, flag in specs]
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
     return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,

@@ -378,7 +378,7 @@ def build_parser():
     run = parser.add_argument_group("run")
     cli.add_seed(run, help="seed for the initial weights and batches")
     cli.add_device(run)
-    cli.add_precision(run, help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    cli.add_precision(run)  # auto: models.resolve_precision, as clip_train.py and inference.py
     cli.add_workers(run)
     cli.add_overwrite(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -450,8 +450,7 @@ def prepare(args):
     """Everything that can refuse the run, done before anything is written: device, classes,
     cohorts, model and weights. Returns (cohorts, model, WeightsInfo)."""
     args.device = models.resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    args.precision, _why = models.resolve_precision(args.precision, args.device)  # clip_train's rule
     models.autocast_context(args.device, args.precision)
     if args.workers is None:
         args.workers = cli.default_workers(args.device)

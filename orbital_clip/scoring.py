@@ -265,9 +265,7 @@ def score_model(bundle, cohort, args):
         # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
         classifier = zero_shot.build_zero_shot_classifier(
             model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
-        # The published code scaled by the raw log temperature; reproduce it only when asked.
-        published = bundle.logit_scale_mode == "published-log"
-        scale = model.logit_scale if published else model.logit_scale.exp()
+        scale = model_lib.logit_scale(model, bundle.logit_scale_mode)  # training's rule too
         logits = zero_shot.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
                                          scale.float().cpu())
     logits = logits.double().numpy()  # (N, C)

@@ -3,12 +3,12 @@ flags, defaults and checks, so an answer file scored by either command gets the 
 """
 
 import argparse
-import re
 from pathlib import Path
 
 from orbital_clip import cli
 from orbital_clip import images
 from orbital_clip import models
+from orbital_clip import patients
 from orbital_clip.answers import add_answer_arguments, check_answer_args, check_compare_args
 from orbital_clip.evaluation import DEFAULT_SPLIT, FAILURE_DIR, check_subgroup_args
 from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS
@@ -220,10 +220,5 @@ def check_args(parser, args):
         parser.error(f"--cache-dir {args.cache_dir}: exists and is not a folder")
     if args.anonymize_salt is not None and not args.anonymize_paths:
         parser.error("--anonymize-salt needs --anonymize-paths")
-    if args.group_regex is not None:
-        try:
-            groups = re.compile(args.group_regex).groups
-        except re.error as err:
-            parser.error(f"--group-regex {args.group_regex!r}: not a regular expression ({err})")
-        if groups < 1:
-            parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
+    if args.group_regex is not None and patients.group_regex_problem(args.group_regex):
+        parser.error(patients.group_regex_problem(args.group_regex))

@@ -870,7 +870,7 @@ def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, t
     assert record["script"] == "inference.py" and record["args"]["seed"] == 3
     assert record["run"]["checkpoint_sha256"] == image_io.file_sha256(checkpoint)
     argv = record["argv"]
-    argv[argv.index("--output-dir") + 1] = str(tmp_path / "again")
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "again")  # args.json spells the current name
     assert inference.main(argv) == 0
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name

@@ -114,15 +114,14 @@ def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff
 
 def answer_rows(step_set, planned, records):
     """{step: [row]} of the answer CSVs: the raw answer beside the label it maps to (the scorer's
-    rule, prompts.parse_label_map), or '' when it maps to none."""
-    lookup = prompt_sets.parse_label_map(step_set.label_map, step_set.classes, step_set.source)
+    rule, prompts.map_answer through the step file's parsed label map), or '' when it maps to none."""
     rows = collections.defaultdict(list)
     for item in planned:
         record = records[item.key]
         answer = record.get("answer", "")
         rows[item.step].append({
             "path": item.path, "answer": answer,
-            "mapped_label": lookup.get(prompt_sets.normalise_answer(answer), "") if record["status"] == "ok" else "",
+            "mapped_label": (prompt_sets.map_answer(answer, step_set.lookup) or "") if record["status"] == "ok" else "",
             "status": record["status"], "refusal": int(bool(record.get("refusal"))),
             "prompt_tokens": record.get("prompt_tokens", 0),
             "completion_tokens": record.get("completion_tokens", 0),

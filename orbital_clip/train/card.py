@@ -12,8 +12,14 @@ import pandas as pd
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
+from orbital_clip.report.figures import save_figure
 from orbital_clip.train.checkpoints import BEST_NAME
 from orbital_clip.train.health import describe_signs
+
+
+def figure_saver(folder):
+    """save(fig, file_name, **savefig_kwargs) for report.save_figure: atomic files in `folder`."""
+    return lambda fig, name, **kwargs: outputs.atomic_save_figure(fig, Path(folder) / name, **kwargs)
 
 
 def write_history(save_dir, history, select_metric):
@@ -37,9 +43,7 @@ def write_history(save_dir, history, select_metric):
                           label=f"best ({select_metric})")
     ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(-0.02, 1.02), title="Validation")
     ax_metric.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    outputs.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
-    plt.close(fig)
+    save_figure(plt, fig, figure_saver(save_dir), "training_curves", formats=("png",))
 
 
 def done_summary(state, args):
