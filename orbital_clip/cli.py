@@ -10,11 +10,11 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import torch
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: derive numpy/random seeds from torch's per-worker seed."""
     import random
+    import torch  # here, not at the top: score_answers.py parses its flags without torch
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -31,6 +31,7 @@ def default_workers(device=None, local_world_size=1):
     pre-resized photographs (benchmarks/RESULTS.md): training end-to-end/model-only 0.97 with 0
     workers against 0.81 with 1.
     """
+    import torch  # here, not at the top: score_answers.py parses its flags without torch
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind != "cuda":
         return 0

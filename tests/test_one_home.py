@@ -1,8 +1,12 @@
 """One home per rule (issue 24): the package builds open_clip models in one place and writes
 checkpoint files in one place; a second call site is a second error path that will drift."""
+import ast
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -172,3 +176,108 @@ def test_the_collapse_temperature_bound_is_the_calibration_search_range():
     assert health.collapse_signs([{**row, "temperature": fitted}] * 3, 1.0) == ["temperature_at_bound"]
     inside = math.exp(bound - 0.5)
     assert health.collapse_signs([{**row, "temperature": inside}] * 3, 1.0) == []
+
+
+# -- imports point one way (item 4): no cycle among module-level imports, and no function-level
+# import of a project module where a module-level one would close a cycle (that hides the cycle)
+
+
+def module_name(path):
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(node, known):
+    """The project modules an import statement loads (with the packages above them)."""
+    if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                   for alias in node.names]
+    found = set()
+    for target in targets:
+        parts = target.split(".")
+        found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & known
+    return found
+
+
+def import_graph():
+    """({module: modules it imports at load time}, [(module, target, line) of imports inside
+    functions]) of the package, by reading the sources."""
+    files = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    known = set(files)
+    at_load, deferred = {}, []
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f)}
+        at_load[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+                # its own packages are loaded before it (their __init__ is no edge of a cycle)
+                own = {name.rsplit(".", k)[0] for k in range(name.count(".") + 1)}
+                targets = imported_modules(node, known) - own
+                if id(node) in inside:
+                    deferred += [(name, t, node.lineno) for t in sorted(targets)]
+                else:
+                    at_load[name] |= targets
+    return at_load, deferred
+
+
+def reaches(graph, start, goal):
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node == goal:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return False
+
+
+def test_no_import_cycle_and_none_hidden_in_a_function():
+    at_load, deferred = import_graph()
+    assert "orbital_clip.scoring_args" in at_load["orbital_clip.answers"]  # the graph sees imports
+    cycles = sorted((a, b) for a, targets in at_load.items() for b in targets if reaches(at_load, b, a))
+    assert cycles == []
+    hidden = [f"{module} line {line}: imports {target} in a function; at load it would be a cycle"
+              for module, target, line in deferred if reaches(at_load, target, module)]
+    assert hidden == []
+
+
+@pytest.mark.slow
+def test_every_module_imports_in_a_fresh_interpreter_in_alphabetical_order():
+    names = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+    done = subprocess.run([sys.executable, "-c", "import importlib, sys\n"
+                           "for name in sys.argv[1:]:\n    importlib.import_module(name)", *names],
+                          cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_score_answers_never_imports_torch(tmp_path):
+    """score_answers.py scores CSV files: loading torch (seconds, gigabytes) buys it nothing (item 7)."""
+    shown = subprocess.run([sys.executable, "-X", "importtime", str(PACKAGE.parent / "score_answers.py"),
+                            "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "--predictions" in shown.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "orbital_clip.answers" in imported
+    assert [name for name in imported if name.split(".")[0] in ("torch", "open_clip", "torchvision")] == []
+    # and a whole run (the cohort listed, two steps scored, the report written) in a fresh interpreter
+    for label in ("a", "b"):
+        (tmp_path / "cohort" / label).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "cohort" / label / f"{i}.png").write_bytes(b"not read")
+    rows = [[f"{label}/{i}.png", label] for label in "ab" for i in range(2)]
+    files = [write_csv(tmp_path / f"step{k}.csv", ["path", "pred_label"], rows) for k in (1, 2)]
+    run = ("import sys\nfrom orbital_clip import answers\n"
+           f"status = answers.main(['--test-dir', 'cohort', '--predictions', 'one={files[0]}', "
+           f"'--compare', 'two={files[1]}', '--out-dir', 'out', '--bootstrap', '20'])\n"
+           "print(status, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')))")
+    done = subprocess.run([sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["accuracy"] == 1.0
