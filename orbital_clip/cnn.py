@@ -335,6 +335,7 @@ def weights_spec(text):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     check_args(parser, args)
     return args
 

@@ -3,6 +3,7 @@ flags, defaults and checks, so an answer file scored by either command gets the 
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from orbital_clip import cli
@@ -41,6 +42,7 @@ def parse_args(argv, description, model=True):
     """The checked arguments of inference.py (`model`) or score_answers.py (answer files only)."""
     parser = build_parser(description, model)
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     if args.workers is None:  # answer files load no images: no workers (and no torch to ask)
         args.workers = cli.default_workers(args.device) if model else 0
     check_args(parser, args)

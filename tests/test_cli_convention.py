@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orbital_clip import answers, cli, cnn, scoring, scoring_args
+from orbital_clip import answers, cli, cnn, prompts, scoring, scoring_args
 from orbital_clip.split import cli as split_cli
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import options as train_options
@@ -273,3 +273,66 @@ def test_train_cnn_records_its_module_and_the_new_spelling(tmp_path):
     assert record["script"] == "baselines.train_cnn" and record["argv"] == canonical
     # the file cannot be run alone (it imports the package): the command repeats `python -m`
     assert shlex.split(record["command"]) == ["python", "-m", "baselines.train_cnn", *canonical]
+
+
+# --config recorded as what it is, keys as users type the flags, two spellings that disagree (item 6)
+
+
+def test_config_keys_are_the_flag_names_users_type(tmp_path):
+    (tmp_path / "train").mkdir()
+    out = tmp_path / "from_file"
+    for key in ("out-dir", "out_dir", "save_dir"):  # the flag as typed, either way, or its dest
+        config = write(tmp_path / f"{key}.json", json.dumps({key: str(out), "no-progress": True}))
+        args = train_options.parse_args(["--train-dir", str(tmp_path / "train"), "--val-dir",
+                                         str(tmp_path / "train"), "--config", str(config)])
+        assert (args.save_dir, args.no_progress) == (str(out), True)  # --out-dir not needed on the line
+    config = write(tmp_path / "balanced.json", json.dumps({"balanced-sampling": True}))
+    assert parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--config", str(config)).balanced_sampling
+
+
+@pytest.mark.parametrize("parse, argv, refused", [
+    ("train", ["--save-dir", "A", "--out-dir", "B"], "--out-dir B and --save-dir A"),
+    ("train", ["--out-dir", "B", "--save-dir=A"], "--out-dir B and --save-dir A"),
+    ("inference", ["--output-dir", "A", "--out-dir", "B"], "--out-dir B and --output-dir A"),
+    ("answers", ["--out-dir", "A", "--output-dir", "B"], "--out-dir A and --output-dir B"),
+    ("split", ["--output-dir", "A", "--out-dir", "B"], "--out-dir B and --output-dir A"),
+    ("cnn", ["--save-dir", "A", "--output-dir", "B"], "--save-dir A and --output-dir B"),
+    ("inference", ["--wise-ft-alpha", "0", "0.5", "--wise-ft-alphas", "0", "1"],
+     "--wise-ft-alphas 0 1 and --wise-ft-alpha 0 0.5")])
+def test_two_spellings_with_different_values_are_refused_naming_both(parse, argv, refused, tmp_path,
+                                                                      capsys):
+    with pytest.raises(SystemExit) as done:
+        args = parse_with(parse, argv, tmp_path)
+        # parse_with calls the parsers' parse_args for train and cnn; the others check here
+        cli.refuse_conflicting_spellings(
+            split_cli.build_parser() if parse == "split" else scoring_args.build_parser(
+                "x", model=parse == "inference"), argv)
+        del args
+    assert done.value.code == 2
+    assert f"{refused}: two spellings of one flag with different values" in capsys.readouterr().err
+
+
+def test_the_same_value_under_two_spellings_is_fine(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert parse_train(tmp_path, "--save-dir", out, "--out-dir", out).save_dir == out
+    data = str(tmp_path / "train")
+    args = cnn.parse_args(["--train-dir", data, "--val-dir", data, "--test-dir", data, "--weights",
+                           "none", "--output-dir", out, "--out-dir=" + out])
+    assert args.save_dir == out
+    with pytest.raises(SystemExit) as done:  # and one spelling or another stays required
+        cnn.parse_args(["--train-dir", data, "--val-dir", data, "--test-dir", data])
+    assert done.value.code == 2
+    assert "the following arguments are required: --out-dir" in capsys.readouterr().err
+
+
+def test_config_is_recorded_as_what_it_is_in_the_model_card(tmp_path):
+    from orbital_clip.train import card
+    config = write(tmp_path / "my.json", json.dumps({"lr": 3e-6, "batch-size": 16}))
+    args = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--config", str(config))
+    assert cli.config_source(args) == f"--config {config} (then --recipe paper for the flags it leaves unset)"
+    assert cli.config_record(args.config) == {"file": str(config), "values": {"lr": 3e-6, "batch_size": 16}}
+    plain = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--recipe", "recommended")
+    assert cli.config_source(plain) == "--recipe recommended" and cli.config_record(plain.config) is None
+    text = card.model_card(args, prompts.load_prompt_set(None), [], [],
+                           {"history": [], "best_epoch": None, "epoch": 0})
+    assert f"## Recipe\n\n--config {config} (then --recipe paper for the flags it leaves unset): lr 3e-06" in text

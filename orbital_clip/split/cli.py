@@ -204,6 +204,7 @@ def add_output_arguments(parser):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     validate_args(parser, args)
     return args
 

@@ -9,6 +9,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from orbital_clip import cli
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
@@ -106,7 +107,7 @@ def model_card(args, classes, train_items, val_items, state):
     lines += [f"| {f} | {count(train_items, k)} | {count(val_items, k)} |" for k, f in enumerate(folders)]
     lines += ["", "## Classes and prompts", "", f"Rare, clinically critical class: **{folders[0]}**.", ""]
     lines += [f"- {c.folder}: training {list(c.train)}; evaluation {list(c.eval)}" for c in classes]
-    lines += ["", "## Recipe", "", f"--recipe {args.recipe}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+    lines += ["", "## Recipe", "", f"{cli.config_source(args)}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
               f"batch {args.batch_size}, {args.epochs} epochs, loss {args.loss}, schedule {args.schedule} "
               f"(warmup {args.warmup}), balanced sampling {'on' if args.balanced_sampling else 'off'}, "
               f"best epoch by validation {args.select_metric}, seed {args.seed}, precision {args.precision}.",

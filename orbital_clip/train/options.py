@@ -85,6 +85,7 @@ def parse_args(argv=None, exit_on_error=True):
     parser = build_parser(argparse.ArgumentParser if exit_on_error else RefusingParser)
     apply_config_flag(parser, argv)
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     validate_args(parser, args)
     return args
 
