@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from orbital_clip import cli
+from orbital_clip import scoring_args
+from orbital_clip.answer_args import named_file, parse_compare_specs
 from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
@@ -122,11 +124,11 @@ def parse_probabilities(cells, where):
 
 
 def read_external_predictions(path, cohort_paths, folders, flag="--compare", label_map=None,
-                              true_labels=None):
+                              true_labels=None, lookup=None, declared=None):
     """Read another model's or reader's answers and match them to the cohort by path.
 
     Signature: read_external_predictions(path, cohort_paths, folders, flag="--compare",
-    label_map=None, true_labels=None) -> ExternalPredictions.
+    label_map=None, true_labels=None, lookup=None, declared=None) -> ExternalPredictions.
 
     Parameters
     ----------
@@ -149,6 +151,12 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         "failed: unmapped answer '<answer>'".
     true_labels : list of str, optional
         The cohort's true folder per image, checked against a `true_label` column.
+    lookup : dict, optional
+        The label map already parsed ({normalised answer: folder}, prompts.load_label_map), in
+        place of `label_map`: the scripts parse their --label-map once for every file.
+    declared : dict, optional
+        With `lookup`: the label map's declared outcomes ({normalised answer: outcome},
+        prompts.parse_outcomes), answers outside the classes that are readings, not failures.
 
     Returns
     -------
@@ -162,8 +170,11 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
     a true_label that differs from the cohort's.
     """
     where = f"{flag} {path}"
-    lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
-    declared = prompt_sets.parse_outcomes(label_map or {}, list(folders), where)
+    mapped = lookup is not None or label_map is not None  # unknown answers fail rows, not the file
+    if lookup is None:
+        lookup = prompt_sets.parse_label_map(label_map or {}, list(folders), where)
+    if declared is None:
+        declared = prompt_sets.parse_outcomes(label_map or {}, list(folders), where)
     header, rows = read_csv_rows(path, where)
     answer_column = next((c for c in ("pred_label", "answer") if c in header), None)
     if "path" not in header or answer_column is None:
@@ -195,7 +206,7 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
         answer = row[answer_column]
         raw[i] = str(answer or "").strip()
         index = answer_index(answer, lookup, list(folders))
-        if index is None and label_map is None:
+        if index is None and not mapped:
             raise ValueError(f"{here}: {answer_column} {answer!r} is not a class of {list(folders)} "
                              "(pass a label map of synonyms to count it as a failed answer)")
         outcome = declared.get(prompt_sets.normalise_answer(answer)) if index is None else None
@@ -217,37 +228,14 @@ def read_external_predictions(path, cohort_paths, folders, flag="--compare", lab
 
 
 def read_label_map(path, folders):
-    """The --label-map file ({folder: [synonym, ...]}) checked against the classes, or None."""
+    """The --label-map file parsed once: (lookup, declared outcomes) of prompts.load_label_map
+    ({normalised answer: folder}, {normalised answer: outcome}), or None without one."""
     if not path:
         return None
     try:
-        label_map = prompt_sets.read_label_map_file(path)
-        prompt_sets.parse_label_map(label_map, folders, path)
+        return prompt_sets.load_label_map(path, folders, with_outcomes=True)
     except prompt_sets.LabelMapError as err:
         raise ValueError(f"--label-map {err}") from None
-    return label_map
-
-
-def named_file(spec):
-    """(name, path) of 'NAME=FILE', or (file stem, FILE) when spec is an existing file or has no '='."""
-    if "=" in spec and not Path(spec).is_file():
-        name, path = spec.split("=", 1)
-        return name.strip(), path
-    return Path(spec).stem, spec
-
-
-def parse_compare_specs(values):
-    """{name: path} of --compare NAME=FILE values, or (None, bad value, why)."""
-    specs = {}
-    for value in values or []:
-        name, sep, path = value.partition("=")
-        name = name.strip()
-        if not sep or not name or not path:
-            return None, value, "expected NAME=FILE, e.g. resnet50=runs/resnet50/predictions.csv"
-        if name in specs or name == "ours" or name.startswith("baseline "):
-            return None, value, f"the name {name!r} is taken; give each model its own name"
-        specs[name] = path
-    return specs, None, None
 
 
 def read_compared(args, cohort, folders):
@@ -259,8 +247,11 @@ def read_compared(args, cohort, folders):
 
 
 def read_cohort_answers(path, cohort, folders, flag, label_map):
-    """read_external_predictions matched to a labelled Cohort (its paths and true labels)."""
-    return read_external_predictions(path, cohort.relative_paths(), folders, flag, label_map,
+    """read_external_predictions matched to a labelled Cohort (its paths and true labels);
+    `label_map`: the parsed --label-map, (lookup, declared outcomes) of read_label_map, or None."""
+    lookup, declared = label_map if label_map is not None else (None, None)
+    return read_external_predictions(path, cohort.relative_paths(), folders, flag, lookup=lookup,
+                                     declared=declared,
                                      true_labels=[folders[label] for _path, label in cohort.items])
 
 
@@ -352,6 +343,7 @@ class AnswerSetup:
     argv: list = dataclasses.field(default_factory=list)
     subgroups: dict | None = None  # --subgroups attribute -> level per cohort image
     outcomes: list = dataclasses.field(default_factory=list)  # the label map's, in its order
+    script: str = "score_answers.py"  # the entry point that ran (args.json)
 
 
 def step_probs(answers, n_classes, where):
@@ -371,7 +363,8 @@ def step_probs(answers, n_classes, where):
 
 
 def read_answer_step(name, path, flag, cohort, folders, label_map):
-    """One AnswerStep (the file of `flag`), matched to the cohort by path."""
+    """One AnswerStep (the file of `flag`), matched to the cohort by path; `label_map` as
+    read_cohort_answers takes it."""
     answers = read_cohort_answers(path, cohort, folders, flag, label_map)
     probs, has_probs = step_probs(answers, len(folders), f"{flag} {path}")
     return AnswerStep(name, str(path), flag, answers, probs, has_probs, images.file_sha256(path))
@@ -394,7 +387,7 @@ def prepare_answers(args, argv):
     steps = [read_answer_step(name, path, flag, cohort, folders, label_map)
              for name, path, flag in specs]
     salt = args.anonymize_salt if args.anonymize_salt is not None else secrets.token_hex(16)
-    declared = prompt_sets.parse_outcomes(label_map or {}, folders)
+    declared = label_map[1] if label_map is not None else {}
     return AnswerSetup(cohort, folders, steps, make_anonymizer(salt) if args.anonymize_paths else None,
                        argv, cohort_subgroups(args, cohort), list(dict.fromkeys(declared.values())))
 
@@ -529,10 +522,11 @@ def step_folder(index, name):
     return f"step{index + 1}_" + (re.sub(r"[^\w.+-]+", "_", name).strip("_") or "answers")
 
 
-def run_answers(args, argv):
-    """inference.py --predictions: score answer files, no model. Returns the exit code."""
+def run_answers(args, argv, script="score_answers.py"):
+    """Score answer files, no model (score_answers.py, or `script` inference.py's deprecated
+    --predictions mode). Returns the exit code."""
     try:
-        setup = prepare_answers(args, argv)
+        setup = dataclasses.replace(prepare_answers(args, argv), script=script)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -564,77 +558,12 @@ def run_answers(args, argv):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: the answer-file flags (of score_answers.py, and of inference.py for now) and checks
-
-
-def add_answer_arguments(parser, required=False):
-    """The flags of answer files scored without a model (checked by check_answer_args);
-    --predictions is `required` in score_answers.py, which has no --checkpoint."""
-    group = parser.add_argument_group(
-        "answer files, no model (e.g. a chat model's diagnoses; see README: The paper's second step)")
-    group.add_argument("--predictions", default=None, metavar="[NAME=]FILE", required=required,
-                       help="score this CSV of answers instead of a --checkpoint: columns path (as "
-                            "in predictions.csv, relative to --test-dir), answer or pred_label, "
-                            "optional prob_<class> for every class and status; NAME names the "
-                            "step (default: the file stem)")
-    group.add_argument("--label-map", default=None, metavar="JSON",
-                       help="with --predictions or --compare: {class folder: [synonym, ...]}, "
-                            "matched case- and whitespace-insensitively; an answer it does not map "
-                            "is a failed row (status 'failed: unmapped answer ...'), never guessed")
-    group.add_argument("--classes", action=cli.SpaceList, join=",", default=None, metavar="FOLDER",
-                       help="with --predictions: class folders in index order (default: sorted "
-                            "by name); index 0 is the class of the intention-to-diagnose line")
-
-
-def check_compare_args(parser, args):
-    """--compare values: NAME=FILE, unique names, existing files."""
-    specs, bad, why = parse_compare_specs(args.compare)
-    if specs is None:
-        parser.error(f"--compare {bad}: {why}")
-    for name, path in specs.items():
-        if not Path(path).is_file():
-            parser.error(f"--compare {name}={path}: no such file")
-
-
-def check_answer_args(parser, args):
-    """--checkpoint or --predictions, and the flags that belong to only one of them."""
-    if bool(args.checkpoint) == bool(args.predictions):
-        parser.error("give --checkpoint (a model to evaluate) or --predictions (a file of answers), "
-                     + ("not both" if args.checkpoint else "one of them"))
-    if args.label_map and not Path(args.label_map).is_file():
-        parser.error(f"--label-map {args.label_map}: no such file")
-    if not args.predictions:
-        if args.label_map and not args.compare:
-            parser.error("--label-map needs --predictions or --compare (it maps answers to classes)")
-        if args.classes is not None:
-            parser.error("--classes needs --predictions (a checkpoint brings its own classes)")
-        return
-    for flag, value in (("--model-name", args.model_name), ("--model-config", args.model_config),
-                        ("--prompts", args.prompts), ("--baseline", args.baseline),
-                        ("--wise-ft-alpha", args.wise_ft_alpha), ("--cache-dir", args.cache_dir),
-                        ("--logit-scale-mode", args.logit_scale_mode), ("--threshold", args.threshold)):
-        if value is not None:
-            parser.error(f"{flag} needs a model (--checkpoint); --predictions scores answers without one")
-    name, path = named_file(args.predictions)  # the --compare steps: check_compare_args
-    if not name:
-        parser.error(f"--predictions {args.predictions}: the step NAME before '=' is empty")
-    if not Path(path).is_file():
-        parser.error(f"--predictions {path}: no such file")
-    specs, _bad, _why = parse_compare_specs(args.compare)
-    if specs and name in specs:
-        parser.error(f"--compare {name}={specs[name]}: step name {name!r} is used twice; name "
-                     "each step once")
-    if args.classes is not None and not all(name.strip() for name in args.classes.split(",")):
-        parser.error(f"--classes {args.classes!r}: expected folder names separated by commas")
-
-
 def main(argv=None):
     """score_answers.py: score answer files without a model. Returns the exit code."""
-    # scoring_args holds the flags of both commands and imports this module: imported here
-    from orbital_clip import scoring_args
     argv = list(sys.argv[1:] if argv is None else argv)
     args = scoring_args.parse_args(argv, __doc__, model=False)
+    # args.json spells the flags' current names (--out-dir, not --output-dir)
+    argv = cli.canonical_argv(scoring_args.build_parser(__doc__, model=False), argv)
     cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():

@@ -36,7 +36,16 @@ def clean_state_dict(state_dict):
 
 
 def load_checkpoint_file(path):
-    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused."""
+    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, and
+    so is one of a newer format_version (every reader of a checkpoint file comes through here)."""
+    checkpoint = _load_checkpoint_file(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        check_format_version(checkpoint.get("format_version", 0), path,
+                             ours=str(checkpoint.get("format", "")).startswith("orbital-clip/"))
+    return checkpoint
+
+
+def _load_checkpoint_file(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -214,6 +223,19 @@ def record_from_dict(data, path):
     raise CheckpointError(f"{path}: holds no model state_dict")
 
 
+def check_format_version(version, path, ours=True):
+    """Refuse a checkpoint written by a newer Orbital-CLIP: its keys may mean what this code does
+    not know, and reading them as ours would score with the wrong rule. Older files (version 0:
+    before the key existed, or a plain state_dict) are read as they are."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        if not ours:  # another writer's own metadata key (a safetensors header), not our version
+            return
+        raise CheckpointError(f"{path}: format_version {version!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
+                              f"code's ({FORMAT_VERSION}); upgrade Orbital-CLIP to read it")
+
+
 def record_to_dict(record):
     """The file's dict: format, format_version, clean state_dict, then the recorded metadata."""
     payload = {"format": record.format, "format_version": record.format_version,
@@ -239,16 +261,6 @@ def write_checkpoint(path, record):
 
 def _save(path, payload):
     outputs.atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def save_checkpoint(path, model, metadata):
-    """Write {'state_dict', **metadata} atomically; metadata must be plain data.
-
-    Temporary: training.py's writers switch to write_checkpoint at merge, then this goes.
-    """
-    payload = {"format": CHECKPOINT_FORMAT, "state_dict": clean_state_dict(model.state_dict())}
-    payload.update(metadata)
-    _save(path, payload)
 
 
 def save_safetensors(path, model, metadata):

@@ -10,11 +10,11 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import torch
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: derive numpy/random seeds from torch's per-worker seed."""
     import random
+    import torch  # here, not at the top: score_answers.py parses its flags without torch
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -31,6 +31,7 @@ def default_workers(device=None, local_world_size=1):
     pre-resized photographs (benchmarks/RESULTS.md): training end-to-end/model-only 0.97 with 0
     workers against 0.81 with 1.
     """
+    import torch  # here, not at the top: score_answers.py parses its flags without torch
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind != "cuda":
         return 0
@@ -142,12 +143,14 @@ def add_out_dir(group, dest="out_dir", old=(), **kwargs):
     """`--out-dir DIR`, the output folder of every script (`old` spellings warn and still work);
     `dest` is the name the script's code reads it by."""
     kwargs.setdefault("metavar", "DIR")
-    if kwargs.pop("required", False):
-        # argparse counts a required flag as given only under its own name: the new and the old
-        # spellings form a required either-or group, which --help shows as the new one alone
-        group = group.add_mutually_exclusive_group(required=True)
+    # argparse counts a required flag as given only under its own name, so one spelling or another
+    # is required after parsing, by refuse_conflicting_spellings (a mutually exclusive group would
+    # also refuse the same folder given twice)
+    required = kwargs.pop("required", False)
+    if required:
         kwargs["help"] += " (required)"
     action = group.add_argument("--out-dir", dest=dest, **kwargs)
+    action.required_in_some_spelling = required
     add_old_spellings(group, action, *old)
     return action
 
@@ -193,6 +196,35 @@ def add_model_flags(group, name_help, config_help="JSON of a custom open_clip ar
         group.add_argument("--pretrained", default=None, help=pretrained_help)
 
 
+def refuse_conflicting_spellings(parser, argv):
+    """parser.error when two spellings of one flag (--save-dir A --out-dir B) are given different
+    values: argparse would keep the last one silently. The same value twice is fine. A flag
+    required in some spelling (add_out_dir) and given in none, nor by --config, is refused too."""
+    spellings = {action: [action.option_strings[0]] for action in parser._actions
+                 if getattr(action, "required_in_some_spelling", False)}  # the new flag -> spellings
+    for action in parser._actions:
+        if isinstance(action, DeprecatedSpelling):
+            spellings.setdefault(action.new, [action.new.option_strings[0]]).extend(action.option_strings)
+    for new, flags in spellings.items():
+        # each spelling's values, read by a throwaway parser that keeps them apart
+        reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        for i, flag in enumerate(flags):
+            reader.add_argument(flag, dest=f"s{i}", action="append", nargs=new.nargs)
+        given, _rest = reader.parse_known_args([str(token) for token in argv])
+        values = {}
+        for i, flag in enumerate(flags):
+            for value in getattr(given, f"s{i}") or []:
+                tokens = value if isinstance(value, list) else [value]
+                values.setdefault(flag, " ".join(v for t in tokens for v in t.split(",") if v))
+        if (getattr(new, "required_in_some_spelling", False) and not values
+                and new.default is None):  # (--config sets it as the default)
+            parser.error(f"the following arguments are required: {flags[0]}")
+        if len(set(values.values())) > 1:
+            shown = " and ".join(f"{flag} {value}" for flag, value in values.items())
+            parser.error(f"{shown}: two spellings of one flag with different values; give "
+                         f"{flags[0]} once")
+
+
 def canonical_argv(parser, argv):
     """argv with every deprecated spelling replaced by its flag's canonical one (for args.json
     and for code that rewrites argv, such as the SSA sweep); no warning here."""
@@ -229,21 +261,48 @@ def apply_config(parser, path, flag="--config"):
         values = read_config(path)
     except Exception as err:  # OSError, json's ValueError, yaml.YAMLError (not a ValueError)
         parser.error(f"{flag} {path}: {err}")
-    # the flag each key sets: the shown spelling, not a hidden deprecated one sharing its dest
-    actions = {}
-    for action in parser._actions:
-        if action.dest != "help" and (action.dest not in actions or action.help != argparse.SUPPRESS):
-            actions[action.dest] = action
+    actions = config_keys(parser)
     checked = {}
     for key, value in values.items():
         if key not in actions:
             parser.error(f"{flag} {path}: unknown key {key!r} (not a flag of this script)")
+        action = actions[key]
         try:
-            checked[key] = config_value(parser, actions[key], value)
+            checked[action.dest] = config_value(parser, action, value)
         except argparse.ArgumentError as err:
             parser.error(f"{flag} {path}: key {key!r}: {err.message}")
+        action.required = False  # given by the file: the command line no longer must
     parser.set_defaults(**checked)
     return checked
+
+
+def config_record(path):
+    """What a --config file set, for args.json: {file, values as written}, or None without one."""
+    return None if path is None else {"file": str(path), "values": read_config(path)}
+
+
+def config_source(args):
+    """Where the recipe flags' defaults came from, in words (MODEL_CARD.md): the recipe alone, or
+    the --config file and then the recipe for what it leaves unset."""
+    if getattr(args, "config", None):
+        return f"--config {args.config} (then --recipe {args.recipe} for the flags it leaves unset)"
+    return f"--recipe {args.recipe}"
+
+
+def config_keys(parser):
+    """{key: action} of the keys a config file may use: each flag's name as typed on the command
+    line (out_dir for --out-dir; - and _ alike), and its internal dest (save_dir) as well; never a
+    hidden deprecated spelling."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest == "help" or isinstance(action, DeprecatedSpelling):
+            continue
+        keys.setdefault(action.dest, action)
+        for option in action.option_strings:
+            if isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-"):
+                continue  # "no_x": true would read as x: true; the key is x
+            keys[option.lstrip("-").replace("-", "_")] = action
+    return keys
 
 
 def config_value(parser, action, value):

@@ -333,6 +333,15 @@ def weights_spec(text):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
+    """The command line of `python -m baselines.train_cnn`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     for flag, split in (("--train-dir", "train"), ("--val-dir", "val"), ("--test-dir", "test")):
@@ -370,13 +379,11 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     cli.add_seed(run, help="seed for the initial weights and batches")
     cli.add_device(run)
-    cli.add_precision(run, help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 needs CUDA)")
+    cli.add_precision(run)  # auto: models.resolve_precision, as clip_train.py and inference.py
     cli.add_workers(run)
     cli.add_overwrite(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    return args
+    return parser
 
 
 def check_args(parser, args):
@@ -444,8 +451,7 @@ def prepare(args):
     """Everything that can refuse the run, done before anything is written: device, classes,
     cohorts, model and weights. Returns (cohorts, model, WeightsInfo)."""
     args.device = models.resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    args.precision, _why = models.resolve_precision(args.precision, args.device)  # clip_train's rule
     models.autocast_context(args.device, args.precision)
     if args.workers is None:
         args.workers = cli.default_workers(args.device)
@@ -467,7 +473,8 @@ def run_record(args, argv, cohorts, weights, class_weights):
     """args.json in the layout of the other scripts (outputs.run_record), with the classes, the
     starting weights, the class weights and the image counts under `run`."""
     import torchvision
-    record = outputs.run_record("baselines/train_cnn.py", argv, args, outputs.plain({
+    # run as a module (the file alone cannot import the package): args.json repeats `python -m`
+    record = outputs.run_record("baselines.train_cnn", argv, args, outputs.plain({
         "class_folders": cohorts.folders, "weights": vars(weights),
         "class_weights": None if class_weights is None else class_weights.tolist(),
         "images": {"train": len(cohorts.train), "val": len(cohorts.val), "test": len(cohorts.test)}}))
@@ -532,6 +539,7 @@ def write_predictions(args, cohorts, model, save_dir):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    argv = cli.canonical_argv(build_parser(), argv)  # args.json spells the flags' current names
     cli.configure_logging()
     LOG.setLevel(logging.INFO)  # cli.configure_logging knows the three pipeline scripts only
     try:

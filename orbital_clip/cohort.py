@@ -4,8 +4,6 @@ did-you-mean for misspelt folders, and the dataset that reads a cohort's images.
 import csv
 from pathlib import Path, PurePosixPath
 
-import torch
-
 from orbital_clip import images
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -190,10 +188,12 @@ def load_labelled_items(spec, folders, split, fold=None):
 # Datasets
 
 
-class ImageListDataset(torch.utils.data.Dataset):
+class ImageListDataset:
     """(path, label) items -> (image tensor, label, index, ok). A failed read yields a zero
     image and ok=False, so batches never shift rows; `failures` maps index -> reason in the
-    main process only when workers=0, so callers re-check failed rows (see `read_failures`)."""
+    main process only when workers=0, so callers re-check failed rows (see `read_failures`).
+    A map-style dataset (__len__, __getitem__), which is all DataLoader needs: not a subclass of
+    torch's Dataset, so that listing a cohort (score_answers.py) does not load torch."""
 
     def __init__(self, items, transform, min_side_px=None, image_shape=None):
         self.items = list(items)
@@ -210,6 +210,7 @@ class ImageListDataset(torch.utils.data.Dataset):
             tensor = self.transform(images.read_image(path, self.min_side_px))
             return tensor, label, index, True
         except images.ImageReadError:
+            import torch  # only where images become tensors (see the class docstring)
             return torch.zeros(self.image_shape), label, index, False
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report
 
-from orbital_clip.explain import EXPLAIN_PREFIX  # --explain maps share failure_analysis/
 from orbital_clip import cohort as cohort_io
 from orbital_clip import images
 from orbital_clip import outputs
@@ -36,6 +35,7 @@ from orbital_clip.report.figures import plot_decision_curve
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
 DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
 FAILURE_DIR = "failure_analysis"  # thumbnails of the most confident errors (report.md)
+EXPLAIN_PREFIX = "explain_"  # inference.py --explain maps in FAILURE_DIR (cleared with the thumbnails)
 THUMBNAIL_PX = 160  # longer side of a thumbnail
 
 
@@ -562,7 +562,7 @@ def args_record(args, setup, run=None):
     hidden = {"anonymize_salt": "<hidden>"}
     if setup.anonymize:
         hidden["test_dir"] = hidden["cwd"] = "<anonymized>"
-    return outputs.run_record("inference.py", setup.argv, args, run, hidden)
+    return outputs.run_record(setup.script, setup.argv, args, run, hidden)
 
 
 def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=None,

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from orbital_clip import images
+from orbital_clip import models as model_lib
 from orbital_clip import zero_shot
+from orbital_clip.evaluation import EXPLAIN_PREFIX, FAILURE_DIR, figure_saver
 from orbital_clip.model_loading import linear_head, linear_head_logits
+from orbital_clip.report.tables import relative_path
 
 EXPLAIN_CORRECT_PER_CLASS = 1  # correct images shown per class beside the errors, for contrast
-EXPLAIN_PREFIX = "explain_"  # file names in failure_analysis/ (cleared with the thumbnails)
 MAP_ALPHA = 0.45  # overlay opacity: the anatomy under the map stays visible
 DISPLAY_PX = 320  # longer side of the original drawn under a map
 
@@ -177,8 +179,7 @@ def clip_scores(bundle, device):
     with torch.no_grad():
         classifier = zero_shot.build_zero_shot_classifier(
             model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], device).float()
-    scale = (model.logit_scale if bundle.logit_scale_mode == "published-log"
-             else model.logit_scale.exp()).detach().float()
+    scale = model_lib.logit_scale(model, bundle.logit_scale_mode).detach().float()
     return lambda x: zero_shot.zero_shot_logits(model.encode_image(x), classifier, scale)
 
 
@@ -274,8 +275,6 @@ def write_explanations(output_dir, bundle, cohort, scored, probs, n_errors, devi
 def write_case_figures(output_dir, cases, items, folders, resize_mode, what, root, anonymize=None):
     """One figure per ExplainedCase in output_dir/failure_analysis/ (earlier maps removed) and
     the markdown section listing them; `what` names the model in its text."""
-    from orbital_clip.evaluation import FAILURE_DIR, figure_saver
-    from orbital_clip.report.tables import relative_path
     folder = Path(output_dir) / FAILURE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{EXPLAIN_PREFIX}*.png"):

@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from orbital_clip import models as model_lib
 from orbital_clip import outputs
 from orbital_clip import zero_shot
 from orbital_clip.metrics import selection_metrics, softmax
+from orbital_clip.probe_fit import head_logits, sweep_c
 
 LOG = logging.getLogger("linear_probe")
 FEW_SHOT_KS = ("1", "2", "4", "8", "16", "all")
@@ -51,7 +53,6 @@ def draw_few_shot(labels, k, n_classes, rng):
 
 def curve_rows(train, val, test, n_classes, ks, draws, grid, seed):
     """One row per (k, draw): test metrics of a probe fitted on that draw (C swept on `val`)."""
-    from orbital_clip.probe import head_logits, sweep_c
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
     rows = []
     for k in ks:
@@ -74,7 +75,7 @@ def zero_shot_row(frozen, classes, test_x, test_y, device):
         classifier = zero_shot.build_zero_shot_classifier(
             frozen.model, frozen.tokenizer, [list(c.eval) for c in classes], device)
         logits = zero_shot.zero_shot_logits(torch.from_numpy(test_x), classifier.float().cpu(),
-                                            frozen.model.logit_scale.exp().float().cpu())
+                                            model_lib.logit_scale(frozen.model, frozen.logit_scale_mode).float().cpu())
     scores = selection_metrics(test_y, softmax(logits.double().numpy()))
     return {"method": "zero-shot", "k": "0", "draw": 0, "k_per_class": "", "capped": False,
             "n_train": 0, "c": float("nan"), **{f"test_{m}": scores[m] for m in CURVE_METRICS}}

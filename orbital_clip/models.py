@@ -64,6 +64,15 @@ def autocast_context(device, precision):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def logit_scale(model, mode):
+    """The softmax scale of a CLIP model's logits, the one rule of training's loss, its
+    validation and inference: exp(logit_scale) (correct CLIP), or the raw log value the
+    published code used (`--logit-scale-mode published-log`, for exact reproduction only).
+    `model` may be wrapped in DistributedDataParallel."""
+    scale = getattr(model, "module", model).logit_scale
+    return scale if mode == "published-log" else scale.exp()
+
+
 def register_model_config(config_path):
     """Register a custom open_clip architecture JSON under its file stem; returns (name, dict)."""
     config_path = Path(config_path)

@@ -2,6 +2,8 @@
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import io
 import json
 import os
@@ -70,19 +72,35 @@ def atomic_save_figure(fig, path, **kwargs):
 # Run records: one args.json layout for the three scripts
 
 
+def version_module(package):
+    """`package`.version (torch.version, open_clip.version: __version__, and torch's cuda) without
+    importing the package when nothing has yet: importing torch takes seconds, and score_answers.py
+    records the versions without needing torch. The file is executed alone; it imports nothing of
+    its package."""
+    if package in sys.modules:
+        return importlib.import_module(f"{package}.version")
+    spec = importlib.util.find_spec(package)
+    location = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        f"_orbital_clip_{package}_version", location))
+    module.__spec__.loader.exec_module(module)
+    return module
+
+
 def environment_info():
     """Package versions, platform, GPU and git commit, recorded next to every run."""
     import platform
     import subprocess
 
-    import open_clip
     import scipy
     import sklearn
-    import torch
+    torch, open_clip = (version_module(name) for name in ("torch", "open_clip"))
+    loaded = sys.modules.get("torch")  # a run that never loaded torch (answer files) used no GPU
+    gpu = loaded.cuda.get_device_name(0) if loaded is not None and loaded.cuda.is_available() else None
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
-            "torch": torch.__version__, "open_clip": open_clip.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "torch": torch.__version__, "open_clip": open_clip.__version__, "cuda": torch.cuda,
+            "gpu": gpu}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=5)
@@ -140,6 +158,8 @@ def run_record(script, argv, args, run=None, hidden=None):
     cwd), args (every parsed argument, defaults included), environment, run (what the script
     adds)}.
 
+    `script` is the file run (`clip_train.py`), or a module run with `python -m` named without
+    `.py` (`baselines.train_cnn`), so that `command` repeats the run as it was started.
     `hidden` maps an argument name to the text written instead of its value, in `args` and in
     `argv` (a secret salt, a path that must not be written); the name "cwd" hides the folder.
     """
@@ -157,7 +177,8 @@ def run_record(script, argv, args, run=None, hidden=None):
         record_args[name] = replacement
         argv = hide_flag_values(argv, name, replacement)
     return {"script": script, "cwd": cwd, "argv": argv,
-            "command": shlex.join(["python", script, *argv]),
+            "command": shlex.join(["python", *([script] if script.endswith(".py") else ["-m", script]),
+                                   *argv]),
             "args": record_args, "environment": environment_info(),
             "run": json.loads(json.dumps(run, default=primitive))}
 

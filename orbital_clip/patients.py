@@ -20,6 +20,18 @@ NOTHING_GROUPED = {
 }
 
 
+def group_regex_problem(pattern):
+    """Why --group-regex `pattern` cannot name patients (the refusal, naming the flag), or None:
+    it must compile and have a capture group (the group is the patient)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        return f"--group-regex {pattern!r}: not a valid regular expression ({err})"
+    if compiled.groups < 1:
+        return f"--group-regex {pattern!r}: needs a capture group, e.g. '^(P\\d+)_'"
+    return None
+
+
 def regex_patients(relative_paths, pattern):
     """(group or None, where it matched) per image for --group-regex `pattern` (a string or a
     compiled regex), by cohort.regex_group: the path relative to the data root, else the name."""

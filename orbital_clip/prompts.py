@@ -246,9 +246,12 @@ def parse_outcomes(data, folders, source="label map"):
     return lookup
 
 
-def load_label_map(path, folders):
-    """The lookup of `parse_label_map` from a JSON file."""
-    return parse_label_map(read_label_map_file(path), folders, str(path))
+def load_label_map(path, folders, with_outcomes=False):
+    """The lookup of `parse_label_map` from a JSON file; with `with_outcomes`, the pair
+    (lookup, `parse_outcomes`'s {answer: outcome}) from the one read of the file."""
+    data = read_label_map_file(path)
+    lookup = parse_label_map(data, folders, str(path))
+    return (lookup, parse_outcomes(data, folders, str(path))) if with_outcomes else lookup
 
 
 def read_label_map_file(path):

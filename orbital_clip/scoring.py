@@ -124,6 +124,7 @@ class Scores:
 @dataclasses.dataclass
 class Setup:
     """What `prepare` loads before any output is written."""
+    script = "inference.py"  # the entry point that ran (args.json); not a field: always this one
     cohort: Cohort
     model: ModelBundle
     baseline: ModelBundle | None
@@ -271,9 +272,7 @@ def score_model(bundle, cohort, args):
         # The classifier in fp32 whatever --precision: a few prompts, so exactness costs nothing.
         classifier = zero_shot.build_zero_shot_classifier(
             model, bundle.tokenizer, [list(c.eval) for c in bundle.classes], args.device)
-        # The published code scaled by the raw log temperature; reproduce it only when asked.
-        published = bundle.logit_scale_mode == "published-log"
-        scale = model.logit_scale if published else model.logit_scale.exp()
+        scale = model_lib.logit_scale(model, bundle.logit_scale_mode)  # training's rule too
         logits = zero_shot.zero_shot_logits(torch.from_numpy(features), classifier.float().cpu(),
                                          scale.float().cpu())
     return scores_from_logits(logits.double().numpy(), ok, reasons)
@@ -667,13 +666,14 @@ def prepare(args, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    argv = cli.canonical_argv(scoring_args.build_parser(__doc__), argv)  # current spellings in args.json
     cli.configure_logging()
     LOG.info("== setup ==")
     for key, value in vars(args).items():
         LOG.debug("  %s = %s", key, "<hidden>" if key == "anonymize_salt" and value else value)
     if args.predictions:  # answer files: no model, no device
         print(f"warning: {DEPRECATED_ANSWER_MODE}", file=sys.stderr)
-        return run_answers(args, argv)
+        return run_answers(args, argv, script="inference.py")
     try:
         setup = prepare(args, argv)
     except (ValueError, OSError) as err:

@@ -3,13 +3,13 @@ flags, defaults and checks, so an answer file scored by either command gets the 
 """
 
 import argparse
-import re
+import sys
 from pathlib import Path
 
 from orbital_clip import cli
 from orbital_clip import images
-from orbital_clip import models
-from orbital_clip.answers import add_answer_arguments, check_answer_args, check_compare_args
+from orbital_clip import patients
+from orbital_clip.answer_args import add_answer_arguments, check_answer_args, check_compare_args
 from orbital_clip.evaluation import DEFAULT_SPLIT, FAILURE_DIR, check_subgroup_args
 from orbital_clip.metrics import DEFAULT_BOOTSTRAP, DEFAULT_ECE_BINS
 from orbital_clip.metrics.intervals import CI_METHODS
@@ -44,8 +44,9 @@ def parse_args(argv, description, model=True):
     """The checked arguments of inference.py (`model`) or score_answers.py (answer files only)."""
     parser = build_parser(description, model)
     args = parser.parse_args(argv)
-    if args.workers is None:
-        args.workers = cli.default_workers(args.device)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
+    if args.workers is None:  # answer files load no images: no workers (and no torch to ask)
+        args.workers = cli.default_workers(args.device) if model else 0
     check_args(parser, args)
     return args
 
@@ -242,10 +243,12 @@ def check_args(parser, args):
                         ("--wise-ft-base", args.wise_ft_base)):
         if value and not Path(value).is_file():
             parser.error(f"{flag} {value}: no such file")
-    if args.baseline:  # a model flag (never set for answer files): its home is the model builder
+    if args.baseline:  # a model flag (never set for answer files): its home is the model builder,
+        # imported here so that score_answers.py checks its flags without loading torch
         from orbital_clip.model_loading import looks_like_file
+        from orbital_clip.models import model_source
     if (args.baseline and looks_like_file(args.baseline) and not Path(args.baseline).is_file()
-            and not models.model_source(args.baseline)):
+            and not model_source(args.baseline)):
         parser.error(f"--baseline {args.baseline}: no such file")
     if args.baseline_model_name and not args.baseline:
         parser.error("--baseline-model-name needs --baseline")
@@ -267,10 +270,5 @@ def check_args(parser, args):
         parser.error("--anonymize-salt needs --anonymize-paths")
     if args.group_from_folder and args.group_regex is not None:
         parser.error("--group-from-folder and --group-regex both name patients; give one of them")
-    if args.group_regex is not None:
-        try:
-            groups = re.compile(args.group_regex).groups
-        except re.error as err:
-            parser.error(f"--group-regex {args.group_regex!r}: not a regular expression ({err})")
-        if groups < 1:
-            parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
+    if args.group_regex is not None and patients.group_regex_problem(args.group_regex):
+        parser.error(patients.group_regex_problem(args.group_regex))

@@ -1,6 +1,7 @@
 """Shared fixtures: CPU only, a tiny registered model (no downloads), small real image files."""
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -170,7 +171,7 @@ def splits(make_cohort):
     return make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
 
 
-# -- a tiny model and our checkpoint of it (ckpt.save_checkpoint, as clip_train.py writes) --------
+# -- a tiny model and our checkpoint of it (ckpt.write_checkpoint, as clip_train.py writes) -------
 
 def tiny_metadata(**overrides):
     """Checkpoint metadata of the tiny model, as clip_train.py records it (`overrides` replace keys)."""
@@ -191,6 +192,17 @@ def tiny_metadata(**overrides):
     return metadata
 
 
+def write_model_checkpoint(path, model, metadata):
+    """`model`'s checkpoint with `metadata` ({CheckpointRecord field: value}; other keys are kept
+    as the record's extra keys), written through the one writer, ckpt.write_checkpoint."""
+    fields = {f.name for f in dataclasses.fields(ckpt.CheckpointRecord)}
+    record = ckpt.CheckpointRecord(
+        state_dict=model.state_dict(), **{k: v for k, v in metadata.items() if k in fields},
+        extra={k: v for k, v in metadata.items() if k not in fields})
+    ckpt.write_checkpoint(path, record)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
@@ -200,9 +212,9 @@ def tiny_model():
 
 @pytest.fixture
 def checkpoint(tmp_path, tiny_model):
-    """Our checkpoint format, written by ckpt.save_checkpoint as clip_train.py does."""
+    """Our checkpoint format, written by ckpt.write_checkpoint as clip_train.py does."""
     path = tmp_path / "clip_model_epoch_best.pt"
-    ckpt.save_checkpoint(path, tiny_model, tiny_metadata())
+    write_model_checkpoint(path, tiny_model, tiny_metadata())
     return path
 
 

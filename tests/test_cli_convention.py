@@ -4,17 +4,20 @@
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-from orbital_clip import answers, cli, cnn, scoring, scoring_args
+from orbital_clip import answers, cli, cnn, prompts, scoring, scoring_args
 from orbital_clip.split import cli as split_cli
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import options as train_options
 from orbital_clip.train.options import warmup_spec
+from conftest import write_cohorts, write_csv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "orbital_clip" / "configs"  # the one copy, shipped as package data
 ENTRY_POINTS = {"data_preprocess": split_cli.main, "clip_train": train_cli.main,
                 "inference": scoring.main, "score_answers": answers.main,
                 "train_cnn": cnn.main}
@@ -169,8 +172,8 @@ def test_wise_ft_alphas_out_of_range_is_refused_by_name(tmp_path, capsys):
 
 
 def test_recipe_files_are_the_built_in_recipes():
-    assert json.loads((REPO_ROOT / "configs" / "paper.json").read_text()) == PAPER
-    assert json.loads((REPO_ROOT / "configs" / "recommended.json").read_text()) == RECOMMENDED
+    assert json.loads((RECIPE_DIR / "paper.json").read_text()) == PAPER
+    assert json.loads((RECIPE_DIR / "recommended.json").read_text()) == RECOMMENDED
 
 
 @pytest.mark.parametrize("recipe, expected", [("paper", PAPER), ("recommended", RECOMMENDED)])
@@ -178,7 +181,7 @@ def test_recipe_flag_and_config_file_give_the_recipe(recipe, expected, tmp_path)
     by_flag = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--recipe", recipe)
     assert {key: getattr(by_flag, key) for key in expected} == expected
     by_file = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"),
-                          "--config", str(REPO_ROOT / "configs" / f"{recipe}.json"))
+                          "--config", str(RECIPE_DIR / f"{recipe}.json"))
     # a config value goes through its flag's own parser, as `--warmup 0` would ('0', the same spec)
     expected = {**expected, "warmup": warmup_spec(str(expected["warmup"]))}
     assert {key: getattr(by_file, key) for key in expected} == expected
@@ -223,3 +226,113 @@ def test_bad_config_is_refused_naming_file_and_key(text, why, tmp_path, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert f"--config {config}" in err and why in err
+
+
+# args.json names the entry point that ran and spells the flags' current names, in every script
+# (train and split: test_args_json_argv_spells_the_new_name and their own end-to-end tests)
+
+
+def answer_cohort(tmp_path):
+    """Two class folders (files that are never read: answers are scored, not images) and an
+    answer file for them."""
+    rows = []
+    for label in ("a", "b"):
+        for i in range(3):
+            path = tmp_path / "cohort" / label / f"{label}{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not read")
+            rows.append([f"{label}/{label}{i}.png", label if i else "b"])
+    write_csv(tmp_path / "answers.csv", ["path", "pred_label"], rows)
+    return ["--test-dir", str(tmp_path / "cohort"), "--predictions", f"step1={tmp_path / 'answers.csv'}",
+            "--bootstrap", "0", "--no-figures"]
+
+
+@pytest.mark.parametrize("main, script", [(answers.main, "score_answers.py"),
+                                          (scoring.main, "inference.py")])  # its deprecated mode
+def test_answer_scoring_records_its_script_and_the_new_spelling(main, script, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*answer_cohort(tmp_path), "--output-dir", str(out)]) == 0
+    record = json.loads((out / "args.json").read_text())
+    assert record["script"] == script
+    assert record["argv"][-2:] == ["--out-dir", str(out)]
+    assert record["command"].startswith(f"python {script} --test-dir ")
+    assert "--output-dir is deprecated; use --out-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_cnn_records_its_module_and_the_new_spelling(tmp_path):
+    write_cohorts(tmp_path, train=(2, 2, 2), val=(1, 1, 1), test=(1, 1, 1))
+    out = tmp_path / "run"
+    argv = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"),
+            "--test-dir", str(tmp_path / "test"), "--save-dir", str(out), "--arch", "resnet18",
+            "--weights", "none", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+            "--no-progress"]
+    assert cnn.main(argv) == 0
+    record = json.loads((out / "args.json").read_text())
+    canonical = [token.replace("--save-dir", "--out-dir") for token in argv]
+    assert record["script"] == "baselines.train_cnn" and record["argv"] == canonical
+    # the file cannot be run alone (it imports the package): the command repeats `python -m`
+    assert shlex.split(record["command"]) == ["python", "-m", "baselines.train_cnn", *canonical]
+
+
+# --config recorded as what it is, keys as users type the flags, two spellings that disagree (item 6)
+
+
+def test_config_keys_are_the_flag_names_users_type(tmp_path):
+    (tmp_path / "train").mkdir()
+    out = tmp_path / "from_file"
+    for key in ("out-dir", "out_dir", "save_dir"):  # the flag as typed, either way, or its dest
+        config = write(tmp_path / f"{key}.json", json.dumps({key: str(out), "no-progress": True}))
+        args = train_options.parse_args(["--train-dir", str(tmp_path / "train"), "--val-dir",
+                                         str(tmp_path / "train"), "--config", str(config)])
+        assert (args.save_dir, args.no_progress) == (str(out), True)  # --out-dir not needed on the line
+    config = write(tmp_path / "balanced.json", json.dumps({"balanced-sampling": True}))
+    assert parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--config", str(config)).balanced_sampling
+
+
+@pytest.mark.parametrize("parse, argv, refused", [
+    ("train", ["--save-dir", "A", "--out-dir", "B"], "--out-dir B and --save-dir A"),
+    ("train", ["--out-dir", "B", "--save-dir=A"], "--out-dir B and --save-dir A"),
+    ("inference", ["--output-dir", "A", "--out-dir", "B"], "--out-dir B and --output-dir A"),
+    ("answers", ["--out-dir", "A", "--output-dir", "B"], "--out-dir A and --output-dir B"),
+    ("split", ["--output-dir", "A", "--out-dir", "B"], "--out-dir B and --output-dir A"),
+    ("cnn", ["--save-dir", "A", "--output-dir", "B"], "--save-dir A and --output-dir B"),
+    ("inference", ["--wise-ft-alpha", "0", "0.5", "--wise-ft-alphas", "0", "1"],
+     "--wise-ft-alphas 0 1 and --wise-ft-alpha 0 0.5")])
+def test_two_spellings_with_different_values_are_refused_naming_both(parse, argv, refused, tmp_path,
+                                                                      capsys):
+    with pytest.raises(SystemExit) as done:
+        args = parse_with(parse, argv, tmp_path)
+        # parse_with calls the parsers' parse_args for train and cnn; the others check here
+        cli.refuse_conflicting_spellings(
+            split_cli.build_parser() if parse == "split" else scoring_args.build_parser(
+                "x", model=parse == "inference"), argv)
+        del args
+    assert done.value.code == 2
+    assert f"{refused}: two spellings of one flag with different values" in capsys.readouterr().err
+
+
+def test_the_same_value_under_two_spellings_is_fine(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert parse_train(tmp_path, "--save-dir", out, "--out-dir", out).save_dir == out
+    data = str(tmp_path / "train")
+    args = cnn.parse_args(["--train-dir", data, "--val-dir", data, "--test-dir", data, "--weights",
+                           "none", "--output-dir", out, "--out-dir=" + out])
+    assert args.save_dir == out
+    with pytest.raises(SystemExit) as done:  # and one spelling or another stays required
+        cnn.parse_args(["--train-dir", data, "--val-dir", data, "--test-dir", data])
+    assert done.value.code == 2
+    assert "the following arguments are required: --out-dir" in capsys.readouterr().err
+
+
+def test_config_is_recorded_as_what_it_is_in_the_model_card(tmp_path):
+    from orbital_clip.train import card
+    config = write(tmp_path / "my.json", json.dumps({"lr": 3e-6, "batch-size": 16}))
+    args = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--config", str(config))
+    assert cli.config_source(args) == f"--config {config} (then --recipe paper for the flags it leaves unset)"
+    assert cli.config_record(args.config) == {"file": str(config), "values": {"lr": 3e-6, "batch_size": 16}}
+    plain = parse_train(tmp_path, "--out-dir", str(tmp_path / "o"), "--recipe", "recommended")
+    assert cli.config_source(plain) == "--recipe recommended" and cli.config_record(plain.config) is None
+    text = card.model_card(args, prompts.load_prompt_set(None), [], [],
+                           {"history": [], "best_epoch": None, "epoch": 0})
+    assert f"## Recipe\n\n--config {config} (then --recipe paper for the flags it leaves unset): lr 3e-06" in text

@@ -21,6 +21,7 @@ from orbital_clip import scoring as inference
 from demo import make_demo_cohort
 from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_labels_csv_cohort
+from conftest import write_model_checkpoint
 
 FOLDERS = list(make_demo_cohort.CLASS_FOLDERS)
 LABELS_FLAGS = ("--path-col", "filename", "--label-col", "diagnosis")
@@ -424,7 +425,7 @@ def checkpoint(tmp_path):
     model = models.create_model(TINY_MODEL, None)[0]
     classes = prompts.load_prompt_set(None)
     path = tmp_path / "clip_model_epoch_best.pt"
-    ckpt.save_checkpoint(path, model, {
+    write_model_checkpoint(path, model, {
         "model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
         "pretrained": None, "class_folders": prompts.class_folders(classes),
         "prompts": prompts.prompt_set_to_dict(classes), "preprocess": {"image_size": 64},

@@ -18,6 +18,7 @@ from orbital_clip import models
 from orbital_clip import outputs
 from orbital_clip import zero_shot
 from orbital_clip import prompts
+from conftest import write_model_checkpoint
 
 
 def gradient(width=48, height=32):
@@ -342,12 +343,39 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path):
 
 def test_checkpoint_round_trip_and_atomic_permissions(tmp_path):
     model, *_ = models.create_model("tiny_clip", None)
-    checkpoint.save_checkpoint(tmp_path / "ck.pt", model, {"epoch": 3, "class_folders": ["a", "b"]})
+    write_model_checkpoint(tmp_path / "ck.pt", model, {"epoch": 3, "class_folders": ["a", "b"]})
     loaded = checkpoint.load_checkpoint_file(tmp_path / "ck.pt")
     assert loaded["epoch"] == 3 and loaded["format"] == checkpoint.CHECKPOINT_FORMAT
     assert torch.equal(loaded["state_dict"]["logit_scale"], model.state_dict()["logit_scale"])
     assert (tmp_path / "ck.pt").stat().st_mode & 0o044  # readable by others, like any file
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_and_older_ones_load(tmp_path, tiny_model):
+    newer = tmp_path / "newer.pt"
+    checkpoint.write_checkpoint(newer, checkpoint.CheckpointRecord(
+        state_dict=tiny_model.state_dict(), model_name="tiny_clip",
+        format_version=checkpoint.FORMAT_VERSION + 1))
+    ours = checkpoint.FORMAT_VERSION
+    for read in (checkpoint.read_checkpoint, checkpoint.load_state_dict_file):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            read(newer)
+        assert str(refused.value) == (f"{newer}: checkpoint format version {ours + 1} is newer than "
+                                      f"this code's ({ours}); upgrade Orbital-CLIP to read it")
+    # version 0: our files from before format_version existed, and plain open_clip state_dicts
+    # (torch.save here plays the old writer)
+    before = tmp_path / "before.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "state_dict": tiny_model.state_dict(),
+                "model_name": "tiny_clip", "epoch": 2}, before)
+    plain = tmp_path / "plain.pt"
+    torch.save(tiny_model.state_dict(), plain)
+    old, bare = checkpoint.read_checkpoint(before), checkpoint.read_checkpoint(plain)
+    assert (old.format_version, old.epoch, old.is_ours) == (0, 2, True)
+    assert (bare.format_version, bare.format, bare.is_ours) == (0, None, False)
+    assert torch.equal(bare.state_dict["logit_scale"], tiny_model.state_dict()["logit_scale"])
+    checkpoint.write_checkpoint(tmp_path / "now.pt", checkpoint.CheckpointRecord(
+        state_dict=tiny_model.state_dict(), model_name="tiny_clip"))
+    assert checkpoint.read_checkpoint(tmp_path / "now.pt").format_version == ours
 
 
 def test_zero_shot_classifier_averages_normalised_prompts():

@@ -9,6 +9,7 @@ import pytest
 
 from orbital_clip import answers as answer_files
 from conftest import TINY_MODEL, tiny_metadata, tree_state, write_csv
+from conftest import write_model_checkpoint
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 PATHS = ["orbital disease/a.png", "healthy eyes/b.png", "healthy eyes/c.png",
@@ -465,7 +466,7 @@ def test_baseline_with_the_same_weights_in_another_class_order_gives_zero_differ
     classes = prompts.load_prompt_set(None)
     reordered = [classes[0], classes[2], classes[1]]
     checkpoint = tmp_path / "reordered.pt"
-    ckpt.save_checkpoint(checkpoint, tiny_model, tiny_metadata(
+    write_model_checkpoint(checkpoint, tiny_model, tiny_metadata(
         class_folders=prompts.class_folders(reordered), prompts=prompts.prompt_set_to_dict(reordered)))
     plain = tmp_path / "plain.pt"
     torch.save(tiny_model.state_dict(), plain)
@@ -623,7 +624,7 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
     ours = tmp_path / "ours.pt"  # not `ckpt`: that name is the checkpoint module
     torch.manual_seed(0)
     model, *_ = models.create_model(TINY_MODEL, None)
-    ckpt.save_checkpoint(ours, model, tiny_metadata())
+    write_model_checkpoint(ours, model, tiny_metadata())
     assert run_inference(out / "manifest.csv", ours, tmp_path / "eval", *run_args) == 0
     table = read_csv(tmp_path / "eval" / "subgroups.csv")
     test_rows = manifest[manifest["split"] == "test"]

@@ -34,6 +34,7 @@ from orbital_clip import scoring as inference
 from orbital_clip import prompts
 from orbital_clip.report import format_value
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tree_state
+from conftest import write_model_checkpoint
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 
@@ -380,7 +381,7 @@ def tiny_checkpoint(path, threshold=None):
     if threshold is not None:
         meta["operating_point"] = {"class": FOLDERS[0], "target_sensitivity": 0.9,
                                    "threshold": threshold, "val_sensitivity": 0.9, "val_specificity": 0.4}
-    ckpt.save_checkpoint(path, model, meta)
+    write_model_checkpoint(path, model, meta)
     return path
 
 

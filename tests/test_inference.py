@@ -33,6 +33,7 @@ from orbital_clip import metrics
 from orbital_clip import prompts
 from orbital_clip import report
 from conftest import REPO_ROOT, TINY_CONFIG, TINY_MODEL, tiny_metadata
+from conftest import write_model_checkpoint
 
 from benchmarks import evaluation_speed
 
@@ -280,7 +281,7 @@ def test_stock_open_clip_loads_our_checkpoint(checkpoint, tiny_model):
 def test_probabilities_equal_a_zero_shot_computation_by_hand(make_cohort, tiny_model, tmp_path, mode):
     test_dir = make_cohort("external", (1, 1, 1), seed=2)
     path = tmp_path / "ckpt.pt"
-    ckpt.save_checkpoint(path, tiny_model, tiny_metadata(logit_scale_mode=mode))
+    write_model_checkpoint(path, tiny_model, tiny_metadata(logit_scale_mode=mode))
     assert run_inference(test_dir, path, tmp_path / "out") == 0
     frame = read_predictions(tmp_path / "out")
     _model, _train_tf, preprocess, tokenizer = models.create_model(TINY_MODEL, None)
@@ -448,7 +449,7 @@ OPERATING_POINT = {"class": "orbital disease", "target_sensitivity": 0.9, "thres
 def calibrated_checkpoint(tmp_path, tiny_model):
     """Our checkpoint with the rare-class threshold and temperature clip_train fits on validation."""
     path = tmp_path / "calibrated.pt"
-    ckpt.save_checkpoint(path, tiny_model, tiny_metadata(operating_point=dict(OPERATING_POINT),
+    write_model_checkpoint(path, tiny_model, tiny_metadata(operating_point=dict(OPERATING_POINT),
                                                            temperature=2.0))
     return path
 
@@ -869,7 +870,7 @@ def test_a_run_repeats_from_the_argv_in_its_args_json(make_cohort, checkpoint, t
     assert record["script"] == "inference.py" and record["args"]["seed"] == 3
     assert record["run"]["checkpoint_sha256"] == image_io.file_sha256(checkpoint)
     argv = record["argv"]
-    argv[argv.index("--output-dir") + 1] = str(tmp_path / "again")
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "again")  # args.json spells the current name
     assert inference.main(argv) == 0
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name

@@ -24,6 +24,7 @@ from orbital_clip.evaluation import regex_groups
 from orbital_clip.report import comparison_frame, subgroups_frame
 from orbital_clip.split.allocate import assign_folds
 from conftest import TINY_MODEL, tiny_metadata
+from conftest import write_model_checkpoint
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]
 PROB_COLUMNS = [f"prob_{folder}" for folder in FOLDERS]
@@ -137,7 +138,7 @@ def test_cache_is_not_shared_between_two_checkpoints(make_cohort, checkpoint, tm
     torch.manual_seed(1)
     model, *_ = models.create_model(TINY_MODEL, None)
     second = tmp_path / "second.pt"
-    ckpt.save_checkpoint(second, model, tiny_metadata())
+    write_model_checkpoint(second, model, tiny_metadata())
     cache = tmp_path / "cache"
     assert run_inference(test_dir, checkpoint, tmp_path / "one", "--cache-dir", cache) == 0
     assert run_inference(test_dir, second, tmp_path / "two", "--cache-dir", cache) == 0
@@ -156,7 +157,7 @@ def test_baseline_in_another_class_order_is_written_under_our_headers(make_cohor
     torch.manual_seed(1)
     model, *_ = models.create_model(TINY_MODEL, None)
     baseline = tmp_path / "reversed.pt"
-    ckpt.save_checkpoint(baseline, model, tiny_metadata(
+    write_model_checkpoint(baseline, model, tiny_metadata(
         class_folders=prompts.class_folders(reversed_set),
         prompts=prompts.prompt_set_to_dict(reversed_set)))
     assert run_inference(test_dir, checkpoint, tmp_path / "pair", "--baseline", baseline) == 0

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from orbital_clip import checkpoint as ckpt
 from orbital_clip import fewshot
 from orbital_clip import probe
+from orbital_clip import probe_fit
 from orbital_clip import prompts
 from orbital_clip import scoring
 from orbital_clip.metrics import softmax
@@ -36,7 +37,7 @@ def test_head_reproduces_scikit_learn_probabilities(n_classes):
     """The stored head, applied by model_loading's rule, gives LogisticRegression's predict_proba
     (two classes: sklearn keeps one row, the head two)."""
     x, y = separable_features(7, n_classes)
-    weight, bias = probe.fit_logistic(x, y, n_classes, c=2.0, seed=0)
+    weight, bias = probe_fit.fit_logistic(x, y, n_classes, c=2.0, seed=0)
     reference = LogisticRegression(C=2.0, class_weight="balanced", max_iter=2000).fit(x, y)
     assert weight.shape == (n_classes, x.shape[1]) and bias.shape == (n_classes,)
     np.testing.assert_allclose(softmax(probe.head_logits(x, weight, bias)),
@@ -50,7 +51,7 @@ def test_class_weights_are_balanced():
     x = rng.normal(size=(40, 4)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y = np.array([0] * 5 + [1] * 35)
-    weight, bias = probe.fit_logistic(x, y, 2, c=1.0, seed=0)
+    weight, bias = probe_fit.fit_logistic(x, y, 2, c=1.0, seed=0)
     balanced = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(x, y)
     plain = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
     ours = softmax(probe.head_logits(x, weight, bias))
@@ -61,7 +62,7 @@ def test_class_weights_are_balanced():
 def test_fit_refuses_a_missing_class():
     x, y = separable_features(3, 2)
     with pytest.raises(ValueError, match=r"class index \[2\]"):
-        probe.fit_logistic(x, y, 3, c=1.0, seed=0)
+        probe_fit.fit_logistic(x, y, 3, c=1.0, seed=0)
 
 
 def test_sweep_selects_the_best_validation_balanced_accuracy_then_the_lower_loss():
@@ -78,7 +79,7 @@ def test_sweep_selects_the_best_validation_balanced_accuracy_then_the_lower_loss
     assert chosen["val_loss"] == best["val_loss"].min()
     assert fit.c == chosen["c"]
     assert table["val_balanced_accuracy"].nunique() > 1  # the sweep really chose something
-    weight, bias = probe.fit_logistic(x, y, 3, fit.c, 0)
+    weight, bias = probe_fit.fit_logistic(x, y, 3, fit.c, 0)
     np.testing.assert_allclose(fit.weight, weight)
 
 

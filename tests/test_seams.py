@@ -33,6 +33,7 @@ from orbital_clip import scoring as inference
 from orbital_clip import metrics
 from orbital_clip import report
 from conftest import TINY_CONFIG, TINY_MODEL
+from conftest import write_model_checkpoint
 
 
 def train_argv(train_dir, val_dir, save_dir, *extra):
@@ -375,7 +376,7 @@ def test_inference_overwrite_leaves_exactly_one_runs_outputs(make_cohort, tmp_pa
     model, *_ = models.create_model(TINY_MODEL, None)
     classes = __import__("prompts").load_prompt_set(None)
     checkpoint = tmp_path / "ck.pt"
-    ckpt.save_checkpoint(checkpoint, model, {
+    write_model_checkpoint(checkpoint, model, {
         "model_name": TINY_MODEL, "model_config": json.loads(TINY_CONFIG.read_text()),
         "pretrained": None, "class_folders": [c.folder for c in classes],
         "prompts": __import__("prompts").prompt_set_to_dict(classes), "epoch": 1, "metrics": {},

@@ -16,6 +16,7 @@ from orbital_clip import models
 from orbital_clip import scoring as inference
 from orbital_clip import prompts
 from conftest import TINY_CONFIG, TINY_MODEL, tree_state, write_cohorts
+from conftest import write_model_checkpoint
 
 WRITERS = ("torch.save", "torch.save legacy", "pickle.dump")
 
@@ -58,7 +59,7 @@ def shared(tmp_path_factory):
     write_cohorts(root, train=(4, 4, 4), val=(2, 2, 2), test=(1, 1, 1))
     torch.manual_seed(0)
     model, *_ = models.create_model(TINY_MODEL, None)
-    checkpoint.save_checkpoint(root / "good.pt", model, {
+    write_model_checkpoint(root / "good.pt", model, {
         "model_name": TINY_MODEL, "model_config": models.register_model_config(TINY_CONFIG)[1],
         "pretrained": None, "class_folders": prompts.class_folders(prompts.load_prompt_set(None)),
         "prompts": prompts.prompt_set_to_dict(prompts.load_prompt_set(None)), "epoch": 1})

@@ -22,6 +22,7 @@ from orbital_clip import metrics
 from demo import make_demo_cohort
 from orbital_clip import cnn as train_cnn
 from conftest import REPO_ROOT, tree_state, write_cohorts
+from conftest import write_model_checkpoint
 
 FOLDERS = ["orbital disease", "healthy eyes", "non-orbital disease"]  # prompts.py's order
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -142,7 +143,7 @@ def test_weights_file_loads_the_body_and_keeps_a_new_head(imagenet_like_file, tm
     # A checkpoint of ours for the same classes keeps its head too; for other classes (or in
     # another order) of the same count, or as a plain state_dict, it gets a new head.
     ours = tmp_path / "ours.pt"
-    ckpt.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18",
+    write_model_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18",
                                          "class_folders": FOLDERS})
     again, info = train_cnn.build_model("resnet18", str(ours), FOLDERS, 32, seed=5)
     assert info.head == "loaded"
@@ -175,7 +176,7 @@ def test_weights_file_of_another_architecture_is_refused(imagenet_like_file, tmp
         train_cnn.build_model("efficientnet_b0", str(imagenet_like_file), FOLDERS, 32, seed=0)
     model, _ = train_cnn.build_model("resnet18", "none", FOLDERS, 32, seed=0)
     ours = tmp_path / "ours.pt"
-    ckpt.save_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
+    write_model_checkpoint(ours, model, {"format": train_cnn.CHECKPOINT_FORMAT, "arch": "resnet18"})
     with pytest.raises(train_cnn.WeightsError, match="holds architecture resnet18, not --arch resnet50"):
         train_cnn.build_model("resnet50", str(ours), FOLDERS, 32, seed=0)
 

@@ -56,6 +56,7 @@ def parse_args(argv=None):
     scoring.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     scoring.add_argument("--no-score", action="store_true", help="collect the answers, do not score")
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     if not args.dry_run and not (args.base_url and args.model):
         parser.error("give --base-url and --model (or --dry-run to only write the requests)")
     if args.group_regex is not None and args.group_from_folder:

@@ -116,17 +116,15 @@ def send_missing(planned, cache_dir, endpoint, concurrency, max_retries, backoff
 
 def answer_rows(step_set, planned, records):
     """{step: [row]} of the answer CSVs: the raw answer beside the label or declared outcome it
-    maps to (the scorer's rule, prompts.parse_label_map and parse_outcomes), or '' when none."""
-    lookup = prompt_sets.parse_label_map(step_set.label_map, step_set.classes, step_set.source)
-    # a declared outcome ('not orbital') is mapped too: it is an answer, not an unmapped one
-    lookup.update(prompt_sets.parse_outcomes(step_set.label_map, step_set.classes, step_set.source))
+    maps to (the scorer's rule, prompts.map_answer through the step file's parsed label map and
+    outcomes), or '' when it maps to none."""
     rows = collections.defaultdict(list)
     for item in planned:
         record = records[item.key]
         answer = record.get("answer", "")
         rows[item.step].append({
             "path": item.path, "answer": answer,
-            "mapped_label": lookup.get(prompt_sets.normalise_answer(answer), "") if record["status"] == "ok" else "",
+            "mapped_label": (prompt_sets.map_answer(answer, step_set.lookup) or "") if record["status"] == "ok" else "",
             "status": record["status"], "refusal": int(bool(record.get("refusal"))),
             "prompt_tokens": record.get("prompt_tokens", 0),
             "completion_tokens": record.get("completion_tokens", 0),

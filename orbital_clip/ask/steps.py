@@ -7,12 +7,12 @@ A step file is JSON: `classes` (answer options = class folders, index 0 first), 
 every `{placeholder}` of a template is a metadata column.
 """
 
-import csv
 import dataclasses
 import json
 import string
 from pathlib import Path
 
+from orbital_clip import metadata
 from orbital_clip import prompts as prompt_sets
 
 PAPER_STEPS = Path(__file__).with_name("paper_steps.json")  # shipped: the paper's three steps
@@ -39,6 +39,9 @@ class StepSet:
     not_stated_columns: list
     not_stated_text: str
     steps: list  # Step, in step order
+    # label_map parsed: {answer: class}, and a declared outcome ('not orbital') mapped to itself:
+    # it is an answer, not an unmapped one
+    lookup: dict = dataclasses.field(default_factory=dict)
 
 
 def template_columns(template, where):
@@ -64,8 +67,9 @@ def parse_steps(data, source):
     classes = data["classes"]
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
         raise StepFileError(f"{source}: 'classes' must be a list of two or more class folder names")
-    try:
-        prompt_sets.parse_label_map(data.get("label_map") or {}, classes, source)
+    try:  # parsed once here; the answer CSVs map through it (answer_rows)
+        lookup = prompt_sets.parse_label_map(data.get("label_map") or {}, classes, source)
+        lookup.update(prompt_sets.parse_outcomes(data.get("label_map") or {}, classes, source))
     except ValueError as err:
         raise StepFileError(str(err)) from None
     if "{options}" not in data["instruction"]:
@@ -83,7 +87,7 @@ def parse_steps(data, source):
         raise StepFileError(f"{source}: 'steps' must be a non-empty list")
     return StepSet(str(source), list(classes), data.get("label_map") or {}, data.get("system") or "",
                    data["instruction"], list(not_stated.get("columns") or []),
-                   not_stated.get("text", "not stated"), steps)
+                   not_stated.get("text", "not stated"), steps, lookup)
 
 
 def load_steps(path):
@@ -101,21 +105,22 @@ def needed_columns(step_set):
 
 
 def read_metadata(path):
-    """{relative path: {column: cell}} of a metadata CSV with a `path` column (as predictions.csv)."""
+    """{relative path: {column: cell}} of a metadata CSV with a `path` column (as predictions.csv),
+    read by metadata.read_metadata, the one --metadata reader (paths normalised by its rule)."""
+    where = f"--metadata {path}"
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise StepFileError(f"--metadata {path}: cannot read CSV ({err})") from None
-    if not rows or "path" not in rows[0]:
-        raise StepFileError(f"--metadata {path}: needs a header with a 'path' column and one row per image")
-    table = {}
-    for number, row in enumerate(rows, start=2):
-        key = str(row.pop("path") or "").strip().replace("\\", "/").removeprefix("./")
-        if key in table:
-            raise StepFileError(f"--metadata {path}: row {number}: image {key!r} appears twice")
-        table[key] = row
-    return table
+        table = metadata.read_metadata(path, where)
+    except OSError as err:
+        raise StepFileError(f"{where}: cannot read CSV ({err})") from None
+    except ValueError as err:
+        raise StepFileError(str(err)) from None
+    if table.key != "path":
+        raise StepFileError(f"{where}: needs a header with a 'path' column and one row per image")
+    if table.duplicate:
+        line, key, _first = table.duplicate
+        raise StepFileError(f"{where}: row {line}: image {key!r} appears twice")
+    return {key: {column: cell for column, cell in row.items() if column != "path"}
+            for key, (_line, row) in table.rows.items()}
 
 
 def render_prompt(step_set, step, image, row):

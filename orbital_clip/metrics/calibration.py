@@ -11,6 +11,9 @@ from scipy.special import log_softmax
 DEFAULT_ECE_BINS = 10  # equal-width bins of the max probability (Guo et al. 2017 use 15; 10 is common)
 LOG_LOSS_EPS = float(np.finfo(np.float64).eps)  # probabilities clipped here, as scikit-learn does
 CALIBRATION_METRICS = ("brier", "log_loss", "ece")
+# fit_temperature searches log T in [-bound, bound] (T from e^-4 to e^4); train/health.py reads a
+# fit at either end as a sign of collapse, so both read this one constant
+TEMPERATURE_LOG_BOUND = 4.0
 
 
 def brier_per_image(y_true, probs):
@@ -59,5 +62,5 @@ def fit_temperature(logits, y_true):
     if len(y_true) == 0:
         return 1.0
     result = minimize_scalar(lambda log_t: mean_nll(logits, y_true, math.exp(log_t)),
-                             bounds=(-4.0, 4.0), method="bounded")
+                             bounds=(-TEMPERATURE_LOG_BOUND, TEMPERATURE_LOG_BOUND), method="bounded")
     return float(math.exp(result.x))

@@ -65,12 +65,12 @@ with which --rollback can also undo a finished move run.
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path, PurePosixPath
 
 from orbital_clip import cli
 from orbital_clip import outputs
+from orbital_clip import patients
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.split.allocate import split_records
 from orbital_clip.split.duplicates import NEAR_DUP_DISTANCE, duplicates_table, report_duplicates
@@ -206,6 +206,7 @@ def add_output_arguments(parser):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     validate_args(parser, args)
     return args
 
@@ -233,13 +234,8 @@ def validate_args(parser, args):
     if args.stratify_by is not None and args.metadata is None:
         parser.error("--stratify-by names a column of --metadata; pass --metadata too")
     validate_labels_args(parser, args)
-    if args.group_regex is not None:
-        try:
-            pattern = re.compile(args.group_regex)
-        except re.error as err:
-            parser.error(f"--group-regex {args.group_regex!r}: not a valid regular expression ({err})")
-        if pattern.groups < 1:
-            parser.error(f"--group-regex {args.group_regex!r}: needs a capture group, e.g. '^(P\\d+)_'")
+    if args.group_regex is not None and patients.group_regex_problem(args.group_regex):
+        parser.error(patients.group_regex_problem(args.group_regex))
     if not 0 <= args.near_dup_distance <= 32:
         parser.error(f"--near-dup-distance {args.near_dup_distance}: must be in 0..32 bits")
     if args.resize_px is not None:

@@ -9,12 +9,18 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from orbital_clip import cli
 from orbital_clip import outputs
 from orbital_clip import prompts as prompt_sets
 from orbital_clip.metrics import wilson_interval
-from orbital_clip.report.figures import legend_below
+from orbital_clip.report.figures import legend_below, save_figure
 from orbital_clip.train.checkpoints import BEST_NAME
 from orbital_clip.train.health import describe_signs
+
+
+def figure_saver(folder):
+    """save(fig, file_name, **savefig_kwargs) for report.save_figure: atomic files in `folder`."""
+    return lambda fig, name, **kwargs: outputs.atomic_save_figure(fig, Path(folder) / name, **kwargs)
 
 
 def write_history(save_dir, history, select_metric):
@@ -38,9 +44,7 @@ def write_history(save_dir, history, select_metric):
                           label=f"best ({select_metric})")
     ax_metric.set(xlabel="epoch", ylabel="validation", ylim=(-0.02, 1.02), title="Validation")
     legend_below(ax_metric, fontsize=8)
-    fig.tight_layout()
-    outputs.atomic_save_figure(fig, Path(save_dir) / "training_curves.png", dpi=150)
-    plt.close(fig)
+    save_figure(plt, fig, figure_saver(save_dir), "training_curves", formats=("png",))
 
 
 def done_summary(state, args):
@@ -103,7 +107,7 @@ def model_card(args, classes, train_items, val_items, state):
     lines += [f"| {f} | {count(train_items, k)} | {count(val_items, k)} |" for k, f in enumerate(folders)]
     lines += ["", "## Classes and prompts", "", f"Rare, clinically critical class: **{folders[0]}**.", ""]
     lines += [f"- {c.folder}: training {list(c.train)}; evaluation {list(c.eval)}" for c in classes]
-    lines += ["", "## Recipe", "", f"--recipe {args.recipe}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+    lines += ["", "## Recipe", "", f"{cli.config_source(args)}: lr {args.lr:g}, weight decay {args.weight_decay:g}, "
               f"batch {args.batch_size}, {args.epochs} epochs, loss {args.loss}, schedule {args.schedule} "
               f"(warmup {args.warmup}), balanced sampling {'on' if args.balanced_sampling else 'off'}, "
               f"best epoch by validation {args.select_metric}, seed {args.seed}, precision {args.precision}.",

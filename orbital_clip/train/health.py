@@ -4,10 +4,10 @@ their verdict to metrics.csv, the log, the last line and MODEL_CARD.md."""
 
 import math
 
+from orbital_clip.metrics.calibration import TEMPERATURE_LOG_BOUND  # the search range of fit_temperature
+
 COLLAPSE_EPOCHS = 3  # the last epochs a sign must hold over (fewer when the run is shorter)
 CHANCE_LOSS_MARGIN = 0.02  # |train loss - chance| within 2% of chance counts as "at chance"
-# metrics.fit_temperature searches log T in [-4, 4]: a fit within 1e-3 of either end is at its bound
-TEMPERATURE_LOG_BOUND = 4.0
 # (name, what it means, likely cause and the flag to try), in the order they are reported
 SIGNS = {
     "loss_at_chance": "mean train loss within 2% of ln(batch size), the contrastive loss of "
@@ -41,6 +41,7 @@ def collapse_signs(history, chance):
         signs.append("loss_at_chance")
     if all(r.get("predicted_classes") == 1 for r in last):
         signs.append("one_predicted_class")
+    # a fit within 1e-3 (in log T) of either end of fit_temperature's search range is at its bound
     if all(abs(math.log(r["temperature"])) >= TEMPERATURE_LOG_BOUND - 1e-3 for r in last):
         signs.append("temperature_at_bound")
     return signs

@@ -7,6 +7,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from orbital_clip import models
+
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -17,10 +19,9 @@ def unwrap(model):
 
 
 def loss_scale(model, mode):
-    """Scale fed to the loss and softmax: exp(logit_scale) (correct), or the raw log value the
-    published code used (`--logit-scale-mode published-log`, for exact reproduction only)."""
-    logit_scale = unwrap(model).logit_scale
-    return logit_scale if mode == "published-log" else logit_scale.exp()
+    """Scale fed to the loss and the validation softmax: models.logit_scale, the rule inference
+    also applies (`--logit-scale-mode`)."""
+    return models.logit_scale(unwrap(model), mode)
 
 
 class LabelAwareClipLoss(open_clip.ClipLoss):

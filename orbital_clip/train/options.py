@@ -10,7 +10,7 @@ from pathlib import Path
 from orbital_clip import cli
 from orbital_clip import models
 from orbital_clip.train.checkpoints import LAST_NAME
-from orbital_clip.train.schedule import RECIPES, resolve_recipe
+from orbital_clip.train.schedule import RECIPE_NAMES, read_recipe, resolve_recipe
 
 
 # --help opens with this: what the command does and real command lines
@@ -85,6 +85,7 @@ def parse_args(argv=None, exit_on_error=True):
     parser = build_parser(argparse.ArgumentParser if exit_on_error else RefusingParser)
     apply_config_flag(parser, argv)
     args = parser.parse_args(argv)
+    cli.refuse_conflicting_spellings(parser, argv if argv is not None else sys.argv[1:])
     validate_args(parser, args)
     return args
 
@@ -101,7 +102,7 @@ def apply_config_flag(parser, argv):
 
 def recipe_default(dest):
     """'X with --recipe paper, Y with recommended': the --help default of a recipe flag."""
-    paper, recommended = (RECIPES[name][dest] for name in ("paper", "recommended"))
+    paper, recommended = (read_recipe(name)[dest] for name in ("paper", "recommended"))
     words = {True: "on", False: "off"}
     if isinstance(paper, bool):
         paper, recommended = words[paper], words[recommended]
@@ -121,7 +122,7 @@ def build_parser(parser_class=argparse.ArgumentParser):
                     help="where checkpoints, metrics and figures go")
     cli.add_prompts(data)
     data.add_argument("--config", default=None, metavar="FILE",
-                      help="JSON (or .yaml) of flag defaults, e.g. configs/recommended.json: keys are "
+                      help="JSON (or .yaml) of flag defaults, e.g. orbital_clip/configs/recommended.json: keys are "
                            "flag names (lr, batch-size, ...); flags on the command line override it")
     cli.add_model_flags(
         parser.add_argument_group("model"),
@@ -135,8 +136,8 @@ def build_parser(parser_class=argparse.ArgumentParser):
     optim.add_argument("--batch-size", type=int, default=200,
                        help="images per step (published 200); contrastive loss needs >= 2")
     optim.add_argument("--epochs", type=int, default=100, help="passes over the training set (published 100)")
-    optim.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
-                       help="configs/NAME.json: 'paper' (default) reproduces the published "
+    optim.add_argument("--recipe", choices=RECIPE_NAMES, default="paper",
+                       help="orbital_clip/configs/NAME.json: 'paper' (default) reproduces the published "
                             "protocol; 'recommended' sets label-aware loss, balanced sampling, lr 1e-5, 5%% warmup + cosine, "
                             "weight decay 0.1, selection by balanced accuracy, patience 10. "
                             "Flags given explicitly override the recipe")
@@ -210,7 +211,7 @@ def build_parser(parser_class=argparse.ArgumentParser):
     ssa.add_argument("--ssa-keep-all", action="store_true",
                      help="keep every trial's checkpoints (default: only the winner's)")
     return cli.show_defaults(parser, {
-        **{dest: recipe_default(dest) for dest in RECIPES["paper"]},
+        **{dest: recipe_default(dest) for dest in read_recipe("paper")},
         "model_name": "ViT-B-32-256, or the --model-config stem", "prompts": "the published set",
         "lock_image": "none, the tower trains", "lock_text": "none, the tower trains",
         "wise_ft_alphas": "none, no WiSE-FT"})

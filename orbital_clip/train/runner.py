@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orbital_clip import cli
 from orbital_clip import checkpoint
 from orbital_clip import cohort
 from orbital_clip import images
@@ -192,7 +193,8 @@ def train(args, classes, train_items, val_items, argv):
         LOG.debug("  %s = %s", key, value)
     if args.rank == 0:
         outputs.atomic_write_json(save_dir / "args.json", outputs.run_record(
-            "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items)}))
+            "clip_train.py", argv, args, {"train_images": len(train_items), "val_images": len(val_items),
+                                          "config": cli.config_record(args.config)}))
     size = ctx["image_size_px"]
     train_loader = make_loader(train_items, train_tf, size, args, shuffle=True,
                                generator=ctx["generator"], n_classes=len(classes))

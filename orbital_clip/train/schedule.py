@@ -2,20 +2,28 @@
 
 import json
 import math
-from pathlib import Path
+from importlib import resources
 
 
-# The recipes are files, configs/<name>.json (`--recipe NAME`; `--config FILE` takes any such file):
-# "paper" is the published protocol; "recommended" what works better on small, imbalanced cohorts.
-# Each entry applies only where the flag was not given explicitly.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-RECIPES = {name: json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
-           for name in ("paper", "recommended")}
+# The recipes are files shipped inside the package, orbital_clip/configs/<name>.json (`--recipe
+# NAME`; `--config FILE` takes any such file): "paper" is the published protocol; "recommended"
+# what works better on small, imbalanced cohorts. Each entry applies only where the flag was not
+# given explicitly. Read when asked, through importlib.resources, so an installed copy (a wheel,
+# a zip) finds them and importing this module reads no file.
+RECIPE_NAMES = ("paper", "recommended")
+
+
+def read_recipe(name):
+    """{dest: value} of the built-in recipe `name` (one of RECIPE_NAMES)."""
+    if name not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe {name!r} (expected one of {', '.join(RECIPE_NAMES)})")
+    text = resources.files("orbital_clip").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
 
 
 def resolve_recipe(args):
     """Fill every flag the user left unset (None) from the chosen recipe: explicit flags win."""
-    for key, value in RECIPES[args.recipe].items():
+    for key, value in read_recipe(args.recipe).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args

@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 
 from orbital_clip import outputs
+from orbital_clip.report.figures import save_figure
+from orbital_clip.train.card import figure_saver
 from orbital_clip.train.checkpoints import OUTPUTS
 from orbital_clip.train.options import ArgumentsRefused, parse_args
 from orbital_clip.train.runner import TrainingRefused, prepare_run, train_run
@@ -199,6 +201,4 @@ def plot_sensitivity(frame, path):
         ax.set(title=f"stage {int(part['stage'].iloc[0])}: {factor}", xlabel=factor,
                ylabel=f"best validation {part['metric'].iloc[0]}")
         ax.legend()
-    fig.tight_layout()
-    outputs.atomic_save_figure(fig, path, dpi=150)
-    plt.close(fig)
+    save_figure(plt, fig, figure_saver(Path(path).parent), Path(path).stem, formats=("png",))
