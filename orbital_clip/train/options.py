@@ -289,8 +289,12 @@ def validate_source_model(parser, args):
     if args.model_config:
         parser.error(f"--model-config: --model-name {args.model_name} brings its own architecture; "
                      "pass one of the two")
+    # Recorded absolutely (with its SHA-256, runner.build_context): a resume or WiSE-FT from
+    # another working folder finds this folder, or refuses one whose files changed.
+    args.model_name = models.absolute_source(args.model_name)
     if args.pretrained is None:
         args.pretrained = args.model_name  # the repository's / folder's own weights
+    args.pretrained = models.absolute_source(args.pretrained)
     if models.model_source(args.model_name) == "local-dir":
         try:
             models.read_model_config(args.model_name)

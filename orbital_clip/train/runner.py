@@ -132,10 +132,11 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
     """Everything the epoch loop needs besides the model and the loaders."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     args_dict = outputs.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
-    pretrained_file = args.pretrained != "none" and Path(args.pretrained).is_file()
     return {
         "args": args, "args_dict": args_dict,
-        "pretrained_sha256": images.file_sha256(args.pretrained) if pretrained_file else None, "classes": classes, "tokenizer": tokenizer,
+        # a weights file's or local-dir: folder's content; None for a tag or none
+        "pretrained_sha256": models.source_sha256(args.pretrained),
+        "classes": classes, "tokenizer": tokenizer,
         "model_config": model_config, "image_size_px": models.model_image_size(model),
         "preprocess_cfg": models.model_preprocess_cfg(model),
         "generator": torch.Generator().manual_seed(args.seed),
