@@ -21,6 +21,7 @@ from orbital_clip.train.card import done_summary, model_card
 from orbital_clip.train.checkpoints import (BEST_NAME, FINAL_NAME, LAST_NAME, checkpoint_metadata,
                                             mark_finished, prepare_save_dir)
 from orbital_clip.train.distributed import init_distributed, wrap_for_training
+from orbital_clip.train.health import SIGNS
 from orbital_clip.train.losses import make_loss
 from orbital_clip.train.loop import run_training
 from orbital_clip.train.model_setup import configure_trainable, setup_model
@@ -207,8 +208,8 @@ def train(args, classes, train_items, val_items, argv):
     except KeyboardInterrupt:
         return report_interrupt(args, argv, state, save_dir)
     except FloatingPointError as err:
-        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
-              "--lr or --precision fp32.", file=sys.stderr)
+        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Likely "
+              f"cause: {SIGNS['non_finite_steps']}", file=sys.stderr)
         return 1
     if args.rank == 0:
         try:
