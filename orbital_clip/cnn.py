@@ -293,8 +293,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler
     from tqdm import tqdm
     model.train()
     total, seen, skipped = 0.0, 0, 0
+    # disable=None: a bar only on a terminal; a log file gets no \r fragments (as clip_train.py)
     for images, labels, _indices, ok in tqdm(loader, desc="training", unit="batch", leave=False,
-                                              disable=args.no_progress):
+                                              disable=True if args.no_progress else None):
         ok = ok.bool()
         skipped += int((~ok).sum())
         if not ok.any():

@@ -472,3 +472,13 @@ def test_cnn_resume_with_another_training_flag_is_refused_by_name(tmp_path, caps
     err = capsys.readouterr().err
     assert "--lr (0.001 -> 0.01)" in err and "--overwrite" in err and "Traceback" not in err
     assert tree_state(save_dir) == before
+
+
+@pytest.mark.slow
+def test_a_log_that_is_not_a_terminal_gets_no_progress_bar(tmp_path, capsys):
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(1, 1, 1))
+    argv = [a for a in cohort_argv(tmp_path / "train", tmp_path / "val", tmp_path / "test", tmp_path / "run",
+                                   "--epochs", "1") if a != "--no-progress"]
+    assert train_cnn.main(argv) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, as a redirected log
+    assert "\r" not in err and "batch/s" not in err and "epoch 1/1" in err
