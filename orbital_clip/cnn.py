@@ -408,7 +408,8 @@ def parse_args(argv=None):
 
 def check_args(parser, args):
     """Values and combinations, named by their flag (exit 2 before anything is written)."""
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+    # --epochs 0 with --resume: predict --test-dir with a checkpoint, no training (predict_only)
+    for flag, value, low in (("--epochs", args.epochs, 0 if args.resume else 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, MIN_IMAGE_SIZE_PX)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
@@ -642,9 +643,29 @@ def report_interrupt(args, argv, progress, after_training=False):
     return EXIT_INTERRUPTED
 
 
-def write_predictions(args, cohorts, model, save_dir):
-    """Predict --test-dir with the best checkpoint's weights; returns the predictions frame."""
-    model.load_state_dict(checkpoint.load_state_dict_file(save_dir / BEST_NAME))
+def predict_only_weights(args, cohorts):
+    """--epochs 0 --resume PATH|auto: the state_dict and epoch of a checkpoint of this script (best
+    or last) to predict --test-dir with; ValueError naming --resume when there is none, or when it
+    holds another --arch, other classes or another --image-size."""
+    path = Path(args.save_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
+    try:
+        record = ckpt.read_checkpoint(path)
+    except ckpt.CheckpointError as err:
+        raise ValueError(f"--resume {err} (--epochs 0 predicts with a checkpoint of this script)") from None
+    for flag, recorded, given in (("--arch", record.arch, args.arch),
+                                  ("--image-size", record.image_size_px, args.image_size),
+                                  ("--prompts", record.class_folders, list(cohorts.folders))):
+        if recorded != given:
+            raise ValueError(f"--resume {path}: holds {flag[2:]} {recorded}, this command has {given}; "
+                             f"pass the {flag} the checkpoint was trained with")
+    return ckpt.checkpoint_state_dict(record.state_dict, path), record.epoch
+
+
+def write_predictions(args, cohorts, model, save_dir, state_dict=None):
+    """Predict --test-dir with the best checkpoint's weights (or `state_dict`); returns the
+    predictions frame."""
+    model.load_state_dict(state_dict if state_dict is not None
+                          else checkpoint.load_state_dict_file(save_dir / BEST_NAME))
     _train_tf, eval_tf = make_transforms(args.image_size)
     probs = predict(model, make_loader(cohorts.test, eval_tf, args, train=False), args)
     failed = np.flatnonzero(~np.isfinite(probs).all(axis=1)).tolist()
@@ -677,7 +698,8 @@ def train_and_predict(args, argv):
         labels = [label for _path, label in cohorts.train]
         class_weights = class_weight_vector(labels, len(cohorts.folders)) if args.class_weights else None
         record = run_record(args, argv, cohorts, weights, class_weights)
-        resumed = read_resume(args, record)
+        predict_only = predict_only_weights(args, cohorts) if args.epochs == 0 else None
+        resumed = read_resume(args, record) if predict_only is None else None
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -691,7 +713,8 @@ def train_and_predict(args, argv):
         save_dir = prepare_save_dir(args)
         outputs.atomic_write_json(save_dir / "args.json", record)
         try:
-            best_epoch = fit(args, cohorts, model, record, save_dir, resumed, progress)
+            best_epoch = (predict_only[1] if predict_only
+                          else fit(args, cohorts, model, record, save_dir, resumed, progress))
         except KeyboardInterrupt:
             return report_interrupt(args, argv, progress)
         if best_epoch is None:
@@ -699,7 +722,7 @@ def train_and_predict(args, argv):
                   f"--val-dir images could be read?); see {save_dir / 'metrics.csv'}", file=sys.stderr)
             return 1
         try:
-            frame = write_predictions(args, cohorts, model, save_dir)
+            frame = write_predictions(args, cohorts, model, save_dir, predict_only and predict_only[0])
         except KeyboardInterrupt:
             return report_interrupt(args, argv, progress, after_training=True)
     except outputs.OutputWriteError as err:

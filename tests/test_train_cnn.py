@@ -482,3 +482,20 @@ def test_a_log_that_is_not_a_terminal_gets_no_progress_bar(tmp_path, capsys):
     assert train_cnn.main(argv) == 0
     err = capsys.readouterr().err  # captured: not a terminal, as a redirected log
     assert "\r" not in err and "batch/s" not in err and "epoch 1/1" in err
+
+
+@pytest.mark.slow
+def test_epochs_0_with_a_checkpoint_predicts_only(tmp_path, capsys):
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(2, 1, 2))
+    data = [tmp_path / name for name in ("train", "val", "test")]
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "run", "--epochs", "2")) == 0
+    best = tmp_path / "run" / train_cnn.BEST_NAME
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "again", "--epochs", "0", "--resume", str(best))) == 0
+    assert (tmp_path / "again" / train_cnn.PREDICTIONS_NAME).read_bytes() == \
+        (tmp_path / "run" / train_cnn.PREDICTIONS_NAME).read_bytes()
+    assert not (tmp_path / "again" / train_cnn.LAST_NAME).exists()  # nothing trained
+    capsys.readouterr()
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "other", "--epochs", "0", "--resume", str(best),
+                                      "--image-size", "64")) == 2
+    assert "--image-size the checkpoint was trained with" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
