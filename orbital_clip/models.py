@@ -386,5 +386,6 @@ def source_mismatch(spec, current, recorded, fix):
     nothing was recorded (a checkpoint of an older version: the caller warns)."""
     if recorded is None or current is None or current == recorded:
         return None
-    return (f"{spec} is not the model training started from: its content has SHA-256 {current[:16]}..., "
+    what = "folder" if model_source(spec) == "local-dir" else "file"
+    return (f"{spec} is not the {what} training started from: its content has SHA-256 {current[:16]}..., "
             f"the checkpoint recorded {recorded[:16]}...; {fix}")

@@ -92,7 +92,7 @@ def test_a_relative_local_dir_is_recorded_absolutely_and_a_changed_folder_is_ref
     assert {p.name: p.read_bytes() for p in save_dir.iterdir() if p.is_file()} == before
     checkpoint = model_loading.resolve_checkpoint(str(save_dir / train_checkpoints.BEST_NAME))
     bundle = SimpleNamespace(checkpoint=checkpoint, model_name=absolute)
-    with pytest.raises(ValueError, match="--wise-ft-alpha: .*not the model training started from") as caught:
+    with pytest.raises(ValueError, match="--wise-ft-alpha: .*not the folder training started from") as caught:
         model_loading.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
     assert recorded[:16] in str(caught.value) and "--wise-ft-base PATH" in str(caught.value)
 
