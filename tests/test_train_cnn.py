@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 from orbital_clip import checkpoint as ckpt
@@ -485,12 +486,23 @@ def test_a_log_that_is_not_a_terminal_gets_no_progress_bar(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_epochs_0_with_a_checkpoint_predicts_only(tmp_path, capsys):
+def test_curves_card_and_epochs_0_with_a_checkpoint_predicts_only(tmp_path, capsys):
     write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(2, 1, 2))
     data = [tmp_path / name for name in ("train", "val", "test")]
     assert train_cnn.main(cohort_argv(*data, tmp_path / "run", "--epochs", "2")) == 0
     best = tmp_path / "run" / train_cnn.BEST_NAME
+    # the finished run's curves and card, with its numbers
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    chosen = history[history["is_best"]].iloc[-1]
+    card = (tmp_path / "run" / train_cnn.CARD_NAME).read_text()
+    assert "| orbital disease | 3 | 2 | 2 |" in card and "| healthy eyes | 5 | 2 | 1 |" in card
+    assert (f"tie keeps the earlier): {chosen['epoch']}: accuracy {chosen['val_accuracy']:.3f}, "
+            f"balanced accuracy {chosen['val_balanced_accuracy']:.3f}") in card
+    assert "no flips, as the CLIP run" in card
+    with Image.open(tmp_path / "run" / "training_curves.png") as curves:
+        assert curves.size[0] > 1000  # 7 inches at the report's 300 dpi
     assert train_cnn.main(cohort_argv(*data, tmp_path / "again", "--epochs", "0", "--resume", str(best))) == 0
+    assert not (tmp_path / "again" / train_cnn.CARD_NAME).exists()  # predictions only
     assert (tmp_path / "again" / train_cnn.PREDICTIONS_NAME).read_bytes() == \
         (tmp_path / "run" / train_cnn.PREDICTIONS_NAME).read_bytes()
     assert not (tmp_path / "again" / train_cnn.LAST_NAME).exists()  # nothing trained
