@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +42,10 @@ from orbital_clip import outputs
 from orbital_clip import metrics
 from orbital_clip.metrics import is_improvement
 from orbital_clip import prompts as prompt_sets
+from orbital_clip import cnn_card
 from orbital_clip import report
+from orbital_clip.train.sampling import EpochWorkerSeed
+from orbital_clip.train.state import changed_training_args, describe_changes, resume_argv
 
 LOG = logging.getLogger("train_cnn")
 # torchvision architecture -> the module holding its ImageNet classification head (replaced by a
@@ -50,8 +54,17 @@ HEAD_MODULES = {"resnet50": "fc", "densenet121": "classifier", "efficientnet_b0"
                 "vit_b_16": "heads.head", "resnet18": "fc"}
 ARCHS = tuple(HEAD_MODULES)
 BEST_NAME = "cnn_model_best.pt"
+LAST_NAME = "cnn_model_last.pt"  # resumable: weights, optimizer, scheduler, RNG, history
 PREDICTIONS_NAME = "predictions.csv"
-OUTPUT_NAMES = (BEST_NAME, PREDICTIONS_NAME, "metrics.csv", "args.json")
+CURVES_STEM = cnn_card.CURVES_STEM
+CARD_NAME = cnn_card.CARD_NAME
+OUTPUT_NAMES = (BEST_NAME, LAST_NAME, PREDICTIONS_NAME, "metrics.csv", "args.json",
+                f"{CURVES_STEM}.png", CARD_NAME)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as clip_train.py
+# Arguments a --resume may change: where and how it runs, and what it predicts after training.
+# Everything else (the cosine over --epochs x steps included) changes the run it continues.
+RESUME_FREE_ARGS = {"save_dir", "resume", "overwrite", "workers", "device", "precision",
+                    "no_progress", "test_dir"}
 CHECKPOINT_FORMAT = "orbital-clip-cnn/1"  # not open_clip weights: inference.py does not load it
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation every torchvision ImageNet model expects
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,14 +245,18 @@ def build_model(arch, weights_spec, folders, image_size_px, seed):
     return model, WeightsInfo(weights_spec, str(weights_spec), head)
 
 
-def make_transforms(image_size_px):
-    """(train, eval) transforms. Training: a mild random crop (80-100% of the area) and a
-    horizontal flip (left and right eyes carry the same labels); evaluation: the shorter side
-    resized to the input size and centre-cropped, as open_clip's validation transform does."""
+def make_transforms(image_size_px, flip=False):
+    """(train, eval) transforms. Training: the CLIP path's augmentation, open_clip's training
+    transform (a random resized crop of 90-100% of the area, bicubic), so the comparison differs
+    in the model only; `flip` adds a horizontal flip (--flip; left and right eyes carry the same
+    labels, but the CLIP run does not flip). Evaluation: the shorter side resized to the input
+    size and centre-cropped, as open_clip's validation transform does."""
+    from open_clip.transform import AugmentationCfg
     from torchvision import transforms as T
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = T.Compose([T.RandomResizedCrop(image_size_px, scale=(0.8, 1.0)),
-                       T.RandomHorizontalFlip(), *normalize])
+    train = T.Compose([T.RandomResizedCrop(image_size_px, scale=AugmentationCfg().scale,
+                                           interpolation=T.InterpolationMode.BICUBIC),
+                       *([T.RandomHorizontalFlip()] if flip else []), *normalize])
     evaluate = T.Compose([T.Resize(image_size_px), T.CenterCrop(image_size_px), *normalize])
     return train, evaluate
 
@@ -249,7 +266,12 @@ def make_transforms(image_size_px):
 
 
 def make_loader(items, transform, args, train, generator=None):
-    """DataLoader over cohort.ImageListDataset; class-balanced draws with --balanced-sampling."""
+    """DataLoader over cohort.ImageListDataset; class-balanced draws with --balanced-sampling.
+
+    As clip_train.py's (train.sampling), so that --resume is exact: the training sampler draws
+    from `generator` (saved with the RNG states), workers are seeded from (seed, epoch, worker) and
+    restart every epoch, and each loader picks its workers' base seed from a throwaway generator
+    of its own, never from the global one that the epoch's augmentations follow."""
     size = args.image_size
     dataset = cohort.ImageListDataset(items, transform, min_side_px=size, image_shape=(3, size, size))
     sampler = None
@@ -257,15 +279,17 @@ def make_loader(items, transform, args, train, generator=None):
         weights = torch.as_tensor(sample_weights([label for _path, label in items]), dtype=torch.double)
         sampler = torch.utils.data.WeightedRandomSampler(weights, len(items), replacement=True,
                                                          generator=generator)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
     # A training batch of one image cannot be batch-normalised (one value per channel on a 1x1
     # map at small input sizes), so a last batch that would hold one is dropped; its image is
     # drawn again in another epoch's shuffle. Evaluation keeps every image.
     drop_last = train and len(items) > 1 and len(items) % args.batch_size == 1
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=drop_last,
-        num_workers=args.workers, pin_memory=args.device.type == "cuda", generator=generator,
-        worker_init_fn=cli.seed_worker, persistent_workers=train and args.workers > 0)
+        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last,
+        num_workers=args.workers, pin_memory=args.device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=EpochWorkerSeed(args.seed) if train else cli.seed_worker, persistent_workers=False)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler):
@@ -273,8 +297,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, args, scaler
     from tqdm import tqdm
     model.train()
     total, seen, skipped = 0.0, 0, 0
+    # disable=None: a bar only on a terminal; a log file gets no \r fragments (as clip_train.py)
     for images, labels, _indices, ok in tqdm(loader, desc="training", unit="batch", leave=False,
-                                              disable=args.no_progress):
+                                              disable=True if args.no_progress else None):
         ok = ok.bool()
         skipped += int((~ok).sum())
         if not ok.any():
@@ -376,19 +401,26 @@ def build_parser():
     optim.add_argument("--balanced-sampling", action="store_true",
                        help="draw every class equally often (with replacement); not with "
                             "--class-weights, which would correct the imbalance twice")
+    optim.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                       help="random horizontal flips in training (default off, as the CLIP run: the "
+                            "same augmentation for both models unless you say otherwise)")
     run = parser.add_argument_group("run")
     cli.add_seed(run, help="seed for the initial weights and batches")
     cli.add_device(run)
     cli.add_precision(run)  # auto: models.resolve_precision, as clip_train.py and inference.py
     cli.add_workers(run)
     cli.add_overwrite(run)
+    run.add_argument("--resume", default=None, metavar="auto|PATH",
+                     help=f"continue a run from its {LAST_NAME} ('auto': the one in --out-dir, if "
+                          "any); the weights are the same as a run never interrupted")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def check_args(parser, args):
     """Values and combinations, named by their flag (exit 2 before anything is written)."""
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+    # --epochs 0 with --resume: predict --test-dir with a checkpoint, no training (predict_only)
+    for flag, value, low in (("--epochs", args.epochs, 0 if args.resume else 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, MIN_IMAGE_SIZE_PX)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
@@ -420,9 +452,11 @@ def check_args(parser, args):
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         parser.error(f"--out-dir {save_dir}: exists and is not a folder")
-    if save_dir.is_dir() and any(save_dir.iterdir()) and not args.overwrite:
-        parser.error(f"--out-dir {save_dir}: folder is not empty; pass --overwrite to replace its "
-                     "results, or choose another folder")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (args.overwrite or args.resume):
+        parser.error(f"--out-dir {save_dir}: folder is not empty; pass --resume auto to continue "
+                     "that run, --overwrite to replace its results, or choose another folder")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such file; pass auto or the {LAST_NAME} of a run")
 
 
 def load_cohorts(args):
@@ -464,7 +498,7 @@ def prepare_save_dir(args):
     """Create --out-dir; with --overwrite remove our own files of an earlier run first."""
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_NAMES if args.overwrite else ():
+    for name in OUTPUT_NAMES if args.overwrite and not args.resume else ():
         (save_dir / name).unlink(missing_ok=True)
     return save_dir
 
@@ -482,11 +516,84 @@ def run_record(args, argv, cohorts, weights, class_weights):
     return record
 
 
-def fit(args, cohorts, model, record, save_dir):
-    """The epoch loop: train, validate, keep the best epoch (strictly higher validation balanced
-    accuracy) as BEST_NAME; metrics.csv rewritten after every epoch. Returns the best epoch."""
+def resume_path(args):
+    """The last checkpoint a --resume names (None: nothing to resume, a fresh run)."""
+    if not args.resume:
+        return None
+    path = Path(args.save_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
+    return path if path.is_file() else None
+
+
+def read_resume(args, record):
+    """The last checkpoint --resume continues, or None; ValueError naming --resume when it is not
+    resumable or its run had other training flags (decided before anything is written)."""
+    path = resume_path(args)
+    if path is None:
+        return None
+    try:
+        last = ckpt.read_checkpoint(path)
+    except ckpt.CheckpointError as err:
+        raise ValueError(f"--resume {err}") from None
+    if last.resume is None or last.format != CHECKPOINT_FORMAT or "scheduler" not in last.extra:
+        raise ValueError(f"--resume {path}: not a resumable checkpoint of this script; pass its {LAST_NAME}")
+    stored = {k: v for k, v in (last.args or {}).items() if k not in RESUME_FREE_ARGS}
+    changes = changed_training_args(stored, {k: v for k, v in record["args"].items() if k not in RESUME_FREE_ARGS})
+    if changes:
+        raise ValueError(f"--resume {path}: this command changes {describe_changes(changes)} of the "
+                         "run it continues; resume with the run's flags (--workers, --device, "
+                         "--precision and --test-dir may differ), or start a new run with --overwrite")
+    return last
+
+
+def rng_snapshot(generator):
+    """The RNG states an epoch draws from: torch's (augmentations at --workers 0, dropout) and
+    the training sampler's generator (CUDA's when in use)."""
+    snapshot = {"torch": torch.get_rng_state(), "loader_generator": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
+
+
+def restore_rng(snapshot, generator):
+    torch.set_rng_state(snapshot["torch"])
+    generator.set_state(snapshot["loader_generator"])
+    if "cuda" in snapshot and torch.cuda.is_available() and len(snapshot["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(snapshot["cuda"])
+
+
+def checkpoint_record(model, args, cohorts, record, epoch, metrics):
+    """The CheckpointRecord of the model now (the best and the last checkpoint)."""
+    return ckpt.CheckpointRecord(
+        state_dict=model.state_dict(), format=CHECKPOINT_FORMAT, arch=args.arch,
+        class_folders=list(cohorts.folders), image_size_px=args.image_size,
+        normalize=outputs.plain({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+        weights=outputs.plain(record["run"]["weights"]), epoch=epoch,
+        metrics=outputs.plain(metrics), args=outputs.plain(record["args"]),
+        argv=outputs.plain(record["argv"]))
+
+
+def save_last(path, model, args, cohorts, record, loop, progress, metrics):
+    """The resumable checkpoint of the epoch just done; the RNG states are taken after its
+    validation, where a straight run's next epoch starts from."""
+    optimizer, scheduler, scaler, generator = loop
+    last = checkpoint_record(model, args, cohorts, record, progress["epoch"], metrics)
+    last.resume = ckpt.TrainingState(
+        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=[rng_snapshot(generator)],
+        step=int(scheduler.last_epoch), best_value=progress["best_value"], best_epoch=progress["best_epoch"],
+        history=outputs.plain(progress["history"]), finished=False)
+    last.extra["scheduler"] = outputs.plain(scheduler.state_dict())
+    ckpt.write_checkpoint(path, last)
+    progress["saved_epoch"] = progress["epoch"]
+
+
+def fit(args, cohorts, model, record, save_dir, resumed=None, progress=None):
+    """The epoch loop: train, validate, keep the best epoch (is_improvement: strictly better
+    validation balanced accuracy, a tie keeps the earlier epoch, as clip_train.py) as BEST_NAME and
+    every epoch as LAST_NAME; metrics.csv rewritten after every epoch. `resumed`: a last checkpoint
+    to continue; `progress` (a dict) holds epoch, best and history as they go (main reads it after a
+    Ctrl-C). Returns the best epoch."""
     import pandas as pd
-    train_tf, eval_tf = make_transforms(args.image_size)
+    train_tf, eval_tf = make_transforms(args.image_size, args.flip)
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = make_loader(cohorts.train, train_tf, args, train=True, generator=generator)
     val_loader = make_loader(cohorts.val, eval_tf, args, train=False)
@@ -496,36 +603,81 @@ def fit(args, cohorts, model, record, save_dir):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
-    history, best_value, best_epoch = [], None, None
-    for epoch in range(1, args.epochs + 1):
+    progress = {} if progress is None else progress
+    progress.update(epoch=0, best_value=None, best_epoch=None, history=[])
+    if resumed is not None:
+        model.load_state_dict(resumed.state_dict)
+        optimizer.load_state_dict(resumed.resume.optimizer)
+        scheduler.load_state_dict(resumed.extra["scheduler"])
+        scaler.load_state_dict(resumed.resume.scaler)
+        restore_rng(resumed.resume.rng[0], generator)
+        progress.update(epoch=resumed.epoch, saved_epoch=resumed.epoch, best_value=resumed.resume.best_value,
+                        best_epoch=resumed.resume.best_epoch, history=list(resumed.resume.history))
+        LOG.info("resumed from %s at epoch %d", resume_path(args), resumed.epoch)
+    history = progress["history"]
+    for epoch in range(progress["epoch"] + 1, args.epochs + 1):
         start = time.perf_counter()
+        train_loader.worker_init_fn.epoch = epoch  # workers seeded from (seed, epoch, worker id)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, seen, skipped = train_one_epoch(model, train_loader, optimizer, scheduler,
                                                     criterion, args, scaler)
         metrics = validation_metrics(predict(model, val_loader, args), cohorts.val, class_weights)
-        best = is_improvement(metrics["val_balanced_accuracy"], best_value)
+        best = is_improvement(metrics["val_balanced_accuracy"], progress["best_value"])
         if best:
-            best_value, best_epoch = metrics["val_balanced_accuracy"], epoch
-            ckpt.write_checkpoint(save_dir / BEST_NAME, ckpt.CheckpointRecord(
-                state_dict=model.state_dict(), format=CHECKPOINT_FORMAT, arch=args.arch,
-                class_folders=list(cohorts.folders), image_size_px=args.image_size,
-                normalize=outputs.plain({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
-                weights=outputs.plain(record["run"]["weights"]), epoch=epoch,
-                metrics=outputs.plain(metrics), args=outputs.plain(record["args"]),
-                argv=outputs.plain(record["argv"])))
+            progress["best_value"], progress["best_epoch"] = metrics["val_balanced_accuracy"], epoch
+            ckpt.write_checkpoint(save_dir / BEST_NAME, checkpoint_record(model, args, cohorts, record, epoch, metrics))
         history.append(outputs.plain({"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                               "skipped_images": skipped, "seconds": time.perf_counter() - start,
                               "is_best": best}))
+        progress["epoch"] = epoch
+        save_last(save_dir / LAST_NAME, model, args, cohorts, record, (optimizer, scheduler, scaler, generator),
+                  progress, metrics)
         outputs.atomic_write_csv(save_dir / "metrics.csv", pd.DataFrame(history))
+        cnn_card.write_training_curves(save_dir, history)
         LOG.info("epoch %d/%d  loss %.4f  val loss %.4f  val acc %.4f  val bal.acc %.4f  %.1f s%s",
                  epoch, args.epochs, train_loss, metrics["val_loss"], metrics["val_accuracy"],
                  metrics["val_balanced_accuracy"], history[-1]["seconds"], "  * best" if best else "")
-    return best_epoch
+    return progress["best_epoch"]
 
 
-def write_predictions(args, cohorts, model, save_dir):
-    """Predict --test-dir with the best checkpoint's weights; returns the predictions frame."""
-    model.load_state_dict(checkpoint.load_state_dict_file(save_dir / BEST_NAME))
+def report_interrupt(args, argv, progress, after_training=False):
+    """The Ctrl-C lines, as clip_train.py's: which epoch the last checkpoint holds and the exact
+    command that continues the run (--resume auto added, --overwrite dropped). Returns 130."""
+    save_dir = Path(args.save_dir)
+    if progress.get("saved_epoch"):
+        command = " ".join(["python -m baselines.train_cnn", shlex.join(resume_argv(argv))])
+        what = "after training, while writing the predictions" if after_training else "during training"
+        print(f"\ninterrupted {what}; {save_dir / LAST_NAME} holds epoch {progress['saved_epoch']}/"
+              f"{args.epochs}. Continue with:\n  {command}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
+              "start again with --overwrite", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def predict_only_weights(args, cohorts):
+    """--epochs 0 --resume PATH|auto: the state_dict and epoch of a checkpoint of this script (best
+    or last) to predict --test-dir with; ValueError naming --resume when there is none, or when it
+    holds another --arch, other classes or another --image-size."""
+    path = Path(args.save_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
+    try:
+        record = ckpt.read_checkpoint(path)
+    except ckpt.CheckpointError as err:
+        raise ValueError(f"--resume {err} (--epochs 0 predicts with a checkpoint of this script)") from None
+    for flag, recorded, given in (("--arch", record.arch, args.arch),
+                                  ("--image-size", record.image_size_px, args.image_size),
+                                  ("--prompts", record.class_folders, list(cohorts.folders))):
+        if recorded != given:
+            raise ValueError(f"--resume {path}: holds {flag[2:]} {recorded}, this command has {given}; "
+                             f"pass the {flag} the checkpoint was trained with")
+    return ckpt.checkpoint_state_dict(record.state_dict, path), record.epoch
+
+
+def write_predictions(args, cohorts, model, save_dir, state_dict=None):
+    """Predict --test-dir with the best checkpoint's weights (or `state_dict`); returns the
+    predictions frame."""
+    model.load_state_dict(state_dict if state_dict is not None
+                          else checkpoint.load_state_dict_file(save_dir / BEST_NAME))
     _train_tf, eval_tf = make_transforms(args.image_size)
     probs = predict(model, make_loader(cohorts.test, eval_tf, args, train=False), args)
     failed = np.flatnonzero(~np.isfinite(probs).all(axis=1)).tolist()
@@ -543,28 +695,52 @@ def main(argv=None):
     cli.configure_logging()
     LOG.setLevel(logging.INFO)  # cli.configure_logging knows the three pipeline scripts only
     try:
+        return train_and_predict(args, argv)
+    except KeyboardInterrupt:  # before training started (loading, setup): nothing to resume
+        print("\ninterrupted before the first epoch ended; nothing to resume, run the command again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def train_and_predict(args, argv):
+    """Prepare (everything that can refuse the run, before anything is written), train (or resume),
+    predict --test-dir; returns the exit status."""
+    try:
         cohorts, model, weights = prepare(args)
+        torch.manual_seed(args.seed)
+        labels = [label for _path, label in cohorts.train]
+        class_weights = class_weight_vector(labels, len(cohorts.folders)) if args.class_weights else None
+        record = run_record(args, argv, cohorts, weights, class_weights)
+        predict_only = predict_only_weights(args, cohorts) if args.epochs == 0 else None
+        resumed = read_resume(args, record) if predict_only is None else None
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    labels = [label for _path, label in cohorts.train]
-    class_weights = class_weight_vector(labels, len(cohorts.folders)) if args.class_weights else None
-    record = run_record(args, argv, cohorts, weights, class_weights)
     for key, value in record["args"].items():
         LOG.info("  %s = %s", key, value)
     LOG.info("== %s (%s), classes %s: %d train / %d val / %d test images, %s (%s) ==", args.arch,
              weights.source, cohorts.folders, len(cohorts.train), len(cohorts.val), len(cohorts.test),
              args.device, args.precision)
+    progress = {}
     try:
         save_dir = prepare_save_dir(args)
         outputs.atomic_write_json(save_dir / "args.json", record)
-        best_epoch = fit(args, cohorts, model, record, save_dir)
+        try:
+            best_epoch = (predict_only[1] if predict_only
+                          else fit(args, cohorts, model, record, save_dir, resumed, progress))
+        except KeyboardInterrupt:
+            return report_interrupt(args, argv, progress)
         if best_epoch is None:
             print(f"error: no epoch had a validation balanced accuracy (none of the {len(cohorts.val)} "
                   f"--val-dir images could be read?); see {save_dir / 'metrics.csv'}", file=sys.stderr)
             return 1
-        frame = write_predictions(args, cohorts, model, save_dir)
+        try:
+            frame = write_predictions(args, cohorts, model, save_dir, predict_only and predict_only[0])
+            if not predict_only:
+                outputs.atomic_write_text(save_dir / CARD_NAME, cnn_card.model_card(
+                    args, cohorts, record, best_epoch, progress["history"]))
+        except KeyboardInterrupt:
+            return report_interrupt(args, argv, progress, after_training=True)
     except outputs.OutputWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ only decides which of them a command line names.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import open_clip
@@ -17,6 +18,7 @@ from orbital_clip import checkpoint as ckpt
 from orbital_clip import images
 from orbital_clip import models as model_lib
 
+LOG = logging.getLogger("inference")  # the scoring command's logger (scoring.py)
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 
 
@@ -78,6 +80,24 @@ def resolve_source_model(spec, flag):
         except ValueError as err:
             raise ckpt.CheckpointError(f"{flag} {err}") from None
     return Checkpoint("tag", str(spec), None, sha256)
+
+
+def checked_start_source(spec, recorded_sha256):
+    """The SHA-256 of a recorded WiSE-FT base (a weights file or a local-dir: folder), refused
+    (ValueError) when it differs from the digest recorded at training; a checkpoint of an older
+    version without the digest is warned about and used."""
+    try:
+        sha256 = model_lib.source_sha256(spec)
+    except ValueError as err:  # a local-dir: folder without its config or weights
+        raise ValueError(f"--wise-ft-alpha: {err}; pass --wise-ft-base PATH") from None
+    if recorded_sha256 is None:
+        LOG.warning("--wise-ft-alpha: the checkpoint records no SHA-256 of its starting weights %s "
+                    "(written by an older version); they are used as they are now", spec)
+    refusal = model_lib.source_mismatch(spec, sha256, recorded_sha256,
+                                        "pass --wise-ft-base PATH with the original weights")
+    if refusal:
+        raise ValueError(f"--wise-ft-alpha: {refusal}")
+    return sha256
 
 
 def looks_like_file(spec):
@@ -181,19 +201,17 @@ def wise_ft_base_weights(args, bundle):
     if not pretrained:
         raise ValueError(f"--wise-ft-alpha: {checkpoint.spec} records no pretrained weights "
                          "(trained from scratch, or a plain state_dict); pass --wise-ft-base PATH")
-    recorded_sha256 = record.pretrained_sha256
-    if Path(pretrained).is_file() and Path(pretrained).is_absolute():
-        sha256 = images.file_sha256(pretrained)
-        if recorded_sha256 and sha256 != recorded_sha256:
-            raise ValueError(f"--wise-ft-alpha: {pretrained} is not the file training started from "
-                             f"(SHA-256 {sha256[:12]}..., recorded {recorded_sha256[:12]}...); pass "
-                             "--wise-ft-base PATH with the original weights")
-        return ckpt.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
-    if Path(pretrained).is_file():  # a relative path recorded before paths were made absolute
-        raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
-                         f"relative path {pretrained}, which may be another file from this folder; "
-                         "pass --wise-ft-base PATH")
     source = model_lib.model_source(pretrained)  # an hf-hub:/local-dir: model brings its architecture
+    local = Path(pretrained[len("local-dir:"):]) if source == "local-dir" else Path(pretrained)
+    if (local.is_file() or source == "local-dir") and not local.is_absolute():
+        # a relative path recorded before paths were made absolute
+        raise ValueError(f"--wise-ft-alpha: the checkpoint records the pretrained weights as the "
+                         f"relative path {pretrained}, which may be another model from this folder; "
+                         "pass --wise-ft-base PATH")
+    on_disk = local.is_file() or (source == "local-dir" and local.is_dir())
+    sha256 = checked_start_source(pretrained, record.pretrained_sha256) if on_disk else None
+    if local.is_file():
+        return ckpt.load_state_dict_file(pretrained), f"`{pretrained}`", sha256
     if not source and looks_like_file(pretrained):
         raise ValueError(f"--wise-ft-alpha: the recorded pretrained weights {pretrained} are not "
                          "on this machine; pass --wise-ft-base PATH")

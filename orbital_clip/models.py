@@ -340,3 +340,61 @@ def model_image_size(model):
     """Input side in pixels of the model's image tower."""
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def absolute_source(spec):
+    """A model source spelled absolutely: a `local-dir:PATH` folder or a weights file as its
+    resolved path, so that the same folder reached from another working folder is the same source
+    (and a relative spelling cannot silently name another one there); tags, hf-hub: names, 'none'
+    and None are returned as given."""
+    if not isinstance(spec, str):
+        return spec
+    if model_source(spec) == "local-dir":
+        return "local-dir:" + str(Path(spec[len("local-dir:"):]).expanduser().resolve())
+    if Path(spec).is_file():
+        return str(Path(spec).resolve())
+    return spec
+
+
+def source_files(spec):
+    """[(name, path)] of the files whose bytes make a model source, sorted by name: a weights file
+    alone; for a local-dir: folder its open_clip_config.json and the weights file open_clip loads
+    (by their path relative to the folder); [] for tags, hf-hub: names and 'none'. ValueError
+    naming the folder when it has no config or weights."""
+    if spec in (None, "none"):
+        return []
+    if model_source(spec) == "local-dir":
+        folder = Path(spec[len("local-dir:"):])
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{spec}: the folder has no open_clip_config.json")
+        files = [config_file, local_dir_weights(spec)]
+        return sorted((str(Path(p).resolve().relative_to(folder.resolve())), Path(p)) for p in files)
+    if isinstance(spec, str) and Path(spec).is_file():
+        return [(Path(spec).name, Path(spec))]
+    return []
+
+
+def source_sha256(spec):
+    """SHA-256 of a model source's content, or None for a tag, an hf-hub: name or 'none'. A weights
+    file: the file's own digest (what `images.file_sha256` gives). A local-dir: folder: the digest of
+    one 'relative-path<TAB>file-sha256' line per file of `source_files`, in their sorted order, so
+    that renaming or editing the config or the weights changes it and moving the folder does not."""
+    files = source_files(spec)
+    if not files:
+        return None
+    if model_source(spec) != "local-dir":
+        return images.file_sha256(files[0][1])
+    lines = "".join(f"{name}\t{images.file_sha256(path)}\n" for name, path in files)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def source_mismatch(spec, current, recorded, fix):
+    """The one-line refusal of a model source whose content no longer matches the SHA-256 recorded
+    when training started (naming the source, both digests and `fix`), or None when they match or
+    nothing was recorded (a checkpoint of an older version: the caller warns)."""
+    if recorded is None or current is None or current == recorded:
+        return None
+    what = "folder" if model_source(spec) == "local-dir" else "file"
+    return (f"{spec} is not the {what} training started from: its content has SHA-256 {current[:16]}..., "
+            f"the checkpoint recorded {recorded[:16]}...; {fix}")

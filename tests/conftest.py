@@ -165,6 +165,26 @@ def train_argv(train_dir, val_dir, save_dir, *extra):
             "--epochs", "2", "--workers", "0", "--no-progress", *extra]
 
 
+LARGE_PX = (400, 300)  # against the tiny model's 64 px input: every RandomResizedCrop draw changes the crop
+
+
+def write_large_splits(root):
+    """The `splits` cohorts (train 6/12/9 seed 0, val 3/6/4 seed 1) under root, upscaled to
+    LARGE_PX: a resume test on them sees a shifted random stream (on 160x120 images most crops
+    fall back to a fixed one). Returns (train folder, val folder)."""
+    from PIL import Image
+    roots = write_cohorts(root, train=(6, 12, 9), val=(3, 6, 4))
+    for path in Path(roots).rglob("*.jpg"):
+        Image.open(path).convert("RGB").resize(LARGE_PX).save(path, quality=90)
+    return Path(root) / "train", Path(root) / "val"
+
+
+@pytest.fixture
+def large_splits(tmp_path):
+    """`splits` upscaled to LARGE_PX (write_large_splits)."""
+    return write_large_splits(tmp_path)
+
+
 @pytest.fixture
 def splits(make_cohort):
     """A small train/val pair of class-folder cohorts (6/12/9 and 3/6/4 images)."""

@@ -8,7 +8,8 @@ import pytest
 
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train.card import run_warnings
-from orbital_clip.train.health import chance_loss, collapse_signs
+from orbital_clip.train.health import (NONFINITE_STOP_STEPS, chance_loss, collapse_signs, nonfinite_signs,
+                                       should_stop_nonfinite)
 from conftest import TINY_CONFIG
 
 
@@ -27,6 +28,19 @@ def test_collapse_signs_need_every_one_of_the_last_epochs():
         "loss_at_chance", "one_predicted_class", "temperature_at_bound"]
     assert collapse_signs([collapsed, healthy, collapsed, collapsed], chance) == []
     assert collapse_signs([{**collapsed, "temperature": math.exp(-4)}], chance)[-1] == "temperature_at_bound"
+
+
+def test_skipped_non_finite_steps_stop_the_run_in_a_row_or_for_a_whole_epoch():
+    assert NONFINITE_STOP_STEPS == 5
+    assert not should_stop_nonfinite(4, 10, 4, epoch_over=False)
+    assert should_stop_nonfinite(5, 10, 5, epoch_over=False)
+    assert not should_stop_nonfinite(0, 10, 9, epoch_over=True)  # one finite step: the epoch trained
+    assert should_stop_nonfinite(2, 2, 2, epoch_over=True)  # a short epoch with no finite step
+    assert not should_stop_nonfinite(0, 0, 0, epoch_over=True)  # no step ran (every batch unreadable)
+    # from the first epoch that skipped a step on, so the last row still says so
+    assert nonfinite_signs([{"nonfinite_steps": 0}, {"nonfinite_steps": 1}, {"nonfinite_steps": 0}]) == [
+        "non_finite_steps"]
+    assert nonfinite_signs([{"nonfinite_steps": 0}, {}]) == []
 
 
 def test_a_best_epoch_blind_to_the_rare_class_is_named():

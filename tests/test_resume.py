@@ -8,25 +8,13 @@ import math
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from orbital_clip import checkpoint as ckpt
 from orbital_clip.train import checkpoints as train_checkpoints
 from orbital_clip.train import cli as train_cli
 from orbital_clip.train import loop as train_loop
-from conftest import train_argv
-
-LARGE_PX = (400, 300)  # against the tiny model's 64 px input: crops vary with every draw
-
-
-@pytest.fixture
-def large_splits(make_cohort):
-    """The conftest train/val cohorts, upscaled to 400x300."""
-    roots = make_cohort("train", (6, 12, 9), seed=0), make_cohort("val", (3, 6, 4), seed=1)
-    for root in roots:
-        for path in root.rglob("*.jpg"):
-            Image.open(path).convert("RGB").resize(LARGE_PX).save(path, quality=90)
-    return roots
+from orbital_clip.train import runner as train_runner
+from conftest import train_argv, write_large_splits
 
 
 def weights(save_dir, name=train_checkpoints.FINAL_NAME):
@@ -129,3 +117,63 @@ def test_changed_batch_size_continues_the_schedule_and_weight_decay_is_applied(s
     assert lr[2] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 3 / 4)))
     groups = ckpt.read_checkpoint(save_dir / train_checkpoints.LAST_NAME).resume.optimizer["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
+@pytest.mark.slow
+def test_a_changed_patience_on_an_early_stopped_run_is_refused_by_name(splits, tmp_path, capsys):
+    # lr 1e-12 leaves the weights (and the validation accuracy) unchanged: patience 1 stops the
+    # run after epoch 2. A larger --patience would be recorded and then ignored (nothing to train).
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "run"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "5", "--patience", "1", "--lr", "1e-12")
+    assert train_cli.main(argv) == 0
+    assert ckpt.read_checkpoint(save_dir / train_checkpoints.LAST_NAME).resume.stopped
+    before = file_bytes(save_dir)
+    capsys.readouterr()
+    assert train_cli.main(argv + ["--patience", "4", "--resume", "auto", "--resume-with-changes"]) == 2
+    err = capsys.readouterr().err
+    assert "--patience (1 -> 4) cannot change on resume" in err and "already stopped early" in err
+    assert "Traceback" not in err and file_bytes(save_dir) == before
+
+
+# -- property: N epochs straight equal k + resume + (N - k), whatever the short schedule -------------
+
+@pytest.mark.slow
+def test_k_epochs_then_a_resume_equal_n_straight_for_random_short_schedules(tmp_path_factory):
+    # The run of N epochs is interrupted (Ctrl-C) right after epoch k's checkpoint, as a user's
+    # would be, so its schedule (cosine, a percentage warmup) is the N-epoch one throughout.
+    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+    train_dir, val_dir = write_large_splits(tmp_path_factory.mktemp("large"))
+    runs = iter(range(1000))
+    real_end_of_epoch = train_loop.end_of_epoch
+
+    @settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.generate],  # no shrinking:
+              suppress_health_check=[HealthCheck.too_slow])  # each example trains three runs
+    @given(n_epochs=st.integers(2, 3), data=st.data(), batch=st.sampled_from(["8", "16"]),
+           schedule=st.sampled_from(["const", "cosine"]), warmup=st.sampled_from(["0", "2", "20%"]),
+           workers=st.sampled_from(["0", "2"]))
+    def check(n_epochs, data, batch, schedule, warmup, workers):
+        k = data.draw(st.integers(1, n_epochs - 1), label="k")
+        root = tmp_path_factory.mktemp(f"run{next(runs)}")
+        argv = [*train_argv(train_dir, val_dir, root / "split", "--batch-size", batch, "--schedule", schedule,
+                            "--warmup", warmup, "--workers", workers), "--epochs", str(n_epochs)]
+
+        def interrupted_after_k(model, ctx, state, *rest):
+            result = real_end_of_epoch(model, ctx, state, *rest)
+            if state["epoch"] == k:
+                raise KeyboardInterrupt
+            return result
+
+        straight = [a if a != str(root / "split") else str(root / "straight") for a in argv]
+        assert train_cli.main(straight) == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_loop, "end_of_epoch", interrupted_after_k)
+            assert train_cli.main(argv) == train_runner.EXIT_INTERRUPTED
+        # resumed with every flag repeated at its old value, as a user repeating the command does
+        assert train_cli.main(argv + ["--resume", "auto", "--resume-with-changes"]) == 0
+        assert max_abs_difference(weights(root / "straight"), weights(root / "split")) == 0.0
+        straight, split = (pd.read_csv(root / name / "metrics.csv") for name in ("straight", "split"))
+        assert list(split["epoch"]) == list(range(1, n_epochs + 1))
+        assert list(split["lr"]) == list(straight["lr"]) and list(split["train_loss"]) == list(straight["train_loss"])
+
+    check()

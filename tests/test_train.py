@@ -235,7 +235,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypatch, capsys):
+def test_a_non_finite_loss_in_every_step_stops_and_keeps_checkpoints(splits, tmp_path, monkeypatch, capsys):
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
     assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "1")) == 0
@@ -243,42 +243,59 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(splits, tmp_path, monkeypat
     monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
     code = train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
     assert code == 1
-    assert "non-finite" in capsys.readouterr().err
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "non-finite training loss or gradients in every step of epoch 2" in line
+    assert str(save_dir) in line and "--precision fp32" in line
     for name, data in before.items():
         assert (save_dir / name).read_bytes() == data
 
 
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 @pytest.mark.slow
-def test_nan_batch_in_epoch_2_stops_the_run_and_keeps_epoch_1_checkpoints(splits, tmp_path, monkeypatch,
-                                                                         capsys):
-    # One uninterrupted run; a NaN pixel enters the second batch of epoch 2, after epoch 1 wrote
-    # its best and last checkpoints (27 images, batch 16: two steps per epoch).
+@pytest.mark.parametrize("poison", ["pixel", "gradient"])
+def test_a_non_finite_step_in_epoch_2_is_skipped_and_reported(splits, tmp_path, monkeypatch, capsys, poison):
+    # One uninterrupted run; the second step of epoch 2 (27 images, batch 16: two steps per epoch)
+    # gets a NaN pixel (a NaN loss) or a NaN gradient behind a finite loss. The step is skipped, the
+    # weights stay finite, and the log, metrics.csv, the last line and MODEL_CARD.md say so.
     train_dir, val_dir = splits
     save_dir = tmp_path / "run"
-    names = (train_checkpoints.BEST_NAME, train_checkpoints.BEST_SAFETENSORS_NAME, train_checkpoints.LAST_NAME,
-             "metrics.csv", "args.json")
-    seen, at_injection = [], {}
+    seen = []
     real_batch_features = train_loop.batch_features
 
     def poisoned_batch_features(model, images, captions, ctx):
         seen.append(len(images))
-        if len(seen) == 4:
-            at_injection.update({n: image_io.file_sha256(save_dir / n) for n in names})
+        if len(seen) == 4 and poison == "pixel":
             images = images.clone()
             images[0, 0, 0, 0] = float("nan")
-        return real_batch_features(model, images, captions, ctx)
+        image, text = real_batch_features(model, images, captions, ctx)
+        return (NanGradient.apply(image), text) if len(seen) == 4 and poison == "gradient" else (image, text)
 
     monkeypatch.setattr(train_loop, "batch_features", poisoned_batch_features)
-    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 1
-    assert len(seen) == 4  # stopped at the poisoned step
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert "non-finite training loss" in line and "epoch 2" in line and str(save_dir) in line
-    assert {n: image_io.file_sha256(save_dir / n) for n in names} == at_injection
-    assert not (save_dir / train_checkpoints.FINAL_NAME).exists() and not list(save_dir.glob(".*.tmp"))
-    assert list(pd.read_csv(save_dir / "metrics.csv")["epoch"]) == [1]
-    last = torch.load(save_dir / train_checkpoints.LAST_NAME, weights_only=True)
-    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
-                                      if v.is_floating_point())
+    assert train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3")) == 0
+    assert len(seen) == 6
+    log = capsys.readouterr().err
+    what = "loss" if poison == "pixel" else "gradients"
+    assert f"epoch 2, step 3: non-finite training {what}; step skipped" in log
+    history = pd.read_csv(save_dir / "metrics.csv", keep_default_na=False)
+    assert list(history["nonfinite_steps"]) == [0, 1, 0]
+    assert [("non_finite_steps" in c) for c in history["collapse"]] == [False, True, True]
+    last = [line for line in log.splitlines() if " clip_train: == done" in line][-1]
+    assert "non_finite_steps" in last and "--precision fp32" in last
+    assert "non_finite_steps" in (save_dir / "MODEL_CARD.md").read_text()
+    final = torch.load(save_dir / train_checkpoints.FINAL_NAME, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in final["state_dict"].values())
+
 
 
 def test_help_in_process(capsys):

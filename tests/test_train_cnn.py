@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 from orbital_clip import checkpoint as ckpt
@@ -74,7 +75,7 @@ def test_class_weights_and_sampling_weights_known_answers():
 
 def test_balanced_sampling_draws_every_class_equally_often(tmp_path):
     items = [(tmp_path / f"{i}.jpg", label) for i, label in enumerate([0] * 2 + [1] * 8 + [2] * 20)]
-    args = Namespace(image_size=32, balanced_sampling=True, batch_size=4, workers=0, device=torch.device("cpu"))
+    args = Namespace(image_size=32, balanced_sampling=True, batch_size=4, workers=0, device=torch.device("cpu"), seed=0)
     loader = train_cnn.make_loader(items, None, args, train=True, generator=torch.Generator().manual_seed(0))
     draws = [items[i][1] for _ in range(200) for i in loader.sampler]  # 200 epochs of 30 draws
     shares = np.bincount(draws, minlength=3) / len(draws)
@@ -253,7 +254,7 @@ def test_a_cohort_that_leaves_a_last_batch_of_one_trains(tmp_path, sampling):
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"].tolist() == [1]
     items, _ = cohort_io.list_class_folder_images(tmp_path / "train", FOLDERS)
     args = Namespace(image_size=32, batch_size=8, workers=0, device=torch.device("cpu"),
-                     balanced_sampling=bool(sampling))
+                     balanced_sampling=bool(sampling), seed=0)
     loader = train_cnn.make_loader(items, None, args, train=True, generator=torch.Generator())
     assert len(loader) == 1  # one batch of 8; the ninth image waits for the next epoch's shuffle
 
@@ -402,3 +403,112 @@ def test_refused_input_exits_2_names_the_flag_and_writes_nothing(extra, expected
     for text in expected:
         assert text.format(root=root) in line, line
     assert tree_state(root) == before
+
+
+# -- the same augmentation as the CLIP path; --resume exact; Ctrl-C as clip_train.py (issue 26) -----
+
+def test_training_augmentation_is_open_clips_unless_flip_is_asked():
+    from open_clip.transform import image_transform
+    from torchvision import transforms as T
+    clip_crop = next(t for t in image_transform(32, is_train=True).transforms if isinstance(t, T.RandomResizedCrop))
+    for flip in (False, True):
+        train_tf, _eval_tf = train_cnn.make_transforms(32, flip)
+        crop = next(t for t in train_tf.transforms if isinstance(t, T.RandomResizedCrop))
+        assert (crop.scale, crop.ratio, crop.interpolation) == (clip_crop.scale, clip_crop.ratio, clip_crop.interpolation)
+        assert any(isinstance(t, T.RandomHorizontalFlip) for t in train_tf.transforms) == flip
+    assert not train_cnn.parse_args(["--train-dir", ".", "--val-dir", ".", "--test-dir", ".", "--out-dir",
+                                     "new_run", "--weights", "none"]).flip
+
+
+@pytest.fixture
+def large_cohorts(tmp_path):
+    """train / val / test cohorts upscaled to 400x300: at --image-size 32 every crop draw counts."""
+    from PIL import Image
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(1, 1, 1))
+    for path in tmp_path.rglob("*.jpg"):
+        Image.open(path).convert("RGB").resize((400, 300)).save(path, quality=90)
+    return tmp_path / "train", tmp_path / "val", tmp_path / "test"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_cnn_resume_after_ctrl_c_is_bit_identical(large_cohorts, tmp_path, monkeypatch, capsys, workers):
+    train, val, test = large_cohorts
+    extra = ("--epochs", "3", "--workers", workers, "--flip")
+    assert train_cnn.main(cohort_argv(train, val, test, tmp_path / "straight", *extra)) == 0
+    real_epoch, calls = train_cnn.train_one_epoch, {"n": 0}
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_cnn, "train_one_epoch", interrupted_in_epoch_2)
+    split = tmp_path / "split"
+    assert train_cnn.main(cohort_argv(train, val, test, split, *extra)) == train_cnn.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert f"interrupted during training; {split / train_cnn.LAST_NAME} holds epoch 1/3" in err
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python -m baselines.train_cnn ") and command.endswith("--resume auto")
+    monkeypatch.setattr(train_cnn, "train_one_epoch", real_epoch)
+    assert train_cnn.main(cohort_argv(train, val, test, split, *extra, "--resume", "auto")) == 0
+    for name in (train_cnn.LAST_NAME, train_cnn.BEST_NAME):
+        a, b = (ckpt.read_checkpoint(root / name).state_dict for root in (tmp_path / "straight", split))
+        assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) == 0.0, name
+    straight, resumed = (pd.read_csv(root / "metrics.csv") for root in (tmp_path / "straight", split))
+    pd.testing.assert_frame_equal(straight.drop(columns="seconds"), resumed.drop(columns="seconds"))
+    assert (split / train_cnn.PREDICTIONS_NAME).read_bytes() == (tmp_path / "straight" / train_cnn.PREDICTIONS_NAME).read_bytes()
+
+
+@pytest.mark.slow
+def test_cnn_resume_with_another_training_flag_is_refused_by_name(tmp_path, capsys):
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(1, 1, 1))
+    data = [tmp_path / name for name in ("train", "val", "test")]
+    save_dir = tmp_path / "run"
+    assert train_cnn.main(cohort_argv(*data, save_dir, "--epochs", "1")) == 0
+    before = tree_state(save_dir)
+    capsys.readouterr()
+    assert train_cnn.main(cohort_argv(*data, save_dir, "--epochs", "1", "--lr", "1e-2",
+                                      "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "--lr (0.001 -> 0.01)" in err and "--overwrite" in err and "Traceback" not in err
+    assert tree_state(save_dir) == before
+
+
+@pytest.mark.slow
+def test_a_log_that_is_not_a_terminal_gets_no_progress_bar(tmp_path, capsys):
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(1, 1, 1))
+    argv = [a for a in cohort_argv(tmp_path / "train", tmp_path / "val", tmp_path / "test", tmp_path / "run",
+                                   "--epochs", "1") if a != "--no-progress"]
+    assert train_cnn.main(argv) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, as a redirected log
+    assert "\r" not in err and "batch/s" not in err and "epoch 1/1" in err
+
+
+@pytest.mark.slow
+def test_curves_card_and_epochs_0_with_a_checkpoint_predicts_only(tmp_path, capsys):
+    write_cohorts(tmp_path, train=(3, 5, 4), val=(2, 2, 2), test=(2, 1, 2))
+    data = [tmp_path / name for name in ("train", "val", "test")]
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "run", "--epochs", "2")) == 0
+    best = tmp_path / "run" / train_cnn.BEST_NAME
+    # the finished run's curves and card, with its numbers
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    chosen = history[history["is_best"]].iloc[-1]
+    card = (tmp_path / "run" / train_cnn.CARD_NAME).read_text()
+    assert "| orbital disease | 3 | 2 | 2 |" in card and "| healthy eyes | 5 | 2 | 1 |" in card
+    assert (f"tie keeps the earlier): {chosen['epoch']}: accuracy {chosen['val_accuracy']:.3f}, "
+            f"balanced accuracy {chosen['val_balanced_accuracy']:.3f}") in card
+    assert "no flips, as the CLIP run" in card
+    with Image.open(tmp_path / "run" / "training_curves.png") as curves:
+        assert curves.size[0] > 1000  # 7 inches at the report's 300 dpi
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "again", "--epochs", "0", "--resume", str(best))) == 0
+    assert not (tmp_path / "again" / train_cnn.CARD_NAME).exists()  # predictions only
+    assert (tmp_path / "again" / train_cnn.PREDICTIONS_NAME).read_bytes() == \
+        (tmp_path / "run" / train_cnn.PREDICTIONS_NAME).read_bytes()
+    assert not (tmp_path / "again" / train_cnn.LAST_NAME).exists()  # nothing trained
+    capsys.readouterr()
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "other", "--epochs", "0", "--resume", str(best),
+                                      "--image-size", "64")) == 2
+    assert "--image-size the checkpoint was trained with" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

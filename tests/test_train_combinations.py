@@ -3,6 +3,7 @@ run), failed rows, loss precision, WiSE-FT with every selection metric, --compil
 and an all-pairs covering array of the training options."""
 
 import math
+import shutil
 
 import open_clip
 import pandas as pd
@@ -298,6 +299,55 @@ def test_training_options_in_pairs(fold_cohort, tmp_path, row):
         chosen = table.set_index("alpha").loc[best["wise_ft"]["chosen_alpha"], row["metric"]]
         extreme = table[row["metric"]].min() if row["metric"] == "val_loss" else table[row["metric"]].max()
         assert chosen == pytest.approx(extreme) or table[row["metric"]].isna().all()
+
+
+# -- resume x each changeable flag, set to its old value: bit-identical weights ---------------------
+
+# Each flag a resume may carry, at the value train_argv's run records (often spelled otherwise:
+# 0.001 for 1e-3), and flags a resume may change freely (--workers, --precision, --device).
+RESUME_FLAGS_AT_OLD_VALUES = [
+    ("--lr", "0.001"), ("--weight-decay", "1e-8"), ("--batch-size", "16"), ("--warmup", "0"),
+    ("--schedule", "const"), ("--loss", "clip"), ("--no-balanced-sampling",), ("--patience", "0"),
+    ("--seed", "2024"), ("--select-metric", "accuracy"), ("--logit-scale-mode", "exp"),
+    ("--target-sensitivity", "0.9"), ("--recipe", "paper"), ("--precision", "fp32"), ("--device", "cpu"),
+]
+
+
+def resume_covering_array():
+    """Every pair of (flag at its old value, --workers, --resume-with-changes) in some row."""
+    from allpairspy import AllPairs
+    factors = {"flag": RESUME_FLAGS_AT_OLD_VALUES, "workers": ["0", "2"], "with_changes": [False, True]}
+    return [dict(zip(factors, row)) for row in AllPairs(list(factors.values()))]
+
+
+@pytest.fixture(scope="module")
+def first_epochs(tmp_path_factory):
+    """{workers: (train, val, 2 epochs straight, 1 epoch to resume)} on LARGE_PX images, each
+    trained once for the module (the rows differ only in the resume)."""
+    from conftest import write_large_splits
+    train_dir, val_dir = write_large_splits(tmp_path_factory.mktemp("large"))
+    runs = {}
+    for workers in ("0", "2"):
+        root = tmp_path_factory.mktemp(f"workers{workers}")
+        assert train_cli.main(train_argv(train_dir, val_dir, root / "straight", "--workers", workers)) == 0
+        assert train_cli.main(train_argv(train_dir, val_dir, root / "one", "--workers", workers,
+                                         "--epochs", "1")) == 0
+        runs[workers] = (train_dir, val_dir, root / "straight", root / "one")
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", resume_covering_array(), ids=lambda row: "-".join(
+    [*row["flag"], f"w{row['workers']}", *(["changes"] if row["with_changes"] else [])]))
+def test_resume_with_each_changeable_flag_at_its_old_value_is_bit_identical(first_epochs, tmp_path, row):
+    train_dir, val_dir, straight, one = first_epochs[row["workers"]]
+    shutil.copytree(one, tmp_path / "split")
+    argv = train_argv(train_dir, val_dir, tmp_path / "split", "--workers", row["workers"], *row["flag"],
+                      "--resume", "auto", *(["--resume-with-changes"] if row["with_changes"] else []))
+    assert train_cli.main(argv) == 0
+    a, b = final_weights(straight), final_weights(tmp_path / "split")
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0
+    assert list(pd.read_csv(tmp_path / "split" / "metrics.csv")["epoch"]) == [1, 2]
 
 
 # -- the loss: fp32 outside autocast, failed rows masked; refused configurations --------------------

@@ -19,7 +19,14 @@ SIGNS = {
     "temperature_at_bound": "the fitted temperature is at the edge of its search range "
                             "(e^-4 or e^4): the validation logits carry no usable confidence "
                             "(try --logit-scale-mode exp, and the remedies above)",
+    "non_finite_steps": "a training step gave a non-finite loss or gradient and was skipped (no "
+                        "update; the count per epoch is metrics.csv's nonfinite_steps): a learning "
+                        "rate too high for the logit scale or the precision (try a smaller --lr, "
+                        "a --warmup, or --precision fp32), or images holding NaN/inf pixels",
 }
+# A step whose loss or gradients are not finite is skipped; this many in a row (or every step of
+# an epoch, for shorter epochs) stops the run: the weights no longer move, and more steps waste time.
+NONFINITE_STOP_STEPS = 5
 
 
 def chance_loss(n_train, batch_size):
@@ -50,3 +57,17 @@ def collapse_signs(history, chance):
 def describe_signs(signs):
     """'collapse: <name> (<meaning, cause, flag>); ...', or '' without signs."""
     return "" if not signs else "collapse: " + "; ".join(f"{s} ({SIGNS[s]})" for s in signs)
+
+
+def nonfinite_signs(history):
+    """['non_finite_steps'] once any epoch of `history` (dicts with nonfinite_steps) skipped a step,
+    from that epoch on (so the last row, the last line and the card keep saying so); else []."""
+    return ["non_finite_steps"] if any(r.get("nonfinite_steps") for r in history) else []
+
+
+def should_stop_nonfinite(in_a_row, steps_run, nonfinite_in_epoch, epoch_over):
+    """Whether skipped non-finite steps stop the run: NONFINITE_STOP_STEPS in a row, or an epoch
+    that is over without a single finite step."""
+    if in_a_row >= NONFINITE_STOP_STEPS:
+        return True
+    return epoch_over and steps_run > 0 and nonfinite_in_epoch == steps_run

@@ -18,7 +18,8 @@ from orbital_clip.metrics import fit_temperature, is_improvement, mean_nll, oper
 from orbital_clip.train.card import write_history
 from orbital_clip.train.checkpoints import BEST_NAME, BEST_SAFETENSORS_NAME, checkpoint_metadata, save_last
 from orbital_clip.train.distributed import global_sums
-from orbital_clip.train.health import chance_loss, collapse_signs, describe_signs
+from orbital_clip.train.health import (chance_loss, collapse_signs, describe_signs, nonfinite_signs,
+                                       should_stop_nonfinite)
 from orbital_clip.train.losses import LOGIT_SCALE_MAX, loss_scale, unwrap
 from orbital_clip.train.sampling import EpochWorkerSeed
 from orbital_clip.train.schedule import lr_at_step
@@ -120,9 +121,35 @@ def set_rng_states(device, states):
         torch.cuda.set_rng_state(states[1], device)
 
 
+def step_is_finite(loss, optimizer, ctx):
+    """Whether a step's loss and gradients are all finite, decided over every process (each then
+    skips or takes the step alike). Under fp16 the GradScaler already skips a step whose scaled
+    gradients overflowed (and lowers its scale): routine loss scaling, not checked here."""
+    finite = bool(torch.isfinite(loss))
+    if finite and not ctx["scaler"].is_enabled():
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    (bad,) = global_sums([int(not finite)], ctx["args"])
+    return bad == 0
+
+
+def skip_nonfinite_step(loss, state, counts, ctx):
+    """Count a skipped non-finite step and say so; FloatingPointError when the run must stop
+    (health.should_stop_nonfinite). `counts`: the epoch's {'run', 'nonfinite', 'in_a_row'}."""
+    counts["nonfinite"] += 1
+    counts["in_a_row"] += 1
+    what = "loss" if not torch.isfinite(loss) else "gradients"
+    LOG.warning("epoch %d, step %d: non-finite training %s; step skipped (no update)",
+                state["epoch"] + 1, state["step"], what)
+    ctx["optimizer"].zero_grad(set_to_none=True)
+    if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=False):
+        raise FloatingPointError(f"non-finite training {what} ({loss.item()}) in {counts['in_a_row']} "
+                                 f"steps in a row at epoch {state['epoch'] + 1}, step {state['step']}")
+
+
 def train_one_epoch(model, loader, state, ctx):
     """One pass over the training loader; returns (mean loss, images trained on, skipped
-    images), the counts over all processes."""
+    images, steps skipped as non-finite), the counts over all processes."""
     args, optimizer = ctx["args"], ctx["optimizer"]
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(state["epoch"])  # distributed samplers reshuffle per epoch
@@ -130,6 +157,7 @@ def train_one_epoch(model, loader, state, ctx):
         loader.worker_init_fn.epoch = state["epoch"]
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
+    counts = {"run": 0, "nonfinite": 0, "in_a_row": 0}  # steps run, skipped as non-finite
     start = time.perf_counter()
     # disable=None: a bar only on a terminal; a log file gets no \r fragments, one line per epoch
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
@@ -147,9 +175,12 @@ def train_one_epoch(model, loader, state, ctx):
         captions = prompt_sets.sample_train_captions(labels.tolist(), ctx["classes"], ctx["caption_rng"])
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, images, labels, captions, ctx, valid=ok)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
-                                     f"{state['epoch'] + 1}, step {state['step']}")
+        counts["run"] += 1
+        if not step_is_finite(loss, optimizer, ctx):
+            skip_nonfinite_step(loss, state, counts, ctx)
+            state["step"] += 1  # the schedule moves on, as after a step the GradScaler skips
+            continue
+        counts["in_a_row"] = 0
         ctx["scaler"].step(optimizer)
         ctx["scaler"].update()
         with torch.no_grad():
@@ -158,7 +189,10 @@ def train_one_epoch(model, loader, state, ctx):
         total_loss += loss.item() * n_ok
         seen += n_ok
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
-    return total_loss / max(seen, 1), seen, skipped
+    if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=True):
+        raise FloatingPointError(f"non-finite training loss or gradients in every step of epoch "
+                                 f"{state['epoch'] + 1} ({counts['run']} steps)")
+    return total_loss / max(seen, 1), seen, skipped, counts["nonfinite"]
 
 
 @torch.no_grad()
@@ -186,7 +220,7 @@ def validate(model, loader, ctx):
 def end_of_epoch(model, ctx, state, val_loader, train_stats):
     """Rank 0: validate, keep best and last, write the history; returns (metrics, stop?)."""
     args, save_dir = ctx["args"], Path(ctx["args"].save_dir)
-    train_loss, seen, skipped, seconds_train = train_stats
+    train_loss, seen, skipped, nonfinite, seconds_train = train_stats
     metrics = validate(model, val_loader, ctx)
     value = metrics[args.select_metric]
     best = is_improvement(value, state["best_value"], lower_is_better=args.select_metric == "val_loss")
@@ -206,9 +240,11 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
            "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
+           "nonfinite_steps": nonfinite,
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
     signs = collapse_signs([*state["history"], row], chance_loss(ctx["n_train"], args.batch_size))
+    signs += nonfinite_signs([*state["history"], row])
     row["collapse"] = " ".join(signs)  # empty for a healthy epoch
     state["history"].append(outputs.plain(row))
     if signs:
@@ -233,12 +269,12 @@ def run_training(args, ctx, model, train_model, train_loader, val_loader, state)
     metrics = state["metrics"]
     while state["epoch"] < args.epochs and not state["stopped"]:
         epoch_start = time.perf_counter()
-        train_loss, seen, skipped = train_one_epoch(train_model, train_loader, state, ctx)
+        train_loss, seen, skipped, nonfinite = train_one_epoch(train_model, train_loader, state, ctx)
         state["epoch"] += 1
         stop = False
         ctx["rng_snapshots"] = gather_rng_snapshots(ctx)  # every rank's, saved by rank 0
         if args.rank == 0:
-            train_stats = (train_loss, seen, skipped, time.perf_counter() - epoch_start)
+            train_stats = (train_loss, seen, skipped, nonfinite, time.perf_counter() - epoch_start)
             metrics, stop = end_of_epoch(model, ctx, state, val_loader, train_stats)
         if args.world_size > 1:
             decision = [stop]

@@ -50,14 +50,15 @@ def mixing_weight(text):
 
 
 def warmup_spec(text):
-    """argparse type for --warmup: '200' or '5%'."""
+    """argparse type for --warmup: '200' (-> 200) or '5%' (kept as the text)."""
     try:
         value = float(text[:-1]) if text.endswith("%") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected steps (200) or a percentage (5%), got {text!r}") from None
     if value < 0 or (text.endswith("%") and value > 100):
         raise argparse.ArgumentTypeError(f"must be 0..total steps or 0%..100%, got {text!r}")
-    return text
+    # Steps as an int, the type the recipes record: `--warmup 0` repeated on resume is no change
+    return text if text.endswith("%") else int(value)
 
 
 class ArgumentsRefused(Exception):
@@ -290,8 +291,12 @@ def validate_source_model(parser, args):
     if args.model_config:
         parser.error(f"--model-config: --model-name {args.model_name} brings its own architecture; "
                      "pass one of the two")
+    # Recorded absolutely (with its SHA-256, runner.build_context): a resume or WiSE-FT from
+    # another working folder finds this folder, or refuses one whose files changed.
+    args.model_name = models.absolute_source(args.model_name)
     if args.pretrained is None:
         args.pretrained = args.model_name  # the repository's / folder's own weights
+    args.pretrained = models.absolute_source(args.pretrained)
     if models.model_source(args.model_name) == "local-dir":
         try:
             models.read_model_config(args.model_name)

@@ -22,6 +22,7 @@ from orbital_clip.train.card import done_summary, model_card
 from orbital_clip.train.checkpoints import (BEST_NAME, FINAL_NAME, LAST_NAME, checkpoint_metadata,
                                             mark_finished, prepare_save_dir)
 from orbital_clip.train.distributed import init_distributed, wrap_for_training
+from orbital_clip.train.health import SIGNS
 from orbital_clip.train.losses import make_loss
 from orbital_clip.train.loop import run_training
 from orbital_clip.train.model_setup import configure_trainable, setup_model
@@ -133,10 +134,11 @@ def build_context(args, model, tokenizer, classes, model_config, n_train):
     """Everything the epoch loop needs besides the model and the loaders."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     args_dict = outputs.plain({k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()})
-    pretrained_file = args.pretrained != "none" and Path(args.pretrained).is_file()
     return {
         "args": args, "args_dict": args_dict,
-        "pretrained_sha256": images.file_sha256(args.pretrained) if pretrained_file else None, "classes": classes, "tokenizer": tokenizer,
+        # a weights file's or local-dir: folder's content; None for a tag or none
+        "pretrained_sha256": models.source_sha256(args.pretrained),
+        "classes": classes, "tokenizer": tokenizer,
         "model_config": model_config, "image_size_px": models.model_image_size(model),
         "preprocess_cfg": models.model_preprocess_cfg(model),
         "generator": torch.Generator().manual_seed(args.seed),
@@ -208,8 +210,8 @@ def train(args, classes, train_items, val_items, argv):
     except KeyboardInterrupt:
         return report_interrupt(args, argv, state, save_dir)
     except FloatingPointError as err:
-        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Try a lower "
-              "--lr or --precision fp32.", file=sys.stderr)
+        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Likely "
+              f"cause: {SIGNS['non_finite_steps']}", file=sys.stderr)
         return 1
     if args.rank == 0:
         try:

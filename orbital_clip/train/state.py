@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from orbital_clip import checkpoint as ckpt
+from orbital_clip import models
 from orbital_clip import outputs
 from orbital_clip.train.checkpoints import LAST_NAME
 
@@ -135,7 +136,9 @@ def resume_from(path, model, ctx, state):
     if resume is None:
         raise ValueError("not a resumable checkpoint (no optimizer state); "
                          f"resume from {LAST_NAME}")
-    if record.model_name != ctx["args"].model_name:
+    # A checkpoint of an older version may spell a local-dir: model relatively: the same folder
+    # from here is the same architecture (its content is checked by `check_start_source`).
+    if models.absolute_source(record.model_name) != ctx["args"].model_name:
         raise ValueError(f"checkpoint architecture {record.model_name} differs from "
                          f"--model-name {ctx['args'].model_name}")
     stored, current = dict(record.args or {}), dict(ctx["args_dict"])
@@ -143,12 +146,16 @@ def resume_from(path, model, ctx, state):
         recorded = (record.data or {}).get(flag)
         if recorded and flag in current:
             stored[flag], current[flag] = recorded, str(Path(current[flag]).resolve())
+    for flag in ("model_name", "pretrained"):  # nor is the same model source spelled absolutely
+        if flag in stored:
+            stored[flag] = models.absolute_source(stored[flag])
     changes = changed_training_args(stored, current)
     if changes and not ctx["args"].resume_with_changes:
         return changes  # refused by the caller, before anything is loaded or written
     # Before the optimiser loads: a changed lock would otherwise fail in torch's own words.
     if changes and (refusal := refused_changes(changes, resume.stopped)) is not None:
         raise ValueError(refusal)
+    check_start_source(record, ctx)
     model.load_state_dict(record.state_dict)
     ctx["optimizer"].load_state_dict(resume.optimizer)
     ctx["scaler"].load_state_dict(resume.scaler)
@@ -158,6 +165,24 @@ def resume_from(path, model, ctx, state):
                  stopped=resume.stopped, finished=resume.finished,
                  metrics=dict(record.metrics or {}), saved_epoch=record.epoch)
     return changes
+
+
+def check_start_source(record, ctx):
+    """Refuse (ValueError) a resume whose starting weights (a --pretrained file or a local-dir:
+    folder) no longer hold what the checkpoint recorded: the WiSE-FT base, taken from them, would
+    silently be another model. A checkpoint without the digest (an older version) is warned about."""
+    spec, current = ctx["args"].pretrained, ctx.get("pretrained_sha256")
+    if current is None:  # a tag, an hf-hub: model or none: named, not hashed
+        return
+    if record.pretrained_sha256 is None:
+        LOG.warning("--resume: the checkpoint records no SHA-256 of its starting weights %s (written "
+                    "by an older version); they are taken as they are now", spec)
+        return
+    refusal = models.source_mismatch(spec, current, record.pretrained_sha256,
+                                     "put back the files the run started from, or train a new run "
+                                     "with --overwrite")
+    if refusal:
+        raise ValueError(refusal)
 
 
 def changed_training_args(stored, current):
