@@ -209,6 +209,16 @@ def warn_about_patients(cohort, folders, anonymized=False):
                     "" if anonymized else f", e.g. {spanning[0]!r}")
 
 
+def canonical_order(cohort):
+    """Sort the cohort's images (and their patients) by path, in place: every bootstrap draws on
+    rows in this order, so the order of --classes, of a manifest's rows or of an answer file is
+    presentation only and the same seed gives the same intervals."""
+    order = sorted(range(len(cohort.items)), key=cohort.relative_paths().__getitem__)
+    cohort.items = [cohort.items[i] for i in order]
+    if cohort.groups is not None:
+        cohort.groups = [cohort.groups[i] for i in order]
+
+
 def collect_cohort(args, folders):
     """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
     spec, sources = Path(args.test_dir), None
@@ -239,6 +249,7 @@ def collect_cohort(args, folders):
         texts = [source or path for source, path in zip(sources, paths)] if sources else paths
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
+    canonical_order(cohort)
     if args.bootstrap:  # what the warnings are about
         warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort

@@ -1,6 +1,6 @@
 """Metamorphic tests (issue 25): an evaluation's numbers do not move when only the presentation
-does. So far the answer-file path under a permutation of the file's rows and renamed images;
-the checkpoint path and --classes order are still to come."""
+does: a permutation of the rows, renamed images, a permuted --classes (class order is
+presentation: the bootstrap draws on a canonical order), for every evaluation path."""
 
 import json
 
@@ -31,13 +31,31 @@ def cohort_and_answers(root, names, order):
     return root / "cohort", write_csv(root / "answers.csv", header, [rows[i] for i in order])
 
 
-def scored(root, names, order):
+def scored(root, names, order, classes=CLASSES):
     cohort, answers = cohort_and_answers(root, names, order)
     out = root / "out"
     assert answer_files.main(["--test-dir", str(cohort), "--predictions", str(answers),
-                              "--classes", ",".join(CLASSES), "--output-dir", str(out),
+                              "--classes", ",".join(classes), "--output-dir", str(out),
                               "--bootstrap", "100", "--seed", "3", "--no-figures"]) == 0
     return json.loads((out / "metrics.json").read_text())
+
+
+def assert_same_numbers(base, other):
+    """metrics.json's overall values and CIs, and every class's row (keyed by name), equal."""
+    for name in NUMBERS:
+        assert other[name] == pytest.approx(base[name]), name
+        assert other[f"{name}_ci"] == pytest.approx(base[f"{name}_ci"]), name
+        assert other[f"{name}_ci_n_resamples"] == base[f"{name}_ci_n_resamples"], name
+    for folder, row in base["per_class"].items():
+        for key in ("support", "sensitivity", "f1", "f1_ci", "auroc", "auroc_ci"):
+            assert other["per_class"][folder][key] == pytest.approx(row[key]), (folder, key)
+
+
+@pytest.mark.parametrize("order", [["common", "healthy", "rare"], ["healthy", "rare", "common"]])
+def test_answer_file_numbers_do_not_move_under_class_order(tmp_path, order):
+    names = [f"img{i:02d}.png" for i in range(12)]
+    assert_same_numbers(scored(tmp_path / "a", names, range(12)),
+                        scored(tmp_path / "b", names, range(12), order))
 
 
 @pytest.mark.parametrize("variant", ["rows permuted", "paths renamed"])

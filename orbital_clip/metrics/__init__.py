@@ -22,7 +22,8 @@ from orbital_clip.metrics.calibration import (DEFAULT_ECE_BINS, LOG_LOSS_EPS, CA
                                               reliability_table, mean_nll, fit_temperature)
 from orbital_clip.metrics.bootstrap import (BOOTSTRAP_CHUNK, tie_blocks, weighted_auroc_auprc,
                                             prepare_scores, weighted_metrics, group_indices,
-                                            bootstrap_strata, resample_weights, mark_unusable,
+                                            bootstrap_strata, canonical_strata, resample_weights,
+                                            mark_unusable,
                                             unscored_classes,
                                             bootstrap_replicates, percentile_interval,
                                             finite_or_none, empty_metrics, compute_metrics,
@@ -51,7 +52,7 @@ __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_MET
            "CALIBRATION_METRICS", "brier_per_image", "log_loss_per_image", "calibration_bins",
            "reliability_table", "mean_nll", "fit_temperature", "BOOTSTRAP_CHUNK", "tie_blocks",
            "weighted_auroc_auprc", "prepare_scores", "weighted_metrics", "group_indices",
-           "bootstrap_strata", "resample_weights", "mark_unusable", "unscored_classes",
+           "bootstrap_strata", "canonical_strata", "resample_weights", "mark_unusable", "unscored_classes",
            "bootstrap_replicates",
            "percentile_interval", "finite_or_none", "empty_metrics", "compute_metrics",
            "bootstrap_design", "expected_random_average_precision", "interval_levels",
