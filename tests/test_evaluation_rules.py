@@ -321,3 +321,52 @@ def test_a_tie_in_rarity_does_not_follow_the_class_index():
     relabel = np.array([1, 0])
     strata = metrics.bootstrap_strata(y, groups)
     assert np.array_equal(relabel[strata], metrics.bootstrap_strata(relabel[y], groups))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Subgroup intervals that cannot vary are marked, untested and not drawn; small counts patients
+
+
+def fixed_and_varying_cohort():
+    """Site A: 3 patients, one per class, 10 images each (rare and common right, healthy wrong:
+    accuracy 2/3); site B: one image; sites C and D: 24 one-image patients each, 8 per class."""
+    y, pred, site, groups = [], [], [], []
+    for k, right in ((0, True), (1, True), (2, False)):
+        y += [k] * 10
+        pred += [k if right else 0] * 10
+        site += ["A"] * 10
+        groups += [f"A{k}"] * 10
+    y, pred, site, groups = y + [0], pred + [0], site + ["B"], groups + ["B0"]
+    rng = np.random.default_rng(4)
+    for name, p_right in (("C", 0.9), ("D", 0.4)):
+        for i in range(24):
+            k = i % 3
+            y.append(k)
+            pred.append(k if rng.random() < p_right else (k + 1) % 3)
+            site.append(name)
+            groups.append(f"{name}{i}")
+    return np.array(y), np.array(pred), np.array(site), np.array(groups)
+
+
+def test_a_level_of_one_patient_per_class_or_one_image_has_no_interval_and_is_not_tested():
+    y, pred, site, groups = fixed_and_varying_cohort()
+    (block,) = metrics.subgroup_analysis(y, one_hot(pred), {"site": site}, 0, groups, 60, seed=1)
+    rows = {row["level"]: row for row in block["rows"]}
+    assert rows["A"]["accuracy"] == pytest.approx(2 / 3)
+    for level in "AB":
+        assert rows[level]["no_variation"] and rows[level]["accuracy_ci"] is None, level
+    assert not rows["C"]["no_variation"] and rows["C"]["accuracy_ci"] is not None
+    assert rows["C"]["accuracy_ci_n_resamples"] == 60
+    # 30 images and 10 rare images, but 3 patients: small by patients
+    assert rows["A"]["small_n"] and rows["A"]["n_rare_patients"] == 1
+    assert block["levels_not_tested"] == ["A", "B"]
+    kept = np.isin(site, ["C", "D"])
+    expected = metrics.homogeneity_test((pred == y)[kept], site[kept])
+    assert block["accuracy_test"]["chi2"] == pytest.approx(expected["chi2"])
+    assert block["accuracy_test"]["df"] == 1
+    from orbital_clip.report import subgroups_markdown, subgroups_frame
+    text = "\n".join(subgroups_markdown([block], "rare", True))
+    assert "| A ⚠ | 30 (3) | 10 | 0.667 (no variation) |" in text
+    assert "No variation (A, B)" in text and "fewer than 30 patients" in text
+    assert subgroups_frame([block]).set_index("level")["no_variation"].to_dict() == {
+        "A": True, "B": True, "C": False, "D": False}

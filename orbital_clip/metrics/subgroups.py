@@ -12,8 +12,17 @@ from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTS
                                                  proportion, wilson_interval)
 from orbital_clip.metrics.compare import prediction_columns, prediction_metrics
 
-SMALL_SUBGROUP_N = 30  # fewer images in a level: its intervals are wide, flag it in the report
-SMALL_SUBGROUP_RARE_N = 10  # fewer rare-class images: its sensitivity is barely estimable
+SMALL_SUBGROUP_N = 30  # fewer units (patients when known, else images) in a level: flag it
+SMALL_SUBGROUP_RARE_N = 10  # fewer rare-class units: its sensitivity is barely estimable
+BOOTSTRAP_COLUMNS = ("accuracy", "balanced_accuracy", "rare_auroc", "macro_auroc")
+
+
+def cannot_vary(y_true, group_index):
+    """True when the class-stratified bootstrap of a level can draw only one resample: every
+    class present rests on one unit (one patient per class, or one image), so each resample
+    redraws that unit and an interval of zero width would pass for the most precise."""
+    strata = bootstrap_strata(y_true, group_index)
+    return bool(len(strata)) and bool((np.bincount(strata) <= 1).all())
 
 
 def homogeneity_test(outcome, levels):
@@ -36,10 +45,13 @@ def homogeneity_test(outcome, levels):
 
 def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=DEFAULT_BOOTSTRAP,
                   seed=DEFAULT_SEED, confidence=CONFIDENCE_LEVEL, pred=None):
-    """Per level of one attribute: n, patients (None without `groups`: not the image count), rare-class prevalence, accuracy and balanced
-    accuracy (bootstrap CIs, by patient with `groups`, resampled within the level), rare-class
-    sensitivity and specificity (Wilson, images independent) and rare-class and macro AUROC
-    (bootstrap), with a `small_n` flag.
+    """Per level of one attribute: n, patients and rare-class patients (None without `groups`:
+    not the image count), rare-class prevalence, accuracy and balanced accuracy (bootstrap CIs,
+    by patient with `groups`, resampled within the level, each with the usable resamples behind
+    it), rare-class sensitivity and specificity (Wilson, images independent) and rare-class and
+    macro AUROC (bootstrap), with a `small_n` flag (counting patients when known) and a
+    `no_variation` flag (`cannot_vary`: then no bootstrap interval, rather than one of zero
+    width).
 
     Parameters
     ----------
@@ -74,15 +86,22 @@ def subgroup_rows(y_true, probs, levels, rare_index=0, groups=None, n_bootstrap=
         tp, fn = int(np.sum(rare & (hat == rare_index))), int(np.sum(rare & (hat != rare_index)))
         tn, fp = int(np.sum(~rare & (hat != rare_index))), int(np.sum(~rare & (hat == rare_index)))
         row = {"level": level, "n": int(len(y)), "n_patients": None if groups is None else int(index.max()) + 1,
-               "n_rare": int(rare.sum()), "prevalence": proportion(int(rare.sum()), len(y)),
+               "n_rare": int(rare.sum()),
+               "n_rare_patients": None if groups is None else len(set(index[rare].tolist())),
+               "prevalence": proportion(int(rare.sum()), len(y)),
                "rare_sensitivity": proportion(tp, tp + fn), "rare_sensitivity_ci": wilson_interval(tp, tp + fn, confidence),
                "rare_specificity": proportion(tn, tn + fp), "rare_specificity_ci": wilson_interval(tn, tn + fp, confidence)}
-        for name in ("accuracy", "balanced_accuracy", "rare_auroc", "macro_auroc"):
+        row["no_variation"] = cannot_vary(y, index)
+        for name in BOOTSTRAP_COLUMNS:
             row[name] = finite_or_none(point[name][0])
             replicates = np.concatenate([part[name] for part in parts]) if parts else None
-            row[f"{name}_ci"] = (percentile_interval(replicates, confidence)
-                                 if parts and row[name] is not None else None)
-        row["small_n"] = row["n"] < SMALL_SUBGROUP_N or row["n_rare"] < SMALL_SUBGROUP_RARE_N
+            usable = None if replicates is None else int(np.isfinite(replicates).sum())
+            defined = bool(usable) and row[name] is not None and not row["no_variation"]
+            row[f"{name}_ci"] = percentile_interval(replicates, confidence) if defined else None
+            row[f"{name}_ci_n_resamples"] = usable if defined else None
+        units = row["n"] if groups is None else row["n_patients"]  # patients when known
+        rare_units = row["n_rare"] if groups is None else row["n_rare_patients"]
+        row["small_n"] = units < SMALL_SUBGROUP_N or rare_units < SMALL_SUBGROUP_RARE_N
         rows.append(row)
     return rows
 
@@ -101,7 +120,8 @@ def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
 
     Returns
     -------
-    list of dicts: attribute, rows, accuracy_test, rare_sensitivity_test (`homogeneity_test`).
+    list of dicts: attribute, rows, levels_not_tested (levels that cannot vary, left out of the
+    tests), accuracy_test, rare_sensitivity_test (`homogeneity_test`).
     """
     y_true, probs = np.asarray(y_true, np.int64), np.asarray(probs, np.float64)
     pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, np.int64)
@@ -110,9 +130,14 @@ def subgroup_analysis(y_true, probs, attributes, rare_index=0, groups=None,
     out = []
     for name, levels in attributes.items():
         levels = np.asarray(levels, dtype=str)
-        out.append({"attribute": name,
-                    "rows": subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap,
-                                          seed, confidence, pred),
-                    "accuracy_test": homogeneity_test(correct, levels),
-                    "rare_sensitivity_test": homogeneity_test(correct[rare], levels[rare])})
+        rows = subgroup_rows(y_true, probs, levels, rare_index, groups, n_bootstrap, seed,
+                             confidence, pred)
+        # a level that cannot vary is one unit per class: its images are not independent
+        # evidence of its rate, so it stays out of the tests
+        fixed = [row["level"] for row in rows if row["no_variation"]]
+        kept = ~np.isin(levels, fixed)
+        out.append({"attribute": name, "rows": rows, "levels_not_tested": fixed,
+                    "accuracy_test": homogeneity_test(correct[kept], levels[kept]),
+                    "rare_sensitivity_test": homogeneity_test(correct[rare & kept],
+                                                              levels[rare & kept])})
     return out

@@ -2,7 +2,8 @@
 sequential and subgroup sections, the STARD flow, and the reporting-checklist map.
 """
 
-from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
+from orbital_clip.metrics import (BOOTSTRAP_COLUMNS, CALIBRATION_METRICS, OVERALL_METRICS,
+                                  PROPORTIONS, format_p)
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
                                         SUBGROUP_COLUMNS, format_value)
 
@@ -436,16 +437,32 @@ def subgroups_markdown(analysis, rare_class, grouped):
                   f"| level | {'n (patients)' if grouped else 'n (images)'} | {rare_class} n | accuracy | balanced accuracy | "
                   "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
         for row in block["rows"]:
-            warn = " ⚠" if row["small_n"] else ""
-            count = row["n"] if row["n_patients"] is None else f"{row['n']} ({row['n_patients']})"
-            lines.append(f"| {row['level']}{warn} | {count} | {row['n_rare']} | "
-                         + " | ".join(format_value(row[name], row[f"{name}_ci"])
-                                      for name in SUBGROUP_COLUMNS[:5]) + " |")
+            lines.append(subgroup_line(row))
         lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
                   f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        fixed = block.get("levels_not_tested") or []
+        if fixed:
+            lines += [f"No variation ({', '.join(fixed)}): one {'patient' if grouped else 'image'} "
+                      "per class, so every bootstrap resample is the same; no interval is given "
+                      "and these levels are left out of the heterogeneity tests.", ""]
         small = [row["level"] for row in block["rows"] if row["small_n"]]
         if small:
-            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 images or fewer than 10 "
-                      f"{rare_class} images; their intervals are wide and a difference between "
+            unit = "patients" if grouped else "images"
+            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 {unit} or fewer than 10 "
+                      f"{rare_class} {unit}; their intervals are wide and a difference between "
                       "levels is not evidence of a difference in performance.", ""]
     return lines
+
+
+def subgroup_line(row):
+    """One level's row of the subgroup table; a bootstrap cell of a level that cannot vary says
+    'no variation' instead of an interval."""
+    warn = " ⚠" if row["small_n"] else ""
+    count = row["n"] if row["n_patients"] is None else f"{row['n']} ({row['n_patients']})"
+    cells = []
+    for name in SUBGROUP_COLUMNS[:5]:
+        text = format_value(row[name], row[f"{name}_ci"])
+        if row.get("no_variation") and name in BOOTSTRAP_COLUMNS and row[name] is not None:
+            text += " (no variation)"
+        cells.append(text)
+    return f"| {row['level']}{warn} | {count} | {row['n_rare']} | " + " | ".join(cells) + " |"
