@@ -370,3 +370,27 @@ def test_a_level_of_one_patient_per_class_or_one_image_has_no_interval_and_is_no
     assert "No variation (A, B)" in text and "fewer than 30 patients" in text
     assert subgroups_frame([block]).set_index("level")["no_variation"].to_dict() == {
         "A": True, "B": True, "C": False, "D": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The sequential-change bootstrap is class-stratified and counts the resamples it drops
+
+
+def test_the_sequential_change_bootstrap_keeps_the_rare_patients_and_counts_resamples():
+    # 40 images of 20 patients (2 images each); 2 rare patients: an unstratified resample
+    # lacks both about (18/20)^20 = 12% of the time (358 of 400 usable when planted)
+    y = np.repeat([0, 0] + [1] * 9 + [2] * 9, 2)
+    groups = np.repeat([f"p{i}" for i in range(20)], 2)
+    step1 = y.copy()
+    step1[[0, 2, 4, 6]] = 1  # misses of the rare class and of common
+    step2 = y.copy()
+    result = metrics.sequential_analysis(y, [step1, step2], CLASSES, ["a", "b"], groups,
+                                         n_bootstrap=400, seed=0)
+    rows = {(r["class"], r["measure"]): r for r in result["changes"]}
+    rare = rows[("rare", "sensitivity")]
+    assert rare["difference"] == pytest.approx(0.5)  # 2/4 -> 4/4
+    assert rare["difference_ci_n_resamples"] == 400  # every resample holds both rare patients
+    assert result["bootstrap_resamples"] == 400
+    from orbital_clip.report import sequential_changes_frame
+    frame = sequential_changes_frame(result)
+    assert frame["difference_ci_n_resamples"].iloc[0] == 400

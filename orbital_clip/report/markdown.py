@@ -390,7 +390,9 @@ def sequential_markdown(sequential):
              "images it read (failed readings and unmapped answers excluded, counted in its flow "
              f"table); a change compares the images both steps read; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
-             f"Bootstrap unit: {sequential['bootstrap_unit']}"
+             f"Bootstrap of each change: {sequential.get('bootstrap_resamples', '')} resamples "
+             "stratified by class, [k] the resamples in which it was defined; unit: "
+             f"{sequential['bootstrap_unit']}"
              + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
                 "few discordant patients it runs small); McNemar and "
                 "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
@@ -406,12 +408,14 @@ def sequential_markdown(sequential):
         q = omnibus[(name, measure)]
         test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
         lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
-    lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
+    lines += ["", "| class | measure | change | n | difference (95% CI) [resamples] | gained / lost | "
               "McNemar mid-p (exact) |" + (" clustered p (Obuchowski) |" if clustered else ""),
               "| --- | --- | --- | ---: | --- | --- | --- |" + (" --- |" if clustered else "")]
     for r in sequential["changes"]:
+        used = r.get("difference_ci_n_resamples")
         lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
-                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
+                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])}"
+                     f"{'' if used is None else f' [{used}]'} | "
                      f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
                      f"({format_p(r['p_exact'])}) |"
                      + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))

@@ -257,7 +257,9 @@ def sequential_changes_frame(sequential):
                      "to_step": r["to_step"], "n": r["n"], "from_value": r["from_value"],
                      "to_value": r["to_value"], "difference": r["difference"],
                      "difference_ci_low": ci[0] if ci else None,
-                     "difference_ci_high": ci[1] if ci else None, "gained": r["gained"],
+                     "difference_ci_high": ci[1] if ci else None,
+                     "difference_ci_n_resamples": r.get("difference_ci_n_resamples"),
+                     "gained": r["gained"],
                      "lost": r["lost"], "statistic": None, "df": None, "p_value": r["p_mid"],
                      "p_exact": r["p_exact"], "p_clustered": r.get("p_clustered"),
                      "test": "McNemar mid-p (paired images)"})
