@@ -20,7 +20,7 @@ from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import none_grouped_message, regex_patients
-from orbital_clip.metrics import subgroup_analysis
+from orbital_clip.metrics import label_probs, subgroup_analysis
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 
@@ -528,18 +528,38 @@ def args_record(args, setup, run=None):
 
 
 def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=None,
-                    decision_rule="argmax"):
+                    decision_rule="argmax", compared=()):
     """metrics.subgroup_analysis of --subgroups (`subgroups`: attribute -> level per image) on the
     images of the mask `scored`, or None without it. `pred` (N,): the class the declared
     `decision_rule` decides per image (argmax of `probs` without it); each attribute's block
-    names the rule, so subgroups.csv says which rule its accuracies follow."""
+    names the rule, so subgroups.csv says which rule its accuracies follow, and the model.
+    `compared`: metrics.ComparedModels over every cohort image (--compare, --baseline), each
+    scored the same way on the images both it and ours scored (its label decides)."""
     if not subgroups:
         return None
+    analysis = [dict(block, model="ours", decision_rule=decision_rule) for block in
+                subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred)]
+    for model in compared:
+        answered = scored & (np.asarray(model.pred) >= 0)
+        model_probs = label_probs(model.pred, probs.shape[1]) if model.probs is None else model.probs
+        blocks = subgroup_blocks(cohort, subgroups, model_probs, answered, rare_index, args, model.pred)
+        for block in blocks:
+            if model.probs is None:  # a one-hot column ranks nothing
+                for row in block["rows"]:
+                    row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None,
+                               macro_auroc_ci=None)
+            analysis.append(dict(block, model=model.name, decision_rule="the model's label"))
+    return analysis
+
+
+def subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred=None):
+    """metrics.subgroup_analysis of one model on the images of the mask `scored`."""
+    if not scored.any():
+        return []
     attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in subgroups.items()}
-    analysis = subgroup_analysis(cohort.labels()[scored], probs[scored], attributes, rare_index,
-                                 cohort.scored_groups(scored), args.bootstrap, args.seed,
-                                 pred=None if pred is None else np.asarray(pred)[scored])
-    return [dict(block, decision_rule=decision_rule) for block in analysis]
+    return subgroup_analysis(cohort.labels()[scored], np.nan_to_num(probs[scored]), attributes,
+                             rare_index, cohort.scored_groups(scored), args.bootstrap, args.seed,
+                             pred=None if pred is None else np.asarray(pred)[scored])
 
 
 def write_subgroup_outputs(output_dir, subgroups, figures):

@@ -269,6 +269,9 @@ def test_the_threshold_rule_decides_the_comparison_and_subgroup_tables(make_coho
     assert subgroups.loc[0, "rare_sensitivity"] == pytest.approx(rare_sensitivity(y, by_rule))
     assert subgroups.loc[0, "accuracy"] == pytest.approx(np.mean(by_rule == y))
     assert subgroups.loc[0, "decision_rule"] == "threshold"
+    # item 13: the compared reader gets its own subgroup rows (always right)
+    assert subgroups["model"].tolist() == ["ours", "reader"]
+    assert subgroups.loc[1, "accuracy"] == pytest.approx(1.0)
     assert json.loads((out / "metrics.json").read_text())["decision_rule"] == "threshold"
 
 
@@ -394,3 +397,82 @@ def test_the_sequential_change_bootstrap_keeps_the_rare_patients_and_counts_resa
     from orbital_clip.report import sequential_changes_frame
     frame = sequential_changes_frame(result)
     assert frame["difference_ci_n_resamples"].iloc[0] == 400
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. Subgroup heterogeneity adjusted for class, and subgroup rows for every compared model
+
+
+def class_mix_cohort():
+    """Two age bins that differ only in their share of healthy eyes: within each class the
+    accuracy is the same in both bins (rare 50%, healthy 100%), crude accuracy is not."""
+    y, correct, age = [], [], []
+    for level, n_rare, n_healthy in (("young", 40, 10), ("old", 10, 40)):
+        for k, n, rate in ((0, n_rare, 0.5), (2, n_healthy, 1.0)):
+            y += [k] * n
+            correct += [i < rate * n for i in range(n)]
+            age += [level] * n
+    return np.array(y), np.array(correct), np.array(age)
+
+
+def test_class_adjusted_heterogeneity_finds_none_where_only_the_class_mix_differs():
+    y, correct, age = class_mix_cohort()
+    assert metrics.homogeneity_test(correct, age)["p"] < 0.001  # the confounded crude test
+    adjusted = metrics.stratified_homogeneity_test(correct, age, y)
+    assert adjusted["chi2"] == pytest.approx(0.0, abs=1e-12) and adjusted["df"] == 1
+    assert adjusted["p"] == pytest.approx(1.0)
+
+
+def test_the_stratified_test_equals_statsmodels_for_two_levels():
+    from statsmodels.stats.contingency_tables import StratifiedTable
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 300)
+    level = rng.choice(["a", "b"], 300)
+    correct = rng.random(300) < np.where(level == "a", 0.7, 0.55) - 0.1 * y
+    tables = [np.array([[np.sum(m & (level == lv) & correct), np.sum(m & (level == lv) & ~correct)]
+                        for lv in "ab"]) for m in (y == k for k in range(3))]
+    reference = StratifiedTable(tables).test_null_odds(correction=False)
+    ours = metrics.stratified_homogeneity_test(correct, level, y)
+    assert ours["chi2"] == pytest.approx(reference.statistic) and ours["p"] == pytest.approx(reference.pvalue)
+
+
+def test_the_stratified_test_with_one_stratum_is_the_crude_chi_square_times_n_minus_1_over_n():
+    rng = np.random.default_rng(8)
+    level = rng.choice(["a", "b", "c", "d"], 120)
+    correct = rng.random(120) < np.select([level == "a", level == "b"], [0.8, 0.5], 0.65)
+    crude = metrics.homogeneity_test(correct, level)
+    ours = metrics.stratified_homogeneity_test(correct, level, np.zeros(120))
+    assert ours["df"] == 3 and ours["chi2"] == pytest.approx(crude["chi2"] * 119 / 120)
+
+
+def test_subgroup_analysis_reports_the_class_adjusted_test_beside_the_crude_one():
+    y, correct, age = class_mix_cohort()
+    pred = np.where(correct, y, 1)
+    (block,) = metrics.subgroup_analysis(y, one_hot(pred), {"age": age}, 0, None, 0)
+    assert block["accuracy_test"]["p"] < 0.001
+    assert block["accuracy_test_class_adjusted"]["p"] == pytest.approx(1.0)
+    from orbital_clip.report import subgroups_frame, subgroups_markdown
+    frame = subgroups_frame([block])
+    assert frame["p_heterogeneity_accuracy_class_adjusted"].tolist() == pytest.approx([1.0, 1.0])
+    assert "adjusted for class" in "\n".join(subgroups_markdown([block], "rare", False))
+
+
+def test_subgroup_rows_are_given_for_every_compared_model(tmp_path):
+    from types import SimpleNamespace
+    from orbital_clip import evaluation
+    from orbital_clip.report import subgroups_frame
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 2])
+    site = ["N"] * 6 + ["S"] * 4
+    cohort = evaluation.Cohort([(tmp_path / f"{i}.png", k) for i, k in enumerate(y)], True, tmp_path)
+    ours = one_hot(y)  # always right
+    reader = metrics.ComparedModel("reader", np.array([0, 1, 1, 1, 2, -1, 0, 0, 0, 2]), None)
+    args = SimpleNamespace(bootstrap=0, seed=0)
+    analysis = evaluation.score_subgroups(cohort, {"site": site}, ours, np.ones(10, bool), 0, args,
+                                          compared=[reader])
+    frame = subgroups_frame(analysis).set_index(["model", "level"])
+    assert frame.loc[("ours", "N"), "accuracy"] == pytest.approx(1.0)
+    # the reader on the images it answered: N 4 of 5 right, S 2 of 4
+    assert frame.loc[("reader", "N"), "n"] == 5
+    assert frame.loc[("reader", "N"), "accuracy"] == pytest.approx(4 / 5)
+    assert frame.loc[("reader", "S"), "accuracy"] == pytest.approx(2 / 4)
+    assert pd.isna(frame.loc[("reader", "S"), "rare_auroc"])  # labels only: nothing ranked

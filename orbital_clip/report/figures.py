@@ -317,7 +317,8 @@ def plot_subgroups(analysis, save):
     panels = []
     for name, title in (("accuracy", "accuracy"), ("rare_sensitivity", "rare-class sensitivity (Wilson)"),
                         ("rare_auroc", "rare-class AUROC")):
-        rows = [dict(row, attribute=block["attribute"]) for block in analysis for row in block["rows"]]
+        rows = [dict(row, attribute=block["attribute"]) for block in analysis
+                if block.get("model", "ours") == "ours" for row in block["rows"]]  # ours only
         labels, values, lows, highs = forest_rows(
             rows, lambda r: f"{r['attribute']} = {r['level']} (n {r['n']}){' *' if r['small_n'] else ''}",
             name, f"{name}_ci")

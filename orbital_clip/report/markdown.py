@@ -435,15 +435,23 @@ def subgroups_markdown(analysis, rare_class, grouped):
     ci_note = ("bootstrap of patients within each level" if grouped else "bootstrap of images")
     lines = [f"Accuracy, balanced accuracy and AUROC with 95% CIs by {ci_note}; {rare_class} "
              "sensitivity and specificity with Wilson intervals (images independent). "
-             "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
+             "Heterogeneity: chi-square test of equal rates across levels (images independent), "
+             "and for accuracy the same question within each true class (a level with more "
+             "easy-class images is not thereby better).", ""]
     for block in analysis:
-        lines += [f"### {block['attribute']}", "",
+        model = block.get("model", "ours")
+        lines += [f"### {block['attribute']}" + ("" if model == "ours" else f" ({model})"), "",
                   f"| level | {'n (patients)' if grouped else 'n (images)'} | {rare_class} n | accuracy | balanced accuracy | "
                   "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
         for row in block["rows"]:
             lines.append(subgroup_line(row))
-        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
-                  f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        adjusted = block.get("accuracy_test_class_adjusted")
+        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}"
+                  + ("" if adjusted is None else
+                     f"; adjusted for class (Cochran-Mantel-Haenszel within each true class): "
+                     f"{heterogeneity_text(dict(adjusted, min_expected=5))}")
+                  + f"; of {rare_class} sensitivity: "
+                  f"{heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
         fixed = block.get("levels_not_tested") or []
         if fixed:
             lines += [f"No variation ({', '.join(fixed)}): one {'patient' if grouped else 'image'} "

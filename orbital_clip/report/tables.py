@@ -280,11 +280,13 @@ def subgroups_frame(analysis):
     """subgroups.csv: one row per attribute level, each interval as <name>_ci_low/_ci_high, and
     the attribute's heterogeneity p-values repeated on its rows; `decision_rule` names the rule
     that decided the predictions its accuracies and sensitivities count; `no_variation` marks a
-    level whose bootstrap could not vary (no interval, left out of the heterogeneity tests)."""
+    level whose bootstrap could not vary (no interval, left out of the heterogeneity tests);
+    `model` the model scored (ours, or each --compare / --baseline model)."""
     rows = []
     for block in analysis:
         for row in block["rows"]:
-            flat = {"attribute": block["attribute"], "decision_rule": block.get("decision_rule"),
+            flat = {"model": block.get("model", "ours"), "attribute": block["attribute"],
+                    "decision_rule": block.get("decision_rule"),
                     "level": row["level"], "n": row["n"],
                     "n_patients": row["n_patients"], "n_rare": row["n_rare"],
                     "n_rare_patients": row.get("n_rare_patients"),
@@ -297,6 +299,8 @@ def subgroups_frame(analysis):
                     flat[f"{name}_ci_n_resamples"] = row[f"{name}_ci_n_resamples"]
             flat.update(small_n=row["small_n"], no_variation=row.get("no_variation"),
                         p_heterogeneity_accuracy=block["accuracy_test"]["p"],
+                        p_heterogeneity_accuracy_class_adjusted=(
+                            block.get("accuracy_test_class_adjusted") or {}).get("p"),
                         p_heterogeneity_rare_sensitivity=block["rare_sensitivity_test"]["p"])
             rows.append(flat)
     return pd.DataFrame(rows)
