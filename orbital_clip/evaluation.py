@@ -20,7 +20,8 @@ from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import none_grouped_message, regex_patients
-from orbital_clip.metrics import label_probs, subgroup_analysis
+from orbital_clip.metrics import (INCONSISTENT_LEVEL, label_probs, patient_levels,
+                                  subgroup_analysis)
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
 
@@ -537,6 +538,7 @@ def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=Non
     scored the same way on the images both it and ours scored (its label decides)."""
     if not subgroups:
         return None
+    subgroups, varying = one_level_per_patient(cohort, subgroups)
     analysis = [dict(block, model="ours", decision_rule=decision_rule) for block in
                 subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred)]
     for model in compared:
@@ -549,7 +551,26 @@ def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=Non
                     row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None,
                                macro_auroc_ci=None)
             analysis.append(dict(block, model=model.name, decision_rule="the model's label"))
-    return analysis
+    return [dict(block, **varying[block["attribute"]]) for block in analysis]
+
+
+def one_level_per_patient(cohort, subgroups):
+    """({attribute: level per image}, {attribute: {patients_varying, patients_inconsistent}}):
+    with patients known, each patient's images take one level (metrics.patient_levels: the most
+    frequent non-missing value, a tie 'inconsistent'), warned about; without, unchanged."""
+    varying = {name: {"patients_varying": None, "patients_inconsistent": None} for name in subgroups}
+    if cohort.groups is None:
+        return subgroups, varying
+    harmonised = {}
+    for name, levels in subgroups.items():
+        harmonised[name], n_varying, n_tied = patient_levels(levels, cohort.groups, MISSING_LEVEL)
+        varying[name] = {"patients_varying": n_varying, "patients_inconsistent": n_tied}
+        if n_varying:
+            LOG.warning("--subgroups %s: %d patient(s) have different values on different images "
+                        "(a value missing on some included); each is counted once, at their most "
+                        "frequent value (%d tied: level '%s')", name, n_varying, n_tied,
+                        INCONSISTENT_LEVEL)
+    return harmonised, varying
 
 
 def subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred=None):

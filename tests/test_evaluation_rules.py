@@ -476,3 +476,35 @@ def test_subgroup_rows_are_given_for_every_compared_model(tmp_path):
     assert frame.loc[("reader", "N"), "accuracy"] == pytest.approx(4 / 5)
     assert frame.loc[("reader", "S"), "accuracy"] == pytest.approx(2 / 4)
     assert pd.isna(frame.loc[("reader", "S"), "rare_auroc"])  # labels only: nothing ranked
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. A patient whose attribute varies between images: counted once, and reported
+
+
+def test_a_patient_with_a_missing_or_varying_attribute_is_counted_once(tmp_path, caplog):
+    from types import SimpleNamespace
+    from orbital_clip import evaluation
+    from orbital_clip.report import subgroups_markdown
+    # p1: A, A, missing -> A; p2: A, B -> inconsistent; p3: B; p4: missing
+    groups = ["p1", "p1", "p1", "p2", "p2", "p3", "p4"]
+    race = ["A", "A", "missing", "A", "B", "B", "missing"]
+    y = np.array([0, 0, 0, 1, 1, 2, 2])
+    cohort = evaluation.Cohort([(tmp_path / f"{i}.png", k) for i, k in enumerate(y)], True,
+                               tmp_path, groups=groups)
+    with caplog.at_level(logging.WARNING):
+        (block,) = evaluation.score_subgroups(cohort, {"race": race}, one_hot(y), np.ones(7, bool),
+                                              0, SimpleNamespace(bootstrap=0, seed=0))
+    patients = {row["level"]: row["n_patients"] for row in block["rows"]}
+    assert patients == {"A": 1, "B": 1, "inconsistent": 1, "missing": 1}  # 4 patients, not 6
+    assert {row["level"]: row["n"] for row in block["rows"]}["A"] == 3
+    assert (block["patients_varying"], block["patients_inconsistent"]) == (2, 1)
+    assert "race: 2 patient(s) have different values" in caplog.text
+    assert "2 patient(s) have different race values" in "\n".join(subgroups_markdown([block], "rare", True))
+
+
+def test_an_attribute_whose_every_level_cannot_vary_is_untested_not_a_crash():
+    y = np.array([0, 1, 2, 0])
+    (block,) = metrics.subgroup_analysis(y, one_hot(y), {"site": np.array(["a", "a", "a", "b"])},
+                                         0, None, 20, seed=0)
+    assert block["levels_not_tested"] == ["a", "b"] and block["accuracy_test"]["p"] is None

@@ -43,6 +43,7 @@ from orbital_clip.metrics.sequential import (SEQUENTIAL_MEASURES, cochrans_q, re
                                              sequential_analysis)
 from orbital_clip.metrics.subgroups import (SMALL_SUBGROUP_N, SMALL_SUBGROUP_RARE_N, BOOTSTRAP_COLUMNS,
                                             cannot_vary, stratified_homogeneity_test,
+                                            INCONSISTENT_LEVEL, patient_levels,
                                             homogeneity_test, subgroup_rows, subgroup_analysis)
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_METRICS",
@@ -64,5 +65,6 @@ __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_MET
            "prediction_metrics", "bootstrap_p", "ComparedModel", "comparison_rows",
            "compare_predictions", "add_paired_tests", "SEQUENTIAL_MEASURES", "cochrans_q",
            "reading_successes", "sequential_steps", "paired_step_change", "sequential_analysis",
-           "SMALL_SUBGROUP_N", "SMALL_SUBGROUP_RARE_N", "BOOTSTRAP_COLUMNS", "cannot_vary", "stratified_homogeneity_test", "homogeneity_test", "subgroup_rows",
+           "SMALL_SUBGROUP_N", "SMALL_SUBGROUP_RARE_N", "BOOTSTRAP_COLUMNS", "cannot_vary", "stratified_homogeneity_test",
+           "INCONSISTENT_LEVEL", "patient_levels", "homogeneity_test", "subgroup_rows",
            "subgroup_analysis"]

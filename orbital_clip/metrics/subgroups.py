@@ -27,6 +27,42 @@ def cannot_vary(y_true, group_index):
     return bool(len(strata)) and bool((np.bincount(strata) <= 1).all())
 
 
+INCONSISTENT_LEVEL = "inconsistent"  # a patient whose images tie between two values
+
+
+def patient_levels(levels, groups, missing="missing"):
+    """One level per patient: each image takes its patient's most frequent non-missing value
+    (race, site: a property of the patient, not of a photograph), a tie between values becomes
+    INCONSISTENT_LEVEL, a patient with no value keeps `missing`. Counted once, in one level,
+    rather than in every level one of their images names.
+
+    Parameters
+    ----------
+    levels, groups : (N,) str arrays (the attribute, and the patient of each image).
+
+    Returns
+    -------
+    (levels (N,) str array, n_varying: patients whose images give more than one value, missing
+    included, n_inconsistent: patients set to INCONSISTENT_LEVEL).
+    """
+    levels, groups = np.asarray(levels, dtype=object), np.asarray(groups, dtype=str)
+    out = levels.copy()
+    n_varying = n_inconsistent = 0
+    for patient in np.unique(groups):
+        mine = groups == patient
+        values = levels[mine].tolist()
+        if len(set(values)) < 2:
+            continue
+        n_varying += 1
+        given = [v for v in values if v != missing]
+        counts = {v: given.count(v) for v in set(given)}
+        top = max(counts.values())
+        winners = [v for v, c in counts.items() if c == top]
+        out[mine] = winners[0] if len(winners) == 1 else INCONSISTENT_LEVEL
+        n_inconsistent += len(winners) > 1
+    return out.astype(str), n_varying, n_inconsistent
+
+
 def homogeneity_test(outcome, levels):
     """Chi-square test that a binary outcome has the same rate in every level (a 2 x L table;
     images independent). Returns dict chi2, df, p, min_expected (None with fewer than 2 levels
@@ -34,7 +70,7 @@ def homogeneity_test(outcome, levels):
     outcome, levels = np.asarray(outcome, bool), np.asarray(levels, dtype=str)
     names = sorted(set(levels.tolist()))
     table = np.array([[np.sum(outcome & (levels == name)), np.sum(~outcome & (levels == name))]
-                      for name in names], dtype=np.float64)
+                      for name in names], dtype=np.float64).reshape(-1, 2)  # (L, 2), L may be 0
     table = table[table.sum(axis=1) > 0]
     out = {"chi2": None, "df": None, "p": None, "min_expected": None}
     if len(table) < 2 or (table.sum(axis=0) == 0).any():

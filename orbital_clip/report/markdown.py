@@ -452,6 +452,11 @@ def subgroups_markdown(analysis, rare_class, grouped):
                      f"{heterogeneity_text(dict(adjusted, min_expected=5))}")
                   + f"; of {rare_class} sensitivity: "
                   f"{heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        if block.get("patients_varying"):
+            lines += [f"{block['patients_varying']} patient(s) have different {block['attribute']} "
+                      "values on different images (a value missing on some included); each is "
+                      "counted once, at their most frequent value ("
+                      f"{block['patients_inconsistent']} tied: level 'inconsistent').", ""]
         fixed = block.get("levels_not_tested") or []
         if fixed:
             lines += [f"No variation ({', '.join(fixed)}): one {'patient' if grouped else 'image'} "

@@ -298,6 +298,7 @@ def subgroups_frame(analysis):
                 if f"{name}_ci_n_resamples" in row:  # bootstrap intervals: the resamples behind
                     flat[f"{name}_ci_n_resamples"] = row[f"{name}_ci_n_resamples"]
             flat.update(small_n=row["small_n"], no_variation=row.get("no_variation"),
+                        patients_varying=block.get("patients_varying"),
                         p_heterogeneity_accuracy=block["accuracy_test"]["p"],
                         p_heterogeneity_accuracy_class_adjusted=(
                             block.get("accuracy_test_class_adjusted") or {}).get("p"),
