@@ -277,7 +277,7 @@ def test_docs_second_step_example_runs_as_written_and_gives_its_table(tmp_path):
     change, low, high, gained, lost, exact, clustered = re.search(
         r"\+ symptoms: \+([0-9.]+) \(bootstrap CI ([0-9.]+)–([0-9.]+)\),\s+(\d+) gained, (\d+) lost, "
         r"McNemar exact p ([0-9.]+), Obuchowski p ([0-9.]+)", section).groups()
-    assert (f"| {change} ({low}–{high}) | {gained} / {lost} | ") in report
+    assert re.search(rf"\| {re.escape(change)} \({low}–{high}\)( \[\d+\])? \| {gained} / {lost} \| ", report)
     assert f"({exact}) | {clustered} |" in report
 
 
