@@ -47,8 +47,10 @@ def add_answer_arguments(parser, required=False):
                             "matched case- and whitespace-insensitively; an answer it does not map "
                             "is a failed row (status 'failed: unmapped answer ...'), never guessed")
     group.add_argument("--classes", action=cli.SpaceList, join=",", default=None, metavar="FOLDER",
-                       help="with --predictions: class folders in index order (default: sorted "
-                            "by name); index 0 is the class of the intention-to-diagnose line")
+                       help="with --predictions: class folders in index order (default: the "
+                            "published prompt set's order for the project's own classes, else "
+                            "sorted by name); index 0 is the class of the intention-to-diagnose "
+                            "line")
 
 
 def check_compare_args(parser, args):

@@ -352,13 +352,18 @@ def step_probs(answers, n_classes, where):
     if answers.probs is None:
         return label_probs(answers.pred_index, n_classes), False
     ok = answers.pred_index >= 0
-    disagree = np.flatnonzero(ok & (np.nan_to_num(answers.probs, nan=-1.0).argmax(axis=1)
-                                    != answers.pred_index))
+    probs = np.nan_to_num(answers.probs, nan=-1.0)
+    top = probs.max(axis=1, keepdims=True)
+    # a label tied for the top probability is refused whatever the class order: argmax would
+    # accept it under the order that lists it first and refuse it under another
+    label_top = probs[np.arange(len(probs)), np.clip(answers.pred_index, 0, None)] == top[:, 0]
+    disagree = np.flatnonzero(ok & (~label_top | ((probs == top).sum(axis=1) > 1)))
     if disagree.size:
         first = min(disagree, key=lambda i: answers.rows[i])  # the first in the file
         raise ValueError(f"{where}: row {answers.rows[first]}: image {answers.paths[first]!r}: its "
-                         f"{answers.answer_column} is not its most probable class; give labels "
-                         "that agree with the prob_ columns (or drop the prob_ columns)")
+                         f"{answers.answer_column} is not its most probable class (or is tied with "
+                         "another, refused under any class order); give labels that agree with "
+                         "the prob_ columns (or drop the prob_ columns)")
     return answers.probs, True
 
 
@@ -398,7 +403,8 @@ def answers_run_info(args, setup, step):
     return {"source": "answer file", "predictions_file": step.file,
             "predictions_sha256": step.sha256, "step": step.name,
             "steps": [s.name for s in setup.steps], "class_folders": setup.folders,
-            "class_order": "--classes" if args.classes else "sorted by name",
+            "class_order": ("--classes" if args.classes else
+                            prompt_sets.default_class_order(setup.folders)[1]),
             "rare_class": setup.folders[0], "label_map": args.label_map,
             "probabilities": step.has_probs,
             "test_dir": "<anonymized>" if setup.anonymize else str(args.test_dir),

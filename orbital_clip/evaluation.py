@@ -22,7 +22,8 @@ from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
 from orbital_clip.patients import (folder_groups, none_grouped_message, patient_folder_example,
                                    regex_patients)
-from orbital_clip.metrics import ComparedModel, compare_predictions, subgroup_analysis
+from orbital_clip.metrics import (INCONSISTENT_LEVEL, ComparedModel, compare_predictions, label_probs,
+                                  patient_levels, subgroup_analysis)
 from orbital_clip.metrics import clustered, decision, itd, patient_level, prevalence, recalibration
 from orbital_clip.report.table1 import table1, table1_markdown
 from orbital_clip.report.tables import table2_frame
@@ -239,6 +240,16 @@ def warn_about_patients(cohort, folders, anonymized=False):
                     "" if anonymized else f", e.g. {spanning[0]!r}")
 
 
+def canonical_order(cohort):
+    """Sort the cohort's images (and their patients) by path, in place: every bootstrap draws on
+    rows in this order, so the order of --classes, of a manifest's rows or of an answer file is
+    presentation only and the same seed gives the same intervals."""
+    order = sorted(range(len(cohort.items)), key=cohort.relative_paths().__getitem__)
+    cohort.items = [cohort.items[i] for i in order]
+    if cohort.groups is not None:
+        cohort.groups = [cohort.groups[i] for i in order]
+
+
 def collect_cohort(args, folders):
     """The evaluated images (--test-dir, --split, --group-regex) as a Cohort."""
     spec, sources = Path(args.test_dir), None
@@ -270,6 +281,7 @@ def collect_cohort(args, folders):
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
     group_patient_folders(args, cohort, sources)
+    canonical_order(cohort)  # after grouping: the patients are sorted with their images
     if args.bootstrap:  # what the warnings are about
         warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
@@ -566,18 +578,58 @@ def args_record(args, setup, run=None):
 
 
 def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=None,
-                    decision_rule="argmax"):
+                    decision_rule="argmax", compared=()):
     """metrics.subgroup_analysis of --subgroups (`subgroups`: attribute -> level per image) on the
     images of the mask `scored`, or None without it. `pred` (N,): the class the declared
     `decision_rule` decides per image (argmax of `probs` without it); each attribute's block
-    names the rule, so subgroups.csv says which rule its accuracies follow."""
+    names the rule, so subgroups.csv says which rule its accuracies follow, and the model.
+    `compared`: metrics.ComparedModels over every cohort image (--compare, --baseline), each
+    scored the same way on the images both it and ours scored (its label decides)."""
     if not subgroups:
         return None
+    subgroups, varying = one_level_per_patient(cohort, subgroups)
+    analysis = [dict(block, model="ours", decision_rule=decision_rule) for block in
+                subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred)]
+    for model in compared:
+        answered = scored & (np.asarray(model.pred) >= 0)
+        model_probs = label_probs(model.pred, probs.shape[1]) if model.probs is None else model.probs
+        blocks = subgroup_blocks(cohort, subgroups, model_probs, answered, rare_index, args, model.pred)
+        for block in blocks:
+            if model.probs is None:  # a one-hot column ranks nothing
+                for row in block["rows"]:
+                    row.update(rare_auroc=None, rare_auroc_ci=None, macro_auroc=None,
+                               macro_auroc_ci=None)
+            analysis.append(dict(block, model=model.name, decision_rule="the model's label"))
+    return [dict(block, **varying[block["attribute"]]) for block in analysis]
+
+
+def one_level_per_patient(cohort, subgroups):
+    """({attribute: level per image}, {attribute: {patients_varying, patients_inconsistent}}):
+    with patients known, each patient's images take one level (metrics.patient_levels: the most
+    frequent non-missing value, a tie 'inconsistent'), warned about; without, unchanged."""
+    varying = {name: {"patients_varying": None, "patients_inconsistent": None} for name in subgroups}
+    if cohort.groups is None:
+        return subgroups, varying
+    harmonised = {}
+    for name, levels in subgroups.items():
+        harmonised[name], n_varying, n_tied = patient_levels(levels, cohort.groups, MISSING_LEVEL)
+        varying[name] = {"patients_varying": n_varying, "patients_inconsistent": n_tied}
+        if n_varying:
+            LOG.warning("--subgroups %s: %d patient(s) have different values on different images "
+                        "(a value missing on some included); each is counted once, at their most "
+                        "frequent value (%d tied: level '%s')", name, n_varying, n_tied,
+                        INCONSISTENT_LEVEL)
+    return harmonised, varying
+
+
+def subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred=None):
+    """metrics.subgroup_analysis of one model on the images of the mask `scored`."""
+    if not scored.any():
+        return []
     attributes = {name: np.asarray(levels, dtype=str)[scored] for name, levels in subgroups.items()}
-    analysis = subgroup_analysis(cohort.labels()[scored], probs[scored], attributes, rare_index,
-                                 cohort.scored_groups(scored), args.bootstrap, args.seed,
-                                 pred=None if pred is None else np.asarray(pred)[scored])
-    return [dict(block, decision_rule=decision_rule) for block in analysis]
+    return subgroup_analysis(cohort.labels()[scored], np.nan_to_num(probs[scored]), attributes,
+                             rare_index, cohort.scored_groups(scored), args.bootstrap, args.seed,
+                             pred=None if pred is None else np.asarray(pred)[scored])
 
 
 def write_subgroup_outputs(output_dir, subgroups, figures):

@@ -265,15 +265,25 @@ def map_answer(text, lookup):
     return lookup.get(normalise_answer(text)) or None
 
 
+def default_class_order(found):
+    """(folders, how): the project's classes in the published prompt set's order when every folder
+    found is one of them (so 'orbital disease', its index 0, stays the rare class: sort order
+    would make 'healthy eyes' rare), else sorted by name."""
+    published = class_folders(load_prompt_set(None))
+    if found and set(found) <= set(published):
+        return [name for name in published if name in found], "the published prompt set's order"
+    return sorted(found), "sorted by name"
+
+
 def order_classes(found, requested=None):
     """Class folders in index order: `requested` (the --classes list, which must name exactly the
-    folders found), else sorted by name.
+    folders found), else `default_class_order`.
 
     Raises ValueError naming the folders missing from or foreign to `requested`.
     """
     found = list(found)
     if requested is None:
-        return sorted(found)
+        return default_class_order(found)[0]
     requested = [name.strip() for name in requested]
     missing = [name for name in found if name not in requested]
     extra = [name for name in requested if name not in found]

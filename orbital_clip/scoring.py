@@ -564,7 +564,7 @@ def write_evaluation(output_dir, args, setup, bundle, scores, baseline_scores=No
         scored = np.isfinite(probs).all(axis=1)
         subgroups = score_subgroups(cohort, setup.subgroups, probs, scored, rare, args,
                                     decided_predictions(probs, bundle.operating, run["decision_rule"]),
-                                    run["decision_rule"])
+                                    run["decision_rule"], compared)
         if args.failure_examples and scored.any():
             failures = write_failure_analysis(output_dir, cohort, scored, probs,
                                               args.failure_examples, anonymize)

@@ -400,7 +400,8 @@ def test_compare_file_rows_equal_sklearn_on_the_predictions_files(make_cohort, c
     # another model: our answers with 5 changed, probability columns in another order, one no-answer
     other = ours[["path", "true_label", "pred_label"] + [f"prob_{f}" for f in reversed(FOLDERS)]].copy()
     columns = [f"prob_{f}" for f in FOLDERS]
-    for i in range(5):  # class k's probability moves to class k + 1, and the answer with it
+    right = ours.index[ours["pred_label"] == ours["true_label"]]  # changes that are discordant
+    for i in right[:5]:  # class k's probability moves to class k + 1, and the answer with it
         other.loc[i, "pred_label"] = FOLDERS[(FOLDERS.index(other.loc[i, "pred_label"]) + 1) % 3]
         other.loc[i, columns] = np.roll(ours.loc[i, columns].to_numpy(dtype=float), 1)
     other["status"] = "ok"
@@ -636,7 +637,8 @@ def test_split_stratified_by_class_and_site_carries_the_metadata(make_cohort, tm
                          "--compare", f"same={own}", "--anonymize-paths") == 0
     comparison = read_csv(tmp_path / "eval2" / "comparison.csv")
     assert (comparison["difference"].dropna() == 0).all() and comparison["difference"].notna().any()
-    assert read_csv(tmp_path / "eval2" / "subgroups.csv").equals(table)
+    again = read_csv(tmp_path / "eval2" / "subgroups.csv")  # ours, then the compared model's rows
+    assert again[again["model"] == "ours"].equals(table)
     for name in ("predictions.csv", "report.md", "comparison.csv", "subgroups.csv"):
         text = (tmp_path / "eval2" / name).read_text()
         assert not any(Path(p).name in text for p in test_rows["path"]), name

@@ -687,7 +687,9 @@ def test_sequential_bootstrap_ci_uses_the_shared_resamples_and_keeps_patients_to
     # reference: the same replicate weights, the ratio of weighted hits computed plainly
     rel = y == 2
     diffs = [(w @ (rel & (preds[1] == 2)) - w @ (rel & (preds[0] == 2))) / (w @ rel)
-             for chunk in metrics.resample_weights(np.arange(80), 300, 7) for w in chunk]
+             for chunk in metrics.resample_weights(np.arange(80), 300, 7,  # class-stratified
+                                                   strata=metrics.bootstrap_strata(y, np.arange(80)))
+             for w in chunk]
     assert row["difference_ci"] == pytest.approx(metrics.percentile_interval(diffs))
     assert row["difference_ci"][0] < row["difference"] < row["difference_ci"][1]
     # one patient holding every image: each replicate is that patient k times, so the interval

@@ -22,7 +22,8 @@ from orbital_clip.metrics.calibration import (DEFAULT_ECE_BINS, LOG_LOSS_EPS, CA
                                               reliability_table, mean_nll, fit_temperature)
 from orbital_clip.metrics.bootstrap import (BOOTSTRAP_CHUNK, tie_blocks, weighted_auroc_auprc,
                                             prepare_scores, weighted_metrics, group_indices,
-                                            bootstrap_strata, resample_weights, mark_unusable,
+                                            bootstrap_strata, canonical_strata, resample_weights,
+                                            mark_unusable,
                                             unscored_classes,
                                             bootstrap_replicates, percentile_interval,
                                             finite_or_none, empty_metrics, compute_metrics,
@@ -41,7 +42,9 @@ from orbital_clip.metrics.compare import (mcnemar_test, format_p, COMPARISON_MET
 from orbital_clip.metrics.sequential import (SEQUENTIAL_MEASURES, cochrans_q, reading_successes,
                                              sequential_steps, paired_step_change,
                                              sequential_analysis)
-from orbital_clip.metrics.subgroups import (SMALL_SUBGROUP_N, SMALL_SUBGROUP_RARE_N,
+from orbital_clip.metrics.subgroups import (SMALL_SUBGROUP_N, SMALL_SUBGROUP_RARE_N, BOOTSTRAP_COLUMNS,
+                                            cannot_vary, stratified_homogeneity_test,
+                                            INCONSISTENT_LEVEL, patient_levels,
                                             homogeneity_test, subgroup_rows, subgroup_analysis)
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_METRICS",
@@ -52,7 +55,7 @@ __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_MET
            "CALIBRATION_METRICS", "brier_per_image", "log_loss_per_image", "calibration_bins",
            "reliability_table", "mean_nll", "fit_temperature", "BOOTSTRAP_CHUNK", "tie_blocks",
            "weighted_auroc_auprc", "prepare_scores", "weighted_metrics", "group_indices",
-           "bootstrap_strata", "resample_weights", "mark_unusable", "unscored_classes",
+           "bootstrap_strata", "canonical_strata", "resample_weights", "mark_unusable", "unscored_classes",
            "bootstrap_replicates",
            "percentile_interval", "finite_or_none", "empty_metrics", "compute_metrics",
            "bootstrap_design", "expected_random_average_precision", "interval_levels",
@@ -63,5 +66,6 @@ __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_SEED", "CONFIDENCE_LEVEL", "OVERALL_MET
            "prediction_metrics", "bootstrap_p", "ComparedModel", "comparison_rows",
            "compare_predictions", "add_paired_tests", "SEQUENTIAL_MEASURES", "cochrans_q",
            "reading_successes", "sequential_steps", "paired_step_change", "sequential_analysis",
-           "SMALL_SUBGROUP_N", "SMALL_SUBGROUP_RARE_N", "homogeneity_test", "subgroup_rows",
+           "SMALL_SUBGROUP_N", "SMALL_SUBGROUP_RARE_N", "BOOTSTRAP_COLUMNS", "cannot_vary", "stratified_homogeneity_test",
+           "INCONSISTENT_LEVEL", "patient_levels", "homogeneity_test", "subgroup_rows",
            "subgroup_analysis"]

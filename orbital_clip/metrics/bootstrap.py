@@ -140,8 +140,10 @@ def bootstrap_strata(y_true, group_index):
 
     A group (a patient, or one image) whose images are all of one class is stratified by that
     class. A patient with images in several classes is stratified by the rarest of them (the
-    class held by the fewest groups of the cohort; ties go to the lower class index, the
-    clinically critical class first). Every class that is some group's rarest class is then in
+    class held by the fewest groups of the cohort; ties go to the class held by the earliest
+    group in the canonical group order, never to the lower class index: class order is
+    presentation, and a permuted --classes must draw the same resamples). Every class that is
+    some group's rarest class is then in
     every resample; a class whose every patient also has a rarer class may still be missing from
     some (those resamples are counted as unusable for the class-averaged metrics).
 
@@ -163,10 +165,25 @@ def bootstrap_strata(y_true, group_index):
     n_groups, n_classes = int(group_index.max()) + 1, int(y_true.max()) + 1
     holds = np.zeros((n_groups, n_classes), dtype=bool)
     holds[group_index, y_true] = True  # (G, C): the group has an image of the class
-    rarity = np.lexsort((np.arange(n_classes), holds.sum(axis=0)))  # rarest class first
+    # rarest class first; ties by which groups hold the class (earliest first), never by its
+    # index. Classes held by exactly the same groups stay tied, but then either choice puts
+    # those groups in one stratum: the same partition, so the same resamples.
+    rarity = np.lexsort((*~holds[::-1], holds.sum(axis=0)))
     rank = np.empty(n_classes, dtype=np.int64)
     rank[rarity] = np.arange(n_classes)
     return np.where(holds, rank, n_classes).argmin(axis=1)  # column of the rarest class held
+
+
+def canonical_strata(strata):
+    """(G,) strata renumbered 0, 1, ... in the order of their first group: the same partition
+    of the groups gets the same numbers whatever the labels (class indices) were."""
+    strata = np.asarray(strata, np.int64)
+    if not len(strata):
+        return strata
+    _, first, inverse = np.unique(strata, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
 
 def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK, strata=None):
@@ -177,12 +194,14 @@ def resample_weights(group_index, n_bootstrap, seed, chunk=BOOTSTRAP_CHUNK, stra
     the ordinary bootstrap of images. With `strata` ((G,) stratum of each group) each stratum is
     resampled on its own, as many groups as it holds, so every resample keeps the cohort's
     number of groups per stratum (a stratified bootstrap); without, all G groups are one stratum.
-    The same seed, groups and strata give the same replicates, whatever the chunk size.
+    The same seed, groups and strata give the same replicates, whatever the chunk size, and
+    whatever the strata are called: they are taken in the order of their first group (see
+    `canonical_strata`), so renumbering the classes draws the same resamples.
     """
     rng = np.random.default_rng(seed)
     group_index = np.asarray(group_index, dtype=np.int64)
     n_groups = int(group_index.max()) + 1 if len(group_index) else 0
-    strata = np.zeros(n_groups, np.int64) if strata is None else np.asarray(strata, np.int64)
+    strata = np.zeros(n_groups, np.int64) if strata is None else canonical_strata(strata)
     order = np.argsort(strata, kind="stable")  # groups sorted by stratum: one slot per group
     _, first, size = np.unique(strata[order], return_index=True, return_counts=True)
     slot_first = np.repeat(first, size)  # (G,) where the slot's stratum starts in `order`

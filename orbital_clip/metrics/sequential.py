@@ -5,7 +5,8 @@ paper's second step: image, + demographics, + symptoms). Pure: labels and predic
 import numpy as np
 from scipy.stats import chi2 as chi2_dist
 
-from orbital_clip.metrics.bootstrap import group_indices, percentile_interval, resample_weights
+from orbital_clip.metrics.bootstrap import (bootstrap_strata, group_indices, percentile_interval,
+                                            resample_weights)
 from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTSTRAP, DEFAULT_SEED,
                                                  proportion, wilson_interval)
 from orbital_clip.metrics.compare import mcnemar_test, obuchowski_test
@@ -77,7 +78,8 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
                        confidence=CONFIDENCE_LEVEL, clustered=False):
     """Change of every class's sensitivity and specificity from one step to the next, on the
     images both steps scored: the difference with a percentile-bootstrap CI (the resamples of
-    `resample_weights`, so patients stay together with groups) and McNemar's test on the
+    `resample_weights`, stratified by class as `bootstrap_strata`, so patients stay together with
+    groups; the usable resamples counted beside it) and McNemar's test on the
     discordant images (and with `clustered`, Obuchowski's test, McNemar's question when images
     come in patients, on the groups of `group_index`).
 
@@ -89,7 +91,8 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
     Returns
     -------
     list of dicts (class index order, sensitivity then specificity): k, measure, n, from_value,
-    to_value, difference, difference_ci, gained (right only at the later step), lost, p_exact,
+    to_value, difference, difference_ci, difference_ci_n_resamples (resamples in which the
+    measure was defined), gained (right only at the later step), lost, p_exact,
     p_mid, p_clustered (None unless `clustered`).
     """
     pairs = [reading_successes(y_true, pred, k, measure)
@@ -98,7 +101,11 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
     before = np.stack([pairs[i][1] for i in range(0, len(pairs), 2)], axis=1) & (relevant > 0)
     after = np.stack([pairs[i][1] for i in range(1, len(pairs), 2)], axis=1) & (relevant > 0)
     diffs = []
-    for weights in (resample_weights(group_index, n_bootstrap, seed) if n_bootstrap else ()):
+    # stratified by class as metrics.json's bootstrap: a resample without a rare patient would
+    # leave that class's change undefined, and those resamples are counted, not hidden
+    strata = bootstrap_strata(y_true, group_index) if n_bootstrap else None
+    for weights in (resample_weights(group_index, n_bootstrap, seed, strata=strata)
+                    if n_bootstrap else ()):
         with np.errstate(invalid="ignore", divide="ignore"):  # a resample without the class: NaN
             diffs.append((weights @ (after.astype(float) - before)) / (weights @ relevant))  # (b, M)
     diffs = np.concatenate(diffs) if diffs else None
@@ -108,11 +115,12 @@ def paired_step_change(y_true, pred_from, pred_to, n_classes, group_index, n_boo
         n = int(rel.sum())
         a, b = proportion(int(before[:, m].sum()), n), proportion(int(after[:, m].sum()), n)
         test = mcnemar_test(after[rel, m], before[rel, m])  # a_only: right only at the later step
+        usable = int(np.isfinite(diffs[:, m]).sum()) if diffs is not None and n else None
         rows.append({"k": m // len(SEQUENTIAL_MEASURES),
                      "measure": SEQUENTIAL_MEASURES[m % len(SEQUENTIAL_MEASURES)], "n": n,
                      "from_value": a, "to_value": b, "difference": None if n == 0 else b - a,
-                     "difference_ci": (percentile_interval(diffs[:, m], confidence)
-                                       if diffs is not None and n else None),
+                     "difference_ci": percentile_interval(diffs[:, m], confidence) if usable else None,
+                     "difference_ci_n_resamples": usable,
                      "gained": test["a_only"], "lost": test["b_only"],
                      "p_exact": test["p_exact"], "p_mid": test["p_mid"],
                      "p_clustered": (obuchowski_test(after[rel, m], before[rel, m], group_index[rel])["p"]
@@ -139,7 +147,8 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
 
     Returns
     -------
-    dict: steps, n_received, n_complete (scored at every step), bootstrap_unit, per_step (see
+    dict: steps, n_received, n_complete (scored at every step), bootstrap_unit,
+    bootstrap_resamples, bootstrap_stratified_by, per_step (see
     `sequential_steps`), changes (rows of `paired_step_change` with class, from_step, to_step),
     omnibus (class, measure, and `cochrans_q`'s q, df, p_value, n; None without two steps).
     """
@@ -169,5 +178,6 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
     return {"steps": list(step_names), "n_received": int(len(y_true)),
             "n_complete": int(complete.sum()),
             "bootstrap_unit": "image" if groups is None else "group",
+            "bootstrap_resamples": int(n_bootstrap), "bootstrap_stratified_by": "true class",
             "per_step": sequential_steps(y_true, preds, class_names, step_names, confidence),
             "changes": changes, "omnibus": omnibus}

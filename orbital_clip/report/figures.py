@@ -327,19 +327,28 @@ def proportion_limits(lows, highs, min_span=0.2, pad=0.03):
 
 
 def plot_forest(panels, save, stem, xlabel, reference_line=None, proportions=False):
-    """One forest panel per (title, labels, values, lows, highs): a point and its 95% CI per
-    row, a dotted vertical line at `reference_line` (0 for differences); with `proportions` the
-    axis stays within [0, 1] (`proportion_limits`) and a point on the edge is drawn whole."""
+    """One forest panel per (title, labels, values, lows, highs[, fixed]): a point and its 95% CI
+    per row, a dotted vertical line at `reference_line` (0 for differences). A row marked in
+    `fixed` (an estimate whose interval cannot vary) is a hollow point without an interval, so
+    it does not look the most precise. With `proportions` the axis stays within [0, 1]
+    (`proportion_limits`) and a point on the edge is drawn whole."""
     with figure_style() as plt:
         heights = [max(1.2, 0.28 * len(p[1]) + 0.8) for p in panels]
         fig, axes = plt.subplots(len(panels), 1, figsize=(PANEL_WIDTH_IN * 2, sum(heights)),
                                  gridspec_kw={"height_ratios": heights}, squeeze=False)
-        for ax, (title, labels, values, lows, highs) in zip(axes[:, 0], panels):
+        for ax, (title, labels, values, lows, highs, *rest) in zip(axes[:, 0], panels):
             y = np.arange(len(labels))[::-1]
-            ax.errorbar(values, y, xerr=[np.subtract(values, lows), np.subtract(highs, values)],
-                        fmt="o", color="C0", ms=4, capsize=2, lw=1, clip_on=not proportions)
-            if proportions:
-                ax.set_xlim(*proportion_limits(lows, highs))
+            fixed = np.asarray(rest[0] if rest else [False] * len(labels), bool)
+            values, lows, highs = (np.asarray(a, dtype=float) for a in (values, lows, highs))
+            ax.errorbar(values[~fixed], y[~fixed], fmt="o", color="C0", ms=4, capsize=2, lw=1,
+                        xerr=[(values - lows)[~fixed], (highs - values)[~fixed]],
+                        clip_on=not proportions)
+            if fixed.any():
+                ax.plot(values[fixed], y[fixed], "o", mfc="none", color="C0", ms=4, clip_on=not proportions)
+                labels = [f"{label} (no variation)" if f else label for label, f in zip(labels, fixed)]
+            if proportions:  # the intervals that can vary, and the points that cannot
+                ax.set_xlim(*proportion_limits([*lows[~fixed], *values[fixed]],
+                                               [*highs[~fixed], *values[fixed]]))
             if reference_line is not None:
                 ax.axvline(reference_line, color="grey", lw=0.8, linestyle=":")
             ax.set_yticks(y, [wrap(label, 40) for label in labels])
@@ -365,12 +374,16 @@ def plot_subgroups(analysis, save):
     panels = []
     for name, title in (("accuracy", "accuracy"), ("rare_sensitivity", "rare-class sensitivity (Wilson)"),
                         ("rare_auroc", "rare-class AUROC")):
-        rows = [dict(row, attribute=block["attribute"]) for block in analysis for row in block["rows"]]
+        rows = [dict(row, attribute=block["attribute"]) for block in analysis
+                if block.get("model", "ours") == "ours" for row in block["rows"]]  # ours only
         labels, values, lows, highs = forest_rows(
             rows, lambda r: f"{r['attribute']} = {r['level']} (n {r['n']}){' *' if r['small_n'] else ''}",
             name, f"{name}_ci")
+        # a bootstrap interval of a level that cannot vary is absent: a hollow point
+        fixed = [bool(r.get("no_variation")) and name != "rare_sensitivity"
+                 for r in rows if r[name] is not None]
         if labels:
-            panels.append((title, labels, values, lows, highs))
+            panels.append((title, labels, values, lows, highs, fixed))
     if panels:
         plot_forest(panels, save, "subgroups", "value (95% CI); * small subgroup", proportions=True)
 

@@ -4,7 +4,8 @@ sequential and subgroup sections, the STARD flow, and the reporting-checklist ma
 
 import re
 
-from orbital_clip.metrics import CALIBRATION_METRICS, OVERALL_METRICS, PROPORTIONS, format_p
+from orbital_clip.metrics import (BOOTSTRAP_COLUMNS, CALIBRATION_METRICS, OVERALL_METRICS,
+                                  PROPORTIONS, format_p)
 from orbital_clip.report.journal import journal_markdown
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
                                         SUBGROUP_COLUMNS, format_value, short_model_name,
@@ -448,7 +449,9 @@ def sequential_markdown(sequential):
         "counted in its flow table); a change compares the images both steps read")
     lines = [f"Steps, in order: {' → '.join(f'`{s}`' for s in steps)}. {population}; Cochran's Q uses the "
              f"{sequential['n_complete']} of {sequential['n_received']} images read at every step. "
-             f"Bootstrap unit: {sequential['bootstrap_unit']}"
+             f"Bootstrap of each change: {sequential.get('bootstrap_resamples', '')} resamples "
+             "stratified by class, [k] the resamples in which it was defined; unit: "
+             f"{sequential['bootstrap_unit']}"
              + ("; the clustered p of a change is Obuchowski's test on patients (asymptotic: with "
                 "few discordant patients it runs small); McNemar and "
                 "Cochran's Q treat images as independent (two eyes of a patient are not: read their "
@@ -464,12 +467,14 @@ def sequential_markdown(sequential):
         q = omnibus[(name, measure)]
         test = "n/a" if q.get("q") is None else f"{q['q']:.2f}, df {q['df']} ({format_p(q['p_value'])})"
         lines.append(f"| {name} | {measure} | " + " | ".join(values) + f" | {test} |")
-    lines += ["", "| class | measure | change | n | difference (95% CI) | gained / lost | "
+    lines += ["", "| class | measure | change | n | difference (95% CI) [resamples] | gained / lost | "
               "McNemar mid-p (exact) |" + (" clustered p (Obuchowski) |" if clustered else ""),
               "| --- | --- | --- | ---: | --- | --- | --- |" + (" --- |" if clustered else "")]
     for r in sequential["changes"]:
+        used = r.get("difference_ci_n_resamples")
         lines.append(f"| {r['class']} | {r['measure']} | {r['from_step']} → {r['to_step']} | "
-                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])} | "
+                     f"{r['n']} | {format_value(r['difference'], r['difference_ci'])}"
+                     f"{'' if used is None else f' [{used}]'} | "
                      f"{r['gained']} / {r['lost']} | {format_p(r['p_mid'])} "
                      f"({format_p(r['p_exact'])}) |"
                      + (f" {format_p(r.get('p_clustered'))} |" if clustered else ""))
@@ -511,23 +516,38 @@ def subgroups_markdown(analysis, rare_class, grouped):
     ci_note = ("bootstrap of patients within each level" if grouped else "bootstrap of images")
     lines = [f"Accuracy, balanced accuracy and AUROC with 95% CIs by {ci_note}; {rare_class} "
              "sensitivity and specificity with Wilson intervals (images independent). "
-             "Heterogeneity: chi-square test of equal rates across levels (images independent).", ""]
+             "Heterogeneity: chi-square test of equal rates across levels (images independent), "
+             "and for accuracy the same question within each true class (a level with more "
+             "easy-class images is not thereby better).", ""]
     for block in analysis:
-        lines += [f"### {block['attribute']}", "",
+        model = block.get("model", "ours")
+        lines += [f"### {block['attribute']}" + ("" if model == "ours" else f" ({model})"), "",
                   f"| level | {'n (patients)' if grouped else 'n (images)'} | {rare_class} n | accuracy | balanced accuracy | "
                   "sensitivity | specificity | AUROC (rare) |", "| --- " * 8 + "|"]
         for row in block["rows"]:
-            warn = " ⚠" if row["small_n"] else ""
-            count = row["n"] if row["n_patients"] is None else f"{row['n']} ({row['n_patients']})"
-            lines.append(f"| {row['level']}{warn} | {count} | {row['n_rare']} | "
-                         + " | ".join(format_value(row[name], row[f"{name}_ci"])
-                                      for name in SUBGROUP_COLUMNS[:5]) + " |")
-        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}; "
-                  f"of {rare_class} sensitivity: {heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+            lines.append(subgroup_line(row))
+        adjusted = block.get("accuracy_test_class_adjusted")
+        lines += ["", f"Heterogeneity of accuracy: {heterogeneity_text(block['accuracy_test'])}"
+                  + ("" if adjusted is None else
+                     f"; adjusted for class (Cochran-Mantel-Haenszel within each true class): "
+                     f"{heterogeneity_text(dict(adjusted, min_expected=5))}")
+                  + f"; of {rare_class} sensitivity: "
+                  f"{heterogeneity_text(block['rare_sensitivity_test'])}.", ""]
+        if block.get("patients_varying"):
+            lines += [f"{block['patients_varying']} patient(s) have different {block['attribute']} "
+                      "values on different images (a value missing on some included); each is "
+                      "counted once, at their most frequent value ("
+                      f"{block['patients_inconsistent']} tied: level 'inconsistent').", ""]
+        fixed = block.get("levels_not_tested") or []
+        if fixed:
+            lines += [f"No variation ({', '.join(fixed)}): one {'patient' if grouped else 'image'} "
+                      "per class, so every bootstrap resample is the same; no interval is given "
+                      "and these levels are left out of the heterogeneity tests.", ""]
         small = [row["level"] for row in block["rows"] if row["small_n"]]
         if small:
-            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 images or fewer than 10 "
-                      f"{rare_class} images; their intervals are wide and a difference between "
+            unit = "patients" if grouped else "images"
+            lines += [f"⚠ Small subgroups ({', '.join(small)}): fewer than 30 {unit} or fewer than 10 "
+                      f"{rare_class} {unit}; their intervals are wide and a difference between "
                       "levels is not evidence of a difference in performance.", ""]
     return lines
 
@@ -563,3 +583,17 @@ def table2_markdown(table, n_bootstrap=None):
     return lines + ["", "p: " + ", ".join(named) + " (the first that applies: the clustered McNemar with "
                     "patients, McNemar's mid-p for accuracy, DeLong for the rare-class AUROC, else the "
                     "paired bootstrap); every number is a cell of comparison.csv."]
+
+
+def subgroup_line(row):
+    """One level's row of the subgroup table; a bootstrap cell of a level that cannot vary says
+    'no variation' instead of an interval."""
+    warn = " ⚠" if row["small_n"] else ""
+    count = row["n"] if row["n_patients"] is None else f"{row['n']} ({row['n_patients']})"
+    cells = []
+    for name in SUBGROUP_COLUMNS[:5]:
+        text = format_value(row[name], row[f"{name}_ci"])
+        if row.get("no_variation") and name in BOOTSTRAP_COLUMNS and row[name] is not None:
+            text += " (no variation)"
+        cells.append(text)
+    return f"| {row['level']}{warn} | {count} | {row['n_rare']} | " + " | ".join(cells) + " |"

@@ -271,7 +271,9 @@ def sequential_changes_frame(sequential):
                      "to_step": r["to_step"], "n": r["n"], "from_value": r["from_value"],
                      "to_value": r["to_value"], "difference": r["difference"],
                      "difference_ci_low": ci[0] if ci else None,
-                     "difference_ci_high": ci[1] if ci else None, "gained": r["gained"],
+                     "difference_ci_high": ci[1] if ci else None,
+                     "difference_ci_n_resamples": r.get("difference_ci_n_resamples"),
+                     "gained": r["gained"],
                      "lost": r["lost"], "statistic": None, "df": None, "p_value": r["p_mid"],
                      "p_exact": r["p_exact"], "p_clustered": r.get("p_clustered"),
                      "test": "McNemar mid-p (paired images)"})
@@ -291,20 +293,29 @@ SUBGROUP_COLUMNS = ("accuracy", "balanced_accuracy", "rare_sensitivity", "rare_s
 def subgroups_frame(analysis):
     """subgroups.csv: one row per attribute level, each interval as <name>_ci_low/_ci_high, and
     the attribute's heterogeneity p-values repeated on its rows; `decision_rule` names the rule
-    that decided the predictions its accuracies and sensitivities count."""
+    that decided the predictions its accuracies and sensitivities count; `no_variation` marks a
+    level whose bootstrap could not vary (no interval, left out of the heterogeneity tests);
+    `model` the model scored (ours, or each --compare / --baseline model)."""
     rows = []
     for block in analysis:
         for row in block["rows"]:
-            flat = {"attribute": block["attribute"], "decision_rule": block.get("decision_rule"),
+            flat = {"model": block.get("model", "ours"), "attribute": block["attribute"],
+                    "decision_rule": block.get("decision_rule"),
                     "level": row["level"], "n": row["n"],
                     "n_patients": row["n_patients"], "n_rare": row["n_rare"],
+                    "n_rare_patients": row.get("n_rare_patients"),
                     "prevalence": row["prevalence"]}
             for name in SUBGROUP_COLUMNS:
                 ci = row[f"{name}_ci"]
                 flat.update({name: row[name], f"{name}_ci_low": ci[0] if ci else None,
                              f"{name}_ci_high": ci[1] if ci else None})
-            flat.update(small_n=row["small_n"],
+                if f"{name}_ci_n_resamples" in row:  # bootstrap intervals: the resamples behind
+                    flat[f"{name}_ci_n_resamples"] = row[f"{name}_ci_n_resamples"]
+            flat.update(small_n=row["small_n"], no_variation=row.get("no_variation"),
+                        patients_varying=block.get("patients_varying"),
                         p_heterogeneity_accuracy=block["accuracy_test"]["p"],
+                        p_heterogeneity_accuracy_class_adjusted=(
+                            block.get("accuracy_test_class_adjusted") or {}).get("p"),
                         p_heterogeneity_rare_sensitivity=block["rare_sensitivity_test"]["p"])
             rows.append(flat)
     return pd.DataFrame(rows)
