@@ -196,10 +196,32 @@ def add_model_flags(group, name_help, config_help="JSON of a custom open_clip ar
         group.add_argument("--pretrained", default=None, help=pretrained_help)
 
 
+def expand_abbreviations(parser, argv):
+    """argv with each abbreviated long flag (--save for --save-dir) written out, as `parser`
+    resolves it (a unique prefix of one of its flags): the spelling checks and args.json read
+    the flag that ran, not the prefix typed. An ambiguous or unknown prefix stays as typed
+    (the parser itself refuses it)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings
+             if flag.startswith("--")]
+    out = []
+    for token in map(str, argv):
+        if token == "--":  # everything after is positional
+            out.extend(argv[len(out):])
+            break
+        name, eq, value = token.partition("=")
+        if name.startswith("--") and name not in flags:
+            matches = [flag for flag in flags if flag.startswith(name)]
+            name = matches[0] if len(matches) == 1 else name
+        out.append(name + eq + value)
+    return out
+
+
 def refuse_conflicting_spellings(parser, argv):
     """parser.error when two spellings of one flag (--save-dir A --out-dir B) are given different
     values: argparse would keep the last one silently. The same value twice is fine. A flag
-    required in some spelling (add_out_dir) and given in none, nor by --config, is refused too."""
+    required in some spelling (add_out_dir) and given in none, nor by --config, is refused too.
+    An abbreviation (--save for --save-dir) counts as the flag it stands for."""
+    argv = expand_abbreviations(parser, argv)
     spellings = {action: [action.option_strings[0]] for action in parser._actions
                  if getattr(action, "required_in_some_spelling", False)}  # the new flag -> spellings
     for action in parser._actions:
@@ -231,7 +253,7 @@ def canonical_argv(parser, argv):
     old = {flag: action.new.option_strings[0] for action in parser._actions
            if isinstance(action, DeprecatedSpelling) for flag in action.option_strings}
     out = []
-    for token in argv:
+    for token in expand_abbreviations(parser, argv):
         name, eq, value = token.partition("=")
         out.append(old[name] + eq + value if name in old else token)
     return out

@@ -298,7 +298,10 @@ def test_config_keys_are_the_flag_names_users_type(tmp_path):
     ("split", ["--output-dir", "A", "--out-dir", "B"], "--out-dir B and --output-dir A"),
     ("cnn", ["--save-dir", "A", "--output-dir", "B"], "--save-dir A and --output-dir B"),
     ("inference", ["--wise-ft-alpha", "0", "0.5", "--wise-ft-alphas", "0", "1"],
-     "--wise-ft-alphas 0 1 and --wise-ft-alpha 0 0.5")])
+     "--wise-ft-alphas 0 1 and --wise-ft-alpha 0 0.5"),
+    # an abbreviation argparse accepts is the flag it stands for (it slipped past, and won)
+    ("train", ["--out-dir", "A", "--save", "B"], "--out-dir A and --save-dir B"),
+    ("split", ["--threads", "2", "--work", "3"], "--threads 2 and --workers 3")])
 def test_two_spellings_with_different_values_are_refused_naming_both(parse, argv, refused, tmp_path,
                                                                       capsys):
     with pytest.raises(SystemExit) as done:
@@ -323,6 +326,16 @@ def test_the_same_value_under_two_spellings_is_fine(tmp_path, capsys):
         cnn.parse_args(["--train-dir", data, "--val-dir", data, "--test-dir", data])
     assert done.value.code == 2
     assert "the following arguments are required: --out-dir" in capsys.readouterr().err
+
+
+def test_an_abbreviated_required_flag_counts_and_args_json_records_it_written_out(tmp_path):
+    """--out for --out-dir is accepted as argparse accepts it (it was refused as missing), and
+    canonical_argv writes the flag that ran: an old spelling's abbreviation becomes the new flag."""
+    out = str(tmp_path / "o")
+    assert parse_train(tmp_path, "--out", out).save_dir == out
+    parser = train_options.build_parser()
+    assert cli.canonical_argv(parser, ["--save", out, "--lr=1e-5", "--batch", "8"]) == [
+        "--out-dir", out, "--lr=1e-5", "--batch-size", "8"]
 
 
 def test_config_is_recorded_as_what_it_is_in_the_model_card(tmp_path):
