@@ -56,7 +56,9 @@ def test_input_region_of_a_wide_image(mode, box, inner):
 
 def clip_bundle(model, tokenizer):
     """The parts of a ModelBundle the maps need: zero-shot over the published classes."""
-    return types.SimpleNamespace(model=model, tokenizer=tokenizer, classes=prompts.load_prompt_set(None),
+    classes = prompts.load_prompt_set(None)
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, classes=classes,
+                                 folders=prompts.class_folders(classes),
                                  logit_scale_mode="exp", checkpoint=Checkpoint("tag", "t", None, None))
 
 
