@@ -299,3 +299,36 @@ def test_wise_ft_of_a_probe_is_refused(make_cohort, tiny_model, tmp_path, capsys
         assert (f"--wise-ft-alphas: {probe_ck} is a linear-probe checkpoint (frozen tower); "
                 "WiSE-FT does not apply") in capsys.readouterr().err
         assert not (tmp_path / "wise").exists()
+
+
+@pytest.mark.slow
+def test_probe_of_a_checkpoint_takes_its_classes_and_prompts(make_cohort, tiny_model, tmp_path):
+    """linear_probe.py --checkpoint CK of a 2-class checkpoint (its own class order and prompts):
+    the probe has CK's classes in CK's order (rare class = CK's first) and CK's prompts, and the
+    few-shot zero-shot row is inference's score of CK itself, not of the published prompts."""
+    from conftest import tiny_metadata, write_model_checkpoint
+    published = prompts.prompt_set_to_dict(prompts.load_prompt_set(None))
+    by_folder = {c["folder"]: c for c in published["classes"]}
+    own = dict(published, classes=[dict(by_folder["healthy eyes"], eval=["a photo of a normal eye"]),
+                                   dict(by_folder["orbital disease"], eval=["a photo of a bulging eye"])])
+    folders = ["healthy eyes", "orbital disease"]
+    ck = write_model_checkpoint(tmp_path / "two.pt", tiny_model, tiny_metadata(
+        class_folders=folders, prompts=own))
+    dirs = {}
+    for name, counts, seed in (("train", (6, 8, 1), 0), ("val", (3, 4, 1), 1), ("test", (3, 4, 1), 2)):
+        dirs[name] = make_cohort(name, counts, seed)
+        shutil.rmtree(dirs[name] / "non-orbital disease")  # a cohort of CK's two classes
+    out = tmp_path / "probe"
+    argv = probe_argv(dirs["train"], dirs["val"], out, "--few-shot", "all", "--test-dir", str(dirs["test"]))
+    argv[argv.index("--model-config"):argv.index("--model-config") + 4] = ["--checkpoint", str(ck)]
+    assert probe.main(argv) == 0
+    record = ckpt.read_checkpoint(out / probe.PROBE_NAME)
+    assert list(record.class_folders) == folders and record.operating_point["class"] == "healthy eyes"
+    assert [c["eval"] for c in record.prompts["classes"]] == [["a photo of a normal eye"],
+                                                                ["a photo of a bulging eye"]]
+    assert scoring.main(score_argv(dirs["test"], ck, tmp_path / "zero_shot")) == 0
+    zero_shot = json.loads((tmp_path / "zero_shot" / "metrics.json").read_text())
+    curves = pd.read_csv(out / "fewshot.csv", dtype={"k": str})
+    row = curves[curves["method"] == "zero-shot"].iloc[0]
+    assert row["test_balanced_accuracy"] == pytest.approx(zero_shot["balanced_accuracy"])
+    assert row["test_macro_auroc"] == pytest.approx(zero_shot["macro_auroc"])
