@@ -172,7 +172,7 @@ def clip_scores(bundle, device):
     """images (B, 3, H, W) -> the class scores inference reports for one model: a linear probe's
     logits, else the scaled cosine similarity to each class's prompt embedding."""
     model = bundle.model
-    head = linear_head(bundle.checkpoint)
+    head = linear_head(bundle.checkpoint, bundle.folders)  # rows in the labelled class order
     if head is not None:
         head = tuple(t.to(device) for t in head)
         return lambda x: linear_head_logits(model.encode_image(x), head).float()

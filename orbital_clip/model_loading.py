@@ -186,6 +186,7 @@ def wise_ft_base_weights(args, bundle):
     """(state_dict, label, identity) of the WiSE-FT base: --wise-ft-base, else the checkpoint's
     recorded `pretrained` (a local weights file or an open_clip tag)."""
     checkpoint = bundle.checkpoint
+    refuse_wise_ft_of_probe(checkpoint)  # before any advice about its base weights
     if checkpoint.kind == "tag":
         raise ValueError(f"--wise-ft-alpha: --checkpoint {checkpoint.spec} is a pretrained tag; "
                          "WiSE-FT needs fine-tuned weights (a checkpoint file)")
@@ -230,9 +231,11 @@ def wise_ft_base_weights(args, bundle):
 PROBE_KEY = "linear_probe"
 
 
-def linear_head(checkpoint):
+def linear_head(checkpoint, folders=None):
     """(weight (C, D), bias (C,)) float64 tensors of a linear-probe checkpoint, else None; a
-    CheckpointError naming the file when the head is damaged."""
+    CheckpointError naming the file when the head is damaged. With `folders` (the class order
+    the caller labels its columns in, e.g. from --prompts) the rows follow that order, matched by
+    class name; another class set is refused: the head scores the classes it was fitted on."""
     record = checkpoint.record if checkpoint.kind == "ours" else None
     head = record.extra.get(PROBE_KEY) if record is not None else None
     if head is None:
@@ -243,7 +246,23 @@ def linear_head(checkpoint):
             and bias.shape == (weight.shape[0],) and weight.shape[0] == n_classes):
         raise ckpt.CheckpointError(f"{checkpoint.spec}: its {PROBE_KEY} head is not a (classes, "
                                    f"features) weight and a (classes,) bias for {n_classes} classes")
-    return weight.double(), bias.double()
+    stored = list(record.class_folders)
+    if folders is None or list(folders) == stored:
+        return weight.double(), bias.double()
+    if sorted(folders) != sorted(stored):
+        raise ckpt.CheckpointError(f"--prompts: classes {list(folders)} differ from the classes "
+                                   f"{stored} of the linear probe {checkpoint.spec}; its head scores "
+                                   "those only: leave --prompts out")
+    order = [stored.index(folder) for folder in folders]  # head row of each evaluated column
+    return weight[order].double(), bias[order].double()
+
+
+def refuse_wise_ft_of_probe(checkpoint):
+    """A ValueError for WiSE-FT of a linear-probe checkpoint: its tower is the frozen starting
+    model, so every alpha would interpolate a model with itself and change nothing but the labels."""
+    if linear_head(checkpoint) is not None:
+        raise ValueError(f"--wise-ft-alphas: {checkpoint.spec} is a linear-probe checkpoint (frozen "
+                         "tower); WiSE-FT does not apply")
 
 
 def linear_head_logits(features, head):

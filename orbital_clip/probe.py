@@ -69,6 +69,7 @@ class FrozenModel:
     weights_id: str  # checkpoint SHA-256, tag:<tag> or random:<seed>: part of the cache key
     cache_key: str
     logit_scale_mode: str = "exp"  # the zero-shot reference's scale (models.logit_scale)
+    checkpoint: object = None  # model_loading.Checkpoint of --checkpoint/--pretrained; None: random
 
 
 def load_frozen_model(args):
@@ -94,7 +95,19 @@ def load_frozen_model(args):
             else None) or "exp"
     return FrozenModel(model.eval(), preprocess, tokenizer, name, pretrained,
                        architecture_config(args, name, checkpoint), weights_id,
-                       cache_model_key(weights_id, name, preprocess, args.precision), mode)
+                       cache_model_key(weights_id, name, preprocess, args.precision), mode, checkpoint)
+
+
+def probe_classes(args, checkpoint):
+    """The probe's classes and prompts (their order is the head's): --prompts, else those
+    --checkpoint stores, else the published set, by inference's own rule (scoring.load_classes)."""
+    from orbital_clip.scoring import load_classes  # the one rule of which prompts a model has
+    if checkpoint is not None:
+        return load_classes(args.prompts, checkpoint)[0]  # its errors name --prompts or the file
+    try:
+        return prompt_sets.load_prompt_set(args.prompts)
+    except prompt_sets.PromptSetError as err:
+        raise ValueError(f"--prompts {err}") from None
 
 
 def architecture_config(args, name, checkpoint):
@@ -181,8 +194,9 @@ def build_parser(description=__doc__):
                       help="folder with one sub-folder per class, or a manifest.csv (rows of split "
                            "'val'): C is chosen here, never on the test cohort")
     cli.add_out_dir(data, required=True, help="where linear_probe.pt, c_sweep.csv and args.json go")
-    cli.add_prompts(data, help="JSON prompt set: its classes (and their order) are the probe's; "
-                               "the prompts themselves are not used by the probe")
+    cli.add_prompts(data, help="JSON prompt set: its classes (and their order) are the probe's, "
+                               "its prompts score the few-shot zero-shot row (default: those "
+                               "--checkpoint stores, else the published set)")
     data.add_argument("--config", default=None, metavar="FILE",
                       help="JSON (or .yaml) of flag defaults; flags on the command line override it")
     model = parser.add_argument_group("the frozen model")
@@ -277,12 +291,9 @@ def prepare(args):
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not args.overwrite)):
         raise ValueError(f"--out-dir {out_dir}: exists and is not an empty folder; pass --overwrite "
                          "or choose another folder")
-    try:
-        classes = prompt_sets.load_prompt_set(args.prompts)
-    except prompt_sets.PromptSetError as err:
-        raise ValueError(f"--prompts {err}") from None
-    train_items, val_items = load_split_items(args, prompt_sets.class_folders(classes))
     frozen = load_frozen_model(args)
+    classes = probe_classes(args, frozen.checkpoint)
+    train_items, val_items = load_split_items(args, prompt_sets.class_folders(classes))
     train = split_features(frozen, train_items, args, "--train-dir")
     val = split_features(frozen, val_items, args, "--val-dir")
     missing = sorted(set(range(len(classes))) - set(train[1].tolist()))

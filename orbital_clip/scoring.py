@@ -196,6 +196,8 @@ def calibration_mismatch(checkpoint, classes, logit_scale_mode):
     temperature were fitted under (a list of phrases; empty when it is the same): another logit
     scale mode (--logit-scale-mode), another class set or other evaluation prompts (--prompts).
     Each changes every probability, so the stored threshold and temperature no longer apply."""
+    if linear_head(checkpoint) is not None:  # a probe's head: no prompts, no scale, rows by name
+        return []
     data = checkpoint.data if checkpoint.kind == "ours" else {}
     changed = []
     stored_mode = data.get("logit_scale_mode") or "exp"
@@ -265,7 +267,7 @@ def score_model(bundle, cohort, args):
     """The Scores of one model on the cohort: logits (N, C), NaN rows where unreadable."""
     model, items = bundle.model, cohort.items
     features, ok, reasons = image_features(model, bundle.preprocess, items, args, bundle.cache_key)
-    head = linear_head(bundle.checkpoint)
+    head = linear_head(bundle.checkpoint, bundle.folders)  # rows in our column order
     if head is not None:  # a linear probe (linear_probe.py): its head replaces the prompts
         return scores_from_logits(linear_head_logits(features, head).numpy(), ok, reasons)
     with torch.inference_mode():
@@ -289,8 +291,9 @@ def build_bundle(checkpoint, model_name, classes, prompt_source, args, threshold
                  flag="--checkpoint"):
     """Everything needed to score one model: weights loaded, transform, tokenizer, classes,
     logit scale mode, stored operating point and temperature, and its cache key."""
-    model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
     folders = prompt_sets.class_folders(classes)
+    linear_head(checkpoint, folders)  # a probe refuses another class set before anything loads
+    model, preprocess, tokenizer = build_model(model_name, checkpoint, args.device, flag)
     stored_mode = (checkpoint.data or {}).get("logit_scale_mode") if checkpoint.kind == "ours" else None
     mode = args.logit_scale_mode or stored_mode or "exp"
     operating, temperature, temperature_source = stored_calibration(checkpoint, folders, threshold)

@@ -56,7 +56,9 @@ def test_input_region_of_a_wide_image(mode, box, inner):
 
 def clip_bundle(model, tokenizer):
     """The parts of a ModelBundle the maps need: zero-shot over the published classes."""
-    return types.SimpleNamespace(model=model, tokenizer=tokenizer, classes=prompts.load_prompt_set(None),
+    classes = prompts.load_prompt_set(None)
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, classes=classes,
+                                 folders=prompts.class_folders(classes),
                                  logit_scale_mode="exp", checkpoint=Checkpoint("tag", "t", None, None))
 
 
@@ -161,3 +163,27 @@ def test_cnn_run_maps_follow_its_predictions(tmp_path):
     assert [(k, str(r)) for _i, k, r in expected] == [(k, r) for k, r, *_ in rows]
     assert [predictions["path"][i] for i, _k, _r in expected] == [row[-1] for row in rows]
     assert all((tmp_path / "maps" / row[2]).stat().st_size > 1000 for row in rows)
+
+
+@pytest.mark.slow
+def test_each_map_is_of_the_class_it_is_labelled_with(make_cohort):
+    """An error (true 0, predicted 2) and a correct image: the case's map under the predicted
+    class is Grad-CAM of the predicted class, the one under the true class of the true class,
+    and the two differ (so a map drawn for the wrong class would show)."""
+    torch.manual_seed(0)
+    model, _train_tf, preprocess, tokenizer = models.create_model(TINY_MODEL, None)
+    bundle = clip_bundle(model, tokenizer)
+    bundle.preprocess = preprocess
+    root = make_cohort("maps", (2, 0, 1), seed=4)
+    items = sorted((p, 0 if p.parent.name == bundle.folders[0] else 2)
+                   for p in root.rglob("*.jpg") if p.parent.name in (bundle.folders[0], bundle.folders[2]))
+    y_true = np.array([label for _path, label in items])
+    probs = np.tile([0.2, 0.1, 0.7], (len(items), 1))  # every image predicted class 2
+    cases = explain.explain_cohort(bundle, items, y_true, probs, 1, "cpu")
+    error = next(case for case in cases if case.kind == "error")
+    assert (error.true, error.pred) == (0, 2) and sorted(error.maps) == [0, 2]
+    batch = torch.stack([preprocess(explain.images.read_image(items[error.index][0]))])
+    for k in (0, 2):
+        np.testing.assert_allclose(error.maps[k], explain.explain_clip(bundle, batch, [k], "cpu")[0],
+                                   atol=1e-5)
+    assert explain.map_correlation(error.maps[0], error.maps[2]) < 0.99

@@ -236,3 +236,99 @@ def test_help_runs_as_a_script():
     done = subprocess.run([sys.executable, "linear_probe.py", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--c-grid" in done.stdout and "--few-shot" in done.stdout
+
+
+def write_probe_checkpoint(path, model, seed=0):
+    """A linear-probe checkpoint of the tiny model (published classes), its head drawn at random
+    with large weights so the classes' probabilities differ clearly, as linear_probe.py writes it."""
+    from conftest import tiny_metadata, write_model_checkpoint
+    generator = torch.Generator().manual_seed(seed)
+    head = {"weight": 5 * torch.randn(3, 64, generator=generator, dtype=torch.float64),
+            "bias": torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64)}
+    folders = prompts.class_folders(prompts.load_prompt_set(None))
+    return write_model_checkpoint(path, model, tiny_metadata(
+        operating_point={"class": folders[0], "target_sensitivity": 0.9, "threshold": 0.3},
+        temperature=1.5, **{PROBE_KEY: head}))
+
+
+def score_argv(test, checkpoint, out, *extra):
+    return ["--test-dir", str(test), "--checkpoint", str(checkpoint), "--out-dir", str(out),
+            "--precision", "fp32", "--bootstrap", "0", "--no-figures", "--no-progress",
+            "--workers", "0", *extra]
+
+
+@pytest.mark.slow
+def test_probe_scores_do_not_move_with_the_prompts_class_order(make_cohort, tiny_model, tmp_path):
+    """--prompts with the probe's classes in reverse order: each class keeps its own head row
+    (matched by name), so every probability and metric is the one of the checkpoint's order;
+    another class set is refused, exit 2, naming --prompts."""
+    test = make_cohort("test", (3, 4, 3), seed=5)
+    probe_ck = write_probe_checkpoint(tmp_path / "probe.pt", tiny_model)
+    published = prompts.prompt_set_to_dict(prompts.load_prompt_set(None))
+    reversed_set = dict(published, classes=published["classes"][::-1])
+    (tmp_path / "reversed.json").write_text(json.dumps(reversed_set))
+    assert scoring.main(score_argv(test, probe_ck, tmp_path / "own")) == 0
+    assert scoring.main(score_argv(test, probe_ck, tmp_path / "rev", "--prompts",
+                                   str(tmp_path / "reversed.json"))) == 0
+    own, rev = (pd.read_csv(tmp_path / name / "predictions.csv") for name in ("own", "rev"))
+    prob = [c for c in own.columns if c.startswith("prob_")]
+    assert np.abs(own[prob[0]] - own[prob[-1]]).min() > 0.01  # a swap of the two would show
+    np.testing.assert_allclose(own[prob], rev[prob], atol=1e-9)
+    assert list(own["pred_label"]) == list(rev["pred_label"])
+    own_m, rev_m = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("own", "rev"))
+    assert rev_m["balanced_accuracy"] == pytest.approx(own_m["balanced_accuracy"])
+    for key in ("operating_threshold", "temperature", "rare_class"):  # calibration kept, by name
+        assert rev_m[key] == own_m[key] is not None, key
+    assert rev_m["operating_point"]["rule"] == own_m["operating_point"]["rule"]
+
+    two = dict(published, classes=published["classes"][:2])
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    assert scoring.main(score_argv(test, probe_ck, tmp_path / "two", "--prompts",
+                                   str(tmp_path / "two.json"))) == 2
+    assert not (tmp_path / "two").exists()
+
+
+@pytest.mark.slow
+def test_wise_ft_of_a_probe_is_refused(make_cohort, tiny_model, tmp_path, capsys):
+    """A probe's tower is frozen: WiSE-FT would interpolate it with itself; exit 2, nothing written."""
+    test = make_cohort("test", (2, 2, 2), seed=5)
+    probe_ck = write_probe_checkpoint(tmp_path / "probe.pt", tiny_model)
+    for extra in (["--wise-ft-alphas", "0", "1"],
+                  ["--wise-ft-alphas", "0.5", "--wise-ft-base", str(probe_ck)]):
+        assert scoring.main(score_argv(test, probe_ck, tmp_path / "wise", *extra)) == 2
+        assert (f"--wise-ft-alphas: {probe_ck} is a linear-probe checkpoint (frozen tower); "
+                "WiSE-FT does not apply") in capsys.readouterr().err
+        assert not (tmp_path / "wise").exists()
+
+
+@pytest.mark.slow
+def test_probe_of_a_checkpoint_takes_its_classes_and_prompts(make_cohort, tiny_model, tmp_path):
+    """linear_probe.py --checkpoint CK of a 2-class checkpoint (its own class order and prompts):
+    the probe has CK's classes in CK's order (rare class = CK's first) and CK's prompts, and the
+    few-shot zero-shot row is inference's score of CK itself, not of the published prompts."""
+    from conftest import tiny_metadata, write_model_checkpoint
+    published = prompts.prompt_set_to_dict(prompts.load_prompt_set(None))
+    by_folder = {c["folder"]: c for c in published["classes"]}
+    own = dict(published, classes=[dict(by_folder["healthy eyes"], eval=["a photo of a normal eye"]),
+                                   dict(by_folder["orbital disease"], eval=["a photo of a bulging eye"])])
+    folders = ["healthy eyes", "orbital disease"]
+    ck = write_model_checkpoint(tmp_path / "two.pt", tiny_model, tiny_metadata(
+        class_folders=folders, prompts=own))
+    dirs = {}
+    for name, counts, seed in (("train", (6, 8, 1), 0), ("val", (3, 4, 1), 1), ("test", (3, 4, 1), 2)):
+        dirs[name] = make_cohort(name, counts, seed)
+        shutil.rmtree(dirs[name] / "non-orbital disease")  # a cohort of CK's two classes
+    out = tmp_path / "probe"
+    argv = probe_argv(dirs["train"], dirs["val"], out, "--few-shot", "all", "--test-dir", str(dirs["test"]))
+    argv[argv.index("--model-config"):argv.index("--model-config") + 4] = ["--checkpoint", str(ck)]
+    assert probe.main(argv) == 0
+    record = ckpt.read_checkpoint(out / probe.PROBE_NAME)
+    assert list(record.class_folders) == folders and record.operating_point["class"] == "healthy eyes"
+    assert [c["eval"] for c in record.prompts["classes"]] == [["a photo of a normal eye"],
+                                                                ["a photo of a bulging eye"]]
+    assert scoring.main(score_argv(dirs["test"], ck, tmp_path / "zero_shot")) == 0
+    zero_shot = json.loads((tmp_path / "zero_shot" / "metrics.json").read_text())
+    curves = pd.read_csv(out / "fewshot.csv", dtype={"k": str})
+    row = curves[curves["method"] == "zero-shot"].iloc[0]
+    assert row["test_balanced_accuracy"] == pytest.approx(zero_shot["balanced_accuracy"])
+    assert row["test_macro_auroc"] == pytest.approx(zero_shot["macro_auroc"])
