@@ -202,3 +202,19 @@ def test_not_orbital_on_every_image_is_a_result_not_a_failure(tmp_path):
     assert (result["n"], result["itd_rare_sensitivity"]) == (0, 0.0)
     assert result["answers_outside_options"]["confusion_matrix_itd"][0] == [0, 0, 0, 10]
     assert "| thyroid eye disease | 0 | 0 | 0 | 10 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("label_map, refusal", [
+    # a class's synonyms as a plain string: one synonym, as the scorer reads it (issue 25 item 11)
+    ({SUBTYPES[0]: "TED", "outcomes": {"not orbital": ["TED"]}},
+     "outcome 'not orbital': 'TED' names the class 'thyroid eye disease'"),
+    # an outcome whose name normalises to '' would take every blank answer
+    ({"outcomes": {"": ["none of these"]}}, "outcome '' has an empty name"),
+    ({"outcomes": {".": ["none of these"]}}, "outcome '.' has an empty name"),
+])
+def test_parse_outcomes_refuses_a_class_synonym_string_and_an_empty_outcome_name(label_map, refusal):
+    from orbital_clip import prompts
+    with pytest.raises(prompts.LabelMapError, match=refusal):
+        prompts.parse_outcomes(label_map, SUBTYPES, "map.json")
+    with pytest.raises(prompts.LabelMapError, match=refusal):  # the scripts' one parse
+        prompts.parse_label_map(label_map, SUBTYPES, "map.json")
