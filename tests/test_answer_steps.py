@@ -137,14 +137,24 @@ def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
         "--label-map", str(label_map), "--classes", *SUBTYPES, "--out-dir", str(out),
         "--bootstrap", "200", "--no-figures"]) == 0
 
-    def ted_sensitivity(name):
+    def counts(name, k=0, measure="sensitivity"):
         table = pd.read_csv(out / name)
-        rows = table[(table["class"] == SUBTYPES[0]) & (table["measure"] == "sensitivity")]
+        rows = table[(table["class"] == SUBTYPES[k]) & (table["measure"] == measure)]
         return [(int(h), int(n)) for h, n in zip(rows["hits"], rows["n"])], set(table["analysis"])
+
+    def ted_sensitivity(name):
+        return counts(name)
 
     # primary: 0.4 -> 0.5 -> 0.6 on all 10; answered only (secondary): 0.667 -> 0.833 -> 1.0 on 6
     assert ted_sensitivity("sequential.csv") == ([(4, 10), (5, 10), (6, 10)], {"intention-to-diagnose"})
     assert ted_sensitivity("sequential_answered.csv") == ([(4, 6), (5, 6), (6, 6)], {"answered only"})
+    # worst case: the 4 TED images naming no class are false calls against inflammation and
+    # tumour (15 negatives each; plus TED image 4, resp. 5, answered with that subtype)
+    assert counts("sequential.csv", 1, "specificity")[0] == [(10, 15), (11, 15), (11, 15)]
+    assert counts("sequential.csv", 2, "specificity")[0] == [(10, 15), (10, 15), (11, 15)]
+    assert counts("sequential.csv", 0, "specificity")[0] == [(10, 10)] * 3
+    # answered only: the 16 images answered at every step, those 4 left out
+    assert counts("sequential_answered.csv", 1, "specificity")[0] == [(10, 11), (11, 11), (11, 11)]
     for name, n, difference in (("sequential_changes.csv", 10, 0.1),
                                 ("sequential_answered_changes.csv", 6, 1 / 6)):
         changes = pd.read_csv(out / name)
@@ -165,7 +175,8 @@ def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
     report = (out / "report.md").read_text()
     assert "unreadable (excluded)" not in report and "no class answer" in report
     assert "## Answers outside the options" in report and "2 × `conjunctivitis`" in report
-    assert "Primary (intention-to-diagnose): all 20 images" in report
+    assert "Primary (intention-to-diagnose, worst case): all 20 images" in report
+    assert "a false positive against every other class's specificity" in report
     assert "Secondary (answered only): the 16 of 20 images" in report
 
 
