@@ -229,3 +229,23 @@ def test_parse_outcomes_refuses_a_class_synonym_string_and_an_empty_outcome_name
         prompts.parse_outcomes(label_map, SUBTYPES, "map.json")
     with pytest.raises(prompts.LabelMapError, match=refusal):  # the scripts' one parse
         prompts.parse_label_map(label_map, SUBTYPES, "map.json")
+
+
+def test_a_first_step_naming_no_class_keeps_both_sequential_tables_in_the_report(tmp_path):
+    """Every step-1 answer a declared outcome: report.md still has the primary table (worst case:
+    sensitivity and specificity 0 for every class) and the secondary one, resting on 0 images."""
+    cohort, files, label_map = second_step(tmp_path)
+    paths = pd.read_csv(files[0])["path"]
+    none = write_csv(tmp_path / "none.csv", ["path", "answer"], [[p, NOT_ORBITAL[1]] for p in paths])
+    out = tmp_path / "out"
+    assert answer_files.main(["--test-dir", str(cohort), "--predictions", f"a={none}",
+                              "--compare", f"b={files[2]}", "--label-map", str(label_map),
+                              "--classes", *SUBTYPES, "--out-dir", str(out), "--bootstrap", "50",
+                              "--no-figures"]) == 0
+    report = (out / "report.md").read_text()
+    assert "No answer named a class" in report
+    assert "## Sequential readings" in report and "### Secondary: answered only" in report
+    assert "Secondary (answered only): the 0 of 20 images" in report
+    # refusing everywhere is no specificity (Wilson upper bounds as statsmodels): the images of the other subtypes are false calls
+    assert "| orbital inflammation | specificity | 0.000 (0.000–0.204) [0/15] |" in report
+    assert "| thyroid eye disease | specificity | 0.000 (0.000–0.278) [0/10] |" in report

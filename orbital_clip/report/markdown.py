@@ -386,9 +386,9 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
                 else "unreadable images")
         lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
     if not metrics["n"]:
-        # answers that all name no class are still a reading: show what they named
-        shown = ["", "## Answers outside the options", ""] + outside_markdown(outside, folders) \
-            + embedded("confusion_matrix_itd.png", written) if outside is not None else []
+        # answers that all name no class are still a reading: show what they named, and the
+        # steps (the primary table counts them; the secondary one says it rests on none)
+        shown = steps_sections(outside, sequential, sequential_answered, folders, written)
         return "\n".join(lines + ["No answer named a class: there is nothing to score on answered "
                                   "rows." if answers else "No image could be read: there is nothing "
                                   "to score."] + shown) + "\n"
@@ -404,15 +404,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "The answers are labels: results are for the given labels only (no threshold)." if answers
         else "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
-    if outside is not None:
-        lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
-        lines += embedded("confusion_matrix_itd.png", written)
-    if sequential is not None:
-        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
-        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
-    if sequential_answered is not None:
-        lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
-        lines += embedded("sequential_answered.png", written)
+    lines += steps_sections(outside, sequential, sequential_answered, folders, written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += ["### Table 2: one row per model", ""]
@@ -437,6 +429,22 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if not run.get("figures", True):
         lines += ["", "Figures were not drawn (--no-figures)."]
     return "\n".join(lines) + "\n"
+
+
+def steps_sections(outside, sequential, sequential_answered, folders, written):
+    """The answer-file sections that count every image received, whether or not any answer
+    named a class: the answers outside the options and both sequential tables."""
+    lines = []
+    if outside is not None:
+        lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
+        lines += embedded("confusion_matrix_itd.png", written)
+    if sequential is not None:
+        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
+        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
+    if sequential_answered is not None:
+        lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
+        lines += embedded("sequential_answered.png", written)
+    return lines
 
 
 def sequential_markdown(sequential):
