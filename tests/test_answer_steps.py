@@ -249,3 +249,14 @@ def test_a_first_step_naming_no_class_keeps_both_sequential_tables_in_the_report
     # refusing everywhere is no specificity (Wilson upper bounds as statsmodels): the images of the other subtypes are false calls
     assert "| orbital inflammation | specificity | 0.000 (0.000–0.204) [0/15] |" in report
     assert "| thyroid eye disease | specificity | 0.000 (0.000–0.278) [0/10] |" in report
+
+
+def test_unmapped_answers_are_listed_as_one_code_span_each():
+    from orbital_clip.report.markdown import outside_markdown
+    answers = ["I cannot tell.\n| --- |\nmaybe `TED`", "``a``", "x" * 200]
+    outside = {"columns": SUBTYPES, "confusion_matrix_itd": [[0, 0, 0]] * 3,
+               "unmapped_answers": [{"answer": a, "n": 1} for a in answers]}
+    listed = [line for line in outside_markdown(outside, SUBTYPES) if line.startswith("- 1 ×")]
+    assert listed == ["- 1 × `` I cannot tell. ⏎ | --- | ⏎ maybe `TED` ``",
+                      "- 1 × ``` ``a`` ```",
+                      "- 1 × `" + "x" * 119 + "…`"]

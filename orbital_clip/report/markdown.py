@@ -505,10 +505,22 @@ def outside_markdown(outside, folders):
                    f"{len(unmapped)} distinct (unmapped_answers.csv; add each to a class or to "
                    "`outcomes` in the label map):" if unmapped else
                    "Every answer was mapped to a class or a declared outcome.")]
-    lines += [f"- {r['n']} × `{r['answer'] or '(empty)'}`" for r in unmapped[:20]]
+    lines += [f"- {r['n']} × {code_span(r['answer']) if r['answer'] else '(empty)'}" for r in unmapped[:20]]
     if len(unmapped) > 20:
         lines.append(f"- … {len(unmapped) - 20} more in unmapped_answers.csv")
     return lines
+
+
+def code_span(text, limit=120):
+    """`text` as one Markdown code span on one line: line breaks and tabs shown as ' ⏎ ' and
+    spaces, cut at `limit` characters, fenced by one more backtick than its longest backtick run
+    (CommonMark), padded when it starts or ends with one. On one line in a list item, '|' cannot
+    start a table (that needs a delimiter row), so it stays as written."""
+    flat = " ".join(re.sub(r"\r\n|\r|\n", " ⏎ ", str(text)).split())
+    flat = flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
 
 
 def heterogeneity_text(test):
