@@ -551,8 +551,8 @@ def run_answers(args, argv, script="score_answers.py"):
         # no class named, but declared outcomes ('not orbital' on every image) are a result
         if not metrics["n"] and not any(o in setup.outcomes for o in step.answers.outcomes):
             empty.append(step.file)
-        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
-                 metrics["n_received"], metrics["n_failed"],
+        LOG.info("  n %d of %d answered with a class (%d naming no class)  accuracy %s  "
+                 "balanced accuracy %s", metrics["n"], metrics["n_received"], metrics["n_failed"],
                  format_value(metrics["accuracy"], metrics["accuracy_ci"]),
                  format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
     if sequential is not None:

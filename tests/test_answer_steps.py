@@ -57,6 +57,7 @@ def test_answer_file_sensitivity_with_patients_gets_the_patient_level_interval(t
     assert (total["patients_received"], result["flow"]["rows"][SUBTYPES[0]]["patients_scored"]) == (10, 2)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "0.952 (0.000–1.000)" in report and "patients received" in report
+    assert "patients with an answer naming no class" in report and "patients with an unreadable image" not in report
     table = pd.read_csv(tmp_path / "out" / "per_class_metrics.csv")
     assert table.loc[0, "sensitivity_ci_patient_low"] == 0.0
 
@@ -174,6 +175,7 @@ def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
     assert result["sequential"]["n_complete"] == 20 and result["sequential_answered"]["n_complete"] == 16
     report = (out / "report.md").read_text()
     assert "unreadable (excluded)" not in report and "no class answer" in report
+    assert "is a failed row" not in report and "a declared outcome is a reading outside" in report
     assert "## Answers outside the options" in report and "2 × `conjunctivitis`" in report
     assert "Primary (intention-to-diagnose, worst case): all 20 images" in report
     assert "a false positive against every other class's specificity" in report

@@ -34,7 +34,9 @@ def flow_markdown(flow, answers=False):
     patients = "patients_received" in flow["rows"]["total"]
     lines = [("| class | received | no class answer (outside the options, unmapped or failed) | "
               "answered with a class |" if answers else "| class | received | unreadable (excluded) | scored |")
-             + (" patients received | patients with an unreadable image | patients scored |"
+             + ((" patients received | patients with an answer naming no class | patients "
+                 "answered with a class |" if answers else
+                 " patients received | patients with an unreadable image | patients scored |")
                 if patients else ""),
              "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
     for key, row in flow["rows"].items():
@@ -309,8 +311,9 @@ def answers_header(run):
             f"`{run['predictions_sha256']}`; no model was run here",
             f"- classes (index = folder name, {run['class_order']}): {mapping}",
             "- answers to classes: " + (f"label map `{run['label_map']}` (case- and "
-                                        "whitespace-insensitive; an answer it does not map is a "
-                                        "failed row, never guessed)" if run.get("label_map")
+                                        "whitespace-insensitive; an answer it does not map is "
+                                        "an unmapped answer, never guessed; a declared outcome is a "
+                                        "reading outside the options, not a failure)" if run.get("label_map")
                                         else "answers must be class folder names"),
             "- probabilities: " + ("given (`prob_<class>` columns): AUROC, AUPRC and calibration "
                                    "scored" if run["probabilities"] else
