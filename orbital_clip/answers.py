@@ -41,6 +41,7 @@ from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
                      interval_levels, label_probs, sequential_analysis, with_class_patient_intervals,
                      without_probability_metrics)
+from orbital_clip.metrics.sequential import NO_CLASS_NAMED
 from orbital_clip.report import (confusion_frame, flow_counts, format_value, plot_confusion_matrices,
                     plot_sequential,
                     predictions_frame, render_report, sequential_changes_frame,
@@ -298,18 +299,20 @@ def sequential_readings(setup, args):
     labels, folders, steps = setup.cohort.labels(), setup.folders, setup.steps
     answered = np.stack([s.answers.pred_index for s in steps])  # (S, N), -1: no class named
     names, n = [s.name for s in steps], len(labels)
-    # an index past the classes: never a hit of sensitivity, and not a call of another class
-    missed = np.where(answered >= 0, answered, len(folders))
+    # worst case (intention to diagnose): a miss of the true class and a false call of every
+    # other, so a model that refuses more never gains specificity
+    missed = np.where(answered >= 0, answered, NO_CLASS_NAMED)
     primary = sequential_analysis(labels, missed, folders, names, setup.cohort.groups,
                                   args.bootstrap, args.seed)
     complete = (answered >= 0).all(axis=0)
     secondary = sequential_analysis(labels, np.where(complete, answered, -1), folders, names,
                                     setup.cohort.groups, args.bootstrap, args.seed)
-    primary["population"] = (f"Primary (intention-to-diagnose): all {n} images received, at "
-                             "every step; an answer that names no class (an outcome outside the "
-                             "options, an unmapped answer, no answer) is a miss of the true class "
-                             "(and not a call of any other); the per-step rows and the paired "
-                             "changes rest on these same images")
+    primary["population"] = (f"Primary (intention-to-diagnose, worst case): all {n} images "
+                             "received, at every step; an answer that names no class (an outcome "
+                             "outside the options, an unmapped answer, no answer) is a miss of the "
+                             "true class's sensitivity and a false positive against every other "
+                             "class's specificity; the per-step rows and the paired changes rest on "
+                             "these same images")
     secondary["population"] = (f"Secondary (answered only): the {int(complete.sum())} of {n} "
                                "images answered with a class at every step; the per-step rows and "
                                "the paired changes rest on these same images")
@@ -548,8 +551,8 @@ def run_answers(args, argv, script="score_answers.py"):
         # no class named, but declared outcomes ('not orbital' on every image) are a result
         if not metrics["n"] and not any(o in setup.outcomes for o in step.answers.outcomes):
             empty.append(step.file)
-        LOG.info("  n %d of %d (%d failed)  accuracy %s  balanced accuracy %s", metrics["n"],
-                 metrics["n_received"], metrics["n_failed"],
+        LOG.info("  n %d of %d answered with a class (%d naming no class)  accuracy %s  "
+                 "balanced accuracy %s", metrics["n"], metrics["n_received"], metrics["n_failed"],
                  format_value(metrics["accuracy"], metrics["accuracy_ci"]),
                  format_value(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci"]))
     if sequential is not None:

@@ -20,7 +20,7 @@ from orbital_clip import cohort as cohort_io
 from orbital_clip import images
 from orbital_clip import outputs
 from orbital_clip.metadata import RESERVED_COLUMNS, read_csv_rows, read_metadata
-from orbital_clip.patients import (folder_groups, none_grouped_message, patient_folder_example,
+from orbital_clip.patients import (class_relative_path, folder_groups, none_grouped_message, patient_folder_example,
                                    regex_patients)
 from orbital_clip.metrics import (INCONSISTENT_LEVEL, ComparedModel, compare_predictions, label_probs,
                                   patient_levels, subgroup_analysis)
@@ -280,23 +280,35 @@ def collect_cohort(args, folders):
         texts = [source or path for source, path in zip(sources, paths)] if sources else paths
         cohort.groups = regex_groups(texts, paths, args.group_regex, args.anonymize_paths)
         cohort.group_source = f"--group-regex {args.group_regex}"
-    group_patient_folders(args, cohort, sources)
+    group_patient_folders(args, cohort, sources, folders)
     canonical_order(cohort)  # after grouping: the patients are sorted with their images
     if args.bootstrap:  # what the warnings are about
         warn_about_patients(cohort, folders, args.anonymize_paths)
     return cohort
 
 
-def group_patient_folders(args, cohort, sources):
+def group_patient_folders(args, cohort, sources, folders):
     """--group-from-folder: each image's patient is its folder under the class folder (the rule
     of data_preprocess.py, patients.folder_patient); without any grouping, a warning when the
-    class folders hold sub-folders, which usually are patients."""
+    class folders hold sub-folders, which usually are patients. A manifest row is read by its
+    `source` (relative to the data root), else by its path from its class folder on (the split
+    folder in front of the class folder is not a class folder)."""
     if not cohort.labelled:
         return
     paths = cohort.relative_paths()
-    texts = [source or path for source, path in zip(sources, paths)] if sources else paths
+    texts = paths
+    if sources is not None:
+        texts = [source or class_relative_path(path, folders[label])
+                 for source, path, (_image, label) in zip(sources, paths, cohort.items)]
     if getattr(args, "group_from_folder", False):
-        cohort.groups = folder_groups(texts, paths, args.anonymize_paths)
+        try:
+            cohort.groups = folder_groups(texts, paths, args.anonymize_paths)
+        except cohort_io.CohortError as err:
+            if sources is None or any(sources):
+                raise
+            raise cohort_io.CohortError(f"{err} (the manifest {args.test_dir} has no `source` "
+                                        "column: its images' original patient folders are not "
+                                        "recorded; use --group-regex or a `group` column)") from None
         cohort.group_source = "--group-from-folder"
     elif cohort.groups is None and args.bootstrap and patient_folder_example(texts):
         example = "" if args.anonymize_paths else f" (e.g. {patient_folder_example(texts)!r})"

@@ -63,6 +63,16 @@ def folder_patient(relative_path):
     return parts[1] if len(parts) > 2 else None
 
 
+def class_relative_path(path, class_folder):
+    """A manifest image's path from its class folder on ('test/TED/P1/x.png' -> 'TED/P1/x.png'),
+    the form `folder_patient` reads; its file name alone when no folder of the path is named like
+    its class (then no patient folder: the split folder must never pass for the class)."""
+    parts = PurePosixPath(path).parts
+    folders = parts[:-1]
+    start = len(folders) - 1 - folders[::-1].index(class_folder) if class_folder in folders else len(folders)
+    return PurePosixPath(*parts[start:]).as_posix()
+
+
 def patient_folder_example(relative_paths):
     """'class/sub-folder' of the first image below a sub-folder of its class folder (a layout
     that suggests patient folders), or None when every image sits in its class folder."""

@@ -228,10 +228,15 @@ def parse_outcomes(data, folders, source="label map"):
                             'e.g. {"not orbital": ["no orbital disease", "none of these"]}')
     classes = {normalise_answer(folder): folder for folder in folders}
     for folder, synonyms in data.items():
+        # a plain string is one synonym here as in parse_label_map: the scorer maps it to the class
+        synonyms = [synonyms] if isinstance(synonyms, str) else synonyms
         if folder != OUTCOMES_KEY and isinstance(synonyms, list):
             classes.update({normalise_answer(s): folder for s in synonyms if isinstance(s, str)})
     lookup = {}
     for name, answers in outcomes.items():
+        if not normalise_answer(name):  # '' or '.': every blank answer would become this outcome
+            raise LabelMapError(f"{source}: outcome {name!r} has an empty name once case, spaces "
+                                "and punctuation are dropped; name it, e.g. \"not orbital\"")
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not all(isinstance(a, str) and normalise_answer(a) for a in answers):
             raise LabelMapError(f"{source}: outcome {name!r} must map to a list of non-empty strings")

@@ -57,6 +57,7 @@ def test_answer_file_sensitivity_with_patients_gets_the_patient_level_interval(t
     assert (total["patients_received"], result["flow"]["rows"][SUBTYPES[0]]["patients_scored"]) == (10, 2)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "0.952 (0.000–1.000)" in report and "patients received" in report
+    assert "patients with an answer naming no class" in report and "patients with an unreadable image" not in report
     table = pd.read_csv(tmp_path / "out" / "per_class_metrics.csv")
     assert table.loc[0, "sensitivity_ci_patient_low"] == 0.0
 
@@ -137,14 +138,24 @@ def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
         "--label-map", str(label_map), "--classes", *SUBTYPES, "--out-dir", str(out),
         "--bootstrap", "200", "--no-figures"]) == 0
 
-    def ted_sensitivity(name):
+    def counts(name, k=0, measure="sensitivity"):
         table = pd.read_csv(out / name)
-        rows = table[(table["class"] == SUBTYPES[0]) & (table["measure"] == "sensitivity")]
+        rows = table[(table["class"] == SUBTYPES[k]) & (table["measure"] == measure)]
         return [(int(h), int(n)) for h, n in zip(rows["hits"], rows["n"])], set(table["analysis"])
+
+    def ted_sensitivity(name):
+        return counts(name)
 
     # primary: 0.4 -> 0.5 -> 0.6 on all 10; answered only (secondary): 0.667 -> 0.833 -> 1.0 on 6
     assert ted_sensitivity("sequential.csv") == ([(4, 10), (5, 10), (6, 10)], {"intention-to-diagnose"})
     assert ted_sensitivity("sequential_answered.csv") == ([(4, 6), (5, 6), (6, 6)], {"answered only"})
+    # worst case: the 4 TED images naming no class are false calls against inflammation and
+    # tumour (15 negatives each; plus TED image 4, resp. 5, answered with that subtype)
+    assert counts("sequential.csv", 1, "specificity")[0] == [(10, 15), (11, 15), (11, 15)]
+    assert counts("sequential.csv", 2, "specificity")[0] == [(10, 15), (10, 15), (11, 15)]
+    assert counts("sequential.csv", 0, "specificity")[0] == [(10, 10)] * 3
+    # answered only: the 16 images answered at every step, those 4 left out
+    assert counts("sequential_answered.csv", 1, "specificity")[0] == [(10, 11), (11, 11), (11, 11)]
     for name, n, difference in (("sequential_changes.csv", 10, 0.1),
                                 ("sequential_answered_changes.csv", 6, 1 / 6)):
         changes = pd.read_csv(out / name)
@@ -164,8 +175,10 @@ def test_second_step_counts_answers_outside_the_options_as_misses(tmp_path):
     assert result["sequential"]["n_complete"] == 20 and result["sequential_answered"]["n_complete"] == 16
     report = (out / "report.md").read_text()
     assert "unreadable (excluded)" not in report and "no class answer" in report
+    assert "is a failed row" not in report and "a declared outcome is a reading outside" in report
     assert "## Answers outside the options" in report and "2 × `conjunctivitis`" in report
-    assert "Primary (intention-to-diagnose): all 20 images" in report
+    assert "Primary (intention-to-diagnose, worst case): all 20 images" in report
+    assert "a false positive against every other class's specificity" in report
     assert "Secondary (answered only): the 16 of 20 images" in report
 
 
@@ -202,3 +215,50 @@ def test_not_orbital_on_every_image_is_a_result_not_a_failure(tmp_path):
     assert (result["n"], result["itd_rare_sensitivity"]) == (0, 0.0)
     assert result["answers_outside_options"]["confusion_matrix_itd"][0] == [0, 0, 0, 10]
     assert "| thyroid eye disease | 0 | 0 | 0 | 10 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("label_map, refusal", [
+    # a class's synonyms as a plain string: one synonym, as the scorer reads it (issue 25 item 11)
+    ({SUBTYPES[0]: "TED", "outcomes": {"not orbital": ["TED"]}},
+     "outcome 'not orbital': 'TED' names the class 'thyroid eye disease'"),
+    # an outcome whose name normalises to '' would take every blank answer
+    ({"outcomes": {"": ["none of these"]}}, "outcome '' has an empty name"),
+    ({"outcomes": {".": ["none of these"]}}, "outcome '.' has an empty name"),
+])
+def test_parse_outcomes_refuses_a_class_synonym_string_and_an_empty_outcome_name(label_map, refusal):
+    from orbital_clip import prompts
+    with pytest.raises(prompts.LabelMapError, match=refusal):
+        prompts.parse_outcomes(label_map, SUBTYPES, "map.json")
+    with pytest.raises(prompts.LabelMapError, match=refusal):  # the scripts' one parse
+        prompts.parse_label_map(label_map, SUBTYPES, "map.json")
+
+
+def test_a_first_step_naming_no_class_keeps_both_sequential_tables_in_the_report(tmp_path):
+    """Every step-1 answer a declared outcome: report.md still has the primary table (worst case:
+    sensitivity and specificity 0 for every class) and the secondary one, resting on 0 images."""
+    cohort, files, label_map = second_step(tmp_path)
+    paths = pd.read_csv(files[0])["path"]
+    none = write_csv(tmp_path / "none.csv", ["path", "answer"], [[p, NOT_ORBITAL[1]] for p in paths])
+    out = tmp_path / "out"
+    assert answer_files.main(["--test-dir", str(cohort), "--predictions", f"a={none}",
+                              "--compare", f"b={files[2]}", "--label-map", str(label_map),
+                              "--classes", *SUBTYPES, "--out-dir", str(out), "--bootstrap", "50",
+                              "--no-figures"]) == 0
+    report = (out / "report.md").read_text()
+    assert "No answer named a class" in report
+    assert "## Sequential readings" in report and "### Secondary: answered only" in report
+    assert "Secondary (answered only): the 0 of 20 images" in report
+    # refusing everywhere is no specificity (Wilson upper bounds as statsmodels): the images of the other subtypes are false calls
+    assert "| orbital inflammation | specificity | 0.000 (0.000–0.204) [0/15] |" in report
+    assert "| thyroid eye disease | specificity | 0.000 (0.000–0.278) [0/10] |" in report
+
+
+def test_unmapped_answers_are_listed_as_one_code_span_each():
+    from orbital_clip.report.markdown import outside_markdown
+    answers = ["I cannot tell.\n| --- |\nmaybe `TED`", "``a``", "x" * 200]
+    outside = {"columns": SUBTYPES, "confusion_matrix_itd": [[0, 0, 0]] * 3,
+               "unmapped_answers": [{"answer": a, "n": 1} for a in answers]}
+    listed = [line for line in outside_markdown(outside, SUBTYPES) if line.startswith("- 1 ×")]
+    assert listed == ["- 1 × `` I cannot tell. ⏎ | --- | ⏎ maybe `TED` ``",
+                      "- 1 × ``` ``a`` ```",
+                      "- 1 × `" + "x" * 119 + "…`"]

@@ -3,6 +3,7 @@ resampled by patient folder, with data_preprocess.py's rule (patients.folder_pat
 warning when the layout suggests patients but no grouping was given."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -36,7 +37,7 @@ def test_group_from_folder_resamples_patient_folders_and_no_grouping_warns(patie
     answers = folder_answers(patient_cohort, tmp_path / "answers.csv")
     by_image = scored(patient_cohort, answers, tmp_path / "images")
     warned = [line for line in capsys.readouterr().err.splitlines() if "--group-from-folder" in line]
-    assert len(warned) == 1 and "class folders hold sub-folders (e.g. 'healthy eyes/Patient" in warned[0]
+    assert len(warned) == 1 and re.search(r"class folders hold sub-folders \(e.g. '[a-z ]+/Patient \d+'\)", warned[0])
     by_folder = scored(patient_cohort, answers, tmp_path / "folders", "--group-from-folder")
     assert "sub-folders" not in capsys.readouterr().err
     assert (by_image["bootstrap_unit"], by_folder["bootstrap_unit"]) == ("image", "group")
@@ -80,3 +81,37 @@ def test_inference_with_a_checkpoint_groups_by_patient_folder(patient_cohort, ch
     assert (result["bootstrap_unit"], result["n_groups"]) == ("group", 12)
     predictions = pd.read_csv(out / "predictions.csv")
     assert dict(zip(predictions["path"], predictions["group"])) == patient_cohort.patient_of
+
+
+def manifest_cohort(root, patient_folders):
+    """A manifest without a `source` column over copies at test/<class>/[P<k>/]<file>: 2 classes
+    x 2 patients x 2 images. Returns (manifest, answer file, {path: patient})."""
+    rows, patient_of = [], {}
+    for c in ("alpha", "beta"):
+        for p in range(2):
+            for i in range(2):
+                path = f"test/{c}/{c}{p}/{i}.png" if patient_folders else f"test/{c}/{c}{p}_{i}.png"
+                (root / path).parent.mkdir(parents=True, exist_ok=True)
+                (root / path).write_bytes(b"not read")
+                rows.append([path, c, "test"])
+                patient_of[path] = f"{c}{p}"
+    manifest = write_csv(root / "manifest.csv", ["path", "label", "split"], rows)
+    answers = write_csv(root / "answers.csv", ["path", "answer"], [[p, c] for p, c, _ in rows])
+    return manifest, answers, patient_of
+
+
+def test_a_manifest_without_source_reads_the_patient_folder_under_its_class_folder(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    manifest, answers, _ = manifest_cohort(flat, patient_folders=False)
+    argv = ["--test-dir", str(manifest), "--predictions", str(answers), "--bootstrap", "20", "--no-figures"]
+    # the split folder 'test' is not a class folder: no patient-folder warning, and no grouping
+    assert answer_files.main([*argv, "--out-dir", str(flat / "o")]) == 0
+    assert "sub-folders" not in capsys.readouterr().err
+    assert answer_files.main([*argv, "--out-dir", str(flat / "g"), "--group-from-folder"]) == 2
+    assert "has no `source` column" in capsys.readouterr().err and not (flat / "g").exists()
+    nested = tmp_path / "nested"
+    manifest, answers, patient_of = manifest_cohort(nested, patient_folders=True)
+    result = scored(type("C", (), {"root": manifest})(), answers, nested / "o", "--group-from-folder")
+    assert (result["bootstrap_unit"], result["n_groups"]) == ("group", 4)
+    groups = pd.read_csv(nested / "o" / "predictions.csv")
+    assert dict(zip(groups["path"], groups["group"])) == patient_of

@@ -12,6 +12,10 @@ from orbital_clip.metrics.classification import (CONFIDENCE_LEVEL, DEFAULT_BOOTS
 from orbital_clip.metrics.compare import mcnemar_test, obuchowski_test
 
 SEQUENTIAL_MEASURES = ("sensitivity", "specificity")
+# y_pred codes that name no class: FAILED_READING is left out of its step (the answered-only
+# table); NO_CLASS_NAMED is counted, worst case (STARD's intention to diagnose): a miss of its
+# true class and a false call of every other, so refusing never raises a specificity
+FAILED_READING, NO_CLASS_NAMED = -1, -2
 
 
 def cochrans_q(successes):
@@ -45,7 +49,8 @@ def cochrans_q(successes):
 def reading_successes(y_true, y_pred, k, measure):
     """(relevant, success) of class k's sensitivity (relevant: images of class k; success:
     predicted k) or specificity (relevant: images of other classes; success: not predicted k).
-    A failed reading (y_pred -1) is a miss here; callers leave failed readings out first."""
+    A reading that names no class (y_pred < 0) is a miss of both: NO_CLASS_NAMED is scored so
+    (worst case); callers leave FAILED_READING out first."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if measure == "sensitivity":
         return y_true == k, y_pred == k
@@ -67,7 +72,7 @@ def sequential_steps(y_true, preds, class_names, step_names, confidence=CONFIDEN
         for measure in SEQUENTIAL_MEASURES:
             for step, y_pred in zip(step_names, preds):
                 relevant, success = reading_successes(y_true, y_pred, k, measure)
-                relevant &= np.asarray(y_pred) >= 0
+                relevant &= np.asarray(y_pred) != FAILED_READING
                 n, hits = int(relevant.sum()), int((relevant & success).sum())
                 rows.append({"class": name, "measure": measure, "step": step, "n": n, "hits": hits,
                              "value": proportion(hits, n), "ci": wilson_interval(hits, n, confidence)})
@@ -139,8 +144,9 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
     y_true : (N,) int array
         True class of every image received.
     preds : (S, N) int array
-        Predicted class of each image at each of S steps; -1 where the reading failed (an
-        unmapped answer, an unreadable image): left out of that step and of its pairs.
+        Predicted class of each image at each of S steps; FAILED_READING (-1) where the reading
+        failed: left out of that step and of its pairs; NO_CLASS_NAMED (-2) where it named no
+        class: scored as a miss for its class and a false call for every other.
     class_names, step_names : lists of str (C and S names).
     groups : (N,) array of str, optional
         Patient of each image: the bootstrap resamples patients.
@@ -154,7 +160,7 @@ def sequential_analysis(y_true, preds, class_names, step_names, groups=None,
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     preds = np.asarray(preds, dtype=np.int64).reshape(len(step_names), len(y_true))
-    scored = preds >= 0  # (S, N)
+    scored = preds != FAILED_READING  # (S, N); NO_CLASS_NAMED is scored, as a miss
     changes = []
     for s in range(1, len(step_names)):
         both = scored[s - 1] & scored[s]

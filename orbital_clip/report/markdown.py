@@ -34,7 +34,9 @@ def flow_markdown(flow, answers=False):
     patients = "patients_received" in flow["rows"]["total"]
     lines = [("| class | received | no class answer (outside the options, unmapped or failed) | "
               "answered with a class |" if answers else "| class | received | unreadable (excluded) | scored |")
-             + (" patients received | patients with an unreadable image | patients scored |"
+             + ((" patients received | patients with an answer naming no class | patients "
+                 "answered with a class |" if answers else
+                 " patients received | patients with an unreadable image | patients scored |")
                 if patients else ""),
              "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if patients else "")]
     for key, row in flow["rows"].items():
@@ -309,8 +311,9 @@ def answers_header(run):
             f"`{run['predictions_sha256']}`; no model was run here",
             f"- classes (index = folder name, {run['class_order']}): {mapping}",
             "- answers to classes: " + (f"label map `{run['label_map']}` (case- and "
-                                        "whitespace-insensitive; an answer it does not map is a "
-                                        "failed row, never guessed)" if run.get("label_map")
+                                        "whitespace-insensitive; an answer it does not map is "
+                                        "an unmapped answer, never guessed; a declared outcome is a "
+                                        "reading outside the options, not a failure)" if run.get("label_map")
                                         else "answers must be class folder names"),
             "- probabilities: " + ("given (`prob_<class>` columns): AUROC, AUPRC and calibration "
                                    "scored" if run["probabilities"] else
@@ -386,9 +389,9 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
                 else "unreadable images")
         lines += itd_markdown(itd, run["rare_class"], what, "the answers" if answers else "argmax") + [""]
     if not metrics["n"]:
-        # answers that all name no class are still a reading: show what they named
-        shown = ["", "## Answers outside the options", ""] + outside_markdown(outside, folders) \
-            + embedded("confusion_matrix_itd.png", written) if outside is not None else []
+        # answers that all name no class are still a reading: show what they named, and the
+        # steps (the primary table counts them; the secondary one says it rests on none)
+        shown = steps_sections(outside, sequential, sequential_answered, folders, written)
         return "\n".join(lines + ["No answer named a class: there is nothing to score on answered "
                                   "rows." if answers else "No image could be read: there is nothing "
                                   "to score."] + shown) + "\n"
@@ -404,15 +407,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
         "The answers are labels: results are for the given labels only (no threshold)." if answers
         else "The checkpoint stores no validation operating threshold (and none was given with "
         "--threshold): results are for argmax only."]
-    if outside is not None:
-        lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
-        lines += embedded("confusion_matrix_itd.png", written)
-    if sequential is not None:
-        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
-        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
-    if sequential_answered is not None:
-        lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
-        lines += embedded("sequential_answered.png", written)
+    lines += steps_sections(outside, sequential, sequential_answered, folders, written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
         lines += ["### Table 2: one row per model", ""]
@@ -437,6 +432,22 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     if not run.get("figures", True):
         lines += ["", "Figures were not drawn (--no-figures)."]
     return "\n".join(lines) + "\n"
+
+
+def steps_sections(outside, sequential, sequential_answered, folders, written):
+    """The answer-file sections that count every image received, whether or not any answer
+    named a class: the answers outside the options and both sequential tables."""
+    lines = []
+    if outside is not None:
+        lines += ["", "## Answers outside the options", ""] + outside_markdown(outside, folders)
+        lines += embedded("confusion_matrix_itd.png", written)
+    if sequential is not None:
+        lines += ["", "## Sequential readings: what each added piece of information changes", ""]
+        lines += sequential_markdown(sequential) + embedded("sequential.png", written)
+    if sequential_answered is not None:
+        lines += ["", "### Secondary: answered only", ""] + sequential_markdown(sequential_answered)
+        lines += embedded("sequential_answered.png", written)
+    return lines
 
 
 def sequential_markdown(sequential):
@@ -497,10 +508,22 @@ def outside_markdown(outside, folders):
                    f"{len(unmapped)} distinct (unmapped_answers.csv; add each to a class or to "
                    "`outcomes` in the label map):" if unmapped else
                    "Every answer was mapped to a class or a declared outcome.")]
-    lines += [f"- {r['n']} × `{r['answer'] or '(empty)'}`" for r in unmapped[:20]]
+    lines += [f"- {r['n']} × {code_span(r['answer']) if r['answer'] else '(empty)'}" for r in unmapped[:20]]
     if len(unmapped) > 20:
         lines.append(f"- … {len(unmapped) - 20} more in unmapped_answers.csv")
     return lines
+
+
+def code_span(text, limit=120):
+    """`text` as one Markdown code span on one line: line breaks and tabs shown as ' ⏎ ' and
+    spaces, cut at `limit` characters, fenced by one more backtick than its longest backtick run
+    (CommonMark), padded when it starts or ends with one. On one line in a list item, '|' cannot
+    start a table (that needs a delimiter row), so it stays as written."""
+    flat = " ".join(re.sub(r"\r\n|\r|\n", " ⏎ ", str(text)).split())
+    flat = flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
 
 
 def heterogeneity_text(test):
