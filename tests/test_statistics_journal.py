@@ -137,18 +137,73 @@ def test_primary_family_is_holm_adjusted_as_statsmodels():
     rows = itd.itd_comparison(y, ours, others, rare_index=1)
     family = itd.primary_comparisons(rows)
     raw = [row["p"] for row in family]
-    assert raw == [row["p_rare_sensitivity"] for row in rows[1:]]
+    assert raw == ([row["p_rare_sensitivity"] for row in rows[1:]]
+                   + [row["p_rare_specificity"] for row in rows[1:]])
     assert [row["p_holm"] for row in family] == pytest.approx(list(multipletests(raw, method="holm")[1]))
-    assert all(row["family_size"] == 3 and row["status"].startswith("primary") for row in family)
+    assert all(row["family_size"] == 6 and row["status"].startswith("primary") for row in family)
 
 
-def test_holm_leaves_missing_p_out_of_the_family():
+def reviewers_cohort():
+    """18 images, rare class 0 = the first six. Ours misses rare images 0 and 1 (calls them 1);
+    b misses all six rare (images 2-5 discordant, all in ours' favour: exact McNemar p =
+    2 * 0.5**4 = 0.125); c misses the same two as ours: no discordant rare image."""
+    y = np.array([0] * 6 + [1] * 6 + [2] * 6)
+    ours = y.copy()
+    ours[[0, 1]] = 1
+    b = y.copy()
+    b[:6] = 1
+    c = y.copy()
+    c[[0, 1]] = 2
+    return y, ours, b, c
+
+
+def test_a_comparison_without_discordant_pairs_has_p_1_and_stays_in_the_family():
+    """The exact McNemar p with no discordant pair is 1, and the family is declared before the
+    data: b's Holm p on the sensitivity family is statsmodels' on [0.125, 1] (size 2), not 0.125
+    from a family shrunk to 1."""
+    from statsmodels.stats.multitest import multipletests
+    y, ours, b, c = reviewers_cohort()
+    rows = itd.itd_comparison(y, ours, [("b", b), ("c", c)], rare_index=0)
+    assert rows[1]["p_rare_sensitivity"] == pytest.approx(binomtest(4, 4).pvalue)  # 0.125
+    assert rows[2]["p_rare_sensitivity"] == 1.0
+    assert rows[2]["p_rare_sensitivity_note"] == "no discordant pairs"
+    sensitivity_only = itd.primary_comparisons(rows, ("rare_sensitivity",))
+    assert [r["p_holm"] for r in sensitivity_only] == pytest.approx(
+        list(multipletests([0.125, 1.0], method="holm")[1]))  # [0.25, 1]
+    assert [r["family_size"] for r in sensitivity_only] == [2, 2]
+    family = itd.primary_comparisons(rows)
+    assert [r["family_size"] for r in family] == [4] * 4
+    assert [r["p_holm"] for r in family] == pytest.approx(
+        list(multipletests([r["p"] for r in family], method="holm")[1]))
+    grouped = itd.itd_comparison(y, ours, [("c", c)], 0, groups=np.arange(18).astype(str))
+    assert grouped[1]["p_rare_sensitivity"] == 1.0  # the clustered sign-flip form says the same
+
+
+def test_holm_counts_a_missing_p_in_the_declared_family_as_p_1():
     from statsmodels.stats.multitest import multipletests
     p = [0.01, None, 0.04, 0.03, 0.5]
-    expected = multipletests([0.01, 0.04, 0.03, 0.5], method="holm")[1]
+    expected = multipletests([0.01, 1.0, 0.04, 0.03, 0.5], method="holm")[1]
     adjusted = multiplicity.holm_adjust(p)
     assert adjusted[1] is None
-    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx(list(expected))
+    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx([expected[i] for i in (0, 2, 3, 4)])
+
+
+@pytest.mark.parametrize("name", ["calls every image rare", "abstains on every non-rare image"])
+def test_an_over_caller_or_a_non_rare_abstainer_does_not_beat_ours_on_the_primary_family(name):
+    """Both reach ITD rare sensitivity 1 (ours 4/6, not significant: 2 discordant), but the
+    co-primary ITD specificity (a non-answer on a non-rare image counted as a false positive)
+    is 0 against ours' 12/12: 12 discordant, exact p = 2 * 0.5**12, Holm x 2 (family of 2)."""
+    y, ours, _, _ = reviewers_cohort()
+    other = np.zeros_like(y) if name.startswith("calls") else np.where(y == 0, y, -1)
+    rows = itd.itd_comparison(y, ours, [(name, other)], rare_index=0)
+    assert rows[1]["itd_rare_specificity"] == 0.0 and rows[0]["itd_rare_specificity"] == 1.0
+    family = {r["endpoint"]: r for r in itd.primary_comparisons(rows)}
+    sensitivity, specificity = family["itd_rare_sensitivity"], family["itd_rare_specificity"]
+    assert sensitivity["difference"] == pytest.approx(-1 / 3) and sensitivity["p_holm"] > 0.05
+    assert specificity["difference"] == pytest.approx(1.0)
+    assert specificity["p"] == pytest.approx(binomtest(12, 12).pvalue)
+    assert specificity["p_holm"] == pytest.approx(2 * binomtest(12, 12).pvalue)
+    assert specificity["p_holm"] < 0.05  # ours significantly better where the other pays
 
 
 # ---- 3. calibration slope and calibration-in-the-large

@@ -93,10 +93,15 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
     assert itd.loc["ours", "itd_accuracy"] == pytest.approx(np.mean(decided == y))
     assert itd.loc["ours", "itd_rare_sensitivity"] == pytest.approx(rule[positive].mean())
     assert rule[positive].mean() != called[positive].mean()  # the two rules differ here
-    primary = pd.read_csv(out / "primary_endpoint.csv").set_index("model")
-    raw = [itd.loc[m, "p_rare_sensitivity"] for m in ("a", "b")]
-    assert primary.loc[["a", "b"], "p"].tolist() == pytest.approx(raw)
-    assert primary.loc[["a", "b"], "p_holm"].tolist() == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    assert itd.loc["ours", "itd_rare_specificity"] == pytest.approx(np.mean(decided[~positive] != k))
+    assert itd.loc["b", "itd_rare_specificity"] == pytest.approx(  # b's abstentions: false positives
+        np.mean((b_pred[~positive] >= 0) & (b_pred[~positive] != k)))
+    primary = pd.read_csv(out / "primary_endpoint.csv", keep_default_na=False)
+    raw = [itd.loc[m, f"p_{e}"] for e in ("rare_sensitivity", "rare_specificity") for m in ("a", "b")]
+    assert primary["endpoint"].tolist() == ["itd_rare_sensitivity"] * 2 + ["itd_rare_specificity"] * 2
+    assert primary["model"].tolist() == ["a", "b", "a", "b"] and set(primary["family_size"]) == {4}
+    assert primary["p"].tolist() == pytest.approx(raw)
+    assert primary["p_holm"].tolist() == pytest.approx(list(multipletests(raw, method="holm")[1]))
     assert set(pd.read_csv(out / "clustered_tests.csv")["model"]) == {"a", "b"}
 
     report = (out / "report.md").read_text()

@@ -145,27 +145,41 @@ def points_markdown(journal):
     return lines
 
 
+def p_with_note(p, note):
+    """'1.000 (no discordant pairs)': a p-value and why it is what it is, when there is a why."""
+    return p_text(p) + (f" ({note})" if note else "")
+
+
 def comparison_markdown(journal):
     """The intention-to-diagnose comparison and the Holm-adjusted primary family."""
+    rare = journal["rare_class"]
     lines = [f"Intention to diagnose: every image received, a non-answer or unreadable image "
-             f"counted as an error ({journal['ci_method']} intervals, images; paired p exact McNemar"
+             f"counted as an error — on a non-{rare} image as a false positive "
+             f"({journal['ci_method']} intervals, images; paired p exact McNemar"
              f"{', clustered by patient (sign-flip)' if journal['unit'] == 'patient' else ''}, "
              f"{EXPLORATORY}).", "",
-             "| model | abstained (rate, CI) | ITD accuracy | ITD rare sensitivity | p accuracy |",
-             "| --- | --- | --- | --- | --- |"]
+             f"| model | abstained (rate, CI) | ITD accuracy | ITD {rare} sensitivity | "
+             f"ITD {rare} specificity | p accuracy |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in journal["itd_comparison"]:
         lines.append(f"| {r['model']} | {r['n_abstained']}/{r['n']} "
                      f"({format_value(r['abstention_rate'], r['abstention_rate_ci'])}) | "
                      f"{format_value(r['itd_accuracy'], r['itd_accuracy_ci'])} | "
                      f"{format_value(r['itd_rare_sensitivity'], r['itd_rare_sensitivity_ci'])} | "
-                     f"{p_text(r['p_accuracy']) if r['model'] != 'ours' else '—'} |")
-    lines += ["", f"**Primary endpoint** (declared: {journal['rare_class']} sensitivity, intention "
-              "to diagnose, ours vs each compared model; Holm-adjusted across the family). Every "
-              "other p-value in this report is exploratory.", "",
-              "| model | ours | model | difference | p | p (Holm) |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in journal["primary"]:
-        lines.append(f"| {r['model']} | {format_value(r['ours'])} | {format_value(r['model_value'])} | "
-                     f"{format_value(r['difference'])} | {p_text(r['p'])} | {p_text(r['p_holm'])} |")
+                     f"{format_value(r.get('itd_rare_specificity'), r.get('itd_rare_specificity_ci'))} | "
+                     f"{p_with_note(r['p_accuracy'], r.get('p_accuracy_note')) if r['model'] != 'ours' else '—'} |")
+    family = journal["primary"]
+    lines += ["", f"**Primary endpoints** (declared, co-primary: {rare} sensitivity and {rare} "
+              "specificity, intention to diagnose, ours vs each compared model; one family of "
+              f"{family[0]['family_size'] if family else 0}, Holm-adjusted; a comparison without a "
+              "discordant pair has exact p = 1 and stays in the family). Every other p-value in "
+              "this report is exploratory.", "",
+              "| endpoint | model | ours | model | difference | p | p (Holm) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in family:
+        lines.append(f"| {r['endpoint']} | {r['model']} | {format_value(r['ours'])} | "
+                     f"{format_value(r['model_value'])} | {format_value(r['difference'])} | "
+                     f"{p_with_note(r['p'], r.get('p_note'))} | {p_text(r['p_holm'])} |")
     for r in journal.get("clustered_tests") or []:
         lines.append(f"\nClustered tests vs {r['model']} ({r['n_patients']} patients, {EXPLORATORY}): "
                      f"accuracy exact clustered McNemar p {p_text(r['p_mcnemar_clustered_exact'])}; "
