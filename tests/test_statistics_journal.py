@@ -299,10 +299,35 @@ def test_mercaldo_logit_interval_hand_computed():
     assert not got["adjusted"]
 
 
-def test_a_perfect_specificity_uses_the_adjusted_logit_interval():
-    got = prevalence.predictive_values_at_prevalence(tp=9, fn=1, tn=20, fp=0, prevalence=0.01)
-    assert got["ppv"] == pytest.approx(1.0) and got["adjusted"]
-    assert 0 < got["ppv_ci"][0] < got["ppv_ci"][1] < 1
+def test_mercaldo_adjusted_logit_equals_bdpv_on_the_reviewers_cells():
+    """tp 10, fn 0, tn 50, fp 3 at prevalence 0.03 (a zero cell): bdpv's adjusted logit takes
+    sens = (10 + z^2/2) / (10 + z^2) = 0.86123, spec = (50 + z^2/2) / (53 + z^2) = 0.91338 and
+    gives PPV 0.235 [0.114, 0.424]; the plain plug-in PPV is 0.03 / (0.03 + 3/53 * 0.97) = 0.353."""
+    got = prevalence.predictive_values_at_prevalence(10, 0, 50, 3, 0.03)
+    assert got["adjusted"]
+    assert got["ppv"] == pytest.approx(0.235, abs=5e-4)
+    assert got["ppv_ci"] == pytest.approx([0.114, 0.424], abs=5e-4)
+    assert got["ppv_unadjusted"] == pytest.approx(0.03 / (0.03 + 3 / 53 * 0.97))
+    z2 = 1.959964 ** 2
+    sens, spec = (10 + z2 / 2) / (10 + z2), (50 + z2 / 2) / (53 + z2)
+    assert got["npv"] == pytest.approx(spec * 0.97 / (spec * 0.97 + (1 - sens) * 0.03))
+
+
+def test_a_perfect_test_at_low_prevalence_has_its_estimate_inside_its_interval():
+    got = prevalence.predictive_values_at_prevalence(tp=10, fn=0, tn=50, fp=0, prevalence=0.01)
+    assert got["adjusted"] and got["ppv_unadjusted"] == 1.0
+    assert got["ppv_ci"][0] <= got["ppv"] <= got["ppv_ci"][1] < 1
+
+
+def test_predictive_value_estimates_lie_inside_their_intervals_on_every_small_table():
+    import itertools
+    for tp, fn, tn, fp in itertools.product(range(4), repeat=4):
+        for prev in (0.01, 0.3, 0.9):
+            got = prevalence.predictive_values_at_prevalence(tp, fn, tn, fp, prev)
+            for key in ("ppv", "npv"):
+                if got[key] is not None:
+                    low, high = got[key + "_ci"]
+                    assert low - 1e-12 <= got[key] <= high + 1e-12, (tp, fn, tn, fp, prev, key, got)
 
 
 # ---- 7. Clopper-Pearson beside Wilson; sensitivity at a fixed specificity

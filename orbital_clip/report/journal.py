@@ -141,7 +141,7 @@ def points_markdown(journal):
         lines.append(f"- At a prevalence of {prev['prevalence']:g} ({journal['rare_class']}, {prev['rule']}): "
                      f"PPV {format_value(prev['ppv'], prev['ppv_ci'], 4)}, NPV "
                      f"{format_value(prev['npv'], prev['npv_ci'], 4)} (Mercaldo logit intervals"
-                     f"{', 0.5 added to each cell' if prev['adjusted'] else ''}; images).")
+                     f"{'; a zero cell, so adjusted: sensitivity and specificity as (x + z²/2)/(n + z²), estimate included' if prev['adjusted'] else ''}; images).")
     return lines
 
 
