@@ -393,6 +393,36 @@ def test_per_class_intervals_equal_the_operating_points_patient_bootstrap_and_wi
         assert by[(name, "ppv")]["ci_patient_unit"].startswith("patient")
 
 
+def test_patient_level_interval_is_na_where_a_cluster_bootstrap_cannot_vary():
+    """0/6 and 6/6 (every resample gives the same proportion) and a class seen in one patient
+    only: n/a with the reason, never a zero-width interval; an ordinary k/n keeps its interval."""
+    from orbital_clip.report.journal import journal_markdown
+    groups = np.repeat(np.arange(12), 2).astype(str)  # 12 patients, 2 images each
+    y = np.repeat([0] * 3 + [1] * 9, 2)  # class a: patients 0-2; b: 3-11
+    pred = y.copy()
+    pred[[0, 1, 2, 3, 4, 5]] = 1  # every a image called b: a's sensitivity 0/6
+    pred[[6, 8]] = 0  # b called a on two images of two patients
+    y[[22, 23]] = 2  # class c: one patient (11), both images right
+    pred[[22, 23]] = 2
+    rows = patient_level.per_class_intervals(y, pred, ["a", "b", "c"], groups, 200, seed=0)
+    by = {(r["class"], r["metric"]): r for r in rows}
+    assert (by["a", "sensitivity"]["k"], by["a", "sensitivity"]["n"]) == (0, 6)
+    assert by["a", "sensitivity"]["ci_patient"] is None
+    assert by["a", "sensitivity"]["ci_patient_note"].startswith("0/6")
+    assert by["c", "specificity"]["k"] == by["c", "specificity"]["n"] == 22
+    assert by["c", "specificity"]["ci_patient"] is None and "22/22" in by["c", "specificity"]["ci_patient_note"]
+    assert by["c", "sensitivity"]["ci_patient"] is None  # 2/2 in one patient
+    assert by["c", "sensitivity"]["ci_patient_note"].startswith("1 patient")
+    ordinary = by["b", "sensitivity"]  # 12/14 over 7 patients: a real interval
+    assert ordinary["ci_patient"][0] < ordinary["value"] <= ordinary["ci_patient"][1]
+    assert ordinary["ci_patient_note"] == ""
+    journal = {"unit": "patient", "ci_method": "wilson", "per_class": rows, "recalibration": None,
+               "decision_curve": None, "fixed_points": None, "prevalence": None}
+    text = "\n".join(journal_markdown(journal))
+    assert "| a | sensitivity | 0/6 | " in text and "n/a (0/6: every resample gives 0" in text
+    assert "0.000–0.000" not in text
+
+
 # ---- the flags: refused by name (exit 2), accepted values reach args
 
 

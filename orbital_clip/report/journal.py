@@ -26,6 +26,7 @@ def per_class_frame(journal):
                           "value": r["value"], "ci": interval_text(r["ci"]), "ci_unit": r["ci_unit"],
                           "ci_patient": interval_text(r["ci_patient"]),
                           "ci_patient_unit": r["ci_patient_unit"] or "",
+                          "ci_patient_note": r.get("ci_patient_note", ""),
                           "n_resamples": r["n_resamples"]} for r in journal["per_class"]])
 
 
@@ -94,13 +95,17 @@ def per_class_markdown(journal):
     """The per-class table with both units: image (Wilson / Clopper-Pearson) and patient."""
     grouped = journal["unit"] == "patient"
     lines = [f"Per-class one-vs-rest metrics under argmax. Intervals: image-level "
-             f"({journal['ci_method']})" + ("; patient-level (cluster bootstrap of patients)."
+             f"({journal['ci_method']})" + ("; patient-level (cluster bootstrap of patients; n/a, "
+                                            "with the reason, at 0/n, n/n or with fewer than 2 "
+                                            "patients in the denominator, where resampling patients "
+                                            "cannot vary)."
                                             if grouped else "; no patients known, so no patient-level interval."),
              "", "| class | metric | k/n | value (image CI) |" + (" patient CI |" if grouped else ""),
              "| --- | --- | --- | --- |" + (" --- |" if grouped else "")]
     for r in journal["per_class"]:
         ci = r["ci_patient"]
-        patient = (f" {ci[0]:.3f}–{ci[1]:.3f} |" if ci else " n/a |") if grouped else ""
+        note = f" ({r['ci_patient_note']})" if r.get("ci_patient_note") else ""
+        patient = (f" {ci[0]:.3f}–{ci[1]:.3f} |" if ci else f" n/a{note} |") if grouped else ""
         lines.append(f"| {r['class']} | {r['metric']} | {r['k']}/{r['n']} | "
                      f"{format_value(r['value'], r['ci'])} |{patient}")
     return lines
