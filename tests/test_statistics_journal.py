@@ -278,6 +278,17 @@ def test_net_benefit_worked_example():
 # ---- 5. PPV and NPV at a clinical prevalence
 
 
+def test_net_benefit_at_threshold_1_is_not_defined_and_metrics_json_stays_strict():
+    import json
+    from orbital_clip.report.journal import decision_markdown
+    value = decision.net_benefit_at([1, 0], [1.0, 0.2], 1.0)
+    assert value is None
+    json.dumps({"operating_net_benefit": value}, allow_nan=False)
+    assert decision.net_benefit_at([1, 0], [1.0, 0.2], 0.5) == pytest.approx(0.5)  # 1/2 - 0
+    curve = {"operating_threshold": 1.0, "operating_net_benefit": value}
+    assert "net benefit n/a (at pt = 1" in decision_markdown({"decision_curve": curve, "rare_class": "r"}, False)[0]
+
+
 def test_predictive_values_at_the_cohorts_own_prevalence_are_the_cohorts():
     got = prevalence.predictive_values_at_prevalence(tp=45, fn=5, tn=80, fp=20, prevalence=50 / 150)
     assert got["ppv"] == pytest.approx(45 / 65) and got["npv"] == pytest.approx(80 / 85)

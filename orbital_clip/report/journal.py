@@ -62,6 +62,7 @@ def prevalence_frame(journal):
                           "sensitivity": r["sensitivity"], "specificity": r["specificity"],
                           "ppv": r["ppv"], "ppv_ci": interval_text(r["ppv_ci"]), "npv": r["npv"],
                           "npv_ci": interval_text(r["npv_ci"]), "adjusted_logit": r["adjusted"],
+                          "ppv_unadjusted": r.get("ppv_unadjusted"), "npv_unadjusted": r.get("npv_unadjusted"),
                           "ci_unit": "image (Mercaldo logit)"} for r in journal["prevalence"]])
 
 
@@ -130,8 +131,10 @@ def decision_markdown(journal, figures):
     line = (f"Net benefit of calling {rare} when p({rare}) >= pt, against treat-all and treat-none "
             "(Vickers & Elkin 2006), pt from 0.01 to 0.99: decision_curve.csv.")
     if curve["operating_threshold"] is not None:
+        benefit = curve["operating_net_benefit"]
         line += (f" At the stored operating threshold {curve['operating_threshold']:.3f}: net benefit "
-                 f"{curve['operating_net_benefit']:.4f}.")
+                 + ("n/a (at pt = 1 the harm-to-benefit odds pt/(1 - pt) are infinite)."
+                    if benefit is None else f"{benefit:.4f}."))
     return [line] + (["", "![decision curve](decision_curve.png)"] if figures else [])
 
 
