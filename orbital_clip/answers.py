@@ -499,7 +499,7 @@ def write_answer_evaluation(output_dir, args, setup, step, sequential=None, colu
                "n_failed": flow["rows"]["total"]["unreadable"], **metrics, "operating_point": None,
                **itd, "flow": flow, "comparison": None, "subgroups": subgroups,
                "answers_outside_options": outside, **run}
-    metrics["journal"] = journal_statistics(labels, step.probs if step.has_probs else None,  # issue 28
+    metrics["journal"] = journal_statistics(labels, step.probs if step.has_probs else None,  # issue 28: steps are one reader, no primary family
                                             step.answers.pred_index, [], cohort.groups, 0, None, folders, args)
     primary, answered = sequential or (None, None)
     if sequential is not None:

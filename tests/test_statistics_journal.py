@@ -137,18 +137,73 @@ def test_primary_family_is_holm_adjusted_as_statsmodels():
     rows = itd.itd_comparison(y, ours, others, rare_index=1)
     family = itd.primary_comparisons(rows)
     raw = [row["p"] for row in family]
-    assert raw == [row["p_rare_sensitivity"] for row in rows[1:]]
+    assert raw == ([row["p_rare_sensitivity"] for row in rows[1:]]
+                   + [row["p_rare_specificity"] for row in rows[1:]])
     assert [row["p_holm"] for row in family] == pytest.approx(list(multipletests(raw, method="holm")[1]))
-    assert all(row["family_size"] == 3 and row["status"].startswith("primary") for row in family)
+    assert all(row["family_size"] == 6 and row["status"].startswith("primary") for row in family)
 
 
-def test_holm_leaves_missing_p_out_of_the_family():
+def reviewers_cohort():
+    """18 images, rare class 0 = the first six. Ours misses rare images 0 and 1 (calls them 1);
+    b misses all six rare (images 2-5 discordant, all in ours' favour: exact McNemar p =
+    2 * 0.5**4 = 0.125); c misses the same two as ours: no discordant rare image."""
+    y = np.array([0] * 6 + [1] * 6 + [2] * 6)
+    ours = y.copy()
+    ours[[0, 1]] = 1
+    b = y.copy()
+    b[:6] = 1
+    c = y.copy()
+    c[[0, 1]] = 2
+    return y, ours, b, c
+
+
+def test_a_comparison_without_discordant_pairs_has_p_1_and_stays_in_the_family():
+    """The exact McNemar p with no discordant pair is 1, and the family is declared before the
+    data: b's Holm p on the sensitivity family is statsmodels' on [0.125, 1] (size 2), not 0.125
+    from a family shrunk to 1."""
+    from statsmodels.stats.multitest import multipletests
+    y, ours, b, c = reviewers_cohort()
+    rows = itd.itd_comparison(y, ours, [("b", b), ("c", c)], rare_index=0)
+    assert rows[1]["p_rare_sensitivity"] == pytest.approx(binomtest(4, 4).pvalue)  # 0.125
+    assert rows[2]["p_rare_sensitivity"] == 1.0
+    assert rows[2]["p_rare_sensitivity_note"] == "no discordant pairs"
+    sensitivity_only = itd.primary_comparisons(rows, ("rare_sensitivity",))
+    assert [r["p_holm"] for r in sensitivity_only] == pytest.approx(
+        list(multipletests([0.125, 1.0], method="holm")[1]))  # [0.25, 1]
+    assert [r["family_size"] for r in sensitivity_only] == [2, 2]
+    family = itd.primary_comparisons(rows)
+    assert [r["family_size"] for r in family] == [4] * 4
+    assert [r["p_holm"] for r in family] == pytest.approx(
+        list(multipletests([r["p"] for r in family], method="holm")[1]))
+    grouped = itd.itd_comparison(y, ours, [("c", c)], 0, groups=np.arange(18).astype(str))
+    assert grouped[1]["p_rare_sensitivity"] == 1.0  # the clustered sign-flip form says the same
+
+
+def test_holm_counts_a_missing_p_in_the_declared_family_as_p_1():
     from statsmodels.stats.multitest import multipletests
     p = [0.01, None, 0.04, 0.03, 0.5]
-    expected = multipletests([0.01, 0.04, 0.03, 0.5], method="holm")[1]
+    expected = multipletests([0.01, 1.0, 0.04, 0.03, 0.5], method="holm")[1]
     adjusted = multiplicity.holm_adjust(p)
     assert adjusted[1] is None
-    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx(list(expected))
+    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx([expected[i] for i in (0, 2, 3, 4)])
+
+
+@pytest.mark.parametrize("name", ["calls every image rare", "abstains on every non-rare image"])
+def test_an_over_caller_or_a_non_rare_abstainer_does_not_beat_ours_on_the_primary_family(name):
+    """Both reach ITD rare sensitivity 1 (ours 4/6, not significant: 2 discordant), but the
+    co-primary ITD specificity (a non-answer on a non-rare image counted as a false positive)
+    is 0 against ours' 12/12: 12 discordant, exact p = 2 * 0.5**12, Holm x 2 (family of 2)."""
+    y, ours, _, _ = reviewers_cohort()
+    other = np.zeros_like(y) if name.startswith("calls") else np.where(y == 0, y, -1)
+    rows = itd.itd_comparison(y, ours, [(name, other)], rare_index=0)
+    assert rows[1]["itd_rare_specificity"] == 0.0 and rows[0]["itd_rare_specificity"] == 1.0
+    family = {r["endpoint"]: r for r in itd.primary_comparisons(rows)}
+    sensitivity, specificity = family["itd_rare_sensitivity"], family["itd_rare_specificity"]
+    assert sensitivity["difference"] == pytest.approx(-1 / 3) and sensitivity["p_holm"] > 0.05
+    assert specificity["difference"] == pytest.approx(1.0)
+    assert specificity["p"] == pytest.approx(binomtest(12, 12).pvalue)
+    assert specificity["p_holm"] == pytest.approx(2 * binomtest(12, 12).pvalue)
+    assert specificity["p_holm"] < 0.05  # ours significantly better where the other pays
 
 
 # ---- 3. calibration slope and calibration-in-the-large
@@ -223,6 +278,17 @@ def test_net_benefit_worked_example():
 # ---- 5. PPV and NPV at a clinical prevalence
 
 
+def test_net_benefit_at_threshold_1_is_not_defined_and_metrics_json_stays_strict():
+    import json
+    from orbital_clip.report.journal import decision_markdown
+    value = decision.net_benefit_at([1, 0], [1.0, 0.2], 1.0)
+    assert value is None
+    json.dumps({"operating_net_benefit": value}, allow_nan=False)
+    assert decision.net_benefit_at([1, 0], [1.0, 0.2], 0.5) == pytest.approx(0.5)  # 1/2 - 0
+    curve = {"operating_threshold": 1.0, "operating_net_benefit": value}
+    assert "net benefit n/a (at pt = 1" in decision_markdown({"decision_curve": curve, "rare_class": "r"}, False)[0]
+
+
 def test_predictive_values_at_the_cohorts_own_prevalence_are_the_cohorts():
     got = prevalence.predictive_values_at_prevalence(tp=45, fn=5, tn=80, fp=20, prevalence=50 / 150)
     assert got["ppv"] == pytest.approx(45 / 65) and got["npv"] == pytest.approx(80 / 85)
@@ -244,10 +310,35 @@ def test_mercaldo_logit_interval_hand_computed():
     assert not got["adjusted"]
 
 
-def test_a_perfect_specificity_uses_the_adjusted_logit_interval():
-    got = prevalence.predictive_values_at_prevalence(tp=9, fn=1, tn=20, fp=0, prevalence=0.01)
-    assert got["ppv"] == pytest.approx(1.0) and got["adjusted"]
-    assert 0 < got["ppv_ci"][0] < got["ppv_ci"][1] < 1
+def test_mercaldo_adjusted_logit_equals_bdpv_on_the_reviewers_cells():
+    """tp 10, fn 0, tn 50, fp 3 at prevalence 0.03 (a zero cell): bdpv's adjusted logit takes
+    sens = (10 + z^2/2) / (10 + z^2) = 0.86123, spec = (50 + z^2/2) / (53 + z^2) = 0.91338 and
+    gives PPV 0.235 [0.114, 0.424]; the plain plug-in PPV is 0.03 / (0.03 + 3/53 * 0.97) = 0.353."""
+    got = prevalence.predictive_values_at_prevalence(10, 0, 50, 3, 0.03)
+    assert got["adjusted"]
+    assert got["ppv"] == pytest.approx(0.235, abs=5e-4)
+    assert got["ppv_ci"] == pytest.approx([0.114, 0.424], abs=5e-4)
+    assert got["ppv_unadjusted"] == pytest.approx(0.03 / (0.03 + 3 / 53 * 0.97))
+    z2 = 1.959964 ** 2
+    sens, spec = (10 + z2 / 2) / (10 + z2), (50 + z2 / 2) / (53 + z2)
+    assert got["npv"] == pytest.approx(spec * 0.97 / (spec * 0.97 + (1 - sens) * 0.03))
+
+
+def test_a_perfect_test_at_low_prevalence_has_its_estimate_inside_its_interval():
+    got = prevalence.predictive_values_at_prevalence(tp=10, fn=0, tn=50, fp=0, prevalence=0.01)
+    assert got["adjusted"] and got["ppv_unadjusted"] == 1.0
+    assert got["ppv_ci"][0] <= got["ppv"] <= got["ppv_ci"][1] < 1
+
+
+def test_predictive_value_estimates_lie_inside_their_intervals_on_every_small_table():
+    import itertools
+    for tp, fn, tn, fp in itertools.product(range(4), repeat=4):
+        for prev in (0.01, 0.3, 0.9):
+            got = prevalence.predictive_values_at_prevalence(tp, fn, tn, fp, prev)
+            for key in ("ppv", "npv"):
+                if got[key] is not None:
+                    low, high = got[key + "_ci"]
+                    assert low - 1e-12 <= got[key] <= high + 1e-12, (tp, fn, tn, fp, prev, key, got)
 
 
 # ---- 7. Clopper-Pearson beside Wilson; sensitivity at a fixed specificity
@@ -311,6 +402,36 @@ def test_per_class_intervals_equal_the_operating_points_patient_bootstrap_and_wi
         for metric in ("sensitivity", "specificity"):
             assert by[(name, metric)]["ci_patient"] == pytest.approx(expected[f"{metric}_ci_patient"])
         assert by[(name, "ppv")]["ci_patient_unit"].startswith("patient")
+
+
+def test_patient_level_interval_is_na_where_a_cluster_bootstrap_cannot_vary():
+    """0/6 and 6/6 (every resample gives the same proportion) and a class seen in one patient
+    only: n/a with the reason, never a zero-width interval; an ordinary k/n keeps its interval."""
+    from orbital_clip.report.journal import journal_markdown
+    groups = np.repeat(np.arange(12), 2).astype(str)  # 12 patients, 2 images each
+    y = np.repeat([0] * 3 + [1] * 9, 2)  # class a: patients 0-2; b: 3-11
+    pred = y.copy()
+    pred[[0, 1, 2, 3, 4, 5]] = 1  # every a image called b: a's sensitivity 0/6
+    pred[[6, 8]] = 0  # b called a on two images of two patients
+    y[[22, 23]] = 2  # class c: one patient (11), both images right
+    pred[[22, 23]] = 2
+    rows = patient_level.per_class_intervals(y, pred, ["a", "b", "c"], groups, 200, seed=0)
+    by = {(r["class"], r["metric"]): r for r in rows}
+    assert (by["a", "sensitivity"]["k"], by["a", "sensitivity"]["n"]) == (0, 6)
+    assert by["a", "sensitivity"]["ci_patient"] is None
+    assert by["a", "sensitivity"]["ci_patient_note"].startswith("0/6")
+    assert by["c", "specificity"]["k"] == by["c", "specificity"]["n"] == 22
+    assert by["c", "specificity"]["ci_patient"] is None and "22/22" in by["c", "specificity"]["ci_patient_note"]
+    assert by["c", "sensitivity"]["ci_patient"] is None  # 2/2 in one patient
+    assert by["c", "sensitivity"]["ci_patient_note"].startswith("1 patient")
+    ordinary = by["b", "sensitivity"]  # 12/14 over 7 patients: a real interval
+    assert ordinary["ci_patient"][0] < ordinary["value"] <= ordinary["ci_patient"][1]
+    assert ordinary["ci_patient_note"] == ""
+    journal = {"unit": "patient", "ci_method": "wilson", "per_class": rows, "recalibration": None,
+               "decision_curve": None, "fixed_points": None, "prevalence": None}
+    text = "\n".join(journal_markdown(journal))
+    assert "| a | sensitivity | 0/6 | " in text and "n/a (0/6: every resample gives 0" in text
+    assert "0.000–0.000" not in text
 
 
 # ---- the flags: refused by name (exit 2), accepted values reach args

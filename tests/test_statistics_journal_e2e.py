@@ -54,7 +54,12 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
     table = pd.read_csv(out / "per_class_intervals.csv").set_index(["class", "metric"])
     sens = table.loc[(rare, "sensitivity")]
     assert sens["value"] == pytest.approx((positive & called).sum() / positive.sum())
-    assert sens["ci_unit"] == "image (clopper-pearson)" and sens["ci_patient_unit"].startswith("patient")
+    assert sens["ci_unit"] == "image (clopper-pearson)"
+    if 0 < sens["k"] < sens["n"]:
+        assert sens["ci_patient_unit"].startswith("patient")
+    else:  # 0/n or n/n: a bootstrap of patients cannot vary, so n/a with the reason
+        assert pd.isna(sens["ci_patient"]) and sens["ci_patient_note"].startswith(f"{sens['k']}/")
+    assert table["ci_patient_unit"].fillna("").str.startswith("patient").any()
     assert journal["unit"] == "patient"
 
     # calibration slope of the rare class: statsmodels Logit on predictions.csv's column
@@ -93,13 +98,24 @@ def test_journal_tables_on_a_patient_cohort_equal_recomputations(patient_cohort,
     assert itd.loc["ours", "itd_accuracy"] == pytest.approx(np.mean(decided == y))
     assert itd.loc["ours", "itd_rare_sensitivity"] == pytest.approx(rule[positive].mean())
     assert rule[positive].mean() != called[positive].mean()  # the two rules differ here
-    primary = pd.read_csv(out / "primary_endpoint.csv").set_index("model")
-    raw = [itd.loc[m, "p_rare_sensitivity"] for m in ("a", "b")]
-    assert primary.loc[["a", "b"], "p"].tolist() == pytest.approx(raw)
-    assert primary.loc[["a", "b"], "p_holm"].tolist() == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    assert itd.loc["ours", "itd_rare_specificity"] == pytest.approx(np.mean(decided[~positive] != k))
+    assert itd.loc["b", "itd_rare_specificity"] == pytest.approx(  # b's abstentions: false positives
+        np.mean((b_pred[~positive] >= 0) & (b_pred[~positive] != k)))
+    primary = pd.read_csv(out / "primary_endpoint.csv", keep_default_na=False)
+    raw = [itd.loc[m, f"p_{e}"] for e in ("rare_sensitivity", "rare_specificity") for m in ("a", "b")]
+    assert primary["endpoint"].tolist() == ["itd_rare_sensitivity"] * 2 + ["itd_rare_specificity"] * 2
+    assert primary["model"].tolist() == ["a", "b", "a", "b"] and set(primary["family_size"]) == {4}
+    assert primary["p"].tolist() == pytest.approx(raw)
+    assert primary["p_holm"].tolist() == pytest.approx(list(multipletests(raw, method="holm")[1]))
     assert set(pd.read_csv(out / "clustered_tests.csv")["model"]) == {"a", "b"}
 
+    comparison = pd.read_csv(out / "comparison.csv", keep_default_na=False)
+    assert len(comparison) and set(comparison["p_status"]) == {"exploratory"}
+
     report = (out / "report.md").read_text()
+    from orbital_clip.report.tables import COMPARISON_P_NOTE
+    section = report.split("## Comparison with other models")[1]
+    assert section.lstrip().startswith(COMPARISON_P_NOTE)
     for heading in ("### Per-class metrics with patient-level intervals", "### Calibration slope and intercept",
                     "### Decision curve", "### Intention-to-diagnose comparison and primary endpoint",
                     "Holm", "patient CI", "exploratory", "PPV"):
@@ -129,9 +145,11 @@ def test_score_answers_writes_the_journal_tables_of_an_answer_file(patient_cohor
     row = pd.read_csv(out / "prevalence.csv").iloc[0]
     assert row["rule"] == "argmax" and row["sensitivity"] == pytest.approx(se)
     if se > 0 or sp < 1:
-        assert row["npv"] == pytest.approx(sp * 0.95 / (sp * 0.95 + (1 - se) * 0.05))
+        assert row["npv_unadjusted"] == pytest.approx(sp * 0.95 / (sp * 0.95 + (1 - se) * 0.05))
     table = pd.read_csv(out / "per_class_intervals.csv").set_index(["class", "metric"])
     assert table.loc[(folders[0], "specificity"), "value"] == pytest.approx(sp)
-    assert table.loc[(folders[0], "specificity"), "ci_patient_unit"].startswith("patient")
+    spec = table.loc[(folders[0], "specificity")]
+    assert (spec["ci_patient_unit"].startswith("patient") if 0 < spec["k"] < spec["n"]
+            else spec["ci_patient_note"] != "")
     assert not (out / "itd_comparison.csv").exists()
     assert "### Per-class metrics with patient-level intervals" in (out / "report.md").read_text()

@@ -96,7 +96,8 @@ def clustered_mcnemar_exact(correct_a, correct_b, groups):
     Returns
     -------
     dict: difference (mean over images), n_discordant_patients, p, method ('exact sign-flip');
-    p is None without a discordant patient.
+    without a discordant patient p is 1 (the only outcome, 0, is as extreme as observed) and
+    method says 'no discordant patient'; p is None only without an image.
     """
     d = np.asarray(correct_a, np.int64) - np.asarray(correct_b, np.int64)
     index = group_indices(groups, len(d))
@@ -105,7 +106,7 @@ def clustered_mcnemar_exact(correct_a, correct_b, groups):
     out = {"difference": float(d.mean()) if len(d) else None,
            "n_discordant_patients": int(len(sums)), "p": None, "method": None}
     if not len(sums):
-        return out
+        return out if not len(d) else dict(out, p=1.0, method="exact sign-flip (no discordant patient)")
     values, prob = sign_flip_distribution(sums)
     extreme = np.abs(values) >= abs(int(sums.sum()))  # as extreme as observed, either direction
     out.update(p=float(min(1.0, prob[extreme].sum())), method="exact sign-flip")

@@ -15,7 +15,9 @@ def net_benefit(positive, p, thresholds=DEFAULT_THRESHOLDS):
 
     Returns
     -------
-    dict of (T,) arrays: threshold, tp, fp, net_benefit, treat_all (treat-none is 0 throughout).
+    dict of (T,) arrays: threshold, tp, fp, net_benefit, treat_all (treat-none is 0 throughout);
+    NaN at pt = 1, where the harm-to-benefit odds pt / (1 - pt) are infinite and net benefit is
+    not defined.
     """
     positive = np.asarray(positive, bool)
     p = np.asarray(p, np.float64)
@@ -24,12 +26,15 @@ def net_benefit(positive, p, thresholds=DEFAULT_THRESHOLDS):
     called = p[None, :] >= pt[:, None]  # (T, N)
     tp = (called & positive[None, :]).sum(axis=1)
     fp = (called & ~positive[None, :]).sum(axis=1)
-    odds = pt / (1.0 - pt)
+    with np.errstate(divide="ignore"):
+        odds = np.where(pt < 1.0, pt / np.where(pt < 1.0, 1.0 - pt, 1.0), np.nan)
     prevalence = positive.mean() if n else np.nan
     return {"threshold": pt, "tp": tp, "fp": fp, "net_benefit": tp / n - fp / n * odds,
             "treat_all": prevalence - (1.0 - prevalence) * odds}
 
 
 def net_benefit_at(positive, p, threshold):
-    """Net benefit of 'p >= threshold' at that one threshold (the stored operating point)."""
-    return float(net_benefit(positive, p, [threshold])["net_benefit"][0])
+    """Net benefit of 'p >= threshold' at that one threshold (the stored operating point); None
+    where it is not defined (threshold 1, or no image), so metrics.json stays strict JSON."""
+    value = float(net_benefit(positive, p, [threshold])["net_benefit"][0])
+    return value if np.isfinite(value) else None

@@ -33,10 +33,31 @@ def confusion_replicates(y_true, y_pred, n_classes, groups, n_bootstrap, seed):
                           ).reshape(-1, n_classes, n_classes)
 
 
+# name -> the images in its denominator, from (y_true == k, y_pred == k)
+DENOMINATORS = {"sensitivity": lambda true_k, called_k: true_k,
+                "specificity": lambda true_k, called_k: ~true_k,
+                "ppv": lambda true_k, called_k: called_k, "npv": lambda true_k, called_k: ~called_k}
+
+
+def no_patient_interval_reason(k, n, n_patients):
+    """Why a percentile cluster bootstrap of k/n cannot vary, or '' when it can: at 0/n or n/n
+    every resample gives the same proportion, and with one patient every resample is that
+    patient; a zero-width 'interval' would claim a certainty the data do not have."""
+    if n == 0:
+        return "no image in the denominator"
+    if n_patients < 2:
+        return f"{n_patients} patient in the denominator: a bootstrap of patients cannot vary"
+    if k in (0, n):
+        return f"{k}/{n}: every resample gives {k // n}, a bootstrap interval cannot vary"
+    return ""
+
+
 def per_class_intervals(y_true, y_pred, class_names, groups=None, n_bootstrap=0, seed=DEFAULT_SEED,
                         confidence=CONFIDENCE_LEVEL, method="wilson"):
     """One row per class and metric: value, ci (image-level, `method`), ci_patient (cluster
-    bootstrap percentile interval when `groups` and `n_bootstrap`), n_resamples, and the units."""
+    bootstrap percentile interval when `groups` and `n_bootstrap`; None with ci_patient_note
+    saying why where it could not vary: 0/n, n/n or fewer than 2 patients in the denominator),
+    n_resamples, and the units."""
     y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
     n_classes = len(class_names)
     cm = np.zeros((1, n_classes, n_classes))
@@ -47,14 +68,22 @@ def per_class_intervals(y_true, y_pred, class_names, groups=None, n_bootstrap=0,
     for k, name in enumerate(class_names):
         point = [int(c[0]) for c in one_vs_rest_cells(cm, k)]
         reps = None if boot is None else one_vs_rest_cells(boot, k)
+        true_k, called_k = y_true == k, y_pred == k
         for metric, (num, den) in RATIOS.items():
             k_hits, n_total = point[num], point[den[0]] + point[den[1]]
             row = {"class": name, "metric": metric, "k": k_hits, "n": n_total,
                    "value": proportion(k_hits, n_total),
                    "ci": proportion_interval(k_hits, n_total, confidence, method),
                    "ci_unit": f"image ({method})", "ci_patient": None, "ci_patient_unit": None,
-                   "n_resamples": None}
+                   "ci_patient_note": "", "n_resamples": None}
             if reps is not None:
+                in_denominator = DENOMINATORS[metric](true_k, called_k)
+                reason = no_patient_interval_reason(
+                    k_hits, n_total, len(set(np.asarray(groups)[in_denominator].tolist())))
+                if reason:
+                    row["ci_patient_note"] = reason
+                    rows.append(row)
+                    continue
                 with np.errstate(invalid="ignore", divide="ignore"):
                     ratio = reps[num] / (reps[den[0]] + reps[den[1]])
                 row.update(ci_patient=percentile_interval(ratio, confidence),

@@ -397,9 +397,10 @@ def plot_decision_curve(curve, rare_class, save):
     prevalence = (treat_all[0] + odds) / (1 + odds)  # treat-all = prev - (1 - prev) * odds, inverted
     with figure_style() as plt:
         fig, ax = plt.subplots(figsize=(PANEL_WIDTH_IN * 1.4, PANEL_HEIGHT_IN + legend_room_in(4)))
-        ax.axhline(0.0, color="grey", lw=0.9, label="treat none")  # drawn first: the model on top
         ax.plot(threshold, treat_all, color="C1", linestyle="--", label="treat all")
         ax.plot(threshold, model, color="C0", label=f"model (p({rare_class}) >= pt)")
+        # thin, dashed and on top: where the model's net benefit is 0 it would hide a solid line
+        ax.axhline(0.0, color="dimgrey", lw=0.8, linestyle=(0, (4, 3)), zorder=3, label="treat none")
         if curve.get("operating_threshold") is not None:
             ax.axvline(curve["operating_threshold"], color="C3", lw=0.9, linestyle=":",
                        label=f"operating threshold {curve['operating_threshold']:.2f}")
@@ -410,6 +411,6 @@ def plot_decision_curve(curve, rare_class, save):
         ax.set(xlim=(0, right), ylim=(-0.25 * top, 1.15 * top), xlabel="threshold probability pt",
                ylabel="net benefit", title=f"decision curve: {rare_class}")
         handles, labels = ax.get_legend_handles_labels()
-        order = [2, 1, 0] + list(range(3, len(handles)))  # the model first, as it is read
+        order = [1, 0, 2] + list(range(3, len(handles)))  # the model first, as it is read
         legend_below(ax, [handles[i] for i in order], [labels[i] for i in order])
         save_figure(plt, fig, save, "decision_curve")

@@ -26,6 +26,7 @@ def per_class_frame(journal):
                           "value": r["value"], "ci": interval_text(r["ci"]), "ci_unit": r["ci_unit"],
                           "ci_patient": interval_text(r["ci_patient"]),
                           "ci_patient_unit": r["ci_patient_unit"] or "",
+                          "ci_patient_note": r.get("ci_patient_note", ""),
                           "n_resamples": r["n_resamples"]} for r in journal["per_class"]])
 
 
@@ -61,6 +62,7 @@ def prevalence_frame(journal):
                           "sensitivity": r["sensitivity"], "specificity": r["specificity"],
                           "ppv": r["ppv"], "ppv_ci": interval_text(r["ppv_ci"]), "npv": r["npv"],
                           "npv_ci": interval_text(r["npv_ci"]), "adjusted_logit": r["adjusted"],
+                          "ppv_unadjusted": r.get("ppv_unadjusted"), "npv_unadjusted": r.get("npv_unadjusted"),
                           "ci_unit": "image (Mercaldo logit)"} for r in journal["prevalence"]])
 
 
@@ -94,13 +96,17 @@ def per_class_markdown(journal):
     """The per-class table with both units: image (Wilson / Clopper-Pearson) and patient."""
     grouped = journal["unit"] == "patient"
     lines = [f"Per-class one-vs-rest metrics under argmax. Intervals: image-level "
-             f"({journal['ci_method']})" + ("; patient-level (cluster bootstrap of patients)."
+             f"({journal['ci_method']})" + ("; patient-level (cluster bootstrap of patients; n/a, "
+                                            "with the reason, at 0/n, n/n or with fewer than 2 "
+                                            "patients in the denominator, where resampling patients "
+                                            "cannot vary)."
                                             if grouped else "; no patients known, so no patient-level interval."),
              "", "| class | metric | k/n | value (image CI) |" + (" patient CI |" if grouped else ""),
              "| --- | --- | --- | --- |" + (" --- |" if grouped else "")]
     for r in journal["per_class"]:
         ci = r["ci_patient"]
-        patient = (f" {ci[0]:.3f}–{ci[1]:.3f} |" if ci else " n/a |") if grouped else ""
+        note = f" ({r['ci_patient_note']})" if r.get("ci_patient_note") else ""
+        patient = (f" {ci[0]:.3f}–{ci[1]:.3f} |" if ci else f" n/a{note} |") if grouped else ""
         lines.append(f"| {r['class']} | {r['metric']} | {r['k']}/{r['n']} | "
                      f"{format_value(r['value'], r['ci'])} |{patient}")
     return lines
@@ -125,8 +131,10 @@ def decision_markdown(journal, figures):
     line = (f"Net benefit of calling {rare} when p({rare}) >= pt, against treat-all and treat-none "
             "(Vickers & Elkin 2006), pt from 0.01 to 0.99: decision_curve.csv.")
     if curve["operating_threshold"] is not None:
+        benefit = curve["operating_net_benefit"]
         line += (f" At the stored operating threshold {curve['operating_threshold']:.3f}: net benefit "
-                 f"{curve['operating_net_benefit']:.4f}.")
+                 + ("n/a (at pt = 1 the harm-to-benefit odds pt/(1 - pt) are infinite)."
+                    if benefit is None else f"{benefit:.4f}."))
     return [line] + (["", "![decision curve](decision_curve.png)"] if figures else [])
 
 
@@ -141,31 +149,45 @@ def points_markdown(journal):
         lines.append(f"- At a prevalence of {prev['prevalence']:g} ({journal['rare_class']}, {prev['rule']}): "
                      f"PPV {format_value(prev['ppv'], prev['ppv_ci'], 4)}, NPV "
                      f"{format_value(prev['npv'], prev['npv_ci'], 4)} (Mercaldo logit intervals"
-                     f"{', 0.5 added to each cell' if prev['adjusted'] else ''}; images).")
+                     f"{'; a zero cell, so adjusted: sensitivity and specificity as (x + z²/2)/(n + z²), estimate included' if prev['adjusted'] else ''}; images).")
     return lines
+
+
+def p_with_note(p, note):
+    """'1.000 (no discordant pairs)': a p-value and why it is what it is, when there is a why."""
+    return p_text(p) + (f" ({note})" if note else "")
 
 
 def comparison_markdown(journal):
     """The intention-to-diagnose comparison and the Holm-adjusted primary family."""
+    rare = journal["rare_class"]
     lines = [f"Intention to diagnose: every image received, a non-answer or unreadable image "
-             f"counted as an error ({journal['ci_method']} intervals, images; paired p exact McNemar"
+             f"counted as an error — on a non-{rare} image as a false positive "
+             f"({journal['ci_method']} intervals, images; paired p exact McNemar"
              f"{', clustered by patient (sign-flip)' if journal['unit'] == 'patient' else ''}, "
              f"{EXPLORATORY}).", "",
-             "| model | abstained (rate, CI) | ITD accuracy | ITD rare sensitivity | p accuracy |",
-             "| --- | --- | --- | --- | --- |"]
+             f"| model | abstained (rate, CI) | ITD accuracy | ITD {rare} sensitivity | "
+             f"ITD {rare} specificity | p accuracy |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in journal["itd_comparison"]:
         lines.append(f"| {r['model']} | {r['n_abstained']}/{r['n']} "
                      f"({format_value(r['abstention_rate'], r['abstention_rate_ci'])}) | "
                      f"{format_value(r['itd_accuracy'], r['itd_accuracy_ci'])} | "
                      f"{format_value(r['itd_rare_sensitivity'], r['itd_rare_sensitivity_ci'])} | "
-                     f"{p_text(r['p_accuracy']) if r['model'] != 'ours' else '—'} |")
-    lines += ["", f"**Primary endpoint** (declared: {journal['rare_class']} sensitivity, intention "
-              "to diagnose, ours vs each compared model; Holm-adjusted across the family). Every "
-              "other p-value in this report is exploratory.", "",
-              "| model | ours | model | difference | p | p (Holm) |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in journal["primary"]:
-        lines.append(f"| {r['model']} | {format_value(r['ours'])} | {format_value(r['model_value'])} | "
-                     f"{format_value(r['difference'])} | {p_text(r['p'])} | {p_text(r['p_holm'])} |")
+                     f"{format_value(r.get('itd_rare_specificity'), r.get('itd_rare_specificity_ci'))} | "
+                     f"{p_with_note(r['p_accuracy'], r.get('p_accuracy_note')) if r['model'] != 'ours' else '—'} |")
+    family = journal["primary"]
+    lines += ["", f"**Primary endpoints** (declared, co-primary: {rare} sensitivity and {rare} "
+              "specificity, intention to diagnose, ours vs each compared model; one family of "
+              f"{family[0]['family_size'] if family else 0}, Holm-adjusted; a comparison without a "
+              "discordant pair has exact p = 1 and stays in the family). Every other p-value in "
+              "this report is exploratory.", "",
+              "| endpoint | model | ours | model | difference | p | p (Holm) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in family:
+        lines.append(f"| {r['endpoint']} | {r['model']} | {format_value(r['ours'])} | "
+                     f"{format_value(r['model_value'])} | {format_value(r['difference'])} | "
+                     f"{p_with_note(r['p'], r.get('p_note'))} | {p_text(r['p_holm'])} |")
     for r in journal.get("clustered_tests") or []:
         lines.append(f"\nClustered tests vs {r['model']} ({r['n_patients']} patients, {EXPLORATORY}): "
                      f"accuracy exact clustered McNemar p {p_text(r['p_mcnemar_clustered_exact'])}; "

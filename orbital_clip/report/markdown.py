@@ -7,6 +7,7 @@ import re
 from orbital_clip.metrics import (BOOTSTRAP_COLUMNS, CALIBRATION_METRICS, OVERALL_METRICS,
                                   PROPORTIONS, format_p)
 from orbital_clip.report.journal import journal_markdown
+from orbital_clip.report.tables import COMPARISON_P_NOTE  # issue 28
 from orbital_clip.report.tables import (COMPARISON_LABELS, COMPARISON_P_COLUMNS, METRIC_LABELS,
                                         SUBGROUP_COLUMNS, format_value, short_model_name,
                                         table2_frame, PRIMARY_P_ORDER)
@@ -410,6 +411,7 @@ def render_report(run, flow, metrics, folders, operating=None, itd=None, compari
     lines += steps_sections(outside, sequential, sequential_answered, folders, written)
     if comparison is not None:
         lines += ["", "## Comparison with other models", ""]
+        lines += [COMPARISON_P_NOTE, ""]  # issue 28: the p-values below are exploratory
         lines += ["### Table 2: one row per model", ""]
         lines += table2_markdown(table2_frame(comparison), comparison.get("n_bootstrap")) + [""]
         lines += comparison_markdown(comparison, run.get("compared_models", {}), folders)

@@ -146,12 +146,22 @@ def summary_row(alpha, folder, metrics, rare_class):
     return row
 
 
+# comparison.csv compares the images both models answered; the declared primary family (issue 28)
+# is intention to diagnose, in primary_endpoint.csv, so no comparison.csv row is confirmatory.
+COMPARISON_P_STATUS = "exploratory"
+COMPARISON_P_NOTE = ("Every p-value in this section is exploratory (answered by both, not adjusted "
+                     "for multiplicity; comparison.csv's p_status). The declared primary endpoints, "
+                     "Holm-adjusted, are under \"Intention-to-diagnose comparison and primary "
+                     "endpoint\" (primary_endpoint.csv).")
+
+
 def comparison_frame(comparison):
     """comparison.csv: one row per compared model and metric. `model` names the compared model,
     `model_value`/`model_ci_*` are its metric, `ours_value`/`ours_ci_*` ours on the same images,
     `difference` = ours - model (positive: ours better); each p-value column is named for its test
     (empty where the test does not apply); `ci_n_resamples` counts the resamples the CIs rest on;
-    `decision_rule` names the rule that decided our model's predictions."""
+    `decision_rule` names the rule that decided our model's predictions; `p_status` says every
+    p-value here is exploratory (the primary family is intention to diagnose, elsewhere)."""
     rows = []
     for row in comparison["rows"]:
         flat = {"model": row["model"], "metric": row["metric"],
@@ -164,6 +174,7 @@ def comparison_frame(comparison):
             flat.update({name: row[key], f"{stem}_ci_low": ci[0] if ci else None,
                          f"{stem}_ci_high": ci[1] if ci else None})
         flat.update({column: row[column] for column in COMPARISON_P_COLUMNS})
+        flat["p_status"] = COMPARISON_P_STATUS
         flat.update(ours_only_correct=row["reference_only_correct"],
                     model_only_correct=row["model_only_correct"],
                     ci_unit="patient" if comparison["bootstrap_unit"] == "group" else "image",
