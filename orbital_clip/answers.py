@@ -36,7 +36,7 @@ from orbital_clip.evaluation import (DEFAULT_SPLIT, Cohort, args_record, check_o
                         make_anonymizer, package_versions,
                         score_subgroups, write_scored_tables, write_subgroup_outputs,
                         written_figures)
-from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
+from orbital_clip.journal import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.metadata import normalise_relpath, read_csv_rows
 from orbital_clip.metrics import (CONFIDENCE_LEVEL, compute_metrics, format_p, intention_to_diagnose,
                      interval_levels, label_probs, sequential_analysis, with_class_patient_intervals,

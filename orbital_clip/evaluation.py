@@ -24,14 +24,11 @@ from orbital_clip.patients import (class_relative_path, folder_groups, none_grou
                                    regex_patients)
 from orbital_clip.metrics import (INCONSISTENT_LEVEL, ComparedModel, compare_predictions, label_probs,
                                   patient_levels, subgroup_analysis)
-from orbital_clip.metrics import clustered, decision, itd, patient_level, prevalence, recalibration
 from orbital_clip.report.table1 import table1, table1_markdown
 from orbital_clip.report.tables import table2_frame
 from orbital_clip.report.markdown import table2_markdown
 from orbital_clip.report import (FIGURE_NAMES, comparison_frame, confusion_frame, most_confident_errors,
                     per_class_frame, plot_comparison, plot_subgroups, relative_path, subgroups_frame)
-from orbital_clip.report import journal as journal_report
-from orbital_clip.report.figures import plot_decision_curve
 
 LOG = logging.getLogger("inference")  # a part of the inference.py command, logged as such
 DEFAULT_SPLIT = "test"  # manifest rows evaluated when --test-dir is a manifest.csv
@@ -599,7 +596,7 @@ def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=Non
     scored the same way on the images both it and ours scored (its label decides)."""
     if not subgroups:
         return None
-    subgroups, varying = one_level_per_patient(cohort, subgroups)
+    subgroups, varying = one_level_per_patient(cohort, subgroups, scored)
     analysis = [dict(block, model="ours", decision_rule=decision_rule) for block in
                 subgroup_blocks(cohort, subgroups, probs, scored, rare_index, args, pred)]
     for model in compared:
@@ -615,16 +612,22 @@ def score_subgroups(cohort, subgroups, probs, scored, rare_index, args, pred=Non
     return [dict(block, **varying[block["attribute"]]) for block in analysis]
 
 
-def one_level_per_patient(cohort, subgroups):
+def one_level_per_patient(cohort, subgroups, scored):
     """({attribute: level per image}, {attribute: {patients_varying, patients_inconsistent}}):
-    with patients known, each patient's images take one level (metrics.patient_levels: the most
-    frequent non-missing value, a tie 'inconsistent'), warned about; without, unchanged."""
+    with patients known, each patient's scored images take one level (metrics.patient_levels: the
+    most frequent non-missing value, a tie 'inconsistent'), warned about; without, unchanged. An
+    unscored image is left out with its level and its patient, so it neither votes nor ties."""
     varying = {name: {"patients_varying": None, "patients_inconsistent": None} for name in subgroups}
     if cohort.groups is None:
         return subgroups, varying
     harmonised = {}
+    kept = np.flatnonzero(scored)
     for name, levels in subgroups.items():
-        harmonised[name], n_varying, n_tied = patient_levels(levels, cohort.groups, MISSING_LEVEL)
+        one, n_varying, n_tied = patient_levels([levels[i] for i in kept],
+                                                [cohort.groups[i] for i in kept], MISSING_LEVEL)
+        harmonised[name] = list(levels)
+        for i, level in zip(kept, one):
+            harmonised[name][i] = level
         varying[name] = {"patients_varying": n_varying, "patients_inconsistent": n_tied}
         if n_varying:
             LOG.warning("--subgroups %s: %d patient(s) have different values on different images "
@@ -750,91 +753,3 @@ def figure_saver(output_dir):
 
 # ----------------------------------------------------------------------------------------------
 # The statistics a journal asks for (issue 28): metrics.json's `journal` block and its CSVs
-
-
-def journal_statistics(labels, probs, pred, compared, groups, rare_index, threshold, folders, args,
-                       decided=None):
-    """metrics.json's `journal`: patient-level per-class intervals, calibration slope and
-    intercept, the rare class's decision curve, sensitivity at a fixed specificity (and the
-    reverse), PPV/NPV at --prevalence, and with compared models the intention-to-diagnose
-    comparison, the Holm-adjusted primary family and the clustered paired tests.
-
-    Parameters
-    ----------
-    labels : (N,) int, every image received
-    probs : (N, C) float, NaN rows where not scored; None when only labels were given
-    pred : (N,) int, the argmax (or given) class, -1 where not scored or answered
-    compared : list of ComparedModel over every image received
-    groups : (N,) patients or None
-    decided : (N,) int, our decisions under the declared rule for the comparisons (`pred` if None)
-    """
-    labels, pred = np.asarray(labels, np.int64), np.asarray(pred, np.int64)
-    method, seed, n_boot = getattr(args, "ci_method", "wilson"), args.seed, args.bootstrap
-    scored = pred >= 0
-    y, g = labels[scored], None if groups is None else np.asarray(groups, dtype=str)[scored]
-    out = {"ci_method": method, "unit": "patient" if groups is not None else "image",
-           "rare_class": folders[rare_index], "decision_rule": "argmax",
-           "per_class": patient_level.per_class_intervals(y, pred[scored], folders, g, n_boot, seed,
-                                                          method=method),
-           "recalibration": None, "decision_curve": None, "fixed_points": None, "prevalence": None}
-    positive = y == rare_index
-    if probs is not None and scored.any():
-        p_scored = np.asarray(probs, np.float64)[scored]
-        out["recalibration"] = recalibration.per_class_recalibration(y, p_scored, folders)
-        curve = decision.net_benefit(positive, p_scored[:, rare_index])
-        out["decision_curve"] = {key: value.tolist() for key, value in curve.items()}
-        out["decision_curve"].update(operating_threshold=threshold, operating_net_benefit=(
-            None if threshold is None else decision.net_benefit_at(positive, p_scored[:, rare_index], threshold)))
-        out["fixed_points"] = [patient_level.at_fixed_point(
-            positive, p_scored[:, rare_index], target, fixed, g, n_boot, seed, method=method)
-            for fixed, target in (("specificity", args.fixed_specificity),
-                                  ("sensitivity", args.fixed_sensitivity))]
-    if getattr(args, "prevalence", None) is not None and scored.any():
-        rules = [("argmax", pred[scored] == rare_index)]
-        if threshold is not None and probs is not None:  # the operating rule a clinic would use
-            rules.append((f"p >= {threshold:.3g}", np.asarray(probs)[scored, rare_index] >= threshold))
-        out["prevalence"] = [dict(rule=rule, **prevalence.predictive_values_at_prevalence(
-            int(np.sum(positive & called)), int(np.sum(positive & ~called)),
-            int(np.sum(~positive & ~called)), int(np.sum(~positive & called)), args.prevalence))
-            for rule, called in rules]
-    if compared:
-        ours = pred if decided is None else np.asarray(decided, np.int64)
-        rows = itd.itd_comparison(labels, ours, [(m.name, m.pred) for m in compared], rare_index,
-                                  groups, method=method)
-        out.update(itd_comparison=rows, primary=itd.primary_comparisons(rows),
-                   clustered_tests=clustered_tests(labels, ours, probs, compared, groups, rare_index)
-                   if groups is not None else None)
-    return out
-
-
-def clustered_tests(labels, pred, probs, compared, groups, rare_index):
-    """Per compared model, on the images both answered: the exact clustered McNemar of accuracy
-    and Obuchowski's clustered DeLong of the rare class's AUROC (patients as the unit)."""
-    rows = []
-    for model in compared:
-        both = (pred >= 0) & (np.asarray(model.pred) >= 0)
-        g, y = np.asarray(groups, dtype=str)[both], labels[both]
-        mcnemar = clustered.clustered_mcnemar_exact(pred[both] == y, model.pred[both] == y, g)
-        row = {"model": model.name, "n": int(both.sum()), "n_patients": len(set(g)),
-               "accuracy_difference": mcnemar["difference"],
-               "n_discordant_patients": mcnemar["n_discordant_patients"],
-               "p_mcnemar_clustered_exact": mcnemar["p"], "mcnemar_method": mcnemar["method"],
-               "rare_auroc_difference": None, "rare_auroc_se_clustered": None, "p_delong_clustered": None}
-        if probs is not None and model.probs is not None:
-            test = clustered.clustered_delong_test(y == rare_index, np.asarray(probs)[both, rare_index],
-                                                   np.asarray(model.probs)[both, rare_index], g)
-            row.update(rare_auroc_difference=test["difference"], rare_auroc_se_clustered=test["se"],
-                       p_delong_clustered=test["p"])
-        rows.append(row)
-    return rows
-
-
-def write_journal_outputs(output_dir, journal, figures):
-    """per_class_intervals.csv, calibration_slope.csv, decision_curve.csv (+ .png/.pdf with
-    `figures`), fixed_points.csv, prevalence.csv, itd_comparison.csv, primary_endpoint.csv and
-    clustered_tests.csv: each written when its block of `journal` exists."""
-    output_dir = Path(output_dir)
-    for name, frame in journal_report.journal_frames(journal).items():
-        outputs.atomic_write_csv(output_dir / name, frame)
-    if figures and journal.get("decision_curve"):
-        plot_decision_curve(journal["decision_curve"], journal["rare_class"], figure_saver(output_dir))

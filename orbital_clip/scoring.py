@@ -63,7 +63,7 @@ from orbital_clip.model_loading import (Checkpoint, build_model, linear_head, li
                                         requested_model_name, resolve_checkpoint,
                                         resolve_model_name, wise_ft_base_weights)
 from orbital_clip.embedding_cache import cache_model_key, image_cache_key, read_cache, write_cache
-from orbital_clip.evaluation import journal_statistics, write_journal_outputs  # issue 28
+from orbital_clip.journal import journal_statistics, write_journal_outputs  # issue 28
 from orbital_clip.evaluation import (Cohort, args_record, check_output_dir,
                         clear_previous_outputs, clear_previous_run,
                         cohort_subgroups, collect_cohort, figure_saver, make_anonymizer,

@@ -194,7 +194,7 @@ def test_training_run_writes_loadable_checkpoints_and_history(splits, tmp_path):
     saved_args = json.loads((save_dir / "args.json").read_text())
     assert saved_args["args"]["lr"] == 1e-3 and saved_args["environment"]["torch"] == torch.__version__
     assert saved_args["script"] == "clip_train.py" and saved_args["argv"] == argv
-    assert saved_args["run"] == {"train_images": 27, "val_images": 13}
+    assert saved_args["run"] == {"train_images": 27, "val_images": 13, "config": None}  # no --config
     reparsed = json.loads(json.dumps(vars(train_options.parse_args(saved_args["argv"] + ["--overwrite"])), default=str))
     changed = {k for k, v in reparsed.items() if saved_args["args"].get(k) != v}
     assert changed == {"overwrite", "device", "precision"}, changed  # the last two resolved at run time
