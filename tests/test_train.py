@@ -243,9 +243,13 @@ def test_a_non_finite_loss_in_every_step_stops_and_keeps_checkpoints(splits, tmp
     monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
     code = train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
     assert code == 1
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "non-finite training loss or gradients in every step of epoch 2" in line
-    assert str(save_dir) in line and "--precision fp32" in line
+    assert str(save_dir) in line and "the run stopped" in line and "skipped" not in line
+    assert "--precision fp32" not in line  # the run is already fp32 (the CPU default here)
+    (command,) = [c.strip() for c in err.splitlines()[err.splitlines().index(line) + 1:] if "clip_train.py" in c]
+    assert command.endswith("--resume-with-changes --lr 0.0001 --resume auto")
     for name, data in before.items():
         assert (save_dir / name).read_bytes() == data
 
