@@ -508,3 +508,26 @@ def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
     assert table.loc[table["alpha"] == 1.0, "accuracy"].item() == pytest.approx(best["metrics"]["accuracy"])
     with pytest.raises(SystemExit):
         train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "x", "--wise-ft-alphas", "0,1.5"))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_are_counted_across_the_epoch_boundary(splits, tmp_path, monkeypatch, capsys):
+    # 27 images, batch 8: four steps per epoch. Steps 3-4 of epoch 1 and 1-3 of epoch 2 get a NaN
+    # pixel: five in a row across the boundary stop the run, though no epoch is wholly non-finite.
+    train_dir, val_dir = splits
+    seen = []
+    real_batch_features = train_loop.batch_features
+
+    def poisoned_batch_features(model, images, captions, ctx):
+        seen.append(len(images))
+        if 3 <= len(seen) <= 7:
+            images = images.clone()
+            images[0, 0, 0, 0] = float("nan")
+        return real_batch_features(model, images, captions, ctx)
+
+    monkeypatch.setattr(train_loop, "batch_features", poisoned_batch_features)
+    argv = train_argv(train_dir, val_dir, tmp_path / "run", "--epochs", "3", "--batch-size", "8")
+    assert train_cli.main(argv) == 1
+    assert len(seen) == 7
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "in 5 steps in a row at epoch 2" in line

@@ -157,7 +157,8 @@ def train_one_epoch(model, loader, state, ctx):
         loader.worker_init_fn.epoch = state["epoch"]
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
-    counts = {"run": 0, "nonfinite": 0, "in_a_row": 0}  # steps run, skipped as non-finite
+    # steps run, skipped as non-finite; the run of skips in a row carries over from the last epoch
+    counts = {"run": 0, "nonfinite": 0, "in_a_row": state.get("nonfinite_in_a_row", 0)}
     start = time.perf_counter()
     # disable=None: a bar only on a terminal; a log file gets no \r fragments, one line per epoch
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
@@ -189,6 +190,7 @@ def train_one_epoch(model, loader, state, ctx):
         total_loss += loss.item() * n_ok
         seen += n_ok
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+    state["nonfinite_in_a_row"] = counts["in_a_row"]
     if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=True):
         raise FloatingPointError(f"non-finite training loss or gradients in every step of epoch "
                                  f"{state['epoch'] + 1} ({counts['run']} steps)")

@@ -64,7 +64,7 @@ def new_state():
     """The state of a run that has not trained yet: what end_of_epoch updates, the last checkpoint
     records and resume_from restores (`saved_epoch` is added once a last checkpoint exists)."""
     return {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": [],
-            "stopped": False, "finished": False, "metrics": {}}
+            "stopped": False, "finished": False, "metrics": {}, "nonfinite_in_a_row": 0}
 
 
 def rng_snapshot(ctx):
