@@ -531,3 +531,19 @@ def test_non_finite_steps_in_a_row_are_counted_across_the_epoch_boundary(splits,
     assert len(seen) == 7
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "in 5 steps in a row at epoch 2" in line
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_0_logs_a_skipped_step_in_the_global_wording(rank, caplog, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(train_loop.LOG, "propagate", True)
+    ctx = {"args": SimpleNamespace(rank=rank, world_size=2),
+           "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)}
+    counts = {"run": 1, "nonfinite": 0, "in_a_row": 0}
+    with caplog.at_level("WARNING"):
+        train_loop.skip_nonfinite_step(torch.tensor(1.0), {"epoch": 1, "step": 3}, counts, ctx)
+    messages = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    expected = ["epoch 2, step 3: non-finite training loss or gradients on at least one process; "
+                "step skipped (no update)"]
+    assert messages == (expected if rank == 0 else [])
+    assert counts == {"run": 1, "nonfinite": 1, "in_a_row": 1}

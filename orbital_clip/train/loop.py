@@ -138,9 +138,13 @@ def skip_nonfinite_step(loss, state, counts, ctx):
     (health.should_stop_nonfinite). `counts`: the epoch's {'run', 'nonfinite', 'in_a_row'}."""
     counts["nonfinite"] += 1
     counts["in_a_row"] += 1
-    what = "loss" if not torch.isfinite(loss) else "gradients"
-    LOG.warning("epoch %d, step %d: non-finite training %s; step skipped (no update)",
-                state["epoch"] + 1, state["step"], what)
+    args = ctx["args"]
+    # the decision is global (step_is_finite): under torchrun this process's loss may be finite
+    what = ("loss or gradients on at least one process" if getattr(args, "world_size", 1) > 1
+            else "loss" if not torch.isfinite(loss) else "gradients")
+    if getattr(args, "rank", 0) == 0:  # one line for the run, not one per process
+        LOG.warning("epoch %d, step %d: non-finite training %s; step skipped (no update)",
+                    state["epoch"] + 1, state["step"], what)
     ctx["optimizer"].zero_grad(set_to_none=True)
     if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=False):
         raise FloatingPointError(f"non-finite training {what} ({loss.item()}) in {counts['in_a_row']} "
