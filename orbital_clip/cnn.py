@@ -58,8 +58,9 @@ LAST_NAME = "cnn_model_last.pt"  # resumable: weights, optimizer, scheduler, RNG
 PREDICTIONS_NAME = "predictions.csv"
 CURVES_STEM = cnn_card.CURVES_STEM
 CARD_NAME = cnn_card.CARD_NAME
+PREDICT_RECORD_NAME = "args_predict.json"  # --epochs 0: its own record, the training's args.json kept
 OUTPUT_NAMES = (BEST_NAME, LAST_NAME, PREDICTIONS_NAME, "metrics.csv", "args.json",
-                f"{CURVES_STEM}.png", CARD_NAME)
+                PREDICT_RECORD_NAME, f"{CURVES_STEM}.png", CARD_NAME)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as clip_train.py
 # Arguments a --resume may change: where and how it runs, and what it predicts after training.
 # Everything else (the cosine over --epochs x steps included) changes the run it continues.
@@ -724,7 +725,8 @@ def train_and_predict(args, argv):
     progress = {}
     try:
         save_dir = prepare_save_dir(args)
-        outputs.atomic_write_json(save_dir / "args.json", record)
+        outputs.atomic_write_json(save_dir / ("args.json" if predict_only is None else PREDICT_RECORD_NAME),
+                                  record)
         try:
             best_epoch = (predict_only[1] if predict_only
                           else fit(args, cohorts, model, record, save_dir, resumed, progress))

@@ -113,3 +113,23 @@ def test_wise_ft_refuses_a_relative_local_dir_recorded_by_an_older_version(tmp_p
     bundle = SimpleNamespace(checkpoint=checkpoint, model_name="x")
     with pytest.raises(ValueError, match="relative path local-dir:models/tiny.*--wise-ft-base PATH"):
         model_loading.wise_ft_base_weights(SimpleNamespace(wise_ft_base=None), bundle)
+
+
+@pytest.mark.slow
+def test_a_moved_local_dir_resumes_by_its_digest_and_records_the_new_path(splits, tmp_path, capsys):
+    train_dir, val_dir = splits
+    write_folder(tmp_path / "a" / "tiny")
+    save_dir = tmp_path / "run"
+    old = f"local-dir:{(tmp_path / 'a' / 'tiny').resolve()}"
+    assert train_cli.main(source_argv(train_dir, val_dir, save_dir, old)) == 0
+    (tmp_path / "b").mkdir()
+    shutil.move(tmp_path / "a" / "tiny", tmp_path / "b" / "tiny")
+    new = f"local-dir:{(tmp_path / 'b' / 'tiny').resolve()}"
+    capsys.readouterr()
+    assert train_cli.main(source_argv(train_dir, val_dir, save_dir, new,
+                                      "--epochs", "2", "--resume", "auto")) == 0
+    moved = [line for line in capsys.readouterr().err.splitlines() if "moved from" in line]
+    assert len(moved) == 1 and old[len("local-dir:"):] in moved[0] and new[len("local-dir:"):] in moved[0]
+    last = ckpt.read_checkpoint(save_dir / train_checkpoints.LAST_NAME)
+    assert last.epoch == 2 and last.model_name == new and last.pretrained == new
+    assert last.pretrained_sha256 == models.source_sha256(new)

@@ -243,9 +243,13 @@ def test_a_non_finite_loss_in_every_step_stops_and_keeps_checkpoints(splits, tmp
     monkeypatch.setattr(train_loop, "loss_scale", lambda model, mode: torch.tensor(float("nan")))
     code = train_cli.main(train_argv(train_dir, val_dir, save_dir, "--epochs", "3", "--resume", "auto"))
     assert code == 1
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "non-finite training loss or gradients in every step of epoch 2" in line
-    assert str(save_dir) in line and "--precision fp32" in line
+    assert str(save_dir) in line and "the run stopped" in line and "skipped" not in line
+    assert "--precision fp32" not in line  # the run is already fp32 (the CPU default here)
+    (command,) = [c.strip() for c in err.splitlines()[err.splitlines().index(line) + 1:] if "clip_train.py" in c]
+    assert command.endswith("--resume-with-changes --lr 0.0001 --resume auto")
     for name, data in before.items():
         assert (save_dir / name).read_bytes() == data
 
@@ -504,3 +508,42 @@ def test_wise_ft_alpha_chosen_on_validation(splits, tmp_path):
     assert table.loc[table["alpha"] == 1.0, "accuracy"].item() == pytest.approx(best["metrics"]["accuracy"])
     with pytest.raises(SystemExit):
         train_options.parse_args(train_argv(train_dir, val_dir, tmp_path / "x", "--wise-ft-alphas", "0,1.5"))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_are_counted_across_the_epoch_boundary(splits, tmp_path, monkeypatch, capsys):
+    # 27 images, batch 8: four steps per epoch. Steps 3-4 of epoch 1 and 1-3 of epoch 2 get a NaN
+    # pixel: five in a row across the boundary stop the run, though no epoch is wholly non-finite.
+    train_dir, val_dir = splits
+    seen = []
+    real_batch_features = train_loop.batch_features
+
+    def poisoned_batch_features(model, images, captions, ctx):
+        seen.append(len(images))
+        if 3 <= len(seen) <= 7:
+            images = images.clone()
+            images[0, 0, 0, 0] = float("nan")
+        return real_batch_features(model, images, captions, ctx)
+
+    monkeypatch.setattr(train_loop, "batch_features", poisoned_batch_features)
+    argv = train_argv(train_dir, val_dir, tmp_path / "run", "--epochs", "3", "--batch-size", "8")
+    assert train_cli.main(argv) == 1
+    assert len(seen) == 7
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "in 5 steps in a row at epoch 2" in line
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_0_logs_a_skipped_step_in_the_global_wording(rank, caplog, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(train_loop.LOG, "propagate", True)
+    ctx = {"args": SimpleNamespace(rank=rank, world_size=2),
+           "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)}
+    counts = {"run": 1, "nonfinite": 0, "in_a_row": 0}
+    with caplog.at_level("WARNING"):
+        train_loop.skip_nonfinite_step(torch.tensor(1.0), {"epoch": 1, "step": 3}, counts, ctx)
+    messages = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    expected = ["epoch 2, step 3: non-finite training loss or gradients on at least one process; "
+                "step skipped (no update)"]
+    assert messages == (expected if rank == 0 else [])
+    assert counts == {"run": 1, "nonfinite": 1, "in_a_row": 1}

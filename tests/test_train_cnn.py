@@ -507,6 +507,12 @@ def test_curves_card_and_epochs_0_with_a_checkpoint_predicts_only(tmp_path, caps
     assert (tmp_path / "again" / train_cnn.PREDICTIONS_NAME).read_bytes() == \
         (tmp_path / "run" / train_cnn.PREDICTIONS_NAME).read_bytes()
     assert not (tmp_path / "again" / train_cnn.LAST_NAME).exists()  # nothing trained
+    # predict-only in the training run's own folder: its own record, the training command kept
+    trained = (tmp_path / "run" / "args.json").read_bytes()
+    assert train_cnn.main(cohort_argv(*data, tmp_path / "run", "--epochs", "0", "--resume", "auto")) == 0
+    assert (tmp_path / "run" / "args.json").read_bytes() == trained
+    predict_record = json.loads((tmp_path / "run" / train_cnn.PREDICT_RECORD_NAME).read_text())
+    assert predict_record["args"]["epochs"] == 0 and json.loads(trained)["args"]["epochs"] == 2
     capsys.readouterr()
     assert train_cnn.main(cohort_argv(*data, tmp_path / "other", "--epochs", "0", "--resume", str(best),
                                       "--image-size", "64")) == 2

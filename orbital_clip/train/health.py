@@ -65,6 +65,14 @@ def nonfinite_signs(history):
     return ["non_finite_steps"] if any(r.get("nonfinite_steps") for r in history) else []
 
 
+def nonfinite_stop_cause(precision):
+    """The likely cause of a run stopped by non-finite steps and the flags to try; --precision fp32
+    only when the run was not already in fp32."""
+    flags = "a smaller --lr or a --warmup" + ("" if precision == "fp32" else ", or --precision fp32")
+    return (f"a learning rate too high for the logit scale or the precision ({flags}), or images "
+            "holding NaN/inf pixels")
+
+
 def should_stop_nonfinite(in_a_row, steps_run, nonfinite_in_epoch, epoch_over):
     """Whether skipped non-finite steps stop the run: NONFINITE_STOP_STEPS in a row, or an epoch
     that is over without a single finite step."""

@@ -138,9 +138,13 @@ def skip_nonfinite_step(loss, state, counts, ctx):
     (health.should_stop_nonfinite). `counts`: the epoch's {'run', 'nonfinite', 'in_a_row'}."""
     counts["nonfinite"] += 1
     counts["in_a_row"] += 1
-    what = "loss" if not torch.isfinite(loss) else "gradients"
-    LOG.warning("epoch %d, step %d: non-finite training %s; step skipped (no update)",
-                state["epoch"] + 1, state["step"], what)
+    args = ctx["args"]
+    # the decision is global (step_is_finite): under torchrun this process's loss may be finite
+    what = ("loss or gradients on at least one process" if getattr(args, "world_size", 1) > 1
+            else "loss" if not torch.isfinite(loss) else "gradients")
+    if getattr(args, "rank", 0) == 0:  # one line for the run, not one per process
+        LOG.warning("epoch %d, step %d: non-finite training %s; step skipped (no update)",
+                    state["epoch"] + 1, state["step"], what)
     ctx["optimizer"].zero_grad(set_to_none=True)
     if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=False):
         raise FloatingPointError(f"non-finite training {what} ({loss.item()}) in {counts['in_a_row']} "
@@ -157,7 +161,8 @@ def train_one_epoch(model, loader, state, ctx):
         loader.worker_init_fn.epoch = state["epoch"]
     model.train()
     total_loss, seen, skipped = 0.0, 0, 0
-    counts = {"run": 0, "nonfinite": 0, "in_a_row": 0}  # steps run, skipped as non-finite
+    # steps run, skipped as non-finite; the run of skips in a row carries over from the last epoch
+    counts = {"run": 0, "nonfinite": 0, "in_a_row": state.get("nonfinite_in_a_row", 0)}
     start = time.perf_counter()
     # disable=None: a bar only on a terminal; a log file gets no \r fragments, one line per epoch
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", leave=False,
@@ -189,6 +194,7 @@ def train_one_epoch(model, loader, state, ctx):
         total_loss += loss.item() * n_ok
         seen += n_ok
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+    state["nonfinite_in_a_row"] = counts["in_a_row"]
     if should_stop_nonfinite(counts["in_a_row"], counts["run"], counts["nonfinite"], epoch_over=True):
         raise FloatingPointError(f"non-finite training loss or gradients in every step of epoch "
                                  f"{state['epoch'] + 1} ({counts['run']} steps)")

@@ -22,7 +22,7 @@ from orbital_clip.train.card import done_summary, model_card
 from orbital_clip.train.checkpoints import (BEST_NAME, FINAL_NAME, LAST_NAME, checkpoint_metadata,
                                             mark_finished, prepare_save_dir)
 from orbital_clip.train.distributed import init_distributed, wrap_for_training
-from orbital_clip.train.health import SIGNS
+from orbital_clip.train.health import nonfinite_stop_cause
 from orbital_clip.train.losses import make_loss
 from orbital_clip.train.loop import run_training
 from orbital_clip.train.model_setup import configure_trainable, setup_model
@@ -210,9 +210,7 @@ def train(args, classes, train_items, val_items, argv):
     except KeyboardInterrupt:
         return report_interrupt(args, argv, state, save_dir)
     except FloatingPointError as err:
-        print(f"error: {err}; stopped, checkpoints in {save_dir} are left as they were. Likely "
-              f"cause: {SIGNS['non_finite_steps']}", file=sys.stderr)
-        return 1
+        return report_nonfinite_stop(err, args, argv, state, save_dir)
     if args.rank == 0:
         try:
             finish_run(model, ctx, state, metrics, val_loader, base_state,
@@ -289,6 +287,31 @@ def finish_run(model, ctx, state, metrics, val_loader, base_state, cohorts):
     outputs.atomic_write_text(save_dir / "MODEL_CARD.md", model_card(args, *cohorts, state))
 
 
+def entry_script():
+    """The entry-point script beside this package, as reached from the working folder."""
+    here = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "clip_train.py"))
+    return min(os.path.relpath(here), here, key=len)
+
+
+def report_nonfinite_stop(err, args, argv, state, save_dir):
+    """A run stopped by non-finite steps (exit 1): the checkpoints are as they were; the likely
+    cause, and the command that continues from the last checkpoint with a smaller --lr (a plain
+    resume would meet the same non-finite steps)."""
+    if args.rank != 0:
+        return 1
+    cause = nonfinite_stop_cause(args.precision)
+    smaller = f"{args.lr / 10:g}"
+    if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
+        command, note = resume_command([*argv, "--resume-with-changes", "--lr", smaller],
+                                       os.environ, entry_script())
+        advice = f"continue from epoch {state['saved_epoch']} with a smaller --lr{note}:\n  {command}"
+    else:
+        advice = f"no checkpoint was written; start again with --overwrite and a smaller --lr (e.g. {smaller})"
+    print(f"error: {err}; the run stopped, checkpoints in {save_dir} are left as they were. Likely "
+          f"cause: {cause}. To {advice}", file=sys.stderr)
+    return 1
+
+
 def report_interrupt(args, argv, state, save_dir, after_training=False):
     """Ctrl-C during training, or in the steps after it (the final checkpoint, WiSE-FT, the model
     card): the last checkpoint (written atomically at the end of each epoch, marked finished only
@@ -298,9 +321,7 @@ def report_interrupt(args, argv, state, save_dir, after_training=False):
         return EXIT_INTERRUPTED
     if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
         # the entry-point script beside this package, as reached from the working folder
-        here = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "clip_train.py"))
-        script = min(os.path.relpath(here), here, key=len)
-        command, note = resume_command(argv, os.environ, script)
+        command, note = resume_command(argv, os.environ, entry_script())
         what = "during training"
         if after_training:
             what = f"after training, while writing {'WiSE-FT, ' if args.wise_ft_alphas else ''}the final files"

@@ -64,7 +64,7 @@ def new_state():
     """The state of a run that has not trained yet: what end_of_epoch updates, the last checkpoint
     records and resume_from restores (`saved_epoch` is added once a last checkpoint exists)."""
     return {"epoch": 0, "step": 0, "best_value": None, "best_epoch": None, "history": [],
-            "stopped": False, "finished": False, "metrics": {}}
+            "stopped": False, "finished": False, "metrics": {}, "nonfinite_in_a_row": 0}
 
 
 def rng_snapshot(ctx):
@@ -138,10 +138,15 @@ def resume_from(path, model, ctx, state):
                          f"resume from {LAST_NAME}")
     # A checkpoint of an older version may spell a local-dir: model relatively: the same folder
     # from here is the same architecture (its content is checked by `check_start_source`).
-    if models.absolute_source(record.model_name) != ctx["args"].model_name:
+    moved = moved_local_dir(record, ctx)
+    if not moved and models.absolute_source(record.model_name) != ctx["args"].model_name:
         raise ValueError(f"checkpoint architecture {record.model_name} differs from "
                          f"--model-name {ctx['args'].model_name}")
     stored, current = dict(record.args or {}), dict(ctx["args_dict"])
+    if moved:  # the same folder moved: its new path is recorded from the next checkpoint on
+        for flag in ("model_name", "pretrained"):
+            if models.absolute_source(stored.get(flag)) == models.absolute_source(record.model_name):
+                stored[flag] = current.get(flag, stored[flag])
     for flag in ("train_dir", "val_dir"):  # the same data from another working folder is no change
         recorded = (record.data or {}).get(flag)
         if recorded and flag in current:
@@ -165,6 +170,25 @@ def resume_from(path, model, ctx, state):
                  stopped=resume.stopped, finished=resume.finished,
                  metrics=dict(record.metrics or {}), saved_epoch=record.epoch)
     return changes
+
+
+def moved_local_dir(record, ctx):
+    """True when the checkpoint's local-dir: model now lies at another path with the same content
+    (the recorded SHA-256 matches the folder named by --model-name): the folder was moved, which
+    keeps the run (logged with both paths). False otherwise, including when no digest was recorded
+    (an older version) or the content differs: then the path comparison decides, as before."""
+    args, recorded = ctx["args"], record.pretrained_sha256
+    if models.model_source(record.model_name) != "local-dir" or models.model_source(args.model_name) != "local-dir":
+        return False
+    old_path = models.absolute_source(record.model_name)
+    if old_path == args.model_name or recorded is None or args.pretrained != args.model_name:
+        return False
+    if models.absolute_source(record.pretrained) != old_path or ctx.get("pretrained_sha256") != recorded:
+        return False
+    LOG.info("--resume: the model folder moved from %s to %s (same SHA-256 %s...); checkpoints "
+             "from here on record the new path", old_path[len("local-dir:"):],
+             args.model_name[len("local-dir:"):], recorded[:16])
+    return True
 
 
 def check_start_source(record, ctx):
