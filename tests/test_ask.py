@@ -341,3 +341,12 @@ def test_group_from_folder_reaches_the_scorer_and_is_refused_with_a_regex(tmp_pa
         cli.parse_args(["--test-dir", "t", "--out-dir", "o", "--dry-run", "--group-from-folder",
                         "--group-regex", "(P)"])
     assert "--group-from-folder and --group-regex" in capsys.readouterr().err
+
+
+def test_an_invalid_group_regex_is_refused_before_any_request(capsys):
+    """patients.group_regex_problem, the one rule: ask_models refused it only when scoring, after
+    every request had been sent."""
+    for regex, said in (("(", "not a valid regular expression"), ("P\\d+", "capture group")):
+        with pytest.raises(SystemExit) as done:
+            cli.parse_args(["--test-dir", "t", "--out-dir", "o", "--dry-run", "--group-regex", regex])
+        assert done.value.code == 2 and said in capsys.readouterr().err

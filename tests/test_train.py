@@ -547,3 +547,15 @@ def test_under_torchrun_only_rank_0_logs_a_skipped_step_in_the_global_wording(ra
                 "step skipped (no update)"]
     assert messages == (expected if rank == 0 else [])
     assert counts == {"run": 1, "nonfinite": 1, "in_a_row": 1}
+
+
+def test_the_logit_scale_column_is_the_scale_the_loss_used(splits, tmp_path):
+    """metrics.csv's logit_scale follows models.logit_scale: under published-log the loss used the
+    raw value (about 2.66), and the column said exp of it (about 14.3)."""
+    train_dir, val_dir = splits
+    save_dir = tmp_path / "published"
+    argv = train_argv(train_dir, val_dir, save_dir, "--epochs", "1", "--logit-scale-mode", "published-log")
+    assert train_cli.main(argv) == 0
+    column = pd.read_csv(save_dir / "metrics.csv")["logit_scale"].iloc[0]
+    raw = torch.load(save_dir / "clip_model_last.pt", weights_only=True)["state_dict"]["logit_scale"]
+    assert column == pytest.approx(float(raw), rel=1e-6) and column < 5

@@ -15,6 +15,7 @@ from pathlib import Path
 from orbital_clip import cli
 from orbital_clip import images as image_io
 from orbital_clip import outputs
+from orbital_clip import patients
 from orbital_clip.ask import client, runner, steps
 
 LOG = logging.getLogger("ask_models")
@@ -61,6 +62,8 @@ def parse_args(argv=None):
         parser.error("give --base-url and --model (or --dry-run to only write the requests)")
     if args.group_regex is not None and args.group_from_folder:
         parser.error("--group-from-folder and --group-regex both name patients; give one of them")
+    if args.group_regex is not None and patients.group_regex_problem(args.group_regex):
+        parser.error(patients.group_regex_problem(args.group_regex))  # before any request is sent
     if not 1 <= args.concurrency <= 64:
         parser.error(f"--concurrency must be in 1..64, got {args.concurrency}")
     if args.max_retries < 0 or args.backoff_s < 0 or args.timeout_s <= 0:

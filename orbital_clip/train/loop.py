@@ -245,7 +245,9 @@ def end_of_epoch(model, ctx, state, val_loader, train_stats):
                                             "class_folders", "prompts", "epoch", "logit_scale_mode")})
     row = {"epoch": state["epoch"], "train_loss": train_loss, **metrics,
            "lr": ctx["optimizer"].param_groups[0]["lr"],
-           "logit_scale": float(model.logit_scale.detach().exp()), "skipped_images": skipped,
+           # the scale the loss used (models.logit_scale): the raw value under published-log
+           "logit_scale": float(loss_scale(model, ctx["args"].logit_scale_mode).detach()),
+           "skipped_images": skipped,
            "nonfinite_steps": nonfinite,
            "seconds": seconds_train, "samples_per_s": seen / seconds_train,
            "is_best": best}
