@@ -61,7 +61,7 @@ CARD_NAME = cnn_card.CARD_NAME
 PREDICT_RECORD_NAME = "args_predict.json"  # --epochs 0: its own record, the training's args.json kept
 OUTPUT_NAMES = (BEST_NAME, LAST_NAME, PREDICTIONS_NAME, "metrics.csv", "args.json",
                 PREDICT_RECORD_NAME, f"{CURVES_STEM}.png", CARD_NAME)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as clip_train.py
+EXIT_INTERRUPTED = outputs.EXIT_INTERRUPTED  # 128 + SIGINT, as clip_train.py
 # Arguments a --resume may change: where and how it runs, and what it predicts after training.
 # Everything else (the cosine over --epochs x steps included) changes the run it continues.
 RESUME_FREE_ARGS = {"save_dir", "resume", "overwrite", "workers", "device", "precision",
@@ -644,16 +644,12 @@ def fit(args, cohorts, model, record, save_dir, resumed=None, progress=None):
 def report_interrupt(args, argv, progress, after_training=False):
     """The Ctrl-C lines, as clip_train.py's: which epoch the last checkpoint holds and the exact
     command that continues the run (--resume auto added, --overwrite dropped). Returns 130."""
-    save_dir = Path(args.save_dir)
-    if progress.get("saved_epoch"):
-        command = " ".join(["python -m baselines.train_cnn", shlex.join(resume_argv(argv))])
-        what = "after training, while writing the predictions" if after_training else "during training"
-        print(f"\ninterrupted {what}; {save_dir / LAST_NAME} holds epoch {progress['saved_epoch']}/"
-              f"{args.epochs}. Continue with:\n  {command}", file=sys.stderr)
-    else:
-        print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
-              "start again with --overwrite", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    if not progress.get("saved_epoch"):
+        return outputs.print_interrupted(args.epochs)
+    command = " ".join(["python -m baselines.train_cnn", shlex.join(resume_argv(argv))])
+    what = "after training, while writing the predictions" if after_training else "during training"
+    return outputs.print_interrupted(args.epochs, what, Path(args.save_dir) / LAST_NAME,
+                                     progress["saved_epoch"], command)
 
 
 def predict_only_weights(args, cohorts):

@@ -227,3 +227,19 @@ def undeclared(folder, declared):
     folder = Path(folder)
     written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return [path for path in written if not any(o.matches(path) for o in declared)]
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
+def print_interrupted(epochs, what=None, last_path=None, saved_epoch=None, command=None, note=""):
+    """The Ctrl-C lines of a training script (clip_train.py, baselines.train_cnn), one wording:
+    where the run stopped (`what`), the epoch its last checkpoint holds and the command that
+    continues it; with no checkpoint yet (`saved_epoch` None), to start again. Returns 130."""
+    if saved_epoch:
+        print(f"\ninterrupted {what}; {last_path} holds epoch {saved_epoch}/{epochs}. "
+              f"Continue with{note}:\n  {command}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted during epoch 1/{epochs}, before any checkpoint was written; "
+              "start again with --overwrite", file=sys.stderr)
+    return EXIT_INTERRUPTED

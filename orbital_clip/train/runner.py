@@ -35,7 +35,7 @@ from orbital_clip.train.wise_ft import choose_wise_ft_alpha
 LOG = logging.getLogger("clip_train")  # one logger for the whole training command
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+EXIT_INTERRUPTED = outputs.EXIT_INTERRUPTED  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 def drop_unsupported(items, flag, spec):
@@ -319,15 +319,12 @@ def report_interrupt(args, argv, state, save_dir, after_training=False):
     continues it (after the last epoch, `--resume auto` trains nothing and redoes those steps)."""
     if args.rank != 0:
         return EXIT_INTERRUPTED
-    if state.get("saved_epoch") is not None and (save_dir / LAST_NAME).is_file():
-        # the entry-point script beside this package, as reached from the working folder
-        command, note = resume_command(argv, os.environ, entry_script())
-        what = "during training"
-        if after_training:
-            what = f"after training, while writing {'WiSE-FT, ' if args.wise_ft_alphas else ''}the final files"
-        print(f"\ninterrupted {what}; {save_dir / LAST_NAME} holds epoch {state['saved_epoch']}/"
-              f"{args.epochs}. Continue with{note}:\n  {command}", file=sys.stderr)
-    else:
-        print(f"\ninterrupted during epoch 1/{args.epochs}, before any checkpoint was written; "
-              "start again with --overwrite", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    if state.get("saved_epoch") is None or not (save_dir / LAST_NAME).is_file():
+        return outputs.print_interrupted(args.epochs)
+    # the entry-point script beside this package, as reached from the working folder
+    command, note = resume_command(argv, os.environ, entry_script())
+    what = "during training"
+    if after_training:
+        what = f"after training, while writing {'WiSE-FT, ' if args.wise_ft_alphas else ''}the final files"
+    return outputs.print_interrupted(args.epochs, what, save_dir / LAST_NAME, state["saved_epoch"],
+                                     command, note)
